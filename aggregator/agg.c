@@ -1,0 +1,1581 @@
+/*
+ * agg.c - exact incremental sessions, users and funnel_daily. See agg.h and
+ * docs/aggregator.md.
+ *
+ * Sessions are kept as summaries keyed by (user, start ts). A summary is a
+ * monoid: two sessions merge by adding their counters and taking the
+ * earliest (ts, event_id) for the session id, the device and the country.
+ * Because events are only ever added, a new event can only extend one
+ * session, start a new one, or bridge two neighbours into one, and those
+ * neighbours are found with one cursor seek: the cost of an event does not
+ * depend on how many events its user has.
+ */
+#include "aggregator/agg.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+
+#include "daemon/util.h"
+
+#define DAY_MS 86400000LL
+#define TS_NONE INT64_MAX
+#define KEY_MAX 400
+#define REC_MAX 1200
+#define REJECT_PAYLOAD_MAX 4096
+
+/* ---------------------------------------------------------------------- */
+/* Byte encoding helpers: big-endian in keys so that LMDB orders them.     */
+
+static void be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static void be64(uint8_t *p, uint64_t v)
+{
+    be32(p, (uint32_t)(v >> 32));
+    be32(p + 4, (uint32_t)v);
+}
+
+static uint32_t rd_be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static uint64_t rd_be64(const uint8_t *p)
+{
+    return (uint64_t)rd_be32(p) << 32 | rd_be32(p + 4);
+}
+
+/* Record writer and reader (host byte order: records never leave the host). */
+typedef struct wr {
+    uint8_t *p;
+    size_t n, cap;
+    int overflow;
+} wr_t;
+
+static void w_bytes(wr_t *w, const void *src, size_t n)
+{
+    if (w->n + n > w->cap) {
+        w->overflow = 1;
+        return;
+    }
+    memcpy(w->p + w->n, src, n);
+    w->n += n;
+}
+
+static void w_i64(wr_t *w, int64_t v)
+{
+    w_bytes(w, &v, sizeof v);
+}
+
+static void w_i32(wr_t *w, int32_t v)
+{
+    w_bytes(w, &v, sizeof v);
+}
+
+static void w_str(wr_t *w, const char *s, uint8_t n)
+{
+    w_bytes(w, &n, 1);
+    w_bytes(w, s, n);
+}
+
+typedef struct rd {
+    const uint8_t *p;
+    size_t n, off;
+    int bad;
+} rd_t;
+
+static void r_bytes(rd_t *r, void *dst, size_t n)
+{
+    if (r->off + n > r->n) {
+        r->bad = 1;
+        memset(dst, 0, n);
+        return;
+    }
+    memcpy(dst, r->p + r->off, n);
+    r->off += n;
+}
+
+static int64_t r_i64(rd_t *r)
+{
+    int64_t v;
+    r_bytes(r, &v, sizeof v);
+    return v;
+}
+
+static int32_t r_i32(rd_t *r)
+{
+    int32_t v;
+    r_bytes(r, &v, sizeof v);
+    return v;
+}
+
+static uint8_t r_str(rd_t *r, char *dst, size_t cap)
+{
+    uint8_t n = 0;
+    r_bytes(r, &n, 1);
+    if (n >= cap) {
+        r->bad = 1;
+        n = 0;
+    }
+    r_bytes(r, dst, n);
+    dst[n] = '\0';
+    return n;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Order-independent "earliest event that has one" tracker (§3).          */
+
+typedef struct attr {
+    int64_t ts; /* TS_NONE while no event had the attribute */
+    uint8_t eid_len, len;
+    char eid[ING_ID_MAX + 1];
+    char val[ING_ATTR_MAX + 1];
+} attr_t;
+
+/* (ts, event_id) order, event ids compared byte by byte. */
+static int ev_less(int64_t ts1, const char *e1, size_t n1, int64_t ts2, const char *e2, size_t n2)
+{
+    if (ts1 != ts2)
+        return ts1 < ts2;
+    size_t m = n1 < n2 ? n1 : n2;
+    int c = memcmp(e1, e2, m);
+    if (c != 0)
+        return c < 0;
+    return n1 < n2;
+}
+
+static void attr_none(attr_t *a)
+{
+    a->ts = TS_NONE;
+    a->eid_len = a->len = 0;
+    a->eid[0] = a->val[0] = '\0';
+}
+
+static void attr_offer(attr_t *a, int64_t ts, const char *eid, uint8_t eid_len, const char *val,
+                       uint8_t len)
+{
+    if (len == 0)
+        return;
+    if (a->ts != TS_NONE && !ev_less(ts, eid, eid_len, a->ts, a->eid, a->eid_len))
+        return;
+    a->ts = ts;
+    a->eid_len = eid_len;
+    memcpy(a->eid, eid, eid_len);
+    a->eid[eid_len] = '\0';
+    a->len = len;
+    memcpy(a->val, val, len);
+    a->val[len] = '\0';
+}
+
+static void attr_merge(attr_t *a, const attr_t *b)
+{
+    if (b->ts != TS_NONE)
+        attr_offer(a, b->ts, b->eid, b->eid_len, b->val, b->len);
+}
+
+static void w_attr(wr_t *w, const attr_t *a)
+{
+    w_i64(w, a->ts);
+    w_str(w, a->eid, a->eid_len);
+    w_str(w, a->val, a->len);
+}
+
+static void r_attr(rd_t *r, attr_t *a)
+{
+    a->ts = r_i64(r);
+    a->eid_len = r_str(r, a->eid, sizeof a->eid);
+    a->len = r_str(r, a->val, sizeof a->val);
+}
+
+/* Device or country for output: 'unknown' when no event had one (§3). */
+static const char *attr_value(const attr_t *a)
+{
+    return a->ts == TS_NONE ? "unknown" : a->val;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Sessions and users.                                                     */
+
+enum { C_EVENTS = 0, C_PAGE_VIEWS, C_PRODUCT_VIEWS, C_ADD_TO_CARTS, C_CHECKOUTS, C_PURCHASES, C_N };
+
+typedef struct sess {
+    int64_t start, end;
+    int64_t c[C_N];
+    int64_t revenue;
+    int32_t partition;
+    uint8_t sid_len;
+    char sid[ING_ID_MAX + 1]; /* event_id of the first event: the session id */
+    attr_t dev, ctry;
+} sess_t;
+
+typedef struct user {
+    int64_t first_seen, last_seen;
+    int64_t events, sessions, orders, revenue;
+    int64_t first_order, last_order; /* -1 without orders */
+    int32_t partition;
+    attr_t dev, ctry;
+} user_t;
+
+static size_t sess_encode(const sess_t *s, uint8_t *buf, size_t cap)
+{
+    wr_t w = {buf, 0, cap, 0};
+    w_i64(&w, s->start);
+    w_i64(&w, s->end);
+    for (int i = 0; i < C_N; i++)
+        w_i64(&w, s->c[i]);
+    w_i64(&w, s->revenue);
+    w_i32(&w, s->partition);
+    w_str(&w, s->sid, s->sid_len);
+    w_attr(&w, &s->dev);
+    w_attr(&w, &s->ctry);
+    return w.overflow ? 0 : w.n;
+}
+
+static int sess_decode(const st_val_t *v, sess_t *s)
+{
+    rd_t r = {v->p, v->n, 0, 0};
+    s->start = r_i64(&r);
+    s->end = r_i64(&r);
+    for (int i = 0; i < C_N; i++)
+        s->c[i] = r_i64(&r);
+    s->revenue = r_i64(&r);
+    s->partition = r_i32(&r);
+    s->sid_len = r_str(&r, s->sid, sizeof s->sid);
+    r_attr(&r, &s->dev);
+    r_attr(&r, &s->ctry);
+    return r.bad ? AGG_ESTATE : 0;
+}
+
+static size_t user_encode(const user_t *u, uint8_t *buf, size_t cap)
+{
+    wr_t w = {buf, 0, cap, 0};
+    w_i64(&w, u->first_seen);
+    w_i64(&w, u->last_seen);
+    w_i64(&w, u->events);
+    w_i64(&w, u->sessions);
+    w_i64(&w, u->orders);
+    w_i64(&w, u->revenue);
+    w_i64(&w, u->first_order);
+    w_i64(&w, u->last_order);
+    w_i32(&w, u->partition);
+    w_attr(&w, &u->dev);
+    w_attr(&w, &u->ctry);
+    return w.overflow ? 0 : w.n;
+}
+
+static int user_decode(const st_val_t *v, user_t *u)
+{
+    rd_t r = {v->p, v->n, 0, 0};
+    u->first_seen = r_i64(&r);
+    u->last_seen = r_i64(&r);
+    u->events = r_i64(&r);
+    u->sessions = r_i64(&r);
+    u->orders = r_i64(&r);
+    u->revenue = r_i64(&r);
+    u->first_order = r_i64(&r);
+    u->last_order = r_i64(&r);
+    u->partition = r_i32(&r);
+    r_attr(&r, &u->dev);
+    r_attr(&r, &u->ctry);
+    return r.bad ? AGG_ESTATE : 0;
+}
+
+/* Funnel stage of a session (§3): presence of each step, in order. */
+static int sess_stage(const sess_t *s)
+{
+    if (s->c[C_PRODUCT_VIEWS] == 0)
+        return 1;
+    if (s->c[C_ADD_TO_CARTS] == 0)
+        return 2;
+    if (s->c[C_CHECKOUTS] == 0)
+        return 3;
+    if (s->c[C_PURCHASES] == 0)
+        return 4;
+    return 5;
+}
+
+static void sess_init(sess_t *s, int32_t partition)
+{
+    memset(s->c, 0, sizeof s->c);
+    s->start = TS_NONE;
+    s->end = INT64_MIN;
+    s->revenue = 0;
+    s->partition = partition;
+    s->sid_len = 0;
+    s->sid[0] = '\0';
+    attr_none(&s->dev);
+    attr_none(&s->ctry);
+}
+
+static void sess_add_event(sess_t *s, const ing_event_t *ev)
+{
+    /* The session id is the earliest event by (ts, event_id); compare before
+     * moving start, which is the ts of that event. */
+    if (s->sid_len == 0 || ev_less(ev->ts, ev->event_id, ev->event_id_len, s->start, s->sid,
+                                   s->sid_len)) {
+        s->sid_len = ev->event_id_len;
+        memcpy(s->sid, ev->event_id, ev->event_id_len + 1);
+    }
+    if (ev->ts < s->start)
+        s->start = ev->ts;
+    if (ev->ts > s->end)
+        s->end = ev->ts;
+    s->c[C_EVENTS]++;
+    switch (ev->type) {
+    case ING_ET_PAGE_VIEW:
+        s->c[C_PAGE_VIEWS]++;
+        break;
+    case ING_ET_PRODUCT_VIEW:
+        s->c[C_PRODUCT_VIEWS]++;
+        break;
+    case ING_ET_ADD_TO_CART:
+        s->c[C_ADD_TO_CARTS]++;
+        break;
+    case ING_ET_CHECKOUT:
+        s->c[C_CHECKOUTS]++;
+        break;
+    case ING_ET_PURCHASE:
+        s->c[C_PURCHASES]++;
+        s->revenue += ev->amount_cents;
+        break;
+    default:
+        break;
+    }
+    attr_offer(&s->dev, ev->ts, ev->event_id, ev->event_id_len, ev->device, ev->device_len);
+    attr_offer(&s->ctry, ev->ts, ev->event_id, ev->event_id_len, ev->country, ev->country_len);
+}
+
+static void sess_merge(sess_t *a, const sess_t *b)
+{
+    if (ev_less(b->start, b->sid, b->sid_len, a->start, a->sid, a->sid_len)) {
+        a->sid_len = b->sid_len;
+        memcpy(a->sid, b->sid, b->sid_len + 1);
+    }
+    if (b->start < a->start)
+        a->start = b->start;
+    if (b->end > a->end)
+        a->end = b->end;
+    for (int i = 0; i < C_N; i++)
+        a->c[i] += b->c[i];
+    a->revenue += b->revenue;
+    attr_merge(&a->dev, &b->dev);
+    attr_merge(&a->ctry, &b->ctry);
+}
+
+/* What a session adds to funnel_daily: its group, stage and order totals. */
+typedef struct contrib {
+    int32_t day;
+    int stage;
+    int64_t orders, revenue;
+    uint8_t dev_len, ctry_len;
+    char dev[ING_ATTR_MAX + 1];
+    char ctry[ING_ATTR_MAX + 1];
+} contrib_t;
+
+static int64_t day_of(int64_t ts)
+{
+    return ts >= 0 ? ts / DAY_MS : -((-ts + DAY_MS - 1) / DAY_MS);
+}
+
+static void sess_contrib(const sess_t *s, contrib_t *c)
+{
+    c->day = (int32_t)day_of(s->start);
+    c->stage = sess_stage(s);
+    c->orders = s->c[C_PURCHASES];
+    c->revenue = s->revenue;
+    const char *d = attr_value(&s->dev), *k = attr_value(&s->ctry);
+    c->dev_len = (uint8_t)strlen(d);
+    memcpy(c->dev, d, c->dev_len + 1);
+    c->ctry_len = (uint8_t)strlen(k);
+    memcpy(c->ctry, k, c->ctry_len + 1);
+}
+
+static int contrib_eq(const contrib_t *a, const contrib_t *b)
+{
+    return a->day == b->day && a->stage == b->stage && a->orders == b->orders &&
+           a->revenue == b->revenue && a->dev_len == b->dev_len && a->ctry_len == b->ctry_len &&
+           memcmp(a->dev, b->dev, a->dev_len) == 0 && memcmp(a->ctry, b->ctry, a->ctry_len) == 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* The per-batch set of dirty row keys (written once per batch).          */
+
+typedef struct kset {
+    uint64_t *hash;
+    uint32_t *off; /* offset+1 into arena; 0 = empty slot */
+    size_t cap, n;
+    uint8_t *arena;
+    size_t alen, acap;
+} kset_t;
+
+static void kset_reset(kset_t *s)
+{
+    if (s->off)
+        memset(s->off, 0, s->cap * sizeof *s->off);
+    s->n = 0;
+    s->alen = 0;
+}
+
+static void kset_free(kset_t *s)
+{
+    free(s->hash);
+    free(s->off);
+    free(s->arena);
+    memset(s, 0, sizeof *s);
+}
+
+static int kset_grow(kset_t *s)
+{
+    size_t ncap = s->cap ? s->cap * 2 : 4096;
+    uint64_t *nh = calloc(ncap, sizeof *nh);
+    uint32_t *no = calloc(ncap, sizeof *no);
+    if (!nh || !no) {
+        free(nh);
+        free(no);
+        return AGG_ENOMEM;
+    }
+    for (size_t i = 0; i < s->cap; i++) {
+        if (!s->off[i])
+            continue;
+        size_t j = s->hash[i] & (ncap - 1);
+        while (no[j])
+            j = (j + 1) & (ncap - 1);
+        nh[j] = s->hash[i];
+        no[j] = s->off[i];
+    }
+    free(s->hash);
+    free(s->off);
+    s->hash = nh;
+    s->off = no;
+    s->cap = ncap;
+    return 0;
+}
+
+/* Add a key (stored as a 2-byte length and the bytes); duplicates are ignored. */
+static int kset_add(kset_t *s, const uint8_t *k, size_t n)
+{
+    if ((s->n + 1) * 2 > s->cap) {
+        int r = kset_grow(s);
+        if (r)
+            return r;
+    }
+    uint64_t h = XXH3_64bits(k, n);
+    size_t j = h & (s->cap - 1);
+    while (s->off[j]) {
+        if (s->hash[j] == h) {
+            const uint8_t *e = s->arena + s->off[j] - 1;
+            size_t en = (size_t)e[0] << 8 | e[1];
+            if (en == n && memcmp(e + 2, k, n) == 0)
+                return 0;
+        }
+        j = (j + 1) & (s->cap - 1);
+    }
+    if (s->alen + n + 2 > s->acap) {
+        size_t ncap = s->acap ? s->acap * 2 : 1 << 16;
+        while (ncap < s->alen + n + 2)
+            ncap *= 2;
+        uint8_t *na = realloc(s->arena, ncap);
+        if (!na)
+            return AGG_ENOMEM;
+        s->arena = na;
+        s->acap = ncap;
+    }
+    uint8_t *e = s->arena + s->alen;
+    e[0] = (uint8_t)(n >> 8);
+    e[1] = (uint8_t)n;
+    memcpy(e + 2, k, n);
+    s->hash[j] = h;
+    s->off[j] = (uint32_t)(s->alen + 1);
+    s->alen += n + 2;
+    s->n++;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* The aggregator.                                                         */
+
+enum { TAG_SESSION = 'S', TAG_DELETE = 'D', TAG_USER = 'U', TAG_FUNNEL = 'F' };
+
+struct agg {
+    st_env_t *env;
+    char *topic;
+    int64_t gap, lateness, sweep_per_batch;
+    st_txn_t *txn; /* the open batch, or NULL */
+    uint64_t seq;  /* sequence of the last committed batch */
+    uint64_t pending;
+    agg_partition_t parts[AGG_MAX_PARTITIONS];
+    uint8_t touched[AGG_MAX_PARTITIONS];
+    kset_t dirty;
+    /* Where the compactor stopped in each database, so that every batch
+     * examines a bounded slice and the whole state is covered in turn. */
+    uint8_t sweep_key[3][KEY_MAX];
+    size_t sweep_len[3];
+};
+
+static const uint8_t META_SEQ[] = "seq";
+
+static size_t part_key(uint8_t *k, int32_t p)
+{
+    k[0] = 'p';
+    be32(k + 1, (uint32_t)p);
+    return 5;
+}
+
+static int load_partitions(agg_t *a)
+{
+    st_txn_t *txn;
+    int r = st_begin(a->env, 1, &txn);
+    if (r)
+        return r;
+    memset(a->parts, 0, sizeof a->parts);
+    for (int i = 0; i < AGG_MAX_PARTITIONS; i++)
+        a->parts[i].watermark = -1;
+    st_cursor_t cur = {0};
+    st_val_t k, v;
+    r = st_cur_open(txn, a->env, ST_DB_META, &cur);
+    if (r)
+        goto out;
+    uint8_t pk[5];
+    part_key(pk, 0);
+    for (r = st_cur_seek(&cur, pk, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v)) {
+        const uint8_t *kp = k.p;
+        if (k.n != 5 || kp[0] != 'p')
+            break;
+        uint32_t p = rd_be32(kp + 1);
+        if (p >= AGG_MAX_PARTITIONS || v.n != sizeof(agg_partition_t)) {
+            r = AGG_ESTATE;
+            goto out;
+        }
+        memcpy(&a->parts[p], v.p, sizeof(agg_partition_t));
+    }
+    if (r == ST_ENOTFOUND)
+        r = 0;
+    a->seq = 0;
+    if (r == 0 && st_get(txn, a->env, ST_DB_META, META_SEQ, 3, &v) == 0 && v.n == 8)
+        memcpy(&a->seq, v.p, 8);
+    uint64_t nd = 0, nr = 0;
+    if (r == 0 && (r = st_count(txn, a->env, ST_DB_DIRTY, &nd)) == 0)
+        r = st_count(txn, a->env, ST_DB_REJECTS, &nr);
+    a->pending = nd + nr;
+out:
+    st_cur_close(&cur);
+    st_abort(txn);
+    return r;
+}
+
+int agg_open(st_env_t *env, const agg_conf_t *conf, agg_t **out)
+{
+    agg_t *a = calloc(1, sizeof *a);
+    if (!a)
+        return AGG_ENOMEM;
+    a->env = env;
+    a->topic = strdup(conf->topic ? conf->topic : "");
+    a->gap = conf->session_gap_ms;
+    a->lateness = conf->allowed_lateness_ms;
+    a->sweep_per_batch = conf->sweep_per_batch;
+    int r = a->topic ? load_partitions(a) : AGG_ENOMEM;
+    if (r) {
+        free(a->topic);
+        free(a);
+        return r;
+    }
+    *out = a;
+    return 0;
+}
+
+void agg_close(agg_t *a)
+{
+    if (!a)
+        return;
+    if (a->txn)
+        agg_batch_abort(a);
+    kset_free(&a->dirty);
+    free(a->topic);
+    free(a);
+}
+
+const agg_partition_t *agg_partition(const agg_t *a, int32_t partition)
+{
+    if (partition < 0 || partition >= AGG_MAX_PARTITIONS)
+        return NULL;
+    return &a->parts[partition];
+}
+
+uint64_t agg_pending_rows(const agg_t *a)
+{
+    return a->pending;
+}
+
+int agg_batch_begin(agg_t *a)
+{
+    kset_reset(&a->dirty);
+    memset(a->touched, 0, sizeof a->touched);
+    return st_begin(a->env, 0, &a->txn);
+}
+
+void agg_batch_abort(agg_t *a)
+{
+    st_abort(a->txn);
+    a->txn = NULL;
+    kset_reset(&a->dirty);
+    /* Forget the in-memory progress of the aborted batch. */
+    if (load_partitions(a) != 0)
+        cm_err("cannot reload partition progress after abort", "%s", "");
+}
+
+static int mark_dirty(agg_t *a, uint8_t tag, const uint8_t *k, size_t n)
+{
+    uint8_t buf[KEY_MAX + 1];
+    buf[0] = tag;
+    memcpy(buf + 1, k, n);
+    return kset_add(&a->dirty, buf, n + 1);
+}
+
+static int get_part(agg_t *a, int32_t p, agg_partition_t **out)
+{
+    if (p < 0 || p >= AGG_MAX_PARTITIONS)
+        return AGG_EPARTITION;
+    agg_partition_t *pp = &a->parts[p];
+    if (!pp->known) {
+        pp->known = 1;
+        pp->watermark = -1;
+    }
+    a->touched[p] = 1;
+    *out = pp;
+    return 0;
+}
+
+/* ---- keys ---- */
+
+static size_t user_key(uint8_t *k, const char *user, uint8_t n)
+{
+    k[0] = n;
+    memcpy(k + 1, user, n);
+    return (size_t)n + 1;
+}
+
+static size_t sess_key(uint8_t *k, const uint8_t *uk, size_t ukn, int64_t start)
+{
+    memcpy(k, uk, ukn);
+    be64(k + ukn, (uint64_t)start);
+    return ukn + 8;
+}
+
+static size_t group_key(uint8_t *k, int32_t day, const char *dev, uint8_t dn, const char *ctry,
+                        uint8_t cn)
+{
+    be32(k, (uint32_t)day);
+    k[4] = dn;
+    memcpy(k + 5, dev, dn);
+    k[5 + dn] = cn;
+    memcpy(k + 6 + dn, ctry, cn);
+    return (size_t)6 + dn + cn;
+}
+
+/* ---- funnel_daily counters ---- */
+
+enum { F_SESS = 0, F_USERS = 5, F_ORDERS = 10, F_REVENUE = 11, F_N = 12 };
+
+typedef struct ustage {
+    int64_t n[5];
+    int32_t partition;
+} ustage_t;
+
+static int max_stage(const ustage_t *u)
+{
+    for (int k = 4; k >= 0; k--)
+        if (u->n[k] > 0)
+            return k + 1;
+    return 0;
+}
+
+/* Add (sign = 1) or retract (sign = -1) a session's contribution to one
+ * funnel group, keeping the group's distinct-user counts exact through the
+ * user's per-group multiset of session stages. */
+static int apply_group(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
+                       const contrib_t *c, const char *dev, uint8_t dn, const char *ctry,
+                       uint8_t cn, int sign)
+{
+    uint8_t gk[KEY_MAX], usk[KEY_MAX];
+    size_t gkn = group_key(gk, c->day, dev, dn, ctry, cn);
+    int64_t f[F_N] = {0};
+    st_val_t v;
+    int r = st_get(a->txn, a->env, ST_DB_FUNNEL, gk, gkn, &v);
+    if (r == 0 && v.n == sizeof f)
+        memcpy(f, v.p, sizeof f);
+    else if (r != ST_ENOTFOUND && r != 0)
+        return r;
+
+    memcpy(usk, uk, ukn);
+    memcpy(usk + ukn, gk, gkn);
+    size_t uskn = ukn + gkn;
+    ustage_t us = {{0}, partition};
+    r = st_get(a->txn, a->env, ST_DB_USTAGE, usk, uskn, &v);
+    if (r == 0 && v.n == sizeof us)
+        memcpy(&us, v.p, sizeof us);
+    else if (r != ST_ENOTFOUND && r != 0)
+        return r;
+
+    int old_max = max_stage(&us);
+    us.n[c->stage - 1] += sign;
+    us.partition = partition;
+    int new_max = max_stage(&us);
+    for (int k = 0; k < c->stage; k++)
+        f[F_SESS + k] += sign;
+    for (int k = 0; k < old_max; k++)
+        f[F_USERS + k]--;
+    for (int k = 0; k < new_max; k++)
+        f[F_USERS + k]++;
+    f[F_ORDERS] += sign * c->orders;
+    f[F_REVENUE] += sign * c->revenue;
+
+    if (new_max == 0)
+        r = st_del(a->txn, a->env, ST_DB_USTAGE, usk, uskn);
+    else
+        r = st_put(a->txn, a->env, ST_DB_USTAGE, usk, uskn, &us, sizeof us);
+    if (r && r != ST_ENOTFOUND)
+        return r;
+    r = st_put(a->txn, a->env, ST_DB_FUNNEL, gk, gkn, f, sizeof f);
+    if (r)
+        return r;
+    return mark_dirty(a, TAG_FUNNEL, gk, gkn);
+}
+
+static int apply_contrib(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
+                         const contrib_t *c, int sign)
+{
+    int r;
+    if ((r = apply_group(a, uk, ukn, partition, c, c->dev, c->dev_len, c->ctry, c->ctry_len,
+                         sign)) ||
+        (r = apply_group(a, uk, ukn, partition, c, c->dev, c->dev_len, "*", 1, sign)) ||
+        (r = apply_group(a, uk, ukn, partition, c, "*", 1, c->ctry, c->ctry_len, sign)) ||
+        (r = apply_group(a, uk, ukn, partition, c, "*", 1, "*", 1, sign)))
+        return r;
+    return 0;
+}
+
+/* ---- sessions ---- */
+
+static int put_session(agg_t *a, const uint8_t *uk, size_t ukn, const sess_t *s)
+{
+    uint8_t k[KEY_MAX], buf[REC_MAX];
+    size_t kn = sess_key(k, uk, ukn, s->start);
+    size_t n = sess_encode(s, buf, sizeof buf);
+    if (!n)
+        return AGG_ESTATE;
+    int r = st_put(a->txn, a->env, ST_DB_SESSIONS, k, kn, buf, n);
+    if (r)
+        return r;
+    return mark_dirty(a, TAG_SESSION, k, kn);
+}
+
+/*
+ * Find the user's sessions around ts: pred is the last one starting at or
+ * before ts, succ the first one starting after it.
+ */
+static int find_neighbours(agg_t *a, const uint8_t *uk, size_t ukn, int64_t ts, sess_t *pred,
+                           int *has_pred, sess_t *succ, int *has_succ)
+{
+    uint8_t k[KEY_MAX];
+    size_t kn = sess_key(k, uk, ukn, ts);
+    st_cursor_t cur = {0};
+    st_val_t ck, cv;
+    *has_pred = *has_succ = 0;
+    int r = st_cur_open(a->txn, a->env, ST_DB_SESSIONS, &cur);
+    if (r)
+        return r;
+    r = st_cur_seek(&cur, k, kn, &ck, &cv);
+    if (r == 0) {
+        if (ck.n == kn && memcmp(ck.p, k, ukn) == 0) {
+            if (memcmp(ck.p, k, kn) == 0) {
+                *has_pred = 1;
+                r = sess_decode(&cv, pred);
+                if (r == 0) {
+                    int r2 = st_cur_next(&cur, &ck, &cv);
+                    if (r2 == 0 && ck.n == kn && memcmp(ck.p, k, ukn) == 0) {
+                        *has_succ = 1;
+                        r = sess_decode(&cv, succ);
+                    } else if (r2 != 0 && r2 != ST_ENOTFOUND) {
+                        r = r2;
+                    }
+                }
+                goto out;
+            }
+            *has_succ = 1;
+            r = sess_decode(&cv, succ);
+            if (r)
+                goto out;
+        }
+        r = st_cur_prev(&cur, &ck, &cv);
+    } else if (r == ST_ENOTFOUND) {
+        r = st_cur_last(&cur, &ck, &cv);
+    }
+    if (r == 0 && ck.n == kn && memcmp(ck.p, k, ukn) == 0) {
+        *has_pred = 1;
+        r = sess_decode(&cv, pred);
+    } else if (r == ST_ENOTFOUND || r == 0) {
+        r = 0;
+    }
+out:
+    st_cur_close(&cur);
+    return r;
+}
+
+/*
+ * Retire an old session that the new summary s replaces: retract its
+ * contribution, drop its state key if the start moved, and delete its row
+ * in Postgres if the session id changed.
+ */
+static int retire_session(agg_t *a, const uint8_t *uk, size_t ukn, const sess_t *old,
+                          const sess_t *s, int retract)
+{
+    int r;
+    if (retract) {
+        contrib_t c;
+        sess_contrib(old, &c);
+        if ((r = apply_contrib(a, uk, ukn, old->partition, &c, -1)))
+            return r;
+    }
+    if (old->start != s->start) {
+        uint8_t k[KEY_MAX];
+        size_t kn = sess_key(k, uk, ukn, old->start);
+        r = st_del(a->txn, a->env, ST_DB_SESSIONS, k, kn);
+        if (r && r != ST_ENOTFOUND)
+            return r;
+    }
+    if (old->sid_len != s->sid_len || memcmp(old->sid, s->sid, s->sid_len) != 0) {
+        if ((r = mark_dirty(a, TAG_DELETE, (const uint8_t *)old->sid, old->sid_len)))
+            return r;
+    }
+    return 0;
+}
+
+static int apply_session(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
+                         const ing_event_t *ev, int64_t *session_delta)
+{
+    sess_t pred, succ, s;
+    int has_pred, has_succ;
+    int r = find_neighbours(a, uk, ukn, ev->ts, &pred, &has_pred, &succ, &has_succ);
+    if (r)
+        return r;
+    const sess_t *old[2];
+    int n_old = 0;
+    if (has_pred && ev->ts <= pred.end + a->gap) {
+        s = pred;
+        int extends = ev->ts > pred.end;
+        sess_add_event(&s, ev);
+        old[n_old++] = &pred;
+        if (extends && has_succ && succ.start - s.end <= a->gap) {
+            sess_merge(&s, &succ);
+            old[n_old++] = &succ;
+        }
+    } else {
+        sess_init(&s, partition);
+        sess_add_event(&s, ev);
+        if (has_succ && succ.start - ev->ts <= a->gap) {
+            sess_merge(&s, &succ);
+            old[n_old++] = &succ;
+        }
+    }
+    s.partition = partition;
+    *session_delta = 1 - n_old;
+
+    contrib_t cnew;
+    sess_contrib(&s, &cnew);
+    int same = 0;
+    if (n_old == 1) {
+        contrib_t cold;
+        sess_contrib(old[0], &cold);
+        same = contrib_eq(&cold, &cnew);
+    }
+    for (int i = 0; i < n_old; i++)
+        if ((r = retire_session(a, uk, ukn, old[i], &s, !same)))
+            return r;
+    if (!same && (r = apply_contrib(a, uk, ukn, partition, &cnew, 1)))
+        return r;
+    return put_session(a, uk, ukn, &s);
+}
+
+/* ---- users ---- */
+
+static int apply_user(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
+                      const ing_event_t *ev, int64_t session_delta)
+{
+    user_t u;
+    st_val_t v;
+    int r = st_get(a->txn, a->env, ST_DB_USERS, uk, ukn, &v);
+    if (r == 0) {
+        if ((r = user_decode(&v, &u)))
+            return r;
+    } else if (r == ST_ENOTFOUND) {
+        memset(&u, 0, sizeof u);
+        u.first_seen = u.last_seen = ev->ts;
+        u.first_order = u.last_order = -1;
+        attr_none(&u.dev);
+        attr_none(&u.ctry);
+    } else {
+        return r;
+    }
+    if (ev->ts < u.first_seen)
+        u.first_seen = ev->ts;
+    if (ev->ts > u.last_seen)
+        u.last_seen = ev->ts;
+    u.events++;
+    u.sessions += session_delta;
+    u.partition = partition;
+    if (ev->type == ING_ET_PURCHASE) {
+        u.orders++;
+        u.revenue += ev->amount_cents;
+        if (u.first_order < 0 || ev->ts < u.first_order)
+            u.first_order = ev->ts;
+        if (ev->ts > u.last_order)
+            u.last_order = ev->ts;
+    }
+    attr_offer(&u.dev, ev->ts, ev->event_id, ev->event_id_len, ev->device, ev->device_len);
+    attr_offer(&u.ctry, ev->ts, ev->event_id, ev->event_id_len, ev->country, ev->country_len);
+    uint8_t buf[REC_MAX];
+    size_t n = user_encode(&u, buf, sizeof buf);
+    if (!n)
+        return AGG_ESTATE;
+    if ((r = st_put(a->txn, a->env, ST_DB_USERS, uk, ukn, buf, n)))
+        return r;
+    return mark_dirty(a, TAG_USER, uk, ukn);
+}
+
+/* ---- events and rejects ---- */
+
+static int store_reject(agg_t *a, int32_t partition, int64_t offset, ing_reason_t reason,
+                        const char *detail, const char *payload, size_t len, int64_t now_ms)
+{
+    uint8_t k[12];
+    be32(k, (uint32_t)partition);
+    be64(k + 4, (uint64_t)offset);
+    size_t dn = strlen(detail);
+    if (dn > 255)
+        dn = 255;
+    size_t pn = len > REJECT_PAYLOAD_MAX ? REJECT_PAYLOAD_MAX : len;
+    uint8_t buf[REJECT_PAYLOAD_MAX + 300];
+    wr_t w = {buf, 0, sizeof buf, 0};
+    w_i32(&w, (int32_t)reason);
+    w_i64(&w, now_ms);
+    w_str(&w, detail, (uint8_t)dn);
+    w_i32(&w, (int32_t)pn);
+    w_bytes(&w, payload ? payload : "", pn);
+    return st_put(a->txn, a->env, ST_DB_REJECTS, k, sizeof k, buf, w.n);
+}
+
+int agg_apply_reject(agg_t *a, int32_t partition, int64_t offset, ing_reason_t reason,
+                     const char *detail, const char *payload, size_t len, int64_t now_ms)
+{
+    agg_partition_t *p;
+    int r = get_part(a, partition, &p);
+    if (r)
+        return r;
+    if ((r = store_reject(a, partition, offset, reason, detail, payload, len, now_ms)))
+        return r;
+    p->rejected++;
+    if (reason > 0 && reason < ING_R__COUNT)
+        p->rejects_by_reason[reason]++;
+    p->next_offset = offset + 1;
+    return 0;
+}
+
+int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event_t *ev,
+                    const char *payload, size_t len, int64_t now_ms)
+{
+    agg_partition_t *p;
+    int r = get_part(a, partition, &p);
+    if (r)
+        return r;
+    /* §2: the watermark check comes before the duplicate check. */
+    if (p->watermark >= 0 && ev->ts < p->watermark - a->lateness)
+        return agg_apply_reject(a, partition, offset, ING_R_TOO_LATE, "", payload, len, now_ms);
+
+    XXH128_hash_t h = XXH3_128bits(ev->event_id, ev->event_id_len);
+    uint8_t dk[16];
+    be64(dk, h.high64);
+    be64(dk + 8, h.low64);
+    st_val_t v;
+    r = st_get(a->txn, a->env, ST_DB_DEDUP, dk, sizeof dk, &v);
+    if (r == 0) {
+        p->duplicates++;
+        p->next_offset = offset + 1;
+        return 0;
+    }
+    if (r != ST_ENOTFOUND)
+        return r;
+    struct {
+        int64_t ts;
+        int32_t partition;
+    } dv = {ev->ts, partition};
+    if ((r = st_put(a->txn, a->env, ST_DB_DEDUP, dk, sizeof dk, &dv, 12)))
+        return r;
+
+    if (ev->type != ING_ET_ASSIGNMENT) {
+        uint8_t uk[KEY_MAX];
+        size_t ukn = user_key(uk, ev->user_id, ev->user_id_len);
+        int64_t session_delta = 0;
+        if ((r = apply_session(a, uk, ukn, partition, ev, &session_delta)))
+            return r;
+        if ((r = apply_user(a, uk, ukn, partition, ev, session_delta)))
+            return r;
+    }
+    p->accepted++;
+    if (ev->ts > p->watermark)
+        p->watermark = ev->ts;
+    p->next_offset = offset + 1;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Compaction past the horizon (docs/aggregator.md, "Horizon").           */
+
+/* The oldest ts a partition can still accept; INT64_MIN when it has none. */
+static int64_t horizon(const agg_t *a, int32_t p)
+{
+    if (p < 0 || p >= AGG_MAX_PARTITIONS || a->parts[p].watermark < 0)
+        return INT64_MIN;
+    return a->parts[p].watermark - a->lateness;
+}
+
+static int is_dirty(agg_t *a, uint8_t tag, const void *k, size_t n)
+{
+    uint8_t buf[KEY_MAX + 1];
+    buf[0] = tag;
+    memcpy(buf + 1, k, n);
+    st_val_t v;
+    return st_get(a->txn, a->env, ST_DB_DIRTY, buf, n + 1, &v) == 0;
+}
+
+/* Whether the user of ustage key k still has a live session starting on day. */
+static int has_session_on_day(agg_t *a, const uint8_t *uk, size_t ukn, int64_t day)
+{
+    uint8_t k[KEY_MAX];
+    size_t kn = sess_key(k, uk, ukn, day * DAY_MS);
+    st_cursor_t cur = {0};
+    st_val_t ck, cv;
+    int found = 0;
+    if (st_cur_open(a->txn, a->env, ST_DB_SESSIONS, &cur) != 0)
+        return 1;
+    if (st_cur_seek(&cur, k, kn, &ck, &cv) == 0 && ck.n == kn && memcmp(ck.p, k, ukn) == 0) {
+        int64_t start = (int64_t)rd_be64((const uint8_t *)ck.p + ukn);
+        found = start < (day + 1) * DAY_MS;
+    }
+    st_cur_close(&cur);
+    return found;
+}
+
+enum { SW_SESSIONS = 0, SW_USTAGE, SW_DEDUP };
+
+/* Decide whether one entry is final and may leave the state. */
+static int sweep_final(agg_t *a, int which, const st_val_t *k, const st_val_t *v)
+{
+    const uint8_t *kp = k->p;
+    if (which == SW_DEDUP) {
+        int64_t ts;
+        int32_t p;
+        if (v->n < 12)
+            return 0;
+        memcpy(&ts, v->p, 8);
+        memcpy(&p, (const uint8_t *)v->p + 8, 4);
+        return ts < horizon(a, p);
+    }
+    if (which == SW_SESSIONS) {
+        sess_t s;
+        if (sess_decode(v, &s) != 0)
+            return 0;
+        /* No accepted event can reach a session that ended more than a
+         * gap before the horizon; its row in Postgres is final. */
+        if (!(s.end + a->gap < horizon(a, s.partition)))
+            return 0;
+        return !is_dirty(a, TAG_SESSION, k->p, k->n);
+    }
+    ustage_t us;
+    if (v->n != sizeof us || k->n < 1)
+        return 0;
+    memcpy(&us, v->p, sizeof us);
+    size_t ukn = (size_t)kp[0] + 1;
+    if (k->n < ukn + 4)
+        return 0;
+    int64_t day = (int32_t)rd_be32(kp + ukn);
+    if ((day + 1) * DAY_MS > horizon(a, us.partition))
+        return 0;
+    return !has_session_on_day(a, kp, ukn, day);
+}
+
+static int sweep_db(agg_t *a, int which, enum st_db db, int64_t budget)
+{
+    st_cursor_t cur = {0};
+    st_val_t k, v;
+    int r = st_cur_open(a->txn, a->env, db, &cur);
+    if (r)
+        return r;
+    r = st_cur_seek(&cur, a->sweep_key[which], a->sweep_len[which], &k, &v);
+    int64_t seen = 0;
+    while (seen < budget) {
+        if (r == ST_ENOTFOUND) {
+            /* Wrap around: the next batch starts again at the beginning. */
+            a->sweep_len[which] = 0;
+            r = 0;
+            break;
+        }
+        if (r)
+            break;
+        seen++;
+        if (sweep_final(a, which, &k, &v)) {
+            if ((r = st_cur_del(&cur)))
+                break;
+            /* After a delete LMDB's cursor already stands on the next entry. */
+            r = st_cur_next(&cur, &k, &v);
+            if (r == 0 && k.n <= KEY_MAX) {
+                memcpy(a->sweep_key[which], k.p, k.n);
+                a->sweep_len[which] = k.n;
+            }
+            continue;
+        }
+        r = st_cur_next(&cur, &k, &v);
+        if (r == 0 && k.n <= KEY_MAX) {
+            memcpy(a->sweep_key[which], k.p, k.n);
+            a->sweep_len[which] = k.n;
+        }
+    }
+    st_cur_close(&cur);
+    return r == ST_ENOTFOUND ? 0 : r;
+}
+
+static int sweep(agg_t *a)
+{
+    if (a->sweep_per_batch <= 0)
+        return 0;
+    int r;
+    if ((r = sweep_db(a, SW_SESSIONS, ST_DB_SESSIONS, a->sweep_per_batch)) ||
+        (r = sweep_db(a, SW_USTAGE, ST_DB_USTAGE, a->sweep_per_batch)) ||
+        (r = sweep_db(a, SW_DEDUP, ST_DB_DEDUP, a->sweep_per_batch)))
+        return r;
+    return 0;
+}
+
+int agg_batch_commit(agg_t *a)
+{
+    uint64_t seq = a->seq + 1;
+    int r = st_put(a->txn, a->env, ST_DB_META, META_SEQ, 3, &seq, sizeof seq);
+    for (size_t off = 0; r == 0 && off < a->dirty.alen;) {
+        const uint8_t *e = a->dirty.arena + off;
+        size_t n = (size_t)e[0] << 8 | e[1];
+        r = st_put(a->txn, a->env, ST_DB_DIRTY, e + 2, n, &seq, sizeof seq);
+        off += n + 2;
+    }
+    for (int p = 0; r == 0 && p < AGG_MAX_PARTITIONS; p++) {
+        if (!a->touched[p])
+            continue;
+        uint8_t k[5];
+        part_key(k, p);
+        r = st_put(a->txn, a->env, ST_DB_META, k, sizeof k, &a->parts[p], sizeof a->parts[p]);
+    }
+    if (r == 0)
+        r = sweep(a);
+    uint64_t nd = 0, nr = 0;
+    if (r == 0 && (r = st_count(a->txn, a->env, ST_DB_DIRTY, &nd)) == 0)
+        r = st_count(a->txn, a->env, ST_DB_REJECTS, &nr);
+    if (r == 0) {
+        r = st_commit(a->txn);
+        a->txn = NULL;
+        if (r == 0) {
+            a->seq = seq;
+            a->pending = nd + nr;
+            kset_reset(&a->dirty);
+            return 0;
+        }
+        kset_reset(&a->dirty);
+        load_partitions(a);
+        return r;
+    }
+    agg_batch_abort(a);
+    return r;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Flush collection (any thread) and completion (loop thread).            */
+
+typedef struct chunk {
+    struct chunk *next;
+    size_t used, cap;
+    char data[];
+} chunk_t;
+
+#define GROW(arr, n, cap)                                                                          \
+    do {                                                                                           \
+        if ((n) == (cap)) {                                                                        \
+            size_t nc_ = (cap) ? (cap) * 2 : 256;                                                  \
+            void *np_ = realloc((arr), nc_ * sizeof *(arr));                                       \
+            if (!np_)                                                                              \
+                return AGG_ENOMEM;                                                                 \
+            (arr) = np_;                                                                           \
+            (cap) = nc_;                                                                           \
+        }                                                                                          \
+    } while (0)
+
+struct agg_flush {
+    uint64_t seq;
+    chunk_t *chunks;
+    snk_session_row_t *sessions;
+    size_t n_sessions, cap_sessions;
+    const char **deleted;
+    size_t n_deleted, cap_deleted;
+    snk_user_row_t *users;
+    size_t n_users, cap_users;
+    snk_funnel_row_t *funnel;
+    size_t n_funnel, cap_funnel;
+    snk_partition_row_t *parts;
+    size_t n_parts, cap_parts;
+    snk_reject_row_t *rejects;
+    size_t n_rejects, cap_rejects;
+    /* Dirty keys to clear once Postgres has the rows: (length, bytes). */
+    struct fkey {
+        const uint8_t *p;
+        size_t n;
+    } * keys;
+    size_t n_keys, cap_keys;
+    uint8_t (*reject_keys)[12];
+    size_t n_reject_keys, cap_reject_keys;
+    snk_batch_t batch;
+};
+
+static void *arena_alloc(agg_flush_t *f, size_t n)
+{
+    chunk_t *c = f->chunks;
+    if (!c || c->used + n > c->cap) {
+        size_t cap = n > (1u << 20) ? n : (1u << 20);
+        c = malloc(sizeof *c + cap);
+        if (!c)
+            return NULL;
+        c->cap = cap;
+        c->used = 0;
+        c->next = f->chunks;
+        f->chunks = c;
+    }
+    void *p = c->data + c->used;
+    c->used += (n + 7) & ~(size_t)7;
+    if (c->used > c->cap)
+        c->used = c->cap;
+    return p;
+}
+
+static char *arena_str(agg_flush_t *f, const void *s, size_t n)
+{
+    char *p = arena_alloc(f, n + 1);
+    if (p) {
+        memcpy(p, s, n);
+        p[n] = '\0';
+    }
+    return p;
+}
+
+static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t *k)
+{
+    const uint8_t *kp = k->p;
+    uint8_t tag = kp[0];
+    const uint8_t *rk = kp + 1;
+    size_t rkn = k->n - 1;
+    st_val_t v;
+    int r;
+    if (tag == TAG_SESSION) {
+        r = st_get(txn, a->env, ST_DB_SESSIONS, rk, rkn, &v);
+        if (r == ST_ENOTFOUND)
+            return 0; /* merged away since: its id is deleted by a 'D' mark */
+        if (r)
+            return r;
+        sess_t s;
+        if ((r = sess_decode(&v, &s)))
+            return r;
+        GROW(f->sessions, f->n_sessions, f->cap_sessions);
+        snk_session_row_t *row = &f->sessions[f->n_sessions];
+        row->session_id = arena_str(f, s.sid, s.sid_len);
+        row->user_id = arena_str(f, rk + 1, rk[0]);
+        row->started_at = s.start;
+        row->ended_at = s.end;
+        row->events = s.c[C_EVENTS];
+        row->page_views = s.c[C_PAGE_VIEWS];
+        row->product_views = s.c[C_PRODUCT_VIEWS];
+        row->add_to_carts = s.c[C_ADD_TO_CARTS];
+        row->checkouts = s.c[C_CHECKOUTS];
+        row->purchases = s.c[C_PURCHASES];
+        row->revenue_cents = s.revenue;
+        row->device = arena_str(f, attr_value(&s.dev), strlen(attr_value(&s.dev)));
+        row->country = arena_str(f, attr_value(&s.ctry), strlen(attr_value(&s.ctry)));
+        row->funnel_stage = sess_stage(&s);
+        if (!row->session_id || !row->user_id || !row->device || !row->country)
+            return AGG_ENOMEM;
+        f->n_sessions++;
+    } else if (tag == TAG_DELETE) {
+        GROW(f->deleted, f->n_deleted, f->cap_deleted);
+        if (!(f->deleted[f->n_deleted++] = arena_str(f, rk, rkn)))
+            return AGG_ENOMEM;
+    } else if (tag == TAG_USER) {
+        r = st_get(txn, a->env, ST_DB_USERS, rk, rkn, &v);
+        if (r == ST_ENOTFOUND)
+            return 0;
+        if (r)
+            return r;
+        user_t u;
+        if ((r = user_decode(&v, &u)))
+            return r;
+        GROW(f->users, f->n_users, f->cap_users);
+        snk_user_row_t *row = &f->users[f->n_users];
+        row->user_id = arena_str(f, rk + 1, rk[0]);
+        row->first_seen = u.first_seen;
+        row->last_seen = u.last_seen;
+        row->device = arena_str(f, attr_value(&u.dev), strlen(attr_value(&u.dev)));
+        row->country = arena_str(f, attr_value(&u.ctry), strlen(attr_value(&u.ctry)));
+        row->events = u.events;
+        row->sessions = u.sessions;
+        row->orders = u.orders;
+        row->revenue_cents = u.revenue;
+        row->first_order_at = u.first_order;
+        row->last_order_at = u.last_order;
+        if (!row->user_id || !row->device || !row->country)
+            return AGG_ENOMEM;
+        f->n_users++;
+    } else if (tag == TAG_FUNNEL) {
+        int64_t c[F_N] = {0};
+        r = st_get(txn, a->env, ST_DB_FUNNEL, rk, rkn, &v);
+        if (r == 0 && v.n == sizeof c)
+            memcpy(c, v.p, sizeof c);
+        else if (r != ST_ENOTFOUND && r != 0)
+            return r;
+        if (rkn < 6)
+            return AGG_ESTATE;
+        GROW(f->funnel, f->n_funnel, f->cap_funnel);
+        snk_funnel_row_t *row = &f->funnel[f->n_funnel];
+        row->day = (int32_t)rd_be32(rk);
+        uint8_t dn = rk[4];
+        if ((size_t)dn + 6 > rkn || (size_t)dn + 6 + rk[5 + dn] > rkn)
+            return AGG_ESTATE;
+        row->device = arena_str(f, rk + 5, dn);
+        row->country = arena_str(f, rk + 6 + dn, rk[5 + dn]);
+        for (int i = 0; i < 5; i++) {
+            row->sessions_ge[i] = c[F_SESS + i];
+            row->users_ge[i] = c[F_USERS + i];
+        }
+        row->orders = c[F_ORDERS];
+        row->revenue_cents = c[F_REVENUE];
+        if (!row->device || !row->country)
+            return AGG_ENOMEM;
+        f->n_funnel++;
+    }
+    GROW(f->keys, f->n_keys, f->cap_keys);
+    uint8_t *kc = arena_alloc(f, k->n);
+    if (!kc)
+        return AGG_ENOMEM;
+    memcpy(kc, k->p, k->n);
+    f->keys[f->n_keys].p = kc;
+    f->keys[f->n_keys].n = k->n;
+    f->n_keys++;
+    return 0;
+}
+
+static int collect_reject(agg_t *a, agg_flush_t *f, const st_val_t *k, const st_val_t *v)
+{
+    if (k->n != 12)
+        return AGG_ESTATE;
+    rd_t r = {v->p, v->n, 0, 0};
+    int32_t reason = r_i32(&r);
+    int64_t at = r_i64(&r);
+    char detail[256];
+    r_str(&r, detail, sizeof detail);
+    int32_t pn = r_i32(&r);
+    if (r.bad || pn < 0 || r.off + (size_t)pn > v->n)
+        return AGG_ESTATE;
+    GROW(f->rejects, f->n_rejects, f->cap_rejects);
+    GROW(f->reject_keys, f->n_reject_keys, f->cap_reject_keys);
+    const uint8_t *kp = k->p;
+    snk_reject_row_t *row = &f->rejects[f->n_rejects];
+    row->topic = a->topic;
+    row->partition = (int32_t)rd_be32(kp);
+    row->offset = (int64_t)rd_be64(kp + 4);
+    row->reason = ing_reason_name((ing_reason_t)reason);
+    row->detail = arena_str(f, detail, strlen(detail));
+    row->payload = arena_str(f, (const uint8_t *)v->p + r.off, (size_t)pn);
+    row->payload_len = (size_t)pn;
+    row->rejected_at = at;
+    if (!row->detail || !row->payload)
+        return AGG_ENOMEM;
+    memcpy(f->reject_keys[f->n_reject_keys++], kp, 12);
+    f->n_rejects++;
+    return 0;
+}
+
+int agg_flush_collect(agg_t *a, agg_flush_t **out)
+{
+    agg_flush_t *f = calloc(1, sizeof *f);
+    if (!f)
+        return AGG_ENOMEM;
+    st_txn_t *txn;
+    int r = st_begin(a->env, 1, &txn);
+    if (r) {
+        free(f);
+        return r;
+    }
+    st_val_t k, v;
+    if (st_get(txn, a->env, ST_DB_META, META_SEQ, 3, &v) == 0 && v.n == 8)
+        memcpy(&f->seq, v.p, 8);
+    st_cursor_t cur = {0};
+    if ((r = st_cur_open(txn, a->env, ST_DB_DIRTY, &cur)) == 0) {
+        uint8_t zero = 0;
+        for (r = st_cur_seek(&cur, &zero, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v))
+            if (k.n > 1 && (r = collect_dirty(a, f, txn, &k)))
+                break;
+        st_cur_close(&cur);
+    }
+    if ((r == 0 || r == ST_ENOTFOUND) && (r = st_cur_open(txn, a->env, ST_DB_REJECTS, &cur)) == 0) {
+        uint8_t zero = 0;
+        for (r = st_cur_seek(&cur, &zero, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v))
+            if ((r = collect_reject(a, f, &k, &v)))
+                break;
+        st_cur_close(&cur);
+    }
+    if ((r == 0 || r == ST_ENOTFOUND) && (r = st_cur_open(txn, a->env, ST_DB_META, &cur)) == 0) {
+        uint8_t pk[5];
+        part_key(pk, 0);
+        for (r = st_cur_seek(&cur, pk, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v)) {
+            const uint8_t *kp = k.p;
+            if (k.n != 5 || kp[0] != 'p')
+                break;
+            agg_partition_t p;
+            if (v.n != sizeof p) {
+                r = AGG_ESTATE;
+                break;
+            }
+            memcpy(&p, v.p, sizeof p);
+            if (f->n_parts == f->cap_parts) {
+                size_t nc = f->cap_parts ? f->cap_parts * 2 : 64;
+                void *np = realloc(f->parts, nc * sizeof *f->parts);
+                if (!np) {
+                    r = AGG_ENOMEM;
+                    break;
+                }
+                f->parts = np;
+                f->cap_parts = nc;
+            }
+            snk_partition_row_t *row = &f->parts[f->n_parts++];
+            row->topic = a->topic;
+            row->partition = (int32_t)rd_be32(kp + 1);
+            row->next_offset = p.next_offset;
+            row->watermark = p.watermark;
+            row->accepted = p.accepted;
+            row->duplicates = p.duplicates;
+            row->rejected = p.rejected;
+        }
+        st_cur_close(&cur);
+    }
+    st_abort(txn);
+    if (r != 0 && r != ST_ENOTFOUND) {
+        agg_flush_free(f);
+        return r;
+    }
+    snk_batch_t *b = &f->batch;
+    b->sessions = f->sessions;
+    b->n_sessions = f->n_sessions;
+    b->deleted_sessions = f->deleted;
+    b->n_deleted_sessions = f->n_deleted;
+    b->users = f->users;
+    b->n_users = f->n_users;
+    b->funnel = f->funnel;
+    b->n_funnel = f->n_funnel;
+    b->partitions = f->parts;
+    b->n_partitions = f->n_parts;
+    b->rejects = f->rejects;
+    b->n_rejects = f->n_rejects;
+    *out = f;
+    return 0;
+}
+
+const snk_batch_t *agg_flush_batch(const agg_flush_t *f)
+{
+    return &f->batch;
+}
+
+size_t agg_flush_rows(const agg_flush_t *f)
+{
+    return f->n_sessions + f->n_deleted + f->n_users + f->n_funnel + f->n_rejects + f->n_parts;
+}
+
+int agg_flush_done(agg_t *a, agg_flush_t *f)
+{
+    st_txn_t *txn;
+    int r = st_begin(a->env, 0, &txn);
+    if (r)
+        return r;
+    for (size_t i = 0; r == 0 && i < f->n_keys; i++) {
+        st_val_t v;
+        int g = st_get(txn, a->env, ST_DB_DIRTY, f->keys[i].p, f->keys[i].n, &v);
+        if (g == ST_ENOTFOUND)
+            continue;
+        if (g) {
+            r = g;
+            break;
+        }
+        uint64_t seq = 0;
+        if (v.n == 8)
+            memcpy(&seq, v.p, 8);
+        /* A row changed again after the snapshot stays dirty for the next flush. */
+        if (seq <= f->seq)
+            r = st_del(txn, a->env, ST_DB_DIRTY, f->keys[i].p, f->keys[i].n);
+    }
+    for (size_t i = 0; r == 0 && i < f->n_reject_keys; i++) {
+        r = st_del(txn, a->env, ST_DB_REJECTS, f->reject_keys[i], 12);
+        if (r == ST_ENOTFOUND)
+            r = 0;
+    }
+    uint64_t nd = 0, nr = 0;
+    if (r == 0 && (r = st_count(txn, a->env, ST_DB_DIRTY, &nd)) == 0)
+        r = st_count(txn, a->env, ST_DB_REJECTS, &nr);
+    if (r) {
+        st_abort(txn);
+        return r;
+    }
+    r = st_commit(txn);
+    if (r == 0)
+        a->pending = nd + nr;
+    return r;
+}
+
+void agg_flush_free(agg_flush_t *f)
+{
+    if (!f)
+        return;
+    while (f->chunks) {
+        chunk_t *n = f->chunks->next;
+        free(f->chunks);
+        f->chunks = n;
+    }
+    free(f->sessions);
+    free(f->deleted);
+    free(f->users);
+    free(f->funnel);
+    free(f->parts);
+    free(f->rejects);
+    free(f->keys);
+    free(f->reject_keys);
+    free(f);
+}
+
+const char *agg_strerror(int err)
+{
+    switch (err) {
+    case AGG_ENOMEM:
+        return "out of memory";
+    case AGG_ESTATE:
+        return "a state record could not be decoded";
+    case AGG_EPARTITION:
+        return "partition number out of range";
+    default:
+        return st_strerror(err);
+    }
+}

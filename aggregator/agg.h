@@ -1,0 +1,106 @@
+/*
+ * agg.h - exact incremental marts over the accepted events (CONTRACT §2, §3).
+ *
+ * The aggregator applies validated events to the state in LMDB: the
+ * watermark and duplicate checks of §2, then sessions, users and funnel_daily
+ * of §3. Every mart row is a sum of per-session or per-user contributions;
+ * when an event changes a session, the session's old contribution is
+ * retracted and its new one added, so the counters equal a recompute from
+ * scratch whatever the arrival order (docs/aggregator.md explains why).
+ *
+ * All calls except agg_flush_collect and the agg_flush_* accessors are loop
+ * thread only. agg_flush_collect may run on a worker thread concurrently with
+ * a batch on the loop thread: it reads a committed LMDB snapshot only.
+ */
+#ifndef CLICKMART_AGGREGATOR_AGG_H
+#define CLICKMART_AGGREGATOR_AGG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ingest/validate.h"
+#include "sink/sink.h"
+#include "store/store.h"
+
+#define AGG_MAX_PARTITIONS 4096
+
+#define AGG_ENOMEM (-100)
+#define AGG_ESTATE (-101) /* a state record could not be decoded */
+#define AGG_EPARTITION (-102) /* partition number out of range */
+/* Store errors (ST_E*) are passed through unchanged. */
+
+typedef struct agg agg_t;
+
+typedef struct agg_conf {
+    const char *topic;
+    int64_t session_gap_ms;
+    int64_t allowed_lateness_ms;
+    int64_t sweep_per_batch; /* state entries examined by the compactor per batch */
+} agg_conf_t;
+
+/* Per-partition progress, as kept in the state. */
+typedef struct agg_partition {
+    int known;           /* 1 once the partition has consumed a message */
+    int64_t next_offset; /* every message before it is applied */
+    int64_t watermark;   /* largest accepted ts, -1 before the first */
+    int64_t accepted, duplicates, rejected;
+    int64_t rejects_by_reason[ING_R__COUNT];
+} agg_partition_t;
+
+/* Open the aggregator on an open store. The conf strings are copied. */
+int agg_open(st_env_t *env, const agg_conf_t *conf, agg_t **out);
+void agg_close(agg_t *a);
+
+/* The state's progress for a partition (known == 0 when it has none). Valid
+ * until the next batch. */
+const agg_partition_t *agg_partition(const agg_t *a, int32_t partition);
+
+/* Begin a batch: one LMDB write transaction for every message until commit. */
+int agg_batch_begin(agg_t *a);
+
+/*
+ * Apply one validated event from (partition, offset). Checks too_late and
+ * duplicates (§2), then updates the marts. A too_late event is recorded as a
+ * reject; the message's payload is needed only for that.
+ */
+int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event_t *ev,
+                    const char *payload, size_t len, int64_t now_ms);
+
+/* Record a message that validation rejected (§1.1, §7). detail may be "". */
+int agg_apply_reject(agg_t *a, int32_t partition, int64_t offset, ing_reason_t reason,
+                     const char *detail, const char *payload, size_t len, int64_t now_ms);
+
+/*
+ * Commit the batch: partition progress, dirty marks and the compactor's work
+ * go into the same transaction as the state changes. On ST_EMAPFULL the batch
+ * is rolled back (nothing of it is applied): grow the map and apply the same
+ * messages again.
+ */
+int agg_batch_commit(agg_t *a);
+void agg_batch_abort(agg_t *a);
+
+/* Rows waiting for a flush (dirty marks plus rejects), as of the last commit. */
+uint64_t agg_pending_rows(const agg_t *a);
+
+/* One flush: the rows of a committed snapshot, ready for snk_flush. */
+typedef struct agg_flush agg_flush_t;
+
+/*
+ * Collect every dirty row of the latest committed state into *out (owned by
+ * the caller; agg_flush_free). Any thread; reads a snapshot only.
+ */
+int agg_flush_collect(agg_t *a, agg_flush_t **out);
+const snk_batch_t *agg_flush_batch(const agg_flush_t *f);
+size_t agg_flush_rows(const agg_flush_t *f);
+
+/*
+ * After Postgres committed the batch: clear the dirty marks that were not
+ * changed again since the snapshot, and the flushed rejects. Loop thread,
+ * outside a batch.
+ */
+int agg_flush_done(agg_t *a, agg_flush_t *f);
+void agg_flush_free(agg_flush_t *f);
+
+const char *agg_strerror(int err);
+
+#endif

@@ -1,0 +1,390 @@
+/*
+ * config.c - one table drives the config file, the flags and --help.
+ */
+#include "daemon/config.h"
+
+#include <errno.h>
+#include <ini.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sink/sink.h"
+
+enum opt_type { OPT_STR, OPT_INT, OPT_BOOL };
+
+typedef struct opt {
+    const char *name;
+    enum opt_type type;
+    size_t off;
+    const char *def;
+    int64_t min, max;
+    const char *help;
+} opt_t;
+
+#define O(f) offsetof(cfg_t, f)
+
+static const opt_t opts[] = {
+    {"config", OPT_STR, O(config_path), "", 0, 0,
+     "Config file (INI: `name = value` lines; librdkafka properties in a [kafka] section)."},
+    {"brokers", OPT_STR, O(brokers), "127.0.0.1:9092", 0, 0, "Kafka bootstrap servers."},
+    {"topic", OPT_STR, O(topic), "clickmart.events", 0, 0, "Topic to consume."},
+    {"group", OPT_STR, O(group), "clickmartd", 0, 0,
+     "Consumer group id (committed group offsets are the fallback when LMDB has none)."},
+    {"pg", OPT_STR, O(pg), "", 0, 0,
+     "libpq conninfo string; empty uses libpq's environment variables and defaults."},
+    {"schema", OPT_STR, O(schema), "clickmart", 0, 0, "Postgres schema for the marts."},
+    {"state-dir", OPT_STR, O(state_dir), "./clickmart-state", 0, 0,
+     "Directory of the LMDB state (created if missing)."},
+    {"status-socket", OPT_STR, O(status_socket), "", 0, 0,
+     "Unix socket path for the HTTP status server (empty: none)."},
+    {"http-listen", OPT_STR, O(http_listen), "", 0, 0,
+     "Also serve the status HTTP endpoints on host:port (empty: none)."},
+    {"flush-interval-ms", OPT_INT, O(flush_interval_ms), "2000", 50, 3600000,
+     "How often changed rows are flushed to Postgres."},
+    {"batch-size", OPT_INT, O(batch_size), "10000", 1, 1000000,
+     "Most messages applied in one LMDB write transaction."},
+    {"max-event-bytes", OPT_INT, O(max_event_bytes), "65536", 16, 16777216,
+     "Messages longer than this are rejected as payload_too_large."},
+    {"max-future-ms", OPT_INT, O(max_future_ms), "3600000", 0, 31536000000LL,
+     "Events later than now plus this are rejected as future_timestamp."},
+    {"allowed-lateness-ms", OPT_INT, O(allowed_lateness_ms), "172800000", 0, 31536000000LL,
+     "Events older than the partition watermark minus this are rejected as too_late."},
+    {"session-gap-ms", OPT_INT, O(session_gap_ms), "1800000", 1, 86400000,
+     "A gap longer than this starts a new session."},
+    {"max-dirty-rows", OPT_INT, O(max_dirty_rows), "2000000", 1000, 1000000000,
+     "Unflushed rows before intake pauses (e.g. while Postgres is down)."},
+    {"state-map-size-mb", OPT_INT, O(state_map_size_mb), "8192", 16, 16777216,
+     "Initial LMDB map size; it grows by doubling when full."},
+    {"state-sync", OPT_STR, O(state_sync), "meta", 0, 0,
+     "LMDB durability: full (fsync data and meta), meta (one fsync per commit), none."},
+    {"pg-retry-max-ms", OPT_INT, O(pg_retry_max_ms), "30000", 100, 3600000,
+     "Longest back-off between Postgres retries."},
+    {"shutdown-timeout-ms", OPT_INT, O(shutdown_timeout_ms), "30000", 0, 3600000,
+     "How long the final flush may retry on shutdown before giving up (state is kept)."},
+    {"sweep-per-batch", OPT_INT, O(sweep_per_batch), "4000", 0, 10000000,
+     "State entries the compactor examines per batch (0 disables compaction)."},
+    {"stats-log-interval-ms", OPT_INT, O(stats_log_interval_ms), "10000", 0, 3600000,
+     "How often a summary line is logged (0: never)."},
+    {"exit-at-end", OPT_BOOL, O(exit_at_end), "false", 0, 1,
+     "Consume up to the end offsets seen at start, flush and exit 0."},
+    {"log-level", OPT_STR, O(log_level), "info", 0, 0, "error, warn, info or debug."},
+    {"log-format", OPT_STR, O(log_format), "text", 0, 0, "text (key=value) or json."},
+};
+
+#define N_OPTS (sizeof opts / sizeof opts[0])
+
+static void err(char *buf, size_t cap, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void err(char *buf, size_t cap, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, cap, fmt, ap);
+    va_end(ap);
+}
+
+static char **str_field(cfg_t *c, const opt_t *o)
+{
+    return (char **)((char *)c + o->off);
+}
+
+static int set_opt(cfg_t *c, const opt_t *o, const char *v, char *eb, size_t ecap)
+{
+    if (o->type == OPT_STR) {
+        char **p = str_field(c, o);
+        char *d = strdup(v);
+        if (!d) {
+            err(eb, ecap, "out of memory");
+            return CFG_EINVAL;
+        }
+        free(*p);
+        *p = d;
+        return 0;
+    }
+    if (o->type == OPT_BOOL) {
+        int *p = (int *)((char *)c + o->off);
+        if (!strcmp(v, "true") || !strcmp(v, "1") || !strcmp(v, "yes") || !strcmp(v, "on"))
+            *p = 1;
+        else if (!strcmp(v, "false") || !strcmp(v, "0") || !strcmp(v, "no") ||
+                 !strcmp(v, "off"))
+            *p = 0;
+        else {
+            err(eb, ecap, "--%s: expected true or false, got '%s'", o->name, v);
+            return CFG_EINVAL;
+        }
+        return 0;
+    }
+    char *end = NULL;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (errno || end == v || *end != '\0') {
+        err(eb, ecap, "--%s: expected an integer, got '%s'", o->name, v);
+        return CFG_EINVAL;
+    }
+    if (x < o->min || x > o->max) {
+        err(eb, ecap, "--%s: %lld is out of range [%lld, %lld]", o->name, x, (long long)o->min,
+            (long long)o->max);
+        return CFG_EINVAL;
+    }
+    *(int64_t *)((char *)c + o->off) = x;
+    return 0;
+}
+
+/* Find an option by name; '_' and '-' are the same so config files may use either. */
+static const opt_t *find_opt(const char *name)
+{
+    char norm[64];
+    size_t i = 0;
+    for (; name[i] && i < sizeof norm - 1; i++)
+        norm[i] = name[i] == '_' ? '-' : name[i];
+    norm[i] = '\0';
+    for (size_t k = 0; k < N_OPTS; k++)
+        if (!strcmp(opts[k].name, norm))
+            return &opts[k];
+    return NULL;
+}
+
+static int add_kafka_prop(cfg_t *c, const char *name, const char *value, char *eb, size_t ecap)
+{
+    for (int i = 0; i < c->n_kafka_props; i++) {
+        if (!strcmp(c->kafka_prop_names[i], name)) {
+            char *d = strdup(value);
+            if (!d)
+                return CFG_EINVAL;
+            free(c->kafka_prop_values[i]);
+            c->kafka_prop_values[i] = d;
+            return 0;
+        }
+    }
+    if (c->n_kafka_props >= CFG_MAX_KAFKA_PROPS) {
+        err(eb, ecap, "too many librdkafka properties (at most %d)", CFG_MAX_KAFKA_PROPS);
+        return CFG_EINVAL;
+    }
+    c->kafka_prop_names[c->n_kafka_props] = strdup(name);
+    c->kafka_prop_values[c->n_kafka_props] = strdup(value);
+    c->n_kafka_props++;
+    return 0;
+}
+
+void cfg_defaults(cfg_t *c)
+{
+    memset(c, 0, sizeof *c);
+    char eb[16];
+    for (size_t k = 0; k < N_OPTS; k++)
+        set_opt(c, &opts[k], opts[k].def, eb, sizeof eb);
+}
+
+struct ini_ctx {
+    cfg_t *c;
+    char *eb;
+    size_t ecap;
+    int rc;
+};
+
+static int ini_cb(void *ud, const char *section, const char *name, const char *value)
+{
+    struct ini_ctx *x = ud;
+    if (x->rc)
+        return 0;
+    if (!strcmp(section, "kafka")) {
+        x->rc = add_kafka_prop(x->c, name, value, x->eb, x->ecap);
+        return x->rc == 0;
+    }
+    if (section[0] && strcmp(section, "clickmartd") != 0) {
+        err(x->eb, x->ecap, "unknown section [%s]", section);
+        x->rc = CFG_EFILE;
+        return 0;
+    }
+    const opt_t *o = find_opt(name);
+    if (!o || !strcmp(o->name, "config")) {
+        err(x->eb, x->ecap, "unknown setting '%s'", name);
+        x->rc = CFG_EFILE;
+        return 0;
+    }
+    x->rc = set_opt(x->c, o, value, x->eb, x->ecap);
+    return x->rc == 0;
+}
+
+static int load_file(cfg_t *c, const char *path, char *eb, size_t ecap)
+{
+    struct ini_ctx x = {c, eb, ecap, 0};
+    int r = ini_parse(path, ini_cb, &x);
+    if (r == -1) {
+        err(eb, ecap, "cannot open config file %s: %s", path, strerror(errno));
+        return CFG_EFILE;
+    }
+    if (x.rc) {
+        char tmp[512];
+        snprintf(tmp, sizeof tmp, "%s: %s", path, eb);
+        snprintf(eb, ecap, "%s", tmp);
+        return CFG_EFILE;
+    }
+    if (r > 0) {
+        err(eb, ecap, "%s: syntax error on line %d", path, r);
+        return CFG_EFILE;
+    }
+    return 0;
+}
+
+static int parse_kafka_flag(cfg_t *c, const char *kv, char *eb, size_t ecap)
+{
+    const char *eq = strchr(kv, '=');
+    if (!eq || eq == kv) {
+        err(eb, ecap, "-X expects prop=value, got '%s'", kv);
+        return CFG_EINVAL;
+    }
+    char name[256];
+    size_t n = (size_t)(eq - kv);
+    if (n >= sizeof name) {
+        err(eb, ecap, "-X property name too long");
+        return CFG_EINVAL;
+    }
+    memcpy(name, kv, n);
+    name[n] = '\0';
+    return add_kafka_prop(c, name, eq + 1, eb, ecap);
+}
+
+int cfg_parse(cfg_t *c, int argc, char **argv, char *eb, size_t ecap)
+{
+    /* The config file is applied first so that flags override it. */
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h"))
+            return CFG_HELP;
+        if (!strcmp(argv[i], "--version"))
+            return CFG_VERSION;
+        if (!strncmp(argv[i], "--config=", 9)) {
+            set_opt(c, &opts[0], argv[i] + 9, eb, ecap);
+        } else if (!strcmp(argv[i], "--config") && i + 1 < argc) {
+            set_opt(c, &opts[0], argv[i + 1], eb, ecap);
+        }
+    }
+    if (c->config_path[0]) {
+        int r = load_file(c, c->config_path, eb, ecap);
+        if (r)
+            return r;
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-X")) {
+            if (i + 1 >= argc) {
+                err(eb, ecap, "-X needs prop=value");
+                return CFG_EINVAL;
+            }
+            int r = parse_kafka_flag(c, argv[++i], eb, ecap);
+            if (r)
+                return r;
+            continue;
+        }
+        if (!strncmp(a, "-X", 2)) {
+            int r = parse_kafka_flag(c, a + 2, eb, ecap);
+            if (r)
+                return r;
+            continue;
+        }
+        if (strncmp(a, "--", 2) != 0) {
+            err(eb, ecap, "unexpected argument '%s' (see --help)", a);
+            return CFG_EINVAL;
+        }
+        char name[64];
+        const char *val = NULL;
+        const char *eq = strchr(a + 2, '=');
+        size_t n = eq ? (size_t)(eq - (a + 2)) : strlen(a + 2);
+        if (n >= sizeof name) {
+            err(eb, ecap, "unknown flag '%s' (see --help)", a);
+            return CFG_EINVAL;
+        }
+        memcpy(name, a + 2, n);
+        name[n] = '\0';
+        const opt_t *o = find_opt(name);
+        if (!o) {
+            err(eb, ecap, "unknown flag '%s' (see --help)", a);
+            return CFG_EINVAL;
+        }
+        if (eq) {
+            val = eq + 1;
+        } else if (o->type == OPT_BOOL) {
+            val = "true";
+        } else {
+            if (i + 1 >= argc) {
+                err(eb, ecap, "--%s needs a value", o->name);
+                return CFG_EINVAL;
+            }
+            val = argv[++i];
+        }
+        int r = set_opt(c, o, val, eb, ecap);
+        if (r)
+            return r;
+    }
+    return 0;
+}
+
+void cfg_print_help(FILE *out, const char *prog)
+{
+    fprintf(out,
+            "Usage: %s [options]\n\n"
+            "clickmartd consumes clickstream events from Kafka, keeps exact incremental marts in\n"
+            "LMDB and flushes them to PostgreSQL. Every option can also be set in the config\n"
+            "file as `name = value` (dashes or underscores).\n\nOptions:\n",
+            prog);
+    for (size_t k = 0; k < N_OPTS; k++) {
+        const opt_t *o = &opts[k];
+        char left[64];
+        snprintf(left, sizeof left, "--%s%s", o->name,
+                 o->type == OPT_BOOL ? "" : (o->type == OPT_INT ? " N" : " VALUE"));
+        fprintf(out, "  %-28s %s", left, o->help);
+        if (o->type == OPT_INT)
+            fprintf(out, " [default %s, %lld..%lld]", o->def, (long long)o->min,
+                    (long long)o->max);
+        else if (o->def[0])
+            fprintf(out, " [default %s]", o->def);
+        fputc('\n', out);
+    }
+    fprintf(out, "  %-28s %s\n", "-X prop=value",
+             "Pass a librdkafka property (TLS, SASL, ...), as kcat does; repeatable.");
+    fprintf(out, "  %-28s %s\n", "--help", "Show this help and exit.");
+    fprintf(out, "  %-28s %s\n", "--version", "Show the version and exit.");
+}
+
+static int is_secret_prop(const char *name)
+{
+    return strstr(name, "password") || strstr(name, "secret") || strstr(name, "key.pem") ||
+           strstr(name, "token");
+}
+
+void cfg_dump(const cfg_t *c, FILE *out)
+{
+    for (size_t k = 0; k < N_OPTS; k++) {
+        const opt_t *o = &opts[k];
+        const char *base = (const char *)c + o->off;
+        if (o->type == OPT_STR) {
+            const char *v = *(char *const *)base;
+            if (!strcmp(o->name, "pg")) {
+                char red[1024];
+                snk_redact_conninfo(v, red, sizeof red);
+                fprintf(out, "%s = %s\n", o->name, red);
+            } else {
+                fprintf(out, "%s = %s\n", o->name, v);
+            }
+        } else if (o->type == OPT_INT) {
+            fprintf(out, "%s = %lld\n", o->name, (long long)*(const int64_t *)base);
+        } else {
+            fprintf(out, "%s = %s\n", o->name, *(const int *)base ? "true" : "false");
+        }
+    }
+    for (int i = 0; i < c->n_kafka_props; i++)
+        fprintf(out, "X %s = %s\n", c->kafka_prop_names[i],
+                is_secret_prop(c->kafka_prop_names[i]) ? "***" : c->kafka_prop_values[i]);
+}
+
+void cfg_free(cfg_t *c)
+{
+    for (size_t k = 0; k < N_OPTS; k++)
+        if (opts[k].type == OPT_STR)
+            free(*str_field(c, &opts[k]));
+    for (int i = 0; i < c->n_kafka_props; i++) {
+        free(c->kafka_prop_names[i]);
+        free(c->kafka_prop_values[i]);
+    }
+    memset(c, 0, sizeof *c);
+}

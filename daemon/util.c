@@ -1,0 +1,154 @@
+/*
+ * util.c - logging and clocks. See util.h.
+ */
+#include "daemon/util.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+static int g_level = CM_LOG_INFO;
+static int g_json = 0;
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static const char *const level_names[] = {"error", "warn", "info", "debug"};
+
+int cm_log_level_from(const char *s)
+{
+    for (int i = 0; i < 4; i++)
+        if (strcmp(s, level_names[i]) == 0)
+            return i;
+    return -1;
+}
+
+void cm_log_set_level(int level)
+{
+    g_level = level;
+}
+
+void cm_log_set_json(int on)
+{
+    g_json = on;
+}
+
+int cm_log_enabled(int level)
+{
+    return level <= g_level;
+}
+
+int64_t cm_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+double cm_mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+}
+
+void cm_fmt_ts(int64_t ms, char *buf, size_t cap)
+{
+    time_t secs = (time_t)(ms >= 0 ? ms / 1000 : (ms - 999) / 1000);
+    int frac = (int)(ms - (int64_t)secs * 1000);
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    snprintf(buf, cap, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, frac);
+}
+
+/* Append a JSON-escaped copy of s[0..n) to out. */
+static size_t json_escape(char *out, size_t cap, size_t pos, const char *s, size_t n)
+{
+    for (size_t i = 0; i < n && pos + 7 < cap; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') {
+            out[pos++] = '\\';
+            out[pos++] = (char)c;
+        } else if (c < 0x20) {
+            pos += (size_t)snprintf(out + pos, cap - pos, "\\u%04x", c);
+        } else {
+            out[pos++] = (char)c;
+        }
+    }
+    return pos;
+}
+
+/*
+ * Turn "a=1 b=two words?" style pairs into JSON fields. Values run to the
+ * next " key=" boundary, so a value may hold spaces only when it is the last
+ * pair; callers quote nothing.
+ */
+static size_t pairs_to_json(char *out, size_t cap, size_t pos, const char *pairs)
+{
+    const char *p = pairs;
+    while (*p && pos + 16 < cap) {
+        while (*p == ' ')
+            p++;
+        const char *eq = strchr(p, '=');
+        if (!eq)
+            break;
+        const char *next = eq + 1;
+        const char *end = NULL;
+        for (const char *q = next; *q; q++) {
+            if (*q == ' ') {
+                const char *k = q + 1;
+                while (*k && *k != ' ' && *k != '=')
+                    k++;
+                if (*k == '=') {
+                    end = q;
+                    break;
+                }
+            }
+        }
+        if (!end)
+            end = next + strlen(next);
+        out[pos++] = ',';
+        out[pos++] = '"';
+        pos = json_escape(out, cap, pos, p, (size_t)(eq - p));
+        out[pos++] = '"';
+        out[pos++] = ':';
+        out[pos++] = '"';
+        pos = json_escape(out, cap, pos, next, (size_t)(end - next));
+        out[pos++] = '"';
+        p = end;
+    }
+    return pos;
+}
+
+void cm_log(int level, const char *msg, const char *fmt, ...)
+{
+    if (level > g_level)
+        return;
+    char pairs[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(pairs, sizeof pairs, fmt, ap);
+    va_end(ap);
+    char ts[40];
+    cm_fmt_ts(cm_now_ms(), ts, sizeof ts);
+    char line[4096];
+    size_t pos;
+    if (g_json) {
+        pos = (size_t)snprintf(line, sizeof line, "{\"ts\":\"%s\",\"level\":\"%s\",\"msg\":\"", ts,
+                               level_names[level]);
+        pos = json_escape(line, sizeof line, pos, msg, strlen(msg));
+        line[pos++] = '"';
+        pos = pairs_to_json(line, sizeof line - 4, pos, pairs);
+        line[pos++] = '}';
+    } else {
+        pos = (size_t)snprintf(line, sizeof line, "ts=%s level=%s msg=\"%s\"%s%s", ts,
+                               level_names[level], msg, pairs[0] ? " " : "", pairs);
+        if (pos >= sizeof line - 1)
+            pos = sizeof line - 2;
+    }
+    line[pos++] = '\n';
+    pthread_mutex_lock(&g_lock);
+    fwrite(line, 1, pos, stderr);
+    fflush(stderr);
+    pthread_mutex_unlock(&g_lock);
+}

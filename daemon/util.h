@@ -1,0 +1,48 @@
+/*
+ * util.h - logging and clocks shared by the daemon and the tools.
+ *
+ * Logging writes one line per event as key=value fields (or JSON with
+ * cm_log_set_json), to stderr, under a mutex so that lines from the flush
+ * thread and the loop thread never interleave. Thread-safe.
+ */
+#ifndef CLICKMART_DAEMON_UTIL_H
+#define CLICKMART_DAEMON_UTIL_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+enum cm_log_level { CM_LOG_ERROR = 0, CM_LOG_WARN, CM_LOG_INFO, CM_LOG_DEBUG };
+
+/* Parse "error", "warn", "info" or "debug"; -1 when unknown. */
+int cm_log_level_from(const char *s);
+void cm_log_set_level(int level);
+void cm_log_set_json(int on);
+int cm_log_enabled(int level);
+
+/*
+ * Log one line: `msg` is a short fixed text, `fmt` adds key=value pairs
+ * (printf-style, e.g. "partition=%d offset=%lld"). In JSON mode the pairs
+ * are turned into JSON fields. Thread-safe.
+ */
+void cm_log(int level, const char *msg, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#define cm_err(msg, ...) cm_log(CM_LOG_ERROR, msg, __VA_ARGS__)
+#define cm_warn(msg, ...) cm_log(CM_LOG_WARN, msg, __VA_ARGS__)
+#define cm_info(msg, ...) cm_log(CM_LOG_INFO, msg, __VA_ARGS__)
+#define cm_debug(msg, ...)                                                                         \
+    do {                                                                                           \
+        if (cm_log_enabled(CM_LOG_DEBUG))                                                          \
+            cm_log(CM_LOG_DEBUG, msg, __VA_ARGS__);                                                \
+    } while (0)
+
+/* Wall clock in ms since the epoch. */
+int64_t cm_now_ms(void);
+/* Monotonic clock in ms (for durations and timers). */
+double cm_mono_ms(void);
+
+/* Format ms since the epoch as "YYYY-MM-DDTHH:MM:SS.mmmZ" into buf (>= 32 bytes). */
+void cm_fmt_ts(int64_t ms, char *buf, size_t cap);
+
+#endif

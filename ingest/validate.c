@@ -1,0 +1,635 @@
+/*
+ * validate.c - check one Kafka message value against CONTRACT §1 and §1.1.
+ *
+ * The message is parsed with jansson and then every field the contract names is
+ * given a fault (ING_OK, missing_field, bad_type or bad_value) in the contract's
+ * field order. The reported reject is the smallest reason over all fields and,
+ * among the fields with that reason, the first one in field order, so that a
+ * missing field always wins over a badly typed one wherever they sit.
+ */
+#include "ingest/validate.h"
+
+#include <jansson.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* The defaults of CONTRACT §1.1, used when the caller passes no limits. */
+#define DEFAULT_MAX_EVENT_BYTES 65536
+#define DEFAULT_MAX_FUTURE_MS 3600000
+
+/* The largest amount or item price the contract allows, in currency units. */
+#define MONEY_MAX 1e12
+
+#define QUANTITY_MIN 1
+#define QUANTITY_MAX 1000000
+
+#define MS_PER_SEC 1000LL
+#define MS_PER_DAY 86400000LL
+
+/* What one validation run carries along besides the JSON tree. */
+typedef struct check {
+    /* The reject chosen so far; ING_OK while every field checked so far is fine. */
+    ing_reason_t reason;
+    /* The name of the field that the chosen reject is about. */
+    const char *field;
+    /*
+     * Set when the document had to be parsed with JSON_DECODE_INT_AS_REAL because
+     * an integer literal did not fit int64 (see parse_payload). Every integer
+     * literal is then a real, so an integral real stands in for an integer.
+     */
+    bool ints_as_real;
+} check_t;
+
+const char *ing_reason_name(ing_reason_t r)
+{
+    switch (r) {
+    case ING_OK:
+        return "ok";
+    case ING_R_PAYLOAD_TOO_LARGE:
+        return "payload_too_large";
+    case ING_R_INVALID_JSON:
+        return "invalid_json";
+    case ING_R_NOT_AN_OBJECT:
+        return "not_an_object";
+    case ING_R_MISSING_FIELD:
+        return "missing_field";
+    case ING_R_BAD_TYPE:
+        return "bad_type";
+    case ING_R_BAD_VALUE:
+        return "bad_value";
+    case ING_R_FUTURE_TIMESTAMP:
+        return "future_timestamp";
+    case ING_R_TOO_LATE:
+        return "too_late";
+    case ING_R__COUNT:
+        break;
+    }
+    /* A caller that passes a value outside the enum still gets a printable name. */
+    return "unknown";
+}
+
+static bool bytes_equal(const char *s, size_t len, const char *lit)
+{
+    size_t n = strlen(lit);
+    return len == n && memcmp(s, lit, n) == 0;
+}
+
+ing_etype_t ing_etype_from(const char *s, size_t len)
+{
+    if (s == NULL) {
+        return ING_ET_OTHER;
+    }
+    if (bytes_equal(s, len, "page_view")) {
+        return ING_ET_PAGE_VIEW;
+    }
+    if (bytes_equal(s, len, "product_view")) {
+        return ING_ET_PRODUCT_VIEW;
+    }
+    if (bytes_equal(s, len, "add_to_cart")) {
+        return ING_ET_ADD_TO_CART;
+    }
+    if (bytes_equal(s, len, "checkout")) {
+        return ING_ET_CHECKOUT;
+    }
+    if (bytes_equal(s, len, "purchase")) {
+        return ING_ET_PURCHASE;
+    }
+    if (bytes_equal(s, len, "experiment_assignment")) {
+        return ING_ET_ASSIGNMENT;
+    }
+    return ING_ET_OTHER;
+}
+
+/*
+ * Days from 1970-01-01 to the given proleptic Gregorian date (H. Hinnant's
+ * days_from_civil). It is used instead of timegm because it needs no time zone,
+ * no locale and no global state, which keeps the parser thread-safe.
+ */
+static int64_t days_from_civil(int64_t y, int64_t m, int64_t d)
+{
+    y -= m <= 2;
+    int64_t era = (y >= 0 ? y : y - 399) / 400;
+    int64_t yoe = y - era * 400;
+    int64_t doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;
+    int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+static bool is_leap(int64_t y)
+{
+    return (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+}
+
+static int days_in_month(int64_t y, int m)
+{
+    static const int days[12] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    return m == 2 && is_leap(y) ? 29 : days[m - 1];
+}
+
+/*
+ * Read exactly n decimal digits at s[*pos] into *val. Fixed widths are what
+ * RFC 3339 prescribes, so "2024-1-01" is rejected rather than guessed at.
+ */
+static bool read_digits(const char *s, size_t len, size_t *pos, int n, int *val)
+{
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        if (*pos >= len || s[*pos] < '0' || s[*pos] > '9') {
+            return false;
+        }
+        v = v * 10 + (s[*pos] - '0');
+        (*pos)++;
+    }
+    *val = v;
+    return true;
+}
+
+static bool read_char(const char *s, size_t len, size_t *pos, char c)
+{
+    if (*pos >= len || s[*pos] != c) {
+        return false;
+    }
+    (*pos)++;
+    return true;
+}
+
+int ing_parse_rfc3339(const char *s, size_t len, int64_t *ms)
+{
+    size_t pos = 0;
+    int year, month, day, hour, minute, second;
+
+    if (s == NULL || ms == NULL) {
+        return -1;
+    }
+    if (!read_digits(s, len, &pos, 4, &year) || !read_char(s, len, &pos, '-') ||
+        !read_digits(s, len, &pos, 2, &month) || !read_char(s, len, &pos, '-') ||
+        !read_digits(s, len, &pos, 2, &day)) {
+        return -1;
+    }
+    if (month < 1 || month > 12 || day < 1 || day > days_in_month(year, month)) {
+        return -1;
+    }
+    /* RFC 3339 allows a lowercase 't' and, by its note on readability, a space. */
+    if (pos >= len || (s[pos] != 'T' && s[pos] != 't' && s[pos] != ' ')) {
+        return -1;
+    }
+    pos++;
+    if (!read_digits(s, len, &pos, 2, &hour) || !read_char(s, len, &pos, ':') ||
+        !read_digits(s, len, &pos, 2, &minute) || !read_char(s, len, &pos, ':') ||
+        !read_digits(s, len, &pos, 2, &second)) {
+        return -1;
+    }
+    /*
+     * Second 60 (a leap second) is rejected: the event would have to be mapped
+     * onto the next second or the one before, and an ms count since the epoch
+     * cannot represent it faithfully, so a producer gets a clear reject instead.
+     */
+    if (hour > 23 || minute > 59 || second > 59) {
+        return -1;
+    }
+
+    /* The fraction is cut to milliseconds; digits beyond the third are read but dropped. */
+    int64_t frac_ms = 0;
+    if (pos < len && s[pos] == '.') {
+        pos++;
+        size_t start = pos;
+        while (pos < len && s[pos] >= '0' && s[pos] <= '9') {
+            if (pos - start < 3) {
+                frac_ms = frac_ms * 10 + (s[pos] - '0');
+            }
+            pos++;
+        }
+        if (pos == start) {
+            return -1;
+        }
+        for (size_t n = pos - start; n < 3; n++) {
+            frac_ms *= 10;
+        }
+    }
+
+    /* The offset is mandatory: a local time without one names no instant. */
+    int64_t offset_min = 0;
+    if (pos >= len) {
+        return -1;
+    }
+    if (s[pos] == 'Z' || s[pos] == 'z') {
+        pos++;
+    } else if (s[pos] == '+' || s[pos] == '-') {
+        int sign = s[pos] == '-' ? -1 : 1;
+        int oh, om;
+        pos++;
+        if (!read_digits(s, len, &pos, 2, &oh) || !read_char(s, len, &pos, ':') ||
+            !read_digits(s, len, &pos, 2, &om) || oh > 23 || om > 59) {
+            return -1;
+        }
+        offset_min = sign * (oh * 60 + om);
+    } else {
+        return -1;
+    }
+    if (pos != len) {
+        return -1;
+    }
+
+    int64_t days = days_from_civil(year, month, day);
+    int64_t secs = (int64_t)hour * 3600 + (int64_t)minute * 60 + second - offset_min * 60;
+    *ms = days * MS_PER_DAY + secs * MS_PER_SEC + frac_ms;
+    return 0;
+}
+
+/*
+ * Remember a field's fault. A smaller reason replaces the one held; an equal
+ * reason does not, because fields are visited in the contract's order and the
+ * first field with the winning reason is the one to report.
+ */
+static void note(check_t *c, ing_reason_t r, const char *field)
+{
+    if (r != ING_OK && (c->reason == ING_OK || r < c->reason)) {
+        c->reason = r;
+        c->field = field;
+    }
+}
+
+/* The smaller of two faults, ING_OK counting as no fault at all. */
+static ing_reason_t min_fault(ing_reason_t a, ing_reason_t b)
+{
+    if (a == ING_OK) {
+        return b;
+    }
+    if (b == ING_OK) {
+        return a;
+    }
+    return a < b ? a : b;
+}
+
+/*
+ * Check a string field. A required field that is absent or null is missing;
+ * an optional one that is absent, null or "" is absent and yields *len = 0.
+ * On ING_OK *s and *len describe the string (jansson's byte length).
+ */
+static ing_reason_t check_string(const json_t *v, bool required, size_t max, const char **s,
+                                 size_t *len)
+{
+    *s = NULL;
+    *len = 0;
+    if (v == NULL || json_is_null(v)) {
+        return required ? ING_R_MISSING_FIELD : ING_OK;
+    }
+    if (!json_is_string(v)) {
+        return ING_R_BAD_TYPE;
+    }
+    size_t n = json_string_length(v);
+    if (n == 0) {
+        return required ? ING_R_BAD_VALUE : ING_OK;
+    }
+    if (n > max) {
+        return ING_R_BAD_VALUE;
+    }
+    *s = json_string_value(v);
+    *len = n;
+    return ING_OK;
+}
+
+/*
+ * Check a value that must be a JSON integer in [lo, hi]. An integer is a number
+ * literal without fraction or exponent, so 1.0 is a real and a bad type. The one
+ * exception is ints-as-real mode, where jansson turned every integer literal
+ * into a real: there an integral real is taken as the integer it was written as.
+ * All bounds used here are below 2^53, so comparing them as doubles is exact.
+ */
+static ing_reason_t check_integer(const check_t *c, const json_t *v, int64_t lo, int64_t hi,
+                                  int64_t *out)
+{
+    if (json_is_integer(v)) {
+        json_int_t i = json_integer_value(v);
+        if (i < lo || i > hi) {
+            return ING_R_BAD_VALUE;
+        }
+        *out = (int64_t)i;
+        return ING_OK;
+    }
+    if (c->ints_as_real && json_is_real(v)) {
+        double d = json_real_value(v);
+        if (d != floor(d)) {
+            return ING_R_BAD_TYPE;
+        }
+        if (d < (double)lo || d > (double)hi) {
+            return ING_R_BAD_VALUE;
+        }
+        *out = (int64_t)d;
+        return ING_OK;
+    }
+    return ING_R_BAD_TYPE;
+}
+
+/*
+ * Check a money value (amount or item price): any JSON number, finite, in
+ * [0, 1e12], held as llround(value * 100.0) cents as CONTRACT §1 prescribes.
+ * jansson never yields a non-finite real, but the check costs nothing.
+ */
+static ing_reason_t check_money(const json_t *v, int64_t *cents)
+{
+    if (!json_is_number(v)) {
+        return ING_R_BAD_TYPE;
+    }
+    double d = json_number_value(v);
+    if (!isfinite(d) || d < 0.0 || d > MONEY_MAX) {
+        return ING_R_BAD_VALUE;
+    }
+    *cents = (int64_t)llround(d * 100.0);
+    return ING_OK;
+}
+
+static ing_reason_t check_ts(const check_t *c, const json_t *v, int64_t *ts)
+{
+    if (v == NULL || json_is_null(v)) {
+        return ING_R_MISSING_FIELD;
+    }
+    if (json_is_string(v)) {
+        int64_t ms;
+        if (ing_parse_rfc3339(json_string_value(v), json_string_length(v), &ms) != 0) {
+            return ING_R_BAD_VALUE;
+        }
+        if (ms < ING_TS_MIN || ms >= ING_TS_END) {
+            return ING_R_BAD_VALUE;
+        }
+        *ts = ms;
+        return ING_OK;
+    }
+    return check_integer(c, v, ING_TS_MIN, ING_TS_END - 1, ts);
+}
+
+static bool valid_event_type(const char *s, size_t len)
+{
+    if (len < 1 || len > ING_TYPE_MAX || s[0] < 'a' || s[0] > 'z') {
+        return false;
+    }
+    for (size_t i = 1; i < len; i++) {
+        char ch = s[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_')) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Copy a checked string into a fixed buffer; the caller has bounded len already. */
+static void copy_str(char *dst, uint8_t *dst_len, const char *s, size_t len)
+{
+    if (len > 0) {
+        memcpy(dst, s, len);
+    }
+    dst[len] = '\0';
+    *dst_len = (uint8_t)len;
+}
+
+/* Check one element of items and, when it is fine, fill *item. */
+static ing_reason_t check_item(const check_t *c, const json_t *el, ing_item_t *item)
+{
+    if (!json_is_object(el)) {
+        return ING_R_BAD_TYPE;
+    }
+    const char *pid;
+    size_t pid_len;
+    const json_t *id = json_object_get(el, "product_id");
+    ing_reason_t fault = check_string(id, true, ING_ID_MAX, &pid, &pid_len);
+
+    int64_t quantity = 1;
+    const json_t *q = json_object_get(el, "quantity");
+    if (q != NULL && !json_is_null(q)) {
+        fault = min_fault(fault, check_integer(c, q, QUANTITY_MIN, QUANTITY_MAX, &quantity));
+    }
+
+    int64_t price_cents = 0;
+    const json_t *p = json_object_get(el, "price");
+    if (p != NULL && !json_is_null(p)) {
+        fault = min_fault(fault, check_money(p, &price_cents));
+    }
+
+    if (fault == ING_OK && item != NULL) {
+        copy_str(item->product_id, &item->product_id_len, pid, pid_len);
+        item->quantity = quantity;
+        item->price_cents = price_cents;
+    }
+    return fault;
+}
+
+/*
+ * Check items of a purchase. Absent, null and "" mean no items. Every element is
+ * checked, even past the 100th, so that the reason reported for items follows
+ * the same precedence as across fields: a badly typed element wins over the
+ * array being too long.
+ */
+static ing_reason_t check_items(const check_t *c, const json_t *v, ing_event_t *out)
+{
+    if (v == NULL || json_is_null(v) || (json_is_string(v) && json_string_length(v) == 0)) {
+        return ING_OK;
+    }
+    if (!json_is_array(v)) {
+        return ING_R_BAD_TYPE;
+    }
+    size_t n = json_array_size(v);
+    ing_reason_t fault = n > ING_ITEMS_MAX ? ING_R_BAD_VALUE : ING_OK;
+    for (size_t i = 0; i < n; i++) {
+        ing_item_t *item = i < ING_ITEMS_MAX ? &out->items[i] : NULL;
+        fault = min_fault(fault, check_item(c, json_array_get(v, i), item));
+    }
+    if (fault == ING_OK) {
+        out->n_items = (int)n;
+    }
+    return fault;
+}
+
+/*
+ * Parse the payload. jansson is given the exact length because buf is not
+ * NUL-terminated. It already rejects everything CONTRACT §1.1 calls invalid
+ * JSON (bad UTF-8, lone surrogates, duplicate keys, \u0000 since
+ * JSON_ALLOW_NUL is not passed, NaN/Infinity, reals that overflow a double).
+ *
+ * One case needs help: jansson fails on an integer literal that does not fit
+ * int64 ("too big integer"), but the contract only calls a number invalid when
+ * it fits neither int64 nor a finite double. Such a document is parsed again
+ * with JSON_DECODE_INT_AS_REAL; if that succeeds, validation continues in
+ * ints-as-real mode, where every integer literal of the document is a real and
+ * an integral real is accepted where an integer is required (see
+ * check_integer). The price of this rare case is that a literal such as 1.0
+ * in ts is then also taken as an integer, since the two can no longer be told
+ * apart.
+ */
+static json_t *parse_payload(const char *buf, size_t len, bool *ints_as_real)
+{
+    const size_t flags = JSON_DECODE_ANY | JSON_REJECT_DUPLICATES;
+    json_error_t err;
+
+    *ints_as_real = false;
+    json_t *root = json_loadb(buf, len, flags, &err);
+    if (root != NULL) {
+        return root;
+    }
+    if (json_error_code(&err) == json_error_numeric_overflow &&
+        strncmp(err.text, "too big ", strlen("too big ")) == 0) {
+        root = json_loadb(buf, len, flags | JSON_DECODE_INT_AS_REAL, &err);
+        if (root != NULL) {
+            *ints_as_real = true;
+        }
+    }
+    return root;
+}
+
+/* now + limit would overflow for absurd limits; saturate so the comparison stays defined. */
+static int64_t add_saturating(int64_t a, int64_t b)
+{
+    if (b > 0 && a > INT64_MAX - b) {
+        return INT64_MAX;
+    }
+    if (b < 0 && a < INT64_MIN - b) {
+        return INT64_MIN;
+    }
+    return a + b;
+}
+
+static void set_detail(char *detail, size_t cap, const char *field)
+{
+    if (detail == NULL || cap == 0) {
+        return;
+    }
+    size_t n = field != NULL ? strlen(field) : 0;
+    if (n >= cap) {
+        n = cap - 1;
+    }
+    if (n > 0) {
+        memcpy(detail, field, n);
+    }
+    detail[n] = '\0';
+}
+
+/* Check every field of the top-level object in the contract's order and fill *out. */
+static void check_fields(check_t *c, const json_t *root, ing_event_t *out)
+{
+    const char *s;
+    size_t len;
+    ing_reason_t r;
+
+    r = check_string(json_object_get(root, "event_id"), true, ING_ID_MAX, &s, &len);
+    if (r == ING_OK) {
+        copy_str(out->event_id, &out->event_id_len, s, len);
+    }
+    note(c, r, "event_id");
+
+    r = check_string(json_object_get(root, "user_id"), true, ING_ID_MAX, &s, &len);
+    if (r == ING_OK) {
+        copy_str(out->user_id, &out->user_id_len, s, len);
+    }
+    note(c, r, "user_id");
+
+    /* The pattern bounds the length to 64 bytes, so a longer string is a bad value. */
+    r = check_string(json_object_get(root, "event_type"), true, SIZE_MAX, &s, &len);
+    if (r == ING_OK && !valid_event_type(s, len)) {
+        r = ING_R_BAD_VALUE;
+    }
+    bool type_ok = r == ING_OK;
+    if (type_ok) {
+        copy_str(out->event_type, &out->event_type_len, s, len);
+        out->type = ing_etype_from(s, len);
+    }
+    note(c, r, "event_type");
+
+    note(c, check_ts(c, json_object_get(root, "ts"), &out->ts), "ts");
+
+    /* Type-specific fields are read only when event_type itself is sound. */
+    if (type_ok && out->type == ING_ET_PURCHASE) {
+        const json_t *amount = json_object_get(root, "amount");
+        if (amount == NULL || json_is_null(amount)) {
+            r = ING_R_MISSING_FIELD;
+        } else {
+            r = check_money(amount, &out->amount_cents);
+        }
+        note(c, r, "amount");
+        note(c, check_items(c, json_object_get(root, "items"), out), "items");
+    } else if (type_ok && out->type == ING_ET_ASSIGNMENT) {
+        r = check_string(json_object_get(root, "experiment"), true, ING_EXP_MAX, &s, &len);
+        if (r == ING_OK) {
+            copy_str(out->experiment, &out->experiment_len, s, len);
+        }
+        note(c, r, "experiment");
+
+        r = check_string(json_object_get(root, "variant"), true, ING_EXP_MAX, &s, &len);
+        if (r == ING_OK) {
+            copy_str(out->variant, &out->variant_len, s, len);
+        }
+        note(c, r, "variant");
+    }
+
+    r = check_string(json_object_get(root, "device"), false, ING_ATTR_MAX, &s, &len);
+    if (r == ING_OK) {
+        copy_str(out->device, &out->device_len, s, len);
+    }
+    note(c, r, "device");
+
+    r = check_string(json_object_get(root, "country"), false, ING_ATTR_MAX, &s, &len);
+    if (r == ING_OK) {
+        copy_str(out->country, &out->country_len, s, len);
+    }
+    note(c, r, "country");
+
+    r = check_string(json_object_get(root, "product_id"), false, ING_ID_MAX, &s, &len);
+    if (r == ING_OK) {
+        copy_str(out->product_id, &out->product_id_len, s, len);
+    }
+    note(c, r, "product_id");
+}
+
+ing_reason_t ing_validate(const char *buf, size_t len, int64_t now_ms, const ing_limits_t *lim,
+                          ing_event_t *out, char *detail, size_t detail_cap)
+{
+    int64_t max_bytes = lim != NULL ? lim->max_event_bytes : DEFAULT_MAX_EVENT_BYTES;
+    int64_t max_future = lim != NULL ? lim->max_future_ms : DEFAULT_MAX_FUTURE_MS;
+    check_t c = {ING_OK, NULL, false};
+
+    set_detail(detail, detail_cap, "");
+    /*
+     * out is required by the API; a NULL one is a caller bug, answered with a
+     * reject rather than a crash because this function must never abort.
+     */
+    if (out == NULL) {
+        return ING_R_INVALID_JSON;
+    }
+    /*
+     * Only the scalar part of the event is cleared: the items array is 15 KB and
+     * n_items says how much of it is meaningful.
+     */
+    memset(out, 0, offsetof(ing_event_t, items));
+
+    /*
+     * The size check comes before parsing so that an oversized payload costs
+     * nothing. A negative limit is taken as no limit rather than as "reject all".
+     */
+    if (max_bytes >= 0 && len > (uint64_t)max_bytes) {
+        return ING_R_PAYLOAD_TOO_LARGE;
+    }
+    if (buf == NULL || len == 0) {
+        return ING_R_INVALID_JSON;
+    }
+    json_t *root = parse_payload(buf, len, &c.ints_as_real);
+    if (root == NULL) {
+        return ING_R_INVALID_JSON;
+    }
+    if (!json_is_object(root)) {
+        json_decref(root);
+        return ING_R_NOT_AN_OBJECT;
+    }
+
+    check_fields(&c, root, out);
+    json_decref(root);
+
+    if (c.reason != ING_OK) {
+        set_detail(detail, detail_cap, c.field);
+        return c.reason;
+    }
+    if (out->ts > add_saturating(now_ms, max_future)) {
+        return ING_R_FUTURE_TIMESTAMP;
+    }
+    return ING_OK;
+}

@@ -1,0 +1,115 @@
+/*
+ * validate.h - turn one Kafka message value into a checked event (CONTRACT §1).
+ *
+ * Validation is a pure function of the message bytes, the wall clock and the
+ * limits: it touches no shared state, so it may run on any thread. The
+ * watermark check (too_late) and duplicate detection need per-partition state
+ * and therefore live in the aggregator (CONTRACT §2).
+ */
+#ifndef CLICKMART_INGEST_VALIDATE_H
+#define CLICKMART_INGEST_VALIDATE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Reject reasons in precedence order (CONTRACT §1.1). ING_OK is not a reject. */
+typedef enum ing_reason {
+    ING_OK = 0,
+    ING_R_PAYLOAD_TOO_LARGE,
+    ING_R_INVALID_JSON,
+    ING_R_NOT_AN_OBJECT,
+    ING_R_MISSING_FIELD,
+    ING_R_BAD_TYPE,
+    ING_R_BAD_VALUE,
+    ING_R_FUTURE_TIMESTAMP,
+    ING_R_TOO_LATE,
+    ING_R__COUNT
+} ing_reason_t;
+
+/* Event type codes. Every type not listed is ING_ET_OTHER (activity). */
+typedef enum ing_etype {
+    ING_ET_OTHER = 0,
+    ING_ET_PAGE_VIEW,
+    ING_ET_PRODUCT_VIEW,
+    ING_ET_ADD_TO_CART,
+    ING_ET_CHECKOUT,
+    ING_ET_PURCHASE,
+    ING_ET_ASSIGNMENT,
+    ING_ET__COUNT
+} ing_etype_t;
+
+#define ING_ID_MAX 128      /* event_id, user_id, product_id */
+#define ING_TYPE_MAX 64     /* event_type */
+#define ING_ATTR_MAX 32     /* device, country */
+#define ING_EXP_MAX 64      /* experiment, variant */
+#define ING_ITEMS_MAX 100   /* items per purchase */
+#define ING_TS_MIN 946684800000LL
+#define ING_TS_END 4102444800000LL
+
+typedef struct ing_item {
+    char product_id[ING_ID_MAX + 1];
+    uint8_t product_id_len;
+    int64_t quantity;    /* 1 .. 1e6, default 1 */
+    int64_t price_cents; /* llround(price * 100.0), default 0 */
+} ing_item_t;
+
+/*
+ * One accepted-by-validation event. Strings are copied in, NUL-terminated,
+ * with their byte length beside them; a length of 0 means "absent" for the
+ * optional fields (device, country, product_id). Fields that the contract
+ * says to ignore for this event type are left absent / zero.
+ */
+typedef struct ing_event {
+    char event_id[ING_ID_MAX + 1];
+    uint8_t event_id_len;
+    char user_id[ING_ID_MAX + 1];
+    uint8_t user_id_len;
+    char event_type[ING_TYPE_MAX + 1];
+    uint8_t event_type_len;
+    ing_etype_t type; /* code of event_type */
+    int64_t ts;       /* ms since the epoch */
+    char device[ING_ATTR_MAX + 1];
+    uint8_t device_len;
+    char country[ING_ATTR_MAX + 1];
+    uint8_t country_len;
+    char product_id[ING_ID_MAX + 1];
+    uint8_t product_id_len;
+    int64_t amount_cents; /* purchase only: llround(amount * 100.0) */
+    char experiment[ING_EXP_MAX + 1];
+    uint8_t experiment_len; /* assignment only */
+    char variant[ING_EXP_MAX + 1];
+    uint8_t variant_len; /* assignment only */
+    int n_items;         /* purchase only */
+    ing_item_t items[ING_ITEMS_MAX];
+} ing_event_t;
+
+typedef struct ing_limits {
+    int64_t max_event_bytes; /* payload_too_large above this (default 65536) */
+    int64_t max_future_ms;   /* future_timestamp when ts > now + this (default 3600000) */
+} ing_limits_t;
+
+/*
+ * Validate one message value. Returns ING_OK and fills *out, or the first
+ * reject reason that applies (reason precedence first, then field order) and
+ * writes the detail (the field's name, or "" when the reason has none) into
+ * detail[0..detail_cap). `buf` need not be NUL-terminated; it is not retained.
+ * Never aborts on any input. Thread-safe (uses only its arguments).
+ */
+ing_reason_t ing_validate(const char *buf, size_t len, int64_t now_ms, const ing_limits_t *lim,
+                          ing_event_t *out, char *detail, size_t detail_cap);
+
+/* Name of a reason as stored in rejected_events.reason ("invalid_json", ...). */
+const char *ing_reason_name(ing_reason_t r);
+
+/* Map an event_type string to its code (ING_ET_OTHER for unknown types). */
+ing_etype_t ing_etype_from(const char *s, size_t len);
+
+/*
+ * Parse an RFC 3339 date-time (T, t or space separator, optional fraction cut
+ * to ms, mandatory Z/z or +-HH:MM offset) into ms since the epoch.
+ * Returns 0 on success, -1 when the string is not such a date-time.
+ * The range check [ING_TS_MIN, ING_TS_END) is the caller's.
+ */
+int ing_parse_rfc3339(const char *s, size_t len, int64_t *ms);
+
+#endif

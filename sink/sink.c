@@ -1,0 +1,1635 @@
+/*
+ * sink.c - write mart rows to PostgreSQL (CONTRACT §3, §7, §8; docs/sink.md).
+ *
+ * A flush is one transaction: every table of the batch is COPYed in text
+ * format into a temporary staging table of this connection, then applied to
+ * its target with one set-based statement (an upsert, a delete or an insert
+ * that ignores conflicts). Rows are absolute values, so writing the same
+ * batch twice leaves the same tables, which is what makes a retry after a
+ * failure (or after a crash between the Postgres commit and the daemon's own
+ * bookkeeping) harmless.
+ *
+ * Every value is rendered to text here, exactly: timestamps from integer
+ * milliseconds, money from integer cents, dates from day numbers. Nothing
+ * passes through floating point or through the server's time zone.
+ */
+#include "sink/sink.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libpq-fe.h>
+
+/* COPY data is sent whenever this much is buffered, so that a batch of any
+ * size needs only a bounded buffer and few, large writes. */
+#define COPY_CHUNK (256u * 1024u)
+
+/* Rejected payloads are stored cut to this many bytes (CONTRACT §7). */
+#define REJECT_PAYLOAD_MAX 4096u
+
+/* The key of the transaction-level advisory lock that serialises migrations
+ * of every clickmart schema in a database ("clickmart" in ASCII, as an
+ * arbitrary but fixed number that no other application is likely to use). */
+#define MIGRATE_LOCK_KEY "7164121405331305844"
+
+/* Passwords shorter than this are not scrubbed from error messages, since
+ * replacing every occurrence of one or two characters would destroy the
+ * message while protecting next to nothing. */
+#define SCRUB_MIN_LEN 4
+
+/* ------------------------------------------------------------------------ */
+/* Growable buffer                                                          */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * A byte buffer whose allocation failure is sticky: appends after a failure
+ * do nothing, so the row writers can append freely and the caller checks
+ * `oom` once per row instead of after every field.
+ */
+typedef struct sbuf {
+    char *p;
+    size_t len, cap;
+    int oom;
+} sbuf_t;
+
+static int sb_reserve(sbuf_t *b, size_t extra)
+{
+    if (b->oom)
+        return -1;
+    if (b->cap - b->len >= extra)
+        return 0;
+    size_t need = b->len + extra;
+    if (need < b->len) {
+        b->oom = 1;
+        return -1;
+    }
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < need) {
+        if (cap > SIZE_MAX / 2) {
+            cap = need;
+            break;
+        }
+        cap *= 2;
+    }
+    char *p = realloc(b->p, cap);
+    if (!p) {
+        b->oom = 1;
+        return -1;
+    }
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static void sb_put(sbuf_t *b, const void *s, size_t n)
+{
+    if (n == 0 || sb_reserve(b, n) < 0)
+        return;
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+}
+
+static void sb_putc(sbuf_t *b, char ch)
+{
+    if (sb_reserve(b, 1) < 0)
+        return;
+    b->p[b->len++] = ch;
+}
+
+static void sb_puts(sbuf_t *b, const char *s)
+{
+    sb_put(b, s, strlen(s));
+}
+
+/* NUL-terminates without counting the terminator, so that SQL text can be
+ * handed to libpq and the buffer still be appended to afterwards. */
+static const char *sb_cstr(sbuf_t *b)
+{
+    if (sb_reserve(b, 1) < 0)
+        return NULL;
+    b->p[b->len] = '\0';
+    return b->p;
+}
+
+static void sb_free(sbuf_t *b)
+{
+    free(b->p);
+    memset(b, 0, sizeof *b);
+}
+
+/* Appends a template, replacing every "{S}" with the quoted schema, so that
+ * migrations and statements can be written as readable SQL. */
+static void sb_sql(sbuf_t *b, const char *tmpl, const char *schema_q)
+{
+    const char *p = tmpl;
+    for (;;) {
+        const char *m = strstr(p, "{S}");
+        if (!m) {
+            sb_puts(b, p);
+            return;
+        }
+        sb_put(b, p, (size_t)(m - p));
+        sb_puts(b, schema_q);
+        p = m + 3;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Exact value formatting                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* Writes the decimal digits of v into the end of tmp[24] and returns where
+ * they start; hand-rolled because snprintf would dominate the cost of
+ * rendering hundreds of thousands of rows. */
+static char *u64_digits(uint64_t v, char tmp[24])
+{
+    char *e = tmp + 24, *p = e;
+    do {
+        *--p = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    return p;
+}
+
+static void sb_i64(sbuf_t *b, int64_t v)
+{
+    char tmp[24];
+    /* The magnitude is taken in unsigned arithmetic so that INT64_MIN does
+     * not overflow. */
+    uint64_t mag = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    if (v < 0)
+        sb_putc(b, '-');
+    char *p = u64_digits(mag, tmp);
+    sb_put(b, p, (size_t)(tmp + 24 - p));
+}
+
+/* Writes v with exactly `width` digits (zero-padded); v must fit. */
+static char *put_fixed(char *o, unsigned v, int width)
+{
+    for (int i = width - 1; i >= 0; i--) {
+        o[i] = (char)('0' + v % 10);
+        v /= 10;
+    }
+    return o + width;
+}
+
+/* Floor division, because C's division truncates toward zero and would put
+ * instants before 1970 on the wrong day. */
+static int64_t floor_div(int64_t a, int64_t b)
+{
+    int64_t q = a / b;
+    if ((a % b != 0) && ((a < 0) != (b < 0)))
+        q--;
+    return q;
+}
+
+/*
+ * Converts a day count since 1970-01-01 to a proleptic Gregorian date
+ * (Howard Hinnant's civil_from_days). It is exact for every int64 day count
+ * that a timestamp can produce and needs no time zone or locale, unlike
+ * gmtime_r with its time_t range and TZ environment.
+ */
+static void civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d)
+{
+    z += 719468;
+    int64_t era = (z >= 0 ? z : z - 146096) / 146097;
+    unsigned doe = (unsigned)(z - era * 146097);
+    unsigned yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    unsigned doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    unsigned mp = (5 * doy + 2) / 153;
+    *d = doy - (153 * mp + 2) / 5 + 1;
+    *m = mp < 10 ? mp + 3 : mp - 9;
+    *y = (int64_t)yoe + era * 400 + (*m <= 2);
+}
+
+/*
+ * Renders a date as Postgres reads it: "YYYY-MM-DD", with " BC" for years
+ * before 1 (astronomical year 0 is 1 BC). Returns the number of bytes
+ * written into out, which must hold 40 bytes.
+ */
+static size_t fmt_date_parts(char *out, int64_t y, unsigned m, unsigned d, const char **bc)
+{
+    char tmp[24];
+    char *o = out;
+    *bc = "";
+    if (y <= 0) {
+        y = 1 - y;
+        *bc = " BC";
+    }
+    if (y < 10000) {
+        o = put_fixed(o, (unsigned)y, 4);
+    } else {
+        char *p = u64_digits((uint64_t)y, tmp);
+        size_t n = (size_t)(tmp + 24 - p);
+        memcpy(o, p, n);
+        o += n;
+    }
+    *o++ = '-';
+    o = put_fixed(o, m, 2);
+    *o++ = '-';
+    o = put_fixed(o, d, 2);
+    return (size_t)(o - out);
+}
+
+/* Formats a day number as "YYYY-MM-DD" (NUL-terminated, out[40]). */
+static size_t fmt_day(char *out, int64_t day)
+{
+    int64_t y;
+    unsigned m, d;
+    const char *bc;
+    civil_from_days(day, &y, &m, &d);
+    size_t n = fmt_date_parts(out, y, m, d, &bc);
+    size_t k = strlen(bc);
+    memcpy(out + n, bc, k + 1);
+    return n + k;
+}
+
+/*
+ * Formats ms since the epoch as "YYYY-MM-DD HH:MM:SS.mmm+00" (out[64],
+ * NUL-terminated). The explicit +00 offset makes the value independent of
+ * the session's TimeZone, and the three fraction digits carry the
+ * milliseconds exactly into timestamptz's microseconds.
+ */
+static size_t fmt_ts(char *out, int64_t ms)
+{
+    int64_t days = floor_div(ms, 86400000);
+    unsigned rem = (unsigned)(ms - days * 86400000);
+    int64_t y;
+    unsigned m, d;
+    const char *bc;
+    civil_from_days(days, &y, &m, &d);
+    char *o = out + fmt_date_parts(out, y, m, d, &bc);
+    *o++ = ' ';
+    o = put_fixed(o, rem / 3600000, 2);
+    *o++ = ':';
+    o = put_fixed(o, rem / 60000 % 60, 2);
+    *o++ = ':';
+    o = put_fixed(o, rem / 1000 % 60, 2);
+    *o++ = '.';
+    o = put_fixed(o, rem % 1000, 3);
+    memcpy(o, "+00", 3);
+    o += 3;
+    size_t k = strlen(bc);
+    memcpy(o, bc, k + 1);
+    return (size_t)(o - out) + k;
+}
+
+/* Formats integer cents as a decimal with two fraction digits (out[32]),
+ * e.g. 12345 -> "123.45", -5 -> "-0.05", so numeric(20,2) gets it exactly. */
+static size_t fmt_cents(char *out, int64_t cents)
+{
+    char tmp[24];
+    uint64_t mag = cents < 0 ? (uint64_t)0 - (uint64_t)cents : (uint64_t)cents;
+    char *o = out;
+    if (cents < 0)
+        *o++ = '-';
+    char *p = u64_digits(mag / 100, tmp);
+    size_t n = (size_t)(tmp + 24 - p);
+    memcpy(o, p, n);
+    o += n;
+    *o++ = '.';
+    o = put_fixed(o, (unsigned)(mag % 100), 2);
+    *o = '\0';
+    return (size_t)(o - out);
+}
+
+/* ------------------------------------------------------------------------ */
+/* UTF-8 sanitising and COPY escaping                                       */
+/* ------------------------------------------------------------------------ */
+
+static const char REPLACEMENT[3] = {(char)0xEF, (char)0xBF, (char)0xBD};
+
+/*
+ * Returns the length of the well-formed UTF-8 sequence at s[0..n), or 0 if
+ * none starts there; in that case *bad is the length of the maximal invalid
+ * subpart (at least 1), which the caller replaces with a single U+FFFD, as
+ * the Unicode standard recommends ("U+FFFD substitution of maximal
+ * subparts"). The bounds on the second byte follow Table 3-7 of the
+ * standard, which rules out overlong forms, surrogates (ED A0..BF) and code
+ * points above U+10FFFF in one place; a sequence cut short by the end of the
+ * input is a maximal subpart like any other. NUL is treated as invalid
+ * because Postgres text cannot hold it.
+ */
+static size_t utf8_seq(const unsigned char *s, size_t n, size_t *bad)
+{
+    unsigned c = s[0];
+    size_t need;
+    unsigned lo = 0x80, hi = 0xBF;
+
+    *bad = 1;
+    if (c >= 0x01 && c <= 0x7F)
+        return 1;
+    if (c >= 0xC2 && c <= 0xDF) {
+        need = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+        need = 3;
+        if (c == 0xE0)
+            lo = 0xA0;
+        else if (c == 0xED)
+            hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        need = 4;
+        if (c == 0xF0)
+            lo = 0x90;
+        else if (c == 0xF4)
+            hi = 0x8F;
+    } else {
+        /* NUL, a stray continuation byte, C0/C1 (always overlong) or F5..FF. */
+        return 0;
+    }
+    for (size_t i = 1; i < need; i++) {
+        if (i >= n) {
+            *bad = i;
+            return 0;
+        }
+        unsigned x = s[i];
+        unsigned l = i == 1 ? lo : 0x80, h = i == 1 ? hi : 0xBF;
+        if (x < l || x > h) {
+            *bad = i;
+            return 0;
+        }
+    }
+    return need;
+}
+
+/*
+ * Appends s[0..n) as valid UTF-8 without NUL bytes, and, when `copy` is set,
+ * escaped for a COPY text-format field: backslash, tab, newline and carriage
+ * return are the characters COPY would otherwise read as structure. Every
+ * text value goes through here, not only rejected payloads, because one bad
+ * byte anywhere would make Postgres refuse the whole COPY and so the flush,
+ * again and again.
+ */
+static void put_utf8(sbuf_t *b, const char *str, size_t n, int copy)
+{
+    const unsigned char *s = (const unsigned char *)str;
+    size_t i = 0;
+    /* Worst case: every byte becomes U+FFFD (3 bytes); reserving it up front
+     * keeps the inner loop free of capacity checks. */
+    if (n > (SIZE_MAX - 16) / 3 || sb_reserve(b, 3 * n + 1) < 0) {
+        b->oom = 1;
+        return;
+    }
+    char *o = b->p + b->len;
+    while (i < n) {
+        unsigned c = s[i];
+        if (c >= 0x20 && c < 0x80 && c != '\\') {
+            *o++ = (char)c;
+            i++;
+            continue;
+        }
+        size_t bad;
+        size_t k = utf8_seq(s + i, n - i, &bad);
+        if (k == 0) {
+            memcpy(o, REPLACEMENT, 3);
+            o += 3;
+            i += bad;
+            continue;
+        }
+        if (k == 1 && copy && (c == '\\' || c == '\t' || c == '\n' || c == '\r')) {
+            *o++ = '\\';
+            *o++ = c == '\\' ? '\\' : c == '\t' ? 't' : c == '\n' ? 'n' : 'r';
+        } else {
+            memcpy(o, s + i, k);
+            o += k;
+        }
+        i += k;
+    }
+    b->len = (size_t)(o - b->p);
+}
+
+/* ------------------------------------------------------------------------ */
+/* COPY row fields                                                          */
+/* ------------------------------------------------------------------------ */
+
+/* Each field writer appends one value and then its separator: '\t' between
+ * fields, '\n' after the last one of a row. */
+
+static void f_text(sbuf_t *b, const char *s, char sep)
+{
+    /* A missing string is stored as '' rather than NULL: every text column is
+     * NOT NULL, and a NULL would fail the batch forever. */
+    if (s)
+        put_utf8(b, s, strlen(s), 1);
+    sb_putc(b, sep);
+}
+
+static void f_i64(sbuf_t *b, int64_t v, char sep)
+{
+    sb_i64(b, v);
+    sb_putc(b, sep);
+}
+
+static void f_null(sbuf_t *b, char sep)
+{
+    sb_put(b, "\\N", 2);
+    sb_putc(b, sep);
+}
+
+static void f_ts(sbuf_t *b, int64_t ms, char sep)
+{
+    char tmp[64];
+    sb_put(b, tmp, fmt_ts(tmp, ms));
+    sb_putc(b, sep);
+}
+
+/* A timestamp that may be absent: negative means NULL (sink.h). */
+static void f_ts_opt(sbuf_t *b, int64_t ms, char sep)
+{
+    if (ms < 0)
+        f_null(b, sep);
+    else
+        f_ts(b, ms, sep);
+}
+
+static void f_cents(sbuf_t *b, int64_t cents, char sep)
+{
+    char tmp[32];
+    sb_put(b, tmp, fmt_cents(tmp, cents));
+    sb_putc(b, sep);
+}
+
+static void f_day(sbuf_t *b, int64_t day, char sep)
+{
+    char tmp[40];
+    sb_put(b, tmp, fmt_day(tmp, day));
+    sb_putc(b, sep);
+}
+
+/* A row writer appends row i of `rows` in its table's column order and
+ * returns 1, or returns 0 when the row belongs to another staging table
+ * (funnel rows are split into upserts and deletes). */
+typedef int (*row_fn)(sbuf_t *b, const void *rows, size_t i);
+
+static int row_session(sbuf_t *b, const void *rows, size_t i)
+{
+    const snk_session_row_t *r = (const snk_session_row_t *)rows + i;
+    f_text(b, r->session_id, '\t');
+    f_text(b, r->user_id, '\t');
+    f_ts(b, r->started_at, '\t');
+    f_ts(b, r->ended_at, '\t');
+    f_i64(b, r->events, '\t');
+    f_i64(b, r->page_views, '\t');
+    f_i64(b, r->product_views, '\t');
+    f_i64(b, r->add_to_carts, '\t');
+    f_i64(b, r->checkouts, '\t');
+    f_i64(b, r->purchases, '\t');
+    f_cents(b, r->revenue_cents, '\t');
+    f_text(b, r->device, '\t');
+    f_text(b, r->country, '\t');
+    f_i64(b, r->funnel_stage, '\n');
+    return 1;
+}
+
+static int row_deleted_session(sbuf_t *b, const void *rows, size_t i)
+{
+    const char *const *ids = rows;
+    f_text(b, ids[i], '\n');
+    return 1;
+}
+
+static int row_user(sbuf_t *b, const void *rows, size_t i)
+{
+    const snk_user_row_t *r = (const snk_user_row_t *)rows + i;
+    f_text(b, r->user_id, '\t');
+    f_ts(b, r->first_seen, '\t');
+    f_ts(b, r->last_seen, '\t');
+    f_text(b, r->device, '\t');
+    f_text(b, r->country, '\t');
+    f_i64(b, r->events, '\t');
+    f_i64(b, r->sessions, '\t');
+    f_i64(b, r->orders, '\t');
+    f_cents(b, r->revenue_cents, '\t');
+    f_ts_opt(b, r->first_order_at, '\t');
+    f_ts_opt(b, r->last_order_at, '\n');
+    return 1;
+}
+
+/* A funnel row whose counts have all fallen to zero no longer describes any
+ * session, so it is deleted rather than kept as a row of zeros. */
+static int funnel_is_zero(const snk_funnel_row_t *r)
+{
+    for (int k = 0; k < 5; k++)
+        if (r->sessions_ge[k] != 0 || r->users_ge[k] != 0)
+            return 0;
+    return r->orders == 0 && r->revenue_cents == 0;
+}
+
+static int row_funnel(sbuf_t *b, const void *rows, size_t i)
+{
+    const snk_funnel_row_t *r = (const snk_funnel_row_t *)rows + i;
+    if (funnel_is_zero(r))
+        return 0;
+    f_day(b, r->day, '\t');
+    f_text(b, r->device, '\t');
+    f_text(b, r->country, '\t');
+    for (int k = 0; k < 5; k++)
+        f_i64(b, r->sessions_ge[k], '\t');
+    for (int k = 0; k < 5; k++)
+        f_i64(b, r->users_ge[k], '\t');
+    f_i64(b, r->orders, '\t');
+    f_cents(b, r->revenue_cents, '\n');
+    return 1;
+}
+
+static int row_funnel_zero(sbuf_t *b, const void *rows, size_t i)
+{
+    const snk_funnel_row_t *r = (const snk_funnel_row_t *)rows + i;
+    if (!funnel_is_zero(r))
+        return 0;
+    f_day(b, r->day, '\t');
+    f_text(b, r->device, '\t');
+    f_text(b, r->country, '\n');
+    return 1;
+}
+
+static int row_partition(sbuf_t *b, const void *rows, size_t i)
+{
+    const snk_partition_row_t *r = (const snk_partition_row_t *)rows + i;
+    f_text(b, r->topic, '\t');
+    f_i64(b, r->partition, '\t');
+    f_i64(b, r->next_offset, '\t');
+    f_ts_opt(b, r->watermark, '\t');
+    f_i64(b, r->accepted, '\t');
+    f_i64(b, r->duplicates, '\t');
+    f_i64(b, r->rejected, '\n');
+    return 1;
+}
+
+static int row_reject(sbuf_t *b, const void *rows, size_t i)
+{
+    const snk_reject_row_t *r = (const snk_reject_row_t *)rows + i;
+    f_text(b, r->topic, '\t');
+    f_i64(b, r->partition, '\t');
+    f_i64(b, r->offset, '\t');
+    f_text(b, r->reason, '\t');
+    f_text(b, r->detail, '\t');
+    size_t n = r->payload ? r->payload_len : 0;
+    if (n > REJECT_PAYLOAD_MAX)
+        n = REJECT_PAYLOAD_MAX;
+    /* The cut may split a multi-byte character; put_utf8 turns the stump
+     * into U+FFFD like any other truncated sequence. */
+    if (n)
+        put_utf8(b, r->payload, n, 1);
+    sb_putc(b, '\t');
+    f_ts(b, r->rejected_at, '\n');
+    return 1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Tables                                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef enum apply_kind {
+    APPLY_UPSERT,      /* INSERT ... ON CONFLICT (key) DO UPDATE SET every other column */
+    APPLY_INSERT_ONLY, /* INSERT ... ON CONFLICT DO NOTHING: rejects never change */
+    APPLY_DELETE,      /* DELETE the target rows whose keys were staged */
+} apply_kind_t;
+
+/*
+ * How one staged list reaches its table. The staged columns are `cols`, in
+ * the order the row writer emits them; the first `nkey` of them are the
+ * table's primary key. `extra_col` is set by the server instead of being
+ * sent (partitions.flushed_at = now()).
+ */
+typedef struct table_spec {
+    const char *table;
+    const char *stage;
+    const char *const *cols;
+    size_t ncols, nkey;
+    apply_kind_t kind;
+    const char *extra_col, *extra_expr;
+} table_spec_t;
+
+static const char *const SESSION_COLS[] = {
+    "session_id", "user_id",   "started_at", "ended_at", "events",  "page_views",   "product_views",
+    "add_to_carts", "checkouts", "purchases", "revenue", "device", "country", "funnel_stage"};
+static const char *const USER_COLS[] = {
+    "user_id", "first_seen", "last_seen", "device",         "country",      "events",
+    "sessions", "orders",    "revenue",   "first_order_at", "last_order_at"};
+static const char *const FUNNEL_COLS[] = {
+    "day",   "device",  "country", "sessions", "sessions_product_view", "sessions_add_to_cart",
+    "sessions_checkout", "sessions_purchase", "users", "users_product_view", "users_add_to_cart",
+    "users_checkout", "users_purchase", "orders", "revenue"};
+static const char *const PARTITION_COLS[] = {"topic",    "partition",  "next_offset", "watermark",
+                                             "accepted", "duplicates", "rejected"};
+static const char *const REJECT_COLS[] = {"topic",  "partition", "kafka_offset", "reason",
+                                          "detail", "payload",   "rejected_at"};
+
+#define NCOLS(a) (sizeof(a) / sizeof((a)[0]))
+
+/* The order of this array is the order of a flush: the deletes of merged
+ * sessions run before the sessions upsert, so a session id that is both
+ * deleted and written in one batch ends up present. */
+enum {
+    T_SESSIONS_DEL,
+    T_SESSIONS,
+    T_USERS,
+    T_FUNNEL_DEL,
+    T_FUNNEL,
+    T_PARTITIONS,
+    T_REJECTS,
+    T__COUNT
+};
+
+static const table_spec_t TABLES[T__COUNT] = {
+    [T_SESSIONS_DEL] = {"sessions", "cm_stage_sessions_del", SESSION_COLS, 1, 1, APPLY_DELETE,
+                        NULL, NULL},
+    [T_SESSIONS] = {"sessions", "cm_stage_sessions", SESSION_COLS, NCOLS(SESSION_COLS), 1,
+                    APPLY_UPSERT, NULL, NULL},
+    [T_USERS] = {"users", "cm_stage_users", USER_COLS, NCOLS(USER_COLS), 1, APPLY_UPSERT, NULL,
+                 NULL},
+    [T_FUNNEL_DEL] = {"funnel_daily", "cm_stage_funnel_del", FUNNEL_COLS, 3, 3, APPLY_DELETE, NULL,
+                      NULL},
+    [T_FUNNEL] = {"funnel_daily", "cm_stage_funnel", FUNNEL_COLS, NCOLS(FUNNEL_COLS), 3,
+                  APPLY_UPSERT, NULL, NULL},
+    [T_PARTITIONS] = {"partitions", "cm_stage_partitions", PARTITION_COLS, NCOLS(PARTITION_COLS),
+                      2, APPLY_UPSERT, "flushed_at", "now()"},
+    [T_REJECTS] = {"rejected_events", "cm_stage_rejects", REJECT_COLS, NCOLS(REJECT_COLS), 3,
+                   APPLY_INSERT_ONLY, NULL, NULL},
+};
+
+/* ------------------------------------------------------------------------ */
+/* Migrations                                                               */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * The schema's history. Each entry is applied once, in order, inside the
+ * migration transaction, and its version is then recorded in
+ * {S}.schema_version. To change the schema, append an entry with the next
+ * version; never edit an entry that may have been applied somewhere, since
+ * databases that already have it would never see the edit. "{S}" stands for
+ * the quoted schema name.
+ */
+typedef struct migration {
+    int version;
+    const char *sql;
+} migration_t;
+
+static const migration_t MIGRATIONS[] = {
+    {1, "CREATE TABLE {S}.sessions ("
+        "  session_id    text PRIMARY KEY,"
+        "  user_id       text NOT NULL,"
+        "  started_at    timestamptz NOT NULL,"
+        "  ended_at      timestamptz NOT NULL,"
+        "  events        bigint NOT NULL,"
+        "  page_views    bigint NOT NULL,"
+        "  product_views bigint NOT NULL,"
+        "  add_to_carts  bigint NOT NULL,"
+        "  checkouts     bigint NOT NULL,"
+        "  purchases     bigint NOT NULL,"
+        "  revenue       numeric(20,2) NOT NULL,"
+        "  device        text NOT NULL,"
+        "  country       text NOT NULL,"
+        "  funnel_stage  smallint NOT NULL"
+        ");"
+        "CREATE INDEX ON {S}.sessions (user_id, started_at);"
+        "CREATE TABLE {S}.users ("
+        "  user_id        text PRIMARY KEY,"
+        "  first_seen     timestamptz NOT NULL,"
+        "  last_seen      timestamptz NOT NULL,"
+        "  device         text NOT NULL,"
+        "  country        text NOT NULL,"
+        "  events         bigint NOT NULL,"
+        "  sessions       bigint NOT NULL,"
+        "  orders         bigint NOT NULL,"
+        "  revenue        numeric(20,2) NOT NULL,"
+        "  first_order_at timestamptz,"
+        "  last_order_at  timestamptz"
+        ");"
+        "CREATE TABLE {S}.funnel_daily ("
+        "  day                   date NOT NULL,"
+        "  device                text NOT NULL,"
+        "  country               text NOT NULL,"
+        "  sessions              bigint NOT NULL,"
+        "  sessions_product_view bigint NOT NULL,"
+        "  sessions_add_to_cart  bigint NOT NULL,"
+        "  sessions_checkout     bigint NOT NULL,"
+        "  sessions_purchase     bigint NOT NULL,"
+        "  users                 bigint NOT NULL,"
+        "  users_product_view    bigint NOT NULL,"
+        "  users_add_to_cart     bigint NOT NULL,"
+        "  users_checkout        bigint NOT NULL,"
+        "  users_purchase        bigint NOT NULL,"
+        "  orders                bigint NOT NULL,"
+        "  revenue               numeric(20,2) NOT NULL,"
+        "  PRIMARY KEY (day, device, country)"
+        ");"
+        "CREATE TABLE {S}.partitions ("
+        "  topic       text NOT NULL,"
+        "  partition   int NOT NULL,"
+        "  next_offset bigint NOT NULL,"
+        "  watermark   timestamptz,"
+        "  accepted    bigint NOT NULL,"
+        "  duplicates  bigint NOT NULL,"
+        "  rejected    bigint NOT NULL,"
+        "  flushed_at  timestamptz NOT NULL,"
+        "  PRIMARY KEY (topic, partition)"
+        ");"
+        "CREATE TABLE {S}.rejected_events ("
+        "  topic        text NOT NULL,"
+        "  partition    int NOT NULL,"
+        "  kafka_offset bigint NOT NULL,"
+        "  reason       text NOT NULL,"
+        "  detail       text NOT NULL,"
+        "  payload      text NOT NULL,"
+        "  rejected_at  timestamptz NOT NULL,"
+        "  PRIMARY KEY (topic, partition, kafka_offset)"
+        ");"},
+};
+
+/* ------------------------------------------------------------------------ */
+/* Connection                                                               */
+/* ------------------------------------------------------------------------ */
+
+struct snk_conn {
+    PGconn *pg;
+    char schema[64]; /* the schema name as given (valid_schema) */
+    char *schema_q;  /* the schema as a quoted identifier (PQescapeIdentifier) */
+    char *secret;    /* the password in use, scrubbed from every message */
+    int staged;      /* the staging tables exist in this session */
+    int broken;      /* the connection failed; only snk_close remains */
+    sbuf_t sql;      /* statement text, reused across calls */
+    sbuf_t data;     /* COPY data, reused across flushes */
+    char err[1024];
+};
+
+/* The message of the last failed snk_open on this thread: a failed open
+ * returns no connection that could carry it, so snk_last_error(NULL) reads
+ * it from here. Thread-local, so concurrent opens do not mix messages. */
+static _Thread_local char open_err[1024];
+
+/* Swallows server notices ("relation already exists, skipping" and the
+ * like): libpq's default processor would print them to stderr. */
+static void notice_ignore(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message;
+}
+
+/*
+ * Stores "<step>: <message>" as one line in dst: newlines become spaces so
+ * the message fits a log line, and the password, if known, is replaced with
+ * "***" in case a server or libpq message ever quotes it.
+ */
+static void store_err(char *dst, size_t cap, const char *secret, const char *step, const char *msg)
+{
+    size_t o = 0, slen = secret ? strlen(secret) : 0;
+    const char *parts[3] = {step, step && *step ? ": " : "", msg ? msg : ""};
+    for (int k = 0; k < 3; k++) {
+        const char *p = parts[k] ? parts[k] : "";
+        while (*p && o + 1 < cap) {
+            if (slen >= SCRUB_MIN_LEN && strncmp(p, secret, slen) == 0) {
+                for (const char *r = "***"; *r && o + 1 < cap; r++)
+                    dst[o++] = *r;
+                p += slen;
+                continue;
+            }
+            char ch = *p++;
+            dst[o++] = (ch == '\n' || ch == '\r' || ch == '\t') ? ' ' : ch;
+        }
+    }
+    /* Trailing blanks come from libpq's final newline and carry nothing. */
+    while (o > 0 && dst[o - 1] == ' ')
+        o--;
+    dst[o] = '\0';
+}
+
+static void set_err(snk_conn_t *c, const char *step, const char *msg)
+{
+    store_err(c->err, sizeof c->err, c->secret, step, msg);
+}
+
+/* Records a failed statement and says whether the connection survived. */
+static int fail_res(snk_conn_t *c, const char *step, const PGresult *res)
+{
+    const char *msg = res ? PQresultErrorMessage(res) : "";
+    if (!msg || !*msg)
+        msg = PQerrorMessage(c->pg);
+    set_err(c, step, msg);
+    if (PQstatus(c->pg) != CONNECTION_OK) {
+        c->broken = 1;
+        return SNK_ECONNECT;
+    }
+    return SNK_EQUERY;
+}
+
+/* Runs one statement (or several, separated by ';') and checks its status. */
+static int exec_cmd(snk_conn_t *c, const char *step, const char *sql, ExecStatusType want)
+{
+    if (!sql) {
+        set_err(c, step, "out of memory");
+        return SNK_ENOMEM;
+    }
+    PGresult *res = PQexec(c->pg, sql);
+    if (!res || PQresultStatus(res) != want) {
+        int rc = fail_res(c, step, res);
+        PQclear(res);
+        return rc;
+    }
+    PQclear(res);
+    return 0;
+}
+
+/* Builds c->sql from a template with "{S}" for the schema and runs it. */
+static int exec_tmpl(snk_conn_t *c, const char *step, const char *tmpl)
+{
+    c->sql.len = 0;
+    sb_sql(&c->sql, tmpl, c->schema_q);
+    return exec_cmd(c, step, sb_cstr(&c->sql), PGRES_COMMAND_OK);
+}
+
+/*
+ * Ends a failed transaction: rolls back if the connection still works, and
+ * classifies the failure. The first error message is kept; the rollback's
+ * own outcome matters only in that a dead connection turns the result into
+ * SNK_ECONNECT.
+ */
+static int fail_tx(snk_conn_t *c, int rc)
+{
+    if (PQstatus(c->pg) == CONNECTION_OK && PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
+        PGresult *res = PQexec(c->pg, "ROLLBACK");
+        PQclear(res);
+    }
+    if (PQstatus(c->pg) != CONNECTION_OK) {
+        c->broken = 1;
+        if (!c->err[0])
+            set_err(c, "connection", PQerrorMessage(c->pg));
+        return SNK_ECONNECT;
+    }
+    return rc;
+}
+
+/* Commits and checks that the server really committed: COMMIT of a
+ * transaction that failed earlier answers "ROLLBACK" with success status. */
+static int commit(snk_conn_t *c)
+{
+    PGresult *res = PQexec(c->pg, "COMMIT");
+    if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
+        int rc = fail_res(c, "COMMIT", res);
+        PQclear(res);
+        return rc;
+    }
+    int ok = strcmp(PQcmdStatus(res), "COMMIT") == 0;
+    PQclear(res);
+    if (!ok) {
+        set_err(c, "COMMIT", "the server rolled the transaction back");
+        return SNK_EQUERY;
+    }
+    return 0;
+}
+
+/* Whether s matches ^[a-z_][a-z0-9_]{0,62}$: the names that need no quoting
+ * and fit Postgres's 63-byte identifier limit. */
+static int valid_schema(const char *s)
+{
+    if (!s || !((*s >= 'a' && *s <= 'z') || *s == '_'))
+        return 0;
+    size_t n = 0;
+    for (const char *p = s; *p; p++, n++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '_'))
+            return 0;
+    return n <= 63;
+}
+
+/*
+ * Rewrites a libpq parse error for a connection string that could not be
+ * parsed: libpq quotes the offending text, which may be (part of) the
+ * password, so every quoted span except the literal "=" is hidden.
+ */
+static void hide_quoted(char *s)
+{
+    char *o = s;
+    for (const char *p = s; *p;) {
+        const char *q = *p == '"' ? strchr(p + 1, '"') : NULL;
+        if (q && !(q == p + 2 && p[1] == '=')) {
+            memcpy(o, "\"***\"", 5);
+            o += 5;
+            p = q + 1;
+        } else if (q) {
+            memmove(o, p, 3);
+            o += 3;
+            p = q + 1;
+        } else {
+            *o++ = *p++;
+        }
+    }
+    *o = '\0';
+}
+
+static void conn_free(snk_conn_t *c)
+{
+    if (!c)
+        return;
+    if (c->pg)
+        PQfinish(c->pg);
+    if (c->schema_q)
+        PQfreemem(c->schema_q);
+    if (c->secret) {
+        /* The password should not linger in freed memory. */
+        volatile char *v = c->secret;
+        while (*v)
+            *v++ = 0;
+        free(c->secret);
+    }
+    sb_free(&c->sql);
+    sb_free(&c->data);
+    free(c);
+}
+
+int snk_open(const char *conninfo, const char *schema, snk_conn_t **out)
+{
+    if (!out)
+        return SNK_EINVAL;
+    *out = NULL;
+    open_err[0] = '\0';
+    if (!valid_schema(schema)) {
+        store_err(open_err, sizeof open_err, NULL, "snk_open",
+                  "invalid schema name (must match ^[a-z_][a-z0-9_]{0,62}$)");
+        return SNK_EINVAL;
+    }
+    if (!conninfo)
+        conninfo = "";
+
+    /* Parsing first separates a malformed string (SNK_EINVAL, with a message
+     * that must not quote it) from a failure to reach the server. */
+    char *perr = NULL;
+    PQconninfoOption *opts = PQconninfoParse(conninfo, &perr);
+    if (!opts) {
+        if (perr) {
+            hide_quoted(perr);
+            store_err(open_err, sizeof open_err, NULL, "invalid connection string", perr);
+            PQfreemem(perr);
+        } else {
+            store_err(open_err, sizeof open_err, NULL, "snk_open", "out of memory");
+            return SNK_ENOMEM;
+        }
+        return SNK_EINVAL;
+    }
+    PQconninfoFree(opts);
+
+    snk_conn_t *c = calloc(1, sizeof *c);
+    if (!c) {
+        store_err(open_err, sizeof open_err, NULL, "snk_open", "out of memory");
+        return SNK_ENOMEM;
+    }
+
+    /*
+     * The caller's string is expanded in place of "dbname" (expand_dbname),
+     * and libpq keeps the last value of a repeated keyword: the defaults
+     * before it can be overridden by the caller, the client encoding after
+     * it cannot, because the COPY data is UTF-8. The keepalive and connect
+     * timeouts make a vanished server show up as an error within about a
+     * minute instead of a flush thread blocked for the kernel's two hours.
+     */
+    const char *const keys[] = {"fallback_application_name",
+                                "connect_timeout",
+                                "keepalives",
+                                "keepalives_idle",
+                                "keepalives_interval",
+                                "keepalives_count",
+                                "dbname",
+                                "client_encoding",
+                                NULL};
+    const char *const vals[] = {"clickmartd", "10", "1", "30", "10", "3", conninfo, "UTF8", NULL};
+    c->pg = PQconnectdbParams(keys, vals, 1);
+    if (!c->pg) {
+        store_err(open_err, sizeof open_err, NULL, "connect", "out of memory");
+        conn_free(c);
+        return SNK_ENOMEM;
+    }
+    const char *pw = PQpass(c->pg);
+    if (pw && *pw && !(c->secret = strdup(pw))) {
+        conn_free(c);
+        store_err(open_err, sizeof open_err, NULL, "snk_open", "out of memory");
+        return SNK_ENOMEM;
+    }
+    PQsetNoticeProcessor(c->pg, notice_ignore, NULL);
+    if (PQstatus(c->pg) != CONNECTION_OK) {
+        store_err(open_err, sizeof open_err, c->secret, "connect", PQerrorMessage(c->pg));
+        conn_free(c);
+        return SNK_ECONNECT;
+    }
+
+    memcpy(c->schema, schema, strlen(schema) + 1);
+    c->schema_q = PQescapeIdentifier(c->pg, schema, strlen(schema));
+    if (!c->schema_q) {
+        store_err(open_err, sizeof open_err, c->secret, "snk_open", PQerrorMessage(c->pg));
+        conn_free(c);
+        return SNK_ENOMEM;
+    }
+
+    /* Timestamps are sent with an explicit +00 offset; a UTC session makes
+     * anything the server renders or computes (now(), casts) UTC as well. */
+    int rc = exec_cmd(c, "session setup", "SET TIME ZONE 'UTC'", PGRES_COMMAND_OK);
+    if (rc < 0) {
+        store_err(open_err, sizeof open_err, NULL, NULL, c->err);
+        conn_free(c);
+        return rc;
+    }
+    *out = c;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Migration                                                                */
+/* ------------------------------------------------------------------------ */
+
+/* Appends "DROP TABLE IF EXISTS" for every staging table, so that a
+ * migration that changes a table also changes the shape of its stage. */
+static void sql_drop_stages(sbuf_t *b)
+{
+    for (int t = 0; t < T__COUNT; t++) {
+        sb_puts(b, "DROP TABLE IF EXISTS pg_temp.");
+        sb_puts(b, TABLES[t].stage);
+        sb_puts(b, ";");
+    }
+}
+
+int snk_migrate(snk_conn_t *c)
+{
+    if (!c)
+        return SNK_EINVAL;
+    c->err[0] = '\0';
+    if (!snk_ok(c)) {
+        set_err(c, "snk_migrate", "the connection is not usable");
+        return SNK_ECONNECT;
+    }
+    int rc = exec_cmd(c, "BEGIN", "BEGIN", PGRES_COMMAND_OK);
+    if (rc < 0)
+        return fail_tx(c, rc);
+
+    /* Concurrent daemons would otherwise race on CREATE and on the version
+     * rows; the lock ends with the transaction. */
+    rc = exec_cmd(c, "advisory lock", "SELECT pg_advisory_xact_lock(" MIGRATE_LOCK_KEY ")",
+                  PGRES_TUPLES_OK);
+    if (rc < 0)
+        return fail_tx(c, rc);
+
+    /* CREATE SCHEMA IF NOT EXISTS still needs the CREATE privilege on the
+     * database, which a role that only owns an existing schema may lack, so
+     * the schema is created only when it is really missing. */
+    const char *params[1] = {c->schema};
+    PGresult *res =
+        PQexecParams(c->pg, "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1", 1, NULL,
+                     params, NULL, NULL, 0);
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        rc = fail_res(c, "look up schema", res);
+        PQclear(res);
+        return fail_tx(c, rc);
+    }
+    int have_schema = PQntuples(res) > 0;
+    PQclear(res);
+    if (!have_schema && (rc = exec_tmpl(c, "create schema", "CREATE SCHEMA IF NOT EXISTS {S}")) < 0)
+        return fail_tx(c, rc);
+
+    rc = exec_tmpl(c, "create schema_version",
+                   "CREATE TABLE IF NOT EXISTS {S}.schema_version ("
+                   "  version    int PRIMARY KEY,"
+                   "  applied_at timestamptz NOT NULL DEFAULT now()"
+                   ")");
+    if (rc < 0)
+        return fail_tx(c, rc);
+
+    c->sql.len = 0;
+    sb_sql(&c->sql, "SELECT version FROM {S}.schema_version", c->schema_q);
+    const char *sqlp = sb_cstr(&c->sql);
+    if (!sqlp)
+        return fail_tx(c, SNK_ENOMEM);
+    res = PQexec(c->pg, sqlp);
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        rc = fail_res(c, "read schema_version", res);
+        PQclear(res);
+        return fail_tx(c, rc);
+    }
+    size_t nmig = sizeof MIGRATIONS / sizeof MIGRATIONS[0];
+    unsigned char applied[sizeof MIGRATIONS / sizeof MIGRATIONS[0]] = {0};
+    for (int r = 0; r < PQntuples(res); r++) {
+        int v = atoi(PQgetvalue(res, r, 0));
+        for (size_t m = 0; m < nmig; m++)
+            if (MIGRATIONS[m].version == v)
+                applied[m] = 1;
+    }
+    PQclear(res);
+
+    int changed = 0;
+    for (size_t m = 0; m < nmig; m++) {
+        if (applied[m])
+            continue;
+        char step[48];
+        snprintf(step, sizeof step, "migration %d", MIGRATIONS[m].version);
+        c->sql.len = 0;
+        sb_sql(&c->sql, MIGRATIONS[m].sql, c->schema_q);
+        char ins[96];
+        snprintf(ins, sizeof ins, ";INSERT INTO {S}.schema_version (version) VALUES (%d)",
+                 MIGRATIONS[m].version);
+        sb_sql(&c->sql, ins, c->schema_q);
+        if ((rc = exec_cmd(c, step, sb_cstr(&c->sql), PGRES_COMMAND_OK)) < 0)
+            return fail_tx(c, rc);
+        changed = 1;
+    }
+    if (changed && c->staged) {
+        c->sql.len = 0;
+        sql_drop_stages(&c->sql);
+        if ((rc = exec_cmd(c, "drop staging tables", sb_cstr(&c->sql), PGRES_COMMAND_OK)) < 0)
+            return fail_tx(c, rc);
+    }
+    if ((rc = commit(c)) < 0)
+        return fail_tx(c, rc);
+    if (changed)
+        c->staged = 0;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Flush                                                                    */
+/* ------------------------------------------------------------------------ */
+
+static void sql_cols(sbuf_t *b, const table_spec_t *t, const char *prefix, size_t from, size_t to)
+{
+    for (size_t k = from; k < to; k++) {
+        if (k > from)
+            sb_puts(b, ", ");
+        sb_puts(b, prefix);
+        sb_puts(b, t->cols[k]);
+    }
+}
+
+/*
+ * Creates the staging tables once per session. They are temporary tables
+ * with ON COMMIT DELETE ROWS, so every flush starts with them empty (a
+ * rollback empties them too) and the catalog is not churned by creating and
+ * dropping seven tables per flush. CREATE TABLE AS ... WITH NO DATA copies
+ * the column types of the target and none of its constraints, which lets
+ * partitions be staged without flushed_at.
+ */
+static int create_stages(snk_conn_t *c)
+{
+    sbuf_t *b = &c->sql;
+    b->len = 0;
+    for (int i = 0; i < T__COUNT; i++) {
+        const table_spec_t *t = &TABLES[i];
+        sb_puts(b, "CREATE TEMP TABLE IF NOT EXISTS pg_temp.");
+        sb_puts(b, t->stage);
+        sb_puts(b, " ON COMMIT DELETE ROWS AS SELECT ");
+        sql_cols(b, t, "", 0, t->ncols);
+        sb_puts(b, " FROM ");
+        sb_puts(b, c->schema_q);
+        sb_putc(b, '.');
+        sb_puts(b, t->table);
+        sb_puts(b, " WITH NO DATA;");
+    }
+    return exec_cmd(c, "create staging tables", sb_cstr(b), PGRES_COMMAND_OK);
+}
+
+/* Sends the buffered COPY data to the server and empties the buffer. */
+static int copy_send(snk_conn_t *c, const char *step)
+{
+    if (c->data.len == 0)
+        return 0;
+    if (c->data.len > (size_t)0x7fffffff) {
+        set_err(c, step, "COPY chunk too large");
+        return SNK_EQUERY;
+    }
+    if (PQputCopyData(c->pg, c->data.p, (int)c->data.len) != 1) {
+        set_err(c, step, PQerrorMessage(c->pg));
+        return PQstatus(c->pg) == CONNECTION_OK ? SNK_EQUERY : SNK_ECONNECT;
+    }
+    c->data.len = 0;
+    return 0;
+}
+
+/* Reads the results that follow a COPY until libpq has none left, keeping
+ * the first error; the connection is idle (in the transaction) afterwards. */
+static int copy_finish(snk_conn_t *c, const char *step)
+{
+    int rc = 0;
+    PGresult *res;
+    while ((res = PQgetResult(c->pg)) != NULL) {
+        ExecStatusType st = PQresultStatus(res);
+        if (rc == 0 && st != PGRES_COMMAND_OK)
+            rc = fail_res(c, step, res);
+        PQclear(res);
+        /* A result still in COPY_IN state means the end message was not
+         * accepted; without this the loop would never end. */
+        if (st == PGRES_COPY_IN || st == PGRES_COPY_BOTH)
+            break;
+    }
+    if (rc == 0 && PQstatus(c->pg) != CONNECTION_OK)
+        rc = fail_res(c, step, NULL);
+    return rc;
+}
+
+/*
+ * COPYs the rows that `fn` accepts into the stage of t, in chunks of about
+ * COPY_CHUNK bytes. Returns the number of rows sent (possibly 0, in which
+ * case no COPY was started) or a negative SNK_* code.
+ */
+static int64_t copy_rows(snk_conn_t *c, const table_spec_t *t, const void *rows, size_t n,
+                         row_fn fn)
+{
+    char step[64];
+    snprintf(step, sizeof step, "COPY %s", t->stage);
+
+    /* Render rows until the first one that belongs here before starting the
+     * COPY, so that a list whose rows all go elsewhere costs no round trip. */
+    c->data.len = 0;
+    c->data.oom = 0;
+    size_t i = 0;
+    int64_t sent = 0;
+    for (; i < n && sent == 0; i++)
+        sent += fn(&c->data, rows, i);
+    if (sent == 0)
+        return 0;
+    if (c->data.oom) {
+        set_err(c, step, "out of memory");
+        return SNK_ENOMEM;
+    }
+
+    sbuf_t *b = &c->sql;
+    b->len = 0;
+    sb_puts(b, "COPY pg_temp.");
+    sb_puts(b, t->stage);
+    sb_puts(b, " (");
+    sql_cols(b, t, "", 0, t->ncols);
+    sb_puts(b, ") FROM STDIN");
+    const char *sql = sb_cstr(b);
+    if (!sql) {
+        set_err(c, step, "out of memory");
+        return SNK_ENOMEM;
+    }
+    PGresult *res = PQexec(c->pg, sql);
+    if (!res || PQresultStatus(res) != PGRES_COPY_IN) {
+        int rc = fail_res(c, step, res);
+        PQclear(res);
+        return rc;
+    }
+    PQclear(res);
+
+    int rc = 0;
+    for (; i < n; i++) {
+        sent += fn(&c->data, rows, i);
+        if (c->data.oom) {
+            set_err(c, step, "out of memory");
+            rc = SNK_ENOMEM;
+            break;
+        }
+        if (c->data.len >= COPY_CHUNK && (rc = copy_send(c, step)) < 0)
+            break;
+    }
+    if (rc == 0)
+        rc = copy_send(c, step);
+
+    /* Ending the COPY with an error message makes the server abort it, so a
+     * local failure never leaves half a list staged as if it were whole. */
+    if (PQputCopyEnd(c->pg, rc == 0 ? NULL : "clickmart sink aborted the COPY") != 1 && rc == 0) {
+        set_err(c, step, PQerrorMessage(c->pg));
+        rc = PQstatus(c->pg) == CONNECTION_OK ? SNK_EQUERY : SNK_ECONNECT;
+    }
+    int frc = copy_finish(c, step);
+    if (rc == 0)
+        rc = frc;
+    c->data.len = 0;
+    return rc < 0 ? rc : sent;
+}
+
+/* Builds the statement that applies the staged rows of t to its table. */
+static const char *sql_apply(snk_conn_t *c, const table_spec_t *t)
+{
+    sbuf_t *b = &c->sql;
+    b->len = 0;
+    if (t->kind == APPLY_DELETE) {
+        sb_puts(b, "DELETE FROM ");
+        sb_puts(b, c->schema_q);
+        sb_putc(b, '.');
+        sb_puts(b, t->table);
+        if (t->nkey == 1) {
+            /* "= ANY (ARRAY(...))" makes the planner probe the primary key
+             * for each staged id instead of considering a scan of the whole
+             * table for a stage it has no statistics about. */
+            sb_puts(b, " WHERE ");
+            sb_puts(b, t->cols[0]);
+            sb_puts(b, " = ANY (ARRAY(SELECT ");
+            sb_puts(b, t->cols[0]);
+            sb_puts(b, " FROM pg_temp.");
+            sb_puts(b, t->stage);
+            sb_puts(b, "))");
+        } else {
+            sb_puts(b, " t USING pg_temp.");
+            sb_puts(b, t->stage);
+            sb_puts(b, " d WHERE ");
+            for (size_t k = 0; k < t->nkey; k++) {
+                if (k)
+                    sb_puts(b, " AND ");
+                sb_puts(b, "t.");
+                sb_puts(b, t->cols[k]);
+                sb_puts(b, " = d.");
+                sb_puts(b, t->cols[k]);
+            }
+        }
+        return sb_cstr(b);
+    }
+
+    sb_puts(b, "INSERT INTO ");
+    sb_puts(b, c->schema_q);
+    sb_putc(b, '.');
+    sb_puts(b, t->table);
+    sb_puts(b, " (");
+    sql_cols(b, t, "", 0, t->ncols);
+    if (t->extra_col) {
+        sb_puts(b, ", ");
+        sb_puts(b, t->extra_col);
+    }
+    sb_puts(b, ") SELECT ");
+    sql_cols(b, t, "", 0, t->ncols);
+    if (t->extra_col) {
+        sb_puts(b, ", ");
+        sb_puts(b, t->extra_expr);
+    }
+    sb_puts(b, " FROM pg_temp.");
+    sb_puts(b, t->stage);
+    sb_puts(b, " ON CONFLICT (");
+    sql_cols(b, t, "", 0, t->nkey);
+    if (t->kind == APPLY_INSERT_ONLY) {
+        sb_puts(b, ") DO NOTHING");
+        return sb_cstr(b);
+    }
+    sb_puts(b, ") DO UPDATE SET ");
+    for (size_t k = t->nkey; k < t->ncols; k++) {
+        if (k > t->nkey)
+            sb_puts(b, ", ");
+        sb_puts(b, t->cols[k]);
+        sb_puts(b, " = EXCLUDED.");
+        sb_puts(b, t->cols[k]);
+    }
+    if (t->extra_col) {
+        sb_puts(b, ", ");
+        sb_puts(b, t->extra_col);
+        sb_puts(b, " = EXCLUDED.");
+        sb_puts(b, t->extra_col);
+    }
+    return sb_cstr(b);
+}
+
+/* Stages one list and applies it; an empty list costs nothing. */
+static int stage_apply(snk_conn_t *c, int which, const void *rows, size_t n, row_fn fn)
+{
+    if (n == 0)
+        return 0;
+    const table_spec_t *t = &TABLES[which];
+    int64_t sent = copy_rows(c, t, rows, n, fn);
+    if (sent <= 0)
+        return (int)sent;
+    char step[64];
+    snprintf(step, sizeof step, "%s %s",
+             t->kind == APPLY_DELETE ? "delete from" : "write", t->table);
+    return exec_cmd(c, step, sql_apply(c, t), PGRES_COMMAND_OK);
+}
+
+int snk_flush(snk_conn_t *c, const snk_batch_t *b)
+{
+    if (!c || !b)
+        return SNK_EINVAL;
+    c->err[0] = '\0';
+    if (!snk_ok(c)) {
+        set_err(c, "snk_flush", "the connection is not usable");
+        return SNK_ECONNECT;
+    }
+    if ((b->n_sessions && !b->sessions) || (b->n_deleted_sessions && !b->deleted_sessions) ||
+        (b->n_users && !b->users) || (b->n_funnel && !b->funnel) ||
+        (b->n_partitions && !b->partitions) || (b->n_rejects && !b->rejects)) {
+        set_err(c, "snk_flush", "a batch list has rows but no array");
+        return SNK_EINVAL;
+    }
+    if (b->n_sessions + b->n_deleted_sessions + b->n_users + b->n_funnel + b->n_partitions +
+            b->n_rejects ==
+        0)
+        return 0;
+
+    /* A transaction left open by an earlier failure would swallow this one. */
+    if (PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
+        PGresult *res = PQexec(c->pg, "ROLLBACK");
+        PQclear(res);
+    }
+    int rc = exec_cmd(c, "BEGIN", "BEGIN", PGRES_COMMAND_OK);
+    if (rc == 0 && !c->staged)
+        rc = create_stages(c);
+    if (rc == 0)
+        rc = stage_apply(c, T_SESSIONS_DEL, b->deleted_sessions, b->n_deleted_sessions,
+                         row_deleted_session);
+    if (rc == 0)
+        rc = stage_apply(c, T_SESSIONS, b->sessions, b->n_sessions, row_session);
+    if (rc == 0)
+        rc = stage_apply(c, T_USERS, b->users, b->n_users, row_user);
+    if (rc == 0)
+        rc = stage_apply(c, T_FUNNEL_DEL, b->funnel, b->n_funnel, row_funnel_zero);
+    if (rc == 0)
+        rc = stage_apply(c, T_FUNNEL, b->funnel, b->n_funnel, row_funnel);
+    if (rc == 0)
+        rc = stage_apply(c, T_PARTITIONS, b->partitions, b->n_partitions, row_partition);
+    if (rc == 0)
+        rc = stage_apply(c, T_REJECTS, b->rejects, b->n_rejects, row_reject);
+    if (rc == 0)
+        rc = commit(c);
+    if (rc < 0)
+        return fail_tx(c, rc);
+    /* Only a committed flush proves that the staging tables exist; after a
+     * rollback they are created again (IF NOT EXISTS) next time. */
+    c->staged = 1;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Small accessors                                                          */
+/* ------------------------------------------------------------------------ */
+
+int snk_ok(const snk_conn_t *c)
+{
+    return c && c->pg && !c->broken && PQstatus(c->pg) == CONNECTION_OK;
+}
+
+const char *snk_last_error(const snk_conn_t *c)
+{
+    return c ? c->err : open_err;
+}
+
+void snk_close(snk_conn_t *c)
+{
+    conn_free(c);
+}
+
+const char *snk_strerror(int err)
+{
+    switch (err) {
+    case 0:
+        return "success";
+    case SNK_ECONNECT:
+        return "could not connect to Postgres, or the connection broke";
+    case SNK_EQUERY:
+        return "a Postgres statement failed";
+    case SNK_ENOMEM:
+        return "out of memory";
+    case SNK_EINVAL:
+        return "invalid argument";
+    default:
+        return "unknown sink error";
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Conninfo redaction                                                       */
+/* ------------------------------------------------------------------------ */
+
+/* A bounded writer that always leaves room for the terminating NUL. */
+typedef struct bw {
+    char *p;
+    size_t cap, len;
+} bw_t;
+
+static void bw_put(bw_t *w, const char *s, size_t n)
+{
+    while (n-- > 0 && w->len + 1 < w->cap)
+        w->p[w->len++] = *s++;
+}
+
+/* The keywords whose values are secrets: the server password and the
+ * passphrase of the client's SSL key. */
+static int secret_key(const char *k, size_t n)
+{
+    return (n == 8 && memcmp(k, "password", 8) == 0) ||
+           (n == 11 && memcmp(k, "sslpassword", 11) == 0);
+}
+
+static int is_space(char ch)
+{
+    return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' || ch == '\f' || ch == '\v';
+}
+
+/*
+ * Redacts a postgresql:// or postgres:// URI: the password of the
+ * user-info part and any password= / sslpassword= query parameter. The
+ * user-info is taken to end at the last '@' before the query, which covers
+ * libpq's reading (the first '@' before any '/') and errs on the side of
+ * hiding more when the two differ.
+ */
+static void redact_uri(bw_t *w, const char *s, size_t scheme_len)
+{
+    const char *end = s + strlen(s);
+    const char *q = strchr(s, '?');
+    const char *auth = s + scheme_len;
+    const char *lim = q ? q : end;
+    const char *at = NULL;
+    for (const char *p = auth; p < lim; p++)
+        if (*p == '@')
+            at = p;
+    bw_put(w, s, (size_t)(auth - s));
+    if (at) {
+        const char *colon = memchr(auth, ':', (size_t)(at - auth));
+        if (colon) {
+            bw_put(w, auth, (size_t)(colon + 1 - auth));
+            bw_put(w, "***", 3);
+        } else {
+            bw_put(w, auth, (size_t)(at - auth));
+        }
+        bw_put(w, at, (size_t)(lim - at));
+    } else {
+        bw_put(w, auth, (size_t)(lim - auth));
+    }
+    if (!q)
+        return;
+    bw_put(w, "?", 1);
+    for (const char *p = q + 1; p < end;) {
+        const char *amp = strchr(p, '&');
+        const char *pe = amp ? amp : end;
+        const char *eq = memchr(p, '=', (size_t)(pe - p));
+        if (eq && secret_key(p, (size_t)(eq - p))) {
+            bw_put(w, p, (size_t)(eq + 1 - p));
+            bw_put(w, "***", 3);
+        } else {
+            bw_put(w, p, (size_t)(pe - p));
+        }
+        if (amp)
+            bw_put(w, "&", 1);
+        p = amp ? amp + 1 : end;
+    }
+}
+
+/*
+ * Redacts a key=value connection string, following libpq's own grammar
+ * (conninfo_parse): keywords and values separated by '=' with optional
+ * blanks around it, values bare (backslash escapes the next character) or
+ * single-quoted (backslash escapes inside too). Everything else is copied
+ * as written. If the string does not parse, the rest of it is hidden, since
+ * there is no telling where a password would end.
+ */
+static void redact_kv(bw_t *w, const char *s)
+{
+    const char *p = s;
+    while (*p) {
+        const char *seg = p;
+        while (is_space(*p))
+            p++;
+        if (!*p) {
+            bw_put(w, seg, (size_t)(p - seg));
+            return;
+        }
+        const char *key = p;
+        while (*p && *p != '=' && !is_space(*p))
+            p++;
+        size_t klen = (size_t)(p - key);
+        while (is_space(*p))
+            p++;
+        if (*p != '=') {
+            bw_put(w, seg, (size_t)(key - seg));
+            bw_put(w, "***", 3);
+            return;
+        }
+        p++;
+        while (is_space(*p))
+            p++;
+        const char *val = p;
+        if (*p == '\'') {
+            p++;
+            while (*p && *p != '\'') {
+                if (*p == '\\' && p[1])
+                    p++;
+                p++;
+            }
+            if (*p != '\'') {
+                bw_put(w, seg, (size_t)(val - seg));
+                bw_put(w, "***", 3);
+                return;
+            }
+            p++;
+        } else {
+            while (*p && !is_space(*p)) {
+                if (*p == '\\' && p[1])
+                    p++;
+                p++;
+            }
+        }
+        bw_put(w, seg, (size_t)(val - seg));
+        if (secret_key(key, klen))
+            bw_put(w, "***", 3);
+        else
+            bw_put(w, val, (size_t)(p - val));
+    }
+}
+
+void snk_redact_conninfo(const char *conninfo, char *out, size_t cap)
+{
+    if (!out || cap == 0)
+        return;
+    bw_t w = {out, cap, 0};
+    if (conninfo) {
+        if (strncmp(conninfo, "postgresql://", 13) == 0)
+            redact_uri(&w, conninfo, 13);
+        else if (strncmp(conninfo, "postgres://", 11) == 0)
+            redact_uri(&w, conninfo, 11);
+        else
+            redact_kv(&w, conninfo);
+    }
+    out[w.len] = '\0';
+}

@@ -1,0 +1,118 @@
+/*
+ * sink.h - write mart rows to PostgreSQL (CONTRACT §3, §7, §8).
+ *
+ * The sink owns one libpq connection. Every call is blocking and must be made
+ * from the flush thread only, never from the loop thread: the daemon runs the
+ * sink on a worker so that Postgres never stalls ingestion. One snk_flush()
+ * is one Postgres transaction holding every row of the batch, so the tables
+ * only ever show a state that the daemon actually had at some set of offsets.
+ */
+#ifndef CLICKMART_SINK_H
+#define CLICKMART_SINK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Error codes (negative). snk_strerror() explains them. */
+#define SNK_ECONNECT (-1) /* could not connect, or the connection broke */
+#define SNK_EQUERY (-2)   /* a statement failed (details in snk_last_error) */
+#define SNK_ENOMEM (-3)
+#define SNK_EINVAL (-4)   /* bad argument, e.g. an invalid schema name */
+
+typedef struct snk_conn snk_conn_t;
+
+/* A session row (CONTRACT §3 `sessions`). Timestamps are ms, money is cents. */
+typedef struct snk_session_row {
+    const char *session_id;
+    const char *user_id;
+    int64_t started_at, ended_at;
+    int64_t events, page_views, product_views, add_to_carts, checkouts, purchases;
+    int64_t revenue_cents;
+    const char *device, *country;
+    int funnel_stage;
+} snk_session_row_t;
+
+/* A user row (CONTRACT §3 `users`). first/last_order_at < 0 means NULL. */
+typedef struct snk_user_row {
+    const char *user_id;
+    int64_t first_seen, last_seen;
+    const char *device, *country;
+    int64_t events, sessions, orders, revenue_cents;
+    int64_t first_order_at, last_order_at;
+} snk_user_row_t;
+
+/* A funnel_daily row; day is days since 1970-01-01. All-zero counts = delete. */
+typedef struct snk_funnel_row {
+    int32_t day;
+    const char *device, *country; /* "*" for the roll-ups */
+    int64_t sessions_ge[5];       /* sessions with stage >= 1..5 */
+    int64_t users_ge[5];          /* distinct users with a session of stage >= 1..5 */
+    int64_t orders, revenue_cents;
+} snk_funnel_row_t;
+
+/* A partitions row. watermark < 0 means NULL (nothing accepted yet). */
+typedef struct snk_partition_row {
+    const char *topic;
+    int32_t partition;
+    int64_t next_offset, watermark, accepted, duplicates, rejected;
+} snk_partition_row_t;
+
+/* A rejected message (CONTRACT §7). payload: the first 4096 bytes, raw. */
+typedef struct snk_reject_row {
+    const char *topic;
+    int32_t partition;
+    int64_t offset;
+    const char *reason, *detail;
+    const char *payload;
+    size_t payload_len;
+    int64_t rejected_at; /* ms */
+} snk_reject_row_t;
+
+/* Everything one flush writes. The sink reads the arrays, never keeps them. */
+typedef struct snk_batch {
+    const snk_session_row_t *sessions;
+    size_t n_sessions;
+    const char *const *deleted_sessions; /* session_ids merged away */
+    size_t n_deleted_sessions;
+    const snk_user_row_t *users;
+    size_t n_users;
+    const snk_funnel_row_t *funnel;
+    size_t n_funnel;
+    const snk_partition_row_t *partitions;
+    size_t n_partitions;
+    const snk_reject_row_t *rejects;
+    size_t n_rejects;
+} snk_batch_t;
+
+/*
+ * Connect with a libpq conninfo string (libpq's environment variables and
+ * service files apply as usual). `schema` must match [a-z_][a-z0-9_]{0,62};
+ * it is also quoted in every statement. On success *out owns the connection
+ * (free with snk_close). Flush thread only.
+ */
+int snk_open(const char *conninfo, const char *schema, snk_conn_t **out);
+
+/* Create or migrate the schema and its tables (idempotent, versioned in
+ * <schema>.schema_version, serialized with an advisory lock). */
+int snk_migrate(snk_conn_t *c);
+
+/* Write one batch in one transaction (COPY into temporary staging tables,
+ * then one upsert / delete per table). On error the transaction is rolled
+ * back and nothing is written; the caller retries the same rows later. */
+int snk_flush(snk_conn_t *c, const snk_batch_t *b);
+
+/* 1 while the connection is usable, 0 after it broke (reopen with snk_open). */
+int snk_ok(const snk_conn_t *c);
+
+/* The last libpq error message of this connection ("" if none); valid until
+ * the next call on c. Passwords never appear in it. */
+const char *snk_last_error(const snk_conn_t *c);
+
+void snk_close(snk_conn_t *c);
+const char *snk_strerror(int err);
+
+/* Redact the password in a conninfo string (key=value or URI form) for logs:
+ * writes at most cap bytes (NUL-terminated) into out. Thread-safe. */
+void snk_redact_conninfo(const char *conninfo, char *out, size_t cap);
+
+#endif

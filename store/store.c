@@ -1,0 +1,309 @@
+/*
+ * store.c - LMDB environment wrapper. See store.h and docs/store.md.
+ */
+#include "store/store.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "daemon/util.h"
+
+/* Bumped whenever the key layout or a record format changes incompatibly. */
+#define ST_LAYOUT_VERSION 1
+
+static const char *const db_names[ST_DB__COUNT] = {
+    "meta", "dedup", "sessions", "users", "ustage", "funnel", "dirty", "rejects",
+};
+
+struct st_env {
+    int lock_fd;
+    MDB_env *env;
+    MDB_dbi dbi[ST_DB__COUNT];
+    size_t map_size;
+};
+
+/* Translate an LMDB return code into the store's codes at the boundary. */
+static int xlate(int rc)
+{
+    switch (rc) {
+    case MDB_SUCCESS:
+        return 0;
+    case MDB_NOTFOUND:
+        return ST_ENOTFOUND;
+    case MDB_MAP_FULL:
+    case MDB_TXN_FULL:
+        return ST_EMAPFULL;
+    case ENOMEM:
+        return ST_ENOMEM;
+    case EINVAL:
+        return ST_EINVAL;
+    case EAGAIN:
+    case EBUSY:
+        return ST_EBUSY;
+    default:
+        cm_err("lmdb error", "code=%d error=\"%s\"", rc, mdb_strerror(rc));
+        return ST_EIO;
+    }
+}
+
+int st_open(const char *dir, size_t map_size, enum st_sync sync, st_env_t **out)
+{
+    if (mkdir(dir, 0750) != 0 && errno != EEXIST) {
+        cm_err("cannot create state dir", "dir=%s error=\"%s\"", dir, strerror(errno));
+        return ST_EIO;
+    }
+    st_env_t *e = calloc(1, sizeof *e);
+    if (!e)
+        return ST_ENOMEM;
+    /* LMDB itself allows several processes on one environment; two daemons
+     * applying the same partitions would double-count, so a lock file makes
+     * the state directory exclusive to one process. */
+    char lock_path[4096];
+    snprintf(lock_path, sizeof lock_path, "%s/clickmartd.lock", dir);
+    e->lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+    if (e->lock_fd < 0 || flock(e->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        cm_err("state directory is in use by another process", "dir=%s error=\"%s\"", dir,
+               strerror(errno));
+        if (e->lock_fd >= 0)
+            close(e->lock_fd);
+        free(e);
+        return ST_EBUSY;
+    }
+    int rc = mdb_env_create(&e->env);
+    if (rc)
+        goto fail;
+    mdb_env_set_maxdbs(e->env, ST_DB__COUNT + 4);
+    mdb_env_set_mapsize(e->env, map_size);
+    mdb_env_set_maxreaders(e->env, 64);
+    unsigned flags = MDB_NOTLS;
+    if (sync == ST_SYNC_META)
+        flags |= MDB_NOMETASYNC;
+    else if (sync == ST_SYNC_NONE)
+        flags |= MDB_NOSYNC;
+    rc = mdb_env_open(e->env, dir, flags, 0640);
+    if (rc) {
+        cm_err("cannot open state", "dir=%s error=\"%s\"", dir, mdb_strerror(rc));
+        goto fail;
+    }
+    MDB_envinfo info;
+    mdb_env_info(e->env, &info);
+    e->map_size = info.me_mapsize;
+
+    MDB_txn *txn;
+    rc = mdb_txn_begin(e->env, NULL, 0, &txn);
+    if (rc)
+        goto fail;
+    for (int i = 0; i < ST_DB__COUNT; i++) {
+        rc = mdb_dbi_open(txn, db_names[i], MDB_CREATE, &e->dbi[i]);
+        if (rc) {
+            mdb_txn_abort(txn);
+            goto fail;
+        }
+    }
+    /* The layout version guards against reading state written by an
+     * incompatible build: such state is refused, never misread. */
+    MDB_val k = {7, "version"}, v;
+    rc = mdb_get(txn, e->dbi[ST_DB_META], &k, &v);
+    if (rc == MDB_NOTFOUND) {
+        uint32_t ver = ST_LAYOUT_VERSION;
+        MDB_val nv = {sizeof ver, &ver};
+        rc = mdb_put(txn, e->dbi[ST_DB_META], &k, &nv, 0);
+    } else if (rc == 0) {
+        uint32_t ver = 0;
+        if (v.mv_size == sizeof ver)
+            memcpy(&ver, v.mv_data, sizeof ver);
+        if (ver != ST_LAYOUT_VERSION) {
+            cm_err("state layout version mismatch", "dir=%s found=%u expected=%u", dir, ver,
+                   ST_LAYOUT_VERSION);
+            mdb_txn_abort(txn);
+            mdb_env_close(e->env);
+            close(e->lock_fd);
+            free(e);
+            return ST_EVERSION;
+        }
+    }
+    if (rc) {
+        mdb_txn_abort(txn);
+        goto fail;
+    }
+    rc = mdb_txn_commit(txn);
+    if (rc)
+        goto fail;
+    *out = e;
+    return 0;
+fail:
+    if (e->env)
+        mdb_env_close(e->env);
+    close(e->lock_fd);
+    free(e);
+    return xlate(rc);
+}
+
+void st_close(st_env_t *e)
+{
+    if (!e)
+        return;
+    mdb_env_close(e->env);
+    close(e->lock_fd);
+    free(e);
+}
+
+int st_begin(st_env_t *e, int rdonly, st_txn_t **txn)
+{
+    return xlate(mdb_txn_begin(e->env, NULL, rdonly ? MDB_RDONLY : 0, txn));
+}
+
+int st_commit(st_txn_t *txn)
+{
+    return xlate(mdb_txn_commit(txn));
+}
+
+void st_abort(st_txn_t *txn)
+{
+    if (txn)
+        mdb_txn_abort(txn);
+}
+
+int st_get(st_txn_t *txn, st_env_t *e, enum st_db db, const void *k, size_t kn, st_val_t *v)
+{
+    MDB_val mk = {kn, (void *)k}, mv;
+    int rc = mdb_get(txn, e->dbi[db], &mk, &mv);
+    if (rc == 0) {
+        v->p = mv.mv_data;
+        v->n = mv.mv_size;
+    }
+    return xlate(rc);
+}
+
+int st_put(st_txn_t *txn, st_env_t *e, enum st_db db, const void *k, size_t kn, const void *v,
+           size_t vn)
+{
+    MDB_val mk = {kn, (void *)k}, mv = {vn, (void *)v};
+    return xlate(mdb_put(txn, e->dbi[db], &mk, &mv, 0));
+}
+
+int st_del(st_txn_t *txn, st_env_t *e, enum st_db db, const void *k, size_t kn)
+{
+    MDB_val mk = {kn, (void *)k};
+    return xlate(mdb_del(txn, e->dbi[db], &mk, NULL));
+}
+
+int st_cur_open(st_txn_t *txn, st_env_t *e, enum st_db db, st_cursor_t *cur)
+{
+    return xlate(mdb_cursor_open(txn, e->dbi[db], &cur->c));
+}
+
+static int cur_get(st_cursor_t *cur, MDB_val *mk, MDB_cursor_op op, st_val_t *key, st_val_t *val)
+{
+    MDB_val mv;
+    int rc = mdb_cursor_get(cur->c, mk, &mv, op);
+    if (rc == 0) {
+        if (key) {
+            key->p = mk->mv_data;
+            key->n = mk->mv_size;
+        }
+        if (val) {
+            val->p = mv.mv_data;
+            val->n = mv.mv_size;
+        }
+    }
+    return xlate(rc);
+}
+
+int st_cur_seek(st_cursor_t *cur, const void *k, size_t kn, st_val_t *key, st_val_t *val)
+{
+    MDB_val mk = {kn, (void *)k};
+    return cur_get(cur, &mk, MDB_SET_RANGE, key, val);
+}
+
+int st_cur_next(st_cursor_t *cur, st_val_t *key, st_val_t *val)
+{
+    MDB_val mk = {0, NULL};
+    return cur_get(cur, &mk, MDB_NEXT, key, val);
+}
+
+int st_cur_prev(st_cursor_t *cur, st_val_t *key, st_val_t *val)
+{
+    MDB_val mk = {0, NULL};
+    return cur_get(cur, &mk, MDB_PREV, key, val);
+}
+
+int st_cur_last(st_cursor_t *cur, st_val_t *key, st_val_t *val)
+{
+    MDB_val mk = {0, NULL};
+    return cur_get(cur, &mk, MDB_LAST, key, val);
+}
+
+int st_cur_del(st_cursor_t *cur)
+{
+    return xlate(mdb_cursor_del(cur->c, 0));
+}
+
+void st_cur_close(st_cursor_t *cur)
+{
+    if (cur->c)
+        mdb_cursor_close(cur->c);
+    cur->c = NULL;
+}
+
+int st_count(st_txn_t *txn, st_env_t *e, enum st_db db, uint64_t *n)
+{
+    MDB_stat s;
+    int rc = mdb_stat(txn, e->dbi[db], &s);
+    if (rc == 0)
+        *n = s.ms_entries;
+    return xlate(rc);
+}
+
+int st_grow(st_env_t *e)
+{
+    size_t next = e->map_size * 2;
+    int rc = mdb_env_set_mapsize(e->env, next);
+    if (rc)
+        return xlate(rc);
+    MDB_envinfo info;
+    mdb_env_info(e->env, &info);
+    e->map_size = info.me_mapsize;
+    cm_warn("state map grown", "map_size=%zu", e->map_size);
+    return 0;
+}
+
+void st_usage(st_env_t *e, uint64_t *used, uint64_t *map_size)
+{
+    MDB_envinfo info;
+    MDB_stat st;
+    mdb_env_info(e->env, &info);
+    mdb_env_stat(e->env, &st);
+    *used = (uint64_t)(info.me_last_pgno + 1) * st.ms_psize;
+    *map_size = info.me_mapsize;
+}
+
+const char *st_strerror(int err)
+{
+    switch (err) {
+    case 0:
+        return "ok";
+    case ST_ENOTFOUND:
+        return "not found";
+    case ST_EMAPFULL:
+        return "state map is full";
+    case ST_EIO:
+        return "state I/O error";
+    case ST_ENOMEM:
+        return "out of memory";
+    case ST_EINVAL:
+        return "invalid argument";
+    case ST_EVERSION:
+        return "state written by an incompatible version";
+    case ST_EBUSY:
+        return "state directory busy";
+    default:
+        return "unknown store error";
+    }
+}
