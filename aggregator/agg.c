@@ -1116,7 +1116,11 @@ static int sweep_db(agg_t *a, int which, enum st_db db, int64_t budget)
     int r = st_cur_open(a->txn, a->env, db, &cur);
     if (r)
         return r;
-    r = st_cur_seek(&cur, a->sweep_key[which], a->sweep_len[which], &k, &v);
+    uint8_t zero = 0;
+    if (a->sweep_len[which])
+        r = st_cur_seek(&cur, a->sweep_key[which], a->sweep_len[which], &k, &v);
+    else
+        r = st_cur_seek(&cur, &zero, 1, &k, &v);
     int64_t seen = 0;
     while (seen < budget) {
         if (r == ST_ENOTFOUND) {
@@ -1288,7 +1292,7 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t
     if (tag == TAG_SESSION) {
         r = st_get(txn, a->env, ST_DB_SESSIONS, rk, rkn, &v);
         if (r == ST_ENOTFOUND)
-            return 0; /* merged away since: its id is deleted by a 'D' mark */
+            goto record; /* merged away since: its id is deleted by a 'D' mark */
         if (r)
             return r;
         sess_t s;
@@ -1320,7 +1324,7 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t
     } else if (tag == TAG_USER) {
         r = st_get(txn, a->env, ST_DB_USERS, rk, rkn, &v);
         if (r == ST_ENOTFOUND)
-            return 0;
+            goto record;
         if (r)
             return r;
         user_t u;
@@ -1369,6 +1373,7 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t
             return AGG_ENOMEM;
         f->n_funnel++;
     }
+record:
     GROW(f->keys, f->n_keys, f->cap_keys);
     uint8_t *kc = arena_alloc(f, k->n);
     if (!kc)

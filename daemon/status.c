@@ -35,6 +35,10 @@
 /* Nothing we serve takes a body, so a bigger one is refused rather than read forever. */
 #define STS_MAX_BODY 65536
 #define STS_MAX_CONNS 64
+/*
+ * Only a complete request or a finished write counts as activity, not a partial read, so a
+ * client that trickles in a request a byte at a time cannot hold one of the 64 slots forever.
+ */
 #define STS_IDLE_MS 10000
 /* How long a closing connection keeps draining the peer's data after our last response. */
 #define STS_LINGER_MS 2000
@@ -507,7 +511,8 @@ static bool request_path(sts_conn_t *c, char *out, size_t outsz)
             len = 1;
         }
     }
-    if (len >= outsz)
+    /* Only OPTIONS may use "*", and the handler only knows absolute paths. */
+    if (len >= outsz || path[0] != '/')
         return false;
     memcpy(out, path, len);
     out[len] = '\0';

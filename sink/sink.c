@@ -15,7 +15,6 @@
  */
 #include "sink/sink.h"
 
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,12 +29,13 @@
 #define REJECT_PAYLOAD_MAX 4096u
 
 /* The key of the transaction-level advisory lock that serialises migrations
- * of every clickmart schema in a database ("clickmart" in ASCII, as an
- * arbitrary but fixed number that no other application is likely to use). */
-#define MIGRATE_LOCK_KEY "7164121405331305844"
+ * of every clickmart schema in a database: the ASCII bytes "clickmar" read
+ * as a big-endian 64-bit integer, a fixed number no other application is
+ * likely to pick. */
+#define MIGRATE_LOCK_KEY "7164216982964625778"
 
 /* Passwords shorter than this are not scrubbed from error messages, since
- * replacing every occurrence of one or two characters would destroy the
+ * replacing every occurrence of a few common characters would destroy the
  * message while protecting next to nothing. */
 #define SCRUB_MIN_LEN 4
 
@@ -604,15 +604,26 @@ typedef struct table_spec {
 } table_spec_t;
 
 static const char *const SESSION_COLS[] = {
-    "session_id", "user_id",   "started_at", "ended_at", "events",  "page_views",   "product_views",
-    "add_to_carts", "checkouts", "purchases", "revenue", "device", "country", "funnel_stage"};
-static const char *const USER_COLS[] = {
-    "user_id", "first_seen", "last_seen", "device",         "country",      "events",
-    "sessions", "orders",    "revenue",   "first_order_at", "last_order_at"};
-static const char *const FUNNEL_COLS[] = {
-    "day",   "device",  "country", "sessions", "sessions_product_view", "sessions_add_to_cart",
-    "sessions_checkout", "sessions_purchase", "users", "users_product_view", "users_add_to_cart",
-    "users_checkout", "users_purchase", "orders", "revenue"};
+    "session_id",   "user_id",   "started_at", "ended_at", "events", "page_views", "product_views",
+    "add_to_carts", "checkouts", "purchases",  "revenue",  "device", "country",    "funnel_stage"};
+static const char *const USER_COLS[] = {"user_id", "first_seen",     "last_seen",    "device",
+                                        "country", "events",         "sessions",     "orders",
+                                        "revenue", "first_order_at", "last_order_at"};
+static const char *const FUNNEL_COLS[] = {"day",
+                                          "device",
+                                          "country",
+                                          "sessions",
+                                          "sessions_product_view",
+                                          "sessions_add_to_cart",
+                                          "sessions_checkout",
+                                          "sessions_purchase",
+                                          "users",
+                                          "users_product_view",
+                                          "users_add_to_cart",
+                                          "users_checkout",
+                                          "users_purchase",
+                                          "orders",
+                                          "revenue"};
 static const char *const PARTITION_COLS[] = {"topic",    "partition",  "next_offset", "watermark",
                                              "accepted", "duplicates", "rejected"};
 static const char *const REJECT_COLS[] = {"topic",  "partition", "kafka_offset", "reason",
@@ -635,8 +646,8 @@ enum {
 };
 
 static const table_spec_t TABLES[T__COUNT] = {
-    [T_SESSIONS_DEL] = {"sessions", "cm_stage_sessions_del", SESSION_COLS, 1, 1, APPLY_DELETE,
-                        NULL, NULL},
+    [T_SESSIONS_DEL] = {"sessions", "cm_stage_sessions_del", SESSION_COLS, 1, 1, APPLY_DELETE, NULL,
+                        NULL},
     [T_SESSIONS] = {"sessions", "cm_stage_sessions", SESSION_COLS, NCOLS(SESSION_COLS), 1,
                     APPLY_UPSERT, NULL, NULL},
     [T_USERS] = {"users", "cm_stage_users", USER_COLS, NCOLS(USER_COLS), 1, APPLY_UPSERT, NULL,
@@ -645,8 +656,8 @@ static const table_spec_t TABLES[T__COUNT] = {
                       NULL},
     [T_FUNNEL] = {"funnel_daily", "cm_stage_funnel", FUNNEL_COLS, NCOLS(FUNNEL_COLS), 3,
                   APPLY_UPSERT, NULL, NULL},
-    [T_PARTITIONS] = {"partitions", "cm_stage_partitions", PARTITION_COLS, NCOLS(PARTITION_COLS),
-                      2, APPLY_UPSERT, "flushed_at", "now()"},
+    [T_PARTITIONS] = {"partitions", "cm_stage_partitions", PARTITION_COLS, NCOLS(PARTITION_COLS), 2,
+                      APPLY_UPSERT, "flushed_at", "now()"},
     [T_REJECTS] = {"rejected_events", "cm_stage_rejects", REJECT_COLS, NCOLS(REJECT_COLS), 3,
                    APPLY_INSERT_ONLY, NULL, NULL},
 };
@@ -770,8 +781,9 @@ static void notice_ignore(void *arg, const char *message)
 }
 
 /*
- * Stores "<step>: <message>" as one line in dst: newlines become spaces so
- * the message fits a log line, and the password, if known, is replaced with
+ * Stores "<step>: <message>" as one line in dst: newlines become spaces and
+ * runs of blanks one blank, so the message fits a log line, and the password, if known, is replaced
+ * with
  * "***" in case a server or libpq message ever quotes it.
  */
 static void store_err(char *dst, size_t cap, const char *secret, const char *step, const char *msg)
@@ -788,7 +800,12 @@ static void store_err(char *dst, size_t cap, const char *secret, const char *ste
                 continue;
             }
             char ch = *p++;
-            dst[o++] = (ch == '\n' || ch == '\r' || ch == '\t') ? ' ' : ch;
+            if (ch == '\n' || ch == '\r' || ch == '\t')
+                ch = ' ';
+            /* libpq pads its LINE/caret context with runs of blanks. */
+            if (ch == ' ' && o > 0 && dst[o - 1] == ' ')
+                continue;
+            dst[o++] = ch;
         }
     }
     /* Trailing blanks come from libpq's final newline and carry nothing. */
@@ -895,28 +912,31 @@ static int valid_schema(const char *s)
 }
 
 /*
- * Rewrites a libpq parse error for a connection string that could not be
- * parsed: libpq quotes the offending text, which may be (part of) the
- * password, so every quoted span except the literal "=" is hidden.
+ * Copies a libpq parse error for a connection string that could not be
+ * parsed into out[cap]: libpq quotes the offending text, which may be (part
+ * of) the password, so every quoted span except the literal "=" is hidden.
  */
-static void hide_quoted(char *s)
+static void hide_quoted(const char *in, char *out, size_t cap)
 {
-    char *o = s;
-    for (const char *p = s; *p;) {
+    size_t o = 0;
+    for (const char *p = in; *p && o + 1 < cap;) {
         const char *q = *p == '"' ? strchr(p + 1, '"') : NULL;
-        if (q && !(q == p + 2 && p[1] == '=')) {
-            memcpy(o, "\"***\"", 5);
-            o += 5;
-            p = q + 1;
-        } else if (q) {
-            memmove(o, p, 3);
-            o += 3;
-            p = q + 1;
-        } else {
-            *o++ = *p++;
+        const char *rep = NULL;
+        size_t n = 1;
+        if (q) {
+            int is_eq = q == p + 2 && p[1] == '=';
+            rep = is_eq ? "\"=\"" : "\"***\"";
+            n = (size_t)(q + 1 - p);
         }
+        if (!rep) {
+            out[o++] = *p;
+        } else {
+            for (; *rep && o + 1 < cap; rep++)
+                out[o++] = *rep;
+        }
+        p += n;
     }
-    *o = '\0';
+    out[o] = '\0';
 }
 
 static void conn_free(snk_conn_t *c)
@@ -959,8 +979,9 @@ int snk_open(const char *conninfo, const char *schema, snk_conn_t **out)
     PQconninfoOption *opts = PQconninfoParse(conninfo, &perr);
     if (!opts) {
         if (perr) {
-            hide_quoted(perr);
-            store_err(open_err, sizeof open_err, NULL, "invalid connection string", perr);
+            char safe[sizeof open_err];
+            hide_quoted(perr, safe, sizeof safe);
+            store_err(open_err, sizeof open_err, NULL, "invalid connection string", safe);
             PQfreemem(perr);
         } else {
             store_err(open_err, sizeof open_err, NULL, "snk_open", "out of memory");
@@ -1001,10 +1022,14 @@ int snk_open(const char *conninfo, const char *schema, snk_conn_t **out)
         return SNK_ENOMEM;
     }
     const char *pw = PQpass(c->pg);
-    if (pw && *pw && !(c->secret = strdup(pw))) {
-        conn_free(c);
-        store_err(open_err, sizeof open_err, NULL, "snk_open", "out of memory");
-        return SNK_ENOMEM;
+    if (pw && *pw) {
+        size_t n = strlen(pw) + 1;
+        if (!(c->secret = malloc(n))) {
+            conn_free(c);
+            store_err(open_err, sizeof open_err, NULL, "snk_open", "out of memory");
+            return SNK_ENOMEM;
+        }
+        memcpy(c->secret, pw, n);
     }
     PQsetNoticeProcessor(c->pg, notice_ignore, NULL);
     if (PQstatus(c->pg) != CONNECTION_OK) {
@@ -1072,9 +1097,8 @@ int snk_migrate(snk_conn_t *c)
      * database, which a role that only owns an existing schema may lack, so
      * the schema is created only when it is really missing. */
     const char *params[1] = {c->schema};
-    PGresult *res =
-        PQexecParams(c->pg, "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1", 1, NULL,
-                     params, NULL, NULL, 0);
+    PGresult *res = PQexecParams(c->pg, "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1",
+                                 1, NULL, params, NULL, NULL, 0);
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
         rc = fail_res(c, "look up schema", res);
         PQclear(res);
@@ -1201,16 +1225,20 @@ static int copy_send(snk_conn_t *c, const char *step)
     return 0;
 }
 
-/* Reads the results that follow a COPY until libpq has none left, keeping
- * the first error; the connection is idle (in the transaction) afterwards. */
-static int copy_finish(snk_conn_t *c, const char *step)
+/*
+ * Reads the results that follow a COPY until libpq has none left, keeping
+ * the first error; the connection is idle (in the transaction) afterwards.
+ * With `record` clear the caller already holds the real cause (the COPY was
+ * aborted on purpose), so the server's echo of the abort is not stored.
+ */
+static int copy_finish(snk_conn_t *c, const char *step, int record)
 {
     int rc = 0;
     PGresult *res;
     while ((res = PQgetResult(c->pg)) != NULL) {
         ExecStatusType st = PQresultStatus(res);
         if (rc == 0 && st != PGRES_COMMAND_OK)
-            rc = fail_res(c, step, res);
+            rc = record ? fail_res(c, step, res) : SNK_EQUERY;
         PQclear(res);
         /* A result still in COPY_IN state means the end message was not
          * accepted; without this the loop would never end. */
@@ -1218,7 +1246,7 @@ static int copy_finish(snk_conn_t *c, const char *step)
             break;
     }
     if (rc == 0 && PQstatus(c->pg) != CONNECTION_OK)
-        rc = fail_res(c, step, NULL);
+        rc = record ? fail_res(c, step, NULL) : SNK_ECONNECT;
     return rc;
 }
 
@@ -1288,7 +1316,7 @@ static int64_t copy_rows(snk_conn_t *c, const table_spec_t *t, const void *rows,
         set_err(c, step, PQerrorMessage(c->pg));
         rc = PQstatus(c->pg) == CONNECTION_OK ? SNK_EQUERY : SNK_ECONNECT;
     }
-    int frc = copy_finish(c, step);
+    int frc = copy_finish(c, step, rc == 0);
     if (rc == 0)
         rc = frc;
     c->data.len = 0;
@@ -1383,11 +1411,17 @@ static int stage_apply(snk_conn_t *c, int which, const void *rows, size_t n, row
     if (sent <= 0)
         return (int)sent;
     char step[64];
-    snprintf(step, sizeof step, "%s %s",
-             t->kind == APPLY_DELETE ? "delete from" : "write", t->table);
+    snprintf(step, sizeof step, "%s %s", t->kind == APPLY_DELETE ? "delete from" : "write",
+             t->table);
     return exec_cmd(c, step, sql_apply(c, t), PGRES_COMMAND_OK);
 }
 
+/*
+ * Keys must be unique within each list of a batch: an upsert cannot touch
+ * one row twice, so a repeated key fails the flush with SNK_EQUERY ("ON
+ * CONFLICT DO UPDATE command cannot affect row a second time") instead of
+ * silently picking one of the rows. Deleted ids and rejects may repeat.
+ */
 int snk_flush(snk_conn_t *c, const snk_batch_t *b)
 {
     if (!c || !b)
@@ -1433,10 +1467,14 @@ int snk_flush(snk_conn_t *c, const snk_batch_t *b)
         rc = stage_apply(c, T_REJECTS, b->rejects, b->n_rejects, row_reject);
     if (rc == 0)
         rc = commit(c);
-    if (rc < 0)
+    if (rc < 0) {
+        /* The next flush re-runs the (IF NOT EXISTS) creation of the staging
+         * tables: it costs one statement and recovers from whatever may have
+         * removed them from the session (a DISCARD by a pooler, say). */
+        c->staged = 0;
         return fail_tx(c, rc);
-    /* Only a committed flush proves that the staging tables exist; after a
-     * rollback they are created again (IF NOT EXISTS) next time. */
+    }
+    /* Only a committed flush proves that the staging tables exist. */
     c->staged = 1;
     return 0;
 }

@@ -103,7 +103,7 @@ cm_cleanup() {
         cm_stop_pid "$p" 5
     done
     if [ "${CM_PG_RUNNING:-0}" = 1 ]; then
-        cm_pg_stop immediate
+        cm_pg_stop fast
     fi
     if [ "${CM_KEEP:-0}" = 1 ]; then
         cm_log "kept $CM_DIR"
@@ -195,8 +195,10 @@ EOF
 
 # cm_pg_stop [fast|immediate|smart]: stops Postgres (default fast).
 cm_pg_stop() {
-    local mode=${1:-fast} data=$CM_DIR/pg/data
+    local mode=${1:-fast} data=$CM_DIR/pg/data i
     [ "${CM_PG_RUNNING:-0}" = 1 ] || return 0
+    local postmaster
+    postmaster=$(head -n1 "$data/postmaster.pid" 2>/dev/null || true)
     if ! cm_as_pg "$CM_PG_BIN/pg_ctl" -D "$data" -m "$mode" -w -t 60 stop >>"$CM_DIR/pg_ctl.log" 2>&1; then
         local pid
         pid=$(head -n1 "$data/postmaster.pid" 2>/dev/null || true)
@@ -206,6 +208,12 @@ cm_pg_stop() {
             sleep 0.5
         fi
     fi
+    # pg_ctl returns once the pid file is gone; wait for the process itself as well.
+    for ((i = 0; i < 50; i++)); do
+        [ -n "$postmaster" ] && [ -d "/proc/$postmaster" ] || break
+        grep -q '^State:.*Z' "/proc/$postmaster/status" 2>/dev/null && break
+        sleep 0.1
+    done
     CM_PG_RUNNING=0
 }
 

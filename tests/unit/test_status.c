@@ -83,6 +83,12 @@ static void handler(void *ud, const char *method, const char *path, sts_response
         resp->body = malloc(BIG_LEN);
         memset(resp->body, 'x', BIG_LEN);
         resp->body_len = BIG_LEN;
+    } else if (strcmp(path, "/stop") == 0) {
+        /* The daemon may stop the server from inside a request (e.g. on shutdown). */
+        sts_stop(f->srv);
+        f->srv = NULL;
+        resp->status = 200;
+        resp->body = dup_str("bye\n", &resp->body_len);
     } else if (strcmp(path, "/empty") == 0) {
         resp->status = 204;
         resp->content_type = "text/plain";
@@ -578,6 +584,84 @@ static void test_malformed_400(void **state)
     free(all);
 }
 
+static void test_bad_target_400(void **state)
+{
+    fixture_t *f = *state;
+    int fd = connect_unix(f->path);
+    response_t r;
+    send_str(fd, "GET http://localhost HTTP/1.1\r\nHost: a\r\n\r\n");
+    read_response(fd, false, &r);
+    assert_int_equal(r.status, 404);
+    pthread_mutex_lock(&f->mu);
+    assert_string_equal(f->last_path, "/");
+    pthread_mutex_unlock(&f->mu);
+    send_str(fd, "GET * HTTP/1.1\r\nHost: a\r\n\r\n");
+    size_t len;
+    char *all = read_to_eof(fd, &len);
+    close(fd);
+    assert_int_equal(parse_response(all, len, false, &r), len);
+    assert_int_equal(r.status, 400);
+    assert_true(has_header(&r, "\r\nConnection: close\r\n"));
+    free(all);
+    assert_int_equal(atomic_load(&f->calls), 1);
+}
+
+static void test_body_too_large_413(void **state)
+{
+    fixture_t *f = *state;
+    int fd = connect_unix(f->path);
+    size_t blen = 100000;
+    char *req = malloc(blen + 128);
+    assert_non_null(req);
+    int n = sprintf(req, "POST /status HTTP/1.1\r\nHost: a\r\nContent-Length: %zu\r\n\r\n", blen);
+    memset(req + n, 'z', blen);
+    send_all(fd, req, (size_t)n + blen);
+    size_t len;
+    char *all = read_to_eof(fd, &len);
+    close(fd);
+    response_t r;
+    assert_int_equal(parse_response(all, len, false, &r), len);
+    assert_int_equal(r.status, 413);
+    free(all);
+    free(req);
+}
+
+/* We never switch protocols: the request is answered and the connection closed. */
+static void test_upgrade_closes(void **state)
+{
+    fixture_t *f = *state;
+    int fd = connect_unix(f->path);
+    send_str(fd, "GET /status HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                 "Upgrade: websocket\r\n\r\n\x81\x05hello");
+    size_t len;
+    char *all = read_to_eof(fd, &len);
+    close(fd);
+    response_t r;
+    assert_int_equal(parse_response(all, len, false, &r), len);
+    assert_int_equal(r.status, 200);
+    assert_true(has_header(&r, "\r\nConnection: close\r\n"));
+    free(all);
+}
+
+/* The handler may stop the server; the request's connection is then closed unanswered. */
+static void test_stop_from_handler(void **state)
+{
+    fixture_t *f = *state;
+    int other = connect_unix(f->path);
+    int fd = connect_unix(f->path);
+    send_str(fd, "GET /stop HTTP/1.1\r\nHost: a\r\n\r\nGET /status HTTP/1.1\r\n\r\n");
+    size_t len;
+    char *all = read_to_eof(fd, &len);
+    assert_int_equal(len, 0);
+    free(all);
+    all = read_to_eof(other, &len);
+    assert_int_equal(len, 0);
+    free(all);
+    close(fd);
+    close(other);
+    assert_int_equal(atomic_load(&f->calls), 1);
+}
+
 static void test_empty_body_and_status(void **state)
 {
     fixture_t *f = *state;
@@ -840,6 +924,35 @@ static void test_tcp_listener(void **state)
     pthread_mutex_destroy(&f.mu);
 }
 
+/* "localhost:port" and ":port" are accepted; a port in use fails and leaves no socket file. */
+static void test_tcp_forms_and_port_in_use(void **state)
+{
+    (void)state;
+    fixture_t f;
+    fixture_init(&f);
+    char spec[64];
+    snprintf(spec, sizeof spec, "localhost:%d", free_tcp_port());
+    assert_int_equal(sts_start(&f.loop, NULL, spec, handler, &f, &f.srv), 0);
+    sts_server_t *first = f.srv;
+
+    /* The same port again, now with the Unix socket too: bind fails after the socket exists. */
+    sts_server_t *second = NULL;
+    assert_int_equal(sts_start(&f.loop, f.path, spec, handler, &f, &second), STS_ELISTEN);
+    assert_null(second);
+    struct stat st;
+    assert_int_equal(lstat(f.path, &st), -1);
+
+    snprintf(spec, sizeof spec, ":%d", free_tcp_port());
+    assert_int_equal(sts_start(&f.loop, NULL, spec, handler, &f, &second), 0);
+    sts_stop(first);
+    sts_stop(second);
+    f.srv = NULL;
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(uv_loop_close(&f.loop), 0);
+    assert_int_equal(rmdir(f.dir), 0);
+    pthread_mutex_destroy(&f.mu);
+}
+
 static void test_tcp_ipv6_listener(void **state)
 {
     (void)state;
@@ -919,6 +1032,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_other_methods_405, setup, teardown),
         cmocka_unit_test_setup_teardown(test_oversized_header, setup, teardown),
         cmocka_unit_test_setup_teardown(test_malformed_400, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bad_target_400, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_body_too_large_413, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_upgrade_closes, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stop_from_handler, setup, teardown),
         cmocka_unit_test_setup_teardown(test_empty_body_and_status, setup, teardown),
         cmocka_unit_test_setup_teardown(test_socket_mode, setup, teardown),
         cmocka_unit_test_setup_teardown(test_connection_limit, setup, teardown),
@@ -929,6 +1046,7 @@ int main(void)
         cmocka_unit_test(test_stale_socket_replaced),
         cmocka_unit_test(test_live_socket_kept),
         cmocka_unit_test(test_tcp_listener),
+        cmocka_unit_test(test_tcp_forms_and_port_in_use),
         cmocka_unit_test(test_tcp_ipv6_listener),
         cmocka_unit_test(test_bad_arguments),
     };

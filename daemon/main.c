@@ -1,0 +1,878 @@
+/*
+ * main.c - clickmartd: the event loop that ties the modules together.
+ *
+ * One libuv loop thread consumes Kafka, validates, applies each batch to the
+ * LMDB state in one write transaction (offsets included) and serves the
+ * status socket. Flushes to Postgres run on libuv's thread pool, one at a
+ * time, reading a committed LMDB snapshot, so Postgres never blocks intake.
+ */
+#include <jansson.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "aggregator/agg.h"
+#include "daemon/config.h"
+#include "daemon/status.h"
+#include "daemon/util.h"
+#include "ingest/consumer.h"
+#include "ingest/validate.h"
+#include "sink/sink.h"
+#include "store/store.h"
+
+#define CLICKMART_VERSION "0.1.0"
+
+typedef struct dmn {
+    uv_loop_t *loop;
+    cfg_t cfg;
+    st_env_t *env;
+    agg_t *agg;
+    ing_consumer_t *cons;
+    sts_server_t *sts;
+    ing_limits_t lim;
+    ing_event_t *ev;
+    int32_t n_parts;
+    int64_t *ends, *lows; /* --exit-at-end targets */
+    uv_timer_t flush_timer, stats_timer, grow_timer;
+    uv_signal_t sig_term, sig_int;
+    int handles_open;
+
+    /* Flush state. The work item touches pg, fl, fl_rc and fl_err only. */
+    uv_work_t work;
+    int inflight;
+    agg_flush_t *fl;
+    int fl_rc;
+    char fl_err[512];
+    double fl_t0;
+    snk_conn_t *pg;
+    int pg_up;
+    int64_t backoff_ms;
+    double next_try;
+    uint64_t batches, batches_at_flush, batches_flushed;
+    int flushed_once;
+
+    /* Figures for /status, /metrics and the summary line. */
+    int64_t last_flush_at;
+    double last_flush_ms;
+    size_t last_flush_rows;
+    uint64_t flushes, flush_failures, rows_written;
+    uint64_t msgs, msgs_at_last_stats;
+    double last_stats_t;
+    double started;
+    uint64_t pauses;
+
+    int pause_backpressure;
+    rd_kafka_message_t **held; /* a batch waiting for the map to grow */
+    size_t n_held;
+
+    int stopping;
+    int exit_code;
+    double stop_deadline;
+    int closed;
+} dmn_t;
+
+static void begin_stop(dmn_t *d, int code);
+static void continue_stop(dmn_t *d);
+
+/* ---------------------------------------------------------------------- */
+/* Intake.                                                                 */
+
+static int64_t state_offset(void *ud, int32_t p)
+{
+    dmn_t *d = ud;
+    const agg_partition_t *pp = agg_partition(d->agg, p);
+    return pp && pp->known ? pp->next_offset : -1;
+}
+
+static void update_pause(dmn_t *d)
+{
+    int want = d->pause_backpressure || d->held || d->stopping;
+    if (want != ing_consumer_paused(d->cons)) {
+        ing_consumer_pause(d->cons, want);
+        if (want)
+            d->pauses++;
+    }
+}
+
+static int apply_batch(dmn_t *d, rd_kafka_message_t **m, size_t n)
+{
+    int64_t now = cm_now_ms();
+    int r = agg_batch_begin(d->agg);
+    if (r)
+        return r;
+    char detail[64];
+    for (size_t i = 0; i < n; i++) {
+        const rd_kafka_message_t *msg = m[i];
+        const agg_partition_t *pp = agg_partition(d->agg, msg->partition);
+        /* A message the state already holds (e.g. the group's offset lagged
+         * behind LMDB's) is skipped, never applied twice. */
+        if (pp && pp->known && msg->offset < pp->next_offset)
+            continue;
+        const char *payload = msg->payload ? (const char *)msg->payload : "";
+        size_t len = msg->payload ? msg->len : 0;
+        ing_reason_t why = ing_validate(payload, len, now, &d->lim, d->ev, detail, sizeof detail);
+        if (why == ING_OK)
+            r = agg_apply_event(d->agg, msg->partition, msg->offset, d->ev, payload, len, now);
+        else
+            r = agg_apply_reject(d->agg, msg->partition, msg->offset, why, detail, payload, len,
+                                 now);
+        if (r) {
+            agg_batch_abort(d->agg);
+            return r;
+        }
+    }
+    r = agg_batch_commit(d->agg);
+    if (r == 0) {
+        d->batches++;
+        d->msgs += n;
+    }
+    return r;
+}
+
+static int all_at_end(dmn_t *d)
+{
+    if (!d->ends)
+        return 0;
+    for (int32_t p = 0; p < d->n_parts; p++) {
+        const agg_partition_t *pp = agg_partition(d->agg, p);
+        int64_t next = pp && pp->known ? pp->next_offset : 0;
+        if (next < d->ends[p] && d->ends[p] > d->lows[p])
+            return 0;
+    }
+    return 1;
+}
+
+static void after_batch(dmn_t *d)
+{
+    uint64_t pending = agg_pending_rows(d->agg);
+    if (!d->pause_backpressure && pending > (uint64_t)d->cfg.max_dirty_rows) {
+        d->pause_backpressure = 1;
+        cm_warn("intake paused: too many unflushed rows", "pending_rows=%llu max_dirty_rows=%lld",
+                (unsigned long long)pending, (long long)d->cfg.max_dirty_rows);
+    }
+    update_pause(d);
+    if (d->cfg.exit_at_end && !d->stopping && all_at_end(d)) {
+        cm_info("reached the end offsets seen at start", "messages=%llu",
+                (unsigned long long)d->msgs);
+        begin_stop(d, 0);
+    }
+}
+
+static void destroy_msgs(rd_kafka_message_t **m, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        rd_kafka_message_destroy(m[i]);
+}
+
+static void hold_msgs(dmn_t *d, rd_kafka_message_t **m, size_t n)
+{
+    rd_kafka_message_t **nh = realloc(d->held, (d->n_held + n) * sizeof *nh);
+    if (!nh) {
+        /* Without memory the messages cannot be kept; they were not
+         * applied, so a restart consumes them again from LMDB's offsets. */
+        cm_err("out of memory holding a batch; stopping", "messages=%zu", n);
+        destroy_msgs(m, n);
+        begin_stop(d, 1);
+        return;
+    }
+    memcpy(nh + d->n_held, m, n * sizeof *m);
+    d->held = nh;
+    d->n_held += n;
+}
+
+static void on_msgs(void *ud, rd_kafka_message_t **m, size_t n)
+{
+    dmn_t *d = ud;
+    if (d->held) {
+        hold_msgs(d, m, n);
+        return;
+    }
+    int r = apply_batch(d, m, n);
+    if (r == ST_EMAPFULL) {
+        cm_warn("state map full: intake paused until the map grows", "messages=%zu", n);
+        hold_msgs(d, m, n);
+        update_pause(d);
+        return;
+    }
+    destroy_msgs(m, n);
+    if (r) {
+        cm_err("cannot apply batch; stopping (nothing of it was applied)", "error=\"%s\"",
+               agg_strerror(r));
+        begin_stop(d, 1);
+        return;
+    }
+    after_batch(d);
+}
+
+/* Grow the map once no flush holds a read transaction, then apply the held
+ * batch again. */
+static void on_grow_timer(uv_timer_t *t)
+{
+    dmn_t *d = t->data;
+    if (!d->held || d->inflight)
+        return;
+    int r = st_grow(d->env);
+    if (r) {
+        cm_err("cannot grow the state map; stopping", "error=\"%s\"", st_strerror(r));
+        destroy_msgs(d->held, d->n_held);
+        free(d->held);
+        d->held = NULL;
+        d->n_held = 0;
+        begin_stop(d, 1);
+        return;
+    }
+    r = apply_batch(d, d->held, d->n_held);
+    if (r == ST_EMAPFULL)
+        return; /* grow again on the next tick */
+    destroy_msgs(d->held, d->n_held);
+    free(d->held);
+    d->held = NULL;
+    d->n_held = 0;
+    if (r) {
+        cm_err("cannot apply batch; stopping", "error=\"%s\"", agg_strerror(r));
+        begin_stop(d, 1);
+        return;
+    }
+    cm_info("intake resumed after the map grew", "%s", "");
+    after_batch(d);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Flushing (thread pool).                                                 */
+
+static void flush_work(uv_work_t *w)
+{
+    dmn_t *d = w->data;
+    d->fl = NULL;
+    d->fl_err[0] = '\0';
+    int r = 0;
+    if (d->pg && !snk_ok(d->pg)) {
+        snk_close(d->pg);
+        d->pg = NULL;
+    }
+    if (!d->pg) {
+        r = snk_open(d->cfg.pg, d->cfg.schema, &d->pg);
+        if (r == 0 && (r = snk_migrate(d->pg)) != 0)
+            snprintf(d->fl_err, sizeof d->fl_err, "migrate: %s", snk_last_error(d->pg));
+        else if (r)
+            snprintf(d->fl_err, sizeof d->fl_err, "connect: %s",
+                     d->pg ? snk_last_error(d->pg) : snk_strerror(r));
+        if (r && d->pg) {
+            snk_close(d->pg);
+            d->pg = NULL;
+        }
+        if (r) {
+            d->fl_rc = r;
+            return;
+        }
+    }
+    r = agg_flush_collect(d->agg, &d->fl);
+    if (r) {
+        snprintf(d->fl_err, sizeof d->fl_err, "collect: %s", agg_strerror(r));
+        d->fl_rc = r;
+        return;
+    }
+    r = snk_flush(d->pg, agg_flush_batch(d->fl));
+    if (r)
+        snprintf(d->fl_err, sizeof d->fl_err, "%s", snk_last_error(d->pg));
+    d->fl_rc = r;
+}
+
+static void flush_after(uv_work_t *w, int status)
+{
+    dmn_t *d = w->data;
+    d->inflight = 0;
+    double ms = cm_mono_ms() - d->fl_t0;
+    int r = status ? status : d->fl_rc;
+    if (r == 0 && d->fl) {
+        size_t rows = agg_flush_rows(d->fl);
+        int dr = agg_flush_done(d->agg, d->fl);
+        if (dr) {
+            /* Rows stay dirty and are simply written again: harmless. */
+            cm_warn("cannot clear flushed rows", "error=\"%s\"", agg_strerror(dr));
+        }
+        d->batches_flushed = d->batches_at_flush;
+        d->flushed_once = 1;
+        d->last_flush_at = cm_now_ms();
+        d->last_flush_ms = ms;
+        d->last_flush_rows = rows;
+        d->flushes++;
+        d->rows_written += rows;
+        if (!d->pg_up)
+            cm_info("postgres flush succeeded", "rows=%zu", rows);
+        d->pg_up = 1;
+        d->backoff_ms = 0;
+        cm_debug("flushed", "rows=%zu duration_ms=%.1f", rows, ms);
+        /* Group offsets are a courtesy to monitoring tools; LMDB's win. */
+        int64_t offs[AGG_MAX_PARTITIONS];
+        int32_t n = d->n_parts < AGG_MAX_PARTITIONS ? d->n_parts : AGG_MAX_PARTITIONS;
+        for (int32_t p = 0; p < n; p++) {
+            const agg_partition_t *pp = agg_partition(d->agg, p);
+            offs[p] = pp && pp->known ? pp->next_offset : -1;
+        }
+        if (d->cons && !d->stopping)
+            ing_consumer_commit(d->cons, offs, n);
+        if (d->pause_backpressure &&
+            agg_pending_rows(d->agg) <= (uint64_t)d->cfg.max_dirty_rows / 2) {
+            d->pause_backpressure = 0;
+            cm_info("intake resumed", "pending_rows=%llu",
+                    (unsigned long long)agg_pending_rows(d->agg));
+            update_pause(d);
+        }
+    } else {
+        d->flush_failures++;
+        d->pg_up = 0;
+        d->backoff_ms = d->backoff_ms ? d->backoff_ms * 2 : 250;
+        if (d->backoff_ms > d->cfg.pg_retry_max_ms)
+            d->backoff_ms = d->cfg.pg_retry_max_ms;
+        d->next_try = cm_mono_ms() + (double)d->backoff_ms;
+        cm_warn("postgres flush failed; will retry", "retry_in_ms=%lld error=\"%s\"",
+                (long long)d->backoff_ms, d->fl_err[0] ? d->fl_err : snk_strerror(r));
+    }
+    agg_flush_free(d->fl);
+    d->fl = NULL;
+    if (d->stopping)
+        continue_stop(d);
+}
+
+static int flush_needed(dmn_t *d)
+{
+    return !d->flushed_once || agg_pending_rows(d->agg) > 0 || d->batches != d->batches_flushed;
+}
+
+static void start_flush(dmn_t *d)
+{
+    if (d->inflight || d->held || cm_mono_ms() < d->next_try || !flush_needed(d))
+        return;
+    d->inflight = 1;
+    d->fl_t0 = cm_mono_ms();
+    d->batches_at_flush = d->batches;
+    d->work.data = d;
+    int r = uv_queue_work(d->loop, &d->work, flush_work, flush_after);
+    if (r) {
+        d->inflight = 0;
+        cm_err("cannot queue flush", "error=\"%s\"", uv_strerror(r));
+    }
+}
+
+static void on_flush_timer(uv_timer_t *t)
+{
+    dmn_t *d = t->data;
+    if (d->stopping)
+        continue_stop(d);
+    else
+        start_flush(d);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Status, metrics, health.                                                */
+
+static int64_t total(dmn_t *d, int what)
+{
+    int64_t s = 0;
+    for (int32_t p = 0; p < d->n_parts; p++) {
+        const agg_partition_t *pp = agg_partition(d->agg, p);
+        if (!pp)
+            continue;
+        s += what == 0 ? pp->accepted : what == 1 ? pp->duplicates : pp->rejected;
+    }
+    return s;
+}
+
+static int64_t part_end(dmn_t *d, int32_t p)
+{
+    int64_t e = d->cons ? ing_consumer_cached_end(d->cons, p) : -1;
+    if (e < 0 && d->ends)
+        e = d->ends[p];
+    return e;
+}
+
+static const char *health_problem(dmn_t *d)
+{
+    if (d->flush_failures && !d->pg_up)
+        return "postgres unavailable: last flush failed";
+    if (d->cons && !ing_consumer_broker_up(d->cons))
+        return "kafka brokers unreachable";
+    if (d->held)
+        return "state map full: intake paused";
+    return NULL;
+}
+
+static char *status_json(dmn_t *d)
+{
+    json_t *o = json_object();
+    json_object_set_new(o, "version", json_string(CLICKMART_VERSION));
+    json_object_set_new(o, "uptime_s", json_real((cm_mono_ms() - d->started) / 1000.0));
+    json_object_set_new(o, "topic", json_string(d->cfg.topic));
+    json_object_set_new(o, "paused", json_boolean(d->cons && ing_consumer_paused(d->cons)));
+    json_object_set_new(o, "paused_backpressure", json_boolean(d->pause_backpressure));
+    json_object_set_new(o, "pg_connected", json_boolean(d->pg_up));
+    json_object_set_new(o, "broker_up", json_boolean(d->cons && ing_consumer_broker_up(d->cons)));
+    json_object_set_new(o, "stopping", json_boolean(d->stopping));
+    json_object_set_new(o, "messages", json_integer((json_int_t)d->msgs));
+    json_object_set_new(o, "accepted", json_integer(total(d, 0)));
+    json_object_set_new(o, "duplicates", json_integer(total(d, 1)));
+    json_object_set_new(o, "rejected", json_integer(total(d, 2)));
+    json_t *rb = json_object();
+    for (int r = ING_R_PAYLOAD_TOO_LARGE; r < ING_R__COUNT; r++) {
+        int64_t s = 0;
+        for (int32_t p = 0; p < d->n_parts; p++)
+            s += agg_partition(d->agg, p)->rejects_by_reason[r];
+        json_object_set_new(rb, ing_reason_name((ing_reason_t)r), json_integer(s));
+    }
+    json_object_set_new(o, "rejects_by_reason", rb);
+    json_t *parts = json_array();
+    int64_t lag_total = 0;
+    for (int32_t p = 0; p < d->n_parts; p++) {
+        const agg_partition_t *pp = agg_partition(d->agg, p);
+        json_t *j = json_object();
+        int64_t end = part_end(d, p);
+        int64_t next = pp->known ? pp->next_offset : 0;
+        json_object_set_new(j, "partition", json_integer(p));
+        json_object_set_new(j, "next_offset", json_integer(next));
+        json_object_set_new(j, "end_offset", end >= 0 ? json_integer(end) : json_null());
+        int64_t lag = end >= 0 && end > next ? end - next : 0;
+        lag_total += lag;
+        json_object_set_new(j, "lag", end >= 0 ? json_integer(lag) : json_null());
+        json_object_set_new(j, "watermark",
+                            pp->watermark >= 0 ? json_integer(pp->watermark) : json_null());
+        json_object_set_new(j, "accepted", json_integer(pp->accepted));
+        json_object_set_new(j, "duplicates", json_integer(pp->duplicates));
+        json_object_set_new(j, "rejected", json_integer(pp->rejected));
+        json_array_append_new(parts, j);
+    }
+    json_object_set_new(o, "partitions", parts);
+    json_object_set_new(o, "lag", json_integer(lag_total));
+    json_t *fl = json_object();
+    json_object_set_new(fl, "last_at", d->flushes ? json_integer(d->last_flush_at) : json_null());
+    json_object_set_new(fl, "last_duration_ms", json_real(d->last_flush_ms));
+    json_object_set_new(fl, "last_rows", json_integer((json_int_t)d->last_flush_rows));
+    json_object_set_new(fl, "flushes", json_integer((json_int_t)d->flushes));
+    json_object_set_new(fl, "failures", json_integer((json_int_t)d->flush_failures));
+    json_object_set_new(fl, "last_error",
+                        !d->pg_up && d->fl_err[0] ? json_string(d->fl_err) : json_null());
+    json_object_set_new(fl, "in_flight", json_boolean(d->inflight));
+    json_object_set_new(o, "flush", fl);
+    uint64_t used = 0, map = 0;
+    st_usage(d->env, &used, &map);
+    json_t *st = json_object();
+    json_object_set_new(st, "bytes", json_integer((json_int_t)used));
+    json_object_set_new(st, "map_size", json_integer((json_int_t)map));
+    json_object_set_new(st, "dirty_rows", json_integer((json_int_t)agg_pending_rows(d->agg)));
+    json_object_set_new(o, "state", st);
+    const char *hp = health_problem(d);
+    json_object_set_new(o, "healthy", json_boolean(hp == NULL));
+    char *s = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    return s;
+}
+
+/* A growable text buffer for /metrics. */
+typedef struct tb {
+    char *p;
+    size_t n, cap;
+} tb_t;
+
+static void tb_printf(tb_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void tb_printf(tb_t *b, const char *fmt, ...)
+{
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int k = vsnprintf(b->p ? b->p + b->n : NULL, b->p ? b->cap - b->n : 0, fmt, ap);
+        va_end(ap);
+        if (k < 0)
+            return;
+        if (b->p && b->n + (size_t)k < b->cap) {
+            b->n += (size_t)k;
+            return;
+        }
+        size_t nc = b->cap ? b->cap * 2 : 8192;
+        while (nc < b->n + (size_t)k + 1)
+            nc *= 2;
+        char *np = realloc(b->p, nc);
+        if (!np)
+            return;
+        b->p = np;
+        b->cap = nc;
+    }
+}
+
+static void metric_head(tb_t *b, const char *name, const char *type, const char *help)
+{
+    tb_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static char *metrics_text(dmn_t *d, size_t *len)
+{
+    tb_t b = {0};
+    static const char *const what[] = {"accepted", "duplicates", "rejected"};
+    metric_head(&b, "clickmart_events_total", "counter",
+                "Messages consumed, by partition and outcome.");
+    for (int32_t p = 0; p < d->n_parts; p++) {
+        const agg_partition_t *pp = agg_partition(d->agg, p);
+        int64_t v[3] = {pp->accepted, pp->duplicates, pp->rejected};
+        for (int k = 0; k < 3; k++)
+            tb_printf(&b, "clickmart_events_total{partition=\"%d\",outcome=\"%s\"} %lld\n", p,
+                      what[k], (long long)v[k]);
+    }
+    metric_head(&b, "clickmart_rejects_total", "counter", "Rejected messages by reason.");
+    for (int r = ING_R_PAYLOAD_TOO_LARGE; r < ING_R__COUNT; r++) {
+        int64_t s = 0;
+        for (int32_t p = 0; p < d->n_parts; p++)
+            s += agg_partition(d->agg, p)->rejects_by_reason[r];
+        tb_printf(&b, "clickmart_rejects_total{reason=\"%s\"} %lld\n",
+                  ing_reason_name((ing_reason_t)r), (long long)s);
+    }
+    metric_head(&b, "clickmart_consumer_lag_messages", "gauge",
+                "Messages between the partition's end and the next offset to apply.");
+    for (int32_t p = 0; p < d->n_parts; p++) {
+        const agg_partition_t *pp = agg_partition(d->agg, p);
+        int64_t end = part_end(d, p), next = pp->known ? pp->next_offset : 0;
+        tb_printf(&b, "clickmart_consumer_lag_messages{partition=\"%d\"} %lld\n", p,
+                  (long long)(end > next ? end - next : 0));
+    }
+    metric_head(&b, "clickmart_watermark_seconds", "gauge",
+                "Largest accepted event time per partition (Unix seconds).");
+    for (int32_t p = 0; p < d->n_parts; p++) {
+        const agg_partition_t *pp = agg_partition(d->agg, p);
+        if (pp->watermark >= 0)
+            tb_printf(&b, "clickmart_watermark_seconds{partition=\"%d\"} %.3f\n", p,
+                      (double)pp->watermark / 1000.0);
+    }
+    metric_head(&b, "clickmart_flushes_total", "counter", "Successful Postgres flushes.");
+    tb_printf(&b, "clickmart_flushes_total %llu\n", (unsigned long long)d->flushes);
+    metric_head(&b, "clickmart_flush_failures_total", "counter", "Failed Postgres flushes.");
+    tb_printf(&b, "clickmart_flush_failures_total %llu\n", (unsigned long long)d->flush_failures);
+    metric_head(&b, "clickmart_flush_rows_total", "counter", "Rows written by flushes.");
+    tb_printf(&b, "clickmart_flush_rows_total %llu\n", (unsigned long long)d->rows_written);
+    metric_head(&b, "clickmart_last_flush_duration_seconds", "gauge",
+                "Duration of the last successful flush.");
+    tb_printf(&b, "clickmart_last_flush_duration_seconds %.6f\n", d->last_flush_ms / 1000.0);
+    metric_head(&b, "clickmart_last_flush_success_timestamp_seconds", "gauge",
+                "Time of the last successful flush (Unix seconds).");
+    tb_printf(&b, "clickmart_last_flush_success_timestamp_seconds %.3f\n",
+              (double)d->last_flush_at / 1000.0);
+    metric_head(&b, "clickmart_pending_rows", "gauge", "Rows waiting for the next flush.");
+    tb_printf(&b, "clickmart_pending_rows %llu\n", (unsigned long long)agg_pending_rows(d->agg));
+    uint64_t used = 0, map = 0;
+    st_usage(d->env, &used, &map);
+    metric_head(&b, "clickmart_state_bytes", "gauge", "LMDB bytes in use.");
+    tb_printf(&b, "clickmart_state_bytes %llu\n", (unsigned long long)used);
+    metric_head(&b, "clickmart_state_map_bytes", "gauge", "LMDB map size.");
+    tb_printf(&b, "clickmart_state_map_bytes %llu\n", (unsigned long long)map);
+    metric_head(&b, "clickmart_paused", "gauge", "1 while intake is paused.");
+    tb_printf(&b, "clickmart_paused %d\n", d->cons && ing_consumer_paused(d->cons));
+    metric_head(&b, "clickmart_intake_pauses_total", "counter", "Times intake was paused.");
+    tb_printf(&b, "clickmart_intake_pauses_total %llu\n", (unsigned long long)d->pauses);
+    metric_head(&b, "clickmart_postgres_up", "gauge", "1 while the last flush succeeded.");
+    tb_printf(&b, "clickmart_postgres_up %d\n", d->pg_up);
+    metric_head(&b, "clickmart_broker_up", "gauge", "1 while a Kafka broker answers.");
+    tb_printf(&b, "clickmart_broker_up %d\n", d->cons && ing_consumer_broker_up(d->cons));
+    *len = b.n;
+    return b.p;
+}
+
+static void on_http(void *ud, const char *method, const char *path, sts_response_t *resp)
+{
+    dmn_t *d = ud;
+    (void)method;
+    if (!strcmp(path, "/status")) {
+        resp->status = 200;
+        resp->content_type = "application/json";
+        resp->body = status_json(d);
+        resp->body_len = resp->body ? strlen(resp->body) : 0;
+    } else if (!strcmp(path, "/metrics")) {
+        resp->status = 200;
+        resp->content_type = "text/plain; version=0.0.4";
+        resp->body = metrics_text(d, &resp->body_len);
+    } else if (!strcmp(path, "/healthz")) {
+        const char *hp = health_problem(d);
+        resp->status = hp ? 503 : 200;
+        resp->content_type = "text/plain";
+        size_t n = strlen(hp ? hp : "ok") + 2;
+        resp->body = malloc(n);
+        if (resp->body)
+            snprintf(resp->body, n, "%s\n", hp ? hp : "ok");
+        resp->body_len = resp->body ? n - 1 : 0;
+    } else {
+        resp->status = 404;
+        resp->content_type = "text/plain";
+        resp->body = strdup("not found\n");
+        resp->body_len = resp->body ? strlen(resp->body) : 0;
+    }
+}
+
+static void on_stats_timer(uv_timer_t *t)
+{
+    dmn_t *d = t->data;
+    double now = cm_mono_ms();
+    double dt = (now - d->last_stats_t) / 1000.0;
+    double rate = dt > 0 ? (double)(d->msgs - d->msgs_at_last_stats) / dt : 0;
+    int64_t lag = 0;
+    for (int32_t p = 0; p < d->n_parts; p++) {
+        const agg_partition_t *pp = agg_partition(d->agg, p);
+        int64_t end = part_end(d, p), next = pp->known ? pp->next_offset : 0;
+        if (end > next)
+            lag += end - next;
+    }
+    cm_info("progress",
+            "messages=%llu rate=%.0f/s accepted=%lld duplicates=%lld rejected=%lld lag=%lld "
+            "pending_rows=%llu flushes=%llu flush_failures=%llu paused=%d",
+            (unsigned long long)d->msgs, rate, (long long)total(d, 0), (long long)total(d, 1),
+            (long long)total(d, 2), (long long)lag, (unsigned long long)agg_pending_rows(d->agg),
+            (unsigned long long)d->flushes, (unsigned long long)d->flush_failures,
+            d->cons && ing_consumer_paused(d->cons));
+    d->last_stats_t = now;
+    d->msgs_at_last_stats = d->msgs;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Shutdown.                                                               */
+
+static void on_closed(uv_handle_t *h)
+{
+    (void)h;
+}
+
+static void close_all(dmn_t *d)
+{
+    if (d->closed)
+        return;
+    d->closed = 1;
+    uv_timer_stop(&d->flush_timer);
+    uv_timer_stop(&d->stats_timer);
+    uv_timer_stop(&d->grow_timer);
+    uv_close((uv_handle_t *)&d->flush_timer, on_closed);
+    uv_close((uv_handle_t *)&d->stats_timer, on_closed);
+    uv_close((uv_handle_t *)&d->grow_timer, on_closed);
+    uv_close((uv_handle_t *)&d->sig_term, on_closed);
+    uv_close((uv_handle_t *)&d->sig_int, on_closed);
+    if (d->sts) {
+        sts_stop(d->sts);
+        d->sts = NULL;
+    }
+    if (d->cons) {
+        ing_consumer_close(d->cons);
+        d->cons = NULL;
+    }
+}
+
+static void continue_stop(dmn_t *d)
+{
+    if (d->closed || d->inflight)
+        return;
+    if (d->held) {
+        /* Not applied: a restart consumes these again from LMDB's offsets. */
+        destroy_msgs(d->held, d->n_held);
+        free(d->held);
+        d->held = NULL;
+        d->n_held = 0;
+    }
+    if (flush_needed(d)) {
+        if (cm_mono_ms() < d->stop_deadline) {
+            start_flush(d); /* retried by the flush timer while backing off */
+            return;
+        }
+        cm_err("final flush did not succeed before the shutdown timeout; the state is kept "
+               "and flushed on the next start",
+               "pending_rows=%llu", (unsigned long long)agg_pending_rows(d->agg));
+        if (d->exit_code == 0)
+            d->exit_code = 1;
+    } else {
+        cm_info("final flush done", "rows_written=%llu", (unsigned long long)d->rows_written);
+    }
+    close_all(d);
+}
+
+static void begin_stop(dmn_t *d, int code)
+{
+    if (d->stopping)
+        return;
+    d->stopping = 1;
+    d->exit_code = code;
+    d->stop_deadline = cm_mono_ms() + (double)d->cfg.shutdown_timeout_ms;
+    if (d->cons) {
+        ing_consumer_stop(d->cons);
+        update_pause(d);
+    }
+    /* The final flush should not wait for a back-off meant for steady state. */
+    d->next_try = 0;
+    continue_stop(d);
+}
+
+static void on_signal(uv_signal_t *s, int signum)
+{
+    dmn_t *d = s->data;
+    cm_info("signal received: stopping intake and flushing", "signal=%d", signum);
+    begin_stop(d, 0);
+}
+
+/* ---------------------------------------------------------------------- */
+
+static int setup(dmn_t *d)
+{
+    char err[512];
+    int r;
+    int level = cm_log_level_from(d->cfg.log_level);
+    if (level < 0) {
+        fprintf(stderr, "clickmartd: --log-level must be error, warn, info or debug\n");
+        return 2;
+    }
+    cm_log_set_level(level);
+    if (strcmp(d->cfg.log_format, "text") && strcmp(d->cfg.log_format, "json")) {
+        fprintf(stderr, "clickmartd: --log-format must be text or json\n");
+        return 2;
+    }
+    cm_log_set_json(!strcmp(d->cfg.log_format, "json"));
+    enum st_sync sync;
+    if (!strcmp(d->cfg.state_sync, "full"))
+        sync = ST_SYNC_FULL;
+    else if (!strcmp(d->cfg.state_sync, "meta"))
+        sync = ST_SYNC_META;
+    else if (!strcmp(d->cfg.state_sync, "none"))
+        sync = ST_SYNC_NONE;
+    else {
+        fprintf(stderr, "clickmartd: --state-sync must be full, meta or none\n");
+        return 2;
+    }
+    if (!d->cfg.topic[0]) {
+        fprintf(stderr, "clickmartd: --topic must not be empty\n");
+        return 2;
+    }
+    char red[1024];
+    snk_redact_conninfo(d->cfg.pg, red, sizeof red);
+    cm_info("starting", "version=%s brokers=%s topic=%s state_dir=%s pg=\"%s\" schema=%s",
+            CLICKMART_VERSION, d->cfg.brokers, d->cfg.topic, d->cfg.state_dir, red,
+            d->cfg.schema);
+
+    d->lim.max_event_bytes = d->cfg.max_event_bytes;
+    d->lim.max_future_ms = d->cfg.max_future_ms;
+    d->ev = malloc(sizeof *d->ev);
+    if (!d->ev)
+        return 1;
+    r = st_open(d->cfg.state_dir, (size_t)d->cfg.state_map_size_mb << 20, sync, &d->env);
+    if (r) {
+        cm_err("cannot open state", "dir=%s error=\"%s\"", d->cfg.state_dir, st_strerror(r));
+        return 1;
+    }
+    agg_conf_t ac = {d->cfg.topic, d->cfg.session_gap_ms, d->cfg.allowed_lateness_ms,
+                     d->cfg.sweep_per_batch};
+    r = agg_open(d->env, &ac, &d->agg);
+    if (r) {
+        cm_err("cannot open aggregator", "error=\"%s\"", agg_strerror(r));
+        return 1;
+    }
+    ing_consumer_conf_t cc = {d->cfg.brokers,       d->cfg.topic,
+                              d->cfg.group,         d->cfg.n_kafka_props,
+                              d->cfg.kafka_prop_names, d->cfg.kafka_prop_values,
+                              (size_t)d->cfg.batch_size};
+    r = ing_consumer_open(d->loop, &cc, on_msgs, state_offset, d, &d->cons, err, sizeof err);
+    if (r) {
+        cm_err("cannot create Kafka consumer", "error=\"%s\"", err);
+        return 2;
+    }
+    r = ing_consumer_start(d->cons, 30000, &d->n_parts);
+    if (r) {
+        cm_err("cannot start consuming", "topic=%s error=\"%s\"", d->cfg.topic,
+               ing_consumer_strerror(r));
+        return 1;
+    }
+    if (d->n_parts > AGG_MAX_PARTITIONS) {
+        cm_err("too many partitions", "partitions=%d max=%d", d->n_parts, AGG_MAX_PARTITIONS);
+        return 1;
+    }
+    if (d->cfg.exit_at_end) {
+        d->ends = calloc((size_t)d->n_parts, sizeof *d->ends);
+        d->lows = calloc((size_t)d->n_parts, sizeof *d->lows);
+        if (!d->ends || !d->lows)
+            return 1;
+        r = ing_consumer_query_ends(d->cons, d->ends, d->lows, d->n_parts, 30000);
+        if (r)
+            return 1;
+        int64_t sum = 0;
+        for (int32_t p = 0; p < d->n_parts; p++)
+            sum += d->ends[p];
+        cm_info("exit-at-end: consuming up to the current end offsets", "partitions=%d "
+                "end_offsets_total=%lld", d->n_parts, (long long)sum);
+    }
+    if (d->cfg.status_socket[0] || d->cfg.http_listen[0]) {
+        r = sts_start(d->loop, d->cfg.status_socket[0] ? d->cfg.status_socket : NULL,
+                      d->cfg.http_listen[0] ? d->cfg.http_listen : NULL, on_http, d, &d->sts);
+        if (r) {
+            cm_err("cannot start the status server", "socket=%s error=\"%s\"",
+                   d->cfg.status_socket, sts_strerror(r));
+            return 1;
+        }
+    }
+    uv_timer_init(d->loop, &d->flush_timer);
+    uv_timer_init(d->loop, &d->stats_timer);
+    uv_timer_init(d->loop, &d->grow_timer);
+    d->flush_timer.data = d->stats_timer.data = d->grow_timer.data = d;
+    uv_timer_start(&d->flush_timer, on_flush_timer, 0, (uint64_t)d->cfg.flush_interval_ms);
+    if (d->cfg.stats_log_interval_ms > 0)
+        uv_timer_start(&d->stats_timer, on_stats_timer, (uint64_t)d->cfg.stats_log_interval_ms,
+                       (uint64_t)d->cfg.stats_log_interval_ms);
+    uv_timer_start(&d->grow_timer, on_grow_timer, 50, 50);
+    uv_signal_init(d->loop, &d->sig_term);
+    uv_signal_init(d->loop, &d->sig_int);
+    d->sig_term.data = d->sig_int.data = d;
+    uv_signal_start(&d->sig_term, on_signal, SIGTERM);
+    uv_signal_start(&d->sig_int, on_signal, SIGINT);
+    d->last_stats_t = cm_mono_ms();
+    if (d->cfg.exit_at_end && all_at_end(d)) {
+        cm_info("nothing to consume: already at the end offsets", "%s", "");
+        begin_stop(d, 0);
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    static dmn_t d;
+    char err[512] = "";
+    cfg_defaults(&d.cfg);
+    int r = cfg_parse(&d.cfg, argc, argv, err, sizeof err);
+    if (r == CFG_HELP) {
+        cfg_print_help(stdout, "clickmartd");
+        cfg_free(&d.cfg);
+        return 0;
+    }
+    if (r == CFG_VERSION) {
+        printf("clickmartd %s (librdkafka %s, libuv %s, %s, jansson %s)\n", CLICKMART_VERSION,
+               rd_kafka_version_str(), uv_version_string(), MDB_VERSION_STRING, JANSSON_VERSION);
+        cfg_free(&d.cfg);
+        return 0;
+    }
+    if (r) {
+        fprintf(stderr, "clickmartd: %s\n", err);
+        cfg_free(&d.cfg);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    d.loop = uv_default_loop();
+    d.started = cm_mono_ms();
+    int rc = setup(&d);
+    if (rc == 0) {
+        uv_run(d.loop, UV_RUN_DEFAULT);
+        rc = d.exit_code;
+    } else if (d.cons) {
+        ing_consumer_close(d.cons);
+        d.cons = NULL;
+        uv_run(d.loop, UV_RUN_NOWAIT);
+    }
+    if (d.pg)
+        snk_close(d.pg);
+    agg_close(d.agg);
+    st_close(d.env);
+    free(d.ev);
+    free(d.ends);
+    free(d.lows);
+    uv_loop_close(d.loop);
+    cm_info("stopped", "exit_code=%d", rc);
+    cfg_free(&d.cfg);
+    return rc;
+}

@@ -1,0 +1,404 @@
+/*
+ * consumer.c - librdkafka consumer on the libuv loop. See consumer.h.
+ */
+#include "ingest/consumer.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "daemon/util.h"
+
+#define BACKSTOP_MS 100
+
+struct ing_consumer {
+    uv_loop_t *loop;
+    rd_kafka_t *rk;
+    rd_kafka_queue_t *q;
+    int pipe_fds[2];
+    uv_poll_t poll;
+    uv_timer_t backstop;
+    int open_handles;
+    ing_msgs_fn on_msgs;
+    ing_offset_fn offset_of;
+    void *ud;
+    char *topic;
+    size_t batch_size;
+    rd_kafka_message_t **buf;
+    rd_kafka_topic_partition_list_t *assignment;
+    int32_t n_partitions;
+    int paused;
+    int stopped;
+    int broker_up;
+    int closing;
+};
+
+static void set_err(char *err, size_t cap, const char *fmt, const char *a)
+{
+    if (err && cap)
+        snprintf(err, cap, fmt, a);
+}
+
+/* Deliver everything that is queued, in batches, until the queue is empty. */
+static void drain(ing_consumer_t *c)
+{
+    if (c->closing)
+        return;
+    for (;;) {
+        ssize_t n = rd_kafka_consume_batch_queue(c->q, 0, c->buf, c->batch_size);
+        if (n <= 0)
+            return;
+        size_t keep = 0;
+        for (ssize_t i = 0; i < n; i++) {
+            rd_kafka_message_t *m = c->buf[i];
+            if (m->err) {
+                if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+                    rd_kafka_message_destroy(m);
+                    continue;
+                }
+                if (m->err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN ||
+                    m->err == RD_KAFKA_RESP_ERR__TRANSPORT)
+                    __atomic_store_n(&c->broker_up, 0, __ATOMIC_RELAXED);
+                cm_warn("kafka consumer error", "partition=%d error=\"%s\"", m->partition,
+                        rd_kafka_message_errstr(m));
+                rd_kafka_message_destroy(m);
+                continue;
+            }
+            __atomic_store_n(&c->broker_up, 1, __ATOMIC_RELAXED);
+            if (c->stopped) {
+                rd_kafka_message_destroy(m);
+                continue;
+            }
+            c->buf[keep++] = m;
+        }
+        if (keep)
+            c->on_msgs(c->ud, c->buf, keep);
+        if ((size_t)n < c->batch_size)
+            return;
+    }
+}
+
+static void on_readable(uv_poll_t *h, int status, int events)
+{
+    (void)events;
+    ing_consumer_t *c = h->data;
+    if (status < 0)
+        return;
+    char tmp[256];
+    while (read(c->pipe_fds[0], tmp, sizeof tmp) > 0) {
+    }
+    drain(c);
+}
+
+static void on_backstop(uv_timer_t *t)
+{
+    drain(t->data);
+}
+
+/* librdkafka's error callback runs on its own thread: only set a flag. */
+static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
+{
+    (void)rk;
+    ing_consumer_t *c = opaque;
+    if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
+        __atomic_store_n(&c->broker_up, 0, __ATOMIC_RELAXED);
+    cm_warn("kafka error", "code=%s reason=\"%s\"", rd_kafka_err2name(err), reason);
+}
+
+static void log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    (void)rk;
+    cm_log(level <= 3 ? CM_LOG_ERROR : level <= 4 ? CM_LOG_WARN : CM_LOG_DEBUG, "librdkafka",
+           "facility=%s text=\"%s\"", fac, buf);
+}
+
+int ing_consumer_open(uv_loop_t *loop, const ing_consumer_conf_t *cf, ing_msgs_fn on_msgs,
+                      ing_offset_fn offset_of, void *ud, ing_consumer_t **out, char *err,
+                      size_t errcap)
+{
+    ing_consumer_t *c = calloc(1, sizeof *c);
+    if (!c)
+        return ING_ENOMEM;
+    c->loop = loop;
+    c->on_msgs = on_msgs;
+    c->offset_of = offset_of;
+    c->ud = ud;
+    c->batch_size = cf->batch_size ? cf->batch_size : 1000;
+    c->topic = strdup(cf->topic);
+    c->buf = calloc(c->batch_size, sizeof *c->buf);
+    c->broker_up = 1;
+    c->pipe_fds[0] = c->pipe_fds[1] = -1;
+    if (!c->topic || !c->buf) {
+        free(c->topic);
+        free(c->buf);
+        free(c);
+        return ING_ENOMEM;
+    }
+    char errstr[512];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    /* Offsets live in LMDB with the state; the group's offsets are only a
+     * fallback and a courtesy to monitoring tools, so nothing is auto-committed. */
+    const char *defaults[][2] = {
+        {"bootstrap.servers", cf->brokers},
+        {"group.id", cf->group},
+        {"enable.auto.commit", "false"},
+        {"enable.auto.offset.store", "false"},
+        {"auto.offset.reset", "earliest"},
+        {"enable.partition.eof", "false"},
+        {"client.id", "clickmartd"},
+    };
+    for (size_t i = 0; i < sizeof defaults / sizeof defaults[0]; i++) {
+        if (rd_kafka_conf_set(conf, defaults[i][0], defaults[i][1], errstr, sizeof errstr) !=
+            RD_KAFKA_CONF_OK) {
+            set_err(err, errcap, "%s", errstr);
+            goto fail_conf;
+        }
+    }
+    for (int i = 0; i < cf->n_props; i++) {
+        if (rd_kafka_conf_set(conf, cf->prop_names[i], cf->prop_values[i], errstr,
+                              sizeof errstr) != RD_KAFKA_CONF_OK) {
+            set_err(err, errcap, "%s", errstr);
+            goto fail_conf;
+        }
+    }
+    rd_kafka_conf_set_opaque(conf, c);
+    rd_kafka_conf_set_error_cb(conf, error_cb);
+    rd_kafka_conf_set_log_cb(conf, log_cb);
+    c->rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof errstr);
+    if (!c->rk) {
+        set_err(err, errcap, "%s", errstr);
+        goto fail_conf;
+    }
+    rd_kafka_poll_set_consumer(c->rk);
+    c->q = rd_kafka_queue_get_consumer(c->rk);
+    if (pipe2(c->pipe_fds, O_NONBLOCK | O_CLOEXEC) != 0) {
+        set_err(err, errcap, "pipe: %s", strerror(errno));
+        ing_consumer_close(c);
+        return ING_ESYS;
+    }
+    rd_kafka_queue_io_event_enable(c->q, c->pipe_fds[1], "1", 1);
+    uv_poll_init(loop, &c->poll, c->pipe_fds[0]);
+    c->poll.data = c;
+    uv_poll_start(&c->poll, UV_READABLE, on_readable);
+    uv_timer_init(loop, &c->backstop);
+    c->backstop.data = c;
+    uv_timer_start(&c->backstop, on_backstop, BACKSTOP_MS, BACKSTOP_MS);
+    c->open_handles = 2;
+    *out = c;
+    return 0;
+fail_conf:
+    if (!c->rk)
+        rd_kafka_conf_destroy(conf);
+    free(c->topic);
+    free(c->buf);
+    free(c);
+    return ING_ECONF;
+}
+
+int ing_consumer_start(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions)
+{
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(c->rk, c->topic, NULL);
+    if (!rkt)
+        return ING_EKAFKA;
+    const struct rd_kafka_metadata *md = NULL;
+    double deadline = cm_mono_ms() + timeout_ms;
+    int rc = ING_ETIMEOUT;
+    /* The topic may still be being created: ask again until the deadline. */
+    while (cm_mono_ms() < deadline) {
+        rd_kafka_resp_err_t e = rd_kafka_metadata(c->rk, 0, rkt, &md, 5000);
+        if (e == RD_KAFKA_RESP_ERR_NO_ERROR && md->topic_cnt == 1 &&
+            md->topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR && md->topics[0].partition_cnt > 0) {
+            rc = 0;
+            break;
+        }
+        if (e == RD_KAFKA_RESP_ERR_NO_ERROR) {
+            cm_warn("topic not available yet", "topic=%s error=%s", c->topic,
+                    rd_kafka_err2name(md->topic_cnt ? md->topics[0].err : e));
+            rc = ING_ENOTOPIC;
+            rd_kafka_metadata_destroy(md);
+            md = NULL;
+        } else {
+            cm_warn("metadata request failed", "error=%s", rd_kafka_err2name(e));
+            rc = ING_ETIMEOUT;
+        }
+        usleep(500 * 1000);
+    }
+    rd_kafka_topic_destroy(rkt);
+    if (rc)
+        return rc;
+    int32_t n = md->topics[0].partition_cnt;
+    rd_kafka_metadata_destroy(md);
+    c->n_partitions = n;
+    *n_partitions = n;
+
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(n);
+    for (int32_t p = 0; p < n; p++)
+        rd_kafka_topic_partition_list_add(l, c->topic, p)->offset = RD_KAFKA_OFFSET_INVALID;
+    /* The group's committed offsets are the fallback when LMDB has none. */
+    rd_kafka_resp_err_t e = rd_kafka_committed(c->rk, l, timeout_ms);
+    if (e)
+        cm_warn("cannot read committed group offsets", "error=%s", rd_kafka_err2name(e));
+    for (int32_t p = 0; p < n; p++) {
+        int64_t off = c->offset_of(c->ud, p);
+        rd_kafka_topic_partition_t *tp = &l->elems[p];
+        const char *from = "state";
+        if (off >= 0) {
+            tp->offset = off;
+        } else if (!e && tp->err == 0 && tp->offset >= 0) {
+            from = "group";
+        } else {
+            tp->offset = RD_KAFKA_OFFSET_BEGINNING;
+            from = "earliest";
+        }
+        tp->err = 0;
+        cm_info("assign partition", "topic=%s partition=%d offset=%lld from=%s", c->topic, p,
+                (long long)tp->offset, from);
+    }
+    e = rd_kafka_assign(c->rk, l);
+    if (e) {
+        rd_kafka_topic_partition_list_destroy(l);
+        cm_err("assign failed", "error=%s", rd_kafka_err2name(e));
+        return ING_EKAFKA;
+    }
+    if (c->assignment)
+        rd_kafka_topic_partition_list_destroy(c->assignment);
+    c->assignment = l;
+    return 0;
+}
+
+int ing_consumer_query_ends(ing_consumer_t *c, int64_t *ends, int64_t *lows, int32_t n,
+                            int timeout_ms)
+{
+    for (int32_t p = 0; p < n; p++) {
+        int64_t lo = 0, hi = 0;
+        rd_kafka_resp_err_t e =
+            rd_kafka_query_watermark_offsets(c->rk, c->topic, p, &lo, &hi, timeout_ms);
+        if (e) {
+            cm_err("cannot query end offset", "partition=%d error=%s", p, rd_kafka_err2name(e));
+            return ING_ETIMEOUT;
+        }
+        ends[p] = hi;
+        if (lows)
+            lows[p] = lo;
+    }
+    return 0;
+}
+
+int64_t ing_consumer_cached_end(ing_consumer_t *c, int32_t partition)
+{
+    int64_t lo = -1, hi = -1;
+    if (rd_kafka_get_watermark_offsets(c->rk, c->topic, partition, &lo, &hi) != 0)
+        return -1;
+    return hi;
+}
+
+void ing_consumer_pause(ing_consumer_t *c, int paused)
+{
+    if (!c->assignment || paused == c->paused)
+        return;
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_copy(c->assignment);
+    rd_kafka_resp_err_t e = paused ? rd_kafka_pause_partitions(c->rk, l)
+                                   : rd_kafka_resume_partitions(c->rk, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    if (e) {
+        cm_err("pause/resume failed", "paused=%d error=%s", paused, rd_kafka_err2name(e));
+        return;
+    }
+    c->paused = paused;
+}
+
+int ing_consumer_paused(const ing_consumer_t *c)
+{
+    return c->paused;
+}
+
+void ing_consumer_stop(ing_consumer_t *c)
+{
+    c->stopped = 1;
+}
+
+int ing_consumer_broker_up(const ing_consumer_t *c)
+{
+    return __atomic_load_n(&c->broker_up, __ATOMIC_RELAXED);
+}
+
+void ing_consumer_commit(ing_consumer_t *c, const int64_t *next_offsets, int32_t n)
+{
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(n);
+    for (int32_t p = 0; p < n; p++)
+        if (next_offsets[p] >= 0)
+            rd_kafka_topic_partition_list_add(l, c->topic, p)->offset = next_offsets[p];
+    if (l->cnt)
+        rd_kafka_commit(c->rk, l, 1);
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    ing_consumer_t *c = h->data;
+    if (--c->open_handles == 0) {
+        if (c->pipe_fds[0] >= 0)
+            close(c->pipe_fds[0]);
+        if (c->pipe_fds[1] >= 0)
+            close(c->pipe_fds[1]);
+        free(c->topic);
+        free(c->buf);
+        free(c);
+    }
+}
+
+void ing_consumer_close(ing_consumer_t *c)
+{
+    if (!c)
+        return;
+    c->closing = 1;
+    if (c->q) {
+        rd_kafka_queue_io_event_enable(c->q, -1, NULL, 0);
+        rd_kafka_queue_destroy(c->q);
+        c->q = NULL;
+    }
+    if (c->rk) {
+        rd_kafka_consumer_close(c->rk);
+        rd_kafka_destroy(c->rk);
+        c->rk = NULL;
+    }
+    if (c->assignment) {
+        rd_kafka_topic_partition_list_destroy(c->assignment);
+        c->assignment = NULL;
+    }
+    if (c->open_handles) {
+        uv_close((uv_handle_t *)&c->poll, on_handle_closed);
+        uv_close((uv_handle_t *)&c->backstop, on_handle_closed);
+    } else {
+        if (c->pipe_fds[0] >= 0)
+            close(c->pipe_fds[0]);
+        if (c->pipe_fds[1] >= 0)
+            close(c->pipe_fds[1]);
+        free(c->topic);
+        free(c->buf);
+        free(c);
+    }
+}
+
+const char *ing_consumer_strerror(int err)
+{
+    switch (err) {
+    case ING_ECONF:
+        return "invalid librdkafka configuration";
+    case ING_EKAFKA:
+        return "librdkafka error";
+    case ING_ENOTOPIC:
+        return "topic does not exist";
+    case ING_ETIMEOUT:
+        return "Kafka cluster did not answer in time";
+    case ING_ENOMEM:
+        return "out of memory";
+    case ING_ESYS:
+        return "system error";
+    default:
+        return "unknown consumer error";
+    }
+}

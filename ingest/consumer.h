@@ -1,0 +1,94 @@
+/*
+ * consumer.h - the Kafka consumer, integrated into the libuv loop.
+ *
+ * librdkafka signals new messages by writing to a non-blocking pipe
+ * (rd_kafka_queue_io_event_enable); a uv_poll watches the pipe and the
+ * consumer drains the queue until it is empty. A backstop timer drains it
+ * too, so nothing waits on a lost wake-up and errors are seen while every
+ * partition is paused.
+ *
+ * The daemon assigns itself every partition of its topic (rd_kafka_assign)
+ * and resumes each from the offset kept in LMDB, else from the group's
+ * committed offset, else from the earliest one.
+ *
+ * Loop thread only, except where noted.
+ */
+#ifndef CLICKMART_INGEST_CONSUMER_H
+#define CLICKMART_INGEST_CONSUMER_H
+
+#include <librdkafka/rdkafka.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#define ING_ECONF (-1)     /* a librdkafka property was refused */
+#define ING_EKAFKA (-2)    /* librdkafka could not be created or refused a call */
+#define ING_ENOTOPIC (-3)  /* the topic does not exist (or has no partitions) */
+#define ING_ETIMEOUT (-4)  /* the cluster did not answer in time */
+#define ING_ENOMEM (-5)
+#define ING_ESYS (-6)
+
+typedef struct ing_consumer ing_consumer_t;
+
+/*
+ * Delivers a batch of messages (never error events) in partition order. The
+ * callee takes ownership of every message and must rd_kafka_message_destroy
+ * each one, now or later.
+ */
+typedef void (*ing_msgs_fn)(void *ud, rd_kafka_message_t **msgs, size_t n);
+
+/* Returns the next offset kept in the state for a partition, or -1. */
+typedef int64_t (*ing_offset_fn)(void *ud, int32_t partition);
+
+typedef struct ing_consumer_conf {
+    const char *brokers;
+    const char *topic;
+    const char *group;
+    int n_props; /* librdkafka properties, applied last (they win) */
+    char *const *prop_names;
+    char *const *prop_values;
+    size_t batch_size; /* most messages per delivered batch */
+} ing_consumer_conf_t;
+
+/* Create the consumer and hook it into the loop; no partition is assigned
+ * yet. The message for a failure is written into err. */
+int ing_consumer_open(uv_loop_t *loop, const ing_consumer_conf_t *conf, ing_msgs_fn on_msgs,
+                      ing_offset_fn offset_of, void *ud, ing_consumer_t **out, char *err,
+                      size_t errcap);
+
+/*
+ * Look the topic up and assign every partition, each from its resume offset.
+ * Blocks for at most timeout_ms (startup only). *n_partitions receives the
+ * partition count.
+ */
+int ing_consumer_start(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions);
+
+/* High watermark of each partition, asked of the broker (blocking; startup
+ * only). ends has n entries. */
+int ing_consumer_query_ends(ing_consumer_t *c, int64_t *ends, int64_t *lows, int32_t n,
+                            int timeout_ms);
+
+/* Last high watermark seen in fetch responses (non-blocking); -1 if unknown. */
+int64_t ing_consumer_cached_end(ing_consumer_t *c, int32_t partition);
+
+/* Pause or resume fetching of every assigned partition. Already fetched,
+ * undelivered messages are discarded by librdkafka and fetched again on
+ * resume, so nothing is skipped. */
+void ing_consumer_pause(ing_consumer_t *c, int paused);
+int ing_consumer_paused(const ing_consumer_t *c);
+
+/* Stop delivering messages (shutdown); the backstop keeps serving events. */
+void ing_consumer_stop(ing_consumer_t *c);
+
+/* 1 while a broker answered recently, 0 after "all brokers down". */
+int ing_consumer_broker_up(const ing_consumer_t *c);
+
+/* Commit offsets to the group (asynchronous, for monitoring tools). */
+void ing_consumer_commit(ing_consumer_t *c, const int64_t *next_offsets, int32_t n);
+
+/* Close the consumer and its handles; *c is freed once libuv closed them. */
+void ing_consumer_close(ing_consumer_t *c);
+
+const char *ing_consumer_strerror(int err);
+
+#endif

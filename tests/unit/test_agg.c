@@ -1,0 +1,590 @@
+/*
+ * test_agg.c - the aggregator's incremental marts equal a recompute from
+ * scratch, whatever the arrival order, duplicates and flush timing.
+ *
+ * Random events for a few users are applied in a shuffled order, in batches
+ * of random size, with flushes in between that feed an in-memory copy of the
+ * Postgres tables (upserts and deletes, as the sink does). At the end that
+ * copy must equal a naive recompute of CONTRACT §3 written here, separately
+ * from the aggregator's incremental code.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "aggregator/agg.h"
+#include "store/store.h"
+
+#define GAP 1800000LL
+#define DAY 86400000LL
+#define MAXE 4000
+
+typedef struct tev {
+    char eid[24], uid[8], dev[8], ctry[8];
+    int type; /* ing_etype_t */
+    int64_t ts, cents;
+} tev_t;
+
+static uint64_t rng = 88172645463325252ULL;
+static uint64_t rnd(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+}
+
+/* ---- the in-memory "Postgres" fed by flushes ---- */
+typedef struct srow {
+    char sid[16], uid[8], dev[16], ctry[16];
+    int64_t start, end, n[6], rev;
+    int stage;
+    int live;
+} srow_t;
+typedef struct urow {
+    char uid[8], dev[16], ctry[16];
+    int64_t first, last, events, sessions, orders, rev, fo, lo;
+    int live;
+} urow_t;
+typedef struct frow {
+    int32_t day;
+    char dev[16], ctry[16];
+    int64_t s[5], u[5], orders, rev;
+    int live;
+} frow_t;
+
+static srow_t sess_tab[MAXE];
+static int n_sess_tab;
+static urow_t user_tab[64];
+static int n_user_tab;
+static frow_t fun_tab[MAXE];
+static int n_fun_tab;
+
+static void apply_flush(const snk_batch_t *b)
+{
+    for (size_t i = 0; i < b->n_deleted_sessions; i++)
+        for (int k = 0; k < n_sess_tab; k++)
+            if (sess_tab[k].live && !strcmp(sess_tab[k].sid, b->deleted_sessions[i]))
+                sess_tab[k].live = 0;
+    for (size_t i = 0; i < b->n_sessions; i++) {
+        const snk_session_row_t *r = &b->sessions[i];
+        int k;
+        for (k = 0; k < n_sess_tab; k++)
+            if (sess_tab[k].live && !strcmp(sess_tab[k].sid, r->session_id))
+                break;
+        if (k == n_sess_tab)
+            n_sess_tab++;
+        srow_t *s = &sess_tab[k];
+        snprintf(s->sid, sizeof s->sid, "%s", r->session_id);
+        snprintf(s->uid, sizeof s->uid, "%s", r->user_id);
+        snprintf(s->dev, sizeof s->dev, "%s", r->device);
+        snprintf(s->ctry, sizeof s->ctry, "%s", r->country);
+        s->start = r->started_at;
+        s->end = r->ended_at;
+        int64_t n[6] = {r->events,     r->page_views, r->product_views,
+                        r->add_to_carts, r->checkouts,  r->purchases};
+        memcpy(s->n, n, sizeof n);
+        s->rev = r->revenue_cents;
+        s->stage = r->funnel_stage;
+        s->live = 1;
+    }
+    for (size_t i = 0; i < b->n_users; i++) {
+        const snk_user_row_t *r = &b->users[i];
+        int k;
+        for (k = 0; k < n_user_tab; k++)
+            if (!strcmp(user_tab[k].uid, r->user_id))
+                break;
+        if (k == n_user_tab)
+            n_user_tab++;
+        urow_t *u = &user_tab[k];
+        snprintf(u->uid, sizeof u->uid, "%s", r->user_id);
+        snprintf(u->dev, sizeof u->dev, "%s", r->device);
+        snprintf(u->ctry, sizeof u->ctry, "%s", r->country);
+        u->first = r->first_seen;
+        u->last = r->last_seen;
+        u->events = r->events;
+        u->sessions = r->sessions;
+        u->orders = r->orders;
+        u->rev = r->revenue_cents;
+        u->fo = r->first_order_at;
+        u->lo = r->last_order_at;
+        u->live = 1;
+    }
+    for (size_t i = 0; i < b->n_funnel; i++) {
+        const snk_funnel_row_t *r = &b->funnel[i];
+        int k;
+        for (k = 0; k < n_fun_tab; k++)
+            if (fun_tab[k].day == r->day && !strcmp(fun_tab[k].dev, r->device) &&
+                !strcmp(fun_tab[k].ctry, r->country))
+                break;
+        if (k == n_fun_tab)
+            n_fun_tab++;
+        frow_t *f = &fun_tab[k];
+        f->day = r->day;
+        snprintf(f->dev, sizeof f->dev, "%s", r->device);
+        snprintf(f->ctry, sizeof f->ctry, "%s", r->country);
+        memcpy(f->s, r->sessions_ge, sizeof f->s);
+        memcpy(f->u, r->users_ge, sizeof f->u);
+        f->orders = r->orders;
+        f->rev = r->revenue_cents;
+        f->live = r->sessions_ge[0] != 0;
+    }
+}
+
+/* ---- naive recompute ---- */
+static int cmp_ev(const void *a, const void *b)
+{
+    const tev_t *x = a, *y = b;
+    int c = strcmp(x->uid, y->uid);
+    if (c)
+        return c;
+    if (x->ts != y->ts)
+        return x->ts < y->ts ? -1 : 1;
+    return strcmp(x->eid, y->eid);
+}
+
+typedef struct xsess {
+    const tev_t *first;
+    int64_t start, end, n[6], rev;
+    const char *dev, *ctry;
+    int stage;
+} xsess_t;
+
+static void check_against_recompute(tev_t *evs, int n)
+{
+    qsort(evs, (size_t)n, sizeof *evs, cmp_ev);
+    static xsess_t xs[MAXE];
+    int nx = 0;
+    for (int i = 0; i < n; i++) {
+        const tev_t *e = &evs[i];
+        int newsess = i == 0 || strcmp(evs[i - 1].uid, e->uid) || e->ts - evs[i - 1].ts > GAP;
+        if (newsess) {
+            memset(&xs[nx], 0, sizeof xs[nx]);
+            xs[nx].first = e;
+            xs[nx].start = e->ts;
+            nx++;
+        }
+        xsess_t *s = &xs[nx - 1];
+        s->end = e->ts;
+        s->n[0]++;
+        if (e->type >= ING_ET_PAGE_VIEW && e->type <= ING_ET_PURCHASE)
+            s->n[e->type]++;
+        if (e->type == ING_ET_PURCHASE)
+            s->rev += e->cents;
+        if (!s->dev && e->dev[0])
+            s->dev = e->dev;
+        if (!s->ctry && e->ctry[0])
+            s->ctry = e->ctry;
+    }
+    int live = 0;
+    for (int k = 0; k < n_sess_tab; k++)
+        live += sess_tab[k].live;
+    assert_int_equal(live, nx);
+    for (int i = 0; i < nx; i++) {
+        xsess_t *s = &xs[i];
+        s->stage = 1;
+        if (s->n[2]) {
+            s->stage = 2;
+            if (s->n[3]) {
+                s->stage = 3;
+                if (s->n[4]) {
+                    s->stage = 4;
+                    if (s->n[5])
+                        s->stage = 5;
+                }
+            }
+        }
+        if (!s->dev)
+            s->dev = "unknown";
+        if (!s->ctry)
+            s->ctry = "unknown";
+        int k;
+        for (k = 0; k < n_sess_tab; k++)
+            if (sess_tab[k].live && !strcmp(sess_tab[k].sid, s->first->eid))
+                break;
+        assert_true(k < n_sess_tab);
+        srow_t *r = &sess_tab[k];
+        assert_string_equal(r->uid, s->first->uid);
+        assert_int_equal(r->start, s->start);
+        assert_int_equal(r->end, s->end);
+        for (int j = 0; j < 6; j++)
+            assert_int_equal(r->n[j], s->n[j]);
+        assert_int_equal(r->rev, s->rev);
+        assert_string_equal(r->dev, s->dev);
+        assert_string_equal(r->ctry, s->ctry);
+        assert_int_equal(r->stage, s->stage);
+    }
+    /* users */
+    for (int k = 0; k < n_user_tab; k++) {
+        urow_t *u = &user_tab[k];
+        int64_t first = INT64_MAX, last = INT64_MIN, events = 0, orders = 0, rev = 0, fo = -1,
+                lo = -1, sessions = 0;
+        const char *dev = NULL, *ctry = NULL;
+        for (int i = 0; i < n; i++) {
+            const tev_t *e = &evs[i];
+            if (strcmp(e->uid, u->uid))
+                continue;
+            events++;
+            if (e->ts < first)
+                first = e->ts;
+            if (e->ts > last)
+                last = e->ts;
+            if (!dev && e->dev[0])
+                dev = e->dev;
+            if (!ctry && e->ctry[0])
+                ctry = e->ctry;
+            if (e->type == ING_ET_PURCHASE) {
+                orders++;
+                rev += e->cents;
+                if (fo < 0 || e->ts < fo)
+                    fo = e->ts;
+                if (e->ts > lo)
+                    lo = e->ts;
+            }
+        }
+        for (int i = 0; i < nx; i++)
+            sessions += !strcmp(xs[i].first->uid, u->uid);
+        assert_int_equal(u->events, events);
+        assert_int_equal(u->first, first);
+        assert_int_equal(u->last, last);
+        assert_int_equal(u->orders, orders);
+        assert_int_equal(u->rev, rev);
+        assert_int_equal(u->fo, fo);
+        assert_int_equal(u->lo, lo);
+        assert_int_equal(u->sessions, sessions);
+        assert_string_equal(u->dev, dev ? dev : "unknown");
+        assert_string_equal(u->ctry, ctry ? ctry : "unknown");
+    }
+    /* funnel_daily: every live row equals the recompute, and every group with
+     * sessions has a live row. */
+    int groups = 0;
+    for (int k = 0; k < n_fun_tab; k++) {
+        frow_t *f = &fun_tab[k];
+        int64_t s[5] = {0}, u[5] = {0}, orders = 0, rev = 0;
+        for (int i = 0; i < nx; i++) {
+            xsess_t *x = &xs[i];
+            if (x->start / DAY != f->day)
+                continue;
+            if (strcmp(f->dev, "*") && strcmp(f->dev, x->dev))
+                continue;
+            if (strcmp(f->ctry, "*") && strcmp(f->ctry, x->ctry))
+                continue;
+            for (int j = 0; j < x->stage; j++)
+                s[j]++;
+            orders += x->n[5];
+            rev += x->rev;
+        }
+        /* distinct users: max stage per user in this group */
+        for (int a = 0; a < nx; a++) {
+            int dup = 0;
+            for (int b2 = 0; b2 < a; b2++)
+                if (!strcmp(xs[b2].first->uid, xs[a].first->uid))
+                    dup = 1;
+            if (dup)
+                continue;
+            int best = 0;
+            for (int i = 0; i < nx; i++) {
+                xsess_t *x = &xs[i];
+                if (strcmp(x->first->uid, xs[a].first->uid) || x->start / DAY != f->day)
+                    continue;
+                if (strcmp(f->dev, "*") && strcmp(f->dev, x->dev))
+                    continue;
+                if (strcmp(f->ctry, "*") && strcmp(f->ctry, x->ctry))
+                    continue;
+                if (x->stage > best)
+                    best = x->stage;
+            }
+            for (int j = 0; j < best; j++)
+                u[j]++;
+        }
+        if (!f->live) {
+            assert_int_equal(s[0], 0);
+            continue;
+        }
+        groups++;
+        for (int j = 0; j < 5; j++) {
+            assert_int_equal(f->s[j], s[j]);
+            assert_int_equal(f->u[j], u[j]);
+        }
+        assert_int_equal(f->orders, orders);
+        assert_int_equal(f->rev, rev);
+    }
+    /* Count the distinct groups of the recompute: each must be live above. */
+    int expect = 0;
+    for (int i = 0; i < nx; i++) {
+        const char *devs[2] = {xs[i].dev, "*"}, *ctrys[2] = {xs[i].ctry, "*"};
+        for (int a = 0; a < 2; a++)
+            for (int c = 0; c < 2; c++) {
+                int seen = 0;
+                for (int j = 0; j < i && !seen; j++) {
+                    const char *d2[2] = {xs[j].dev, "*"}, *c2[2] = {xs[j].ctry, "*"};
+                    if (xs[j].start / DAY == xs[i].start / DAY && !strcmp(d2[a], devs[a]) &&
+                        !strcmp(c2[c], ctrys[c]))
+                        seen = 1;
+                }
+                expect += !seen;
+            }
+    }
+    assert_int_equal(groups, expect);
+}
+
+/* ---- driver ---- */
+static void to_ing(const tev_t *t, ing_event_t *e)
+{
+    memset(e, 0, offsetof(ing_event_t, items));
+    e->event_id_len = (uint8_t)strlen(t->eid);
+    memcpy(e->event_id, t->eid, e->event_id_len + 1);
+    e->user_id_len = (uint8_t)strlen(t->uid);
+    memcpy(e->user_id, t->uid, e->user_id_len + 1);
+    e->type = (ing_etype_t)t->type;
+    e->ts = t->ts;
+    e->device_len = (uint8_t)strlen(t->dev);
+    memcpy(e->device, t->dev, e->device_len + 1);
+    e->country_len = (uint8_t)strlen(t->ctry);
+    memcpy(e->country, t->ctry, e->country_len + 1);
+    e->amount_cents = t->cents;
+}
+
+static void flush(agg_t *a)
+{
+    agg_flush_t *f;
+    assert_int_equal(agg_flush_collect(a, &f), 0);
+    apply_flush(agg_flush_batch(f));
+    assert_int_equal(agg_flush_done(a, f), 0);
+    agg_flush_free(f);
+}
+
+static void run_round(uint64_t seed, int n, int users, int64_t spread_ms, int sweep)
+{
+    rng = seed;
+    n_sess_tab = n_user_tab = n_fun_tab = 0;
+    memset(sess_tab, 0, sizeof sess_tab);
+    memset(user_tab, 0, sizeof user_tab);
+    memset(fun_tab, 0, sizeof fun_tab);
+    static tev_t evs[MAXE];
+    static const char *devs[] = {"", "mobile", "desktop"};
+    static const char *ctrys[] = {"", "DE", "FR", "US"};
+    int64_t base = 1700000000000LL;
+    for (int i = 0; i < n; i++) {
+        tev_t *e = &evs[i];
+        snprintf(e->eid, sizeof e->eid, "e%05d", (int)(rnd() % 100000));
+        /* keep event ids unique but not ordered like ts */
+        snprintf(e->eid + 6, sizeof e->eid - 6, "%d", i % 100000);
+        snprintf(e->uid, sizeof e->uid, "u%d", (int)(rnd() % (uint64_t)users));
+        /* ts on a 10-minute grid makes gaps of exactly 30 minutes common */
+        e->ts = base + (int64_t)(rnd() % (uint64_t)(spread_ms / 600000)) * 600000 +
+                (rnd() % 4 == 0 ? 1 : 0);
+        e->type = (int)(rnd() % 7);
+        if (e->type == ING_ET_ASSIGNMENT)
+            e->type = ING_ET_OTHER;
+        snprintf(e->dev, sizeof e->dev, "%s", devs[rnd() % 3]);
+        snprintf(e->ctry, sizeof e->ctry, "%s", ctrys[rnd() % 4]);
+        e->cents = e->type == ING_ET_PURCHASE ? (int64_t)(rnd() % 100000) : 0;
+    }
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    st_env_t *env;
+    assert_int_equal(st_open(dir, 64 << 20, ST_SYNC_NONE, &env), 0);
+    agg_t *a;
+    agg_conf_t conf = {"t", GAP, 1000LL * DAY, sweep};
+    assert_int_equal(agg_open(env, &conf, &a), 0);
+    ing_event_t *ie = malloc(sizeof *ie);
+    int64_t off = 0;
+    for (int i = 0; i < n;) {
+        int bs = 1 + (int)(rnd() % 50);
+        assert_int_equal(agg_batch_begin(a), 0);
+        for (int j = 0; j < bs && i < n; j++, i++) {
+            to_ing(&evs[i], ie);
+            assert_int_equal(agg_apply_event(a, 0, off++, ie, "", 0, 0), 0);
+            if (rnd() % 10 == 0) { /* a re-sent duplicate */
+                assert_int_equal(agg_apply_event(a, 0, off++, ie, "", 0, 0), 0);
+            }
+        }
+        assert_int_equal(agg_batch_commit(a), 0);
+        if (rnd() % 5 == 0)
+            flush(a);
+    }
+    flush(a);
+    const agg_partition_t *p = agg_partition(a, 0);
+    assert_int_equal(p->accepted, n);
+    assert_int_equal(p->accepted + p->duplicates, off);
+    assert_int_equal(agg_pending_rows(a), 0);
+    check_against_recompute(evs, n);
+    free(ie);
+    agg_close(a);
+    st_close(env);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+static void test_random_orders(void **state)
+{
+    (void)state;
+    for (uint64_t seed = 1; seed <= 40; seed++)
+        run_round(seed * 7919, 300, 4, 3 * DAY, 0);
+}
+
+static void test_dense_merges(void **state)
+{
+    (void)state;
+    /* Many events in a short span: long chains of merges. */
+    for (uint64_t seed = 1; seed <= 20; seed++)
+        run_round(seed * 104729, 400, 2, DAY / 4, 0);
+}
+
+static void test_many_users_big(void **state)
+{
+    (void)state;
+    run_round(4242, 3000, 40, 10 * DAY, 0);
+}
+
+static void test_compaction_keeps_results(void **state)
+{
+    (void)state;
+    /* With a huge lateness nothing is final, so compaction must change nothing. */
+    for (uint64_t seed = 1; seed <= 10; seed++)
+        run_round(seed * 31337, 300, 4, 3 * DAY, 100);
+}
+
+static int apply_one(agg_t *a, int64_t off, const char *eid, const char *uid, int64_t ts,
+                     int type)
+{
+    tev_t t = {0};
+    snprintf(t.eid, sizeof t.eid, "%s", eid);
+    snprintf(t.uid, sizeof t.uid, "%s", uid);
+    t.ts = ts;
+    t.type = type;
+    ing_event_t *e = malloc(sizeof *e);
+    to_ing(&t, e);
+    int r = agg_apply_event(a, 0, off, e, "{}", 2, 0);
+    free(e);
+    return r;
+}
+
+static void test_gap_boundary_and_session_id_change(void **state)
+{
+    (void)state;
+    n_sess_tab = n_user_tab = n_fun_tab = 0;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    st_env_t *env;
+    assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &env), 0);
+    agg_t *a;
+    agg_conf_t conf = {"t", GAP, 2 * DAY, 0};
+    assert_int_equal(agg_open(env, &conf, &a), 0);
+    int64_t t0 = 1700000000000LL;
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 0, "b", "u", t0, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(apply_one(a, 1, "c", "u", t0 + GAP, ING_ET_PAGE_VIEW), 0);     /* same */
+    assert_int_equal(apply_one(a, 2, "d", "u", t0 + 2 * GAP + 1, ING_ET_PAGE_VIEW), 0); /* new */
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush(a);
+    int live = 0;
+    for (int k = 0; k < n_sess_tab; k++)
+        live += sess_tab[k].live;
+    assert_int_equal(live, 2);
+    /* A late event at the same ts with a smaller id becomes the first event:
+     * the session id changes and the old row goes. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 3, "a", "u", t0, ING_ET_OTHER), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush(a);
+    int found_a = 0, found_b = 0;
+    for (int k = 0; k < n_sess_tab; k++) {
+        found_a += sess_tab[k].live && !strcmp(sess_tab[k].sid, "a");
+        found_b += sess_tab[k].live && !strcmp(sess_tab[k].sid, "b");
+    }
+    assert_int_equal(found_a, 1);
+    assert_int_equal(found_b, 0);
+    /* A late event between the two sessions merges them into one. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 4, "m", "u", t0 + GAP + GAP / 2, ING_ET_OTHER), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush(a);
+    live = 0;
+    for (int k = 0; k < n_sess_tab; k++)
+        live += sess_tab[k].live;
+    assert_int_equal(live, 1);
+    assert_int_equal(user_tab[0].sessions, 1);
+    /* too_late: older than watermark minus lateness is rejected, not applied. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 5, "z", "u", t0 + 2 * GAP + 1 - 2 * DAY - 1, ING_ET_OTHER), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    const agg_partition_t *p = agg_partition(a, 0);
+    assert_int_equal(p->rejected, 1);
+    assert_int_equal(p->rejects_by_reason[ING_R_TOO_LATE], 1);
+    assert_int_equal(p->next_offset, 6);
+    agg_flush_t *f;
+    assert_int_equal(agg_flush_collect(a, &f), 0);
+    assert_int_equal(agg_flush_batch(f)->n_rejects, 1);
+    assert_string_equal(agg_flush_batch(f)->rejects[0].reason, "too_late");
+    assert_int_equal(agg_flush_done(a, f), 0);
+    agg_flush_free(f);
+    assert_int_equal(agg_pending_rows(a), 0);
+    agg_close(a);
+    st_close(env);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+static void test_compaction_drops_final_state(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    st_env_t *env;
+    assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &env), 0);
+    agg_t *a;
+    agg_conf_t conf = {"t", GAP, DAY, 1000};
+    assert_int_equal(agg_open(env, &conf, &a), 0);
+    int64_t t0 = 1700000000000LL;
+    /* One event per hour for 5 days: only the last day's state may stay. */
+    for (int i = 0; i < 120; i++) {
+        char eid[16];
+        snprintf(eid, sizeof eid, "e%d", i);
+        assert_int_equal(agg_batch_begin(a), 0);
+        assert_int_equal(apply_one(a, i, eid, "u", t0 + (int64_t)i * 3600000, ING_ET_PAGE_VIEW),
+                         0);
+        assert_int_equal(agg_batch_commit(a), 0);
+        flush(a);
+    }
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    st_txn_t *txn;
+    uint64_t ns = 0, nd = 0, nu = 0;
+    assert_int_equal(st_begin(env, 1, &txn), 0);
+    st_count(txn, env, ST_DB_SESSIONS, &ns);
+    st_count(txn, env, ST_DB_DEDUP, &nd);
+    st_count(txn, env, ST_DB_USTAGE, &nu);
+    st_abort(txn);
+    assert_true(ns <= 26);
+    assert_true(nd <= 26);
+    assert_true(nu <= 2 * 4);
+    agg_close(a);
+    st_close(env);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_gap_boundary_and_session_id_change),
+        cmocka_unit_test(test_random_orders),
+        cmocka_unit_test(test_dense_merges),
+        cmocka_unit_test(test_many_users_big),
+        cmocka_unit_test(test_compaction_keeps_results),
+        cmocka_unit_test(test_compaction_drops_final_state),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,845 @@
+/*
+ * test_sink.c - unit tests of the Postgres sink (sink/sink.c).
+ *
+ * The pure parts (value formatting, UTF-8 sanitising, COPY escaping, row
+ * rendering, SQL generation, conninfo redaction) are tested through the
+ * static helpers: the test includes sink.c itself instead of widening
+ * sink.h for the sake of tests. When CLICKMART_TEST_PG holds a conninfo, a
+ * live test also migrates and flushes against that server in a throw-away
+ * schema; without it that test is skipped.
+ */
+#include "sink/sink.c"
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+/* ------------------------------------------------------------------------ */
+/* Helpers                                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* Renders s[0..n) through put_utf8 and compares with the expected bytes,
+ * which may contain NUL, so lengths are explicit. */
+static void check_utf8(const char *in, size_t n, int copy, const char *want, size_t wn)
+{
+    sbuf_t b = {0};
+    put_utf8(&b, in, n, copy);
+    assert_false(b.oom);
+    if (b.len != wn || memcmp(b.p, want, wn) != 0) {
+        fprintf(stderr, "put_utf8: got %zu bytes:", b.len);
+        for (size_t i = 0; i < b.len; i++)
+            fprintf(stderr, " %02X", (unsigned char)b.p[i]);
+        fprintf(stderr, "\n  want %zu bytes:", wn);
+        for (size_t i = 0; i < wn; i++)
+            fprintf(stderr, " %02X", (unsigned char)want[i]);
+        fprintf(stderr, "\n");
+        fail();
+    }
+    sb_free(&b);
+}
+
+#define SAN(in, want) check_utf8(in, sizeof(in) - 1, 0, want, sizeof(want) - 1)
+#define ESC(in, want) check_utf8(in, sizeof(in) - 1, 1, want, sizeof(want) - 1)
+#define FFFD "\xEF\xBF\xBD"
+
+static void check_ts(int64_t ms, const char *want)
+{
+    char out[64];
+    size_t n = fmt_ts(out, ms);
+    assert_int_equal(n, strlen(out));
+    assert_string_equal(out, want);
+}
+
+static void check_cents(int64_t cents, const char *want)
+{
+    char out[32];
+    size_t n = fmt_cents(out, cents);
+    assert_int_equal(n, strlen(out));
+    assert_string_equal(out, want);
+}
+
+static void check_redact(const char *in, const char *want)
+{
+    char out[512];
+    snk_redact_conninfo(in, out, sizeof out);
+    assert_string_equal(out, want);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Formatting                                                               */
+/* ------------------------------------------------------------------------ */
+
+static void test_fmt_ts_fixed(void **state)
+{
+    (void)state;
+    check_ts(0, "1970-01-01 00:00:00.000+00");
+    check_ts(1, "1970-01-01 00:00:00.001+00");
+    check_ts(-1, "1969-12-31 23:59:59.999+00");
+    check_ts(946684800000LL, "2000-01-01 00:00:00.000+00");
+    check_ts(946684800000LL - 1, "1999-12-31 23:59:59.999+00");
+    /* 2000 is a leap year (divisible by 400). */
+    check_ts(951782400000LL + 123, "2000-02-29 00:00:00.123+00");
+    check_ts(951868800000LL, "2000-03-01 00:00:00.000+00");
+    check_ts(1709296496789LL, "2024-03-01 12:34:56.789+00");
+    check_ts(4070908800000LL, "2099-01-01 00:00:00.000+00");
+    check_ts(4102444800000LL - 1, "2099-12-31 23:59:59.999+00");
+    check_ts(4102444800000LL, "2100-01-01 00:00:00.000+00");
+    /* 2100 is not a leap year. */
+    check_ts(4107542400000LL, "2100-03-01 00:00:00.000+00");
+    check_ts(4107542400000LL - 1, "2100-02-28 23:59:59.999+00");
+    check_ts(-62135596800000LL, "0001-01-01 00:00:00.000+00");
+    check_ts(-62135596800000LL - 1, "0001-12-31 23:59:59.999+00 BC");
+    check_ts(253402300800000LL, "10000-01-01 00:00:00.000+00");
+}
+
+/* Cross-checks against gmtime_r over the contract's range and around 1970. */
+static void test_fmt_ts_vs_gmtime(void **state)
+{
+    (void)state;
+    uint64_t x = 88172645463325252ULL;
+    for (int i = 0; i < 200000; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        int64_t ms;
+        if (i % 4 == 3)
+            ms = (int64_t)(x % 200000000000ULL) - 100000000000LL;
+        else
+            ms = 946684800000LL + (int64_t)(x % (4102444800000ULL - 946684800000ULL));
+        time_t secs = (time_t)floor_div(ms, 1000);
+        struct tm tm;
+        assert_non_null(gmtime_r(&secs, &tm));
+        char want[64];
+        snprintf(want, sizeof want, "%04d-%02d-%02d %02d:%02d:%02d.%03d+00", tm.tm_year + 1900,
+                 tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                 (int)(ms - floor_div(ms, 1000) * 1000));
+        char got[64];
+        fmt_ts(got, ms);
+        if (strcmp(got, want) != 0) {
+            fprintf(stderr, "ms=%lld got %s want %s\n", (long long)ms, got, want);
+            fail();
+        }
+    }
+}
+
+static void test_fmt_day(void **state)
+{
+    (void)state;
+    char out[40];
+    fmt_day(out, 0);
+    assert_string_equal(out, "1970-01-01");
+    fmt_day(out, -1);
+    assert_string_equal(out, "1969-12-31");
+    fmt_day(out, 10957);
+    assert_string_equal(out, "2000-01-01");
+    fmt_day(out, 11016);
+    assert_string_equal(out, "2000-02-29");
+    fmt_day(out, 19783);
+    assert_string_equal(out, "2024-03-01");
+    fmt_day(out, 47481);
+    assert_string_equal(out, "2099-12-31");
+}
+
+static void test_fmt_cents(void **state)
+{
+    (void)state;
+    check_cents(0, "0.00");
+    check_cents(5, "0.05");
+    check_cents(50, "0.50");
+    check_cents(100, "1.00");
+    check_cents(12345, "123.45");
+    check_cents(-5, "-0.05");
+    check_cents(-100, "-1.00");
+    check_cents(-12345, "-123.45");
+    check_cents(100000000000000LL, "1000000000000.00");
+    check_cents(INT64_MAX, "92233720368547758.07");
+    check_cents(INT64_MIN, "-92233720368547758.08");
+}
+
+static void test_sb_i64(void **state)
+{
+    (void)state;
+    sbuf_t b = {0};
+    sb_i64(&b, 0);
+    sb_putc(&b, ' ');
+    sb_i64(&b, -42);
+    sb_putc(&b, ' ');
+    sb_i64(&b, INT64_MAX);
+    sb_putc(&b, ' ');
+    sb_i64(&b, INT64_MIN);
+    assert_string_equal(sb_cstr(&b), "0 -42 9223372036854775807 -9223372036854775808");
+    sb_free(&b);
+}
+
+/* ------------------------------------------------------------------------ */
+/* UTF-8 and COPY escaping                                                  */
+/* ------------------------------------------------------------------------ */
+
+static void test_utf8_valid(void **state)
+{
+    (void)state;
+    SAN("", "");
+    SAN("plain ascii", "plain ascii");
+    SAN("\x01\x1f\x7f", "\x01\x1f\x7f");
+    SAN("\xC2\x80 \xDF\xBF", "\xC2\x80 \xDF\xBF");                 /* U+0080, U+07FF */
+    SAN("\xE0\xA0\x80 \xEF\xBF\xBF", "\xE0\xA0\x80 \xEF\xBF\xBF"); /* U+0800, U+FFFF */
+    SAN("\xED\x9F\xBF \xEE\x80\x80", "\xED\x9F\xBF \xEE\x80\x80"); /* around the surrogates */
+    SAN("\xF0\x90\x80\x80 \xF4\x8F\xBF\xBF", "\xF0\x90\x80\x80 \xF4\x8F\xBF\xBF");
+    SAN("gr\xC3\xBC\xC3\x9F \xE2\x82\xAC \xF0\x9F\x98\x80",
+        "gr\xC3\xBC\xC3\x9F \xE2\x82\xAC \xF0\x9F\x98\x80");
+    SAN(FFFD, FFFD);
+}
+
+static void test_utf8_invalid(void **state)
+{
+    (void)state;
+    /* NUL bytes. */
+    check_utf8("a\0b", 3, 0, "a" FFFD "b", 5);
+    check_utf8("\0\0", 2, 0, FFFD FFFD, 6);
+    /* Stray continuation bytes and bytes that never occur. */
+    SAN("\x80", FFFD);
+    SAN("a\xBF\x80z", "a" FFFD FFFD "z");
+    SAN("\xFE\xFF", FFFD FFFD);
+    SAN("\xF5\x80\x80\x80", FFFD FFFD FFFD FFFD);
+    /* Overlong forms: C0/C1 never start a sequence, E0 80..9F and F0 80..8F
+     * are rejected at the second byte. */
+    SAN("\xC0\x80", FFFD FFFD);
+    SAN("\xC1\xBF", FFFD FFFD);
+    SAN("\xE0\x80\x80", FFFD FFFD FFFD);
+    SAN("\xE0\x9F\xBF", FFFD FFFD FFFD);
+    SAN("\xF0\x80\x80\x80", FFFD FFFD FFFD FFFD);
+    SAN("\xF0\x8F\xBF\xBF", FFFD FFFD FFFD FFFD);
+    /* Surrogates D800..DFFF. */
+    SAN("\xED\xA0\x80", FFFD FFFD FFFD);
+    SAN("\xED\xBF\xBF", FFFD FFFD FFFD);
+    SAN("\xED\xA0\x80\xED\xB0\x80", FFFD FFFD FFFD FFFD FFFD FFFD);
+    /* Above U+10FFFF. */
+    SAN("\xF4\x90\x80\x80", FFFD FFFD FFFD FFFD);
+    SAN("\xF7\xBF\xBF\xBF", FFFD FFFD FFFD FFFD);
+    /* Truncated sequences: a maximal valid prefix becomes one U+FFFD. */
+    SAN("\xE2\x82", FFFD);
+    SAN("\xE2\x82z", FFFD "z");
+    SAN("\xF0\x9F\x98", FFFD);
+    SAN("\xF0\x9F\x98\xE2\x82\xAC", FFFD "\xE2\x82\xAC");
+    SAN("\xC3", FFFD);
+    SAN("x\xC3", "x" FFFD);
+    SAN("\xC3\xC3\xBC", FFFD "\xC3\xBC");
+}
+
+static void test_copy_escape(void **state)
+{
+    (void)state;
+    ESC("plain", "plain");
+    ESC("a\tb", "a\\tb");
+    ESC("a\nb\rc", "a\\nb\\rc");
+    ESC("back\\slash", "back\\\\slash");
+    ESC("\\.", "\\\\.");
+    ESC("\\N", "\\\\N");
+    ESC("\x01\x7f\b\f\v", "\x01\x7f\b\f\v");
+    ESC("\xC3\xBC\t\xFF\n", "\xC3\xBC\\t" FFFD "\\n");
+    check_utf8("a\0\t", 3, 1, "a" FFFD "\\t", 6);
+    /* Without COPY escaping the structural characters pass unchanged. */
+    SAN("a\tb\\c\n", "a\tb\\c\n");
+}
+
+/* ------------------------------------------------------------------------ */
+/* Rows and SQL                                                             */
+/* ------------------------------------------------------------------------ */
+
+static void test_rows(void **state)
+{
+    (void)state;
+    sbuf_t b = {0};
+
+    snk_session_row_t s = {"s\t1", "u\\1", 1709296496789LL, 1709296500000LL, 5,    1, 2, 3,
+                           4,      5,      -12345,          "mobile",        NULL, 5};
+    assert_int_equal(row_session(&b, &s, 0), 1);
+    assert_string_equal(sb_cstr(&b), "s\\t1\tu\\\\1\t2024-03-01 12:34:56.789+00\t"
+                                     "2024-03-01 12:35:00.000+00\t5\t1\t2\t3\t4\t5\t-123.45\t"
+                                     "mobile\t\t5\n");
+
+    b.len = 0;
+    snk_user_row_t u = {"u1", 946684800000LL, 946684800001LL, "web", "DE", 3, 2, 0, 0, -1, -1};
+    row_user(&b, &u, 0);
+    assert_string_equal(sb_cstr(&b), "u1\t2000-01-01 00:00:00.000+00\t2000-01-01 00:00:00.001+00\t"
+                                     "web\tDE\t3\t2\t0\t0.00\t\\N\t\\N\n");
+
+    b.len = 0;
+    snk_partition_row_t p = {"t", 7, 100, -1, 1, 2, 3};
+    row_partition(&b, &p, 0);
+    assert_string_equal(sb_cstr(&b), "t\t7\t100\t\\N\t1\t2\t3\n");
+
+    /* Funnel rows go to exactly one of the two stages. */
+    snk_funnel_row_t f[2] = {
+        {19783, "mobile", "*", {1, 1, 0, 0, 0}, {1, 1, 0, 0, 0}, 0, 0},
+        {19783, "*", "*", {0}, {0}, 0, 0},
+    };
+    b.len = 0;
+    assert_int_equal(row_funnel(&b, f, 0), 1);
+    assert_int_equal(row_funnel(&b, f, 1), 0);
+    assert_string_equal(sb_cstr(&b),
+                        "2024-03-01\tmobile\t*\t1\t1\t0\t0\t0\t1\t1\t0\t0\t0\t0\t0.00\n");
+    b.len = 0;
+    assert_int_equal(row_funnel_zero(&b, f, 0), 0);
+    assert_int_equal(row_funnel_zero(&b, f, 1), 1);
+    assert_string_equal(sb_cstr(&b), "2024-03-01\t*\t*\n");
+    /* Revenue alone keeps a row alive. */
+    f[1].revenue_cents = 1;
+    assert_int_equal(funnel_is_zero(&f[1]), 0);
+
+    sb_free(&b);
+}
+
+static void test_reject_payload(void **state)
+{
+    (void)state;
+    sbuf_t b = {0};
+    /* 4095 'x' then a euro sign: the cut at 4096 leaves its first byte. */
+    char big[5000];
+    memset(big, 'x', 4095);
+    memcpy(big + 4095, "\xE2\x82\xAC tail", 8);
+    snk_reject_row_t r = {"t", 0, 42, "invalid_json", NULL, big, 4103, 0};
+    row_reject(&b, &r, 0);
+    const char *pre = "t\t0\t42\tinvalid_json\t\t";
+    assert_int_equal(b.len, strlen(pre) + 4095 + 3 + 1 + 26 + 1);
+    assert_memory_equal(b.p, pre, strlen(pre));
+    assert_memory_equal(b.p + strlen(pre) + 4095, FFFD "\t1970-01-01 00:00:00.000+00\n", 31);
+
+    b.len = 0;
+    static const char p2[] = "{\"a\":\"\xFF\0\n\"}";
+    snk_reject_row_t r2 = {"t", 1, 7, "bad_value", "ts", p2, sizeof p2 - 1, 1000};
+    row_reject(&b, &r2, 0);
+    assert_string_equal(sb_cstr(&b), "t\t1\t7\tbad_value\tts\t{\"a\":\"" FFFD FFFD "\\n\"}\t"
+                                     "1970-01-01 00:00:01.000+00\n");
+
+    b.len = 0;
+    snk_reject_row_t r3 = {"t", 1, 8, "invalid_json", "", NULL, 5, 0};
+    row_reject(&b, &r3, 0);
+    assert_string_equal(sb_cstr(&b), "t\t1\t8\tinvalid_json\t\t\t1970-01-01 00:00:00.000+00\n");
+    sb_free(&b);
+}
+
+static void test_sql(void **state)
+{
+    (void)state;
+    snk_conn_t c;
+    memset(&c, 0, sizeof c);
+    char q[] = "\"cm\"";
+    c.schema_q = q;
+
+    assert_string_equal(sql_apply(&c, &TABLES[T_SESSIONS_DEL]),
+                        "DELETE FROM \"cm\".sessions WHERE session_id = ANY (ARRAY(SELECT "
+                        "session_id FROM pg_temp.cm_stage_sessions_del))");
+    assert_string_equal(sql_apply(&c, &TABLES[T_FUNNEL_DEL]),
+                        "DELETE FROM \"cm\".funnel_daily t USING pg_temp.cm_stage_funnel_del d "
+                        "WHERE t.day = d.day AND t.device = d.device AND t.country = d.country");
+    assert_string_equal(
+        sql_apply(&c, &TABLES[T_PARTITIONS]),
+        "INSERT INTO \"cm\".partitions (topic, partition, next_offset, watermark, accepted, "
+        "duplicates, rejected, flushed_at) SELECT topic, partition, next_offset, watermark, "
+        "accepted, duplicates, rejected, now() FROM pg_temp.cm_stage_partitions ON CONFLICT "
+        "(topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, watermark = "
+        "EXCLUDED.watermark, accepted = EXCLUDED.accepted, duplicates = EXCLUDED.duplicates, "
+        "rejected = EXCLUDED.rejected, flushed_at = EXCLUDED.flushed_at");
+    assert_string_equal(sql_apply(&c, &TABLES[T_REJECTS]),
+                        "INSERT INTO \"cm\".rejected_events (topic, partition, kafka_offset, "
+                        "reason, detail, payload, rejected_at) SELECT topic, partition, "
+                        "kafka_offset, reason, detail, payload, rejected_at FROM "
+                        "pg_temp.cm_stage_rejects ON CONFLICT (topic, partition, kafka_offset) "
+                        "DO NOTHING");
+    const char *up = sql_apply(&c, &TABLES[T_SESSIONS]);
+    assert_non_null(strstr(up, "ON CONFLICT (session_id) DO UPDATE SET user_id = "
+                               "EXCLUDED.user_id, started_at = EXCLUDED.started_at"));
+    assert_non_null(strstr(up, "funnel_stage = EXCLUDED.funnel_stage"));
+    assert_null(strstr(up, "session_id = EXCLUDED"));
+
+    /* Migrations are strictly increasing so that "apply the missing ones in
+     * order" is well defined. */
+    for (size_t m = 1; m < sizeof MIGRATIONS / sizeof MIGRATIONS[0]; m++)
+        assert_true(MIGRATIONS[m].version > MIGRATIONS[m - 1].version);
+    assert_int_equal(MIGRATIONS[0].version, 1);
+
+    sbuf_t b = {0};
+    sb_sql(&b, "A {S}.x {S}{S} z", "\"s\"");
+    assert_string_equal(sb_cstr(&b), "A \"s\".x \"s\"\"s\" z");
+    sb_free(&b);
+    sb_free(&c.sql);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Conninfo, schema names, errors                                           */
+/* ------------------------------------------------------------------------ */
+
+static void test_redact_kv(void **state)
+{
+    (void)state;
+    check_redact("host=db password=secret dbname=x", "host=db password=*** dbname=x");
+    check_redact("password=secret", "password=***");
+    check_redact("  host = db   password =  secret  ", "  host = db   password =  ***  ");
+    check_redact("password='sec ret' user=u", "password=*** user=u");
+    check_redact("password='it\\'s secret' user=u", "password=*** user=u");
+    check_redact("password=sec\\ ret user=u", "password=*** user=u");
+    check_redact("user=u sslpassword=keypass sslmode=require",
+                 "user=u sslpassword=*** sslmode=require");
+    check_redact("host=db user=u", "host=db user=u");
+    check_redact("host='my host' user=u", "host='my host' user=u");
+    check_redact("", "");
+    /* An unterminated quote or a missing '=' hides the rest. */
+    check_redact("user=u password='secret", "user=u password=***");
+    check_redact("user=u secretword", "user=u ***");
+    /* Keywords are whole words: these are not passwords. */
+    check_redact("passwordx=a xpassword=b", "passwordx=a xpassword=b");
+
+    char small[12];
+    snk_redact_conninfo("password=secretsecret", small, sizeof small);
+    assert_string_equal(small, "password=**");
+    snk_redact_conninfo("host=x", small, 1);
+    assert_string_equal(small, "");
+    snk_redact_conninfo(NULL, small, sizeof small);
+    assert_string_equal(small, "");
+}
+
+static void test_redact_uri(void **state)
+{
+    (void)state;
+    check_redact("postgresql://u:secret@db:5432/x", "postgresql://u:***@db:5432/x");
+    check_redact("postgres://u:secret@db/x?sslmode=require",
+                 "postgres://u:***@db/x?sslmode=require");
+    check_redact("postgresql://u@db/x", "postgresql://u@db/x");
+    check_redact("postgresql://db/x", "postgresql://db/x");
+    check_redact("postgresql://", "postgresql://");
+    check_redact("postgresql://u:@db", "postgresql://u:***@db");
+    check_redact("postgresql://u:p%40ss@h1:5432,h2:5433/x", "postgresql://u:***@h1:5432,h2:5433/x");
+    check_redact("postgresql://db/x?user=u&password=secret&sslmode=require",
+                 "postgresql://db/x?user=u&password=***&sslmode=require");
+    check_redact("postgresql://db?password=secret", "postgresql://db?password=***");
+    check_redact("postgresql://u:secret@db?sslpassword=kp",
+                 "postgresql://u:***@db?sslpassword=***");
+    /* A raw '@' in the password: everything up to the last '@' is hidden. */
+    check_redact("postgresql://u:se@cret@db/x", "postgresql://u:***@db/x");
+}
+
+static void test_schema_names(void **state)
+{
+    (void)state;
+    assert_true(valid_schema("clickmart"));
+    assert_true(valid_schema("_"));
+    assert_true(valid_schema("a1_b2"));
+    char max[64];
+    memset(max, 'a', 63);
+    max[63] = '\0';
+    assert_true(valid_schema(max));
+
+    const char *bad[] = {"", "Clickmart", "1abc", "a-b", "a b", "a.b", "a\"b", "ü", NULL};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        snk_conn_t *c = (snk_conn_t *)&c;
+        /* The conninfo points nowhere: validation must fail before connecting. */
+        assert_int_equal(snk_open("host=/nonexistent port=1", bad[i], &c), SNK_EINVAL);
+        assert_null(c);
+        assert_non_null(strstr(snk_last_error(NULL), "schema"));
+    }
+    char toolong[65];
+    memset(toolong, 'a', 64);
+    toolong[64] = '\0';
+    snk_conn_t *c = NULL;
+    assert_int_equal(snk_open("", toolong, &c), SNK_EINVAL);
+    assert_null(c);
+    assert_int_equal(snk_open("", "ok", NULL), SNK_EINVAL);
+}
+
+static void test_open_errors(void **state)
+{
+    (void)state;
+    snk_conn_t *c = NULL;
+    /* A malformed conninfo is rejected without echoing its text. */
+    assert_int_equal(snk_open("host=x hunter2secret", "cm", &c), SNK_EINVAL);
+    assert_null(c);
+    assert_null(strstr(snk_last_error(NULL), "hunter2secret"));
+    assert_non_null(strstr(snk_last_error(NULL), "invalid connection string"));
+
+    /* A server that is not there: ECONNECT, with libpq's reason. */
+    assert_int_equal(
+        snk_open("host=/nonexistent-dir port=1 password=hunter2secret connect_timeout=2", "cm", &c),
+        SNK_ECONNECT);
+    assert_null(c);
+    assert_true(strlen(snk_last_error(NULL)) > 0);
+    assert_null(strstr(snk_last_error(NULL), "hunter2secret"));
+    assert_null(strchr(snk_last_error(NULL), '\n'));
+
+    assert_int_equal(snk_flush(NULL, NULL), SNK_EINVAL);
+    assert_int_equal(snk_migrate(NULL), SNK_EINVAL);
+    assert_int_equal(snk_ok(NULL), 0);
+    snk_close(NULL);
+}
+
+static void test_store_err(void **state)
+{
+    (void)state;
+    char out[64];
+    store_err(out, sizeof out, "s3cret", "step", "ERROR:  bad s3cret here\nDETAIL: x\n");
+    assert_string_equal(out, "step: ERROR: bad *** here DETAIL: x");
+    store_err(out, 8, NULL, "step", "message");
+    assert_string_equal(out, "step: m");
+    char safe[64];
+    hide_quoted("missing \"=\" after \"pw\" in connection info string", safe, sizeof safe);
+    assert_string_equal(safe, "missing \"=\" after \"***\" in connection info string");
+    hide_quoted("unterminated \"quote", safe, sizeof safe);
+    assert_string_equal(safe, "unterminated \"quote");
+    hide_quoted("\"longsecret\" tail", safe, 4);
+    assert_string_equal(safe, "\"**");
+}
+
+static void test_strerror(void **state)
+{
+    (void)state;
+    const int codes[] = {0, SNK_ECONNECT, SNK_EQUERY, SNK_ENOMEM, SNK_EINVAL, -99};
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
+        assert_non_null(snk_strerror(codes[i]));
+        assert_true(strlen(snk_strerror(codes[i])) > 0);
+    }
+    assert_string_not_equal(snk_strerror(SNK_EQUERY), snk_strerror(SNK_ECONNECT));
+}
+
+/* ------------------------------------------------------------------------ */
+/* Live test against Postgres (CLICKMART_TEST_PG)                           */
+/* ------------------------------------------------------------------------ */
+
+static char live_schema[64];
+
+/* Runs a query on the checking connection and returns the single value of
+ * its single row as a static string ("<NULL>" for NULL, "<none>" for no
+ * row); the length of binary-unsafe text is in *len. */
+static const char *q1(PGconn *pg, const char *fmt, ...)
+{
+    static char val[65536];
+    char sql[4096];
+    char tmpl[4096];
+    /* "{S}" is the test schema, as in sink.c. */
+    const char *p = fmt;
+    size_t o = 0;
+    while (*p && o + 70 < sizeof tmpl) {
+        if (strncmp(p, "{S}", 3) == 0) {
+            o += (size_t)snprintf(tmpl + o, sizeof tmpl - o, "%s", live_schema);
+            p += 3;
+        } else {
+            tmpl[o++] = *p++;
+        }
+    }
+    tmpl[o] = '\0';
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(sql, sizeof sql, tmpl, ap);
+    va_end(ap);
+    PGresult *res = PQexec(pg, sql);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        fprintf(stderr, "query failed: %s\n%s", sql, PQresultErrorMessage(res));
+        PQclear(res);
+        fail();
+    }
+    if (PQntuples(res) == 0)
+        snprintf(val, sizeof val, "<none>");
+    else if (PQgetisnull(res, 0, 0))
+        snprintf(val, sizeof val, "<NULL>");
+    else
+        snprintf(val, sizeof val, "%s", PQgetvalue(res, 0, 0));
+    PQclear(res);
+    return val;
+}
+
+static void exec_or_fail(PGconn *pg, const char *sql)
+{
+    PGresult *res = PQexec(pg, sql);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
+        fprintf(stderr, "statement failed: %s\n%s", sql, PQresultErrorMessage(res));
+        PQclear(res);
+        fail();
+    }
+    PQclear(res);
+}
+
+/* A digest of every table except the flush time, to compare flushes. */
+static char *snapshot(PGconn *pg)
+{
+    char buf[1024] = "";
+    const char *tables[] = {"sessions", "users", "funnel_daily", "rejected_events"};
+    for (size_t i = 0; i < 4; i++) {
+        strcat(buf, q1(pg,
+                       "SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, '|' ORDER BY "
+                       "t::text)), '') FROM {S}.%s t",
+                       tables[i]));
+        strcat(buf, " ");
+    }
+    strcat(buf, q1(pg, "SELECT string_agg(concat_ws(',', topic, partition, next_offset, "
+                       "watermark, accepted, duplicates, rejected), '|' ORDER BY topic, "
+                       "partition) FROM {S}.partitions"));
+    return strdup(buf);
+}
+
+static int64_t live_ms(const char *val)
+{
+    return strtoll(val, NULL, 10);
+}
+
+static void test_live(void **state)
+{
+    (void)state;
+    const char *ci = getenv("CLICKMART_TEST_PG");
+    if (!ci || !*ci) {
+        skip();
+        return;
+    }
+    snprintf(live_schema, sizeof live_schema, "cm_sink_test_%ld", (long)getpid());
+    PGconn *adm = PQconnectdb(ci);
+    assert_int_equal(PQstatus(adm), CONNECTION_OK);
+    PQsetNoticeProcessor(adm, notice_ignore, NULL);
+    char sql[512];
+    snprintf(sql, sizeof sql, "DROP SCHEMA IF EXISTS %s CASCADE", live_schema);
+    exec_or_fail(adm, sql);
+
+    /* The caller's client_encoding cannot override UTF8. */
+    char ci2[1024];
+    snprintf(ci2, sizeof ci2, "%s client_encoding=LATIN1", ci);
+    snk_conn_t *c = NULL;
+    int rc = snk_open(ci2, live_schema, &c);
+    if (rc != 0)
+        fprintf(stderr, "snk_open: %s\n", snk_last_error(NULL));
+    assert_int_equal(rc, 0);
+    assert_true(snk_ok(c));
+    assert_string_equal(PQparameterStatus(c->pg, "client_encoding"), "UTF8");
+    assert_string_equal(PQparameterStatus(c->pg, "TimeZone"), "UTC");
+    assert_string_equal(PQparameterStatus(c->pg, "application_name"), "clickmartd");
+
+    /* Migration is idempotent, also from a second connection. */
+    assert_int_equal(snk_migrate(c), 0);
+    assert_int_equal(snk_migrate(c), 0);
+    snk_conn_t *c2 = NULL;
+    assert_int_equal(snk_open(ci, live_schema, &c2), 0);
+    assert_int_equal(snk_migrate(c2), 0);
+    snk_close(c2);
+    assert_string_equal(q1(adm, "SELECT string_agg(version::text, ',') FROM {S}.schema_version"),
+                        "1");
+    assert_string_equal(q1(adm, "SELECT count(*) FROM pg_tables WHERE schemaname = '{S}'"), "6");
+
+    /* --- A batch touching every table. --- */
+    const int64_t t0 = 1709296496789LL; /* 2024-03-01 12:34:56.789 */
+    snk_session_row_t sessions[] = {
+        {"s1", "u1", t0, t0 + 60000, 3, 1, 1, 1, 0, 0, 0, "mobile", "DE", 3},
+        {"s2", "u\xC3\xBC\t\\2\n", t0 + 1, t0 + 2, 2, 0, 1, 1, 1, 1, 12345, "web", "FR", 5},
+    };
+    snk_user_row_t users[] = {
+        {"u1", t0, t0 + 60000, "mobile", "DE", 3, 1, 0, 0, -1, -1},
+        {"u\xC3\xBC\t\\2\n", t0 + 1, t0 + 2, "web", "FR", 2, 1, 1, 12345, t0 + 2, t0 + 2},
+    };
+    snk_funnel_row_t funnel[] = {
+        {19783, "mobile", "DE", {1, 1, 1, 0, 0}, {1, 1, 1, 0, 0}, 0, 0},
+        {19783, "*", "*", {2, 2, 2, 1, 1}, {2, 2, 2, 1, 1}, 1, 12345},
+        /* A zero row for a key that does not exist: deleting it is a no-op. */
+        {19784, "*", "*", {0}, {0}, 0, 0},
+    };
+    snk_partition_row_t parts[] = {
+        {"clickmart.events", 0, 100, t0 + 2, 90, 5, 5},
+        {"clickmart.events", 1, 0, -1, 0, 0, 0},
+    };
+    static char big[6000];
+    memset(big, 'y', sizeof big);
+    static const char bad_payload[] = "{\"a\":\"\xFF\xC0\x80\0z\xE2\x82\"}";
+    snk_reject_row_t rejects[] = {
+        {"clickmart.events", 0, 3, "invalid_json", "", bad_payload, sizeof bad_payload - 1, t0},
+        {"clickmart.events", 0, 4, "payload_too_large", "", big, sizeof big, t0 + 1},
+    };
+    snk_batch_t b1 = {0};
+    b1.sessions = sessions;
+    b1.n_sessions = 2;
+    b1.users = users;
+    b1.n_users = 2;
+    b1.funnel = funnel;
+    b1.n_funnel = 3;
+    b1.partitions = parts;
+    b1.n_partitions = 2;
+    b1.rejects = rejects;
+    b1.n_rejects = 2;
+    rc = snk_flush(c, &b1);
+    if (rc != 0)
+        fprintf(stderr, "snk_flush: %s\n", snk_last_error(c));
+    assert_int_equal(rc, 0);
+
+    /* Values arrive exactly. */
+    assert_int_equal(live_ms(q1(adm, "SELECT (extract(epoch FROM started_at) * 1000)::bigint FROM "
+                                     "{S}.sessions WHERE session_id = 's1'")),
+                     t0);
+    assert_string_equal(
+        q1(adm, "SELECT started_at::text FROM {S}.sessions WHERE session_id = 's1'"),
+        "2024-03-01 12:34:56.789+00");
+    assert_string_equal(q1(adm, "SELECT concat_ws('|', user_id, revenue, device, country, "
+                                "funnel_stage, events, purchases) FROM {S}.sessions WHERE "
+                                "session_id = 's2'"),
+                        "u\xC3\xBC\t\\2\n|123.45|web|FR|5|2|1");
+    assert_string_equal(q1(adm, "SELECT coalesce(first_order_at::text, 'null') || '|' || revenue "
+                                "FROM {S}.users WHERE user_id = 'u1'"),
+                        "null|0.00");
+    assert_string_equal(q1(adm, "SELECT first_order_at::text FROM {S}.users WHERE orders = 1"),
+                        "2024-03-01 12:34:56.791+00");
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.funnel_daily"), "2");
+    assert_string_equal(q1(adm, "SELECT concat_ws('|', day, sessions, sessions_product_view, "
+                                "sessions_add_to_cart, sessions_checkout, sessions_purchase, "
+                                "users, users_purchase, orders, revenue) FROM {S}.funnel_daily "
+                                "WHERE device = '*'"),
+                        "2024-03-01|2|2|2|1|1|2|1|1|123.45");
+    assert_string_equal(q1(adm, "SELECT coalesce(watermark::text, 'null') FROM {S}.partitions "
+                                "WHERE partition = 1"),
+                        "null");
+    assert_string_equal(q1(adm, "SELECT watermark::text || '|' || next_offset FROM {S}.partitions "
+                                "WHERE partition = 0"),
+                        "2024-03-01 12:34:56.791+00|100");
+    assert_string_equal(q1(adm, "SELECT payload FROM {S}.rejected_events WHERE kafka_offset = 3"),
+                        "{\"a\":\"" FFFD FFFD FFFD FFFD "z" FFFD "\"}");
+    assert_string_equal(q1(adm, "SELECT octet_length(payload) || '|' || rejected_at FROM "
+                                "{S}.rejected_events WHERE kafka_offset = 4"),
+                        "4096|2024-03-01 12:34:56.79+00");
+
+    /* The same batch again changes nothing but flushed_at. */
+    char *snap1 = snapshot(adm);
+    char *fl1 = strdup(q1(adm, "SELECT max(flushed_at)::text FROM {S}.partitions"));
+    usleep(2000);
+    assert_int_equal(snk_flush(c, &b1), 0);
+    char *snap2 = snapshot(adm);
+    assert_string_equal(snap1, snap2);
+    assert_string_not_equal(fl1, q1(adm, "SELECT max(flushed_at)::text FROM {S}.partitions"));
+    free(snap1);
+    free(snap2);
+    free(fl1);
+
+    /* --- A session merged away and a funnel row that fell to zero. --- */
+    const char *gone[] = {"s1"};
+    snk_funnel_row_t zero = {19783, "mobile", "DE", {0}, {0}, 0, 0};
+    snk_partition_row_t p2 = {"clickmart.events", 0, 110, t0 + 2, 95, 5, 10};
+    snk_batch_t b2 = {0};
+    b2.deleted_sessions = gone;
+    b2.n_deleted_sessions = 1;
+    b2.funnel = &zero;
+    b2.n_funnel = 1;
+    b2.partitions = &p2;
+    b2.n_partitions = 1;
+    assert_int_equal(snk_flush(c, &b2), 0);
+    assert_string_equal(q1(adm, "SELECT string_agg(session_id, ',') FROM {S}.sessions"), "s2");
+    assert_string_equal(q1(adm, "SELECT string_agg(device, ',') FROM {S}.funnel_daily"), "*");
+    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                        "110");
+
+    /* Deletes run before upserts: an id deleted and written in one batch stays. */
+    snk_session_row_t s3 = {"s3", "u1", t0, t0, 1, 1, 0, 0, 0, 0, 0, "mobile", "DE", 1};
+    const char *gone3[] = {"s3", "no-such-session"};
+    snk_batch_t b3 = {0};
+    b3.sessions = &s3;
+    b3.n_sessions = 1;
+    b3.deleted_sessions = gone3;
+    b3.n_deleted_sessions = 2;
+    assert_int_equal(snk_flush(c, &b3), 0);
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's3'"), "1");
+
+    /* A failing statement rolls back the whole batch and leaves the
+     * connection usable: two rows with one key make the upsert fail. */
+    snk_session_row_t dup[] = {
+        {"s4", "u1", t0, t0, 1, 1, 0, 0, 0, 0, 0, "mobile", "DE", 1},
+        {"s4", "u1", t0, t0, 2, 1, 0, 0, 0, 0, 0, "mobile", "DE", 1},
+    };
+    snk_partition_row_t p3 = {"clickmart.events", 0, 999, t0 + 2, 95, 5, 10};
+    snk_batch_t b4 = {0};
+    b4.sessions = dup;
+    b4.n_sessions = 2;
+    b4.partitions = &p3;
+    b4.n_partitions = 1;
+    b4.deleted_sessions = gone3;
+    b4.n_deleted_sessions = 1;
+    assert_int_equal(snk_flush(c, &b4), SNK_EQUERY);
+    assert_true(strlen(snk_last_error(c)) > 0);
+    assert_true(snk_ok(c));
+    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                        "110");
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id IN ('s3', "
+                                "'s4')"),
+                        "1");
+    b4.n_sessions = 1;
+    assert_int_equal(snk_flush(c, &b4), 0);
+    assert_string_equal(snk_last_error(c), "");
+    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                        "999");
+
+    /* --- A large batch goes through in chunks. --- */
+    enum { NBIG = 200000 };
+    snk_user_row_t *many = calloc(NBIG, sizeof *many);
+    char(*ids)[16] = calloc(NBIG, sizeof *ids);
+    assert_non_null(many);
+    assert_non_null(ids);
+    for (int i = 0; i < NBIG; i++) {
+        snprintf(ids[i], sizeof ids[i], "big%07d", i);
+        many[i] = (snk_user_row_t){ids[i],
+                                   t0,
+                                   t0 + i,
+                                   "web",
+                                   "US",
+                                   i,
+                                   1,
+                                   i % 3,
+                                   i * 7LL,
+                                   i % 3 ? t0 : -1,
+                                   i % 3 ? t0 + i : -1};
+    }
+    snk_batch_t b5 = {0};
+    b5.users = many;
+    b5.n_users = NBIG;
+    struct timespec a, z;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    assert_int_equal(snk_flush(c, &b5), 0);
+    clock_gettime(CLOCK_MONOTONIC, &z);
+    double secs = (double)(z.tv_sec - a.tv_sec) + (double)(z.tv_nsec - a.tv_nsec) / 1e9;
+    print_message("flush of %d new users took %.2f s\n", NBIG, secs);
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    assert_int_equal(snk_flush(c, &b5), 0);
+    clock_gettime(CLOCK_MONOTONIC, &z);
+    secs = (double)(z.tv_sec - a.tv_sec) + (double)(z.tv_nsec - a.tv_nsec) / 1e9;
+    print_message("flush of %d updated users took %.2f s\n", NBIG, secs);
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.users WHERE user_id LIKE 'big%%'"),
+                        "200000");
+    assert_string_equal(q1(adm, "SELECT revenue || '|' || coalesce(first_order_at::text, 'null') "
+                                "FROM {S}.users WHERE user_id = 'big0199999'"),
+                        "13999.93|2024-03-01 12:34:56.789+00");
+    free(many);
+    free(ids);
+
+    /* A connection killed under the sink is reported as ECONNECT. */
+    snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d)", PQbackendPID(c->pg));
+    exec_or_fail(adm, sql);
+    usleep(100000);
+    rc = snk_flush(c, &b3);
+    assert_int_equal(rc, SNK_ECONNECT);
+    assert_false(snk_ok(c));
+    assert_true(strlen(snk_last_error(c)) > 0);
+    assert_int_equal(snk_flush(c, &b3), SNK_ECONNECT);
+    snk_close(c);
+
+    snprintf(sql, sizeof sql, "DROP SCHEMA IF EXISTS %s CASCADE", live_schema);
+    exec_or_fail(adm, sql);
+    PQfinish(adm);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_fmt_ts_fixed), cmocka_unit_test(test_fmt_ts_vs_gmtime),
+        cmocka_unit_test(test_fmt_day),      cmocka_unit_test(test_fmt_cents),
+        cmocka_unit_test(test_sb_i64),       cmocka_unit_test(test_utf8_valid),
+        cmocka_unit_test(test_utf8_invalid), cmocka_unit_test(test_copy_escape),
+        cmocka_unit_test(test_rows),         cmocka_unit_test(test_reject_payload),
+        cmocka_unit_test(test_sql),          cmocka_unit_test(test_redact_kv),
+        cmocka_unit_test(test_redact_uri),   cmocka_unit_test(test_schema_names),
+        cmocka_unit_test(test_open_errors),  cmocka_unit_test(test_store_err),
+        cmocka_unit_test(test_strerror),     cmocka_unit_test(test_live),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
