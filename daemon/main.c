@@ -259,7 +259,7 @@ static void flush_work(uv_work_t *w)
             snprintf(d->fl_err, sizeof d->fl_err, "migrate: %s", snk_last_error(d->pg));
         else if (r)
             snprintf(d->fl_err, sizeof d->fl_err, "connect: %s",
-                     d->pg ? snk_last_error(d->pg) : snk_strerror(r));
+                     snk_last_error(d->pg)); /* NULL: why the last open failed */
         if (r && d->pg) {
             snk_close(d->pg);
             d->pg = NULL;

@@ -12,15 +12,14 @@
  * buffers in the order uv_write() was called.
  */
 #include "daemon/status.h"
+#include "daemon/util.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -123,22 +122,6 @@ typedef union sts_refused {
     uv_pipe_t pipe;
     uv_tcp_t tcp;
 } sts_refused_t;
-
-static void sts_log(const char *fmt, ...)
-{
-    char stamp[32];
-    time_t now = time(NULL);
-    struct tm tm;
-    gmtime_r(&now, &tm);
-    strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%SZ", &tm);
-
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "%s clickmartd: status: ", stamp);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
 
 const char *sts_strerror(int err)
 {
@@ -365,7 +348,7 @@ static int conn_respond(sts_conn_t *c, int status, const char *ctype, char *body
                      status == 405 ? "Allow: GET, HEAD\r\n" : "", conn_hdr);
     if (n < 0 || (size_t)n >= sizeof w->head) {
         /* Only an absurdly long content type can get here; fail loudly rather than truncate. */
-        sts_log("response header too long for status %d", status);
+        cm_err("status server: response header too long", "status=%d", status);
         if (owned)
             free(body);
         free(w);
@@ -645,7 +628,7 @@ static void refuse(sts_server_t *s, uv_stream_t *server)
 {
     sts_refused_t *r = malloc(sizeof *r);
     if (!r || stream_init(s, server, &r->handle) < 0) {
-        sts_log("cannot refuse a connection: out of memory");
+        cm_err("status server: cannot refuse a connection: out of memory", "%s", "");
         free(r);
         return;
     }
@@ -659,7 +642,7 @@ static void on_connection(uv_stream_t *server, int status)
 {
     sts_server_t *s = server->data;
     if (status < 0) {
-        sts_log("accept: %s", uv_strerror(status));
+        cm_warn("status server: accept failed", "error=\"%s\"", uv_strerror(status));
         return;
     }
     if (s->stopping)
@@ -716,11 +699,13 @@ static int unix_prepare_path(const char *path, const struct sockaddr_un *sa)
     if (lstat(path, &st) < 0) {
         if (errno == ENOENT)
             return 0;
-        sts_log("lstat %s: %s", path, strerror(errno));
+        cm_err("status server: cannot inspect the socket path", "path=%s error=\"%s\"", path,
+               strerror(errno));
         return STS_ELISTEN;
     }
     if (!S_ISSOCK(st.st_mode)) {
-        sts_log("%s exists and is not a socket; not replacing it", path);
+        cm_err("status server: the socket path exists and is not a socket; not replacing it",
+               "path=%s", path);
         return STS_EEXIST;
     }
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
@@ -729,12 +714,13 @@ static int unix_prepare_path(const char *path, const struct sockaddr_un *sa)
         int err = errno;
         close(fd);
         if (rc == 0 || err == EAGAIN || err == EINPROGRESS) {
-            sts_log("%s is in use by a running process", path);
+            cm_err("status server: another process is listening on the socket", "path=%s", path);
             return STS_ELISTEN;
         }
     }
     if (unlink(path) < 0 && errno != ENOENT) {
-        sts_log("unlink stale socket %s: %s", path, strerror(errno));
+        cm_err("status server: cannot remove the stale socket", "path=%s error=\"%s\"", path,
+               strerror(errno));
         return STS_ELISTEN;
     }
     return 0;
@@ -747,7 +733,8 @@ static int unix_listen_fd(const char *path, int *out_fd, struct stat *out_st)
     sa.sun_family = AF_UNIX;
     size_t len = strlen(path);
     if (len == 0 || len >= sizeof sa.sun_path) {
-        sts_log("socket path \"%s\" is empty or too long", path);
+        cm_err("status server: socket path is empty or too long", "path=%s max=%zu", path,
+               sizeof sa.sun_path - 1);
         return STS_EINVAL;
     }
     memcpy(sa.sun_path, path, len + 1);
@@ -758,11 +745,12 @@ static int unix_listen_fd(const char *path, int *out_fd, struct stat *out_st)
 
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) {
-        sts_log("socket: %s", strerror(errno));
+        cm_err("status server: socket() failed", "error=\"%s\"", strerror(errno));
         return STS_ELISTEN;
     }
     if (bind(fd, (const struct sockaddr *)&sa, sizeof sa) < 0) {
-        sts_log("bind %s: %s", path, strerror(errno));
+        cm_err("status server: cannot bind the socket", "path=%s error=\"%s\"", path,
+               strerror(errno));
         close(fd);
         return STS_ELISTEN;
     }
@@ -771,13 +759,15 @@ static int unix_listen_fd(const char *path, int *out_fd, struct stat *out_st)
      * listen() so that no client can connect while the mode is still the umask's.
      */
     if (chmod(path, 0660) < 0 || lstat(path, out_st) < 0) {
-        sts_log("chmod %s: %s", path, strerror(errno));
+        cm_err("status server: cannot set the socket mode", "path=%s error=\"%s\"", path,
+               strerror(errno));
         unlink(path);
         close(fd);
         return STS_ELISTEN;
     }
     if (listen(fd, STS_BACKLOG) < 0) {
-        sts_log("listen %s: %s", path, strerror(errno));
+        cm_err("status server: cannot listen on the socket", "path=%s error=\"%s\"", path,
+               strerror(errno));
         unlink(path);
         close(fd);
         return STS_ELISTEN;
@@ -841,21 +831,22 @@ static int tcp_listen_fd(const char *spec, int *out_fd)
 {
     struct sockaddr_storage sa;
     if (parse_host_port(spec, &sa) < 0) {
-        sts_log("invalid listen address \"%s\" (want host:port or [v6]:port)", spec);
+        cm_err("status server: invalid listen address (want host:port or [v6]:port)", "listen=%s",
+               spec);
         return STS_EINVAL;
     }
     socklen_t salen =
         sa.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
     int fd = socket(sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) {
-        sts_log("socket: %s", strerror(errno));
+        cm_err("status server: socket() failed", "error=\"%s\"", strerror(errno));
         return STS_ELISTEN;
     }
     /* A restarted daemon must be able to bind while old connections sit in TIME_WAIT. */
     int one = 1;
     (void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (bind(fd, (struct sockaddr *)&sa, salen) < 0 || listen(fd, STS_BACKLOG) < 0) {
-        sts_log("listen on %s: %s", spec, strerror(errno));
+        cm_err("status server: cannot listen", "listen=%s error=\"%s\"", spec, strerror(errno));
         close(fd);
         return STS_ELISTEN;
     }
@@ -928,7 +919,7 @@ int sts_start(uv_loop_t *loop, const char *socket_path, const char *tcp_listen, 
     return 0;
 
 fail_handles:
-    sts_log("cannot register the listening sockets: %s", uv_strerror(rc));
+    cm_err("status server: cannot register the listening sockets", "error=\"%s\"", uv_strerror(rc));
     if (tfd >= 0)
         close(tfd);
     sts_stop(s);
