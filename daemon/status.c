@@ -3,8 +3,8 @@
  *
  * The listening sockets are created, bound and put into the listening state with plain system
  * calls before any libuv handle exists, and only then handed to libuv. Every failure of
- * sts_start() therefore happens while there is nothing on the loop to close, so a failed start
- * returns synchronously with nothing left behind and the caller can close its loop at once.
+ * sts_start() that can happen in practice therefore happens while there is nothing on the loop
+ * to close, so a failed start leaves nothing behind and the caller can close its loop at once.
  *
  * Each connection owns two handles (its stream and an idle timer) and is freed when both close
  * callbacks have run. Requests are parsed with http-parser and answered in order as soon as each

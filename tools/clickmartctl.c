@@ -401,6 +401,13 @@ static void print_partitions(json_t *parts)
     free(cells);
 }
 
+/* True when the daemon sent this field; optional extras are only shown when present. */
+static bool has(json_t *o, const char *key)
+{
+    json_t *v = json_object_get(o, key);
+    return v && !json_is_null(v);
+}
+
 static void print_status(json_t *st)
 {
     char a[128], b[128], c[128];
@@ -408,40 +415,54 @@ static void print_status(json_t *st)
     printf("topic        %s\n", fmt_str(a, sizeof a, json_object_get(st, "topic")));
     printf("version      %s\n", fmt_str(a, sizeof a, json_object_get(st, "version")));
     printf("uptime       %s\n", fmt_duration(a, sizeof a, json_object_get(st, "uptime_s")));
-    printf("paused       %s\n", fmt_bool(json_object_get(st, "paused"), "yes", "no"));
+    if (has(st, "healthy"))
+        printf("healthy      %s\n", fmt_bool(json_object_get(st, "healthy"), "yes", "no"));
+    printf("paused       %s%s\n", fmt_bool(json_object_get(st, "paused"), "yes", "no"),
+           json_is_true(json_object_get(st, "paused_backpressure")) ? " (back-pressure)" : "");
     printf("postgres     %s\n",
            fmt_bool(json_object_get(st, "pg_connected"), "connected", "disconnected"));
+    if (has(st, "broker_up"))
+        printf("broker       %s\n", fmt_bool(json_object_get(st, "broker_up"), "up", "down"));
+    if (json_is_true(json_object_get(st, "stopping")))
+        printf("stopping     yes\n");
 
     printf("accepted     %s\n", fmt_int(a, sizeof a, json_object_get(st, "accepted")));
     printf("duplicates   %s\n", fmt_int(a, sizeof a, json_object_get(st, "duplicates")));
     printf("rejected     %s", fmt_int(a, sizeof a, json_object_get(st, "rejected")));
+    /* The daemon lists every reason; the ones that never happened are noise here. */
     json_t *reasons = json_object_get(st, "rejects_by_reason");
-    if (json_is_object(reasons) && json_object_size(reasons) > 0) {
-        const char *key;
-        json_t *v;
-        const char *sep = " (";
-        json_object_foreach(reasons, key, v)
-        {
-            snprintf(b, sizeof b, "%s", key);
-            sanitize(b);
-            printf("%s%s %s", sep, b, fmt_int(a, sizeof a, v));
-            sep = ", ";
-        }
-        printf(")");
+    const char *key;
+    json_t *v;
+    const char *sep = " (";
+    json_object_foreach(reasons, key, v)
+    {
+        if (json_is_number(v) && json_number_value(v) == 0)
+            continue;
+        snprintf(b, sizeof b, "%s", key);
+        sanitize(b);
+        printf("%s%s %s", sep, b, fmt_int(a, sizeof a, v));
+        sep = ", ";
     }
-    printf("\n\n");
+    printf("%s\n", sep[0] == ',' ? ")" : "");
+    if (has(st, "lag"))
+        printf("lag          %s\n", fmt_int(a, sizeof a, json_object_get(st, "lag")));
+    printf("\n");
 
     print_partitions(json_object_get(st, "partitions"));
     printf("\n");
 
     json_t *fl = json_object_get(st, "flush");
     if (json_is_number(json_object_get(fl, "last_at")))
-        printf("last flush   %s, %s, %s rows\n",
+        printf("last flush   %s, %s, %s rows%s\n",
                fmt_ms(a, sizeof a, json_object_get(fl, "last_at")),
                fmt_ms_duration(b, sizeof b, json_object_get(fl, "last_duration_ms")),
-               fmt_int(c, sizeof c, json_object_get(fl, "last_rows")));
+               fmt_int(c, sizeof c, json_object_get(fl, "last_rows")),
+               json_is_true(json_object_get(fl, "in_flight")) ? " (next one running)" : "");
     else
-        printf("last flush   -\n");
+        printf("last flush   -%s\n",
+               json_is_true(json_object_get(fl, "in_flight")) ? " (first one running)" : "");
+    if (has(fl, "flushes"))
+        printf("flushes      %s\n", fmt_int(a, sizeof a, json_object_get(fl, "flushes")));
     printf("failures     %s\n", fmt_int(a, sizeof a, json_object_get(fl, "failures")));
     char err[512];
     printf("last error   %s\n", fmt_str(err, sizeof err, json_object_get(fl, "last_error")));
