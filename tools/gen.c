@@ -36,13 +36,14 @@
 
 #include <librdkafka/rdkafka.h>
 
-#define MS_PER_SEC 1000LL
-#define MS_PER_MIN 60000LL
-#define MS_PER_HOUR 3600000LL
-#define MS_PER_DAY 86400000LL
-#define SESSION_GAP 1800000LL
-#define TS_MIN 946684800000LL  /* 2000-01-01T00:00:00Z, the contract's lower bound. */
-#define TS_MAX 4102444800000LL /* 2100-01-01T00:00:00Z, the contract's (exclusive) upper bound. */
+#define MS_PER_SEC INT64_C(1000)
+#define MS_PER_MIN INT64_C(60000)
+#define MS_PER_HOUR INT64_C(3600000)
+#define MS_PER_DAY INT64_C(86400000)
+#define SESSION_GAP INT64_C(1800000)
+/* The contract's range of ts: from 2000-01-01T00:00:00Z up to, not including, 2100-01-01. */
+#define TS_MIN INT64_C(946684800000)
+#define TS_MAX INT64_C(4102444800000)
 #define MAX_EVENT_BYTES 65536
 #define ALLOWED_LATENESS (48 * MS_PER_HOUR)
 #define NO_PRODUCT UINT32_MAX
@@ -51,9 +52,8 @@
 #define MAX_XPROPS 64
 #define MAXF 40
 
-/* Share of good messages that come from bots, and how much we over-aim before the cap. */
+/* Share of good messages that come from bots. */
 #define BOT_SHARE 0.02
-#define OVERSHOOT 1.03
 
 /* ------------------------------------------------------------------------------------------
  * Small helpers
@@ -195,22 +195,6 @@ static void buf_hex(struct buf *b, uint64_t v, int digits)
         v >>= 4;
     }
     buf_add(b, t, (size_t)digits);
-}
-
-/* Only used on rare paths (malformed messages, summaries), where speed does not matter. */
-static void buf_printf(struct buf *b, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        return;
-    buf_grow(b, (size_t)n + 1);
-    va_start(ap, fmt);
-    vsnprintf(b->p + b->len, (size_t)n + 1, fmt, ap);
-    va_end(ap);
-    b->len += (size_t)n;
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -360,9 +344,9 @@ static void fmt_iso(char *out, size_t n, int64_t ms)
     int64_t days = ms >= 0 ? ms / MS_PER_DAY : -((-ms + MS_PER_DAY - 1) / MS_PER_DAY);
     int64_t rem = ms - days * MS_PER_DAY;
     civil_from_days(days, &y, &mo, &d);
-    snprintf(out, n, "%04d-%02u-%02uT%02u:%02u:%02u.%03uZ", y, mo, d,
-             (unsigned)(rem / MS_PER_HOUR), (unsigned)(rem / MS_PER_MIN % 60),
-             (unsigned)(rem / MS_PER_SEC % 60), (unsigned)(rem % 1000));
+    snprintf(out, n, "%04d-%02u-%02uT%02u:%02u:%02u.%03uZ", y, mo, d, (unsigned)(rem / MS_PER_HOUR),
+             (unsigned)(rem / MS_PER_MIN % 60), (unsigned)(rem / MS_PER_SEC % 60),
+             (unsigned)(rem % 1000));
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -387,9 +371,18 @@ enum evtype {
 };
 
 static const char *const type_names[NTYPES] = {
-    "page_view",    "product_view", "add_to_cart", "checkout",
-    "purchase",     "search",       "login",       "logout",
-    "sign_up",      "wishlist_add", "share",       "video_play_v2",
+    "page_view",
+    "product_view",
+    "add_to_cart",
+    "checkout",
+    "purchase",
+    "search",
+    "login",
+    "logout",
+    "sign_up",
+    "wishlist_add",
+    "share",
+    "video_play_v2",
     "experiment_assignment",
 };
 
@@ -404,15 +397,15 @@ struct country {
 };
 
 static const struct country countries[] = {
-    {"US", 30, -300}, {"GB", 10, 0},  {"DE", 10, 60},  {"FR", 7, 60},
-    {"IN", 10, 330},  {"BR", 6, -180}, {"JP", 6, 540},  {"CA", 5, -300},
-    {"AU", 4, 600},   {"ES", 4, 60},  {"IT", 4, 60},   {"NL", 4, 60},
+    {"US", 30, -300}, {"GB", 10, 0},   {"DE", 10, 60}, {"FR", 7, 60},
+    {"IN", 10, 330},  {"BR", 6, -180}, {"JP", 6, 540}, {"CA", 5, -300},
+    {"AU", 4, 600},   {"ES", 4, 60},   {"IT", 4, 60},  {"NL", 4, 60},
 };
 #define NCOUNTRIES ((int)(sizeof countries / sizeof countries[0]))
 
 static const char *const pages[] = {
-    "/", "/home", "/category/shoes", "/category/kitchen", "/deals", "/cart", "/account",
-    "/help/shipping", "/blog/summer-sale", "/search?q=lamp&page=2",
+    "/",     "/home",    "/category/shoes", "/category/kitchen", "/deals",
+    "/cart", "/account", "/help/shipping",  "/blog/summer-sale", "/search?q=lamp&page=2",
 };
 #define NPAGES ((int)(sizeof pages / sizeof pages[0]))
 
@@ -463,8 +456,8 @@ enum kind {
 };
 
 static const char *const kind_names[NKINDS] = {
-    "payload_too_large", "invalid_json", "not_an_object", "missing_field",    "bad_type",
-    "bad_value",         "future_timestamp", "too_late",  "valid_edge(accepted)",
+    "payload_too_large", "invalid_json",     "not_an_object", "missing_field",        "bad_type",
+    "bad_value",         "future_timestamp", "too_late",      "valid_edge(accepted)",
 };
 
 enum bc {
@@ -558,8 +551,6 @@ enum bc {
     BC_FUTURE_2099,
     BC_LATE_INT,
     BC_LATE_STRING,
-    BC_LATE_INT2,
-    BC_LATE_STRING2,
     NBC
 };
 
@@ -567,6 +558,7 @@ struct badcase {
     uint8_t kind;
     uint8_t every; /* Emitted only on every n-th pass over the table, to make big ones rare. */
     const char *name;
+    uint8_t times; /* Emitted this many times per pass (0 means once). */
 };
 
 static const struct badcase badcases[NBC] = {
@@ -655,13 +647,12 @@ static const struct badcase badcases[NBC] = {
     [BC_VAL_PRODUCT_ID_LONG] = {K_BAD_VALUE, 1, "product_id_129_bytes"},
     [BC_VAL_EXPERIMENT_LONG] = {K_BAD_VALUE, 1, "experiment_65_bytes"},
     [BC_VAL_VARIANT_LONG] = {K_BAD_VALUE, 1, "variant_65_bytes"},
-    [BC_FUTURE_DAY] = {K_FUTURE, 1, "end_plus_1_day"},
-    [BC_FUTURE_DAY_STRING] = {K_FUTURE, 1, "end_plus_1_day_string"},
+    [BC_FUTURE_DAY] = {K_FUTURE, 1, "one_day_ahead"},
+    [BC_FUTURE_DAY_STRING] = {K_FUTURE, 1, "one_day_ahead_string"},
     [BC_FUTURE_2099] = {K_FUTURE, 1, "year_2099"},
-    [BC_LATE_INT] = {K_TOO_LATE, 1, "5_days_old"},
-    [BC_LATE_STRING] = {K_TOO_LATE, 1, "5_days_old_string"},
-    [BC_LATE_INT2] = {K_TOO_LATE, 1, "5_days_old"},
-    [BC_LATE_STRING2] = {K_TOO_LATE, 1, "5_days_old_string"},
+    /* Ten of the about 95 per pass make too_late about 0.1% of all messages at the defaults. */
+    [BC_LATE_INT] = {K_TOO_LATE, 1, "5_days_old", 5},
+    [BC_LATE_STRING] = {K_TOO_LATE, 1, "5_days_old_string", 5},
 };
 
 /* ------------------------------------------------------------------------------------------
@@ -732,7 +723,8 @@ static void usage(FILE *f)
         "  --topic T           Kafka topic (default \"clickmart.events\")\n"
         "  -X prop=value       librdkafka producer property, repeatable (defaults:\n"
         "                      compression.codec=zstd linger.ms=50 batch.num.messages=10000\n"
-        "                      queue.buffering.max.messages=1000000)\n"
+        "                      queue.buffering.max.messages=1000000\n"
+        "                      enable.idempotence=true)\n"
         "  --rate EPS          limit output to EPS messages per second (default: unlimited)\n"
         "  --quiet             no progress lines and no summary on stderr\n"
         "  --help              show this help and exit\n");
@@ -778,8 +770,8 @@ static int parse_double(const char *flag, const char *s, double min, double max,
     errno = 0;
     double v = strtod(s, &end);
     if (errno != 0 || end == s || *end != '\0' || !(v >= min && v <= max)) {
-        fprintf(stderr, "clickmart-gen: %s wants a number in %g..%g, got \"%s\"\n", flag, min,
-                max, s);
+        fprintf(stderr, "clickmart-gen: %s wants a number in %g..%g, got \"%s\"\n", flag, min, max,
+                s);
         return -1;
     }
     *out = v;
@@ -865,10 +857,10 @@ static int parse_args(int argc, char **argv, struct opts *o)
         }
 
         static const char *const valued[] = {
-            "--seed",     "--events",   "--users",      "--days",       "--end-ms",
-            "--products", "--dup-rate", "--late-rate",  "--bad-rate",   "--max-delay-ms",
-            "--experiment", "--variants", "--effect",   "--out",        "--brokers",
-            "--topic",    "--rate",     NULL,
+            "--seed",       "--events",   "--users",     "--days",     "--end-ms",
+            "--products",   "--dup-rate", "--late-rate", "--bad-rate", "--max-delay-ms",
+            "--experiment", "--variants", "--effect",    "--out",      "--brokers",
+            "--topic",      "--rate",     NULL,
         };
         bool known = false;
         for (int k = 0; valued[k] != NULL; k++)
@@ -997,25 +989,28 @@ enum {
 
 struct user {
     struct rng rng;
-    int64_t next_ts;     /* Heap key: the next event's ts, or the next session's start. */
-    int64_t last_ts;     /* ts of the previous session's last event, INT64_MIN before. */
-    double mean_gap;     /* Mean time between the sessions' starts, ms. */
-    struct ev *sess;     /* The session in progress, NULL between sessions. */
+    int64_t next_ts; /* Heap key: the next event's ts, or the next session's start. */
+    int64_t last_ts; /* ts of the previous session's last event, INT64_MIN before. */
+    double mean_gap; /* Mean time between the sessions' starts, ms. */
+    double mult;     /* Activity multiplier of the base visit rate. */
+    struct ev *sess; /* The session in progress, NULL between sessions. */
     uint32_t sess_len, sess_pos, sess_cap;
     uint32_t nsessions;
     uint32_t emitted;
     uint8_t flags;
     uint8_t device, device2, country;
     uint8_t variant;
-    uint8_t assign_mode; /* 0 just before the first product view, 1 same ms, 2 after, 3 at landing. */
+    uint8_t
+        assign_mode; /* 0 just before the first product view, 1 same ms, 2 after, 3 at landing. */
     uint8_t extra_assign; /* 0 none, 1 contaminate at the next session, 2 repeat same variant. */
     uint8_t unicode;
+    uint8_t next_flags; /* Flags for the first event of the next session. */
     uint8_t ncart;
     struct item cart[MAX_ITEMS];
 };
 
 /* A message waiting for its delivery time: a late event or a re-send. */
-enum { PF_LATE = 1, PF_DUP = 2, PF_BRIDGE = 4, PF_PRESESSION = 8, PF_ASSIGN = 16 };
+enum { PEND_LATE = 1, PEND_DUP = 2, PEND_BRIDGE = 4, PEND_PRESESSION = 8 };
 
 struct pend {
     int64_t deliver;
@@ -1023,6 +1018,7 @@ struct pend {
     uint32_t user;
     uint32_t len;
     uint8_t flags;
+    uint8_t type;
     char *val;
 };
 
@@ -1052,7 +1048,7 @@ struct gen {
     struct opts o;
     struct rng rng;
     int64_t start_ms, end_ms;
-    int64_t now; /* Stream time: the largest event ts delivered on time so far. */
+    int64_t future_ms; /* Base of the "one day ahead" future_timestamp cases. */
     uint64_t id_salt, next_id;
     uint64_t target;
 
@@ -1082,6 +1078,7 @@ struct gen {
 
     /* Malformed-message cursor. */
     int bad_idx;
+    unsigned bad_rep;
     uint64_t bad_round;
 
     /* Scratch. */
@@ -1107,7 +1104,8 @@ static volatile sig_atomic_t g_stop;
 static void on_signal(int sig)
 {
     (void)sig;
-    g_stop = 1;
+    /* A second signal also abandons the final flush. */
+    g_stop = g_stop + 1;
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -1197,8 +1195,7 @@ static int parse_variants(struct gen *g)
             char wb[32];
             size_t wl = len - nlen - 1;
             if (wl == 0 || wl >= sizeof wb) {
-                fprintf(stderr, "clickmart-gen: --variants: bad weight in \"%.*s\"\n", (int)len,
-                        s);
+                fprintf(stderr, "clickmart-gen: --variants: bad weight in \"%.*s\"\n", (int)len, s);
                 return -1;
             }
             memcpy(wb, colon + 1, wl);
@@ -1310,9 +1307,8 @@ static void cart_add(struct user *u, uint32_t product, uint16_t qty)
 }
 
 /* A purchase takes the cart; sometimes one line is split in two lines of the same product. */
-static void add_purchase(const struct gen *g, struct user *u, int64_t ts, uint8_t device)
+static void add_purchase(struct user *u, int64_t ts, uint8_t device)
 {
-    (void)g;
     struct ev *e = sess_push(u, ts, T_PURCHASE, NO_PRODUCT);
     e->device = device;
     for (uint8_t i = 0; i < u->ncart && e->nitems < MAX_ITEMS; i++)
@@ -1427,8 +1423,8 @@ static void gen_user_session(const struct gen *g, struct user *u, int64_t start)
         /* A deep link straight onto a product page. */
         add_product_view(g, u, t, pick_product(g, r), dev);
     } else {
-        uint32_t prod = landing == T_PAGE_VIEW && rng_chance(r, 0.05) ? pick_product(g, r)
-                                                                        : NO_PRODUCT;
+        uint32_t prod =
+            landing == T_PAGE_VIEW && rng_chance(r, 0.05) ? pick_product(g, r) : NO_PRODUCT;
         sess_push(u, t, landing, prod)->device = dev;
     }
 
@@ -1453,7 +1449,7 @@ static void gen_user_session(const struct gen *g, struct user *u, int64_t start)
         sess_push(u, t, T_CHECKOUT, NO_PRODUCT)->device = dev;
         if (rng_chance(r, purchase_prob(g, u))) {
             t += rng_range(r, 2000, 90000);
-            add_purchase(g, u, t, dev);
+            add_purchase(u, t, dev);
         }
     } else if (rng_chance(r, 0.60)) {
         uint32_t nviews = 1 + rng_geom(r, 0.45, 9);
@@ -1463,12 +1459,15 @@ static void gen_user_session(const struct gen *g, struct user *u, int64_t start)
             gf = 0;
             t += intra_gap(r, &gf);
             if (rng_chance(r, 0.3)) {
-                sess_push(u, t, rng_chance(r, 0.7) ? T_PAGE_VIEW : T_SEARCH, NO_PRODUCT)->device =
-                    dev;
+                struct ev *pv =
+                    sess_push(u, t, rng_chance(r, 0.7) ? T_PAGE_VIEW : T_SEARCH, NO_PRODUCT);
+                pv->device = dev;
+                pv->flags |= gf;
+                gf = 0;
                 t += intra_gap(r, &gf);
             }
-            uint32_t p = i > 0 && rng_chance(r, 0.35) ? related_product(g, r, last)
-                                                       : pick_product(g, r);
+            uint32_t p =
+                i > 0 && rng_chance(r, 0.35) ? related_product(g, r, last) : pick_product(g, r);
             viewed[i] = p;
             last = p;
             size_t before = u->sess_len;
@@ -1482,8 +1481,8 @@ static void gen_user_session(const struct gen *g, struct user *u, int64_t start)
             for (uint32_t i = 0; i < nadd; i++) {
                 gf = 0;
                 t += intra_gap(r, &gf);
-                uint32_t p = rng_chance(r, 0.7) ? viewed[rng_below(r, nviews)]
-                                                : related_product(g, r, last);
+                uint32_t p =
+                    rng_chance(r, 0.7) ? viewed[rng_below(r, nviews)] : related_product(g, r, last);
                 uint16_t qty = rng_chance(r, 0.8) ? 1 : (uint16_t)rng_range(r, 2, 3);
                 struct ev *e = sess_push(u, t, T_ADD_TO_CART, p);
                 e->device = dev;
@@ -1498,7 +1497,7 @@ static void gen_user_session(const struct gen *g, struct user *u, int64_t start)
                 }
                 if (skip_checkout || rng_chance(r, purchase_prob(g, u))) {
                     t += rng_range(r, 5000, 180000);
-                    add_purchase(g, u, t, dev);
+                    add_purchase(u, t, dev);
                 }
             }
         }
@@ -1532,8 +1531,8 @@ static void gen_session(const struct gen *g, struct user *u, int64_t start, int6
     /* Sometimes an event before the session's first one arrives only after it: the session
      * then gets a new first event and therefore a new session_id. */
     if (p_pre > 0 && u->sess_len > 0 && rng_chance(&u->rng, p_pre)) {
-        int64_t room = u->last_ts == INT64_MIN ? 20 * MS_PER_MIN
-                                               : start - u->last_ts - SESSION_GAP - 1;
+        int64_t room =
+            u->last_ts == INT64_MIN ? 20 * MS_PER_MIN : start - u->last_ts - SESSION_GAP - 1;
         if (room > 20 * MS_PER_MIN)
             room = 20 * MS_PER_MIN;
         if (room >= 1000) {
@@ -1555,8 +1554,7 @@ static void gen_session(const struct gen *g, struct user *u, int64_t start, int6
 }
 
 /* Start of the next session after one that ended at last, or INT64_MAX when there is none. */
-static int64_t next_session_start(const struct gen *g, struct user *u, int64_t last,
-                                  uint8_t *flags)
+static int64_t next_session_start(struct user *u, int64_t last, uint8_t *flags)
 {
     struct rng *r = &u->rng;
     int64_t gap;
@@ -1584,7 +1582,6 @@ static int64_t next_session_start(const struct gen *g, struct user *u, int64_t l
         if (hour >= 1 && hour < 6 && rng_chance(r, 0.7))
             start += (6 - hour) * MS_PER_HOUR + rng_range(r, 0, 3 * MS_PER_HOUR);
     }
-    (void)g;
     return start;
 }
 
@@ -1628,14 +1625,14 @@ static inline bool pend_less(const struct pend *a, const struct pend *b)
     return a->deliver < b->deliver || (a->deliver == b->deliver && a->seq < b->seq);
 }
 
-static void pend_push(struct gen *g, int64_t deliver, uint32_t user, uint8_t flags,
+static void pend_push(struct gen *g, int64_t deliver, uint32_t user, uint8_t flags, uint8_t type,
                       const char *val, size_t len)
 {
     if (g->pend_len == g->pend_cap) {
         g->pend_cap = g->pend_cap ? g->pend_cap * 2 : 1024;
         g->pend = xrealloc(g->pend, sizeof *g->pend * g->pend_cap);
     }
-    struct pend p = {deliver, g->pend_seq++, user, (uint32_t)len, flags, xmalloc(len)};
+    struct pend p = {deliver, g->pend_seq++, user, (uint32_t)len, flags, type, xmalloc(len)};
     memcpy(p.val, val, len);
     size_t i = g->pend_len++;
     while (i > 0) {
@@ -2118,8 +2115,9 @@ static void build_event(struct gen *g, uint32_t idx, const struct ev *e, struct 
         put_jstrz(f_begin(F, "ua"), user_agents[rng_below(r, 3)]);
         f_end(F);
     } else if (x < 0.08) {
-        f_raw(F, "ctx", "{\"app\":\"web\",\"build\":1234,\"flags\":[1,2.5,null,true],"
-                        "\"ts\":\"not checked\"}");
+        f_raw(F, "ctx",
+              "{\"app\":\"web\",\"build\":1234,\"flags\":[1,2.5,null,true],"
+              "\"ts\":\"not checked\"}");
     } else if (x < 0.09) {
         b = f_begin(F, "client_ts");
         buf_i64(b, e->ts - (int64_t)rng_below(r, 5000));
@@ -2253,14 +2251,16 @@ static const struct badcase *next_badcase(struct gen *g, int *id)
     for (;;) {
         int i = g->bad_idx;
         const struct badcase *c = &badcases[i];
-        uint64_t round = g->bad_round;
+        unsigned times = c->times ? c->times : 1;
+        if (g->bad_round % c->every == 0 && g->bad_rep < times) {
+            g->bad_rep++;
+            *id = i;
+            return c;
+        }
+        g->bad_rep = 0;
         if (++g->bad_idx == NBC) {
             g->bad_idx = 0;
             g->bad_round++;
-        }
-        if (round % c->every == 0) {
-            *id = i;
-            return c;
         }
     }
 }
@@ -2433,11 +2433,9 @@ static void make_bad(struct gen *g, uint32_t idx, int id, int64_t now)
         f_set(F, "note", "\"\\ud800\\u0041\"");
         break;
     case BC_JSON_DUP_KEY:
-        f_raw(F, "ts", "1");
-        F->f[F->n - 1].len = 0;
-        F->v.len = F->f[F->n - 1].off;
-        buf_i64(&F->v, now + 1);
-        F->f[F->n - 1].len = (uint32_t)(F->v.len - F->f[F->n - 1].off);
+        /* Both values are valid timestamps: only the repetition makes it invalid. */
+        buf_i64(f_begin(F, "ts"), now + 1);
+        f_end(F);
         break;
     case BC_JSON_DUP_KEY_ESCAPED:
         f_raw(F, "\\u0063ountry", "\"FR\"");
@@ -2483,9 +2481,7 @@ static void make_bad(struct gen *g, uint32_t idx, int id, int64_t now)
         f_set(F, "note", "\"bell\x01here\"");
         break;
     case BC_JSON_UNTERMINATED:
-        render(o, F, 0);
-        o->len = 0;
-        buf_adds(o, "{\"event_id\":\"e0000000000000000,\"user_id\":\"u1\"}");
+        buf_adds(o, "{\"event_id\":\"e0000000000000000}");
         return;
 
     case BC_OBJ_ARRAY:
@@ -2616,8 +2612,7 @@ static void make_bad(struct gen *g, uint32_t idx, int id, int64_t now)
         struct buf *b = &g->tmp;
         b->len = 0;
         buf_addc(b, '"');
-        buf_fill(b, id == BC_VAL_EVENT_ID_LONG ? 'e' : id == BC_VAL_USER_ID_LONG ? 'u' : 'p',
-                 129);
+        buf_fill(b, id == BC_VAL_EVENT_ID_LONG ? 'e' : id == BC_VAL_USER_ID_LONG ? 'u' : 'p', 129);
         buf_addc(b, '"');
         buf_addc(b, '\0');
         f_set(F,
@@ -2700,7 +2695,7 @@ static void make_bad(struct gen *g, uint32_t idx, int id, int64_t now)
         f_set(F, "device", "\"desktop-with-a-very-long-name-xyz\"");
         break;
     case BC_VAL_COUNTRY_LONG:
-        f_set(F, "country", "\"The United Kingdom of Great Brit\"");
+        f_set(F, "country", "\"The United Kingdom of Great Brita\"");
         break;
     case BC_VAL_EXPERIMENT_LONG:
         f_set(F, "experiment",
@@ -2712,13 +2707,11 @@ static void make_bad(struct gen *g, uint32_t idx, int id, int64_t now)
         break;
 
     case BC_FUTURE_DAY:
-        snprintf(tmp, sizeof tmp, "%" PRId64,
-                 g->end_ms + MS_PER_DAY + (int64_t)rng_below(r, MS_PER_HOUR));
+        snprintf(tmp, sizeof tmp, "%" PRId64, g->future_ms + (int64_t)rng_below(r, MS_PER_HOUR));
         f_set(F, "ts", tmp);
         break;
     case BC_FUTURE_DAY_STRING:
-        ts_string_into(g, tmp, sizeof tmp,
-                       g->end_ms + MS_PER_DAY + (int64_t)rng_below(r, MS_PER_HOUR));
+        ts_string_into(g, tmp, sizeof tmp, g->future_ms + (int64_t)rng_below(r, MS_PER_HOUR));
         f_set(F, "ts", tmp);
         break;
     case BC_FUTURE_2099:
@@ -2728,13 +2721,11 @@ static void make_bad(struct gen *g, uint32_t idx, int id, int64_t now)
         break;
 
     case BC_LATE_INT:
-    case BC_LATE_INT2:
         snprintf(tmp, sizeof tmp, "%" PRId64,
                  now - 5 * MS_PER_DAY - (int64_t)rng_below(r, 6 * MS_PER_HOUR));
         f_set(F, "ts", tmp);
         break;
     case BC_LATE_STRING:
-    case BC_LATE_STRING2:
         ts_string_into(g, tmp, sizeof tmp,
                        now - 5 * MS_PER_DAY - (int64_t)rng_below(r, 6 * MS_PER_HOUR));
         f_set(F, "ts", tmp);
@@ -2782,20 +2773,27 @@ static void emit_original(struct gen *g, uint32_t uidx, const char *val, size_t 
         g->st.assignments++;
     else
         g->st.clickstream++;
-    if (pflags & PF_LATE)
+    if (pflags & PEND_LATE)
         g->st.late++;
-    if (pflags & PF_BRIDGE)
+    if (pflags & PEND_BRIDGE)
         g->st.bridges++;
-    if (pflags & PF_PRESESSION)
+    if (pflags & PEND_PRESESSION)
         g->st.presession++;
     g->users[uidx].emitted++;
 
-    if (g->p_dup > 0 && rng_chance(&g->rng, g->p_dup))
-        pend_push(g, now + dup_delay(&g->rng), uidx, PF_DUP | (pflags & PF_ASSIGN), val, len);
+    /* The per-message probabilities may exceed 1 for extreme flags: the integer part then
+     * gives that many copies for sure and the fraction one more by chance. */
+    for (double p = g->p_dup; p > 0; p -= 1.0)
+        if (p >= 1.0 || rng_chance(&g->rng, p))
+            pend_push(g, now + dup_delay(&g->rng), uidx, PEND_DUP, evtype, val, len);
 
     /* Malformed messages follow on-time events only: the event just sent set the watermark of
      * this key's partition to now, which is what makes the too_late cases reliably late. */
-    if (on_time && g->p_bad > 0 && rng_chance(&g->rng, g->p_bad)) {
+    if (!on_time)
+        return;
+    for (double p = g->p_bad; p > 0; p -= 1.0) {
+        if (p < 1.0 && !rng_chance(&g->rng, p))
+            break;
         int id;
         const struct badcase *c = next_badcase(g, &id);
         make_bad(g, uidx, id, now);
@@ -2827,60 +2825,71 @@ static void handle_event(struct gen *g, uint32_t uidx, const struct ev *e)
     if (e->ts > g->st.last_ts)
         g->st.last_ts = e->ts;
 
-    uint8_t pf = e->type == T_ASSIGN ? PF_ASSIGN : 0;
+    uint8_t pf = 0;
     int64_t deliver = 0;
     if (e->deliver > 0) {
         deliver = e->deliver;
-        pf |= PF_LATE | PF_PRESESSION;
+        pf |= PEND_LATE | PEND_PRESESSION;
     } else if (g->p_late > 0 &&
                rng_chance(&g->rng, e->type == T_ASSIGN ? g->p_assign_late : g->p_late)) {
         deliver = e->ts + late_delay(g, &g->rng);
-        pf |= PF_LATE;
+        pf |= PEND_LATE;
     }
     if (deliver > 0) {
-        pend_push(g, deliver, uidx, pf, g->msg.p, g->msg.len);
+        pend_push(g, deliver, uidx, pf, e->type, g->msg.p, g->msg.len);
         u->emitted++;
         return;
     }
     emit_original(g, uidx, g->msg.p, g->msg.len, e->ts, pf, e->type, true);
 }
 
-/* After a session's last event: plan the next visit and perhaps a late bridge event. */
-static void end_session(struct gen *g, uint32_t uidx)
+/* After a session that ended at last: plans the next visit into u, and returns true when a
+ * bridge event (ts in *bridge_ts, delivery in *deliver) closes the gap between the two.  The
+ * dry run of the calibration calls it too, so it may touch only the user and its PRNG. */
+static bool plan_after_session(const struct gen *g, struct user *u, int64_t last,
+                               int64_t *bridge_ts, int64_t *deliver)
 {
-    struct user *u = &g->users[uidx];
-    int64_t last = u->sess[u->sess_len - 1].ts;
     uint8_t flags = 0;
-    int64_t next = next_session_start(g, u, last, &flags);
-    free(u->sess);
-    u->sess = NULL;
-    u->sess_len = u->sess_pos = u->sess_cap = 0;
+    int64_t next = next_session_start(u, last, &flags);
     u->last_ts = last;
     u->next_ts = next;
+    /* The next session's first event carries the gap flag, so remember it on the user. */
+    u->next_flags = flags;
 
     /* A gap of 30 to 60 minutes can be closed by one event in its middle.  Sent late, after
      * the next session has begun, it merges the two sessions into one. */
     int64_t gap = next - last;
-    if (next <= g->end_ms && gap > SESSION_GAP + 1 && gap <= 2 * SESSION_GAP &&
-        g->p_bridge > 0 && rng_chance(&u->rng, g->p_bridge)) {
+    if (next <= g->end_ms && gap > SESSION_GAP + 1 && gap <= 2 * SESSION_GAP && g->p_bridge > 0 &&
+        rng_chance(&u->rng, g->p_bridge)) {
+        *bridge_ts = last + gap / 2;
+        *deliver = next + rng_range(&u->rng, 1000, 2 * MS_PER_MIN);
+        return *deliver - *bridge_ts <= g->o.max_delay_ms;
+    }
+    return false;
+}
+
+static void end_session(struct gen *g, uint32_t uidx)
+{
+    struct user *u = &g->users[uidx];
+    int64_t last = u->sess[u->sess_len - 1].ts;
+    free(u->sess);
+    u->sess = NULL;
+    u->sess_len = u->sess_pos = u->sess_cap = 0;
+
+    int64_t bts = 0, deliver = 0;
+    if (plan_after_session(g, u, last, &bts, &deliver)) {
         struct ev e;
         memset(&e, 0, sizeof e);
-        e.ts = last + gap / 2;
+        e.ts = bts;
         e.type = T_PAGE_VIEW;
         e.product = NO_PRODUCT;
         e.device = u->device;
-        int64_t deliver = next + rng_range(&u->rng, 1000, 2 * MS_PER_MIN);
-        if (deliver - e.ts <= g->o.max_delay_ms) {
-            build_event(g, uidx, &e, &g->F);
-            g->msg.len = 0;
-            render(&g->msg, &g->F, 0);
-            pend_push(g, deliver, uidx, PF_LATE | PF_BRIDGE, g->msg.p, g->msg.len);
-            u->emitted++;
-        }
+        build_event(g, uidx, &e, &g->F);
+        g->msg.len = 0;
+        render(&g->msg, &g->F, 0);
+        pend_push(g, deliver, uidx, PEND_LATE | PEND_BRIDGE, T_PAGE_VIEW, g->msg.p, g->msg.len);
+        u->emitted++;
     }
-    /* The next session's first event carries the gap flag, so remember it on the user. */
-    if (flags & EVF_GAP_PLUS1)
-        u->extra_assign |= 0x80;
 }
 
 static void step_user(struct gen *g)
@@ -2893,8 +2902,8 @@ static void step_user(struct gen *g)
             uheap_pop(g);
             return;
         }
-        bool plus1 = (u->extra_assign & 0x80) != 0;
-        u->extra_assign &= 0x7f;
+        bool plus1 = (u->next_flags & EVF_GAP_PLUS1) != 0;
+        u->next_flags = 0;
         gen_session(g, u, u->next_ts, g->end_ms, g->p_pre, g->o.max_delay_ms);
         if (u->sess_len == 0) {
             free(u->sess);
@@ -2919,8 +2928,6 @@ static void step_user(struct gen *g)
     }
 
     struct ev e = u->sess[u->sess_pos++];
-    if (e.ts > g->now)
-        g->now = e.ts;
     handle_event(g, idx, &e);
     if (u->sess_pos < u->sess_len)
         u->next_ts = u->sess[u->sess_pos].ts;
@@ -2932,13 +2939,11 @@ static void step_user(struct gen *g)
 static void step_pending(struct gen *g)
 {
     struct pend p = pend_pop(g);
-    if (p.flags & PF_DUP) {
+    if (p.flags & PEND_DUP) {
         if (emit(g, p.user, p.val, p.len))
             g->st.dups++;
     } else {
-        /* A late original: the event type only matters for the counters. */
-        emit_original(g, p.user, p.val, p.len, p.deliver, p.flags,
-                      (p.flags & PF_ASSIGN) ? T_ASSIGN : T_PAGE_VIEW, false);
+        emit_original(g, p.user, p.val, p.len, p.deliver, p.flags, p.type, false);
     }
     free(p.val);
 }
@@ -2962,21 +2967,20 @@ static void run(struct gen *g)
  * ---------------------------------------------------------------------------------------- */
 
 /* Average events per session (assignments included), measured on throw-away users with a
- * fixed seed, so that the visit rate can be chosen to hit --events. */
-static double calibrate(struct gen *g)
+ * fixed seed; it only gives the first guess of the visit rate. */
+static double events_per_session(const struct gen *g)
 {
     uint64_t events = 0, sessions = 0;
-    for (uint32_t k = 0; k < 400; k++) {
+    for (uint32_t k = 0; k < 200; k++) {
         struct user u;
         memset(&u, 0, sizeof u);
         rng_seed(&u.rng, 0xca11b4a7ULL + k);
         u.last_ts = INT64_MIN;
-        u.device = u.device2 = 0;
         if (rng_chance(&u.rng, 0.6)) {
             u.flags |= UF_ASSIGN_PLANNED;
             u.assign_mode = (uint8_t)rng_below(&u.rng, 4);
         }
-        int64_t t = 1700000000000LL;
+        int64_t t = INT64_C(1700000000000);
         for (int s = 0; s < 5; s++) {
             gen_session(g, &u, t, INT64_MAX, 0, 0);
             events += u.sess_len;
@@ -2986,6 +2990,108 @@ static double calibrate(struct gen *g)
         free(u.sess);
     }
     return (double)events / (double)sessions;
+}
+
+static double mean_gap_for(double base_rate, double mult)
+{
+    double rate = base_rate * mult;
+    return rate > 0 ? 1.0 / rate : INFINITY;
+}
+
+/* Replays the whole timeline of a copy of user src, exactly as the stream will play it, and
+ * returns its number of good messages.  Timelines depend only on the user's own PRNG, which
+ * is what makes this exact. */
+static uint64_t dry_run_user(const struct gen *g, const struct user *src, double base_rate)
+{
+    struct user u = *src;
+    u.sess = NULL;
+    u.sess_len = u.sess_pos = u.sess_cap = 0;
+    if (!(u.flags & UF_BOT))
+        u.mean_gap = mean_gap_for(base_rate, u.mult);
+    uint64_t n = 0;
+    while (u.next_ts <= g->end_ms) {
+        gen_session(g, &u, u.next_ts, g->end_ms, g->p_pre, g->o.max_delay_ms);
+        if (u.sess_len == 0)
+            break;
+        n += u.sess_len;
+        int64_t bts, deliver;
+        if (plan_after_session(g, &u, u.sess[u.sess_len - 1].ts, &bts, &deliver))
+            n++;
+    }
+    free(u.sess);
+    return n;
+}
+
+/* Good messages of the whole population at a base visit rate, from every human user when
+ * there are few and from an evenly spread sample of them otherwise; bots are added exactly. */
+static double population_events(const struct gen *g, double base_rate, uint32_t stride,
+                                double bot_events)
+{
+    uint64_t n = 0, sampled = 0, humans = 0;
+    for (uint32_t i = 0; i < g->nusers; i++) {
+        if (g->users[i].flags & UF_BOT)
+            continue;
+        if (humans++ % stride == 0) {
+            n += dry_run_user(g, &g->users[i], base_rate);
+            sampled++;
+        }
+    }
+    return sampled > 0 ? (double)n * (double)humans / (double)sampled + bot_events : bot_events;
+}
+
+/* Chooses the base visit rate so that the good messages, plus the re-sends and malformed
+ * messages they bring, come out a little above --events; the cap then makes the count exact. */
+static void calibrate(struct gen *g)
+{
+    uint32_t humans = g->nusers - g->nbots;
+    if (humans == 0)
+        return;
+    uint32_t stride = humans <= 20000 ? 1 : (humans + 19999) / 20000;
+    double overshoot = stride == 1 ? 1.005 : 1.02;
+    double goods = (double)g->o.events * (1.0 - g->o.dup_rate - g->o.bad_rate) * overshoot;
+
+    double bot_events = 0;
+    for (uint32_t i = 0; i < g->nusers; i++)
+        if (g->users[i].flags & UF_BOT)
+            bot_events += (double)dry_run_user(g, &g->users[i], 0);
+
+    double W = (double)(g->end_ms - g->start_ms);
+    double per_user = (goods - bot_events) / humans / events_per_session(g);
+    double f0 = population_events(g, 0, stride, bot_events);
+    double rate = 0;
+    if (f0 < goods) {
+        /* The count is a step function of the rate (every user's path changes with it), so
+         * search for the smallest rate found whose replay reaches the goal: first grow a guess
+         * until it overshoots, then bisect.  With every user replayed the result is exact. */
+        double lo = 0, hi = -1, fhi = 0;
+        double r = per_user > 1 ? (per_user - 1.0) / (W / 2.0) : 1.0 / W;
+        for (int it = 0; it < 40; it++) {
+            double f = population_events(g, r, stride, bot_events);
+            if (f >= goods) {
+                if (hi < 0 || f < fhi) {
+                    hi = r;
+                    fhi = f;
+                }
+            } else if (r > lo) {
+                lo = r;
+            }
+            if (hi >= 0 && fhi <= goods * 1.003)
+                break;
+            if (hi < 0)
+                r *= fmin(8.0, fmax(1.05, goods / fmax(f, 1.0) * 1.05));
+            else
+                r = (fmin(lo, hi) + fmax(lo, hi)) / 2;
+        }
+        rate = hi >= 0 ? hi : r;
+    } else if (f0 > goods * 1.05 && !g->o.quiet) {
+        fprintf(stderr,
+                "clickmart-gen: warning: %u users give more than --events even with one visit "
+                "each; the window is cut short at %" PRIu64 " messages\n",
+                humans, g->o.events);
+    }
+    for (uint32_t i = 0; i < g->nusers; i++)
+        if (!(g->users[i].flags & UF_BOT))
+            g->users[i].mean_gap = mean_gap_for(rate, g->users[i].mult);
 }
 
 static void init_users(struct gen *g)
@@ -3003,23 +3109,10 @@ static void init_users(struct gen *g)
         g->nbots = 25;
 
     double W = (double)(g->end_ms - g->start_ms);
-    double goods = (double)g->o.events * (1.0 - g->o.dup_rate - g->o.bad_rate) * OVERSHOOT;
-    double bot_events = g->nbots > 0 ? goods * BOT_SHARE : 0;
-    double user_events = goods - bot_events;
-    uint32_t humans = g->nusers - g->nbots;
-    double es = calibrate(g);
-    double sessions_per_user = humans > 0 ? user_events / es / humans : 0;
-    /* First visits are spread uniformly, so a user sees half the window on average. */
-    double base_rate = (sessions_per_user - 1.0) / (W / 2.0); /* sessions per ms */
-    if (base_rate <= 0 && humans > 0 && !g->o.quiet)
-        fprintf(stderr,
-                "clickmart-gen: warning: %u users are many for %" PRIu64
-                " events; every user visits once and fewer messages come out\n",
-                humans, g->o.events);
-
     if (g->nbots > 0) {
         /* Bots are active about a third of the time; their event gap follows from that. */
-        double per_bot = bot_events / g->nbots;
+        double goods = (double)g->o.events * (1.0 - g->o.dup_rate - g->o.bad_rate);
+        double per_bot = goods * BOT_SHARE / g->nbots;
         g->bot_gap = per_bot > 0 ? W * 0.35 / per_bot : (double)MS_PER_HOUR;
         if (g->bot_gap < 50)
             g->bot_gap = 50;
@@ -3030,6 +3123,9 @@ static void init_users(struct gen *g)
     g->users = xcalloc(g->nusers, sizeof *g->users);
     g->heap = xmalloc(sizeof *g->heap * g->nusers);
     uint32_t bot_stride = g->nbots > 0 ? g->nusers / g->nbots : 0;
+    double cw[NCOUNTRIES];
+    for (int k = 0; k < NCOUNTRIES; k++)
+        cw[k] = countries[k].weight;
     for (uint32_t i = 0; i < g->nusers; i++) {
         struct user *u = &g->users[i];
         rng_seed(&u->rng, mix64(g->o.seed * 0x9e3779b97f4a7c15ULL + i + 1));
@@ -3039,9 +3135,6 @@ static void init_users(struct gen *g)
         u->device2 = u->device;
         if (rng_chance(r, 0.10))
             u->device2 = (uint8_t)((u->device + 1 + rng_below(r, NDEVICES - 1)) % NDEVICES);
-        double cw[NCOUNTRIES];
-        for (int k = 0; k < NCOUNTRIES; k++)
-            cw[k] = countries[k].weight;
         u->country = (uint8_t)rng_weighted(r, cw, NCOUNTRIES);
         if (rng_chance(r, 0.01))
             u->unicode = (uint8_t)(1 + rng_below(r, 3));
@@ -3054,9 +3147,7 @@ static void init_users(struct gen *g)
             u->next_ts = g->start_ms + rng_range(r, 0, 6 * MS_PER_HOUR);
         } else {
             /* Heavy-tailed activity: a log-normal multiplier with mean 1. */
-            double mult = exp(0.9 * rng_normal(r) - 0.405);
-            double rate = base_rate * mult;
-            u->mean_gap = rate > 0 ? 1.0 / rate : INFINITY;
+            u->mult = exp(0.9 * rng_normal(r) - 0.405);
             u->next_ts = g->start_ms + (int64_t)(rng_unit(r) * W);
             if (rng_chance(r, 0.6)) {
                 u->flags |= UF_ASSIGN_PLANNED;
@@ -3068,6 +3159,7 @@ static void init_users(struct gen *g)
         }
         g->heap[i] = i;
     }
+    calibrate(g);
     g->heap_len = g->nusers;
     for (uint32_t i = g->heap_len / 2; i-- > 0;)
         uheap_down(g, i);
@@ -3081,12 +3173,12 @@ static int kafka_open(struct gen *g)
 {
     char errstr[512];
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    /* Retries after a dropped connection must neither reorder nor repeat messages, or the
+     * topic would no longer hold exactly the deterministic stream: hence idempotence. */
     static const char *const defaults[][2] = {
-        {"compression.codec", "zstd"},
-        {"linger.ms", "50"},
-        {"batch.num.messages", "10000"},
-        {"queue.buffering.max.messages", "1000000"},
-        {"client.id", "clickmart-gen"},
+        {"compression.codec", "zstd"},   {"linger.ms", "50"},
+        {"batch.num.messages", "10000"}, {"queue.buffering.max.messages", "1000000"},
+        {"enable.idempotence", "true"},  {"client.id", "clickmart-gen"},
     };
     if (rd_kafka_conf_set(conf, "bootstrap.servers", g->o.brokers, errstr, sizeof errstr) !=
         RD_KAFKA_CONF_OK) {
@@ -3105,8 +3197,7 @@ static int kafka_open(struct gen *g)
     for (int i = 0; i < g->o.nx; i++) {
         if (rd_kafka_conf_set(conf, g->o.xkey[i], g->o.xval[i], errstr, sizeof errstr) !=
             RD_KAFKA_CONF_OK) {
-            fprintf(stderr, "clickmart-gen: -X %s=%s: %s\n", g->o.xkey[i], g->o.xval[i],
-                    errstr);
+            fprintf(stderr, "clickmart-gen: -X %s=%s: %s\n", g->o.xkey[i], g->o.xval[i], errstr);
             rd_kafka_conf_destroy(conf);
             return -1;
         }
@@ -3166,8 +3257,8 @@ static void summary(const struct gen *g)
     fmt_iso(b, sizeof b, s->last_ts == INT64_MIN ? g->end_ms : s->last_ts);
     fprintf(stderr, "gen: summary (seed %" PRIu64 ")\n", g->o.seed);
     fprintf(stderr, "  messages        %" PRIu64 "\n", s->msgs);
-    fprintf(stderr, "  good (first copies) %" PRIu64 ": clickstream %" PRIu64
-                    ", assignments %" PRIu64 "\n",
+    fprintf(stderr,
+            "  good (first copies) %" PRIu64 ": clickstream %" PRIu64 ", assignments %" PRIu64 "\n",
             s->good, s->clickstream, s->assignments);
     fprintf(stderr, "  duplicates      %" PRIu64 "\n", s->dups);
     fprintf(stderr,
@@ -3188,6 +3279,11 @@ static void summary(const struct gen *g)
                 fprintf(stderr, " %s=%" PRIu64, badcases[i].name, s->badcase[i]);
         fputc('\n', stderr);
     }
+    fprintf(stderr, "  event types    ");
+    for (int t = 0; t < NTYPES; t++)
+        if (s->type_count[t] > 0)
+            fprintf(stderr, " %s=%" PRIu64, type_names[t], s->type_count[t]);
+    fputc('\n', stderr);
     fprintf(stderr, "  users %u (bots %u), products %u, window %s .. %s\n", g->nusers, g->nbots,
             g->nproducts, a, b);
     fprintf(stderr,
@@ -3224,10 +3320,20 @@ int main(int argc, char **argv)
         return 2;
     }
 
+    /*
+     * A future_timestamp case one day after the stream's end is only in the future while the
+     * stream is recent.  With an --end-ms long past it would be accepted and drag its
+     * partition's watermark a day ahead, so then every future case uses the year 2099.  The
+     * choice depends only on whether end-ms is within a day of now, which keeps a fixed old
+     * --end-ms deterministic.
+     */
+    int64_t wall = wall_ms();
+    g->future_ms = g->end_ms >= wall - MS_PER_DAY ? g->end_ms + MS_PER_DAY
+                                                  : days_from_civil(2099, 6, 1) * MS_PER_DAY;
+
     rng_seed(&g->rng, mix64(g->o.seed ^ 0x67656e2d676c6f62ULL));
     g->id_salt = mix64(g->o.seed + 0x1d5a17ULL);
     g->target = g->o.events;
-    g->now = g->start_ms;
     g->st.first_ts = INT64_MAX;
     g->st.last_ts = INT64_MIN;
 
@@ -3235,8 +3341,9 @@ int main(int argc, char **argv)
      * shares of the whole output. */
     double d = g->o.dup_rate, b = g->o.bad_rate;
     g->p_dup = d / (1.0 - d - b);
-    g->p_bad = b / (1.0 - d - b) / (1.0 - g->o.late_rate);
     bool late_ok = g->o.late_rate > 0 && g->o.max_delay_ms >= 1000;
+    /* Malformed messages follow on-time events only, hence the division by their share. */
+    g->p_bad = b / (1.0 - d - b) / (1.0 - (late_ok ? g->o.late_rate : 0));
     g->p_late = late_ok ? g->o.late_rate * 0.9 : 0;
     g->p_bridge = late_ok ? fmin(1.0, g->o.late_rate * 10) : 0;
     g->p_pre = late_ok ? g->o.late_rate * 0.3 : 0;

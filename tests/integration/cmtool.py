@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -93,7 +94,7 @@ def main(argv):
     if len(argv) == 2 and argv[0] == "dump-summary":
         nxt, n = dump_next_offsets(argv[1])
         print("%d messages in %d partitions (%s)" % (
-            n, len(nxt), ", ".join("p%d..%d" % (p, o) for p, o in sorted(nxt.items()))))
+            n, len(nxt), ", ".join("p%d: next offset %d" % (p, o) for p, o in sorted(nxt.items()))))
         return 0
     sys.stderr.write(__doc__)
     return 2

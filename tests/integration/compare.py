@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref  # noqa: E402
 
@@ -102,6 +103,19 @@ def fetch_table(conninfo, table, schema, topic):
             dup_keys += 1
         rows[row[:nkey]] = row
     return rows, dup_keys
+
+
+def sub_ms_query(table, schema, topic):
+    """Counts timestamps that are not whole milliseconds (the schema says exact ms)."""
+    cols = [n for n, k in ref.TABLES[table]["columns"] if k == "ts"]
+    if not cols:
+        return None
+    cond = " OR ".join("(extract(epoch from %s) * 1000) <> trunc(extract(epoch from %s) * 1000)"
+                       % (quote_ident(c), quote_ident(c)) for c in cols)
+    sql = "SELECT count(*) FROM %s.%s WHERE (%s)" % (quote_ident(schema), quote_ident(table), cond)
+    if table in ("partitions", "rejected_events"):
+        sql += " AND topic = %s" % quote_literal(topic)
+    return sql
 
 
 def show_value(v, kind):
@@ -205,6 +219,13 @@ def main(argv=None):
             print("compare.py: reading %s failed: %s" % (t, e), file=sys.stderr)
             return 2
         total += compare_table(t, res.tables[t], actual, out)
+        q = sub_ms_query(t, args.schema, args.topic)
+        if q is not None:
+            n = int(run_psql(args.pg, q)[0])
+            if n:
+                out.write("  %s: %d rows hold a timestamp that is not a whole millisecond\n"
+                          % (t, n))
+                total += n
         if dup_keys:
             out.write("  %s: %d duplicate keys in Postgres\n" % (t, dup_keys))
             total += dup_keys

@@ -28,6 +28,9 @@ CM_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 : "${CM_TMPDIR:=/tmp}"
 CM_TOPIC=${CM_TOPIC:-clickmart.events}
 CM_PY=${CM_PY:-python3}
+# Background processes run in a session of their own (setsid does not fork here, so $!
+# is the process itself), so that cleanup can also end whatever they started.
+if command -v setsid >/dev/null 2>&1; then CM_SETSID=(setsid); else CM_SETSID=(); fi
 
 cm_log() { printf '[%s +%ds] %s\n' "$(date -u +%H:%M:%S)" "$((SECONDS - ${CM_T0:-0}))" "$*" >&2; }
 cm_die() {
@@ -57,13 +60,14 @@ cm_track_pid() { CM_PIDS+=("$1"); }
 
 cm_untrack_pid() {
     local p keep=()
-    for p in "${CM_PIDS[@]}"; do
+    for p in "${CM_PIDS[@]+"${CM_PIDS[@]}"}"; do
         [ "$p" = "$1" ] || keep+=("$p")
     done
     CM_PIDS=("${keep[@]+"${keep[@]}"}")
 }
 
-# Stops one of our child processes: SIGTERM, then SIGKILL after $2 seconds (default 5).
+# Stops one of our child processes: SIGTERM, then SIGKILL after $2 seconds (default 5);
+# then SIGKILL whatever is left in its process group.
 cm_stop_pid() {
     local pid=$1 grace=${2:-5} i
     if kill -0 "$pid" 2>/dev/null; then
@@ -78,7 +82,12 @@ cm_stop_pid() {
         fi
     fi
     wait "$pid" 2>/dev/null || true
+    cm__kill_group "$pid"
     cm_untrack_pid "$pid"
+}
+
+cm__kill_group() {
+    if [ ${#CM_SETSID[@]} -gt 0 ]; then kill -KILL -- "-$1" 2>/dev/null || true; fi
 }
 
 cm_show_logs() {
@@ -97,10 +106,12 @@ cm_cleanup() {
     [ -n "${CM_DIR:-}" ] || exit "$rc"
     if [ "$rc" -ne 0 ]; then
         cm_show_logs
+        [ "${CM_KEEP:-0}" = 1 ] || cm_log "(CM_KEEP=1 keeps $CM_DIR for a look)"
     fi
-    local p
-    for p in "${CM_PIDS[@]+"${CM_PIDS[@]}"}"; do
-        cm_stop_pid "$p" 5
+    local i pids=("${CM_PIDS[@]+"${CM_PIDS[@]}"}")
+    # Newest first: the daemon goes before the broker it talks to.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        cm_stop_pid "${pids[i]}" 5
     done
     if [ "${CM_PG_RUNNING:-0}" = 1 ]; then
         cm_pg_stop fast
@@ -210,7 +221,7 @@ cm_pg_stop() {
     fi
     # pg_ctl returns once the pid file is gone; wait for the process itself as well.
     for ((i = 0; i < 50; i++)); do
-        [ -n "$postmaster" ] && [ -d "/proc/$postmaster" ] || break
+        if [ -z "$postmaster" ] || [ ! -d "/proc/$postmaster" ]; then break; fi
         grep -q '^State:.*Z' "/proc/$postmaster/status" 2>/dev/null && break
         sleep 0.1
     done
@@ -229,14 +240,15 @@ cm_psql() { psql -X -A -t -q -v ON_ERROR_STOP=1 -d "$CM_PG" -c "$1"; }
 
 cm__broker_ready() {
     kill -0 "$CM_BROKER_PID" 2>/dev/null || cm_die "clickmart-devbroker exited early"
-    [ "$(wc -l <"$CM_DIR/broker.out")" -ge 1 ]
+    [ -s "$CM_DIR/broker.out" ] && [ "$(wc -l <"$CM_DIR/broker.out")" -ge 1 ]
 }
 
 # cm_broker_start PARTITIONS TOPIC: starts the dev broker; sets CM_BROKER (host:port)
 # and CM_TOPIC.
 cm_broker_start() {
     local partitions=${1:-4} topic=${2:-clickmart.events}
-    "$CLICKMART_BIN/tools/clickmart-devbroker" --partitions "$partitions" --topic "$topic" \
+    : >"$CM_DIR/broker.out"
+    "${CM_SETSID[@]}" "$CLICKMART_BIN/tools/clickmart-devbroker" --partitions "$partitions" --topic "$topic" \
         >"$CM_DIR/broker.out" 2>"$CM_DIR/broker.log" </dev/null &
     CM_BROKER_PID=$!
     cm_track_pid "$CM_BROKER_PID"
@@ -273,7 +285,7 @@ cm_daemon_start() {
     CM_DAEMON_RUNS=$((CM_DAEMON_RUNS + 1))
     CM_DAEMON_LOG=$CM_DIR/daemon.$CM_DAEMON_RUNS.log
     mkdir -p "$CM_DIR/state"
-    "$CLICKMART_BIN/clickmartd" --brokers "$CM_BROKER" --topic "$CM_TOPIC" --pg "$CM_PG" \
+    "${CM_SETSID[@]}" "$CLICKMART_BIN/clickmartd" --brokers "$CM_BROKER" --topic "$CM_TOPIC" --pg "$CM_PG" \
         --state-dir "$CM_DIR/state" --status-socket "$CM_DIR/status.sock" \
         --flush-interval-ms 500 "$@" >"$CM_DAEMON_LOG" 2>&1 </dev/null &
     CM_DAEMON_PID=$!
@@ -295,6 +307,7 @@ cm_daemon_wait() {
     done
     CM_DAEMON_RC=0
     wait "$pid" || CM_DAEMON_RC=$?
+    cm__kill_group "$pid"
     cm_untrack_pid "$pid"
     CM_DAEMON_PID=""
     cm_log "clickmartd $pid exited with status $CM_DAEMON_RC"
@@ -309,6 +322,7 @@ cm_daemon_kill9() {
     [ -n "$pid" ] || return 0
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
+    cm__kill_group "$pid"
     cm_untrack_pid "$pid"
     CM_DAEMON_PID=""
     cm_log "clickmartd $pid killed with SIGKILL"

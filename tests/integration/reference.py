@@ -41,6 +41,9 @@ DEFAULT_SETTINGS = {
     "max_future_ms": 3600000,
     "allowed_lateness_ms": 172800000,
     "session_gap_ms": 1800000,
+    # The contract sets no nesting limit (0 = none). A JSON library may have one
+    # (jansson: 2048 levels, the top-level value counting as one); set it here to model it.
+    "max_json_depth": 0,
 }
 
 TS_MIN = 946684800000  # 2000-01-01T00:00:00Z
@@ -212,8 +215,9 @@ def _check_string(s):
         raise InvalidJSON("lone surrogate")
 
 
-def parse_json(value):
-    """bytes -> Python value, or raise InvalidJSON."""
+def parse_json(value, max_depth=0):
+    """bytes -> Python value, or raise InvalidJSON. max_depth > 0 limits nesting (the
+    top-level value is level 1)."""
     if value is None or len(value) == 0:
         raise InvalidJSON("empty")
     try:
@@ -235,18 +239,21 @@ def parse_json(value):
     except ValueError:  # JSONDecodeError and friends
         raise InvalidJSON("syntax")
     # Every string, keys included, anywhere in the document (iteratively).
-    stack = [obj]
+    stack = [(obj, 1)]
     while stack:
-        v = stack.pop()
+        v, depth = stack.pop()
         t = type(v)
         if t is str:
             _check_string(v)
-        elif t is dict:
-            for k, x in v.items():
-                _check_string(k)
-                stack.append(x)
-        elif t is list:
-            stack.extend(v)
+        elif t is dict or t is list:
+            if max_depth and depth > max_depth:
+                raise InvalidJSON("nested deeper than %d" % max_depth)
+            if t is dict:
+                for k, x in v.items():
+                    _check_string(k)
+                    stack.append((x, depth + 1))
+            else:
+                stack.extend((x, depth + 1) for x in v)
     return obj
 
 
@@ -418,8 +425,8 @@ def _ts_value(v):
 
 
 def _check_money(v, required):
-    """(fault, cents) for amount / price: a number 0..1e12."""
-    if v is None or (not required and _absent_optional(v)):
+    """(fault, cents) for amount / price: a number 0..1e12; a null price is the default 0."""
+    if v is None:
         return (MISSING if required else None), (None if required else 0)
     if not _is_num(v):
         return BAD_TYPE, None
@@ -441,8 +448,11 @@ def _check_item(el):
     if type(el) is not dict:
         return BAD_TYPE
     fault = _required_string(el.get("product_id"), 1, 128)
+    # An item's quantity and price default only when absent or null: "" is a string, not
+    # a number. (The contract's "an empty string in an optional field means absent" is
+    # read as covering the optional fields of its table, not an item's members.)
     q = el.get("quantity")
-    if not _absent_optional(q):
+    if q is not None:
         if not _is_int(q):
             fault = _min_fault(fault, BAD_TYPE)
         elif not (1 <= q <= 1000000):
@@ -479,7 +489,7 @@ def validate(value, now_ms, settings):
     if length > settings["max_event_bytes"]:
         return ("reject", "payload_too_large", "")
     try:
-        obj = parse_json(value)
+        obj = parse_json(value, settings.get("max_json_depth", 0))
     except InvalidJSON:
         return ("reject", "invalid_json", "")
     if type(obj) is not dict:
@@ -818,6 +828,9 @@ def add_settings_args(ap):
     ap.add_argument("--allowed-lateness-ms", type=int,
                     default=DEFAULT_SETTINGS["allowed_lateness_ms"])
     ap.add_argument("--session-gap-ms", type=int, default=DEFAULT_SETTINGS["session_gap_ms"])
+    ap.add_argument("--max-json-depth", type=int, default=DEFAULT_SETTINGS["max_json_depth"],
+                    help="reject JSON nested deeper than this as invalid_json (default 0: "
+                         "no limit, as in the contract)")
     ap.add_argument("--now-ms", type=int, default=None,
                     help="wall clock for future_timestamp (default: now)")
 
@@ -828,6 +841,7 @@ def settings_from_args(args):
         "max_future_ms": args.max_future_ms,
         "allowed_lateness_ms": args.allowed_lateness_ms,
         "session_gap_ms": args.session_gap_ms,
+        "max_json_depth": args.max_json_depth,
     }
 
 

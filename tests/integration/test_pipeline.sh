@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# End to end: generator -> dev broker -> clickmartd (killed with SIGKILL part-way, then
-# restarted with --exit-at-end) -> Postgres, checked table by table against the
+# End to end: generator -> dev broker -> clickmartd (killed with SIGKILL part-way, several
+# times, then restarted with --exit-at-end) -> Postgres, checked table by table against the
 # independent reference (compare.py) recomputed from a kcat dump of the topic.
+#
+# The daemon consumes far faster than a pre-filled topic lets a poller react, so by
+# default the generator produces at a limited rate (CM_GEN_RATE events/s) while the daemon
+# is already running: the SIGKILLs then land in the middle of the stream. CM_GEN_RATE=0
+# generates everything first and starts the daemon afterwards.
 #
 # Needs CLICKMART_BIN (the build dir); run alone with
 #   CLICKMART_BIN=build bash tests/integration/test_pipeline.sh
 # Knobs: CM_EVENTS (default 40000), CM_SEED (7), CM_KILL_AFTER (accepted events before
-# the SIGKILL, default 5000), CM_KEEP=1 to keep the temp dir.
+# the first SIGKILL, default 5000), CM_KILLS (SIGKILLs, each after another CM_KILL_AFTER
+# accepted events, default 3), CM_GEN_RATE (default 10000), CM_KEEP=1 keeps the temp dir.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -16,6 +22,8 @@ source "$HERE/lib.sh"
 EVENTS=${CM_EVENTS:-40000}
 SEED=${CM_SEED:-7}
 KILL_AFTER=${CM_KILL_AFTER:-5000}
+KILLS=${CM_KILLS:-3}
+GEN_RATE=${CM_GEN_RATE:-10000}
 PARTITIONS=4
 TOPIC=clickmart.events
 
@@ -24,40 +32,67 @@ cm_require clickmartd tools/clickmart-gen tools/clickmart-devbroker
 cm_pg_start
 cm_broker_start "$PARTITIONS" "$TOPIC"
 
-t=$SECONDS
-"$CLICKMART_BIN/tools/clickmart-gen" --seed "$SEED" --events "$EVENTS" --brokers "$CM_BROKER" \
-    --topic "$CM_TOPIC" --quiet >"$CM_DIR/gen.log" 2>&1 </dev/null ||
-    cm_die "clickmart-gen failed (see $CM_DIR/gen.log)"
-cm_log "generated $EVENTS events (seed $SEED) in $((SECONDS - t))s"
+GEN_PID=""
+gen_start() {
+    local rate=()
+    [ "$GEN_RATE" = 0 ] || rate=(--rate "$GEN_RATE")
+    "${CM_SETSID[@]}" "$CLICKMART_BIN/tools/clickmart-gen" --seed "$SEED" --events "$EVENTS" \
+        --brokers "$CM_BROKER" --topic "$CM_TOPIC" --quiet "${rate[@]}" \
+        >"$CM_DIR/gen.log" 2>&1 </dev/null &
+    GEN_PID=$!
+    cm_track_pid "$GEN_PID"
+    GEN_T=$SECONDS
+}
+gen_done() { ! kill -0 "$GEN_PID" 2>/dev/null; }
+gen_wait() {
+    [ -n "$GEN_PID" ] || return 0
+    local rc=0
+    cm_wait_for 300 "clickmart-gen to finish" gen_done ||
+        cm_die "clickmart-gen still running after 300s"
+    wait "$GEN_PID" || rc=$?
+    cm_untrack_pid "$GEN_PID"
+    GEN_PID=""
+    [ "$rc" = 0 ] || cm_die "clickmart-gen failed with status $rc (see gen.log above)"
+    cm_log "generated $EVENTS events (seed $SEED, rate limit $GEN_RATE/s, 0 = none) in $((SECONDS - GEN_T))s"
+}
 
+if [ "$GEN_RATE" = 0 ]; then
+    gen_start
+    gen_wait
+fi
+
+# Runs 1..KILLS: consume, SIGKILL once another KILL_AFTER events are accepted (or after
+# 60 s), restart on the same state.
+ACCEPTED=-1
+accepted_over() {
+    cm_daemon_alive || cm_die "clickmartd exited on its own (see $CM_DAEMON_LOG)"
+    ACCEPTED=$(cm_status_accepted)
+    [ "$ACCEPTED" -gt "$1" ]
+}
 t=$SECONDS
+for ((k = 1; k <= KILLS; k++)); do
+    cm_daemon_start
+    if [ "$k" = 1 ] && [ "$GEN_RATE" != 0 ]; then gen_start; fi
+    want=$((k * KILL_AFTER))
+    if cm_wait_for 60 "more than $want accepted events" accepted_over "$want"; then
+        cm_log "run $k: $ACCEPTED accepted; SIGKILL"
+    else
+        cm_log "run $k: only $ACCEPTED accepted after 60s; SIGKILL anyway"
+    fi
+    cm_daemon_kill9
+done
+gen_wait
+
 DUMP=$CM_DIR/topic.dump
 cm_dump_topic "$CM_TOPIC" "$DUMP"
-cm_log "dumped the topic in $((SECONDS - t))s: $("$CM_PY" "$HERE/cmtool.py" dump-summary "$DUMP"), $(stat -c %s "$DUMP") bytes"
+cm_log "dumped the topic: $("$CM_PY" "$HERE/cmtool.py" dump-summary "$DUMP"), $(stat -c %s "$DUMP") bytes"
 
-# Run 1: consume part of the topic, then SIGKILL at an arbitrary moment.
-t=$SECONDS
-cm_daemon_start
-ACCEPTED=-1
-accepted_enough() {
-    cm_daemon_alive || cm_die "clickmartd exited during run 1 (see $CM_DAEMON_LOG)"
-    ACCEPTED=$(cm_status_accepted)
-    [ "$ACCEPTED" -gt "$KILL_AFTER" ]
-}
-if cm_wait_for 120 "more than $KILL_AFTER accepted events" accepted_enough; then
-    cm_log "run 1: $ACCEPTED accepted after $((SECONDS - t))s"
-else
-    cm_log "run 1: only $ACCEPTED accepted after $((SECONDS - t))s; killing it anyway"
-fi
-cm_daemon_alive || cm_die "clickmartd exited during run 1 (see $CM_DAEMON_LOG)"
-cm_daemon_kill9
-
-# Run 2: restart on the same state, consume to the end offsets seen at start, flush, exit.
-t=$SECONDS
+# Last run: consume to the end offsets seen at start, flush, exit 0.
+t2=$SECONDS
 cm_daemon_start --exit-at-end
 cm_daemon_wait 420 || cm_die "clickmartd --exit-at-end still running after 420s"
 [ "$CM_DAEMON_RC" = 0 ] || cm_die "clickmartd --exit-at-end exited with status $CM_DAEMON_RC"
-cm_log "run 2 (--exit-at-end) finished in $((SECONDS - t))s"
+cm_log "last run (--exit-at-end) took $((SECONDS - t2))s; all runs $((SECONDS - t))s"
 
 t=$SECONDS
 cm_compare "$DUMP" || cm_die "Postgres differs from the reference"

@@ -27,106 +27,8 @@ trap 'rm -rf "$TMP"' EXIT
 
 NOW=1700092800000 # 2023-11-16T00:00:00Z; D = 2023-11-15T00:00:00Z = 1700006400000
 
-python3 - "$TMP/topic.dump" <<'PY'
-import json, sys
-
-D = 1700006400000
-M = 60000
-NOW = 1700092800000
-
-def ev(eid, uid, etype, ts, **kw):
-    d = {"event_id": eid, "user_id": uid, "event_type": etype, "ts": ts}
-    d.update(kw)
-    return json.dumps(d).encode()
-
-def padded(raw, size):
-    assert len(raw) <= size
-    return raw + b" " * (size - len(raw))
-
-def raw(s):
-    return s.encode("utf-8") if isinstance(s, str) else s
-
-P0 = [
-    ev("e01", "u1", "page_view", D, country="DE"),
-    ev("e02", "u1", "product_view", D + M, device="desktop", country="FR", product_id="p1"),
-    ev("e03", "u1", "add_to_cart", D + M + 1800000, device="mobile"),     # gap exactly 30 min
-    ev("e04", "u1", "checkout", D + 31 * M + 1800001),                    # gap 30 min + 1 ms
-    ev("e05", "u1", "purchase", D + 62 * M, amount=19.99,
-       items=[{"product_id": "p1", "quantity": 2, "price": 9.995}]),
-    ev("e02", "u1", "page_view", D + M),                                  # duplicate
-    ev("e06", "u1", "page_view", D + 46 * M),                             # late: merges
-    ev("e07", "u1", "page_view", D + 62 * M - 172800000 - 1),             # too_late by 1 ms
-    ev("e08", "u1", "page_view", D + 62 * M - 172800000, device=None, country=""),  # at the bound
-    ev("e09", "u1", "page_view", "2023-11-15 02:00:00.999999+01:00"),     # D + 1 h + 999 ms
-]
-
-P1 = [
-    ev("a01", "u2", "experiment_assignment", D + 10 * M, experiment="exp1", variant="control"),
-    ev("e10", "u2", "product_view", D + 10 * M, device="tablet", country="US"),
-    ev("e11", "u2", "add_to_cart", D + 12 * M),
-    ev("e12", "u2", "purchase", D + 13 * M, amount=0.125, items=""),
-    ev("e13", "u2", "page_view", NOW + 3600000),                          # exactly max_future
-    ev("e14", "u2", "page_view", NOW + 3600001),                          # future_timestamp
-    None,                                                                 # 6 null value
-    b"",                                                                  # 7 empty value
-    raw('{"event_id":"r8","user_id":"u","event_type":"page_view","ts":1700000000000,"x":"\\ud800"}'),
-    raw('{"event_id":"r9","user_id":"u","event_type":"page_view","ts":1700000000000,"ts":1700000000000}'),
-    raw('{"event_id":"r10","user_id":"u","event_type":"page_view","ts":1700000000000,"x":"a\\u0000"}'),
-    b'{"event_id":"r11\xff","user_id":"u","event_type":"page_view","ts":1700000000000}',
-    raw('{"event_id":"r12","user_id":"u","event_type":"page_view","ts":1700000000000,"x":NaN}'),
-    raw('[1,2]'),                                                         # 13 not_an_object
-    padded(ev("r14", "u2", "page_view", D + 11 * M), 65537),              # 14 too large
-    padded(ev("big", "u2", "page_view", D + 11 * M), 65536),              # 15 accepted
-    raw('{"event_id":5,"user_id":"u"}'),                                  # 16 missing event_type
-    raw('{"event_id":"r17","user_id":"u","event_type":"page_view","ts":1.7e12,"device":"%s"}' % ("x" * 40)),
-    raw('{"event_id":"","user_id":"u","event_type":"page_view","ts":1700000000000,"country":"%s"}' % ("x" * 40)),
-    ev("r19", "u", "Page_view", 1700000000000),
-    ev("r20", "u", "page_view", "2023-11-15T00:00:60Z"),
-    ev("r21", "u", "purchase", 1700000000000, items=[{"quantity": 2}]),
-    raw('{"event_id":"r22","user_id":"u","event_type":"purchase","ts":1700000000000,"amount":5,'
-        '"items":[{"product_id":"p","quantity":2.0}],"device":7}'),
-    ev("r23", "u", "purchase", 1700000000000, amount=5, items=[{"product_id": "p", "price": -1}],
-       country="x" * 33),
-    ev("r24", "u", "experiment_assignment", 1700000000000, experiment="exp1"),
-    ev("", "u", "page_view", 1700000000000, device=123),                   # 25 bad_type device
-    ev("r26", "u", "page_view", NOW + 86400000, product_id="p" * 129),   # 26 before future
-    ev("r27", "u2", "page_view", D - 2 * 86400000),                       # 27 too_late
-    ev("r28", "é" * 65, "page_view", 1700000000000),                      # 28 130 bytes
-    raw('{"event_id":"r29","user_id":"u","event_type":"page_view","ts":1700000000000,"x":1e400}'),
-    raw('"str"'),                                                         # 30 not_an_object
-    ev("a02", "u2", "experiment_assignment", D + 700000, experiment="exp2", variant="b"),
-]
-
-P2 = [
-    ev("e30", "u3", "page_view", 946684800000, device="tv"),
-    ev("e31", "u3", "page_view", D + 5 * M, device="", country=None, amount="x", items=7,
-       experiment=5),
-    ev("e32", "u3", "product_view", D + 5 * M + 1800000, country="JP"),   # gap exactly 30 min
-    ev("e33", "u3", "add_to_cart", "2023-11-15T01:05:00.0019999Z", device="tv",
-       country="JP"),                                                     # D + 35 min + 30 min + 1 ms
-    ev("e34", "u3", "page_view", 946684800001),                           # too_late
-    ev("a00", "u4", "page_view", D + 20 * M, country="CL"),
-    ev("e35", "u4", "purchase", D + 20 * M, amount=1000000000000, country="BR"),
-    ev("e36", "u4", "checkout", D + 21 * M),
-    ev("e37", "u4", "page_view", 4102444800000),                          # bad_value ts
-    ev("e38", "u4", "page_view", "2023-11-15T00:20:00Z", device="mobile"),
-    ev("e31", "u3", "page_view", D + 6 * M),                              # duplicate
-    ev("e30", "u3", "page_view", 946684800000, device="tv"),              # dup, but too_late
-]
-
-# Interleave the partitions as kcat does, to check that the dump is regrouped.
-out = bytearray()
-rows = []
-for p, msgs in enumerate((P0, P1, P2)):
-    for o, v in enumerate(msgs):
-        rows.append((o, p, v))
-rows.sort(key=lambda r: (r[0], r[1]))
-for o, p, v in rows:
-    out += b"%d %d %d\n" % (p, o, -1 if v is None else len(v))
-    out += (v or b"") + b"\n"
-with open(sys.argv[1], "wb") as f:
-    f.write(out)
-PY
+# The data set lives in handmade.py (SELFTEST, partitions 0-2).
+PYTHONDONTWRITEBYTECODE=1 python3 "$HERE/handmade.py" dump "$TMP/topic.dump"
 
 fail=0
 check() {
@@ -260,6 +162,47 @@ if [ "$big" = "payload_too_large" ]; then echo "ok: --max-event-bytes"; else
     fail=$((fail + 1))
 fi
 
-checks=7
+# handmade.py's EDGE set (partition 3): corner cases of CONTRACT §1.1, one per message,
+# as annotated there. now = 2023-11-18, so that none of them is in the future.
+PYTHONDONTWRITEBYTECODE=1 python3 "$HERE/handmade.py" dump "$TMP/edge.dump" --edge
+EDGE_NOW=1700265600000
+edge_rejects=$(python3 "$HERE/reference.py" --dump "$TMP/edge.dump" --now-ms "$EDGE_NOW" \
+    --print rejected_events | awk -F'\t' '$2 == 3 {printf "%s|%s|%s ", $3, $4, $5}')
+want_rejects="2|bad_value|ts 3|bad_type|ts 4|bad_type|ts 5|bad_value|ts 9|bad_value|ts \
+10|bad_value|ts 11|bad_value|ts 12|bad_value|ts 13|bad_value|ts 14|bad_value|ts \
+15|bad_value|ts 16|bad_value|ts 17|bad_value|ts 18|bad_value|ts 19|bad_type|ts \
+20|missing_field|ts 21|bad_type|items 22|bad_type|items 25|bad_value|items 26|bad_type|items 27|bad_type|items \
+29|bad_value|items 30|bad_value|items 32|bad_type|items 33|bad_type|items \
+34|bad_value|items 35|bad_value|items 36|bad_type|items 37|missing_field|items \
+38|bad_type|amount 46|bad_value|amount 47|bad_value|amount 49|invalid_json| \
+50|invalid_json| 51|invalid_json| 52|invalid_json| 55|invalid_json| 56|invalid_json| \
+57|invalid_json| 58|invalid_json| 59|invalid_json| 60|invalid_json| 61|invalid_json| \
+63|invalid_json| 64|invalid_json| 65|invalid_json| 66|invalid_json| 67|invalid_json| \
+68|not_an_object| 69|not_an_object| 72|bad_value|device 74|bad_type|device \
+75|bad_type|country 76|bad_type|product_id 77|bad_type|product_id \
+80|bad_value|event_type 81|bad_value|event_type 82|bad_value|event_type \
+83|bad_value|event_type 84|bad_type|event_type 86|bad_value|event_id \
+88|bad_value|user_id 89|missing_field|user_id 90|bad_type|user_id \
+92|bad_value|experiment 93|bad_value|variant 94|missing_field|variant 96|bad_type|device \
+98|bad_type|amount 99|bad_value|event_id 100|missing_field|amount 101|bad_type|ts \
+102|bad_type|country "
+if [ "$edge_rejects" = "$want_rejects" ]; then echo "ok: edge rejects"; else
+    echo "FAIL: edge rejects"
+    diff <(tr ' ' '\n' <<<"$want_rejects") <(tr ' ' '\n' <<<"$edge_rejects") | sed 's/^/    /'
+    fail=$((fail + 1))
+fi
+# User x holds the accepted edge purchases: cents 2x100 (items with null defaults and
+# 100 items) + 100 + 100 + 0 (-0.0) + 0 (1e-400) + 1e14 (1e12 + 1e-7) + 1 (0.005)
+# + 100 (1.005) + 268 (2.675) + 9999999999900 + 100 = 110000000000769 in 12 orders;
+# device is the emoji of the earliest event with a device, country 32 bytes.
+edge_user=$(python3 "$HERE/reference.py" --dump "$TMP/edge.dump" --now-ms "$EDGE_NOW" \
+    --print users | awk -F'\t' '$1 == "x" {print $2 "|" $3 "|" $4 "|" $5 "|" $6 "|" $7 "|" $8 "|" $9}')
+want_user="951782400000|1700179286000|😀|xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx|27|2|12|110000000000769"
+if [ "$edge_user" = "$want_user" ]; then echo "ok: edge user"; else
+    echo "FAIL: edge user: '$edge_user', want '$want_user'"
+    fail=$((fail + 1))
+fi
+
+checks=9
 echo "$((checks - fail)) passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -29,6 +29,7 @@ cm_dump_topic "$CM_TOPIC" "$DUMP"
 cm_log "generated and dumped: $("$CM_PY" "$HERE/cmtool.py" dump-summary "$DUMP")"
 
 t=$SECONDS
+# shellcheck disable=SC2119 # no extra flags
 cm_daemon_start
 caught_up() {
     cm_daemon_alive || cm_die "clickmartd exited before SIGTERM (see $CM_DAEMON_LOG)"
