@@ -3,7 +3,8 @@
 
     compare.py --dump FILE --pg CONNINFO [--schema clickmart] [--topic clickmart.events]
                [--now-ms MS] [--allowed-lateness-ms N] [--session-gap-ms N]
-               [--max-future-ms N] [--max-event-bytes N] [--tables a,b,...]
+               [--max-future-ms N] [--max-event-bytes N] [--max-json-depth N]
+               [--tables a,b,...]
 
 Recomputes sessions, users, funnel_daily, partitions and rejected_events from the kcat
 dump of the topic, reads the same tables with psql in a canonical form (timestamps as
