@@ -500,7 +500,16 @@ static int kset_add(kset_t *s, const uint8_t *k, size_t n)
 /* ---------------------------------------------------------------------- */
 /* The aggregator.                                                         */
 
-enum { TAG_SESSION = 'S', TAG_DELETE = 'D', TAG_USER = 'U', TAG_FUNNEL = 'F' };
+enum {
+    TAG_SESSION = 'S',
+    TAG_DELETE = 'D',
+    TAG_USER = 'U',
+    TAG_FUNNEL = 'F',
+    TAG_PRODUCT = 'P',
+    TAG_PAIR = 'A',
+    TAG_BASKET = 'B',
+    TAG_COHORT = 'C'
+};
 
 struct agg {
     st_env_t *env;
@@ -948,6 +957,193 @@ static int apply_user(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition
     return mark_dirty(a, TAG_USER, uk, ukn);
 }
 
+/* ---- products, baskets and cohorts (CONTRACT §3 cohort_retention, §4) ---- */
+
+/* Add delta[0..n) to the int64 counters stored under k; a row whose counters
+ * all reach zero leaves the state (its Postgres row is then deleted). */
+static int add_counters(agg_t *a, enum st_db db, uint8_t tag, const uint8_t *k, size_t kn,
+                        const int64_t *delta, int n)
+{
+    int64_t v[8] = {0};
+    st_val_t cur;
+    int r = st_get(a->txn, a->env, db, k, kn, &cur);
+    if (r == 0 && cur.n == (size_t)n * 8)
+        memcpy(v, cur.p, cur.n);
+    else if (r != 0 && r != ST_ENOTFOUND)
+        return r;
+    int zero = 1;
+    for (int i = 0; i < n; i++) {
+        /* Saturate instead of overflowing on absurd but valid inputs
+         * (1e6 units at 1e12 each): never undefined behaviour. */
+        if (__builtin_add_overflow(v[i], delta[i], &v[i]))
+            v[i] = delta[i] > 0 ? INT64_MAX : INT64_MIN;
+        zero &= v[i] == 0;
+    }
+    if (zero)
+        r = st_del(a->txn, a->env, db, k, kn);
+    else
+        r = st_put(a->txn, a->env, db, k, kn, v, (size_t)n * 8);
+    if (r && r != ST_ENOTFOUND)
+        return r;
+    return mark_dirty(a, tag, k, kn);
+}
+
+static size_t str_key(uint8_t *k, const char *s, uint8_t n)
+{
+    k[0] = n;
+    memcpy(k + 1, s, n);
+    return (size_t)n + 1;
+}
+
+static int cmp_bytes(const char *a, size_t an, const char *b, size_t bn)
+{
+    size_t m = an < bn ? an : bn;
+    int c = memcmp(a, b, m);
+    return c ? c : (an < bn ? -1 : an > bn);
+}
+
+static int64_t mul_sat(int64_t a, int64_t b)
+{
+    int64_t r;
+    return __builtin_mul_overflow(a, b, &r) ? INT64_MAX : r;
+}
+
+static int apply_products(agg_t *a, const ing_event_t *ev)
+{
+    int32_t day = (int32_t)day_of(ev->ts);
+    uint8_t k[KEY_MAX];
+    int r;
+    if ((ev->type == ING_ET_PRODUCT_VIEW || ev->type == ING_ET_ADD_TO_CART) &&
+        ev->product_id_len) {
+        be32(k, (uint32_t)day);
+        memcpy(k + 4, ev->product_id, ev->product_id_len);
+        int64_t d[5] = {ev->type == ING_ET_PRODUCT_VIEW, ev->type == ING_ET_ADD_TO_CART, 0, 0, 0};
+        if ((r = add_counters(a, ST_DB_PRODUCT, TAG_PRODUCT, k, 4 + ev->product_id_len, d, 5)))
+            return r;
+    }
+    if (ev->type != ING_ET_PURCHASE || ev->n_items == 0)
+        return 0;
+    /* Sort the items by product id (insertion sort: at most 100) so that a
+     * product repeated in one order counts once and pairs come out as
+     * product_a < product_b byte-wise. */
+    int idx[ING_ITEMS_MAX];
+    int n = ev->n_items;
+    for (int i = 0; i < n; i++) {
+        int j = i;
+        while (j > 0) {
+            const ing_item_t *x = &ev->items[idx[j - 1]], *y = &ev->items[i];
+            if (cmp_bytes(x->product_id, x->product_id_len, y->product_id, y->product_id_len) <= 0)
+                break;
+            idx[j] = idx[j - 1];
+            j--;
+        }
+        idx[j] = i;
+    }
+    int uniq[ING_ITEMS_MAX];
+    int nu = 0;
+    int64_t units_total = 0, rev_total = 0;
+    for (int i = 0; i < n;) {
+        const ing_item_t *it = &ev->items[idx[i]];
+        int64_t units = 0, rev = 0;
+        int j = i;
+        for (; j < n; j++) {
+            const ing_item_t *y = &ev->items[idx[j]];
+            if (cmp_bytes(it->product_id, it->product_id_len, y->product_id, y->product_id_len))
+                break;
+            units += y->quantity;
+            int64_t line = mul_sat(y->quantity, y->price_cents);
+            rev = __builtin_add_overflow(rev, line, &rev) ? INT64_MAX : rev;
+        }
+        uniq[nu++] = idx[i];
+        units_total += units;
+        rev_total = __builtin_add_overflow(rev_total, rev, &rev_total) ? INT64_MAX : rev_total;
+        be32(k, (uint32_t)day);
+        memcpy(k + 4, it->product_id, it->product_id_len);
+        int64_t d[5] = {0, 0, 1, units, rev};
+        if ((r = add_counters(a, ST_DB_PRODUCT, TAG_PRODUCT, k, 4 + it->product_id_len, d, 5)))
+            return r;
+        i = j;
+    }
+    be32(k, (uint32_t)day);
+    int64_t b[3] = {1, units_total, rev_total};
+    if ((r = add_counters(a, ST_DB_BASKET, TAG_BASKET, k, 4, b, 3)))
+        return r;
+    for (int i = 0; i < nu; i++) {
+        const ing_item_t *x = &ev->items[uniq[i]];
+        for (int j = i + 1; j < nu; j++) {
+            const ing_item_t *y = &ev->items[uniq[j]];
+            size_t kn = str_key(k, x->product_id, x->product_id_len);
+            kn += str_key(k + kn, y->product_id, y->product_id_len);
+            int64_t one = 1;
+            if ((r = add_counters(a, ST_DB_PAIRS, TAG_PAIR, k, kn, &one, 1)))
+                return r;
+        }
+    }
+    return 0;
+}
+
+/* The ISO week of a ms as the day number of its Monday (1970-01-01 was a
+ * Thursday, so day 0 is 3 days after a Monday). */
+static int32_t week_of(int64_t ts)
+{
+    int64_t d = day_of(ts);
+    int64_t dow = ((d + 3) % 7 + 7) % 7;
+    return (int32_t)(d - dow);
+}
+
+static int cohort_add(agg_t *a, int32_t cohort, int32_t week, int64_t delta)
+{
+    uint8_t k[8];
+    be32(k, (uint32_t)cohort);
+    be32(k + 4, (uint32_t)((week - cohort) / 7));
+    return add_counters(a, ST_DB_COHORT, TAG_COHORT, k, 8, &delta, 1);
+}
+
+/* A user's cohort is the week of their first event; when a late event opens
+ * an earlier week, every week the user was active in moves to the new
+ * cohort (bounded by the user's active weeks, not their events). */
+static int apply_cohort(agg_t *a, const uint8_t *uk, size_t ukn, const ing_event_t *ev)
+{
+    int32_t w = week_of(ev->ts);
+    st_val_t v;
+    int r = st_get(a->txn, a->env, ST_DB_UWEEKS, uk, ukn, &v);
+    if (r != 0 && r != ST_ENOTFOUND)
+        return r;
+    size_t n = r == 0 ? v.n / 4 : 0;
+    int32_t *weeks = malloc((n + 1) * sizeof *weeks);
+    if (!weeks)
+        return AGG_ENOMEM;
+    if (n)
+        memcpy(weeks, v.p, n * 4);
+    size_t pos = 0;
+    while (pos < n && weeks[pos] < w)
+        pos++;
+    if (pos < n && weeks[pos] == w) {
+        free(weeks);
+        return 0;
+    }
+    r = 0;
+    if (n == 0) {
+        r = cohort_add(a, w, w, 1);
+    } else if (pos > 0) {
+        r = cohort_add(a, weeks[0], w, 1);
+    } else {
+        for (size_t i = 0; r == 0 && i < n; i++)
+            r = cohort_add(a, weeks[0], weeks[i], -1);
+        for (size_t i = 0; r == 0 && i < n; i++)
+            r = cohort_add(a, w, weeks[i], 1);
+        if (r == 0)
+            r = cohort_add(a, w, w, 1);
+    }
+    if (r == 0) {
+        memmove(weeks + pos + 1, weeks + pos, (n - pos) * sizeof *weeks);
+        weeks[pos] = w;
+        r = st_put(a->txn, a->env, ST_DB_UWEEKS, uk, ukn, weeks, (n + 1) * 4);
+    }
+    free(weeks);
+    return r;
+}
+
 /* ---- events and rejects ---- */
 
 static int store_reject(agg_t *a, int32_t partition, int64_t offset, ing_reason_t reason,
@@ -1024,6 +1220,8 @@ int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event
         if ((r = apply_session(a, uk, ukn, partition, ev, &session_delta)))
             return r;
         if ((r = apply_user(a, uk, ukn, partition, ev, session_delta)))
+            return r;
+        if ((r = apply_products(a, ev)) || (r = apply_cohort(a, uk, ukn, ev)))
             return r;
     }
     p->accepted++;
@@ -1248,8 +1446,38 @@ struct agg_flush {
     size_t n_keys, cap_keys;
     uint8_t (*reject_keys)[12];
     size_t n_reject_keys, cap_reject_keys;
+    /* Generic tables: rows to upsert and keys to delete, per table. */
+    struct gen_list {
+        snk_val_t *vals, *del;
+        size_t n, cap, n_del, cap_del;
+    } gen[SNK_TABLE__COUNT];
     snk_batch_t batch;
 };
+
+/* Room for one more generic row (or delete key) of table t; NULL without memory. */
+static snk_val_t *gen_row(agg_flush_t *f, enum snk_table t, int del)
+{
+    struct gen_list *g = &f->gen[t];
+    size_t w = (size_t)(del ? snk_table_nkey(t) : snk_table_ncols(t));
+    snk_val_t **arr = del ? &g->del : &g->vals;
+    size_t *n = del ? &g->n_del : &g->n, *cap = del ? &g->cap_del : &g->cap;
+    if (*n == *cap) {
+        size_t nc = *cap ? *cap * 2 : 256;
+        snk_val_t *np = realloc(*arr, nc * w * sizeof *np);
+        if (!np)
+            return NULL;
+        *arr = np;
+        *cap = nc;
+    }
+    snk_val_t *row = *arr + (*n)++ * w;
+    memset(row, 0, w * sizeof *row);
+    return row;
+}
+
+static void v_int(snk_val_t *v, int64_t i)
+{
+    v->i = i;
+}
 
 static void *arena_alloc(agg_flush_t *f, size_t n)
 {
@@ -1346,6 +1574,57 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t
         if (!row->user_id || !row->device || !row->country)
             return AGG_ENOMEM;
         f->n_users++;
+    } else if (tag == TAG_PRODUCT || tag == TAG_PAIR || tag == TAG_BASKET || tag == TAG_COHORT) {
+        enum st_db db = tag == TAG_PRODUCT  ? ST_DB_PRODUCT
+                        : tag == TAG_PAIR   ? ST_DB_PAIRS
+                        : tag == TAG_BASKET ? ST_DB_BASKET
+                                            : ST_DB_COHORT;
+        enum snk_table t = tag == TAG_PRODUCT  ? SNK_PRODUCT_DAILY
+                           : tag == TAG_PAIR   ? SNK_PRODUCT_PAIRS
+                           : tag == TAG_BASKET ? SNK_BASKET_DAILY
+                                               : SNK_COHORT_RETENTION;
+        int64_t c[8] = {0};
+        r = st_get(txn, a->env, db, rk, rkn, &v);
+        if (r != 0 && r != ST_ENOTFOUND)
+            return r;
+        int found = r == 0 && v.n <= sizeof c;
+        if (found)
+            memcpy(c, v.p, v.n);
+        snk_val_t *row = gen_row(f, t, !found);
+        if (!row)
+            return AGG_ENOMEM;
+        /* The key columns come first, then the counters. */
+        int nk = 0;
+        if (tag == TAG_PAIR) {
+            if (rkn < 2 || (size_t)rk[0] + 2 > rkn || (size_t)rk[0] + 2 + rk[rk[0] + 1] > rkn)
+                return AGG_ESTATE;
+            row[0].s = arena_str(f, rk + 1, rk[0]);
+            row[1].s = arena_str(f, rk + 2 + rk[0], rk[rk[0] + 1]);
+            if (!row[0].s || !row[1].s)
+                return AGG_ENOMEM;
+            nk = 2;
+        } else {
+            if (rkn < 4)
+                return AGG_ESTATE;
+            v_int(&row[0], (int32_t)rd_be32(rk));
+            nk = 1;
+            if (tag == TAG_PRODUCT) {
+                row[1].s = arena_str(f, rk + 4, rkn - 4);
+                if (!row[1].s)
+                    return AGG_ENOMEM;
+                nk = 2;
+            } else if (tag == TAG_COHORT) {
+                if (rkn < 8)
+                    return AGG_ESTATE;
+                v_int(&row[1], (int32_t)rd_be32(rk + 4));
+                nk = 2;
+            }
+        }
+        if (found) {
+            int w = snk_table_ncols(t);
+            for (int i = nk; i < w; i++)
+                v_int(&row[i], c[i - nk]);
+        }
     } else if (tag == TAG_FUNNEL) {
         int64_t c[F_N] = {0};
         r = st_get(txn, a->env, ST_DB_FUNNEL, rk, rkn, &v);
@@ -1497,6 +1776,12 @@ int agg_flush_collect(agg_t *a, agg_flush_t **out)
     b->n_partitions = f->n_parts;
     b->rejects = f->rejects;
     b->n_rejects = f->n_rejects;
+    for (int t = 0; t < SNK_TABLE__COUNT; t++) {
+        b->gen[t].vals = f->gen[t].vals;
+        b->gen[t].n = f->gen[t].n;
+        b->gen[t].del_keys = f->gen[t].del;
+        b->gen[t].n_del = f->gen[t].n_del;
+    }
     *out = f;
     return 0;
 }
@@ -1508,7 +1793,10 @@ const snk_batch_t *agg_flush_batch(const agg_flush_t *f)
 
 size_t agg_flush_rows(const agg_flush_t *f)
 {
-    return f->n_sessions + f->n_deleted + f->n_users + f->n_funnel + f->n_rejects + f->n_parts;
+    size_t n = f->n_sessions + f->n_deleted + f->n_users + f->n_funnel + f->n_rejects + f->n_parts;
+    for (int t = 0; t < SNK_TABLE__COUNT; t++)
+        n += f->gen[t].n + f->gen[t].n_del;
+    return n;
 }
 
 int agg_flush_done(agg_t *a, agg_flush_t *f)
@@ -1568,6 +1856,10 @@ void agg_flush_free(agg_flush_t *f)
     free(f->rejects);
     free(f->keys);
     free(f->reject_keys);
+    for (int t = 0; t < SNK_TABLE__COUNT; t++) {
+        free(f->gen[t].vals);
+        free(f->gen[t].del);
+    }
     free(f);
 }
 

@@ -578,6 +578,63 @@ static int row_reject(sbuf_t *b, const void *rows, size_t i)
     return 1;
 }
 
+/* A generic list: its table's column types and its values. */
+typedef struct gen_rows {
+    const char *types;
+    size_t ncols;
+    const snk_val_t *vals;
+} gen_rows_t;
+
+static void gen_value(sbuf_t *b, char type, const snk_val_t *v, char sep)
+{
+    if (v->null) {
+        f_null(b, sep);
+        return;
+    }
+    switch (type) {
+    case 't':
+        f_text(b, v->s, sep);
+        break;
+    case 's':
+        f_ts(b, v->i, sep);
+        break;
+    case 'd':
+        f_day(b, v->i, sep);
+        break;
+    case 'm':
+        f_cents(b, v->i, sep);
+        break;
+    case 'b':
+        sb_puts(b, v->i ? "t" : "f");
+        sb_putc(b, sep);
+        break;
+    case 'f': {
+        /* %.17g round-trips a double; NaN and infinities never reach SQL. */
+        if (v->f != v->f || v->f > 1.7976931348623157e308 || v->f < -1.7976931348623157e308) {
+            f_null(b, sep);
+            break;
+        }
+        char tmp[40];
+        int n = snprintf(tmp, sizeof tmp, "%.17g", v->f);
+        sb_put(b, tmp, (size_t)n);
+        sb_putc(b, sep);
+        break;
+    }
+    default:
+        f_i64(b, v->i, sep);
+        break;
+    }
+}
+
+static int row_generic(sbuf_t *b, const void *rows, size_t i)
+{
+    const gen_rows_t *g = rows;
+    const snk_val_t *v = g->vals + i * g->ncols;
+    for (size_t k = 0; k < g->ncols; k++)
+        gen_value(b, g->types[k], &v[k], k + 1 == g->ncols ? '\n' : '\t');
+    return 1;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Tables                                                                   */
 /* ------------------------------------------------------------------------ */
@@ -601,6 +658,8 @@ typedef struct table_spec {
     size_t ncols, nkey;
     apply_kind_t kind;
     const char *extra_col, *extra_expr;
+    /* Generic tables only: one type letter per column (see gen_value). */
+    const char *types;
 } table_spec_t;
 
 static const char *const SESSION_COLS[] = {
@@ -631,6 +690,32 @@ static const char *const REJECT_COLS[] = {"topic",  "partition", "kafka_offset",
 
 #define NCOLS(a) (sizeof(a) / sizeof((a)[0]))
 
+/* Generic tables (snk_rows_t). Type letters: t text, i integer, s timestamp
+ * from ms, d date from days, m money from cents, b boolean, f double. */
+static const char *const PRODUCT_DAILY_COLS[] = {"day",    "product_id", "views",  "add_to_carts",
+                                                 "orders", "units",      "revenue"};
+static const char *const PRODUCT_PAIRS_COLS[] = {"product_a", "product_b", "orders"};
+static const char *const BASKET_DAILY_COLS[] = {"day", "orders_with_items", "units", "revenue"};
+static const char *const COHORT_COLS[] = {"cohort_week", "week_offset", "users"};
+static const char *const EXPOSURE_COLS[] = {"experiment",  "user_id",    "variant",
+                                            "assigned_at", "exposed_at", "excluded"};
+static const char *const OUTCOME_COLS[] = {"experiment", "user_id",       "variant",
+                                           "exposed_at", "converted",     "orders",
+                                           "revenue",    "events",        "added_to_cart",
+                                           "reached_checkout"};
+static const char *const EXPERIMENT_COLS[] = {
+    "experiment", "control_variant", "variants", "users",  "excluded_users", "srm_chi2",
+    "srm_p",      "srm_detected",    "chi2",     "chi2_p", "window_days"};
+static const char *const RESULT_COLS[] = {
+    "experiment",     "variant",     "users",       "converters",   "conversion_rate",
+    "orders",         "revenue",     "revenue_per_user", "revenue_sd", "events_per_user",
+    "cart_rate",      "checkout_rate", "is_control", "abs_lift",    "rel_lift",
+    "diff_ci_low",    "diff_ci_high", "rel_ci_low",  "rel_ci_high",  "z",
+    "p_value",        "seq_ci_low",  "seq_ci_high", "seq_p_value",  "chance_to_win",
+    "rpu_diff",       "rpu_ci_low",  "rpu_ci_high", "rpu_p_value"};
+static const char *const REGRESSION_COLS[] = {"experiment", "term",    "coef", "std_err",
+                                              "z",          "p_value", "n"};
+
 /* The order of this array is the order of a flush: the deletes of merged
  * sessions run before the sessions upsert, so a session id that is both
  * deleted and written in one batch ends up present. */
@@ -642,7 +727,9 @@ enum {
     T_FUNNEL,
     T_PARTITIONS,
     T_REJECTS,
-    T__COUNT
+    /* Generic tables: the delete stage of each, then its upsert stage. */
+    T_GEN_FIRST,
+    T__COUNT = T_GEN_FIRST + 2 * SNK_TABLE__COUNT
 };
 
 static const table_spec_t TABLES[T__COUNT] = {
@@ -660,7 +747,36 @@ static const table_spec_t TABLES[T__COUNT] = {
                       APPLY_UPSERT, "flushed_at", "now()"},
     [T_REJECTS] = {"rejected_events", "cm_stage_rejects", REJECT_COLS, NCOLS(REJECT_COLS), 3,
                    APPLY_INSERT_ONLY, NULL, NULL},
+#define GEN(id, tbl, stage, cols, nkey, types)                                                   \
+    [T_GEN_FIRST + 2 * (id)] = {tbl, stage "_del", cols, nkey, nkey, APPLY_DELETE, NULL, NULL,    \
+                                types},                                                           \
+    [T_GEN_FIRST + 2 * (id) + 1] = {tbl, stage, cols, NCOLS(cols), nkey, APPLY_UPSERT, NULL, NULL, \
+                                    types}
+    GEN(SNK_PRODUCT_DAILY, "product_daily", "cm_stage_product_daily", PRODUCT_DAILY_COLS, 2,
+        "dtiiiim"),
+    GEN(SNK_PRODUCT_PAIRS, "product_pairs", "cm_stage_product_pairs", PRODUCT_PAIRS_COLS, 2, "tti"),
+    GEN(SNK_BASKET_DAILY, "basket_daily", "cm_stage_basket_daily", BASKET_DAILY_COLS, 1, "diim"),
+    GEN(SNK_COHORT_RETENTION, "cohort_retention", "cm_stage_cohort", COHORT_COLS, 2, "dii"),
+    GEN(SNK_USER_EXPOSURE, "user_exposure", "cm_stage_user_exposure", EXPOSURE_COLS, 2, "tttssb"),
+    GEN(SNK_USER_OUTCOMES, "user_outcomes", "cm_stage_user_outcomes", OUTCOME_COLS, 2,
+        "tttsbimibb"),
+    GEN(SNK_EXPERIMENTS, "experiments", "cm_stage_experiments", EXPERIMENT_COLS, 1, "ttiiiffbffi"),
+    GEN(SNK_EXPERIMENT_RESULTS, "experiment_results", "cm_stage_experiment_results", RESULT_COLS,
+        2, "ttiifim" "fffff" "b" "ffffffffffffffff"),
+    GEN(SNK_EXPERIMENT_REGRESSION, "experiment_regression", "cm_stage_experiment_regression",
+        REGRESSION_COLS, 2, "ttffffi"),
+#undef GEN
 };
+
+int snk_table_ncols(enum snk_table t)
+{
+    return t < SNK_TABLE__COUNT ? (int)TABLES[T_GEN_FIRST + 2 * t + 1].ncols : -1;
+}
+
+int snk_table_nkey(enum snk_table t)
+{
+    return t < SNK_TABLE__COUNT ? (int)TABLES[T_GEN_FIRST + 2 * t + 1].nkey : -1;
+}
 
 /* ------------------------------------------------------------------------ */
 /* Migrations                                                               */
@@ -748,6 +864,154 @@ static const migration_t MIGRATIONS[] = {
         "  payload      text NOT NULL,"
         "  rejected_at  timestamptz NOT NULL,"
         "  PRIMARY KEY (topic, partition, kafka_offset)"
+        ");"},
+    {2, "CREATE TABLE {S}.product_daily ("
+        "  day          date NOT NULL,"
+        "  product_id   text NOT NULL,"
+        "  views        bigint NOT NULL,"
+        "  add_to_carts bigint NOT NULL,"
+        "  orders       bigint NOT NULL,"
+        "  units        bigint NOT NULL,"
+        "  revenue      numeric(20,2) NOT NULL,"
+        "  PRIMARY KEY (day, product_id)"
+        ");"
+        "CREATE TABLE {S}.product_pairs ("
+        "  product_a text NOT NULL,"
+        "  product_b text NOT NULL,"
+        "  orders    bigint NOT NULL,"
+        "  PRIMARY KEY (product_a, product_b)"
+        ");"
+        "CREATE TABLE {S}.basket_daily ("
+        "  day               date PRIMARY KEY,"
+        "  orders_with_items bigint NOT NULL,"
+        "  units             bigint NOT NULL,"
+        "  revenue           numeric(20,2) NOT NULL"
+        ");"
+        "CREATE TABLE {S}.cohort_retention ("
+        "  cohort_week date NOT NULL,"
+        "  week_offset int NOT NULL,"
+        "  users       bigint NOT NULL,"
+        "  PRIMARY KEY (cohort_week, week_offset)"
+        ");"
+        "CREATE VIEW {S}.product_affinity AS"
+        "  WITH po AS (SELECT product_id, sum(orders) AS orders"
+        "              FROM {S}.product_daily GROUP BY product_id),"
+        "       t AS (SELECT coalesce(sum(orders_with_items), 0) AS total FROM {S}.basket_daily)"
+        "  SELECT p.product_a, p.product_b, p.orders, a.orders AS orders_a, b.orders AS orders_b,"
+        "         t.total AS total_orders,"
+        "         p.orders::float8 / NULLIF(t.total, 0) AS support,"
+        "         p.orders::float8 / NULLIF(a.orders, 0) AS confidence_ab,"
+        "         p.orders::float8 / NULLIF(b.orders, 0) AS confidence_ba,"
+        "         p.orders::float8 * t.total / NULLIF(a.orders * b.orders, 0) AS lift"
+        "  FROM {S}.product_pairs p"
+        "  JOIN po a ON a.product_id = p.product_a"
+        "  JOIN po b ON b.product_id = p.product_b"
+        "  CROSS JOIN t;"
+        "CREATE VIEW {S}.daily_kpis AS"
+        "  SELECT f.day,"
+        "         f.users AS active_users,"
+        "         coalesce(n.new_users, 0) AS new_users,"
+        "         f.users - coalesce(n.new_users, 0) AS returning_users,"
+        "         f.sessions, f.orders, f.revenue,"
+        "         round(f.revenue / NULLIF(f.orders, 0), 2) AS avg_order_value,"
+        "         f.users_purchase::float8 / NULLIF(f.users, 0) AS user_conversion_rate,"
+        "         f.sessions_add_to_cart - f.sessions_purchase AS abandoned_cart_sessions,"
+        "         (f.sessions_add_to_cart - f.sessions_purchase)::float8"
+        "           / NULLIF(f.sessions_add_to_cart, 0) AS cart_abandonment_rate"
+        "  FROM {S}.funnel_daily f"
+        "  LEFT JOIN (SELECT (first_seen AT TIME ZONE 'UTC')::date AS day, count(*) AS new_users"
+        "             FROM {S}.users GROUP BY 1) n ON n.day = f.day"
+        "  WHERE f.device = '*' AND f.country = '*';"
+        "CREATE VIEW {S}.rfm_segments AS"
+        "  WITH ref AS (SELECT max(last_seen) AS at FROM {S}.users),"
+        "  base AS ("
+        "    SELECT u.user_id,"
+        "           floor(extract(epoch FROM (ref.at - u.last_order_at)) / 86400)::int"
+        "             AS recency_days,"
+        "           u.orders AS frequency, u.revenue AS monetary"
+        "    FROM {S}.users u CROSS JOIN ref WHERE u.orders > 0),"
+        "  scored AS ("
+        "    SELECT b.*,"
+        "           ntile(5) OVER (ORDER BY recency_days DESC, user_id) AS r_score,"
+        "           ntile(5) OVER (ORDER BY frequency, user_id) AS f_score,"
+        "           ntile(5) OVER (ORDER BY monetary, user_id) AS m_score"
+        "    FROM base b)"
+        "  SELECT s.*, r_score::text || f_score::text || m_score::text AS rfm,"
+        "         CASE"
+        "           WHEN r_score >= 4 AND f_score >= 4 AND m_score >= 4 THEN 'Champions'"
+        "           WHEN r_score >= 3 AND f_score >= 4 THEN 'Loyal'"
+        "           WHEN r_score >= 4 AND f_score <= 1 THEN 'New Customers'"
+        "           WHEN r_score >= 4 THEN 'Potential Loyalists'"
+        "           WHEN r_score = 3 THEN 'Need Attention'"
+        "           WHEN r_score <= 2 AND f_score >= 4 THEN 'At Risk'"
+        "           WHEN r_score = 2 THEN 'Hibernating'"
+        "           ELSE 'Lost'"
+        "         END AS segment"
+        "  FROM scored s;"},
+    {3, "CREATE TABLE {S}.user_exposure ("
+        "  experiment  text NOT NULL,"
+        "  user_id     text NOT NULL,"
+        "  variant     text NOT NULL,"
+        "  assigned_at timestamptz NOT NULL,"
+        "  exposed_at  timestamptz,"
+        "  excluded    boolean NOT NULL,"
+        "  PRIMARY KEY (experiment, user_id)"
+        ");"
+        "CREATE TABLE {S}.user_outcomes ("
+        "  experiment       text NOT NULL,"
+        "  user_id          text NOT NULL,"
+        "  variant          text NOT NULL,"
+        "  exposed_at       timestamptz NOT NULL,"
+        "  converted        boolean NOT NULL,"
+        "  orders           bigint NOT NULL,"
+        "  revenue          numeric(20,2) NOT NULL,"
+        "  events           bigint NOT NULL,"
+        "  added_to_cart    boolean NOT NULL,"
+        "  reached_checkout boolean NOT NULL,"
+        "  PRIMARY KEY (experiment, user_id)"
+        ");"
+        "CREATE TABLE {S}.experiments ("
+        "  experiment      text PRIMARY KEY,"
+        "  control_variant text NOT NULL,"
+        "  variants        int NOT NULL,"
+        "  users           bigint NOT NULL,"
+        "  excluded_users  bigint NOT NULL,"
+        "  srm_chi2        float8,"
+        "  srm_p           float8,"
+        "  srm_detected    boolean,"
+        "  chi2            float8,"
+        "  chi2_p          float8,"
+        "  window_days     int NOT NULL"
+        ");"
+        "CREATE TABLE {S}.experiment_results ("
+        "  experiment       text NOT NULL,"
+        "  variant          text NOT NULL,"
+        "  users            bigint NOT NULL,"
+        "  converters       bigint NOT NULL,"
+        "  conversion_rate  float8,"
+        "  orders           bigint NOT NULL,"
+        "  revenue          numeric(20,2) NOT NULL,"
+        "  revenue_per_user float8,"
+        "  revenue_sd       float8,"
+        "  events_per_user  float8,"
+        "  cart_rate        float8,"
+        "  checkout_rate    float8,"
+        "  is_control       boolean NOT NULL,"
+        "  abs_lift float8, rel_lift float8, diff_ci_low float8, diff_ci_high float8,"
+        "  rel_ci_low float8, rel_ci_high float8, z float8, p_value float8,"
+        "  seq_ci_low float8, seq_ci_high float8, seq_p_value float8, chance_to_win float8,"
+        "  rpu_diff float8, rpu_ci_low float8, rpu_ci_high float8, rpu_p_value float8,"
+        "  PRIMARY KEY (experiment, variant)"
+        ");"
+        "CREATE TABLE {S}.experiment_regression ("
+        "  experiment text NOT NULL,"
+        "  term       text NOT NULL,"
+        "  coef       float8,"
+        "  std_err    float8,"
+        "  z          float8,"
+        "  p_value    float8,"
+        "  n          bigint NOT NULL,"
+        "  PRIMARY KEY (experiment, term)"
         ");"},
 };
 
@@ -1437,8 +1701,16 @@ int snk_flush(snk_conn_t *c, const snk_batch_t *b)
         set_err(c, "snk_flush", "a batch list has rows but no array");
         return SNK_EINVAL;
     }
+    size_t n_gen = 0;
+    for (int g = 0; g < SNK_TABLE__COUNT; g++) {
+        if ((b->gen[g].n && !b->gen[g].vals) || (b->gen[g].n_del && !b->gen[g].del_keys)) {
+            set_err(c, "snk_flush", "a batch list has rows but no array");
+            return SNK_EINVAL;
+        }
+        n_gen += b->gen[g].n + b->gen[g].n_del;
+    }
     if (b->n_sessions + b->n_deleted_sessions + b->n_users + b->n_funnel + b->n_partitions +
-            b->n_rejects ==
+            b->n_rejects + n_gen ==
         0)
         return 0;
 
@@ -1465,6 +1737,15 @@ int snk_flush(snk_conn_t *c, const snk_batch_t *b)
         rc = stage_apply(c, T_PARTITIONS, b->partitions, b->n_partitions, row_partition);
     if (rc == 0)
         rc = stage_apply(c, T_REJECTS, b->rejects, b->n_rejects, row_reject);
+    for (int g = 0; rc == 0 && g < SNK_TABLE__COUNT; g++) {
+        const table_spec_t *td = &TABLES[T_GEN_FIRST + 2 * g];
+        const table_spec_t *tu = &TABLES[T_GEN_FIRST + 2 * g + 1];
+        gen_rows_t del = {td->types, td->nkey, b->gen[g].del_keys};
+        gen_rows_t up = {tu->types, tu->ncols, b->gen[g].vals};
+        rc = stage_apply(c, T_GEN_FIRST + 2 * g, &del, b->gen[g].n_del, row_generic);
+        if (rc == 0)
+            rc = stage_apply(c, T_GEN_FIRST + 2 * g + 1, &up, b->gen[g].n, row_generic);
+    }
     if (rc == 0)
         rc = commit(c);
     if (rc < 0) {

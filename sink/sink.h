@@ -68,6 +68,49 @@ typedef struct snk_reject_row {
     int64_t rejected_at; /* ms */
 } snk_reject_row_t;
 
+/*
+ * The later marts share one generic row shape: an array of values, one per
+ * column in the order docs/schema.md lists them. Which member of a value is
+ * read depends on the column's type: text reads s; integers, counts,
+ * timestamps (ms), days (days since 1970-01-01), money (cents) and booleans
+ * read i; floating-point statistics read f. null = 1 writes SQL NULL (a NaN
+ * or infinite f is written as NULL too, never as NaN).
+ */
+typedef struct snk_val {
+    int64_t i;
+    double f;
+    const char *s;
+    int null;
+} snk_val_t;
+
+enum snk_table {
+    SNK_PRODUCT_DAILY = 0,   /* day, product_id | views, add_to_carts, orders, units, revenue */
+    SNK_PRODUCT_PAIRS,       /* product_a, product_b | orders */
+    SNK_BASKET_DAILY,        /* day | orders_with_items, units, revenue */
+    SNK_COHORT_RETENTION,    /* cohort_week, week_offset | users */
+    SNK_USER_EXPOSURE,       /* experiment, user_id | variant, assigned_at, exposed_at, excluded */
+    SNK_USER_OUTCOMES,       /* experiment, user_id | variant, exposed_at, converted, orders,
+                                revenue, events, added_to_cart, reached_checkout */
+    SNK_EXPERIMENTS,         /* experiment | control_variant, variants, users, excluded_users,
+                                srm_chi2, srm_p, srm_detected, chi2, chi2_p, window_days */
+    SNK_EXPERIMENT_RESULTS,  /* experiment, variant | users ... rpu_p_value (docs/schema.md) */
+    SNK_EXPERIMENT_REGRESSION, /* experiment, term | coef, std_err, z, p_value, n */
+    SNK_TABLE__COUNT
+};
+
+/* Rows of one generic table: n rows of ncols values to upsert, and n_del
+ * keys (nkey values each) whose rows are deleted before the upsert. */
+typedef struct snk_rows {
+    const snk_val_t *vals;
+    size_t n;
+    const snk_val_t *del_keys;
+    size_t n_del;
+} snk_rows_t;
+
+/* Number of columns and of key columns of a generic table. */
+int snk_table_ncols(enum snk_table t);
+int snk_table_nkey(enum snk_table t);
+
 /* Everything one flush writes. The sink reads the arrays, never keeps them. */
 typedef struct snk_batch {
     const snk_session_row_t *sessions;
@@ -82,6 +125,7 @@ typedef struct snk_batch {
     size_t n_partitions;
     const snk_reject_row_t *rejects;
     size_t n_rejects;
+    snk_rows_t gen[SNK_TABLE__COUNT];
 } snk_batch_t;
 
 /*

@@ -18,7 +18,8 @@
 #define ST_LAYOUT_VERSION 1
 
 static const char *const db_names[ST_DB__COUNT] = {
-    "meta", "dedup", "sessions", "users", "ustage", "funnel", "dirty", "rejects",
+    "meta",    "dedup", "sessions", "users",  "ustage", "funnel",
+    "dirty",   "rejects", "product", "pairs", "basket", "uweeks", "cohort",
 };
 
 struct st_env {

@@ -33,6 +33,11 @@ enum st_db {
     ST_DB_FUNNEL,   /* (day, device, country) -> funnel_daily counters */
     ST_DB_DIRTY,    /* (tag, row key) -> sequence of the batch that last changed it */
     ST_DB_REJECTS,  /* (partition, offset) -> rejected message awaiting flush */
+    ST_DB_PRODUCT,  /* (day, product_id) -> product_daily counters */
+    ST_DB_PAIRS,    /* (product_a, product_b) -> orders holding both */
+    ST_DB_BASKET,   /* day -> orders with items, units, revenue */
+    ST_DB_UWEEKS,   /* user -> sorted weeks with a clickstream event */
+    ST_DB_COHORT,   /* (cohort week, week offset) -> users */
     ST_DB__COUNT
 };
 

@@ -138,6 +138,77 @@ static void apply_flush(const snk_batch_t *b)
     }
 }
 
+
+/* ---- generic tables (products, pairs, baskets, cohorts) ---- */
+typedef struct grow_ {
+    int table;
+    char key[300];
+    int64_t v[8];
+    int live;
+} grow_t;
+static grow_t gtab[20000];
+static int n_gtab;
+
+static void gkey(char *out, size_t cap, int table, const snk_val_t *v, int nkey)
+{
+    int n = snprintf(out, cap, "%d", table);
+    for (int k = 0; k < nkey; k++)
+        n += snprintf(out + n, cap - (size_t)n, "|%s", v[k].s ? v[k].s : "");
+    for (int k = 0; k < nkey; k++)
+        if (!v[k].s)
+            n += snprintf(out + n, cap - (size_t)n, "#%lld", (long long)v[k].i);
+}
+
+static grow_t *gfind(int table, const snk_val_t *v, int nkey, int create)
+{
+    char key[300];
+    gkey(key, sizeof key, table, v, nkey);
+    for (int i = 0; i < n_gtab; i++)
+        if (gtab[i].table == table && !strcmp(gtab[i].key, key))
+            return &gtab[i];
+    if (!create)
+        return NULL;
+    grow_t *g = &gtab[n_gtab++];
+    memset(g, 0, sizeof *g);
+    g->table = table;
+    snprintf(g->key, sizeof g->key, "%s", key);
+    return g;
+}
+
+static void apply_gen(const snk_batch_t *b)
+{
+    for (int t = 0; t < SNK_TABLE__COUNT; t++) {
+        int nc = snk_table_ncols(t), nk = snk_table_nkey(t);
+        for (size_t i = 0; i < b->gen[t].n_del; i++) {
+            grow_t *g = gfind(t, b->gen[t].del_keys + i * (size_t)nk, nk, 0);
+            if (g)
+                g->live = 0;
+        }
+        for (size_t i = 0; i < b->gen[t].n; i++) {
+            const snk_val_t *row = b->gen[t].vals + i * (size_t)nc;
+            grow_t *g = gfind(t, row, nk, 1);
+            for (int k = nk; k < nc && k - nk < 8; k++)
+                g->v[k - nk] = row[k].i;
+            g->live = 1;
+        }
+    }
+}
+
+static int64_t gget(int table, const char *k1, int64_t i1, const char *k2, int64_t i2, int col)
+{
+    snk_val_t key[2] = {{i1, 0, k1, 0}, {i2, 0, k2, 0}};
+    grow_t *g = gfind(table, key, snk_table_nkey(table), 0);
+    return g && g->live ? g->v[col] : 0;
+}
+
+static int glive(int table)
+{
+    int n = 0;
+    for (int i = 0; i < n_gtab; i++)
+        n += gtab[i].table == table && gtab[i].live;
+    return n;
+}
+
 /* ---- naive recompute ---- */
 static int cmp_ev(const void *a, const void *b)
 {
@@ -357,6 +428,7 @@ static void flush(agg_t *a)
     agg_flush_t *f;
     assert_int_equal(agg_flush_collect(a, &f), 0);
     apply_flush(agg_flush_batch(f));
+    apply_gen(agg_flush_batch(f));
     assert_int_equal(agg_flush_done(a, f), 0);
     agg_flush_free(f);
 }
@@ -576,6 +648,211 @@ static void test_compaction_drops_final_state(void **state)
     assert_int_equal(system(cmd), 0);
 }
 
+
+static agg_t *open_fresh(char *dir, st_env_t **env, int64_t lateness)
+{
+    assert_non_null(mkdtemp(dir));
+    assert_int_equal(st_open(dir, 64 << 20, ST_SYNC_NONE, env), 0);
+    agg_t *a;
+    agg_conf_t conf = {"t", GAP, lateness, 0};
+    assert_int_equal(agg_open(*env, &conf, &a), 0);
+    n_sess_tab = n_user_tab = n_fun_tab = n_gtab = 0;
+    return a;
+}
+
+static void close_fresh(agg_t *a, st_env_t *env, const char *dir)
+{
+    agg_close(a);
+    st_close(env);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+static void add_item(ing_event_t *e, const char *pid, int64_t qty, int64_t price_cents)
+{
+    ing_item_t *it = &e->items[e->n_items++];
+    it->product_id_len = (uint8_t)strlen(pid);
+    memcpy(it->product_id, pid, it->product_id_len + 1);
+    it->quantity = qty;
+    it->price_cents = price_cents;
+}
+
+static void test_basket_pairs_repeated_products(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    st_env_t *env;
+    agg_t *a = open_fresh(dir, &env, 2 * DAY);
+    int64_t t0 = 1700000000000LL; /* 2023-11-14 */
+    ing_event_t *e = calloc(1, sizeof *e);
+    tev_t t = {0};
+    snprintf(t.eid, sizeof t.eid, "o1");
+    snprintf(t.uid, sizeof t.uid, "u");
+    t.ts = t0;
+    t.type = ING_ET_PURCHASE;
+    t.cents = 900;
+    to_ing(&t, e);
+    /* p2 twice in one order: one order, four units; pairs byte-ordered. */
+    add_item(e, "p2", 1, 100);
+    add_item(e, "p1", 2, 250);
+    add_item(e, "p2", 3, 100);
+    add_item(e, "p10", 1, 0);
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(agg_apply_event(a, 0, 0, e, "", 0, 0), 0);
+    /* A product view and a cart of p1 on the same day, one view without product. */
+    tev_t v = t;
+    snprintf(v.eid, sizeof v.eid, "v1");
+    v.type = ING_ET_PRODUCT_VIEW;
+    v.cents = 0;
+    to_ing(&v, e);
+    memcpy(e->product_id, "p1", 3);
+    e->product_id_len = 2;
+    assert_int_equal(agg_apply_event(a, 0, 1, e, "", 0, 0), 0);
+    snprintf(v.eid, sizeof v.eid, "c1");
+    v.type = ING_ET_ADD_TO_CART;
+    to_ing(&v, e);
+    memcpy(e->product_id, "p1", 3);
+    e->product_id_len = 2;
+    assert_int_equal(agg_apply_event(a, 0, 2, e, "", 0, 0), 0);
+    snprintf(v.eid, sizeof v.eid, "v2");
+    v.type = ING_ET_PRODUCT_VIEW;
+    to_ing(&v, e);
+    assert_int_equal(agg_apply_event(a, 0, 3, e, "", 0, 0), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush(a);
+    int64_t day = t0 / DAY;
+    /* product_daily: views, add_to_carts, orders, units, revenue */
+    assert_int_equal(gget(SNK_PRODUCT_DAILY, NULL, day, "p1", 0, 0), 1);
+    assert_int_equal(gget(SNK_PRODUCT_DAILY, NULL, day, "p1", 0, 1), 1);
+    assert_int_equal(gget(SNK_PRODUCT_DAILY, NULL, day, "p1", 0, 2), 1);
+    assert_int_equal(gget(SNK_PRODUCT_DAILY, NULL, day, "p1", 0, 3), 2);
+    assert_int_equal(gget(SNK_PRODUCT_DAILY, NULL, day, "p1", 0, 4), 500);
+    assert_int_equal(gget(SNK_PRODUCT_DAILY, NULL, day, "p2", 0, 2), 1);
+    assert_int_equal(gget(SNK_PRODUCT_DAILY, NULL, day, "p2", 0, 3), 4);
+    assert_int_equal(gget(SNK_PRODUCT_DAILY, NULL, day, "p2", 0, 4), 400);
+    assert_int_equal(gget(SNK_PRODUCT_DAILY, NULL, day, "p10", 0, 2), 1);
+    assert_int_equal(glive(SNK_PRODUCT_DAILY), 3);
+    /* pairs: "p1" < "p10" < "p2" byte-wise */
+    assert_int_equal(gget(SNK_PRODUCT_PAIRS, "p1", 0, "p10", 0, 0), 1);
+    assert_int_equal(gget(SNK_PRODUCT_PAIRS, "p1", 0, "p2", 0, 0), 1);
+    assert_int_equal(gget(SNK_PRODUCT_PAIRS, "p10", 0, "p2", 0, 0), 1);
+    assert_int_equal(glive(SNK_PRODUCT_PAIRS), 3);
+    /* basket_daily: orders with items, units, revenue */
+    assert_int_equal(gget(SNK_BASKET_DAILY, NULL, day, NULL, 0, 0), 1);
+    assert_int_equal(gget(SNK_BASKET_DAILY, NULL, day, NULL, 0, 1), 7);
+    assert_int_equal(gget(SNK_BASKET_DAILY, NULL, day, NULL, 0, 2), 900);
+    free(e);
+    close_fresh(a, env, dir);
+}
+
+static int64_t monday(int64_t ts)
+{
+    int64_t d = ts / DAY;
+    return d - ((d + 3) % 7);
+}
+
+static void test_cohort_moves_with_late_event(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    st_env_t *env;
+    agg_t *a = open_fresh(dir, &env, 30 * DAY);
+    int64_t w2 = 1700438400000LL; /* Monday 2023-11-20 */
+    assert_int_equal(monday(w2), w2 / DAY);
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 0, "e1", "u", w2 + 3600000, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(apply_one(a, 1, "e2", "u", w2 + 7 * DAY + 5, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(apply_one(a, 2, "x1", "v", w2 + 7 * DAY + 9, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush(a);
+    int64_t c2 = w2 / DAY, c1 = c2 - 7;
+    assert_int_equal(gget(SNK_COHORT_RETENTION, NULL, c2, NULL, 0, 0), 1);
+    assert_int_equal(gget(SNK_COHORT_RETENTION, NULL, c2, NULL, 1, 0), 1);
+    assert_int_equal(gget(SNK_COHORT_RETENTION, NULL, c2 + 7, NULL, 0, 0), 1);
+    assert_int_equal(glive(SNK_COHORT_RETENTION), 3);
+    /* A late event in the week before moves u's cohort one week earlier. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 3, "e0", "u", w2 - 2 * DAY, ING_ET_OTHER), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush(a);
+    assert_int_equal(gget(SNK_COHORT_RETENTION, NULL, c1, NULL, 0, 0), 1);
+    assert_int_equal(gget(SNK_COHORT_RETENTION, NULL, c1, NULL, 1, 0), 1);
+    assert_int_equal(gget(SNK_COHORT_RETENTION, NULL, c1, NULL, 2, 0), 1);
+    /* u left cohort c2; v (cohort c2+7) is untouched. */
+    assert_int_equal(gget(SNK_COHORT_RETENTION, NULL, c2, NULL, 0, 0), 0);
+    assert_int_equal(gget(SNK_COHORT_RETENTION, NULL, c2, NULL, 1, 0), 0);
+    assert_int_equal(gget(SNK_COHORT_RETENTION, NULL, c2 + 7, NULL, 0, 0), 1);
+    assert_int_equal(glive(SNK_COHORT_RETENTION), 4);
+    close_fresh(a, env, dir);
+}
+
+static void test_retention_equals_recompute(void **state)
+{
+    (void)state;
+    for (uint64_t seed = 1; seed <= 10; seed++) {
+        rng = seed * 2654435761u;
+        char dir[] = "/tmp/test_agg_XXXXXX";
+        st_env_t *env;
+        agg_t *a = open_fresh(dir, &env, 1000 * DAY);
+        static tev_t evs[600];
+        int n = 600, users = 12;
+        int64_t base = 1700000000000LL;
+        for (int i = 0; i < n; i++) {
+            memset(&evs[i], 0, sizeof evs[i]);
+            snprintf(evs[i].eid, sizeof evs[i].eid, "r%d", i);
+            snprintf(evs[i].uid, sizeof evs[i].uid, "u%d", (int)(rnd() % (uint64_t)users));
+            evs[i].ts = base + (int64_t)(rnd() % (70 * 24)) * 3600000;
+            evs[i].type = ING_ET_PAGE_VIEW;
+        }
+        int64_t off = 0;
+        for (int i = 0; i < n;) {
+            assert_int_equal(agg_batch_begin(a), 0);
+            for (int j = 0; j < 25 && i < n; j++, i++)
+                assert_int_equal(apply_one(a, off++, evs[i].eid, evs[i].uid, evs[i].ts,
+                                           evs[i].type),
+                                 0);
+            assert_int_equal(agg_batch_commit(a), 0);
+            if (rnd() % 3 == 0)
+                flush(a);
+        }
+        flush(a);
+        int rows = 0;
+        /* Count expected users per (cohort, offset) across users. */
+        for (int i = 0; i < n_gtab; i++) {
+            grow_t *g = &gtab[i];
+            if (g->table != SNK_COHORT_RETENTION || !g->live)
+                continue;
+            rows++;
+        }
+        int expect_rows = 0;
+        for (int64_t c = monday(base) - 7; c <= monday(base) + 77; c += 7) {
+            for (int64_t k = 0; k < 13; k++) {
+                int64_t cnt = 0;
+                for (int u = 0; u < users; u++) {
+                    char uid[8];
+                    snprintf(uid, sizeof uid, "u%d", u);
+                    int64_t first = INT64_MAX;
+                    int act = 0;
+                    for (int i = 0; i < n; i++)
+                        if (!strcmp(evs[i].uid, uid) && monday(evs[i].ts) < first)
+                            first = monday(evs[i].ts);
+                    if (first != c)
+                        continue;
+                    for (int i = 0; i < n; i++)
+                        if (!strcmp(evs[i].uid, uid) && monday(evs[i].ts) == c + 7 * k)
+                            act = 1;
+                    cnt += act;
+                }
+                assert_int_equal(gget(SNK_COHORT_RETENTION, NULL, c, NULL, k, 0), cnt);
+                expect_rows += cnt > 0;
+            }
+        }
+        assert_int_equal(rows, expect_rows);
+        close_fresh(a, env, dir);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -585,6 +862,9 @@ int main(void)
         cmocka_unit_test(test_many_users_big),
         cmocka_unit_test(test_compaction_keeps_results),
         cmocka_unit_test(test_compaction_drops_final_state),
+        cmocka_unit_test(test_basket_pairs_repeated_products),
+        cmocka_unit_test(test_cohort_moves_with_late_event),
+        cmocka_unit_test(test_retention_equals_recompute),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
