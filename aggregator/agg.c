@@ -12,10 +12,12 @@
  */
 #include "aggregator/agg.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <xxhash.h>
 
+#include "aggregator/stats.h"
 #include "daemon/util.h"
 
 #define DAY_MS 86400000LL
@@ -508,8 +510,22 @@ enum {
     TAG_PRODUCT = 'P',
     TAG_PAIR = 'A',
     TAG_BASKET = 'B',
-    TAG_COHORT = 'C'
+    TAG_COHORT = 'C',
+    TAG_EXPOSURE = 'E',  /* user_exposure and user_outcomes rows of (user, experiment) */
+    TAG_EXPERIMENT = 'X', /* experiments and experiment_results rows */
+    TAG_REGRESSION = 'G'  /* experiment_regression rows, refitted on the stats interval */
 };
+
+/* One experiment's settings, copied from agg_conf_t. */
+typedef struct xconf {
+    char *name;
+    char *control;
+    int n_weights;
+    char **weight_names;
+    double *weights;
+    char *exposure;
+    int window_days;
+} xconf_t;
 
 struct agg {
     st_env_t *env;
@@ -523,8 +539,15 @@ struct agg {
     kset_t dirty;
     /* Where the compactor stopped in each database, so that every batch
      * examines a bounded slice and the whole state is covered in turn. */
-    uint8_t sweep_key[3][KEY_MAX];
-    size_t sweep_len[3];
+    uint8_t sweep_key[4][KEY_MAX];
+    size_t sweep_len[4];
+    /* Experiment settings (read-only after agg_open, so the flush thread may
+     * read them too). */
+    xconf_t *xconf;
+    int n_xconf;
+    char *exposure_default;
+    int window_default;
+    double alpha, n_star;
 };
 
 static const uint8_t META_SEQ[] = "seq";
@@ -588,10 +611,43 @@ int agg_open(st_env_t *env, const agg_conf_t *conf, agg_t **out)
     a->gap = conf->session_gap_ms;
     a->lateness = conf->allowed_lateness_ms;
     a->sweep_per_batch = conf->sweep_per_batch;
-    int r = a->topic ? load_partitions(a) : AGG_ENOMEM;
+    a->exposure_default = strdup(conf->exposure_event ? conf->exposure_event : "product_view");
+    a->window_default = conf->window_days > 0 ? conf->window_days : 7;
+    a->alpha = 1.0 - (conf->confidence > 0 && conf->confidence < 1 ? conf->confidence : 0.95);
+    a->n_star = conf->sequential_tuning > 0 ? conf->sequential_tuning : 5000.0;
+    int r = a->topic && a->exposure_default ? 0 : AGG_ENOMEM;
+    if (r == 0 && conf->n_experiments > 0) {
+        a->xconf = calloc((size_t)conf->n_experiments, sizeof *a->xconf);
+        if (!a->xconf)
+            r = AGG_ENOMEM;
+        for (int i = 0; r == 0 && i < conf->n_experiments; i++) {
+            const agg_exp_conf_t *e = &conf->experiments[i];
+            xconf_t *x = &a->xconf[a->n_xconf++];
+            x->name = strdup(e->name);
+            x->control = e->control ? strdup(e->control) : NULL;
+            x->exposure = e->exposure_event ? strdup(e->exposure_event) : NULL;
+            x->window_days = e->window_days;
+            x->n_weights = e->n_weights;
+            if (e->n_weights > 0) {
+                x->weight_names = calloc((size_t)e->n_weights, sizeof *x->weight_names);
+                x->weights = calloc((size_t)e->n_weights, sizeof *x->weights);
+                if (!x->weight_names || !x->weights)
+                    r = AGG_ENOMEM;
+                for (int k = 0; r == 0 && k < e->n_weights; k++) {
+                    x->weight_names[k] = strdup(e->weight_names[k]);
+                    x->weights[k] = e->weights[k];
+                    if (!x->weight_names[k])
+                        r = AGG_ENOMEM;
+                }
+            }
+            if (!x->name || (e->control && !x->control) || (e->exposure_event && !x->exposure))
+                r = AGG_ENOMEM;
+        }
+    }
+    if (r == 0)
+        r = load_partitions(a);
     if (r) {
-        free(a->topic);
-        free(a);
+        agg_close(a);
         return r;
     }
     *out = a;
@@ -605,6 +661,18 @@ void agg_close(agg_t *a)
     if (a->txn)
         agg_batch_abort(a);
     kset_free(&a->dirty);
+    for (int i = 0; i < a->n_xconf; i++) {
+        xconf_t *x = &a->xconf[i];
+        free(x->name);
+        free(x->control);
+        free(x->exposure);
+        for (int k = 0; k < x->n_weights; k++)
+            free(x->weight_names ? x->weight_names[k] : NULL);
+        free(x->weight_names);
+        free(x->weights);
+    }
+    free(a->xconf);
+    free(a->exposure_default);
     free(a->topic);
     free(a);
 }
@@ -985,7 +1053,7 @@ static int add_counters(agg_t *a, enum st_db db, uint8_t tag, const uint8_t *k, 
         r = st_put(a->txn, a->env, db, k, kn, v, (size_t)n * 8);
     if (r && r != ST_ENOTFOUND)
         return r;
-    return mark_dirty(a, tag, k, kn);
+    return tag ? mark_dirty(a, tag, k, kn) : 0;
 }
 
 static size_t str_key(uint8_t *k, const char *s, uint8_t n)
@@ -1144,6 +1212,364 @@ static int apply_cohort(agg_t *a, const uint8_t *uk, size_t ukn, const ing_event
     return r;
 }
 
+/* ---- experiments (CONTRACT §5) ---- */
+
+static const xconf_t *xconf_of(const agg_t *a, const char *name, size_t n)
+{
+    for (int i = 0; i < a->n_xconf; i++)
+        if (strlen(a->xconf[i].name) == n && memcmp(a->xconf[i].name, name, n) == 0)
+            return &a->xconf[i];
+    return NULL;
+}
+
+static const char *x_exposure(const agg_t *a, const xconf_t *x)
+{
+    return x && x->exposure ? x->exposure : a->exposure_default;
+}
+
+static int64_t x_window_ms(const agg_t *a, const xconf_t *x)
+{
+    return (int64_t)(x && x->window_days > 0 ? x->window_days : a->window_default) * DAY_MS;
+}
+
+/* A user's state in one experiment. */
+typedef struct xuser {
+    int64_t assigned_at; /* earliest assignment ts */
+    int64_t exposed_at;  /* -1 while the user has no exposure */
+    int32_t partition;
+    uint8_t multi; /* assignments to two or more variants: excluded */
+    uint8_t aeid_len, var_len;
+    char aeid[ING_ID_MAX + 1]; /* event_id of the earliest assignment */
+    char var[ING_EXP_MAX + 1]; /* its variant */
+    /* The outcome over [exposed_at, exposed_at + window). */
+    int64_t orders, revenue, events;
+    uint8_t cart, checkout;
+} xuser_t;
+
+static size_t xuser_encode(const xuser_t *x, uint8_t *buf, size_t cap)
+{
+    wr_t w = {buf, 0, cap, 0};
+    w_i64(&w, x->assigned_at);
+    w_i64(&w, x->exposed_at);
+    w_i32(&w, x->partition);
+    w_bytes(&w, &x->multi, 1);
+    w_str(&w, x->aeid, x->aeid_len);
+    w_str(&w, x->var, x->var_len);
+    w_i64(&w, x->orders);
+    w_i64(&w, x->revenue);
+    w_i64(&w, x->events);
+    w_bytes(&w, &x->cart, 1);
+    w_bytes(&w, &x->checkout, 1);
+    return w.overflow ? 0 : w.n;
+}
+
+static int xuser_decode(const st_val_t *v, xuser_t *x)
+{
+    rd_t r = {v->p, v->n, 0, 0};
+    x->assigned_at = r_i64(&r);
+    x->exposed_at = r_i64(&r);
+    x->partition = r_i32(&r);
+    r_bytes(&r, &x->multi, 1);
+    x->aeid_len = r_str(&r, x->aeid, sizeof x->aeid);
+    x->var_len = r_str(&r, x->var, sizeof x->var);
+    x->orders = r_i64(&r);
+    x->revenue = r_i64(&r);
+    x->events = r_i64(&r);
+    r_bytes(&r, &x->cart, 1);
+    r_bytes(&r, &x->checkout, 1);
+    return r.bad ? AGG_ESTATE : 0;
+}
+
+/* A retained clickstream event: what exposure and outcome windows need. */
+static size_t xevent_key(uint8_t *k, const uint8_t *uk, size_t ukn, int64_t ts, const char *eid,
+                         uint8_t en)
+{
+    memcpy(k, uk, ukn);
+    be64(k + ukn, (uint64_t)ts);
+    memcpy(k + ukn + 8, eid, en);
+    return ukn + 8 + en;
+}
+
+static int store_xevent(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
+                        const ing_event_t *ev)
+{
+    uint8_t k[KEY_MAX], buf[128];
+    size_t kn = xevent_key(k, uk, ukn, ev->ts, ev->event_id, ev->event_id_len);
+    wr_t w = {buf, 0, sizeof buf, 0};
+    w_i32(&w, partition);
+    w_i64(&w, ev->type == ING_ET_PURCHASE ? ev->amount_cents : 0);
+    w_str(&w, ev->event_type, ev->event_type_len);
+    return st_put(a->txn, a->env, ST_DB_XEVENTS, k, kn, buf, w.n);
+}
+
+typedef struct xev {
+    int64_t ts, cents;
+    char type[ING_TYPE_MAX + 1];
+    uint8_t type_len;
+} xev_t;
+
+static int xev_decode(const st_val_t *k, const st_val_t *v, size_t ukn, xev_t *e)
+{
+    if (k->n < ukn + 8)
+        return AGG_ESTATE;
+    e->ts = (int64_t)rd_be64((const uint8_t *)k->p + ukn);
+    rd_t r = {v->p, v->n, 0, 0};
+    (void)r_i32(&r);
+    e->cents = r_i64(&r);
+    e->type_len = r_str(&r, e->type, sizeof e->type);
+    return r.bad ? AGG_ESTATE : 0;
+}
+
+static void outcome_add(xuser_t *x, const char *type, size_t tn, int64_t cents)
+{
+    x->events++;
+    if (tn == 8 && memcmp(type, "purchase", 8) == 0) {
+        x->orders++;
+        x->revenue += cents;
+    } else if (tn == 11 && memcmp(type, "add_to_cart", 11) == 0) {
+        x->cart = 1;
+    } else if (tn == 8 && memcmp(type, "checkout", 8) == 0) {
+        x->checkout = 1;
+    }
+}
+
+/*
+ * Walk the user's retained events from `from` on. With find_exposure set,
+ * stop at the first event of type `exposure` before `before` and return its
+ * ts in *found (-1 when none); otherwise recompute the outcome over
+ * [from, before). Every event an accepted event can still reach is retained
+ * (docs/aggregator.md), so this sees the whole window.
+ */
+static int scan_xevents(agg_t *a, const uint8_t *uk, size_t ukn, int64_t from, int64_t before,
+                        const char *exposure, xuser_t *x, int64_t *found)
+{
+    uint8_t k[KEY_MAX];
+    memcpy(k, uk, ukn);
+    be64(k + ukn, (uint64_t)from);
+    st_cursor_t cur = {0};
+    st_val_t ck, cv;
+    int r = st_cur_open(a->txn, a->env, ST_DB_XEVENTS, &cur);
+    if (r)
+        return r;
+    size_t expn = exposure ? strlen(exposure) : 0;
+    if (found)
+        *found = -1;
+    else {
+        x->orders = x->revenue = x->events = 0;
+        x->cart = x->checkout = 0;
+    }
+    for (r = st_cur_seek(&cur, k, ukn + 8, &ck, &cv); r == 0; r = st_cur_next(&cur, &ck, &cv)) {
+        if (ck.n < ukn + 8 || memcmp(ck.p, uk, ukn) != 0)
+            break;
+        xev_t e;
+        if ((r = xev_decode(&ck, &cv, ukn, &e)))
+            break;
+        if (e.ts >= before)
+            break;
+        if (found) {
+            if (e.type_len == expn && memcmp(e.type, exposure, expn) == 0) {
+                *found = e.ts;
+                break;
+            }
+        } else {
+            outcome_add(x, e.type, e.type_len, e.cents);
+        }
+    }
+    st_cur_close(&cur);
+    return r == ST_ENOTFOUND ? 0 : r;
+}
+
+static size_t exp_key(uint8_t *k, const char *name, uint8_t n)
+{
+    return str_key(k, name, n);
+}
+
+/* Add (sign 1) or retract (sign -1) a user's contribution to the
+ * experiment's aggregates: the variant's sufficient statistics, the
+ * regression cell (variant, window events) and the excluded count. */
+static int x_contrib(agg_t *a, const uint8_t *ek, size_t ekn, const xuser_t *x, int sign)
+{
+    if (x->exposed_at < 0)
+        return 0;
+    int r;
+    if (x->multi) {
+        int64_t d = sign;
+        return add_counters(a, ST_DB_XEXP, TAG_EXPERIMENT, ek, ekn, &d, 1);
+    }
+    uint8_t vk[KEY_MAX];
+    memcpy(vk, ek, ekn);
+    size_t vkn = ekn + str_key(vk + ekn, x->var, x->var_len);
+    stx_suff_t sf;
+    memset(&sf, 0, sizeof sf);
+    st_val_t v;
+    r = st_get(a->txn, a->env, ST_DB_XVAR, vk, vkn, &v);
+    if (r == 0 && v.n == sizeof sf)
+        memcpy(&sf, v.p, sizeof sf);
+    else if (r != 0 && r != ST_ENOTFOUND)
+        return r;
+    stx_user_t u = {x->orders > 0, x->orders, x->revenue, x->events, x->cart, x->checkout};
+    if (stx_suff_apply(&sf, &u, sign) != 0)
+        return AGG_ESTATE;
+    /* Variant records stay at zero users, so that a flush can still find
+     * and delete the rows of a variant that lost its last user. */
+    if ((r = st_put(a->txn, a->env, ST_DB_XVAR, vk, vkn, &sf, sizeof sf)))
+        return r;
+    uint8_t ck[KEY_MAX];
+    memcpy(ck, vk, vkn);
+    int64_t ev = x->events > INT32_MAX ? INT32_MAX : x->events;
+    be32(ck + vkn, (uint32_t)ev);
+    int64_t d[2] = {sign, sign * (x->orders > 0)};
+    if ((r = add_counters(a, ST_DB_XCELL, 0, ck, vkn + 4, d, 2)))
+        return r;
+    if ((r = mark_dirty(a, TAG_REGRESSION, ek, ekn)))
+        return r;
+    return mark_dirty(a, TAG_EXPERIMENT, ek, ekn);
+}
+
+static int put_xuser(agg_t *a, const uint8_t *k, size_t kn, const xuser_t *x)
+{
+    uint8_t buf[REC_MAX];
+    size_t n = xuser_encode(x, buf, sizeof buf);
+    if (!n)
+        return AGG_ESTATE;
+    int r = st_put(a->txn, a->env, ST_DB_XUSER, k, kn, buf, n);
+    return r ? r : mark_dirty(a, TAG_EXPOSURE, k, kn);
+}
+
+/* Replace a user's contribution old -> x (either may be "absent": exposed_at < 0). */
+static int x_update(agg_t *a, const uint8_t *k, size_t kn, size_t ukn, const xuser_t *old,
+                    const xuser_t *x)
+{
+    int r;
+    const uint8_t *ek = k + ukn;
+    size_t ekn = kn - ukn;
+    if (old && (r = x_contrib(a, ek, ekn, old, -1)))
+        return r;
+    if ((r = x_contrib(a, ek, ekn, x, 1)))
+        return r;
+    /* The experiment row exists once any user is assigned. */
+    if ((r = mark_dirty(a, TAG_EXPERIMENT, ek, ekn)))
+        return r;
+    return put_xuser(a, k, kn, x);
+}
+
+static int apply_assignment(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
+                            const ing_event_t *ev)
+{
+    uint8_t k[KEY_MAX];
+    memcpy(k, uk, ukn);
+    size_t kn = ukn + exp_key(k + ukn, ev->experiment, ev->experiment_len);
+    xuser_t x, old;
+    st_val_t v;
+    int r = st_get(a->txn, a->env, ST_DB_XUSER, k, kn, &v);
+    int fresh = r == ST_ENOTFOUND;
+    if (r == 0)
+        r = xuser_decode(&v, &x);
+    else if (fresh)
+        r = 0;
+    if (r)
+        return r;
+    if (fresh) {
+        memset(&x, 0, sizeof x);
+        x.exposed_at = -1;
+        x.assigned_at = TS_NONE;
+    }
+    old = x;
+    x.partition = partition;
+    if (!fresh && (x.var_len != ev->variant_len || memcmp(x.var, ev->variant, x.var_len) != 0))
+        x.multi = 1;
+    if (fresh || ev_less(ev->ts, ev->event_id, ev->event_id_len, x.assigned_at, x.aeid,
+                         x.aeid_len)) {
+        x.aeid_len = ev->event_id_len;
+        memcpy(x.aeid, ev->event_id, ev->event_id_len + 1);
+        x.var_len = ev->variant_len;
+        memcpy(x.var, ev->variant, ev->variant_len + 1);
+        int moved = ev->ts < x.assigned_at;
+        if (moved)
+            x.assigned_at = ev->ts;
+        if (moved) {
+            /* An earlier assignment can make an earlier exposure eligible. */
+            const xconf_t *xc = xconf_of(a, ev->experiment, ev->experiment_len);
+            int64_t found;
+            int64_t before = x.exposed_at >= 0 ? x.exposed_at : TS_NONE;
+            if ((r = scan_xevents(a, uk, ukn, x.assigned_at, before, x_exposure(a, xc), NULL,
+                                  &found)))
+                return r;
+            if (found >= 0) {
+                x.exposed_at = found;
+                if ((r = scan_xevents(a, uk, ukn, found, found + x_window_ms(a, xc), NULL, &x,
+                                      NULL)))
+                    return r;
+            }
+        }
+    }
+    return x_update(a, k, kn, ukn, fresh ? NULL : &old, &x);
+}
+
+/* A clickstream event may expose the user in their experiments, move an
+ * exposure earlier, or fall into an outcome window. */
+static int apply_xclick(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
+                        const ing_event_t *ev)
+{
+    int r = store_xevent(a, uk, ukn, partition, ev);
+    if (r)
+        return r;
+    /* Collect the user's experiment keys first: updating while a cursor
+     * walks the same database is avoided on purpose. */
+    uint8_t keys[16][KEY_MAX];
+    size_t kns[16];
+    int nk = 0;
+    st_cursor_t cur = {0};
+    st_val_t ck, cv;
+    if ((r = st_cur_open(a->txn, a->env, ST_DB_XUSER, &cur)))
+        return r;
+    int more = 0;
+    for (r = st_cur_seek(&cur, uk, ukn, &ck, &cv); r == 0; r = st_cur_next(&cur, &ck, &cv)) {
+        if (ck.n <= ukn || memcmp(ck.p, uk, ukn) != 0 || ck.n > KEY_MAX)
+            break;
+        if (nk == 16) {
+            more = 1;
+            break;
+        }
+        memcpy(keys[nk], ck.p, ck.n);
+        kns[nk++] = ck.n;
+    }
+    st_cur_close(&cur);
+    if (r && r != ST_ENOTFOUND)
+        return r;
+    if (more)
+        cm_warn("user in more than 16 experiments: only the first 16 are updated", "user=%.*s",
+                (int)ev->user_id_len, ev->user_id);
+    for (int i = 0; i < nk; i++) {
+        st_val_t v;
+        xuser_t x, old;
+        if ((r = st_get(a->txn, a->env, ST_DB_XUSER, keys[i], kns[i], &v)) ||
+            (r = xuser_decode(&v, &x)))
+            return r;
+        old = x;
+        const uint8_t *ek = keys[i] + ukn;
+        const xconf_t *xc = xconf_of(a, (const char *)ek + 1, ek[0]);
+        const char *exposure = x_exposure(a, xc);
+        int64_t win = x_window_ms(a, xc);
+        int changed = 0;
+        if (ev->event_type_len == strlen(exposure) &&
+            memcmp(ev->event_type, exposure, ev->event_type_len) == 0 && ev->ts >= x.assigned_at &&
+            (x.exposed_at < 0 || ev->ts < x.exposed_at)) {
+            x.exposed_at = ev->ts;
+            if ((r = scan_xevents(a, uk, ukn, ev->ts, ev->ts + win, NULL, &x, NULL)))
+                return r;
+            changed = 1;
+        } else if (x.exposed_at >= 0 && ev->ts >= x.exposed_at && ev->ts < x.exposed_at + win) {
+            outcome_add(&x, ev->event_type, ev->event_type_len,
+                        ev->type == ING_ET_PURCHASE ? ev->amount_cents : 0);
+            changed = 1;
+        }
+        if (changed && (r = x_update(a, keys[i], kns[i], ukn, &old, &x)))
+            return r;
+    }
+    return 0;
+}
+
 /* ---- events and rejects ---- */
 
 static int store_reject(agg_t *a, int32_t partition, int64_t offset, ing_reason_t reason,
@@ -1221,7 +1647,13 @@ int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event
             return r;
         if ((r = apply_user(a, uk, ukn, partition, ev, session_delta)))
             return r;
-        if ((r = apply_products(a, ev)) || (r = apply_cohort(a, uk, ukn, ev)))
+        if ((r = apply_products(a, ev)) || (r = apply_cohort(a, uk, ukn, ev)) ||
+            (r = apply_xclick(a, uk, ukn, partition, ev)))
+            return r;
+    } else {
+        uint8_t uk[KEY_MAX];
+        size_t ukn = user_key(uk, ev->user_id, ev->user_id_len);
+        if ((r = apply_assignment(a, uk, ukn, partition, ev)))
             return r;
     }
     p->accepted++;
@@ -1269,7 +1701,7 @@ static int has_session_on_day(agg_t *a, const uint8_t *uk, size_t ukn, int64_t d
     return found;
 }
 
-enum { SW_SESSIONS = 0, SW_USTAGE, SW_DEDUP };
+enum { SW_SESSIONS = 0, SW_USTAGE, SW_DEDUP, SW_XEVENTS };
 
 /* Decide whether one entry is final and may leave the state. */
 static int sweep_final(agg_t *a, int which, const st_val_t *k, const st_val_t *v)
@@ -1283,6 +1715,16 @@ static int sweep_final(agg_t *a, int which, const st_val_t *k, const st_val_t *v
         memcpy(&ts, v->p, 8);
         memcpy(&p, (const uint8_t *)v->p + 8, 4);
         return ts < horizon(a, p);
+    }
+    if (which == SW_XEVENTS) {
+        /* A retained event older than the horizon can no longer fall into
+         * a window that may still move (docs/aggregator.md). */
+        int32_t p;
+        size_t ukn = k->n ? (size_t)kp[0] + 1 : 0;
+        if (v->n < 4 || k->n < ukn + 8)
+            return 0;
+        memcpy(&p, v->p, 4);
+        return (int64_t)rd_be64(kp + ukn) < horizon(a, p);
     }
     if (which == SW_SESSIONS) {
         sess_t s;
@@ -1358,7 +1800,8 @@ static int sweep(agg_t *a)
     int r;
     if ((r = sweep_db(a, SW_SESSIONS, ST_DB_SESSIONS, a->sweep_per_batch)) ||
         (r = sweep_db(a, SW_USTAGE, ST_DB_USTAGE, a->sweep_per_batch)) ||
-        (r = sweep_db(a, SW_DEDUP, ST_DB_DEDUP, a->sweep_per_batch)))
+        (r = sweep_db(a, SW_DEDUP, ST_DB_DEDUP, a->sweep_per_batch)) ||
+        (r = sweep_db(a, SW_XEVENTS, ST_DB_XEVENTS, a->sweep_per_batch)))
         return r;
     return 0;
 }
@@ -1425,6 +1868,7 @@ typedef struct chunk {
 
 struct agg_flush {
     uint64_t seq;
+    int regression;
     chunk_t *chunks;
     snk_session_row_t *sessions;
     size_t n_sessions, cap_sessions;
@@ -1507,6 +1951,319 @@ static char *arena_str(agg_flush_t *f, const void *s, size_t n)
         p[n] = '\0';
     }
     return p;
+}
+
+/* ---- experiment rows (flush thread) ---- */
+
+#define XMAX_VARIANTS 64
+
+typedef struct xvariants {
+    int n;                  /* variants ever seen */
+    char name[XMAX_VARIANTS][ING_EXP_MAX + 1];
+    stx_suff_t suff[XMAX_VARIANTS];
+    int live[XMAX_VARIANTS]; /* indices of variants with users, byte order */
+    int n_live;
+    int control;            /* index into name, or -1 */
+} xvariants_t;
+
+static int load_variants(agg_t *a, st_txn_t *txn, const uint8_t *ek, size_t ekn,
+                         xvariants_t *xv)
+{
+    xv->n = xv->n_live = 0;
+    xv->control = -1;
+    st_cursor_t cur = {0};
+    st_val_t k, v;
+    int r = st_cur_open(txn, a->env, ST_DB_XVAR, &cur);
+    if (r)
+        return r;
+    for (r = st_cur_seek(&cur, ek, ekn, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v)) {
+        const uint8_t *kp = k.p;
+        if (k.n <= ekn || memcmp(kp, ek, ekn) != 0)
+            break;
+        if (xv->n == XMAX_VARIANTS)
+            break;
+        size_t vn = kp[ekn];
+        if (ekn + 1 + vn != k.n || vn > ING_EXP_MAX || v.n != sizeof(stx_suff_t)) {
+            r = AGG_ESTATE;
+            break;
+        }
+        memcpy(xv->name[xv->n], kp + ekn + 1, vn);
+        xv->name[xv->n][vn] = '\0';
+        memcpy(&xv->suff[xv->n], v.p, sizeof(stx_suff_t));
+        if (xv->suff[xv->n].users > 0)
+            xv->live[xv->n_live++] = xv->n;
+        xv->n++;
+    }
+    st_cur_close(&cur);
+    if (r && r != ST_ENOTFOUND)
+        return r;
+    /* The control (§5): the configured variant if it is one of them, else
+     * 'control' if it is one of them, else the smallest. */
+    const xconf_t *xc = xconf_of(a, (const char *)ek + 1, ek[0]);
+    const char *want[2] = {xc && xc->control ? xc->control : NULL, "control"};
+    for (int w = 0; w < 2 && xv->control < 0; w++)
+        for (int i = 0; want[w] && i < xv->n_live; i++)
+            if (!strcmp(xv->name[xv->live[i]], want[w]))
+                xv->control = xv->live[i];
+    if (xv->control < 0 && xv->n_live > 0)
+        xv->control = xv->live[0];
+    return 0;
+}
+
+static void v_f(snk_val_t *v, stx_val_t x)
+{
+    v->f = x.v;
+    v->null = !x.ok;
+}
+
+static int exp_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_t *ek, size_t ekn)
+{
+    xvariants_t *xv = malloc(sizeof *xv);
+    if (!xv)
+        return AGG_ENOMEM;
+    int r = load_variants(a, txn, ek, ekn, xv);
+    if (r) {
+        free(xv);
+        return r;
+    }
+    const char *exp = arena_str(f, ek + 1, ek[0]);
+    if (!exp) {
+        free(xv);
+        return AGG_ENOMEM;
+    }
+    const xconf_t *xc = xconf_of(a, exp, ek[0]);
+    /* Rows of variants without users (and all rows without any) go. */
+    for (int i = 0; i < xv->n; i++) {
+        if (xv->suff[i].users > 0)
+            continue;
+        snk_val_t *d = gen_row(f, SNK_EXPERIMENT_RESULTS, 1);
+        if (!d || !(d[1].s = arena_str(f, xv->name[i], strlen(xv->name[i])))) {
+            free(xv);
+            return AGG_ENOMEM;
+        }
+        d[0].s = exp;
+    }
+    if (xv->n_live == 0) {
+        snk_val_t *d = gen_row(f, SNK_EXPERIMENTS, 1);
+        if (!d) {
+            free(xv);
+            return AGG_ENOMEM;
+        }
+        d[0].s = exp;
+        free(xv);
+        return 0;
+    }
+    int k = xv->n_live;
+    int64_t users[XMAX_VARIANTS], conv[XMAX_VARIANTS], notconv[XMAX_VARIANTS], total = 0;
+    double weights[XMAX_VARIANTS];
+    int have_weights = xc && xc->n_weights > 0;
+    for (int i = 0; i < k; i++) {
+        const stx_suff_t *sf = &xv->suff[xv->live[i]];
+        users[i] = sf->users;
+        conv[i] = sf->converters;
+        notconv[i] = sf->users - sf->converters;
+        total += sf->users;
+        weights[i] = 0;
+        int found = 0;
+        for (int w = 0; have_weights && w < xc->n_weights; w++)
+            if (!strcmp(xc->weight_names[w], xv->name[xv->live[i]])) {
+                weights[i] = xc->weights[w];
+                found = 1;
+            }
+        /* A variant the configuration does not weigh makes the configured
+         * split unusable; the equal split is the documented fallback. */
+        if (!found)
+            have_weights = 0;
+    }
+    stx_val_t srm_chi2, srm_p, chi2, chi2_p;
+    int srm_detected = 0;
+    stx_srm(users, have_weights ? weights : NULL, k, &srm_chi2, &srm_p, &srm_detected);
+    stx_chi2_independence(conv, notconv, k, &chi2, &chi2_p);
+    int64_t excluded = 0;
+    st_val_t v;
+    if (st_get(txn, a->env, ST_DB_XEXP, ek, ekn, &v) == 0 && v.n == 8)
+        memcpy(&excluded, v.p, 8);
+    snk_val_t *e = gen_row(f, SNK_EXPERIMENTS, 0);
+    const char *ctl = arena_str(f, xv->name[xv->control], strlen(xv->name[xv->control]));
+    if (!e || !ctl) {
+        free(xv);
+        return AGG_ENOMEM;
+    }
+    e[0].s = exp;
+    e[1].s = ctl;
+    e[2].i = k;
+    e[3].i = total;
+    e[4].i = excluded;
+    v_f(&e[5], srm_chi2);
+    v_f(&e[6], srm_p);
+    e[7].i = srm_detected;
+    e[7].null = !srm_p.ok;
+    v_f(&e[8], chi2);
+    v_f(&e[9], chi2_p);
+    e[10].i = (int64_t)(x_window_ms(a, xc) / DAY_MS);
+
+    const stx_suff_t *c = &xv->suff[xv->control];
+    for (int i = 0; i < k; i++) {
+        int vi = xv->live[i];
+        const stx_suff_t *sf = &xv->suff[vi];
+        snk_val_t *row = gen_row(f, SNK_EXPERIMENT_RESULTS, 0);
+        const char *vname = arena_str(f, xv->name[vi], strlen(xv->name[vi]));
+        if (!row || !vname) {
+            free(xv);
+            return AGG_ENOMEM;
+        }
+        stx_variant_t sv;
+        stx_variant_summary(sf, &sv);
+        row[0].s = exp;
+        row[1].s = vname;
+        row[2].i = sf->users;
+        row[3].i = sf->converters;
+        v_f(&row[4], sv.conversion_rate);
+        row[5].i = sf->orders;
+        row[6].i = sf->revenue_cents;
+        v_f(&row[7], sv.revenue_per_user);
+        v_f(&row[8], sv.revenue_sd);
+        v_f(&row[9], sv.events_per_user);
+        v_f(&row[10], sv.cart_rate);
+        v_f(&row[11], sv.checkout_rate);
+        row[12].i = vi == xv->control;
+        stx_compare_t cmp;
+        memset(&cmp, 0, sizeof cmp); /* every statistic NULL on the control row */
+        if (vi != xv->control)
+            stx_compare(sf, c, a->alpha, a->n_star, &cmp);
+        stx_val_t cols[16] = {cmp.abs_lift,     cmp.rel_lift,    cmp.diff_ci_low,
+                              cmp.diff_ci_high, cmp.rel_ci_low,  cmp.rel_ci_high,
+                              cmp.z,            cmp.p_value,     cmp.seq_ci_low,
+                              cmp.seq_ci_high,  cmp.seq_p_value, cmp.chance_to_win,
+                              cmp.rpu_diff,     cmp.rpu_ci_low,  cmp.rpu_ci_high,
+                              cmp.rpu_p_value};
+        for (int j = 0; j < 16; j++)
+            v_f(&row[13 + j], cols[j]);
+    }
+    free(xv);
+    return 0;
+}
+
+/* The logistic regression of §5 over the experiment's (variant, events)
+ * cells: grouped data give the same fit as the user rows. */
+static int regression_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_t *ek,
+                           size_t ekn)
+{
+    xvariants_t *xv = malloc(sizeof *xv);
+    if (!xv)
+        return AGG_ENOMEM;
+    int r = load_variants(a, txn, ek, ekn, xv);
+    const char *exp = r ? NULL : arena_str(f, ek + 1, ek[0]);
+    if (r || !exp) {
+        free(xv);
+        return r ? r : AGG_ENOMEM;
+    }
+    /* Columns: intercept, one indicator per non-control variant, ln(1+events). */
+    int col_of[XMAX_VARIANTS];
+    int p = 1;
+    for (int i = 0; i < xv->n; i++)
+        col_of[i] = -1;
+    for (int i = 0; i < xv->n_live; i++)
+        if (xv->live[i] != xv->control && p < STX_LOGIT_MAX_P - 1)
+            col_of[xv->live[i]] = p++;
+    int p_total = p + 1;
+    size_t cap = 256, n = 0;
+    double *X = malloc(cap * (size_t)p_total * sizeof *X);
+    int64_t *succ = malloc(cap * sizeof *succ), *trials = malloc(cap * sizeof *trials);
+    int64_t total = 0;
+    st_cursor_t cur = {0};
+    st_val_t k, v;
+    if (!X || !succ || !trials)
+        r = AGG_ENOMEM;
+    if (r == 0)
+        r = st_cur_open(txn, a->env, ST_DB_XCELL, &cur);
+    for (r = r ? r : st_cur_seek(&cur, ek, ekn, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v)) {
+        const uint8_t *kp = k.p;
+        if (k.n <= ekn || memcmp(kp, ek, ekn) != 0)
+            break;
+        size_t vn = kp[ekn];
+        if (ekn + 1 + vn + 4 != k.n || v.n != 16) {
+            r = AGG_ESTATE;
+            break;
+        }
+        int vi = -1;
+        for (int i = 0; i < xv->n; i++)
+            if (strlen(xv->name[i]) == vn && memcmp(xv->name[i], kp + ekn + 1, vn) == 0)
+                vi = i;
+        int64_t cell[2];
+        memcpy(cell, v.p, 16);
+        if (vi < 0 || cell[0] <= 0)
+            continue;
+        if (n == cap) {
+            cap *= 2;
+            double *nx = realloc(X, cap * (size_t)p_total * sizeof *X);
+            int64_t *ns = realloc(succ, cap * sizeof *succ);
+            int64_t *nt = ns ? realloc(trials, cap * sizeof *trials) : NULL;
+            if (nx)
+                X = nx;
+            if (ns)
+                succ = ns;
+            if (nt)
+                trials = nt;
+            if (!nx || !ns || !nt) {
+                r = AGG_ENOMEM;
+                break;
+            }
+        }
+        double *row = X + n * (size_t)p_total;
+        memset(row, 0, (size_t)p_total * sizeof *row);
+        row[0] = 1.0;
+        if (col_of[vi] > 0)
+            row[col_of[vi]] = 1.0;
+        row[p_total - 1] = log1p((double)rd_be32(kp + ekn + 1 + vn));
+        succ[n] = cell[1];
+        trials[n] = cell[0];
+        total += cell[0];
+        n++;
+    }
+    st_cur_close(&cur);
+    if (r == ST_ENOTFOUND)
+        r = 0;
+    stx_logit_t fit;
+    int ok = r == 0 && n > 0 &&
+             stx_logit_grouped(X, succ, trials, n, p_total, STX_LOGIT_MAX_ITER, &fit) == 0;
+    /* Terms that are not in this fit (or every term, when the fit is
+     * undefined) are deleted: the variant names cover every term a previous
+     * fit can have written. */
+    for (int i = 0; r == 0 && i < xv->n + 2; i++) {
+        const char *term = i == xv->n ? "intercept" : i == xv->n + 1 ? "log_engagement" : xv->name[i];
+        int in_fit = ok && (i >= xv->n || col_of[i] > 0);
+        if (in_fit)
+            continue;
+        snk_val_t *d = gen_row(f, SNK_EXPERIMENT_REGRESSION, 1);
+        if (!d || !(d[1].s = arena_str(f, term, strlen(term)))) {
+            r = AGG_ENOMEM;
+            break;
+        }
+        d[0].s = exp;
+    }
+    for (int j = 0; r == 0 && ok && j < p_total; j++) {
+        const char *term = j == 0 ? "intercept" : j == p_total - 1 ? "log_engagement" : NULL;
+        for (int i = 0; !term && i < xv->n; i++)
+            if (col_of[i] == j)
+                term = xv->name[i];
+        snk_val_t *row = gen_row(f, SNK_EXPERIMENT_REGRESSION, 0);
+        if (!row || !(row[1].s = arena_str(f, term, strlen(term)))) {
+            r = AGG_ENOMEM;
+            break;
+        }
+        row[0].s = exp;
+        row[2].f = fit.coef[j];
+        row[3].f = fit.std_err[j];
+        row[4].f = fit.z[j];
+        row[5].f = fit.p_value[j];
+        row[6].i = total;
+    }
+    free(X);
+    free(succ);
+    free(trials);
+    free(xv);
+    return r;
 }
 
 static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t *k)
@@ -1625,6 +2382,60 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t
             for (int i = nk; i < w; i++)
                 v_int(&row[i], c[i - nk]);
         }
+    } else if (tag == TAG_EXPOSURE) {
+        r = st_get(txn, a->env, ST_DB_XUSER, rk, rkn, &v);
+        if (r == ST_ENOTFOUND)
+            goto record;
+        if (r)
+            return r;
+        xuser_t x;
+        if ((r = xuser_decode(&v, &x)))
+            return r;
+        size_t ukn = (size_t)rk[0] + 1;
+        if (ukn + 1 > rkn || ukn + 1 + rk[ukn] != rkn)
+            return AGG_ESTATE;
+        const char *user = arena_str(f, rk + 1, rk[0]);
+        const char *exp = arena_str(f, rk + ukn + 1, rk[ukn]);
+        const char *var = arena_str(f, x.var, x.var_len);
+        snk_val_t *e = gen_row(f, SNK_USER_EXPOSURE, 0);
+        if (!user || !exp || !var || !e)
+            return AGG_ENOMEM;
+        e[0].s = exp;
+        e[1].s = user;
+        e[2].s = var;
+        e[3].i = x.assigned_at;
+        e[4].i = x.exposed_at;
+        e[4].null = x.exposed_at < 0;
+        e[5].i = x.multi;
+        int included = x.exposed_at >= 0 && !x.multi;
+        snk_val_t *o = gen_row(f, SNK_USER_OUTCOMES, !included);
+        if (!o)
+            return AGG_ENOMEM;
+        o[0].s = exp;
+        o[1].s = user;
+        if (included) {
+            o[2].s = var;
+            o[3].i = x.exposed_at;
+            o[4].i = x.orders > 0;
+            o[5].i = x.orders;
+            o[6].i = x.revenue;
+            o[7].i = x.events;
+            o[8].i = x.cart;
+            o[9].i = x.checkout;
+        }
+    } else if (tag == TAG_EXPERIMENT) {
+        if (rkn < 1 || (size_t)rk[0] + 1 != rkn)
+            return AGG_ESTATE;
+        if ((r = exp_rows(a, f, txn, rk, rkn)))
+            return r;
+    } else if (tag == TAG_REGRESSION) {
+        if (!f->regression)
+            return 0; /* stays dirty until a flush refits */
+        if (rkn >= 1 && (size_t)rk[0] + 1 == rkn) {
+            if ((r = regression_rows(a, f, txn, rk, rkn)))
+                return r;
+        }
+        /* Cell keys are longer: they only mark their experiment. */
     } else if (tag == TAG_FUNNEL) {
         int64_t c[F_N] = {0};
         r = st_get(txn, a->env, ST_DB_FUNNEL, rk, rkn, &v);
@@ -1695,11 +2506,12 @@ static int collect_reject(agg_t *a, agg_flush_t *f, const st_val_t *k, const st_
     return 0;
 }
 
-int agg_flush_collect(agg_t *a, agg_flush_t **out)
+int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out)
 {
     agg_flush_t *f = calloc(1, sizeof *f);
     if (!f)
         return AGG_ENOMEM;
+    f->regression = regression;
     st_txn_t *txn;
     int r = st_begin(a->env, 1, &txn);
     if (r) {

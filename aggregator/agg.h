@@ -31,11 +31,30 @@
 
 typedef struct agg agg_t;
 
+/* Settings of one experiment (the config file's [experiment.NAME] sections).
+ * Unset fields fall back to the defaults in agg_conf_t. */
+typedef struct agg_exp_conf {
+    const char *name;
+    const char *control;        /* NULL: 'control' if it is a variant, else the smallest */
+    int n_weights;              /* expected split; 0: equal across the variants */
+    const char *const *weight_names;
+    const double *weights;
+    const char *exposure_event; /* NULL: agg_conf_t.exposure_event */
+    int window_days;            /* 0: agg_conf_t.window_days */
+} agg_exp_conf_t;
+
 typedef struct agg_conf {
     const char *topic;
     int64_t session_gap_ms;
     int64_t allowed_lateness_ms;
     int64_t sweep_per_batch; /* state entries examined by the compactor per batch */
+    /* Experiments (CONTRACT §5, §6). NULL/0 fields take the contract's defaults. */
+    const agg_exp_conf_t *experiments;
+    int n_experiments;
+    const char *exposure_event; /* default "product_view" */
+    int window_days;            /* default 7 */
+    double confidence;          /* default 0.95 */
+    double sequential_tuning;   /* N*, default 5000 */
 } agg_conf_t;
 
 /* Per-partition progress, as kept in the state. */
@@ -87,9 +106,12 @@ typedef struct agg_flush agg_flush_t;
 
 /*
  * Collect every dirty row of the latest committed state into *out (owned by
- * the caller; agg_flush_free). Any thread; reads a snapshot only.
+ * the caller; agg_flush_free). With `regression` set, the experiments'
+ * logistic regressions are refitted too (they are dearer, so the daemon
+ * asks for them at most every --stats-interval-ms and at shutdown). Any
+ * thread; reads a snapshot only.
  */
-int agg_flush_collect(agg_t *a, agg_flush_t **out);
+int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out);
 const snk_batch_t *agg_flush_batch(const agg_flush_t *f);
 size_t agg_flush_rows(const agg_flush_t *f);
 

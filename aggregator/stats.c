@@ -128,7 +128,8 @@ static int add_u128(uint64_t *hi, uint64_t *lo, uint64_t xh, uint64_t xl)
     uint64_t l = *lo + xl;
     uint64_t carry = l < xl;
     uint64_t h = *hi + xh + carry;
-    if (h < *hi || (h == *hi && (xh | carry) != 0))
+    /* The addend is below 2^64 (xh < 2^62), so a wrap shows as a smaller h. */
+    if (h < *hi)
         return -1;
     *hi = h;
     *lo = l;
@@ -691,5 +692,176 @@ static void chol_inv_diag(const double *l, int p, double *diag)
             sum += v[i] * v[i];
         }
         diag[j] = sum;
+    }
+}
+
+static void logit_clear(stx_logit_t *out, int p)
+{
+    out->p = p;
+    out->n = 0;
+    out->iterations = 0;
+    out->converged = 0;
+    out->deviance = 0.0;
+    for (int j = 0; j < STX_LOGIT_MAX_P; j++)
+        out->coef[j] = out->std_err[j] = out->z[j] = out->p_value[j] = 0.0;
+}
+
+/* Convergence thresholds, documented in stats.h and docs/experiments.md. */
+#define STEP_TOL 1e-10
+#define DEV_TOL 1e-12
+#define SEPARATION_STEP 1e-3
+#define MAX_HALVINGS 30
+
+static int logit_fit(const double *X, const obs_t *o, size_t n, int p, int max_iter,
+                     stx_logit_t *out)
+{
+    if (p > STX_LOGIT_MAX_P)
+        return STX_ETOOBIG;
+    if (n == 0 || p < 1 || !X)
+        return STX_EINVAL;
+    if (max_iter <= 0)
+        max_iter = STX_LOGIT_MAX_ITER;
+
+    double ones = 0.0, zeros = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        for (int j = 0; j < p; j++)
+            if (!isfinite(X[i * (size_t)p + j]))
+                return STX_EINVAL;
+        if (o->y) {
+            if (o->y[i] != 0.0 && o->y[i] != 1.0)
+                return STX_EINVAL;
+        } else if (o->succ[i] < 0 || o->trials[i] < o->succ[i]) {
+            return STX_EINVAL;
+        }
+        double s, m;
+        obs_row(o, i, &s, &m);
+        ones += s;
+        zeros += m - s;
+    }
+    if (ones < 2.0 || zeros < 2.0)
+        return STX_EFEW;
+
+    double beta[STX_LOGIT_MAX_P] = {0}, trial[STX_LOGIT_MAX_P], g[STX_LOGIT_MAX_P];
+    double delta[STX_LOGIT_MAX_P], info[STX_LOGIT_MAX_P * STX_LOGIT_MAX_P];
+    double dev = deviance(X, o, n, p, beta);
+    int converged = 0, it;
+
+    for (it = 1; it <= max_iter && !converged; it++) {
+        score_info(X, o, n, p, beta, g, info);
+        if (cholesky(info, p) != 0)
+            return STX_ESINGULAR;
+        chol_solve(info, p, g, delta);
+        double maxd = 0.0;
+        for (int j = 0; j < p; j++) {
+            if (!isfinite(delta[j]))
+                return STX_ENOCONV;
+            if (fabs(delta[j]) > maxd)
+                maxd = fabs(delta[j]);
+        }
+
+        /* A full Newton step almost always lowers the deviance from β = 0;
+         * halving the step is the safeguard for when the quadratic model
+         * overshoots. The tolerance lets rounding noise near the optimum
+         * through. */
+        double step = 1.0, new_dev = dev;
+        for (int h = 0;; h++) {
+            for (int j = 0; j < p; j++)
+                trial[j] = beta[j] + step * delta[j];
+            new_dev = deviance(X, o, n, p, trial);
+            if (isfinite(new_dev) && new_dev <= dev + DEV_TOL * (fabs(dev) + 0.1))
+                break;
+            if (h == MAX_HALVINGS)
+                return STX_ENOCONV;
+            step *= 0.5;
+        }
+        double rel = fabs(new_dev - dev) / (fabs(new_dev) + 0.1);
+        for (int j = 0; j < p; j++)
+            beta[j] = trial[j];
+        dev = new_dev;
+
+        /* The Newton step, not the (possibly halved) step taken, measures
+         * the distance to the optimum. */
+        if (maxd < STEP_TOL) {
+            converged = 1;
+        } else if (rel < DEV_TOL) {
+            if (maxd >= SEPARATION_STEP)
+                return STX_ESEPARATION;
+            converged = 1;
+        }
+    }
+    if (!converged)
+        return STX_ENOCONV;
+
+    /* Standard errors from the information at the optimum itself. */
+    score_info(X, o, n, p, beta, g, info);
+    if (cholesky(info, p) != 0)
+        return STX_ESINGULAR;
+    double diag[STX_LOGIT_MAX_P];
+    chol_inv_diag(info, p, diag);
+    for (int j = 0; j < p; j++) {
+        double se = sqrt(diag[j]);
+        double z = beta[j] / se;
+        if (!isfinite(beta[j]) || !isfinite(se) || !(se > 0.0) || !isfinite(z))
+            return STX_ESINGULAR;
+        out->coef[j] = beta[j];
+        out->std_err[j] = se;
+        out->z[j] = z;
+        out->p_value[j] = p_two_sided_normal(z);
+    }
+    out->n = (int64_t)(ones + zeros);
+    out->iterations = it - 1;
+    out->deviance = dev;
+    out->converged = 1;
+    return 0;
+}
+
+int stx_logit(const double *X, const double *y, size_t n, int p, int max_iter, stx_logit_t *out)
+{
+    if (!out)
+        return STX_EINVAL;
+    logit_clear(out, p);
+    if (!y)
+        return STX_EINVAL;
+    obs_t o = {y, NULL, NULL};
+    int rc = logit_fit(X, &o, n, p, max_iter, out);
+    if (rc != 0)
+        logit_clear(out, p);
+    return rc;
+}
+
+int stx_logit_grouped(const double *X, const int64_t *successes, const int64_t *trials, size_t n,
+                      int p, int max_iter, stx_logit_t *out)
+{
+    if (!out)
+        return STX_EINVAL;
+    logit_clear(out, p);
+    if (!successes || !trials)
+        return STX_EINVAL;
+    obs_t o = {NULL, successes, trials};
+    int rc = logit_fit(X, &o, n, p, max_iter, out);
+    if (rc != 0)
+        logit_clear(out, p);
+    return rc;
+}
+
+const char *stx_strerror(int err)
+{
+    switch (err) {
+    case 0:
+        return "ok";
+    case STX_EINVAL:
+        return "argument out of its domain";
+    case STX_EFEW:
+        return "fewer than 2 outcomes of either kind";
+    case STX_ENOCONV:
+        return "no convergence";
+    case STX_ESINGULAR:
+        return "singular information matrix";
+    case STX_ESEPARATION:
+        return "separation: the coefficients diverge";
+    case STX_ETOOBIG:
+        return "too many coefficients";
+    default:
+        return "unknown statistics error";
     }
 }

@@ -11,7 +11,7 @@
 
 #include "sink/sink.h"
 
-enum opt_type { OPT_STR, OPT_INT, OPT_BOOL };
+enum opt_type { OPT_STR, OPT_INT, OPT_BOOL, OPT_DOUBLE };
 
 typedef struct opt {
     const char *name;
@@ -66,6 +66,16 @@ static const opt_t opts[] = {
      "State entries the compactor examines per batch (0 disables compaction)."},
     {"stats-log-interval-ms", OPT_INT, O(stats_log_interval_ms), "10000", 0, 3600000,
      "How often a summary line is logged (0: never)."},
+    {"stats-interval-ms", OPT_INT, O(stats_interval_ms), "60000", 1000, 86400000,
+     "How often the experiments' logistic regressions are refitted (and at shutdown)."},
+    {"exposure-event", OPT_STR, O(exposure_event), "product_view", 0, 0,
+     "Default exposure event type of experiments ([experiment.NAME] exposure_event overrides)."},
+    {"window-days", OPT_INT, O(window_days), "7", 1, 365,
+     "Default outcome window of experiments in days ([experiment.NAME] window_days overrides)."},
+    {"confidence", OPT_DOUBLE, O(confidence), "0.95", 0, 0,
+     "Confidence level of every interval and test, strictly between 0.5 and 1."},
+    {"sequential-tuning", OPT_DOUBLE, O(sequential_tuning), "5000", 0, 0,
+     "N* of the always-valid confidence sequence (the sample size it is tightest at), > 0."},
     {"exit-at-end", OPT_BOOL, O(exit_at_end), "false", 0, 1,
      "Consume up to the end offsets seen at start, flush and exit 0."},
     {"log-level", OPT_STR, O(log_level), "info", 0, 0, "error, warn, info or debug."},
@@ -117,6 +127,20 @@ static int set_opt(cfg_t *c, const opt_t *o, const char *v, char *eb, size_t eca
     }
     char *end = NULL;
     errno = 0;
+    if (o->type == OPT_DOUBLE) {
+        double d = strtod(v, &end);
+        int ok = !errno && end != v && *end == '\0' && d == d;
+        if (ok && !strcmp(o->name, "confidence"))
+            ok = d > 0.5 && d < 1.0;
+        else if (ok)
+            ok = d > 0 && d < 1e12;
+        if (!ok) {
+            err(eb, ecap, "--%s: '%s' is not a valid value (see --help)", o->name, v);
+            return CFG_EINVAL;
+        }
+        *(double *)((char *)c + o->off) = d;
+        return 0;
+    }
     long long x = strtoll(v, &end, 10);
     if (errno || end == v || *end != '\0') {
         err(eb, ecap, "--%s: expected an integer, got '%s'", o->name, v);
@@ -175,6 +199,87 @@ void cfg_defaults(cfg_t *c)
         set_opt(c, &opts[k], opts[k].def, eb, sizeof eb);
 }
 
+static cfg_experiment_t *find_experiment(cfg_t *c, const char *name, char *eb, size_t ecap)
+{
+    for (int i = 0; i < c->n_experiments; i++)
+        if (!strcmp(c->experiments[i].name, name))
+            return &c->experiments[i];
+    size_t n = strlen(name);
+    if (n == 0 || n > 64) {
+        err(eb, ecap, "[experiment.%s]: an experiment name has 1 to 64 bytes", name);
+        return NULL;
+    }
+    if (c->n_experiments >= CFG_MAX_EXPERIMENTS) {
+        err(eb, ecap, "at most %d [experiment.*] sections", CFG_MAX_EXPERIMENTS);
+        return NULL;
+    }
+    cfg_experiment_t *e = &c->experiments[c->n_experiments++];
+    memset(e, 0, sizeof *e);
+    e->name = strdup(name);
+    return e->name ? e : NULL;
+}
+
+/* weights = "control:50,treatment:50" (names and relative weights). */
+static int parse_weights(cfg_experiment_t *e, const char *v, char *eb, size_t ecap)
+{
+    char *copy = strdup(v), *save = NULL;
+    if (!copy)
+        return CFG_EINVAL;
+    int rc = 0;
+    for (char *tok = strtok_r(copy, ",", &save); tok && rc == 0; tok = strtok_r(NULL, ",", &save)) {
+        while (*tok == ' ')
+            tok++;
+        char *colon = strrchr(tok, ':');
+        char *end = NULL;
+        double w = colon ? strtod(colon + 1, &end) : 0;
+        if (!colon || colon == tok || end == colon + 1 || *end != '\0' || !(w > 0) ||
+            e->n_weights >= CFG_MAX_WEIGHTS) {
+            err(eb, ecap, "[experiment.%s] weights: expected name:weight,... with positive "
+                "weights (at most %d), got '%s'", e->name, CFG_MAX_WEIGHTS, v);
+            rc = CFG_EFILE;
+            break;
+        }
+        *colon = '\0';
+        e->weight_names[e->n_weights] = strdup(tok);
+        e->weights[e->n_weights++] = w;
+    }
+    free(copy);
+    return rc;
+}
+
+static int set_experiment(cfg_t *c, const char *exp, const char *name, const char *value,
+                          char *eb, size_t ecap)
+{
+    cfg_experiment_t *e = find_experiment(c, exp, eb, ecap);
+    if (!e)
+        return CFG_EFILE;
+    if (!strcmp(name, "control")) {
+        free(e->control);
+        e->control = strdup(value);
+    } else if (!strcmp(name, "exposure_event") || !strcmp(name, "exposure-event")) {
+        free(e->exposure_event);
+        e->exposure_event = strdup(value);
+    } else if (!strcmp(name, "window_days") || !strcmp(name, "window-days")) {
+        char *end = NULL;
+        long d = strtol(value, &end, 10);
+        if (end == value || *end != '\0' || d < 1 || d > 365) {
+            err(eb, ecap, "[experiment.%s] window_days: expected 1..365, got '%s'", exp, value);
+            return CFG_EFILE;
+        }
+        e->window_days = (int)d;
+    } else if (!strcmp(name, "weights")) {
+        for (int i = 0; i < e->n_weights; i++)
+            free(e->weight_names[i]);
+        e->n_weights = 0;
+        return parse_weights(e, value, eb, ecap);
+    } else {
+        err(eb, ecap, "[experiment.%s]: unknown setting '%s' (control, weights, exposure_event, "
+            "window_days)", exp, name);
+        return CFG_EFILE;
+    }
+    return 0;
+}
+
 struct ini_ctx {
     cfg_t *c;
     char *eb;
@@ -189,6 +294,10 @@ static int ini_cb(void *ud, const char *section, const char *name, const char *v
         return 0;
     if (!strcmp(section, "kafka")) {
         x->rc = add_kafka_prop(x->c, name, value, x->eb, x->ecap);
+        return x->rc == 0;
+    }
+    if (!strncmp(section, "experiment.", 11)) {
+        x->rc = set_experiment(x->c, section + 11, name, value, x->eb, x->ecap);
         return x->rc == 0;
     }
     if (section[0] && strcmp(section, "clickmartd") != 0) {
@@ -331,7 +440,7 @@ void cfg_print_help(FILE *out, const char *prog)
         const opt_t *o = &opts[k];
         char left[64];
         snprintf(left, sizeof left, "--%s%s", o->name,
-                 o->type == OPT_BOOL ? "" : (o->type == OPT_INT ? " N" : " VALUE"));
+                 o->type == OPT_BOOL ? "" : (o->type == OPT_STR ? " VALUE" : " N"));
         fprintf(out, "  %-28s %s", left, o->help);
         if (o->type == OPT_INT)
             fprintf(out, " [default %s, %lld..%lld]", o->def, (long long)o->min,
@@ -340,6 +449,13 @@ void cfg_print_help(FILE *out, const char *prog)
             fprintf(out, " [default %s]", o->def);
         fputc('\n', out);
     }
+    fprintf(out,
+            "\nPer-experiment settings go in the config file, one section per experiment:\n"
+            "  [experiment.checkout_redesign]\n"
+            "  control = control\n"
+            "  weights = control:50,treatment:50\n"
+            "  exposure_event = product_view\n"
+            "  window_days = 7\n\n");
     fprintf(out, "  %-28s %s\n", "-X prop=value",
              "Pass a librdkafka property (TLS, SASL, ...), as kcat does; repeatable.");
     fprintf(out, "  %-28s %s\n", "--help", "Show this help and exit.");
@@ -368,6 +484,8 @@ void cfg_dump(const cfg_t *c, FILE *out)
             }
         } else if (o->type == OPT_INT) {
             fprintf(out, "%s = %lld\n", o->name, (long long)*(const int64_t *)base);
+        } else if (o->type == OPT_DOUBLE) {
+            fprintf(out, "%s = %g\n", o->name, *(const double *)base);
         } else {
             fprintf(out, "%s = %s\n", o->name, *(const int *)base ? "true" : "false");
         }
@@ -385,6 +503,14 @@ void cfg_free(cfg_t *c)
     for (int i = 0; i < c->n_kafka_props; i++) {
         free(c->kafka_prop_names[i]);
         free(c->kafka_prop_values[i]);
+    }
+    for (int i = 0; i < c->n_experiments; i++) {
+        cfg_experiment_t *e = &c->experiments[i];
+        free(e->name);
+        free(e->control);
+        free(e->exposure_event);
+        for (int k = 0; k < e->n_weights; k++)
+            free(e->weight_names[k]);
     }
     memset(c, 0, sizeof *c);
 }

@@ -14,6 +14,19 @@
 #include <stdio.h>
 
 #define CFG_MAX_KAFKA_PROPS 64
+#define CFG_MAX_EXPERIMENTS 64
+#define CFG_MAX_WEIGHTS 16
+
+/* One [experiment.NAME] section of the config file. */
+typedef struct cfg_experiment {
+    char *name;
+    char *control;        /* NULL: the contract's default */
+    char *exposure_event; /* NULL: --exposure-event */
+    int window_days;      /* 0: --window-days */
+    int n_weights;
+    char *weight_names[CFG_MAX_WEIGHTS];
+    double weights[CFG_MAX_WEIGHTS];
+} cfg_experiment_t;
 
 typedef struct cfg {
     char *config_path;
@@ -40,7 +53,14 @@ typedef struct cfg {
     int64_t shutdown_timeout_ms;
     int64_t sweep_per_batch;
     int64_t stats_log_interval_ms;
+    int64_t stats_interval_ms;
+    int64_t window_days;
+    char *exposure_event;
+    double confidence;
+    double sequential_tuning;
     int exit_at_end;
+    int n_experiments;
+    cfg_experiment_t experiments[CFG_MAX_EXPERIMENTS];
     /* librdkafka properties from -X prop=value and the [kafka] section. */
     int n_kafka_props;
     char *kafka_prop_names[CFG_MAX_KAFKA_PROPS];

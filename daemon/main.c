@@ -44,6 +44,8 @@ typedef struct dmn {
     uv_work_t work;
     int inflight;
     agg_flush_t *fl;
+    int fl_regression;      /* this flush refits the experiments' regressions */
+    double last_regression; /* monotonic ms of the last refit */
     int fl_rc;
     char fl_err[512];
     double fl_t0;
@@ -269,7 +271,7 @@ static void flush_work(uv_work_t *w)
             return;
         }
     }
-    r = agg_flush_collect(d->agg, &d->fl);
+    r = agg_flush_collect(d->agg, d->fl_regression, &d->fl);
     if (r) {
         snprintf(d->fl_err, sizeof d->fl_err, "collect: %s", agg_strerror(r));
         d->fl_rc = r;
@@ -295,6 +297,8 @@ static void flush_after(uv_work_t *w, int status)
             cm_warn("cannot clear flushed rows", "error=\"%s\"", agg_strerror(dr));
         }
         d->batches_flushed = d->batches_at_flush;
+        if (d->fl_regression)
+            d->last_regression = d->fl_t0;
         d->flushed_once = 1;
         d->last_flush_at = cm_now_ms();
         d->last_flush_ms = ms;
@@ -349,6 +353,8 @@ static void start_flush(dmn_t *d)
         return;
     d->inflight = 1;
     d->fl_t0 = cm_mono_ms();
+    d->fl_regression =
+        d->stopping || d->fl_t0 - d->last_regression >= (double)d->cfg.stats_interval_ms;
     d->batches_at_flush = d->batches;
     d->work.data = d;
     int r = uv_queue_work(d->loop, &d->work, flush_work, flush_after);
@@ -759,8 +765,27 @@ static int setup(dmn_t *d)
         cm_err("cannot open state", "dir=%s error=\"%s\"", d->cfg.state_dir, st_strerror(r));
         return 1;
     }
-    agg_conf_t ac = {d->cfg.topic, d->cfg.session_gap_ms, d->cfg.allowed_lateness_ms,
-                     d->cfg.sweep_per_batch};
+    agg_exp_conf_t xc[CFG_MAX_EXPERIMENTS];
+    for (int i = 0; i < d->cfg.n_experiments; i++) {
+        const cfg_experiment_t *e = &d->cfg.experiments[i];
+        xc[i] = (agg_exp_conf_t){e->name,
+                                 e->control,
+                                 e->n_weights,
+                                 (const char *const *)e->weight_names,
+                                 e->weights,
+                                 e->exposure_event,
+                                 e->window_days};
+    }
+    agg_conf_t ac = {d->cfg.topic,
+                     d->cfg.session_gap_ms,
+                     d->cfg.allowed_lateness_ms,
+                     d->cfg.sweep_per_batch,
+                     xc,
+                     d->cfg.n_experiments,
+                     d->cfg.exposure_event,
+                     (int)d->cfg.window_days,
+                     d->cfg.confidence,
+                     d->cfg.sequential_tuning};
     r = agg_open(d->env, &ac, &d->agg);
     if (r) {
         cm_err("cannot open aggregator", "error=\"%s\"", agg_strerror(r));

@@ -20,6 +20,7 @@
 static const char *const db_names[ST_DB__COUNT] = {
     "meta",    "dedup", "sessions", "users",  "ustage", "funnel",
     "dirty",   "rejects", "product", "pairs", "basket", "uweeks", "cohort",
+    "xevents", "xuser",   "xvar",    "xcell", "xexp",
 };
 
 struct st_env {

@@ -78,6 +78,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static void history_flush_note(void);
 
+static bool g_verbose; /* CLICKMART_FUZZ_VERBOSE: one line per input */
 static const uint8_t *g_cur_data;
 static size_t g_cur_size;
 
@@ -778,7 +779,11 @@ static void state_open(void)
         fprintf(stderr, "clickmart-fuzz: st_open(%s): %s\n", S.dir, st_strerror(r));
         abort();
     }
-    agg_conf_t conf = {"fuzz", SESSION_GAP_MS, LATENESS_MS, 16};
+    /* Designated: every setting not named here takes the contract's default. */
+    agg_conf_t conf = {.topic = "fuzz",
+                       .session_gap_ms = SESSION_GAP_MS,
+                       .allowed_lateness_ms = LATENESS_MS,
+                       .sweep_per_batch = 16};
     r = agg_open(S.env, &conf, &S.agg);
     if (r != 0) {
         fprintf(stderr, "clickmart-fuzz: agg_open: %s\n", agg_strerror(r));
@@ -818,10 +823,10 @@ static bool known_reason(const char *s)
 }
 
 /* Collect a flush of the committed state, check what it can be checked for, ack it. */
-static void flush_and_check(void)
+static void flush_and_check(bool regression)
 {
     agg_flush_t *f = NULL;
-    int r = agg_flush_collect(S.agg, &f);
+    int r = agg_flush_collect(S.agg, regression, &f);
     CHECK(r == 0, "agg_flush_collect: %s", agg_strerror(r));
     const snk_batch_t *b = agg_flush_batch(f);
     const agg_partition_t *p = agg_partition(S.agg, 0);
@@ -980,6 +985,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     (void)argc;
     (void)argv;
     cm_log_set_level(CM_LOG_ERROR);
+    const char *verbose = getenv("CLICKMART_FUZZ_VERBOSE");
+    g_verbose = verbose != NULL && *verbose != '\0' && strcmp(verbose, "0") != 0;
     const char *tmp = getenv("TMPDIR");
     snprintf(S.root, sizeof S.root, "%s/clickmart-fuzz-XXXXXX", tmp && *tmp ? tmp : "/tmp");
     if (mkdtemp(S.root) == NULL) {
@@ -1024,8 +1031,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     json_decref(root);
 
     apply(data, size, got, detail, &ev);
+    if (g_verbose) {
+        const agg_partition_t *p = agg_partition(S.agg, 0);
+        fprintf(stderr, "clickmart-fuzz: %zu bytes: %s%s%s; partition 0: %lld accepted, %lld duplicates, %lld rejected\n",
+                size, ing_reason_name(got), *detail ? " " : "", detail, (long long)p->accepted,
+                (long long)p->duplicates, (long long)p->rejected);
+    }
     if (S.since_reset % FLUSH_EVERY == 0)
-        flush_and_check();
+        flush_and_check(S.since_reset % (4 * FLUSH_EVERY) == 0);
     return 0;
 }
 

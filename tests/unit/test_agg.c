@@ -426,7 +426,7 @@ static void to_ing(const tev_t *t, ing_event_t *e)
 static void flush(agg_t *a)
 {
     agg_flush_t *f;
-    assert_int_equal(agg_flush_collect(a, &f), 0);
+    assert_int_equal(agg_flush_collect(a, 1, &f), 0);
     apply_flush(agg_flush_batch(f));
     apply_gen(agg_flush_batch(f));
     assert_int_equal(agg_flush_done(a, f), 0);
@@ -465,7 +465,7 @@ static void run_round(uint64_t seed, int n, int users, int64_t spread_ms, int sw
     st_env_t *env;
     assert_int_equal(st_open(dir, 64 << 20, ST_SYNC_NONE, &env), 0);
     agg_t *a;
-    agg_conf_t conf = {"t", GAP, 1000LL * DAY, sweep};
+    agg_conf_t conf = {"t", GAP, 1000LL * DAY, sweep, NULL, 0, NULL, 0, 0, 0};
     assert_int_equal(agg_open(env, &conf, &a), 0);
     ing_event_t *ie = malloc(sizeof *ie);
     int64_t off = 0;
@@ -550,7 +550,7 @@ static void test_gap_boundary_and_session_id_change(void **state)
     st_env_t *env;
     assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &env), 0);
     agg_t *a;
-    agg_conf_t conf = {"t", GAP, 2 * DAY, 0};
+    agg_conf_t conf = {"t", GAP, 2 * DAY, 0, NULL, 0, NULL, 0, 0, 0};
     assert_int_equal(agg_open(env, &conf, &a), 0);
     int64_t t0 = 1700000000000LL;
     assert_int_equal(agg_batch_begin(a), 0);
@@ -595,7 +595,7 @@ static void test_gap_boundary_and_session_id_change(void **state)
     assert_int_equal(p->rejects_by_reason[ING_R_TOO_LATE], 1);
     assert_int_equal(p->next_offset, 6);
     agg_flush_t *f;
-    assert_int_equal(agg_flush_collect(a, &f), 0);
+    assert_int_equal(agg_flush_collect(a, 1, &f), 0);
     assert_int_equal(agg_flush_batch(f)->n_rejects, 1);
     assert_string_equal(agg_flush_batch(f)->rejects[0].reason, "too_late");
     assert_int_equal(agg_flush_done(a, f), 0);
@@ -616,7 +616,7 @@ static void test_compaction_drops_final_state(void **state)
     st_env_t *env;
     assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &env), 0);
     agg_t *a;
-    agg_conf_t conf = {"t", GAP, DAY, 1000};
+    agg_conf_t conf = {"t", GAP, DAY, 1000, NULL, 0, NULL, 0, 0, 0};
     assert_int_equal(agg_open(env, &conf, &a), 0);
     int64_t t0 = 1700000000000LL;
     /* One event per hour for 5 days: only the last day's state may stay. */
@@ -654,7 +654,7 @@ static agg_t *open_fresh(char *dir, st_env_t **env, int64_t lateness)
     assert_non_null(mkdtemp(dir));
     assert_int_equal(st_open(dir, 64 << 20, ST_SYNC_NONE, env), 0);
     agg_t *a;
-    agg_conf_t conf = {"t", GAP, lateness, 0};
+    agg_conf_t conf = {"t", GAP, lateness, 0, NULL, 0, NULL, 0, 0, 0};
     assert_int_equal(agg_open(*env, &conf, &a), 0);
     n_sess_tab = n_user_tab = n_fun_tab = n_gtab = 0;
     return a;
