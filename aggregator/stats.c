@@ -407,8 +407,8 @@ int stx_compare(const stx_suff_t *t, const stx_suff_t *c, double alpha, double n
     if (!out)
         return STX_EINVAL;
     compare_clear(out);
-    if (!(alpha > 0.0 && alpha < 1.0) || !isfinite(n_star) || !(n_star > 0.0) ||
-        !suff_valid(t) || !suff_valid(c))
+    if (!(alpha > 0.0 && alpha < 1.0) || !isfinite(n_star) || !(n_star > 0.0) || !suff_valid(t) ||
+        !suff_valid(c))
         return STX_EINVAL;
     if (t->users == 0 || c->users == 0)
         return 0;

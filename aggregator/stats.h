@@ -149,9 +149,9 @@ int stx_variant_summary(const stx_suff_t *s, stx_variant_t *out);
 /* The comparison columns of a non-control row (CONTRACT §6). */
 typedef struct stx_compare {
     stx_val_t abs_lift, rel_lift;
-    stx_val_t diff_ci_low, diff_ci_high; /* unpooled Wald */
-    stx_val_t rel_ci_low, rel_ci_high;   /* delta method */
-    stx_val_t z, p_value;                /* pooled two-proportion z-test */
+    stx_val_t diff_ci_low, diff_ci_high;            /* unpooled Wald */
+    stx_val_t rel_ci_low, rel_ci_high;              /* delta method */
+    stx_val_t z, p_value;                           /* pooled two-proportion z-test */
     stx_val_t seq_ci_low, seq_ci_high, seq_p_value; /* normal-mixture confidence sequence */
     stx_val_t chance_to_win;
     stx_val_t rpu_diff, rpu_ci_low, rpu_ci_high, rpu_p_value; /* Welch */
@@ -211,15 +211,15 @@ int stx_srm(const int64_t *users, const double *weights, int k, stx_val_t *chi2,
 #define STX_LOGIT_MAX_ITER 50
 
 typedef struct stx_logit {
-    int p;                            /* number of coefficients */
-    int64_t n;                        /* observations (sum of trials) */
-    int iterations;                   /* Newton steps taken */
-    int converged;                    /* 1 on success */
-    double deviance;                  /* -2 log-likelihood at the optimum */
-    double coef[STX_LOGIT_MAX_P];     /* maximum likelihood estimates */
-    double std_err[STX_LOGIT_MAX_P];  /* sqrt of the diagonal of the inverse information */
-    double z[STX_LOGIT_MAX_P];        /* coef / std_err */
-    double p_value[STX_LOGIT_MAX_P];  /* two-sided normal: 2 Φ(-|z|) */
+    int p;                           /* number of coefficients */
+    int64_t n;                       /* observations (sum of trials) */
+    int iterations;                  /* Newton steps taken */
+    int converged;                   /* 1 on success */
+    double deviance;                 /* -2 log-likelihood at the optimum */
+    double coef[STX_LOGIT_MAX_P];    /* maximum likelihood estimates */
+    double std_err[STX_LOGIT_MAX_P]; /* sqrt of the diagonal of the inverse information */
+    double z[STX_LOGIT_MAX_P];       /* coef / std_err */
+    double p_value[STX_LOGIT_MAX_P]; /* two-sided normal: 2 Φ(-|z|) */
 } stx_logit_t;
 
 /*

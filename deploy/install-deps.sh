@@ -10,6 +10,7 @@ PACKAGES=(
   libxxhash-dev libcmocka-dev libinih-dev libhttp-parser-dev r-mathlib
   postgresql postgresql-client kcat lmdb-utils
   curl python3 zstd procps util-linux
+  clang libclang-rt-dev
 )
 
 missing=()

@@ -485,8 +485,17 @@ static json_t *oracle(const uint8_t *data, size_t size, want_t *w)
         w->reason = ING_R_PAYLOAD_TOO_LARGE;
         return NULL;
     }
+    /*
+     * Checked here rather than left to jansson: the value must be UTF-8, and no
+     * JSON text holds a raw NUL byte (jansson 2.14 skips one that directly follows
+     * a number or a literal, e.g. {"a":1<NUL>}).
+     */
+    if (size == 0 || memchr(data, '\0', size) != NULL || !utf8_valid(data, size)) {
+        w->reason = ING_R_INVALID_JSON;
+        return NULL;
+    }
     bool iar;
-    json_t *root = size > 0 ? parse(data, size, &iar) : NULL;
+    json_t *root = parse(data, size, &iar);
     if (root == NULL) {
         w->reason = ING_R_INVALID_JSON;
         return NULL;

@@ -962,17 +962,44 @@ def _betacf(a, b, x):
     raise ArithmeticError("incomplete beta: no convergence (a=%r, b=%r, x=%r)" % (a, b, x))
 
 
-def betainc(a, b, x, y=None):
-    """Regularized incomplete beta I_x(a, b); y = 1 − x when the caller knows it more
-    precisely than 1 − x."""
+_STIRLING = (1.0 / 12, -1.0 / 360, 1.0 / 1260, -1.0 / 1680, 1.0 / 1188, -691.0 / 360360,
+             1.0 / 156)
+
+
+def _stirling_tail(z):
+    """ln Γ(z) − [(z − ½) ln z − z + ½ ln 2π] for z ≥ 10 (Stirling's series)."""
+    zz = 1.0 / (z * z)
+    total, power = 0.0, 1.0 / z
+    for coef in _STIRLING:
+        total += coef * power
+        power *= zz
+    return total
+
+
+def lgamma_ratio(a, b):
+    """ln Γ(a + b) − ln Γ(a), without the cancellation of two large lgamma values when
+    a is large (b > 0 moderate)."""
+    if a < 10.0:
+        return math.lgamma(a + b) - math.lgamma(a)
+    return (b * math.log(a) + (a + b - 0.5) * math.log1p(b / a) - b
+            + _stirling_tail(a + b) - _stirling_tail(a))
+
+
+def betainc(a, b, x, y=None, log_x=None, log_y=None):
+    """Regularized incomplete beta I_x(a, b).  y = 1 − x, log_x = ln x and log_y = ln y
+    may be given when the caller knows them more precisely than by subtraction."""
     if y is None:
         y = 1.0 - x
     if x <= 0.0:
         return 0.0
     if y <= 0.0:
         return 1.0
-    lbt = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-           + a * math.log(x) + b * math.log(y))
+    if log_x is None:
+        log_x = math.log(x)
+    if log_y is None:
+        log_y = math.log(y)
+    big, small = (a, b) if a >= b else (b, a)
+    lbt = lgamma_ratio(big, small) - math.lgamma(small) + a * log_x + b * log_y
     bt = math.exp(lbt)
     if x < (a + 1.0) / (a + b + 2.0):
         return bt * _betacf(a, b, x) / a
@@ -980,9 +1007,13 @@ def betainc(a, b, x, y=None):
 
 
 def t_two_sided(t, df):
-    """P(|T| ≥ |t|) for Student's t with df (real, > 0) degrees of freedom."""
+    """P(|T| ≥ |t|) for Student's t with df (real, > 0) degrees of freedom:
+    I_x(df/2, 1/2) with x = df / (df + t²)."""
     t2 = t * t
-    return betainc(df / 2.0, 0.5, df / (df + t2), t2 / (df + t2))
+    if t2 == 0.0:
+        return 1.0
+    return betainc(df / 2.0, 0.5, df / (df + t2), t2 / (df + t2),
+                   log_x=-math.log1p(t2 / df), log_y=math.log(t2) - math.log(df + t2))
 
 
 def t_cdf(t, df):

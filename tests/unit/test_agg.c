@@ -143,7 +143,9 @@ static void apply_flush(const snk_batch_t *b)
 typedef struct grow_ {
     int table;
     char key[300];
-    int64_t v[8];
+    int64_t v[12];
+    int null[12];
+    char text[12][80];
     int live;
 } grow_t;
 static grow_t gtab[20000];
@@ -187,8 +189,12 @@ static void apply_gen(const snk_batch_t *b)
         for (size_t i = 0; i < b->gen[t].n; i++) {
             const snk_val_t *row = b->gen[t].vals + i * (size_t)nc;
             grow_t *g = gfind(t, row, nk, 1);
-            for (int k = nk; k < nc && k - nk < 8; k++)
+            for (int k = nk; k < nc && k - nk < 12; k++) {
                 g->v[k - nk] = row[k].i;
+                g->null[k - nk] = row[k].null;
+                snprintf(g->text[k - nk], sizeof g->text[k - nk], "%s",
+                         row[k].s ? row[k].s : "");
+            }
             g->live = 1;
         }
     }
@@ -853,6 +859,140 @@ static void test_retention_equals_recompute(void **state)
     }
 }
 
+/* ---- experiments ---- */
+
+static void xassign(agg_t *a, int64_t off, const char *eid, const char *uid, int64_t ts,
+                    const char *exp, const char *var)
+{
+    ing_event_t *e = calloc(1, sizeof *e);
+    tev_t t = {0};
+    snprintf(t.eid, sizeof t.eid, "%s", eid);
+    snprintf(t.uid, sizeof t.uid, "%s", uid);
+    t.ts = ts;
+    t.type = ING_ET_ASSIGNMENT;
+    to_ing(&t, e);
+    memcpy(e->event_type, "experiment_assignment", 22);
+    e->event_type_len = 21;
+    e->experiment_len = (uint8_t)strlen(exp);
+    memcpy(e->experiment, exp, e->experiment_len + 1);
+    e->variant_len = (uint8_t)strlen(var);
+    memcpy(e->variant, var, e->variant_len + 1);
+    assert_int_equal(agg_apply_event(a, 0, off, e, "", 0, 0), 0);
+    free(e);
+}
+
+static void xevent(agg_t *a, int64_t off, const char *eid, const char *uid, int64_t ts, int type,
+                   int64_t cents)
+{
+    static const char *names[] = {"search",   "page_view", "product_view",
+                                  "add_to_cart", "checkout", "purchase"};
+    ing_event_t *e = calloc(1, sizeof *e);
+    tev_t t = {0};
+    snprintf(t.eid, sizeof t.eid, "%s", eid);
+    snprintf(t.uid, sizeof t.uid, "%s", uid);
+    t.ts = ts;
+    t.type = type;
+    t.cents = cents;
+    to_ing(&t, e);
+    e->event_type_len = (uint8_t)strlen(names[type]);
+    memcpy(e->event_type, names[type], e->event_type_len + 1);
+    assert_int_equal(agg_apply_event(a, 0, off, e, "", 0, 0), 0);
+    free(e);
+}
+
+static grow_t *xrow(int table, const char *exp, const char *uid)
+{
+    snk_val_t key[2] = {{0, 0, exp, 0}, {0, 0, uid, 0}};
+    grow_t *g = gfind(table, key, 2, 0);
+    return g && g->live ? g : NULL;
+}
+
+static void test_exposure_and_window(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    st_env_t *env;
+    agg_t *a = open_fresh(dir, &env, 30 * DAY);
+    int64_t t0 = 1700000000000LL, W = 7 * DAY;
+    int64_t o = 0;
+    assert_int_equal(agg_batch_begin(a), 0);
+    /* u1: assigned, exposed at t0+1h; purchases just inside and at the window edge. */
+    xassign(a, o++, "a1", "u1", t0, "exp", "treatment");
+    xevent(a, o++, "v1", "u1", t0 + 3600000, ING_ET_PRODUCT_VIEW, 0);
+    xevent(a, o++, "p1", "u1", t0 + 3600000 + W - 1, ING_ET_PURCHASE, 1000);
+    xevent(a, o++, "p2", "u1", t0 + 3600000 + W, ING_ET_PURCHASE, 5000);
+    /* u2: the only product view comes before the assignment: never exposed. */
+    xevent(a, o++, "v2", "u2", t0 - 60000, ING_ET_PRODUCT_VIEW, 0);
+    xassign(a, o++, "a2", "u2", t0, "exp", "control");
+    /* u3: contaminated: assigned to both variants, exposed. */
+    xassign(a, o++, "a3", "u3", t0, "exp", "control");
+    xassign(a, o++, "a4", "u3", t0 + 1000, "exp", "treatment");
+    xevent(a, o++, "v3", "u3", t0 + 2000, ING_ET_PRODUCT_VIEW, 0);
+    /* u4: exposed at t0+5d with a purchase at t0+5d+1h ... */
+    xassign(a, o++, "a5", "u4", t0, "exp", "control");
+    xevent(a, o++, "v4", "u4", t0 + 5 * DAY, ING_ET_PRODUCT_VIEW, 0);
+    xevent(a, o++, "p4", "u4", t0 + 5 * DAY + 3600000, ING_ET_PURCHASE, 700);
+    xevent(a, o++, "c4", "u4", t0 + 5 * DAY + 60000, ING_ET_ADD_TO_CART, 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush(a);
+    grow_t *g = xrow(SNK_USER_OUTCOMES, "exp", "u1");
+    assert_non_null(g);
+    /* variant, exposed_at, converted, orders, revenue, events, cart, checkout */
+    assert_string_equal(g->text[0], "treatment");
+    assert_int_equal(g->v[1], t0 + 3600000);
+    assert_int_equal(g->v[2], 1);
+    assert_int_equal(g->v[3], 1);
+    assert_int_equal(g->v[4], 1000);
+    assert_int_equal(g->v[5], 2); /* the view and the first purchase */
+    g = xrow(SNK_USER_EXPOSURE, "exp", "u2");
+    assert_non_null(g);
+    assert_int_equal(g->null[2], 1); /* exposed_at NULL */
+    assert_null(xrow(SNK_USER_OUTCOMES, "exp", "u2"));
+    g = xrow(SNK_USER_EXPOSURE, "exp", "u3");
+    assert_non_null(g);
+    assert_int_equal(g->v[3], 1); /* excluded */
+    assert_string_equal(g->text[0], "control"); /* the earliest assignment's variant */
+    assert_null(xrow(SNK_USER_OUTCOMES, "exp", "u3"));
+    g = xrow(SNK_USER_OUTCOMES, "exp", "u4");
+    assert_non_null(g);
+    assert_int_equal(g->v[3], 1);
+    assert_int_equal(g->v[6], 1); /* added_to_cart */
+    /* A late product view moves u4's exposure to t0+1h: the purchase at
+     * t0+5d+1h is still inside the new window, a new one at t0+7d+2h is not. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    xevent(a, o++, "p5", "u4", t0 + 7 * DAY + 2 * 3600000, ING_ET_PURCHASE, 300);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush(a);
+    g = xrow(SNK_USER_OUTCOMES, "exp", "u4");
+    assert_int_equal(g->v[3], 2);
+    assert_int_equal(agg_batch_begin(a), 0);
+    xevent(a, o++, "v5", "u4", t0 + 3600000, ING_ET_PRODUCT_VIEW, 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush(a);
+    g = xrow(SNK_USER_OUTCOMES, "exp", "u4");
+    assert_int_equal(g->v[1], t0 + 3600000);
+    assert_int_equal(g->v[3], 1);
+    assert_int_equal(g->v[4], 700);
+    assert_int_equal(g->v[5], 4); /* v5, v4, c4, p4 */
+    /* A late assignment before u2's product view exposes u2 after all. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    xassign(a, o++, "a0", "u2", t0 - 120000, "exp", "control");
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush(a);
+    g = xrow(SNK_USER_OUTCOMES, "exp", "u2");
+    assert_non_null(g);
+    assert_int_equal(g->v[1], t0 - 60000);
+    /* experiments row: 3 users (u1, u2, u4), 1 excluded (u3), control 'control'. */
+    snk_val_t ek[1] = {{0, 0, "exp", 0}};
+    g = gfind(SNK_EXPERIMENTS, ek, 1, 0);
+    assert_non_null(g);
+    assert_string_equal(g->text[0], "control");
+    assert_int_equal(g->v[1], 2);
+    assert_int_equal(g->v[2], 3);
+    assert_int_equal(g->v[3], 1);
+    close_fresh(a, env, dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -865,6 +1005,7 @@ int main(void)
         cmocka_unit_test(test_basket_pairs_repeated_products),
         cmocka_unit_test(test_cohort_moves_with_late_event),
         cmocka_unit_test(test_retention_equals_recompute),
+        cmocka_unit_test(test_exposure_and_window),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

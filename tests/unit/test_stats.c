@@ -94,8 +94,7 @@ static stx_suff_t props(int64_t users, int64_t converters)
     return s;
 }
 
-static stx_compare_t compare(const stx_suff_t *t, const stx_suff_t *c, double alpha,
-                             double n_star)
+static stx_compare_t compare(const stx_suff_t *t, const stx_suff_t *c, double alpha, double n_star)
 {
     stx_compare_t o;
     assert_int_equal(stx_compare(t, c, alpha, n_star, &o), 0);
@@ -261,8 +260,7 @@ static void test_two_proportions_extreme_tail(void **state)
 /* Revenue: Welch's t-test from sufficient statistics                      */
 /* ---------------------------------------------------------------------- */
 
-static const double REV_T[] = {0,  0, 12.5, 0, 30,   0, 7.25, 0,
-                               0, 99.99, 0, 45.1, 0, 0, 18.4};
+static const double REV_T[] = {0, 0, 12.5, 0, 30, 0, 7.25, 0, 0, 99.99, 0, 45.1, 0, 0, 18.4};
 static const double REV_C[] = {0, 5, 0, 0, 0, 22.75, 0, 0, 12.3, 0, 0, 0};
 #define NT (sizeof REV_T / sizeof REV_T[0])
 #define NC (sizeof REV_C / sizeof REV_C[0])
@@ -370,8 +368,14 @@ static void test_variant_summary(void **state)
     val_rel(v.revenue_sd, 11.877349391654208, 1e-14, "revenue_sd");
 
     /* One user: every rate, but no sample SD. */
-    stx_suff_t one = {.users = 1, .converters = 1, .orders = 1, .revenue_cents = 999,
-                      .revenue_sq = 9.99 * 9.99, .events = 4, .carts = 1, .checkouts = 1};
+    stx_suff_t one = {.users = 1,
+                      .converters = 1,
+                      .orders = 1,
+                      .revenue_cents = 999,
+                      .revenue_sq = 9.99 * 9.99,
+                      .events = 4,
+                      .carts = 1,
+                      .checkouts = 1};
     assert_int_equal(stx_variant_summary(&one, &v), 0);
     val_rel(v.revenue_per_user, 9.99, 1e-15, "rpu one");
     is_null(v.revenue_sd, "revenue_sd n=1");
@@ -631,12 +635,11 @@ static const int LG_VARIANT[] = {2, 2, 0, 1, 2, 1, 2, 1, 0, 0, 1, 2, 1, 2, 0, 0,
                                  1, 0, 2, 2, 2, 0, 1, 2, 2, 1, 1, 2, 0, 0, 1, 2, 0, 2, 1, 2,
                                  1, 0, 1, 2, 0, 2, 0, 0, 0, 2, 0, 1, 2, 1, 1, 1, 1, 1, 0, 1,
                                  0, 2, 2, 1, 0, 0, 0, 2, 0, 2, 1, 0, 0, 0, 0, 2, 2, 1, 2, 1};
-static const int LG_EVENTS[] = {9,  8,  13, 11, 11, 9,  10, 7,  11, 4,  12, 6,  8,  7,
-                                7,  15, 7,  12, 5,  9,  13, 10, 3,  6,  8,  11, 6,  12,
-                                9,  10, 9,  11, 6,  10, 15, 9,  8,  18, 11, 4,  7,  9,
-                                2,  11, 6,  9,  11, 6,  9,  14, 9,  6,  8,  10, 6,  15,
-                                9,  12, 9,  9,  7,  14, 20, 13, 7,  12, 8,  7,  9,  7,
-                                9,  10, 10, 12, 9,  8,  16, 12, 9,  11};
+static const int LG_EVENTS[] = {9, 8,  13, 11, 11, 9,  10, 7,  11, 4,  12, 6,  8,  7,  7,  15,
+                                7, 12, 5,  9,  13, 10, 3,  6,  8,  11, 6,  12, 9,  10, 9,  11,
+                                6, 10, 15, 9,  8,  18, 11, 4,  7,  9,  2,  11, 6,  9,  11, 6,
+                                9, 14, 9,  6,  8,  10, 6,  15, 9,  12, 9,  9,  7,  14, 20, 13,
+                                7, 12, 8,  7,  9,  7,  9,  10, 10, 12, 9,  8,  16, 12, 9,  11};
 static const int LG_CONV[] = {0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0,
                               1, 1, 0, 0, 0, 1, 0, 0, 1, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0,
                               1, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 1,
@@ -843,8 +846,8 @@ static void test_seq_contains_fixed(void **state)
     (void)state;
     /* Always at least as wide as the fixed-horizon Wald interval, for any
      * N: docs/experiments.md shows why (−2 ln α ≥ z*² for every α). */
-    const int64_t ns[] = {2, 5, 10, 37, 100, 500, 1000, 2500, 5000, 10000, 50000, 1000000,
-                          10000000, 1000000000};
+    const int64_t ns[] = {2,    5,    10,    37,    100,     500,      1000,
+                          2500, 5000, 10000, 50000, 1000000, 10000000, 1000000000};
     const double rates[][2] = {{0.1, 0.12}, {0.5, 0.45}, {0.01, 0.011}, {0.9, 0.2}, {0.3, 0.0}};
     for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++) {
         for (size_t r = 0; r < sizeof rates / sizeof rates[0]; r++) {
@@ -978,6 +981,71 @@ static void test_seq_p_iff_excludes(void **state)
     }
 }
 
+/*
+ * Drive the tuning N* to the exact point where the interval's edge touches 0
+ * (bisection down to adjacent doubles), where the p-value and the interval
+ * are two roundings of the same boundary and most likely to disagree.
+ */
+static void test_seq_boundary_bisection(void **state)
+{
+    (void)state;
+    static const double alphas[] = {0.05, 0.01, 0.1, 0.2, 0.003};
+    static const int64_t sizes[] = {200, 1000, 5000, 20000, 100000, 1000000, 10000000};
+    static const double zfix[] = {-4.5, 3.0, 3.5, 4.0, 5.0};
+    int checked = 0;
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+        for (size_t zi = 0; zi < sizeof zfix / sizeof zfix[0]; zi++) {
+            /* Control at 10%, treatment at a fixed-horizon z of about zfix. */
+            int64_t n = sizes[k];
+            double pt_ = 0.1 + zfix[zi] * sqrt(0.18 / (double)n);
+            int64_t xt = pt_ < 0 ? 0 : (int64_t)(pt_ * (double)n);
+            stx_suff_t t = props(n, xt), c = props(n + 7, (n + 7) / 10);
+            for (size_t a = 0; a < sizeof alphas / sizeof alphas[0]; a++) {
+                double alpha = alphas[a];
+                /* Find a significant and a not significant N* by a coarse scan. */
+                double yes = -1, no = -1;
+                for (double ns = 1e-3; ns < 1e12; ns *= 1.5) {
+                    stx_compare_t o = compare(&t, &c, alpha, ns);
+                    check_seq_consistent(&o, alpha);
+                    int ex = o.seq_ci_low.v > 0 || o.seq_ci_high.v < 0;
+                    if (ex && yes < 0)
+                        yes = ns;
+                    if (!ex && no < 0)
+                        no = ns;
+                }
+                if (yes < 0 || no < 0)
+                    continue;
+                for (int i = 0; i < 2000; i++) {
+                    double mid = 0.5 * (yes + no);
+                    if (mid == yes || mid == no)
+                        break;
+                    stx_compare_t o = compare(&t, &c, alpha, mid);
+                    check_seq_consistent(&o, alpha);
+                    if (o.seq_ci_low.v > 0 || o.seq_ci_high.v < 0)
+                        yes = mid;
+                    else
+                        no = mid;
+                }
+                /* The two neighbours of the boundary and a few ulps around. */
+                double probe[2] = {yes, no};
+                for (int j = 0; j < 2; j++) {
+                    double ns = probe[j];
+                    for (int u = 0; u < 8; u++)
+                        ns = nextafter(ns, 0.0);
+                    for (int u = 0; u < 16; u++) {
+                        stx_compare_t o = compare(&t, &c, alpha, ns);
+                        check_seq_consistent(&o, alpha);
+                        ns = nextafter(ns, INFINITY);
+                        checked++;
+                    }
+                }
+            }
+        }
+    }
+    print_message("boundary probes: %d\n", checked);
+    assert_true(checked >= 500);
+}
+
 /* ---------------------------------------------------------------------- */
 /* NULL cases                                                               */
 /* ---------------------------------------------------------------------- */
@@ -1040,10 +1108,10 @@ static void test_null_cases(void **state)
     is_null(o.seq_p_value, "seq extremes");
 
     /* One user per arm: a difference of means, no Welch test. */
-    stx_suff_t u1 = {.users = 1, .converters = 1, .orders = 1, .revenue_cents = 500,
-                     .revenue_sq = 25.0};
-    stx_suff_t u2 = {.users = 1, .converters = 1, .orders = 1, .revenue_cents = 200,
-                     .revenue_sq = 4.0};
+    stx_suff_t u1 = {
+        .users = 1, .converters = 1, .orders = 1, .revenue_cents = 500, .revenue_sq = 25.0};
+    stx_suff_t u2 = {
+        .users = 1, .converters = 1, .orders = 1, .revenue_cents = 200, .revenue_sq = 4.0};
     o = compare(&u1, &u2, 0.05, 5000);
     val_rel(o.rpu_diff, 3.0, 1e-15, "rpu_diff n=1");
     is_null(o.rpu_p_value, "rpu_p n=1");
@@ -1114,6 +1182,7 @@ int main(void)
         cmocka_unit_test(test_seq_contains_fixed),
         cmocka_unit_test(test_seq_shrinks),
         cmocka_unit_test(test_seq_p_iff_excludes),
+        cmocka_unit_test(test_seq_boundary_bisection),
         cmocka_unit_test(test_null_cases),
         cmocka_unit_test(test_random_no_nan),
     };
