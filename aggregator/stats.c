@@ -710,6 +710,7 @@ static void logit_clear(stx_logit_t *out, int p)
 #define STEP_TOL 1e-10
 #define DEV_TOL 1e-12
 #define SEPARATION_STEP 1e-3
+#define SEPARATION_STALLS 3
 #define MAX_HALVINGS 30
 
 static int logit_fit(const double *X, const obs_t *o, size_t n, int p, int max_iter,
@@ -744,7 +745,7 @@ static int logit_fit(const double *X, const obs_t *o, size_t n, int p, int max_i
     double beta[STX_LOGIT_MAX_P] = {0}, trial[STX_LOGIT_MAX_P], g[STX_LOGIT_MAX_P];
     double delta[STX_LOGIT_MAX_P], info[STX_LOGIT_MAX_P * STX_LOGIT_MAX_P];
     double dev = deviance(X, o, n, p, beta);
-    int converged = 0, it;
+    int converged = 0, stalled = 0, it;
 
     for (it = 1; it <= max_iter && !converged; it++) {
         score_info(X, o, n, p, beta, g, info);
@@ -780,13 +781,22 @@ static int logit_fit(const double *X, const obs_t *o, size_t n, int p, int max_i
         dev = new_dev;
 
         /* The Newton step, not the (possibly halved) step taken, measures
-         * the distance to the optimum. */
+         * the distance to the optimum. A settled deviance with a large step
+         * is what separation looks like (a coefficient walks towards
+         * infinity by about 1 per step while the likelihood approaches its
+         * supremum), but also, once, what a nearly flat direction of a real
+         * optimum can look like; Newton converges quadratically, so a real
+         * optimum shows a small step within an iteration or two, and
+         * separation never does. */
         if (maxd < STEP_TOL) {
             converged = 1;
         } else if (rel < DEV_TOL) {
-            if (maxd >= SEPARATION_STEP)
+            if (maxd < SEPARATION_STEP)
+                converged = 1;
+            else if (++stalled >= SEPARATION_STALLS)
                 return STX_ESEPARATION;
-            converged = 1;
+        } else {
+            stalled = 0;
         }
     }
     if (!converged)

@@ -227,12 +227,14 @@ typedef struct stx_logit {
  * method (IRLS), starting from β = 0. X is n x p, row-major, and includes the
  * intercept column; y holds 0 or 1. max_iter <= 0 means STX_LOGIT_MAX_ITER.
  *
- * Converged when the largest |Δβ_j| of a Newton step is below 1e-10, or when
- * the deviance changes by less than 1e-12 × (|deviance| + 0.1) over a step
- * whose largest |Δβ_j| is below 1e-3. The second condition is what ends a fit
- * whose coefficients cannot get below 1e-10 in floating point; its guard on
- * the step rejects separation, where the deviance settles while a
- * coefficient keeps moving by about 1 per step towards infinity.
+ * Converged when the largest |Δβ_j| of a Newton step is below 1e-10, or
+ * when the deviance changes by less than 1e-12 × (|deviance| + 0.1) over a
+ * step whose largest |Δβ_j| is below 1e-3. The second condition ends a fit
+ * whose coefficients cannot get below 1e-10 in floating point. Its guard on
+ * the step is there for separation, where the deviance settles while a
+ * coefficient keeps moving by about 1 per step towards infinity: three
+ * consecutive steps with a settled deviance and a step of 1e-3 or more are
+ * reported as STX_ESEPARATION.
  *
  * Returns 0 with every array entry finite, or a negative code and
  * out->converged = 0: STX_EFEW (fewer than 2 successes or 2 failures),

@@ -78,6 +78,9 @@ static const opt_t opts[] = {
      "N* of the always-valid confidence sequence (the sample size it is tightest at), > 0."},
     {"exit-at-end", OPT_BOOL, O(exit_at_end), "false", 0, 1,
      "Consume up to the end offsets seen at start, flush and exit 0."},
+    {"allow-state-rebuild", OPT_BOOL, O(allow_state_rebuild), "false", 0, 1,
+     "With an empty state dir but populated tables: empty the tables and rebuild from the "
+     "earliest offsets (without it the daemon refuses to start)."},
     {"log-level", OPT_STR, O(log_level), "info", 0, 0, "error, warn, info or debug."},
     {"log-format", OPT_STR, O(log_format), "text", 0, 0, "text (key=value) or json."},
 };

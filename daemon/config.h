@@ -59,6 +59,7 @@ typedef struct cfg {
     double confidence;
     double sequential_tuning;
     int exit_at_end;
+    int allow_state_rebuild;
     int n_experiments;
     cfg_experiment_t experiments[CFG_MAX_EXPERIMENTS];
     /* librdkafka properties from -X prop=value and the [kafka] section. */

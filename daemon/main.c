@@ -67,6 +67,7 @@ typedef struct dmn {
     uint64_t pauses;
 
     int pause_backpressure;
+    int rebuild; /* --allow-state-rebuild took effect: start from the earliest offsets */
     rd_kafka_message_t **held; /* a batch waiting for the map to grow */
     size_t n_held;
 
@@ -86,7 +87,65 @@ static int64_t state_offset(void *ud, int32_t p)
 {
     dmn_t *d = ud;
     const agg_partition_t *pp = agg_partition(d->agg, p);
-    return pp && pp->known ? pp->next_offset : -1;
+    if (pp && pp->known)
+        return pp->next_offset;
+    return d->rebuild ? ING_OFFSET_EARLIEST : -1;
+}
+
+/*
+ * An empty state directory in front of tables that already hold this
+ * topic's data (a wiped or lost state dir) would resume from the group's
+ * offsets with no state behind them and write wrong totals. Refuse that,
+ * unless --allow-state-rebuild asks to empty the tables and rebuild from
+ * the earliest offsets. Runs at startup, before anything is consumed.
+ */
+static int check_fresh_state(dmn_t *d)
+{
+    for (int32_t p = 0; p < AGG_MAX_PARTITIONS; p++)
+        if (agg_partition(d->agg, p)->known)
+            return 0;
+    int r = -1;
+    for (int attempt = 0; attempt < 30; attempt++) {
+        r = snk_open(d->cfg.pg, d->cfg.schema, &d->pg);
+        if (r == 0 && (r = snk_migrate(d->pg)) != 0) {
+            snk_close(d->pg);
+            d->pg = NULL;
+        }
+        if (r == 0)
+            break;
+        cm_warn("empty state: waiting for Postgres to check the tables",
+                "attempt=%d error=\"%s\"", attempt + 1, snk_last_error(d->pg));
+        uv_sleep(1000);
+    }
+    if (r) {
+        cm_err("empty state and Postgres unreachable: cannot tell whether the tables already "
+               "hold this topic; start Postgres and retry",
+               "error=\"%s\"", snk_last_error(NULL));
+        return 1;
+    }
+    int64_t rows = 0, max_next = 0;
+    if ((r = snk_topic_progress(d->pg, d->cfg.topic, &rows, &max_next)) != 0) {
+        cm_err("cannot read the partitions table", "error=\"%s\"", snk_last_error(d->pg));
+        return 1;
+    }
+    if (rows == 0 || max_next == 0)
+        return 0;
+    if (!d->cfg.allow_state_rebuild) {
+        cm_err("the state directory is empty but the tables already hold this topic up to "
+               "an offset; refusing to start (restore the state dir, or pass "
+               "--allow-state-rebuild to empty the tables and rebuild from the earliest offsets)",
+               "state_dir=%s topic=%s partitions=%lld max_next_offset=%lld", d->cfg.state_dir,
+               d->cfg.topic, (long long)rows, (long long)max_next);
+        return 1;
+    }
+    if ((r = snk_truncate_marts(d->pg)) != 0) {
+        cm_err("cannot empty the tables for the rebuild", "error=\"%s\"", snk_last_error(d->pg));
+        return 1;
+    }
+    cm_warn("state rebuild: tables emptied, consuming from the earliest offsets",
+            "topic=%s", d->cfg.topic);
+    d->rebuild = 1;
+    return 0;
 }
 
 static void update_pause(dmn_t *d)
@@ -791,6 +850,8 @@ static int setup(dmn_t *d)
         cm_err("cannot open aggregator", "error=\"%s\"", agg_strerror(r));
         return 1;
     }
+    if ((r = check_fresh_state(d)) != 0)
+        return r;
     ing_consumer_conf_t cc = {d->cfg.brokers,       d->cfg.topic,
                               d->cfg.group,         d->cfg.n_kafka_props,
                               d->cfg.kafka_prop_names, d->cfg.kafka_prop_values,
@@ -809,6 +870,17 @@ static int setup(dmn_t *d)
     if (d->n_parts > AGG_MAX_PARTITIONS) {
         cm_err("too many partitions", "partitions=%d max=%d", d->n_parts, AGG_MAX_PARTITIONS);
         return 1;
+    }
+    /* Kafka never removes partitions of a live topic; fewer partitions than
+     * the state knows means the topic was recreated, and its offsets no
+     * longer match the state. */
+    for (int32_t p = d->n_parts; p < AGG_MAX_PARTITIONS; p++) {
+        if (agg_partition(d->agg, p)->known) {
+            cm_err("the state knows a partition the topic no longer has (was the topic "
+                   "recreated?); refusing to start",
+                   "topic=%s partitions=%d state_partition=%d", d->cfg.topic, d->n_parts, p);
+            return 1;
+        }
     }
     if (d->cfg.exit_at_end) {
         d->ends = calloc((size_t)d->n_parts, sizeof *d->ends);

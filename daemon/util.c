@@ -57,8 +57,18 @@ void cm_fmt_ts(int64_t ms, char *buf, size_t cap)
     int frac = (int)(ms - (int64_t)secs * 1000);
     struct tm tm;
     gmtime_r(&secs, &tm);
-    snprintf(buf, cap, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
-             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, frac);
+    /* Formatted into a buffer wide enough for any int so that the copy,
+     * not the formatting, is what a small caller buffer cuts. */
+    char tmp[112];
+    snprintf(tmp, sizeof tmp, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
+             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, frac);
+    if (cap == 0)
+        return;
+    size_t n = strlen(tmp);
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(buf, tmp, n);
+    buf[n] = '\0';
 }
 
 /* Append a JSON-escaped copy of s[0..n) to out. */

@@ -247,7 +247,7 @@ int ing_consumer_start(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions)
         const char *from = "state";
         if (off >= 0) {
             tp->offset = off;
-        } else if (!e && tp->err == 0 && tp->offset >= 0) {
+        } else if (off != ING_OFFSET_EARLIEST && !e && tp->err == 0 && tp->offset >= 0) {
             from = "group";
         } else {
             tp->offset = RD_KAFKA_OFFSET_BEGINNING;

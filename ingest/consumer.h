@@ -37,7 +37,10 @@ typedef struct ing_consumer ing_consumer_t;
  */
 typedef void (*ing_msgs_fn)(void *ud, rd_kafka_message_t **msgs, size_t n);
 
-/* Returns the next offset kept in the state for a partition, or -1. */
+/* Returns the next offset kept in the state for a partition, -1 when the
+ * state has none (the group's offset, else the earliest, is used), or
+ * ING_OFFSET_EARLIEST to start from the earliest offset regardless. */
+#define ING_OFFSET_EARLIEST (-2)
 typedef int64_t (*ing_offset_fn)(void *ud, int32_t partition);
 
 typedef struct ing_consumer_conf {

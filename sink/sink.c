@@ -1764,6 +1764,47 @@ int snk_flush(snk_conn_t *c, const snk_batch_t *b)
 /* Small accessors                                                          */
 /* ------------------------------------------------------------------------ */
 
+int snk_topic_progress(snk_conn_t *c, const char *topic, int64_t *n_partitions,
+                       int64_t *max_next_offset)
+{
+    if (!c || !topic)
+        return SNK_EINVAL;
+    c->err[0] = '\0';
+    c->sql.len = 0;
+    sb_sql(&c->sql,
+           "SELECT count(*), coalesce(max(next_offset), 0) FROM {S}.partitions WHERE topic = $1",
+           c->schema_q);
+    const char *sql = sb_cstr(&c->sql);
+    if (!sql)
+        return SNK_ENOMEM;
+    const char *params[1] = {topic};
+    PGresult *res = PQexecParams(c->pg, sql, 1, NULL, params, NULL, NULL, 0);
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+        int rc = fail_res(c, "read partitions", res);
+        PQclear(res);
+        return rc;
+    }
+    *n_partitions = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    *max_next_offset = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+    PQclear(res);
+    return 0;
+}
+
+int snk_truncate_marts(snk_conn_t *c)
+{
+    if (!c)
+        return SNK_EINVAL;
+    c->err[0] = '\0';
+    /* One statement, so the tables are emptied together or not at all. */
+    int rc = exec_tmpl(c, "truncate marts",
+                       "TRUNCATE {S}.sessions, {S}.users, {S}.funnel_daily, {S}.partitions,"
+                       " {S}.rejected_events, {S}.product_daily, {S}.product_pairs,"
+                       " {S}.basket_daily, {S}.cohort_retention, {S}.user_exposure,"
+                       " {S}.user_outcomes, {S}.experiments, {S}.experiment_results,"
+                       " {S}.experiment_regression");
+    return rc;
+}
+
 int snk_ok(const snk_conn_t *c)
 {
     return c && c->pg && !c->broken && PQstatus(c->pg) == CONNECTION_OK;

@@ -145,6 +145,19 @@ int snk_migrate(snk_conn_t *c);
  * back and nothing is written; the caller retries the same rows later. */
 int snk_flush(snk_conn_t *c, const snk_batch_t *b);
 
+/*
+ * What the tables already hold for a topic: *n_partitions rows in
+ * `partitions` and the largest next_offset among them (0 when none). Used at
+ * startup to notice an empty state directory in front of populated tables.
+ * Call after snk_migrate.
+ */
+int snk_topic_progress(snk_conn_t *c, const char *topic, int64_t *n_partitions,
+                       int64_t *max_next_offset);
+
+/* Empty every mart table and the topic's pipeline rows in one transaction,
+ * before a rebuild from the earliest offsets (--allow-state-rebuild). */
+int snk_truncate_marts(snk_conn_t *c);
+
 /* 1 while the connection is usable, 0 after it broke (reopen with snk_open). */
 int snk_ok(const snk_conn_t *c);
 

@@ -5,9 +5,13 @@ SELFTEST (partitions 0-2) is the data set of test_reference_selftest.sh, whose e
 tables were worked out by hand; EDGE (partition 3) adds corner cases of CONTRACT §1.1
 where an independent implementation could read the contract differently (see
 docs/testing.md), used by test_edge_cases.sh to hold the daemon against the reference.
+MARTS (a data set of its own, partitions 0-2) exercises §3 cohort_retention, §4 and §5-§6:
+its expected tables are worked out by hand in test_reference_selftest.sh, and
+test_marts.sh holds the daemon against the reference on it.
 
-    handmade.py dump FILE [--edge]            write a kcat-format dump ('%p %o %S\n%s\n')
-    handmade.py produce BROKER TOPIC [--edge] produce them with kcat, each to its partition,
+    handmade.py dump FILE [--edge|--marts]    write a kcat-format dump ('%p %o %S\n%s\n')
+    handmade.py produce BROKER TOPIC [--edge|--marts]
+                                              produce them with kcat, each to its partition,
                                               in order (null values as null messages)
 """
 
@@ -242,14 +246,145 @@ SELFTEST = [P0, P1, P2]
 EDGE = _edge()
 
 
-def partitions(edge):
-    return SELFTEST + [EDGE] if edge else SELFTEST
+# ---------------------------------------------------------------------------
+# MARTS: §3 cohort_retention, §4 products, §5-§6 experiments.  Every event here has its
+# own event_id; the expected tables are in test_reference_selftest.sh.
+
+H = 3600000
+DAY = 86400000
+W0 = 1699833600000  # Monday 2023-11-13T00:00:00Z (day 19674), D = W0 + 2 days
 
 
-def write_dump(path, edge=False):
+def _marts_p0():
+    """Products (2023-11-15/16) and cohorts (weeks of Nov 13, 20, 27 and Dec 4)."""
+    return [
+        ev("m01", "c2", "page_view", W0 + DAY + 10 * H),                      # Tue Nov 14
+        ev("m02", "b1", "product_view", D + 9 * H, product_id="pA"),
+        ev("m03", "b1", "product_view", D + 9 * H + M, product_id="pA"),
+        ev("m04", "b1", "add_to_cart", D + 9 * H + 2 * M, product_id="pA"),
+        ev("m05", "b1", "product_view", D + 9 * H + 3 * M),                   # no product
+        ev("m06", "b1", "add_to_cart", D + 9 * H + 4 * M, product_id="pQ"),
+        ev("m07", "b1", "page_view", D + 9 * H + 5 * M, product_id="pY"),     # no view
+        # o1: pB twice (2 x llround(100.49999) = 200, 1 x llround(267.5) = 268), pA with
+        # the defaults (1 x 0), pé 3 x llround(12.5) = 39, pZ with null quantity and price.
+        ev("m08", "b1", "purchase", D + 10 * H, amount=5.07, product_id="pX",
+           items=[{"product_id": "pB", "quantity": 2, "price": 1.005},
+                  {"product_id": "pA"},
+                  {"product_id": "pB", "price": 2.675},
+                  {"product_id": "pé", "quantity": 3, "price": 0.125},
+                  {"product_id": "pZ", "quantity": None, "price": None}]),
+        ev("m09", "b2", "purchase", D + 11 * H, amount=8.5,
+           items=[{"product_id": "pé", "price": 5},
+                  {"product_id": "pf", "quantity": 2, "price": 1.5},
+                  {"product_id": "pA", "quantity": 1, "price": 0.5}]),
+        ev("m10", "b2", "product_view", D + DAY - 1, product_id="pB"),       # 23:59:59.999
+        ev("m11", "b2", "product_view", D + DAY, product_id="pA"),           # Thu 00:00
+        ev("m12", "b2", "product_view", D + DAY + M, product_id="pB"),
+        ev("m13", "b2", "purchase", D + DAY + 2 * M, amount=1, items=[]),
+        ev("m14", "b2", "purchase", D + DAY + 3 * M, amount=2),
+        ev("m15", "b2", "purchase", D + DAY + 4 * M, amount=1,
+           items=[{"product_id": "pA", "quantity": 4, "price": 0.25}]),
+        ev("m15", "b2", "purchase", D + DAY + 4 * M, amount=1,               # duplicate
+           items=[{"product_id": "pA", "quantity": 4, "price": 0.25}]),
+        ev("m16", "c1", "page_view", W0 + 7 * DAY + H),                       # Mon Nov 20 01:00
+        ev("m17", "c2", ASSIGNMENT, W0 + 8 * DAY + 10 * H, experiment="cx", variant="v1"),
+        ev("m18", "c1", "page_view", W0 + 7 * DAY - 2 * H),                   # late: Sun Nov 19
+        ev("m19", "c4", ASSIGNMENT, W0 + 8 * DAY + 11 * H, experiment="cx", variant="v2"),
+        ev("m20", "c1", "page_view", W0 + 14 * DAY + 9 * H),                  # Mon Nov 27
+        ev("m21", "c2", "page_view", W0 + 15 * DAY + 10 * H),                 # Tue Nov 28
+        ev("m22", "c3", "page_view", W0 + 21 * DAY - 1),                      # Sun Dec 3, last ms
+        ev("m23", "c3", "page_view", W0 + 21 * DAY),                          # Mon Dec 4
+    ]
+
+
+def _marts_p1():
+    """Experiments exp_edge and exp_small: exposure and window corner cases.  A = D."""
+    A = D
+    a = lambda eid, uid, ts, exp, var: ev(eid, uid, ASSIGNMENT, ts, experiment=exp, variant=var)
+    return [
+        ev("n01", "ue", "page_view", A - H),                                 # before assignment
+        a("n02", "ue", A, "exp_edge", "control"),
+        ev("n03", "ue", "product_view", A),                                  # exposed: same ms
+        a("n04", "ul", A + H, "exp_edge", "treatment"),
+        ev("n05", "un", "product_view", A + H + 5 * M),                      # only view: before
+        a("n06", "un", A + H + 6 * M, "exp_edge", "holdout"),                # never exposed
+        a("k-b", "xe", A + H + 10 * M, "exp_edge", "control"),               # contaminated:
+        a("k-a", "xe", A + H + 10 * M, "exp_edge", "treatment"),             # k-a < k-b wins
+        ev("n07", "xe", "product_view", A + H + 15 * M),                     # exposed, excluded
+        ev("n08", "xu", "product_view", A + H + 20 * M),
+        a("n09", "xu", A + H + 25 * M, "exp_edge", "control"),               # contaminated,
+        a("n10", "xu", A + H + 26 * M, "exp_edge", "treatment"),             # never exposed
+        ev("n11", "ud", "product_view", A + 2 * H),
+        a("n12", "ud", A + 2 * H + M, "exp_edge", "treatment"),
+        a("n13", "ud", A + 2 * H + 2 * M, "exp_edge", "treatment"),          # same variant again
+        ev("n14", "ud", "product_view", A + 2 * H + 3 * M),
+        ev("n15", "ud", "checkout", A + 2 * H + 4 * M),
+        ev("n16", "ul", "product_view", A + 3 * H),
+        ev("n17", "ul", "add_to_cart", A + 3 * H + M),
+        a("n18", "ud", A + 2 * H - 30000, "exp_edge", "treatment"),          # late assignment
+        ev("n19", "ul", "product_view", A + 2 * H),                          # late view
+        a("n20", "s1", A + 4 * H, "exp_small", "a"),
+        ev("n21", "s1", "product_view", A + 4 * H + M),
+        ev("n22", "s1", "purchase", A + 4 * H + 2 * M, amount=3),
+        a("n23", "s2", A + 4 * H + 10 * M, "exp_small", "B"),
+        ev("n24", "s2", "product_view", A + 4 * H + 11 * M),
+        ev("n25", "ue", "purchase", A + 7 * DAY - 1, amount=10),             # last ms in window
+        ev("n26", "ue", "purchase", A + 7 * DAY, amount=20),                 # first ms out
+        ev("n27", "ul", "purchase", A + 7 * DAY + 2 * H + 30 * M, amount=5), # out since n19
+    ]
+
+
+def _marts_p2():
+    """exp_ab, a two-variant readout with three covariate patterns (the logistic
+    regression is then saturated and has a closed form):
+      A: control,   20 users with 3 window events, 5 convert (one purchase of 10.00);
+      C: control,   20 users with 15 window events, 10 convert (two purchases of 10.00);
+      B: treatment, 48 users with 3 window events, 24 convert (one purchase of 12.00).
+    A converter's window holds product_view, checkout, purchase(s); a non-converter's
+    product_view, add_to_cart, page_view(s).  Pattern A users also have a page_view at
+    assignment, before exposure; pattern B users one at exposure + 7 days (window end,
+    excluded)."""
+    out = []
+    users = ([("ca%02d" % i, "A", i < 5) for i in range(20)]
+             + [("cc%02d" % i, "C", i < 10) for i in range(20)]
+             + [("tb%02d" % i, "B", i < 24) for i in range(48)])
+    for k, (uid, pattern, conv) in enumerate(users):
+        t = D + k * 10 * M
+        variant = "treatment" if pattern == "B" else "control"
+        evs = [(ASSIGNMENT, {"experiment": "exp_ab", "variant": variant}), ("product_view", {})]
+        if conv:
+            price = 12 if pattern == "B" else 10
+            evs += [("checkout", {}), ("purchase", {"amount": price})]
+            if pattern == "C":
+                evs = evs[:2] + [("add_to_cart", {})] + evs[2:] + [("purchase", {"amount": 10})]
+                evs += [("page_view", {})] * 10
+        else:
+            evs += [("add_to_cart", {}), ("page_view", {})]
+            if pattern == "C":
+                evs += [("page_view", {})] * 12
+        for i, (etype, kw) in enumerate(evs):
+            out.append((t + i * 1000, "%s-%02d" % (uid, i), uid, etype, kw))
+        if pattern == "A":
+            out.append((t, "%s-pre" % uid, uid, "page_view", {}))
+        if pattern == "B":
+            out.append((t + 1000 + 7 * DAY, "%s-end" % uid, uid, "page_view", {}))
+    out.sort(key=lambda r: (r[0], r[1]))
+    return [ev(eid, uid, etype, ts, **kw) for ts, eid, uid, etype, kw in out]
+
+
+MARTS = [_marts_p0(), _marts_p1(), _marts_p2()]
+
+
+def partitions(which):
+    if which == "marts":
+        return MARTS
+    return SELFTEST + [EDGE] if which == "edge" else SELFTEST
+
+
+def write_dump(path, which=None):
     # Interleave the partitions as kcat does, to check that readers regroup them.
     rows = []
-    for p, msgs in enumerate(partitions(edge)):
+    for p, msgs in enumerate(partitions(which)):
         for o, v in enumerate(msgs):
             rows.append((o, p, v))
     rows.sort(key=lambda r: (r[0], r[1]))
@@ -261,10 +396,10 @@ def write_dump(path, edge=False):
         f.write(out)
 
 
-def produce(broker, topic, edge=False):
+def produce(broker, topic, which=None):
     """Each partition's messages, in order, with kcat (key 'k'); a null value is sent as a
     null message (kcat -Z), an empty one as an empty message."""
-    for p, msgs in enumerate(partitions(edge)):
+    for p, msgs in enumerate(partitions(which)):
         i = 0
         while i < len(msgs):
             null = msgs[i] is None
@@ -285,13 +420,13 @@ def produce(broker, topic, edge=False):
 
 
 def main(argv):
-    edge = "--edge" in argv
-    args = [a for a in argv if a != "--edge"]
+    which = "edge" if "--edge" in argv else "marts" if "--marts" in argv else None
+    args = [a for a in argv if a not in ("--edge", "--marts")]
     if len(args) == 2 and args[0] == "dump":
-        write_dump(args[1], edge)
+        write_dump(args[1], which)
         return 0
     if len(args) == 3 and args[0] == "produce":
-        produce(args[1], args[2], edge)
+        produce(args[1], args[2], which)
         return 0
     sys.stderr.write(__doc__)
     return 2
