@@ -12,6 +12,7 @@
  */
 #include "aggregator/agg.h"
 
+#include <jansson.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -2673,6 +2674,144 @@ void agg_flush_free(agg_flush_t *f)
         free(f->gen[t].del);
     }
     free(f);
+}
+
+static json_t *jval(stx_val_t v)
+{
+    return v.ok ? json_real(v.v) : json_null();
+}
+
+static json_t *snapshot_experiment(agg_t *a, st_txn_t *txn, const uint8_t *ek, size_t ekn)
+{
+    xvariants_t *xv = malloc(sizeof *xv);
+    if (!xv || load_variants(a, txn, ek, ekn, xv) != 0 || xv->n_live == 0) {
+        free(xv);
+        return NULL;
+    }
+    json_t *e = json_object();
+    json_object_set_new(e, "experiment", json_stringn((const char *)ek + 1, ek[0]));
+    json_object_set_new(e, "control", json_string(xv->name[xv->control]));
+    int64_t users[XMAX_VARIANTS], total = 0;
+    for (int i = 0; i < xv->n_live; i++) {
+        users[i] = xv->suff[xv->live[i]].users;
+        total += users[i];
+    }
+    const xconf_t *xc = xconf_of(a, (const char *)ek + 1, ek[0]);
+    double weights[XMAX_VARIANTS];
+    int have_weights = xc && xc->n_weights > 0;
+    for (int i = 0; i < xv->n_live; i++) {
+        int found = 0;
+        for (int w = 0; have_weights && w < xc->n_weights; w++)
+            if (!strcmp(xc->weight_names[w], xv->name[xv->live[i]])) {
+                weights[i] = xc->weights[w];
+                found = 1;
+            }
+        if (!found)
+            have_weights = 0;
+    }
+    stx_val_t chi2, p;
+    int srm = 0;
+    stx_srm(users, have_weights ? weights : NULL, xv->n_live, &chi2, &p, &srm);
+    json_object_set_new(e, "users", json_integer(total));
+    json_object_set_new(e, "srm_p", jval(p));
+    json_object_set_new(e, "srm_detected", json_boolean(srm));
+    json_t *vars = json_array();
+    const stx_suff_t *c = &xv->suff[xv->control];
+    for (int i = 0; i < xv->n_live; i++) {
+        int vi = xv->live[i];
+        const stx_suff_t *sf = &xv->suff[vi];
+        stx_variant_t sv;
+        stx_variant_summary(sf, &sv);
+        json_t *v = json_object();
+        json_object_set_new(v, "variant", json_string(xv->name[vi]));
+        json_object_set_new(v, "users", json_integer(sf->users));
+        json_object_set_new(v, "conversion_rate", jval(sv.conversion_rate));
+        json_object_set_new(v, "is_control", json_boolean(vi == xv->control));
+        if (vi != xv->control) {
+            stx_compare_t cmp;
+            stx_compare(sf, c, a->alpha, a->n_star, &cmp);
+            json_object_set_new(v, "abs_lift", jval(cmp.abs_lift));
+            json_object_set_new(v, "diff_ci_low", jval(cmp.diff_ci_low));
+            json_object_set_new(v, "diff_ci_high", jval(cmp.diff_ci_high));
+            json_object_set_new(v, "seq_ci_low", jval(cmp.seq_ci_low));
+            json_object_set_new(v, "seq_ci_high", jval(cmp.seq_ci_high));
+            json_object_set_new(v, "p_value", jval(cmp.p_value));
+            json_object_set_new(v, "chance_to_win", jval(cmp.chance_to_win));
+        }
+        json_array_append_new(vars, v);
+    }
+    json_object_set_new(e, "variants", vars);
+    free(xv);
+    return e;
+}
+
+int agg_snapshot_json(agg_t *a, int days, char **out)
+{
+    st_txn_t *txn;
+    int r = st_begin(a->env, 1, &txn);
+    if (r)
+        return r;
+    json_t *root = json_object(), *funnel = json_array(), *exps = json_array();
+    st_cursor_t cur = {0};
+    st_val_t k, v;
+    /* The ('*','*') rows of the last `days` days, newest last. */
+    if (st_cur_open(txn, a->env, ST_DB_FUNNEL, &cur) == 0) {
+        json_t *all = json_array();
+        for (r = st_cur_last(&cur, &k, &v); r == 0 && (int)json_array_size(all) < days;
+             r = st_cur_prev(&cur, &k, &v)) {
+            const uint8_t *kp = k.p;
+            int64_t c[F_N];
+            if (k.n != 8 || kp[4] != 1 || kp[5] != '*' || kp[6] != 1 || kp[7] != '*' ||
+                v.n != sizeof c)
+                continue;
+            memcpy(c, v.p, sizeof c);
+            if (c[F_SESS] == 0)
+                continue;
+            char day[16];
+            int64_t ms = (int64_t)(int32_t)rd_be32(kp) * DAY_MS;
+            char ts[40];
+            cm_fmt_ts(ms, ts, sizeof ts);
+            snprintf(day, sizeof day, "%.10s", ts);
+            json_t *row = json_object();
+            json_object_set_new(row, "day", json_string(day));
+            static const char *const names[5] = {"sessions", "product_view", "add_to_cart",
+                                                 "checkout", "purchase"};
+            for (int i = 0; i < 5; i++)
+                json_object_set_new(row, names[i], json_integer(c[F_SESS + i]));
+            json_object_set_new(row, "users", json_integer(c[F_USERS]));
+            json_object_set_new(row, "orders", json_integer(c[F_ORDERS]));
+            json_object_set_new(row, "revenue", json_real((double)c[F_REVENUE] / 100.0));
+            json_array_insert_new(all, 0, row);
+        }
+        json_array_extend(funnel, all);
+        json_decref(all);
+        st_cur_close(&cur);
+    }
+    /* Every experiment: the XEXP/XVAR prefixes name them; walk XVAR once. */
+    if (st_cur_open(txn, a->env, ST_DB_XVAR, &cur) == 0) {
+        uint8_t last[KEY_MAX];
+        size_t last_n = 0;
+        uint8_t zero = 0;
+        for (r = st_cur_seek(&cur, &zero, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v)) {
+            const uint8_t *kp = k.p;
+            size_t ekn = (size_t)kp[0] + 1;
+            if (ekn > k.n || (ekn == last_n && memcmp(kp, last, ekn) == 0))
+                continue;
+            memcpy(last, kp, ekn);
+            last_n = ekn;
+            json_t *e = snapshot_experiment(a, txn, last, last_n);
+            if (e)
+                json_array_append_new(exps, e);
+        }
+        st_cur_close(&cur);
+    }
+    st_abort(txn);
+    json_object_set_new(root, "funnel", funnel);
+    json_object_set_new(root, "experiments", exps);
+    json_object_set_new(root, "confidence", json_real(1.0 - a->alpha));
+    *out = json_dumps(root, JSON_COMPACT);
+    json_decref(root);
+    return *out ? 0 : AGG_ENOMEM;
 }
 
 const char *agg_strerror(int err)

@@ -123,6 +123,16 @@ size_t agg_flush_rows(const agg_flush_t *f);
 int agg_flush_done(agg_t *a, agg_flush_t *f);
 void agg_flush_free(agg_flush_t *f);
 
+/*
+ * A JSON snapshot of the marts for the live page (from the latest committed
+ * state, not from Postgres): {"funnel": the last `days` days of the
+ * ('*','*') funnel_daily rows, "experiments": each experiment with its
+ * control, users, SRM verdict and, per variant, users, conversion and the
+ * comparison with the control (lift, fixed and sequential intervals)}.
+ * *out is malloc'ed. Any thread.
+ */
+int agg_snapshot_json(agg_t *a, int days, char **out);
+
 const char *agg_strerror(int err);
 
 #endif

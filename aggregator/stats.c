@@ -24,8 +24,9 @@
 /* Distribution wrappers                                                   */
 /* ---------------------------------------------------------------------- */
 
-/* Arguments outside the domain are answered here, without calling Rmath,
- * because the standalone Rmath prints some of its warnings to stdout. */
+/* Arguments outside the domain are answered here, so that they never reach
+ * Rmath: its standalone build reports some conditions by printing to stdout,
+ * which is the daemon's log. */
 static int bad_df(double df)
 {
     return isnan(df) || df <= 0;
