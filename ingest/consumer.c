@@ -21,6 +21,7 @@ struct ing_consumer {
     int pipe_fds[2];
     uv_poll_t poll;
     uv_timer_t backstop;
+    uv_idle_t more; /* runs while a full batch suggests more are queued */
     int open_handles;
     ing_msgs_fn on_msgs;
     ing_offset_fn offset_of;
@@ -42,13 +43,24 @@ static void set_err(char *err, size_t cap, const char *fmt, const char *a)
         snprintf(err, cap, fmt, a);
 }
 
-/* Deliver everything that is queued, in batches, until the queue is empty. */
+static void on_more(uv_idle_t *h);
+
+/*
+ * Deliver one batch of what is queued. A full batch means more may be
+ * waiting: the idle handle calls back on the next loop iteration, so the
+ * queue is drained until empty while timers, flush completions and the
+ * status socket still get their turn between batches.
+ */
 static void drain(ing_consumer_t *c)
 {
     if (c->closing)
         return;
-    for (;;) {
+    {
         ssize_t n = rd_kafka_consume_batch_queue(c->q, 0, c->buf, c->batch_size);
+        if ((size_t)(n < 0 ? 0 : n) < c->batch_size)
+            uv_idle_stop(&c->more);
+        else
+            uv_idle_start(&c->more, on_more);
         if (n <= 0)
             return;
         size_t keep = 0;
@@ -76,9 +88,12 @@ static void drain(ing_consumer_t *c)
         }
         if (keep)
             c->on_msgs(c->ud, c->buf, keep);
-        if ((size_t)n < c->batch_size)
-            return;
     }
+}
+
+static void on_more(uv_idle_t *h)
+{
+    drain(h->data);
 }
 
 static void on_readable(uv_poll_t *h, int status, int events)
@@ -186,7 +201,9 @@ int ing_consumer_open(uv_loop_t *loop, const ing_consumer_conf_t *cf, ing_msgs_f
     uv_timer_init(loop, &c->backstop);
     c->backstop.data = c;
     uv_timer_start(&c->backstop, on_backstop, BACKSTOP_MS, BACKSTOP_MS);
-    c->open_handles = 2;
+    uv_idle_init(loop, &c->more);
+    c->more.data = c;
+    c->open_handles = 3;
     *out = c;
     return 0;
 fail_conf:
@@ -372,6 +389,7 @@ void ing_consumer_close(ing_consumer_t *c)
     if (c->open_handles) {
         uv_close((uv_handle_t *)&c->poll, on_handle_closed);
         uv_close((uv_handle_t *)&c->backstop, on_handle_closed);
+        uv_close((uv_handle_t *)&c->more, on_handle_closed);
     } else {
         if (c->pipe_fds[0] >= 0)
             close(c->pipe_fds[0]);
