@@ -93,6 +93,8 @@ python3 -c "print('  done in %.1f s (%.0f events/s)' % ($T1-$T0, $EVENTS/($T1-$T
 
 echo "== 6/6 readout"
 Q() { psql "$PG" -X -q -P pager=off "$@"; }
+title() { printf '\n-- %s\n' "$*"; }
+title "daily funnel (sessions), step conversions and drop-off"
 Q -c "SELECT day, sessions,
         round(100.0*sessions_product_view/NULLIF(sessions,0),1) AS \"viewed %\",
         round(100.0*sessions_add_to_cart/NULLIF(sessions_product_view,0),1) AS \"view->cart %\",
@@ -101,19 +103,70 @@ Q -c "SELECT day, sessions,
         round(100.0*sessions_purchase/NULLIF(sessions,0),2) AS \"conversion %\",
         orders, revenue
       FROM clickmart.funnel_daily WHERE device='*' AND country='*' ORDER BY day;"
+title "conversion by device"
 Q -c "SELECT device, sum(sessions) AS sessions, sum(sessions_purchase) AS converted,
         round(100.0*sum(sessions_purchase)/NULLIF(sum(sessions),0),2) AS \"conversion %\",
         sum(revenue) AS revenue
       FROM clickmart.funnel_daily WHERE device<>'*' AND country='*' GROUP BY device ORDER BY 2 DESC;"
+title "rejected messages by reason"
 Q -c "SELECT reason, count(*) FROM clickmart.rejected_events GROUP BY reason ORDER BY 2 DESC;"
+title "accepted, duplicate and rejected messages"
 Q -c "SELECT sum(accepted) AS accepted, sum(duplicates) AS duplicates, sum(rejected) AS rejected
       FROM clickmart.partitions;"
+title "weekly retention: % of each cohort (week of the first visit) active N weeks later"
+Q -c "WITH asof AS (SELECT (max(last_seen) AT TIME ZONE 'UTC')::date AS day FROM clickmart.users),
+      c AS (SELECT cohort_week,
+                   max(users) FILTER (WHERE week_offset = 0) AS w0,
+                   coalesce(max(users) FILTER (WHERE week_offset = 1), 0) AS w1,
+                   coalesce(max(users) FILTER (WHERE week_offset = 2), 0) AS w2,
+                   coalesce(max(users) FILTER (WHERE week_offset = 3), 0) AS w3
+            FROM clickmart.cohort_retention GROUP BY cohort_week)
+      SELECT c.cohort_week, c.w0 AS users, 100.0 AS \"week 0 %\",
+        CASE WHEN c.cohort_week + 7 <= a.day THEN round(100.0*c.w1/c.w0,1) END AS \"week 1 %\",
+        CASE WHEN c.cohort_week + 14 <= a.day THEN round(100.0*c.w2/c.w0,1) END AS \"week 2 %\",
+        CASE WHEN c.cohort_week + 21 <= a.day THEN round(100.0*c.w3/c.w0,1) END AS \"week 3 %\"
+      FROM c CROSS JOIN asof a ORDER BY c.cohort_week;"
+title "bought together: top 10 product pairs by lift (at least 5 orders)"
+Q -c "SELECT product_a, product_b, orders, orders_a, orders_b,
+        round(100*support::numeric,2) AS \"support %\",
+        round(100*confidence_ab::numeric,1) AS \"P(b|a) %\",
+        round(100*confidence_ba::numeric,1) AS \"P(a|b) %\",
+        round(lift::numeric,2) AS lift
+      FROM clickmart.product_affinity WHERE orders >= 5
+      ORDER BY lift DESC, orders DESC, product_a COLLATE \"C\", product_b COLLATE \"C\" LIMIT 10;"
+title "experiments: 7-day conversion per variant against control"
+Q -c "SELECT r.experiment, r.variant, CASE WHEN r.is_control THEN 'control' ELSE 'treatment' END AS role,
+        r.users, round(100*r.conversion_rate::numeric,2) AS \"conversion %\",
+        round(100*r.abs_lift::numeric,2) AS \"lift pp\",
+        '[' || round(100*r.diff_ci_low::numeric,2) || ', ' || round(100*r.diff_ci_high::numeric,2) || ']' AS \"95% CI pp\",
+        round(r.p_value::numeric,4) AS p_value,
+        '[' || round(100*r.seq_ci_low::numeric,2) || ', ' || round(100*r.seq_ci_high::numeric,2) || ']' AS \"sequential CI pp\",
+        CASE WHEN e.srm_detected THEN 'SRM detected (p=' || round(e.srm_p::numeric,6) || ')'
+             WHEN e.srm_detected IS NULL THEN 'not tested'
+             ELSE 'ok (p=' || round(e.srm_p::numeric,3) || ')' END AS \"sample ratio\"
+      FROM clickmart.experiment_results r JOIN clickmart.experiments e USING (experiment)
+      ORDER BY r.experiment COLLATE \"C\", r.is_control DESC, r.variant COLLATE \"C\";"
+Q -At -c "SELECT r.experiment || ': ' || r.variant || ' vs ' || e.control_variant || ': '
+        || CASE WHEN e.srm_detected THEN 'SRM detected: do not trust'
+                WHEN r.seq_ci_low > 0 THEN 'treatment wins'
+                WHEN r.seq_ci_high < 0 THEN 'treatment loses'
+                ELSE 'keep running' END
+        || ' (lift ' || coalesce(to_char(100*r.abs_lift, 'FMSG990.00') || ' pp', 'n/a') || ', sequential CI '
+        || coalesce('[' || to_char(100*r.seq_ci_low, 'FMSG990.00') || ', '
+                        || to_char(100*r.seq_ci_high, 'FMSG990.00') || ']', 'n/a') || ')'
+      FROM clickmart.experiment_results r JOIN clickmart.experiments e USING (experiment)
+      WHERE NOT r.is_control
+      ORDER BY r.experiment COLLATE \"C\", r.variant COLLATE \"C\";"
 
 cat <<EOT
 
 Postgres and the dev broker are still running.
   psql:     psql "$PG"
-  tables:   clickmart.sessions, users, funnel_daily, partitions, rejected_events
+  tables:   clickmart.sessions, users, funnel_daily, cohort_retention, product_daily,
+            product_pairs, basket_daily, user_exposure, user_outcomes, experiments,
+            experiment_results, experiment_regression, partitions, rejected_events;
+            views daily_kpis, rfm_segments, product_affinity
+  queries:  $ROOT/docs/analyst-guide.md
   status:   start clickmartd again (without --exit-at-end) and run
             $BIN/tools/clickmartctl --socket $QS/clickmartd.sock status
   stop:     $0 stop      (or '$0 clean' to also delete $QS)

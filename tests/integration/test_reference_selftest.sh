@@ -18,7 +18,13 @@
 #   - RFC 3339 strings with a space separator, an offset and a fraction cut to ms;
 #   - cents by llround(amount * 100.0): 0.125 -> 13, 19.99 -> 1999, 1e12 -> 1e14;
 #   - funnel stages (a purchase without product_view/checkout stays at stage 1) and the
-#     funnel_daily roll-ups with distinct users.
+#     funnel_daily roll-ups with distinct users;
+#   - on handmade.py's MARTS set: cohort_retention, product_daily, product_pairs,
+#     basket_daily, user_exposure, user_outcomes exactly, and experiments,
+#     experiment_results and experiment_regression against a readout worked out by hand
+#     (see the comments further down), plus the distribution functions against known
+#     values and the --window-days, --exposure-type, --confidence and
+#     --sequential-tuning flags.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
