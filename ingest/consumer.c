@@ -304,6 +304,14 @@ int ing_consumer_query_ends(ing_consumer_t *c, int64_t *ends, int64_t *lows, int
     return 0;
 }
 
+int64_t ing_consumer_start_offset(const ing_consumer_t *c, int32_t partition)
+{
+    if (!c->assignment || partition < 0 || partition >= c->assignment->cnt)
+        return -1;
+    int64_t off = c->assignment->elems[partition].offset;
+    return off >= 0 ? off : -1;
+}
+
 int64_t ing_consumer_cached_end(ing_consumer_t *c, int32_t partition)
 {
     int64_t lo = -1, hi = -1;

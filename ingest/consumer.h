@@ -71,6 +71,10 @@ int ing_consumer_start(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions)
 int ing_consumer_query_ends(ing_consumer_t *c, int64_t *ends, int64_t *lows, int32_t n,
                             int timeout_ms);
 
+/* The offset a partition was assigned from (its state, the group's
+ * committed offset) or -1 when it starts from the earliest offset. */
+int64_t ing_consumer_start_offset(const ing_consumer_t *c, int32_t partition);
+
 /* Last high watermark seen in fetch responses (non-blocking); -1 if unknown. */
 int64_t ing_consumer_cached_end(ing_consumer_t *c, int32_t partition);
 
