@@ -501,6 +501,140 @@ static int kset_add(kset_t *s, const uint8_t *k, size_t n)
 }
 
 /* ---------------------------------------------------------------------- */
+/* The duplicate index: event ids of the horizon, in memory.              */
+
+/*
+ * Every accepted event_id (as XXH3-128) with its ts stays in this table
+ * until its ts falls behind the horizon. LMDB keeps the same entries keyed
+ * by (ts, hash), so they are written in time order (a few pages per batch
+ * instead of one random page per event) and the table is rebuilt from them
+ * at start. Open addressing with linear probing; deletion shifts the
+ * following entries back, so there are no tombstones.
+ */
+typedef struct dent {
+    uint64_t hi, lo; /* hi == 0 && lo == 0 marks an empty slot */
+    int64_t ts;
+} dent_t;
+
+typedef struct dset {
+    dent_t *t;
+    size_t cap, n;
+} dset_t;
+
+static void dkey_fix(uint64_t *hi, uint64_t *lo)
+{
+    /* The all-zero hash is the empty marker: move it (a 2^-128 event). */
+    if (*hi == 0 && *lo == 0)
+        *lo = 1;
+}
+
+static size_t dset_slot(const dset_t *d, uint64_t hi, uint64_t lo)
+{
+    (void)hi;
+    return (size_t)(lo ^ (lo >> 29)) & (d->cap - 1);
+}
+
+static dent_t *dset_find(const dset_t *d, uint64_t hi, uint64_t lo)
+{
+    if (!d->cap)
+        return NULL;
+    for (size_t i = dset_slot(d, hi, lo);; i = (i + 1) & (d->cap - 1)) {
+        dent_t *e = &d->t[i];
+        if (e->hi == 0 && e->lo == 0)
+            return NULL;
+        if (e->hi == hi && e->lo == lo)
+            return e;
+    }
+}
+
+static int dset_put(dset_t *d, uint64_t hi, uint64_t lo, int64_t ts);
+
+static int dset_grow(dset_t *d)
+{
+    dset_t nd = {calloc(d->cap ? d->cap * 2 : 1 << 16, sizeof(dent_t)), d->cap ? d->cap * 2 : 1 << 16,
+                 0};
+    if (!nd.t)
+        return AGG_ENOMEM;
+    for (size_t i = 0; i < d->cap; i++)
+        if (d->t[i].hi || d->t[i].lo)
+            dset_put(&nd, d->t[i].hi, d->t[i].lo, d->t[i].ts);
+    free(d->t);
+    *d = nd;
+    return 0;
+}
+
+static int dset_put(dset_t *d, uint64_t hi, uint64_t lo, int64_t ts)
+{
+    if ((d->n + 1) * 2 > d->cap) {
+        int r = dset_grow(d);
+        if (r)
+            return r;
+    }
+    size_t i = dset_slot(d, hi, lo);
+    while (d->t[i].hi || d->t[i].lo) {
+        if (d->t[i].hi == hi && d->t[i].lo == lo) {
+            d->t[i].ts = ts;
+            return 0;
+        }
+        i = (i + 1) & (d->cap - 1);
+    }
+    d->t[i] = (dent_t){hi, lo, ts};
+    d->n++;
+    return 0;
+}
+
+static void dset_del(dset_t *d, uint64_t hi, uint64_t lo)
+{
+    if (!d->cap)
+        return;
+    size_t i = dset_slot(d, hi, lo);
+    while (d->t[i].hi != hi || d->t[i].lo != lo) {
+        if (d->t[i].hi == 0 && d->t[i].lo == 0)
+            return;
+        i = (i + 1) & (d->cap - 1);
+    }
+    /* Backward-shift deletion keeps every probe chain unbroken. */
+    size_t j = i;
+    for (;;) {
+        j = (j + 1) & (d->cap - 1);
+        dent_t *e = &d->t[j];
+        if (e->hi == 0 && e->lo == 0)
+            break;
+        size_t home = dset_slot(d, e->hi, e->lo);
+        /* Move e into the hole at i unless its home lies cyclically in (i, j]. */
+        int in_range = i <= j ? (home > i && home <= j) : (home > i || home <= j);
+        if (!in_range) {
+            d->t[i] = *e;
+            i = j;
+        }
+    }
+    d->t[i] = (dent_t){0, 0, 0};
+    d->n--;
+}
+
+/* A list of hashes (for undoing a batch or applying a sweep after commit). */
+typedef struct hlist {
+    uint64_t (*h)[2];
+    size_t n, cap;
+} hlist_t;
+
+static int hlist_add(hlist_t *l, uint64_t hi, uint64_t lo)
+{
+    if (l->n == l->cap) {
+        size_t nc = l->cap ? l->cap * 2 : 1024;
+        void *np = realloc(l->h, nc * sizeof *l->h);
+        if (!np)
+            return AGG_ENOMEM;
+        l->h = np;
+        l->cap = nc;
+    }
+    l->h[l->n][0] = hi;
+    l->h[l->n][1] = lo;
+    l->n++;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------- */
 /* The aggregator.                                                         */
 
 enum {
@@ -538,6 +672,9 @@ struct agg {
     agg_partition_t parts[AGG_MAX_PARTITIONS];
     uint8_t touched[AGG_MAX_PARTITIONS];
     kset_t dirty;
+    dset_t dedup;       /* event ids of the horizon (in memory) */
+    hlist_t added;      /* ids added by the open batch, undone on abort */
+    hlist_t swept;      /* ids the open batch's compactor dropped, applied on commit */
     /* Where the compactor stopped in each database, so that every batch
      * examines a bounded slice and the whole state is covered in turn. */
     uint8_t sweep_key[4][KEY_MAX];
@@ -602,6 +739,33 @@ out:
     return r;
 }
 
+/* Rebuild the in-memory duplicate index from LMDB's (ts, hash) entries. */
+static int load_dedup(agg_t *a)
+{
+    st_txn_t *txn;
+    int r = st_begin(a->env, 1, &txn);
+    if (r)
+        return r;
+    st_cursor_t cur = {0};
+    st_val_t k, v;
+    if ((r = st_cur_open(txn, a->env, ST_DB_DEDUP, &cur)) == 0) {
+        uint8_t zero = 0;
+        for (r = st_cur_seek(&cur, &zero, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v)) {
+            const uint8_t *kp = k.p;
+            if (k.n != 24) {
+                r = AGG_ESTATE;
+                break;
+            }
+            if ((r = dset_put(&a->dedup, rd_be64(kp + 8), rd_be64(kp + 16),
+                              (int64_t)rd_be64(kp))))
+                break;
+        }
+        st_cur_close(&cur);
+    }
+    st_abort(txn);
+    return r == ST_ENOTFOUND ? 0 : r;
+}
+
 int agg_open(st_env_t *env, const agg_conf_t *conf, agg_t **out)
 {
     agg_t *a = calloc(1, sizeof *a);
@@ -647,6 +811,8 @@ int agg_open(st_env_t *env, const agg_conf_t *conf, agg_t **out)
     }
     if (r == 0)
         r = load_partitions(a);
+    if (r == 0)
+        r = load_dedup(a);
     if (r) {
         agg_close(a);
         return r;
@@ -662,6 +828,9 @@ void agg_close(agg_t *a)
     if (a->txn)
         agg_batch_abort(a);
     kset_free(&a->dirty);
+    free(a->dedup.t);
+    free(a->added.h);
+    free(a->swept.h);
     for (int i = 0; i < a->n_xconf; i++) {
         xconf_t *x = &a->xconf[i];
         free(x->name);
@@ -693,6 +862,7 @@ uint64_t agg_pending_rows(const agg_t *a)
 int agg_batch_begin(agg_t *a)
 {
     kset_reset(&a->dirty);
+    a->added.n = a->swept.n = 0;
     memset(a->touched, 0, sizeof a->touched);
     return st_begin(a->env, 0, &a->txn);
 }
@@ -702,6 +872,10 @@ void agg_batch_abort(agg_t *a)
     st_abort(a->txn);
     a->txn = NULL;
     kset_reset(&a->dirty);
+    /* The ids this batch added were never committed. */
+    for (size_t i = 0; i < a->added.n; i++)
+        dset_del(&a->dedup, a->added.h[i][0], a->added.h[i][1]);
+    a->added.n = a->swept.n = 0;
     /* Forget the in-memory progress of the aborted batch. */
     if (load_partitions(a) != 0)
         cm_err("cannot reload partition progress after abort", "%s", "");
@@ -776,12 +950,19 @@ static int max_stage(const ustage_t *u)
 /* Add (sign = 1) or retract (sign = -1) a session's contribution to one
  * funnel group, keeping the group's distinct-user counts exact through the
  * user's per-group multiset of session stages. */
+/*
+ * Move one funnel group from a session's old contribution to its new one
+ * (either may be NULL; both, when given, fall into this group): one read and
+ * one write of the group's counters and of the user's stage multiset, and
+ * the group's distinct-user counts follow the user's highest stage there.
+ */
 static int apply_group(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
-                       const contrib_t *c, const char *dev, uint8_t dn, const char *ctry,
-                       uint8_t cn, int sign)
+                       const contrib_t *old, const contrib_t *nw, const char *dev, uint8_t dn,
+                       const char *ctry, uint8_t cn)
 {
+    const contrib_t *any = nw ? nw : old;
     uint8_t gk[KEY_MAX], usk[KEY_MAX];
-    size_t gkn = group_key(gk, c->day, dev, dn, ctry, cn);
+    size_t gkn = group_key(gk, any->day, dev, dn, ctry, cn);
     int64_t f[F_N] = {0};
     st_val_t v;
     int r = st_get(a->txn, a->env, ST_DB_FUNNEL, gk, gkn, &v);
@@ -801,17 +982,24 @@ static int apply_group(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partitio
         return r;
 
     int old_max = max_stage(&us);
-    us.n[c->stage - 1] += sign;
+    const contrib_t *cs[2] = {old, nw};
+    for (int i = 0; i < 2; i++) {
+        const contrib_t *c = cs[i];
+        int sign = i == 0 ? -1 : 1;
+        if (!c)
+            continue;
+        us.n[c->stage - 1] += sign;
+        for (int k = 0; k < c->stage; k++)
+            f[F_SESS + k] += sign;
+        f[F_ORDERS] += sign * c->orders;
+        f[F_REVENUE] += sign * c->revenue;
+    }
     us.partition = partition;
     int new_max = max_stage(&us);
-    for (int k = 0; k < c->stage; k++)
-        f[F_SESS + k] += sign;
     for (int k = 0; k < old_max; k++)
         f[F_USERS + k]--;
     for (int k = 0; k < new_max; k++)
         f[F_USERS + k]++;
-    f[F_ORDERS] += sign * c->orders;
-    f[F_REVENUE] += sign * c->revenue;
 
     if (new_max == 0)
         r = st_del(a->txn, a->env, ST_DB_USTAGE, usk, uskn);
@@ -825,16 +1013,41 @@ static int apply_group(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partitio
     return mark_dirty(a, TAG_FUNNEL, gk, gkn);
 }
 
-static int apply_contrib(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
-                         const contrib_t *c, int sign)
+/* The device and country of a contribution at one of the four grouping
+ * levels (level bit 1: device rolled up, bit 0: country rolled up). */
+static void group_of(const contrib_t *c, int level, const char **dev, uint8_t *dn,
+                     const char **ctry, uint8_t *cn)
 {
-    int r;
-    if ((r = apply_group(a, uk, ukn, partition, c, c->dev, c->dev_len, c->ctry, c->ctry_len,
-                         sign)) ||
-        (r = apply_group(a, uk, ukn, partition, c, c->dev, c->dev_len, "*", 1, sign)) ||
-        (r = apply_group(a, uk, ukn, partition, c, "*", 1, c->ctry, c->ctry_len, sign)) ||
-        (r = apply_group(a, uk, ukn, partition, c, "*", 1, "*", 1, sign)))
-        return r;
+    *dev = level & 2 ? "*" : c->dev;
+    *dn = level & 2 ? 1 : c->dev_len;
+    *ctry = level & 1 ? "*" : c->ctry;
+    *cn = level & 1 ? 1 : c->ctry_len;
+}
+
+/* Replace a session's contribution old by nw (either may be NULL) in all
+ * four grouping sets; a group both fall into is read and written once. */
+static int apply_contrib(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
+                         const contrib_t *old, const contrib_t *nw)
+{
+    for (int level = 0; level < 4; level++) {
+        const char *od = NULL, *oc = NULL, *nd = NULL, *nc = NULL;
+        uint8_t odn = 0, ocn = 0, ndn = 0, ncn = 0;
+        if (old)
+            group_of(old, level, &od, &odn, &oc, &ocn);
+        if (nw)
+            group_of(nw, level, &nd, &ndn, &nc, &ncn);
+        int r;
+        if (old && nw && old->day == nw->day && odn == ndn && ocn == ncn &&
+            memcmp(od, nd, odn) == 0 && memcmp(oc, nc, ocn) == 0) {
+            r = apply_group(a, uk, ukn, partition, old, nw, nd, ndn, nc, ncn);
+        } else {
+            r = old ? apply_group(a, uk, ukn, partition, old, NULL, od, odn, oc, ocn) : 0;
+            if (r == 0 && nw)
+                r = apply_group(a, uk, ukn, partition, NULL, nw, nd, ndn, nc, ncn);
+        }
+        if (r)
+            return r;
+    }
     return 0;
 }
 
@@ -911,15 +1124,9 @@ out:
  * in Postgres if the session id changed.
  */
 static int retire_session(agg_t *a, const uint8_t *uk, size_t ukn, const sess_t *old,
-                          const sess_t *s, int retract)
+                          const sess_t *s)
 {
     int r;
-    if (retract) {
-        contrib_t c;
-        sess_contrib(old, &c);
-        if ((r = apply_contrib(a, uk, ukn, old->partition, &c, -1)))
-            return r;
-    }
     if (old->start != s->start) {
         uint8_t k[KEY_MAX];
         size_t kn = sess_key(k, uk, ukn, old->start);
@@ -964,19 +1171,26 @@ static int apply_session(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partit
     s.partition = partition;
     *session_delta = 1 - n_old;
 
-    contrib_t cnew;
+    contrib_t cnew, cold[2];
     sess_contrib(&s, &cnew);
-    int same = 0;
-    if (n_old == 1) {
-        contrib_t cold;
-        sess_contrib(old[0], &cold);
-        same = contrib_eq(&cold, &cnew);
-    }
     for (int i = 0; i < n_old; i++)
-        if ((r = retire_session(a, uk, ukn, old[i], &s, !same)))
+        sess_contrib(old[i], &cold[i]);
+    /* The common case, an event that changes neither the session's group
+     * nor its stage nor its orders, leaves funnel_daily alone. */
+    int same = n_old == 1 && contrib_eq(&cold[0], &cnew);
+    for (int i = 0; i < n_old; i++)
+        if ((r = retire_session(a, uk, ukn, old[i], &s)))
             return r;
-    if (!same && (r = apply_contrib(a, uk, ukn, partition, &cnew, 1)))
-        return r;
+    if (!same) {
+        /* The first old session's contribution turns into the new one;
+         * a second (merged) one is only retracted. The users' stage
+         * multisets are per user, so the partition of either side is the
+         * user's. */
+        if ((r = apply_contrib(a, uk, ukn, partition, n_old ? &cold[0] : NULL, &cnew)))
+            return r;
+        if (n_old == 2 && (r = apply_contrib(a, uk, ukn, partition, &cold[1], NULL)))
+            return r;
+    }
     return put_session(a, uk, ukn, &s);
 }
 
@@ -1621,23 +1835,19 @@ int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event
         return agg_apply_reject(a, partition, offset, ING_R_TOO_LATE, "", payload, len, now_ms);
 
     XXH128_hash_t h = XXH3_128bits(ev->event_id, ev->event_id_len);
-    uint8_t dk[16];
-    be64(dk, h.high64);
-    be64(dk + 8, h.low64);
-    st_val_t v;
-    r = st_get(a->txn, a->env, ST_DB_DEDUP, dk, sizeof dk, &v);
-    if (r == 0) {
+    dkey_fix(&h.high64, &h.low64);
+    if (dset_find(&a->dedup, h.high64, h.low64)) {
         p->duplicates++;
         p->next_offset = offset + 1;
         return 0;
     }
-    if (r != ST_ENOTFOUND)
-        return r;
-    struct {
-        int64_t ts;
-        int32_t partition;
-    } dv = {ev->ts, partition};
-    if ((r = st_put(a->txn, a->env, ST_DB_DEDUP, dk, sizeof dk, &dv, 12)))
+    uint8_t dk[24];
+    be64(dk, (uint64_t)ev->ts);
+    be64(dk + 8, h.high64);
+    be64(dk + 16, h.low64);
+    if ((r = st_put(a->txn, a->env, ST_DB_DEDUP, dk, sizeof dk, &partition, sizeof partition)) ||
+        (r = dset_put(&a->dedup, h.high64, h.low64, ev->ts)) ||
+        (r = hlist_add(&a->added, h.high64, h.low64)))
         return r;
 
     if (ev->type != ING_ET_ASSIGNMENT) {
@@ -1709,13 +1919,14 @@ static int sweep_final(agg_t *a, int which, const st_val_t *k, const st_val_t *v
 {
     const uint8_t *kp = k->p;
     if (which == SW_DEDUP) {
-        int64_t ts;
         int32_t p;
-        if (v->n < 12)
+        if (v->n < 4 || k->n != 24)
             return 0;
-        memcpy(&ts, v->p, 8);
-        memcpy(&p, (const uint8_t *)v->p + 8, 4);
-        return ts < horizon(a, p);
+        memcpy(&p, v->p, 4);
+        if ((int64_t)rd_be64(kp) >= horizon(a, p))
+            return 0;
+        /* The in-memory entry goes once the batch commits. */
+        return hlist_add(&a->swept, rd_be64(kp + 8), rd_be64(kp + 16)) == 0;
     }
     if (which == SW_XEVENTS) {
         /* A retained event older than the horizon can no longer fall into
@@ -1836,9 +2047,15 @@ int agg_batch_commit(agg_t *a)
             a->seq = seq;
             a->pending = nd + nr;
             kset_reset(&a->dirty);
+            for (size_t i = 0; i < a->swept.n; i++)
+                dset_del(&a->dedup, a->swept.h[i][0], a->swept.h[i][1]);
+            a->added.n = a->swept.n = 0;
             return 0;
         }
         kset_reset(&a->dirty);
+        for (size_t i = 0; i < a->added.n; i++)
+            dset_del(&a->dedup, a->added.h[i][0], a->added.h[i][1]);
+        a->added.n = a->swept.n = 0;
         load_partitions(a);
         return r;
     }

@@ -54,12 +54,14 @@ typedef struct cfg {
     int64_t sweep_per_batch;
     int64_t stats_log_interval_ms;
     int64_t stats_interval_ms;
+    int64_t health_max_flush_age_ms; /* 0: 5 x flush_interval_ms + 30 s */
     int64_t window_days;
     char *exposure_event;
     double confidence;
     double sequential_tuning;
     int exit_at_end;
     int allow_state_rebuild;
+    int print_config; /* --print-config: cfg_dump and exit */
     int n_experiments;
     cfg_experiment_t experiments[CFG_MAX_EXPERIMENTS];
     /* librdkafka properties from -X prop=value and the [kafka] section. */

@@ -16,9 +16,13 @@
 
 #include "aggregator/agg.h"
 #include "daemon/config.h"
+#include "daemon/metrics.h"
+#include "daemon/notify.h"
+#include "daemon/page.h"
 #include "daemon/status.h"
 #include "daemon/util.h"
 #include "ingest/consumer.h"
+#include "ingest/parser.h"
 #include "ingest/validate.h"
 #include "sink/sink.h"
 #include "store/store.h"
@@ -65,10 +69,19 @@ typedef struct dmn {
     double last_stats_t;
     double started;
     uint64_t pauses;
+    /* Operator figures (daemon/metrics.h, daemon/page.h). */
+    mx_hist_t flush_hist;    /* durations of successful flushes, seconds */
+    mx_rows_t table_rows;    /* rows written / deleted per table by successful flushes */
+    double last_flush_mono;  /* monotonic ms of the last successful flush */
+    page_hist_t hist;        /* rate and lag samples for the live page */
+    double last_sample_t;    /* monotonic ms of the last history sample */
+    char health[512];        /* why /healthz says unhealthy ("" when healthy) */
 
     int pause_backpressure;
     int rebuild; /* --allow-state-rebuild took effect: start from the earliest offsets */
-    rd_kafka_message_t **held; /* a batch waiting for the map to grow */
+    ing_parser_t *parser;
+#define HELD_MAX 8
+    ing_batch_t *held[HELD_MAX]; /* validated batches waiting to be applied (map full) */
     size_t n_held;
 
     int stopping;
@@ -150,7 +163,7 @@ static int check_fresh_state(dmn_t *d)
 
 static void update_pause(dmn_t *d)
 {
-    int want = d->pause_backpressure || d->held || d->stopping;
+    int want = d->pause_backpressure || d->n_held || d->stopping;
     if (want != ing_consumer_paused(d->cons)) {
         ing_consumer_pause(d->cons, want);
         if (want)
@@ -158,15 +171,18 @@ static void update_pause(dmn_t *d)
     }
 }
 
-static int apply_batch(dmn_t *d, rd_kafka_message_t **m, size_t n)
+/* Apply one validated batch in one LMDB transaction. */
+static int apply_batch(dmn_t *d, const ing_batch_t *b)
 {
-    int64_t now = cm_now_ms();
+    for (size_t i = 0; i < b->n; i++)
+        if (b->res[i].reason == ING_R__COUNT)
+            return AGG_ENOMEM; /* validation itself ran out of memory */
     int r = agg_batch_begin(d->agg);
     if (r)
         return r;
-    char detail[64];
-    for (size_t i = 0; i < n; i++) {
-        const rd_kafka_message_t *msg = m[i];
+    for (size_t i = 0; i < b->n; i++) {
+        const rd_kafka_message_t *msg = b->msgs[i];
+        const ing_parsed_t *res = &b->res[i];
         const agg_partition_t *pp = agg_partition(d->agg, msg->partition);
         /* A message the state already holds (e.g. the group's offset lagged
          * behind LMDB's) is skipped, never applied twice. */
@@ -174,12 +190,12 @@ static int apply_batch(dmn_t *d, rd_kafka_message_t **m, size_t n)
             continue;
         const char *payload = msg->payload ? (const char *)msg->payload : "";
         size_t len = msg->payload ? msg->len : 0;
-        ing_reason_t why = ing_validate(payload, len, now, &d->lim, d->ev, detail, sizeof detail);
-        if (why == ING_OK)
-            r = agg_apply_event(d->agg, msg->partition, msg->offset, d->ev, payload, len, now);
+        if (res->reason == ING_OK)
+            r = agg_apply_event(d->agg, msg->partition, msg->offset, res->ev, payload, len,
+                                b->now_ms);
         else
-            r = agg_apply_reject(d->agg, msg->partition, msg->offset, why, detail, payload, len,
-                                 now);
+            r = agg_apply_reject(d->agg, msg->partition, msg->offset, res->reason, res->detail,
+                                 payload, len, b->now_ms);
         if (r) {
             agg_batch_abort(d->agg);
             return r;
@@ -188,7 +204,7 @@ static int apply_batch(dmn_t *d, rd_kafka_message_t **m, size_t n)
     r = agg_batch_commit(d->agg);
     if (r == 0) {
         d->batches++;
-        d->msgs += n;
+        d->msgs += b->n;
     }
     return r;
 }
@@ -199,8 +215,14 @@ static int all_at_end(dmn_t *d)
         return 0;
     for (int32_t p = 0; p < d->n_parts; p++) {
         const agg_partition_t *pp = agg_partition(d->agg, p);
-        int64_t next = pp && pp->known ? pp->next_offset : 0;
-        if (next < d->ends[p] && d->ends[p] > d->lows[p])
+        /* A partition without state starts where it was assigned (the
+         * group's committed offset, or the earliest one). */
+        int64_t next = pp && pp->known ? pp->next_offset : ing_consumer_start_offset(d->cons, p);
+        /* Messages below the low watermark are gone (retention): there is
+         * nothing left to consume under it. */
+        if (next < d->lows[p])
+            next = d->lows[p];
+        if (next < d->ends[p])
             return 0;
     }
     return 1;
@@ -222,83 +244,101 @@ static void after_batch(dmn_t *d)
     }
 }
 
-static void destroy_msgs(rd_kafka_message_t **m, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        rd_kafka_message_destroy(m[i]);
-}
-
-static void hold_msgs(dmn_t *d, rd_kafka_message_t **m, size_t n)
-{
-    rd_kafka_message_t **nh = realloc(d->held, (d->n_held + n) * sizeof *nh);
-    if (!nh) {
-        /* Without memory the messages cannot be kept; they were not
-         * applied, so a restart consumes them again from LMDB's offsets. */
-        cm_err("out of memory holding a batch; stopping", "messages=%zu", n);
-        destroy_msgs(m, n);
-        begin_stop(d, 1);
-        return;
-    }
-    memcpy(nh + d->n_held, m, n * sizeof *m);
-    d->held = nh;
-    d->n_held += n;
-}
+/* At most this many batches are validated ahead of the one being applied:
+ * enough to keep the second core busy, bounded in memory. */
+#define PARSE_AHEAD 2
 
 static void on_msgs(void *ud, rd_kafka_message_t **m, size_t n)
 {
     dmn_t *d = ud;
-    if (d->held) {
-        hold_msgs(d, m, n);
-        return;
-    }
-    int r = apply_batch(d, m, n);
-    if (r == ST_EMAPFULL) {
-        cm_warn("state map full: intake paused until the map grows", "messages=%zu", n);
-        hold_msgs(d, m, n);
-        update_pause(d);
-        return;
-    }
-    destroy_msgs(m, n);
-    if (r) {
-        cm_err("cannot apply batch; stopping (nothing of it was applied)", "error=\"%s\"",
-               agg_strerror(r));
+    if (ing_parser_submit(d->parser, m, n) != 0) {
+        /* The messages were not applied: a restart consumes them again. */
+        cm_err("out of memory queueing a batch for validation; stopping", "messages=%zu", n);
+        for (size_t i = 0; i < n; i++)
+            rd_kafka_message_destroy(m[i]);
         begin_stop(d, 1);
         return;
     }
-    after_batch(d);
+    if (ing_parser_pending(d->parser) >= PARSE_AHEAD)
+        ing_consumer_hold(d->cons, 1);
+}
+
+/* Drop the batches waiting for the map to grow (shutdown, fatal errors). */
+static void drop_held(dmn_t *d)
+{
+    for (size_t i = 0; i < d->n_held; i++)
+        ing_batch_free(d->held[i]);
+    d->n_held = 0;
+}
+
+/* Apply the held batches in order; 0 when all went in. */
+static int apply_held(dmn_t *d)
+{
+    while (d->n_held) {
+        int r = apply_batch(d, d->held[0]);
+        if (r == ST_EMAPFULL)
+            return r;
+        ing_batch_free(d->held[0]);
+        memmove(d->held, d->held + 1, (d->n_held - 1) * sizeof *d->held);
+        d->n_held--;
+        if (r) {
+            cm_err("cannot apply batch; stopping (nothing of it was applied)", "error=\"%s\"",
+                   agg_strerror(r));
+            drop_held(d);
+            begin_stop(d, 1);
+            return r;
+        }
+        after_batch(d);
+    }
+    return 0;
+}
+
+/* A validated batch, in consumption order. */
+static void on_parsed(void *ud, ing_batch_t *b)
+{
+    dmn_t *d = ud;
+    if (d->n_held == HELD_MAX) {
+        /* Cannot happen with PARSE_AHEAD batches in flight; never lose one. */
+        cm_err("too many batches waiting; stopping", "messages=%zu", b->n);
+        ing_batch_free(b);
+        begin_stop(d, 1);
+        return;
+    }
+    d->held[d->n_held++] = b;
+    if (d->n_held == 1 && !d->closed) {
+        int r = apply_held(d);
+        if (r == ST_EMAPFULL) {
+            cm_warn("state map full: intake paused until the map grows", "messages=%zu",
+                    d->held[0]->n);
+            update_pause(d);
+        }
+    }
+    if (ing_parser_pending(d->parser) < PARSE_AHEAD && !d->n_held && d->cons)
+        ing_consumer_hold(d->cons, 0);
+    if (d->stopping)
+        continue_stop(d);
 }
 
 /* Grow the map once no flush holds a read transaction, then apply the held
- * batch again. */
+ * batches again. */
 static void on_grow_timer(uv_timer_t *t)
 {
     dmn_t *d = t->data;
-    if (!d->held || d->inflight)
+    if (!d->n_held || d->inflight)
         return;
     int r = st_grow(d->env);
     if (r) {
         cm_err("cannot grow the state map; stopping", "error=\"%s\"", st_strerror(r));
-        destroy_msgs(d->held, d->n_held);
-        free(d->held);
-        d->held = NULL;
-        d->n_held = 0;
+        drop_held(d);
         begin_stop(d, 1);
         return;
     }
-    r = apply_batch(d, d->held, d->n_held);
-    if (r == ST_EMAPFULL)
+    if (apply_held(d) == ST_EMAPFULL)
         return; /* grow again on the next tick */
-    destroy_msgs(d->held, d->n_held);
-    free(d->held);
-    d->held = NULL;
-    d->n_held = 0;
-    if (r) {
-        cm_err("cannot apply batch; stopping", "error=\"%s\"", agg_strerror(r));
-        begin_stop(d, 1);
-        return;
-    }
     cm_info("intake resumed after the map grew", "%s", "");
-    after_batch(d);
+    update_pause(d);
+    if (d->cons && ing_parser_pending(d->parser) < PARSE_AHEAD)
+        ing_consumer_hold(d->cons, 0);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -350,6 +390,9 @@ static void flush_after(uv_work_t *w, int status)
     int r = status ? status : d->fl_rc;
     if (r == 0 && d->fl) {
         size_t rows = agg_flush_rows(d->fl);
+        mx_rows_add(&d->table_rows, agg_flush_batch(d->fl));
+        mx_hist_observe(&d->flush_hist, ms / 1000.0);
+        d->last_flush_mono = cm_mono_ms();
         int dr = agg_flush_done(d->agg, d->fl);
         if (dr) {
             /* Rows stay dirty and are simply written again: harmless. */
@@ -408,7 +451,7 @@ static int flush_needed(dmn_t *d)
 
 static void start_flush(dmn_t *d)
 {
-    if (d->inflight || d->held || cm_mono_ms() < d->next_try || !flush_needed(d))
+    if (d->inflight || d->n_held || cm_mono_ms() < d->next_try || !flush_needed(d))
         return;
     d->inflight = 1;
     d->fl_t0 = cm_mono_ms();
@@ -455,20 +498,57 @@ static int64_t part_end(dmn_t *d, int32_t p)
     return e;
 }
 
-static const char *health_problem(dmn_t *d)
+/* --health-max-flush-age-ms, or its default: 5 flush intervals plus 30 s. */
+static int64_t max_flush_age_ms(const dmn_t *d)
 {
-    if (d->flush_failures && !d->pg_up)
-        return "postgres unavailable: last flush failed";
-    if (d->cons && !ing_consumer_broker_up(d->cons))
-        return "kafka brokers unreachable";
-    if (d->held)
-        return "state map full: intake paused";
-    return NULL;
+    return d->cfg.health_max_flush_age_ms > 0 ? d->cfg.health_max_flush_age_ms
+                                              : 5 * d->cfg.flush_interval_ms + 30000;
 }
 
-static char *status_json(dmn_t *d)
+/* Every reason to be unhealthy, "; "-separated, in d->health; NULL when healthy. */
+static const char *health_problem(dmn_t *d)
+{
+    char *h = d->health;
+    size_t cap = sizeof d->health, n = 0;
+    h[0] = '\0';
+#define HP_ADD(...)                                                                                \
+    do {                                                                                           \
+        if (n < cap)                                                                               \
+            n += (size_t)snprintf(h + n, cap - n, "%s", n ? "; " : "");                            \
+        if (n < cap)                                                                               \
+            n += (size_t)snprintf(h + n, cap - n, __VA_ARGS__);                                    \
+    } while (0)
+    if (d->flush_failures && !d->pg_up)
+        HP_ADD("postgres unavailable: last flush failed");
+    if (d->cons && !ing_consumer_broker_up(d->cons))
+        HP_ADD("kafka brokers unreachable");
+    if (d->n_held)
+        HP_ADD("state map full: intake paused");
+    /* Rows waiting and no flush for too long (stuck or very slow Postgres). */
+    double since = (d->flushed_once ? d->last_flush_mono : d->started);
+    double age = cm_mono_ms() - since;
+    if (flush_needed(d) && age > (double)max_flush_age_ms(d))
+        HP_ADD("no successful flush for %.0f s with rows pending (limit %.0f s)", age / 1000.0,
+               (double)max_flush_age_ms(d) / 1000.0);
+#undef HP_ADD
+    return h[0] ? h : NULL;
+}
+
+/* Event-time lag of a partition: now - watermark in seconds (never negative);
+ * -1 before the partition accepted anything. */
+static double part_lag_s(dmn_t *d, int32_t p, int64_t now_ms)
+{
+    const agg_partition_t *pp = agg_partition(d->agg, p);
+    if (!pp || pp->watermark < 0)
+        return -1;
+    return now_ms > pp->watermark ? (double)(now_ms - pp->watermark) / 1000.0 : 0.0;
+}
+
+static json_t *status_obj(dmn_t *d)
 {
     json_t *o = json_object();
+    int64_t now_ms = cm_now_ms();
+    double lag_s_max = -1;
     json_object_set_new(o, "version", json_string(CLICKMART_VERSION));
     json_object_set_new(o, "uptime_s", json_real((cm_mono_ms() - d->started) / 1000.0));
     json_object_set_new(o, "topic", json_string(d->cfg.topic));
@@ -504,6 +584,10 @@ static char *status_json(dmn_t *d)
         json_object_set_new(j, "lag", end >= 0 ? json_integer(lag) : json_null());
         json_object_set_new(j, "watermark",
                             pp->watermark >= 0 ? json_integer(pp->watermark) : json_null());
+        double ls = part_lag_s(d, p, now_ms);
+        json_object_set_new(j, "lag_seconds", ls >= 0 ? json_real(ls) : json_null());
+        if (ls > lag_s_max)
+            lag_s_max = ls;
         json_object_set_new(j, "accepted", json_integer(pp->accepted));
         json_object_set_new(j, "duplicates", json_integer(pp->duplicates));
         json_object_set_new(j, "rejected", json_integer(pp->rejected));
@@ -511,7 +595,9 @@ static char *status_json(dmn_t *d)
     }
     json_object_set_new(o, "partitions", parts);
     json_object_set_new(o, "lag", json_integer(lag_total));
+    json_object_set_new(o, "lag_seconds", lag_s_max >= 0 ? json_real(lag_s_max) : json_null());
     json_t *fl = json_object();
+    json_object_set_new(fl, "rows_written", json_integer((json_int_t)d->rows_written));
     json_object_set_new(fl, "last_at", d->flushes ? json_integer(d->last_flush_at) : json_null());
     json_object_set_new(fl, "last_duration_ms", json_real(d->last_flush_ms));
     json_object_set_new(fl, "last_rows", json_integer((json_int_t)d->last_flush_rows));
@@ -530,7 +616,14 @@ static char *status_json(dmn_t *d)
     json_object_set_new(o, "state", st);
     const char *hp = health_problem(d);
     json_object_set_new(o, "healthy", json_boolean(hp == NULL));
-    char *s = json_dumps(o, JSON_COMPACT);
+    json_object_set_new(o, "health", hp ? json_string(hp) : json_null());
+    return o;
+}
+
+static char *status_json(dmn_t *d)
+{
+    json_t *o = status_obj(d);
+    char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
     return s;
 }
@@ -597,8 +690,19 @@ static char *metrics_text(dmn_t *d, size_t *len)
     for (int32_t p = 0; p < d->n_parts; p++) {
         const agg_partition_t *pp = agg_partition(d->agg, p);
         int64_t end = part_end(d, p), next = pp->known ? pp->next_offset : 0;
+        if (end < 0)
+            continue; /* end offset not known yet: no sample rather than a wrong 0 */
         tb_printf(&b, "clickmart_consumer_lag_messages{partition=\"%d\"} %lld\n", p,
                   (long long)(end > next ? end - next : 0));
+    }
+    metric_head(&b, "clickmart_consumer_lag_seconds", "gauge",
+                "Event-time lag per partition: now minus the watermark (the largest accepted "
+                "event time), in seconds.");
+    int64_t now_ms = cm_now_ms();
+    for (int32_t p = 0; p < d->n_parts; p++) {
+        double ls = part_lag_s(d, p, now_ms);
+        if (ls >= 0)
+            tb_printf(&b, "clickmart_consumer_lag_seconds{partition=\"%d\"} %.3f\n", p, ls);
     }
     metric_head(&b, "clickmart_watermark_seconds", "gauge",
                 "Largest accepted event time per partition (Unix seconds).");
@@ -614,6 +718,27 @@ static char *metrics_text(dmn_t *d, size_t *len)
     tb_printf(&b, "clickmart_flush_failures_total %llu\n", (unsigned long long)d->flush_failures);
     metric_head(&b, "clickmart_flush_rows_total", "counter", "Rows written by flushes.");
     tb_printf(&b, "clickmart_flush_rows_total %llu\n", (unsigned long long)d->rows_written);
+    metric_head(&b, "clickmart_rows_written_total", "counter",
+                "Rows upserted by successful flushes, per Postgres table.");
+    for (int t = 0; t < MX_N_TABLES; t++)
+        tb_printf(&b, "clickmart_rows_written_total{table=\"%s\"} %llu\n", mx_table_name(t),
+                  (unsigned long long)d->table_rows.written[t]);
+    metric_head(&b, "clickmart_rows_deleted_total", "counter",
+                "Rows deleted by successful flushes (merged sessions, retracted rows), per table.");
+    for (int t = 0; t < MX_N_TABLES; t++)
+        tb_printf(&b, "clickmart_rows_deleted_total{table=\"%s\"} %llu\n", mx_table_name(t),
+                  (unsigned long long)d->table_rows.deleted[t]);
+    metric_head(&b, "clickmart_flush_duration_seconds", "histogram",
+                "Duration of successful Postgres flushes (collect and write).");
+    for (int i = 0; i < MX_FLUSH_BUCKETS; i++)
+        tb_printf(&b, "clickmart_flush_duration_seconds_bucket{le=\"%g\"} %llu\n",
+                  mx_flush_bucket_le[i],
+                  (unsigned long long)mx_hist_cumulative(&d->flush_hist, i));
+    tb_printf(&b, "clickmart_flush_duration_seconds_bucket{le=\"+Inf\"} %llu\n",
+              (unsigned long long)d->flush_hist.count);
+    tb_printf(&b, "clickmart_flush_duration_seconds_sum %.6f\n", d->flush_hist.sum);
+    tb_printf(&b, "clickmart_flush_duration_seconds_count %llu\n",
+              (unsigned long long)d->flush_hist.count);
     metric_head(&b, "clickmart_last_flush_duration_seconds", "gauge",
                 "Duration of the last successful flush.");
     tb_printf(&b, "clickmart_last_flush_duration_seconds %.6f\n", d->last_flush_ms / 1000.0);
@@ -637,6 +762,22 @@ static char *metrics_text(dmn_t *d, size_t *len)
     tb_printf(&b, "clickmart_postgres_up %d\n", d->pg_up);
     metric_head(&b, "clickmart_broker_up", "gauge", "1 while a Kafka broker answers.");
     tb_printf(&b, "clickmart_broker_up %d\n", d->cons && ing_consumer_broker_up(d->cons));
+    metric_head(&b, "clickmart_state_map_used_ratio", "gauge",
+                "Fraction of the LMDB map in use (the map doubles when full).");
+    tb_printf(&b, "clickmart_state_map_used_ratio %.6f\n", map ? (double)used / (double)map : 0.0);
+    metric_head(&b, "clickmart_healthy", "gauge", "1 while /healthz answers 200.");
+    tb_printf(&b, "clickmart_healthy %d\n", health_problem(d) == NULL);
+    metric_head(&b, "clickmart_health_max_flush_age_seconds", "gauge",
+                "Longest time without a successful flush while rows are pending before "
+                "/healthz fails.");
+    tb_printf(&b, "clickmart_health_max_flush_age_seconds %.3f\n",
+              (double)max_flush_age_ms(d) / 1000.0);
+    metric_head(&b, "clickmart_build_info", "gauge", "Always 1; the version as a label.");
+    tb_printf(&b, "clickmart_build_info{version=\"%s\"} 1\n", CLICKMART_VERSION);
+    metric_head(&b, "clickmart_start_time_seconds", "gauge",
+                "Time the daemon started (Unix seconds).");
+    tb_printf(&b, "clickmart_start_time_seconds %.3f\n",
+              ((double)now_ms - (cm_mono_ms() - d->started)) / 1000.0);
     *len = b.n;
     return b.p;
 }
@@ -663,6 +804,24 @@ static void on_http(void *ud, const char *method, const char *path, sts_response
         if (resp->body)
             snprintf(resp->body, n, "%s\n", hp ? hp : "ok");
         resp->body_len = resp->body ? n - 1 : 0;
+    } else if (!strcmp(path, "/") || !strcmp(path, "/index.html")) {
+        size_t n;
+        const char *html = page_html(&n);
+        resp->status = 200;
+        resp->content_type = "text/html; charset=utf-8";
+        resp->body = malloc(n ? n : 1);
+        if (resp->body)
+            memcpy(resp->body, html, n);
+        resp->body_len = resp->body ? n : 0;
+    } else if (!strcmp(path, "/api/snapshot")) {
+        char *marts = NULL;
+        int r = agg_snapshot_json(d->agg, 14, &marts);
+        resp->status = 200;
+        resp->content_type = "application/json";
+        resp->body = page_snapshot_json(status_obj(d), r ? NULL : marts,
+                                        r ? agg_strerror(r) : NULL, &d->hist, cm_now_ms());
+        free(marts);
+        resp->body_len = resp->body ? strlen(resp->body) : 0;
     } else {
         resp->status = 404;
         resp->content_type = "text/plain";
@@ -671,19 +830,47 @@ static void on_http(void *ud, const char *method, const char *path, sts_response
     }
 }
 
+/* The stats timer's period: it samples the live page's history every
+ * PAGE_SAMPLE_MS and logs the summary line every --stats-log-interval-ms. */
+static uint64_t stats_tick_ms(const dmn_t *d)
+{
+    int64_t t = PAGE_SAMPLE_MS;
+    if (d->cfg.stats_log_interval_ms > 0 && d->cfg.stats_log_interval_ms < t)
+        t = d->cfg.stats_log_interval_ms;
+    return (uint64_t)t;
+}
+
 static void on_stats_timer(uv_timer_t *t)
 {
     dmn_t *d = t->data;
     double now = cm_mono_ms();
-    double dt = (now - d->last_stats_t) / 1000.0;
-    double rate = dt > 0 ? (double)(d->msgs - d->msgs_at_last_stats) / dt : 0;
+    double slack = (double)stats_tick_ms(d) / 2.0; /* timers fire a little early or late */
+    int64_t now_ms = cm_now_ms();
     int64_t lag = 0;
+    double lag_s = -1;
     for (int32_t p = 0; p < d->n_parts; p++) {
         const agg_partition_t *pp = agg_partition(d->agg, p);
         int64_t end = part_end(d, p), next = pp->known ? pp->next_offset : 0;
         if (end > next)
             lag += end - next;
+        double ls = part_lag_s(d, p, now_ms);
+        if (ls > lag_s)
+            lag_s = ls;
     }
+    if (now - d->last_sample_t >= (double)PAGE_SAMPLE_MS - slack) {
+        d->last_sample_t = now;
+        int64_t accepted = total(d, 0);
+        page_hist_sample(&d->hist, now, now_ms, d->msgs, accepted, lag, lag_s);
+        notify_status("%s: accepted %lld, lag %lld messages, %llu flushes, %s",
+                      d->stopping ? "stopping" : "consuming", (long long)accepted,
+                      (long long)lag, (unsigned long long)d->flushes,
+                      health_problem(d) ? d->health : "healthy");
+    }
+    if (d->cfg.stats_log_interval_ms <= 0 ||
+        now - d->last_stats_t < (double)d->cfg.stats_log_interval_ms - slack)
+        return;
+    double dt = (now - d->last_stats_t) / 1000.0;
+    double rate = dt > 0 ? (double)(d->msgs - d->msgs_at_last_stats) / dt : 0;
     cm_info("progress",
             "messages=%llu rate=%.0f/s accepted=%lld duplicates=%lld rejected=%lld lag=%lld "
             "pending_rows=%llu flushes=%llu flush_failures=%llu paused=%d",
@@ -716,6 +903,7 @@ static void close_all(dmn_t *d)
     uv_close((uv_handle_t *)&d->grow_timer, on_closed);
     uv_close((uv_handle_t *)&d->sig_term, on_closed);
     uv_close((uv_handle_t *)&d->sig_int, on_closed);
+    notify_close();
     if (d->sts) {
         sts_stop(d->sts);
         d->sts = NULL;
@@ -728,15 +916,12 @@ static void close_all(dmn_t *d)
 
 static void continue_stop(dmn_t *d)
 {
-    if (d->closed || d->inflight)
+    /* Batches still being validated come back through on_parsed, which
+     * applies them and calls here again. */
+    if (d->closed || d->inflight || (d->parser && ing_parser_pending(d->parser)))
         return;
-    if (d->held) {
-        /* Not applied: a restart consumes these again from LMDB's offsets. */
-        destroy_msgs(d->held, d->n_held);
-        free(d->held);
-        d->held = NULL;
-        d->n_held = 0;
-    }
+    /* Not applied: a restart consumes these again from LMDB's offsets. */
+    drop_held(d);
     if (flush_needed(d)) {
         if (cm_mono_ms() < d->stop_deadline) {
             start_flush(d); /* retried by the flush timer while backing off */
@@ -759,6 +944,7 @@ static void begin_stop(dmn_t *d, int code)
         return;
     d->stopping = 1;
     d->exit_code = code;
+    notify_stopping();
     d->stop_deadline = cm_mono_ms() + (double)d->cfg.shutdown_timeout_ms;
     if (d->cons) {
         ing_consumer_stop(d->cons);
@@ -852,6 +1038,8 @@ static int setup(dmn_t *d)
     }
     if ((r = check_fresh_state(d)) != 0)
         return r;
+    if (ing_parser_new(d->loop, &d->lim, on_parsed, d, &d->parser) != 0)
+        return 1;
     ing_consumer_conf_t cc = {d->cfg.brokers,       d->cfg.topic,
                               d->cfg.group,         d->cfg.n_kafka_props,
                               d->cfg.kafka_prop_names, d->cfg.kafka_prop_values,
@@ -910,16 +1098,16 @@ static int setup(dmn_t *d)
     uv_timer_init(d->loop, &d->grow_timer);
     d->flush_timer.data = d->stats_timer.data = d->grow_timer.data = d;
     uv_timer_start(&d->flush_timer, on_flush_timer, 0, (uint64_t)d->cfg.flush_interval_ms);
-    if (d->cfg.stats_log_interval_ms > 0)
-        uv_timer_start(&d->stats_timer, on_stats_timer, (uint64_t)d->cfg.stats_log_interval_ms,
-                       (uint64_t)d->cfg.stats_log_interval_ms);
+    uv_timer_start(&d->stats_timer, on_stats_timer, 0, stats_tick_ms(d));
     uv_timer_start(&d->grow_timer, on_grow_timer, 50, 50);
+    notify_watchdog_start(d->loop);
     uv_signal_init(d->loop, &d->sig_term);
     uv_signal_init(d->loop, &d->sig_int);
     d->sig_term.data = d->sig_int.data = d;
     uv_signal_start(&d->sig_term, on_signal, SIGTERM);
     uv_signal_start(&d->sig_int, on_signal, SIGINT);
     d->last_stats_t = cm_mono_ms();
+    notify_ready(); /* Type=notify: state open, consumer and status server up */
     if (d->cfg.exit_at_end && all_at_end(d)) {
         cm_info("nothing to consume: already at the end offsets", "%s", "");
         begin_stop(d, 0);
@@ -949,6 +1137,11 @@ int main(int argc, char **argv)
         cfg_free(&d.cfg);
         return 2;
     }
+    if (d.cfg.print_config) {
+        cfg_dump(&d.cfg, stdout);
+        cfg_free(&d.cfg);
+        return 0;
+    }
     signal(SIGPIPE, SIG_IGN);
     d.loop = uv_default_loop();
     d.started = cm_mono_ms();
@@ -963,6 +1156,10 @@ int main(int argc, char **argv)
     }
     if (d.pg)
         snk_close(d.pg);
+    if (d.parser) {
+        drop_held(&d);
+        ing_parser_free(d.parser);
+    }
     agg_close(d.agg);
     st_close(d.env);
     free(d.ev);

@@ -8,6 +8,7 @@
 #ifndef CLICKMART_DAEMON_NOTIFY_H
 #define CLICKMART_DAEMON_NOTIFY_H
 
+#include <stdint.h>
 #include <uv.h>
 
 /* READY=1: start-up is complete (state opened, consumer and status server

@@ -79,8 +79,30 @@ static size_t json_escape(char *out, size_t cap, size_t pos, const char *s, size
         if (c == '"' || c == '\\') {
             out[pos++] = '\\';
             out[pos++] = (char)c;
-        } else if (c < 0x20) {
+        } else if (c < 0x20 || c == 0x7f) {
             pos += (size_t)snprintf(out + pos, cap - pos, "\\u%04x", c);
+        } else if (c >= 0x80) {
+            /* Copy a well-formed UTF-8 sequence; anything else becomes U+FFFD, so that
+             * every line stays valid JSON whatever bytes a message carried. */
+            size_t len = c >= 0xc2 && c <= 0xdf ? 2 : c >= 0xe0 && c <= 0xef ? 3
+                       : c >= 0xf0 && c <= 0xf4 ? 4 : 0;
+            int good = len > 0 && i + len <= n;
+            for (size_t k = 1; good && k < len; k++)
+                good = ((unsigned char)s[i + k] & 0xc0) == 0x80;
+            if (good && len == 3) {
+                unsigned char c1 = (unsigned char)s[i + 1];
+                good = !(c == 0xe0 && c1 < 0xa0) && !(c == 0xed && c1 >= 0xa0);
+            } else if (good && len == 4) {
+                unsigned char c1 = (unsigned char)s[i + 1];
+                good = !(c == 0xf0 && c1 < 0x90) && !(c == 0xf4 && c1 >= 0x90);
+            }
+            if (good) {
+                memcpy(out + pos, s + i, len);
+                pos += len;
+                i += len - 1;
+            } else {
+                pos += (size_t)snprintf(out + pos, cap - pos, "\\ufffd");
+            }
         } else {
             out[pos++] = (char)c;
         }
@@ -104,6 +126,37 @@ static size_t pairs_to_json(char *out, size_t cap, size_t pos, const char *pairs
             break;
         const char *next = eq + 1;
         const char *end = NULL;
+        /* key="quoted value": the value runs to the quote that ends the string or comes
+         * before the next " key=", so it may hold spaces and '=' (a conninfo, an error
+         * message); the quotes themselves are not part of the JSON string. */
+        if (*next == '"') {
+            for (const char *q = next + 1; *q && !end; q++) {
+                if (*q != '"')
+                    continue;
+                const char *k = q + 1;
+                if (*k == '\0') {
+                    end = k;
+                } else if (*k == ' ') {
+                    k++;
+                    while (*k && *k != ' ' && *k != '=' && *k != '"')
+                        k++;
+                    if (*k == '=' && k > q + 2)
+                        end = q + 1;
+                }
+            }
+            if (end) {
+                out[pos++] = ',';
+                out[pos++] = '"';
+                pos = json_escape(out, cap, pos, p, (size_t)(eq - p));
+                out[pos++] = '"';
+                out[pos++] = ':';
+                out[pos++] = '"';
+                pos = json_escape(out, cap, pos, next + 1, (size_t)(end - 1 - (next + 1)));
+                out[pos++] = '"';
+                p = end;
+                continue;
+            }
+        }
         for (const char *q = next; *q; q++) {
             if (*q == ' ') {
                 const char *k = q + 1;
@@ -155,6 +208,11 @@ void cm_log(int level, const char *msg, const char *fmt, ...)
                                level_names[level], msg, pairs[0] ? " " : "", pairs);
         if (pos >= sizeof line - 1)
             pos = sizeof line - 2;
+        /* One line per event: a newline inside a value (libpq's multi-line errors)
+         * must not start a line of its own. */
+        for (size_t i = 0; i < pos; i++)
+            if ((unsigned char)line[i] < 0x20)
+                line[i] = ' ';
     }
     line[pos++] = '\n';
     pthread_mutex_lock(&g_lock);

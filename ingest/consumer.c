@@ -32,6 +32,7 @@ struct ing_consumer {
     rd_kafka_topic_partition_list_t *assignment;
     int32_t n_partitions;
     int paused;
+    int held;
     int stopped;
     int broker_up;
     int closing;
@@ -53,8 +54,10 @@ static void on_more(uv_idle_t *h);
  */
 static void drain(ing_consumer_t *c)
 {
-    if (c->closing)
+    if (c->closing || c->held) {
+        uv_idle_stop(&c->more);
         return;
+    }
     {
         ssize_t n = rd_kafka_consume_batch_queue(c->q, 0, c->buf, c->batch_size);
         if ((size_t)(n < 0 ? 0 : n) < c->batch_size)
@@ -338,6 +341,13 @@ void ing_consumer_pause(ing_consumer_t *c, int paused)
 int ing_consumer_paused(const ing_consumer_t *c)
 {
     return c->paused;
+}
+
+void ing_consumer_hold(ing_consumer_t *c, int hold)
+{
+    c->held = hold;
+    if (!hold && !c->closing)
+        uv_idle_start(&c->more, on_more);
 }
 
 void ing_consumer_stop(ing_consumer_t *c)

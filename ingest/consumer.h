@@ -84,6 +84,12 @@ int64_t ing_consumer_cached_end(ing_consumer_t *c, int32_t partition);
 void ing_consumer_pause(ing_consumer_t *c, int paused);
 int ing_consumer_paused(const ing_consumer_t *c);
 
+/* Hold (1) or release (0) delivery without pausing the partitions: while
+ * held, fetched messages wait in librdkafka's queue (bounded by its
+ * queued.max.messages.kbytes), e.g. while earlier batches are still being
+ * validated. Releasing resumes the drain on the next loop iteration. */
+void ing_consumer_hold(ing_consumer_t *c, int hold);
+
 /* Stop delivering messages (shutdown); the backstop keeps serving events. */
 void ing_consumer_stop(ing_consumer_t *c);
 

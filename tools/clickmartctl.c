@@ -2,6 +2,7 @@
  * clickmartctl: ask a running clickmartd how it is doing, over its status socket.
  *
  *     clickmartctl [--socket PATH] status|metrics|health
+ *     clickmartctl [--socket PATH] watch [--interval SECONDS] [--count N]   (tools/ctl_watch.c)
  *
  * It speaks just enough HTTP/1.1 over a Unix socket to send one request with "Connection: close"
  * and read one response, with plain POSIX sockets so that it has no event loop and starts fast
@@ -23,6 +24,8 @@
 #include <sys/un.h>
 
 #include <jansson.h>
+
+#include "tools/ctl_watch.h"
 
 #define DEFAULT_SOCKET "/run/clickmart/clickmartd.sock"
 /* A daemon that accepts but never answers must not hang a health check forever. */
@@ -47,6 +50,7 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "Usage: clickmartctl [--socket PATH] COMMAND\n"
+            "       clickmartctl [--socket PATH] watch [--interval SECONDS] [--count N]\n"
             "\n"
             "Queries a running clickmartd over its status socket.\n"
             "\n"
@@ -54,10 +58,15 @@ static void usage(FILE *out)
             "  status    show topic, progress per partition, flushes and state size\n"
             "  metrics   print the Prometheus metrics (GET /metrics) as they are\n"
             "  health    print the health check answer (GET /healthz)\n"
+            "  watch     a refreshing view of rates, lag and flushes, like top (q or\n"
+            "            Ctrl-C quits); when stdout is not a terminal, one key=value\n"
+            "            line per sample\n"
             "\n"
             "Options:\n"
-            "  --socket PATH   status socket of the daemon (default %s)\n"
-            "  --help          show this help and exit\n"
+            "  --socket PATH       status socket of the daemon (default %s)\n"
+            "  --interval SECONDS  watch: time between samples (default 2, 0.1..3600)\n"
+            "  --count N           watch: stop after N samples (default 0: until q/Ctrl-C)\n"
+            "  --help              show this help and exit\n"
             "\n"
             "Exit codes:\n"
             "  0    success; for health: the daemon is healthy (HTTP 200)\n"
@@ -518,6 +527,47 @@ static int cmd_metrics(const char *sock)
     return fflush(stdout) == 0 ? EXIT_OK : EXIT_BAD;
 }
 
+/* ctl_watch's fetch: the body of one GET as a malloc'ed string, with the HTTP status. */
+static int fetch_body(const char *sock, const char *target, char **body, size_t *len,
+                      int *status)
+{
+    response_t r;
+    int rc = http_get(sock, target, &r);
+    if (rc != 0)
+        return rc;
+    *status = r.status;
+    *len = r.body_len;
+    *body = malloc(r.body_len + 1);
+    if (!*body) {
+        free(r.raw);
+        errmsg("out of memory");
+        return EXIT_BAD;
+    }
+    memcpy(*body, r.body, r.body_len);
+    (*body)[r.body_len] = '\0';
+    free(r.raw);
+    return 0;
+}
+
+/* A number option's value: --name VALUE or --name=VALUE; -1 on a usage error. */
+static int opt_value(int argc, char **argv, int *i, const char *name, const char **val)
+{
+    size_t n = strlen(name);
+    const char *a = argv[*i];
+    if (strncmp(a, name, n) == 0 && a[n] == '=') {
+        *val = a + n + 1;
+        return 1;
+    }
+    if (strcmp(a, name) != 0)
+        return 0;
+    if (*i + 1 >= argc) {
+        errmsg("%s needs a value (see --help)", name);
+        return -1;
+    }
+    *val = argv[++*i];
+    return 1;
+}
+
 static int cmd_health(const char *sock)
 {
     response_t r;
@@ -540,9 +590,36 @@ int main(int argc, char **argv)
 {
     const char *sock = DEFAULT_SOCKET;
     const char *cmd = NULL;
+    double interval = 2.0;
+    long count = 0;
+    int watch_opts = 0;
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
+        const char *v = NULL;
+        int o;
+        if ((o = opt_value(argc, argv, &i, "--interval", &v)) != 0) {
+            char *end = NULL;
+            interval = o > 0 ? strtod(v, &end) : 0;
+            if (o < 0 || end == v || *end != '\0' || !(interval >= 0.1 && interval <= 3600)) {
+                if (o > 0)
+                    errmsg("--interval: expected seconds between 0.1 and 3600, got \"%s\"", v);
+                return EXIT_USAGE;
+            }
+            watch_opts = 1;
+            continue;
+        }
+        if ((o = opt_value(argc, argv, &i, "--count", &v)) != 0) {
+            char *end = NULL;
+            count = o > 0 ? strtol(v, &end, 10) : -1;
+            if (o < 0 || end == v || *end != '\0' || count < 0) {
+                if (o > 0)
+                    errmsg("--count: expected a number >= 0, got \"%s\"", v);
+                return EXIT_USAGE;
+            }
+            watch_opts = 1;
+            continue;
+        }
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
             usage(stdout);
             return EXIT_OK;
@@ -572,12 +649,18 @@ int main(int argc, char **argv)
         usage(stderr);
         return EXIT_USAGE;
     }
+    if (strcmp(cmd, "watch") == 0)
+        return ctl_watch(sock, interval, count, fetch_body);
+    if (watch_opts) {
+        errmsg("--interval and --count are options of watch (see --help)");
+        return EXIT_USAGE;
+    }
     if (strcmp(cmd, "status") == 0)
         return cmd_status(sock);
     if (strcmp(cmd, "metrics") == 0)
         return cmd_metrics(sock);
     if (strcmp(cmd, "health") == 0)
         return cmd_health(sock);
-    errmsg("unknown command \"%s\" (want status, metrics or health)", cmd);
+    errmsg("unknown command \"%s\" (want status, metrics, health or watch)", cmd);
     return EXIT_USAGE;
 }

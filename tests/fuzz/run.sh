@@ -46,8 +46,14 @@ command -v "${FUZZ_CC:-clang}" >/dev/null 2>&1 || {
 }
 
 # Build (RelWithDebInfo: -O2 -g, plus the sanitizers set in CMakeLists.txt).
-LOG_BUILD=$(mktemp)
-trap 'rm -f "$LOG_BUILD"' EXIT
+WORK=$BUILD/run
+NEW=$WORK/new
+ART=$WORK/artifacts
+TMP=$WORK/tmp
+LOG=$WORK/fuzz.log
+mkdir -p "$WORK"
+LOG_BUILD=$WORK/build.log
+trap 'rm -rf "$TMP"' EXIT
 if ! { cmake -S "$FUZZ_DIR" -B "$BUILD" -DCMAKE_C_COMPILER="${FUZZ_CC:-clang}" \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo &&
     cmake --build "$BUILD" -j"$(nproc)"; } >"$LOG_BUILD" 2>&1; then
@@ -57,13 +63,10 @@ if ! { cmake -S "$FUZZ_DIR" -B "$BUILD" -DCMAKE_C_COMPILER="${FUZZ_CC:-clang}" \
 fi
 FUZZER=$BUILD/fuzz_message
 
-WORK=$BUILD/run
-NEW=$WORK/new
-ART=$WORK/artifacts
-TMP=$WORK/tmp
-rm -rf "$TMP" "$ART"
+# The previous run's crashes, if any, are kept one run longer in artifacts.prev.
+rm -rf "$TMP" "$ART.prev"
+[ -d "$ART" ] && mv "$ART" "$ART.prev"
 mkdir -p "$NEW" "$ART" "$TMP"
-LOG=$WORK/fuzz.log
 
 export TMPDIR=$TMP                           # the harness's LMDB state goes here
 export CLICKMART_FUZZ_HISTORY_DIR=$ART       # inputs since the last state reset
@@ -86,7 +89,7 @@ if [ "$MINIMIZE" = 1 ]; then
     before=$(find "$CORPUS" -type f | wc -l)
     find "$CORPUS" -type f -delete
     cp "$MIN"/* "$CORPUS"/
-    rm -rf "$MIN" "$TMP"
+    rm -rf "$MIN"
     summary "OK: corpus minimized from $before (+$(find "$NEW" -type f | wc -l) new) to $(find "$CORPUS" -type f | wc -l) inputs"
     exit 0
 fi
@@ -104,17 +107,20 @@ eps=$(stat average_exec_per_sec)
 added=$(stat new_units_added)
 cov=$(grep -o 'cov: [0-9]*' "$LOG" | tail -n 1 | cut -d' ' -f2)
 corp=$(find "$CORPUS" -type f | wc -l)
-rm -rf "$TMP"
 
 if grep -q 'disabled leak detection' "$LOG"; then
     echo "fuzz: warning: libFuzzer disabled leak detection (memory grows between inputs)" >&2
 fi
 
 if [ $rc -ne 0 ]; then
-    # Show the report: the sanitizer's or the harness's, with the stack.
-    grep -n -m1 -E '^==[0-9]+==ERROR|runtime error|invariant violated|ERROR: libFuzzer' "$LOG" >/dev/null &&
-        sed -n "$(grep -n -m1 -E '^==[0-9]+==ERROR|runtime error|invariant violated|ERROR: libFuzzer' "$LOG" | cut -d: -f1),\$p" "$LOG" | head -n 80 >&2 ||
+    # Show the report (the harness's or the sanitizer's, with the stack).
+    first=$(grep -n -m1 -E 'invariant violated|^==[0-9]+==ERROR|runtime error|ERROR: libFuzzer' \
+        "$LOG" | cut -d: -f1 || true)
+    if [ -n "$first" ]; then
+        sed -n "${first},\$p" "$LOG" | grep -v '^0x' | head -n 80 >&2
+    else
         tail -n 60 "$LOG" >&2
+    fi
     art=$(find "$ART" -maxdepth 1 -type f ! -name 'history-*' | head -n 1)
     hist=$(find "$ART" -maxdepth 1 -type f -name 'history-*' | head -n 1)
     summary "FAIL (exit $rc) after ${SECS}s: ${runs:-?} runs; input: ${art:-none}; history: ${hist:-none}; log: $LOG"

@@ -993,6 +993,35 @@ static void test_exposure_and_window(void **state)
     close_fresh(a, env, dir);
 }
 
+static void test_dedup_survives_restart_and_abort(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    st_env_t *env;
+    agg_t *a = open_fresh(dir, &env, 2 * DAY);
+    int64_t t0 = 1700000000000LL;
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 0, "d1", "u", t0, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    /* An aborted batch forgets the ids it added. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 1, "d2", "u", t0 + 1, ING_ET_PAGE_VIEW), 0);
+    agg_batch_abort(a);
+    agg_close(a);
+    /* After a restart the committed id is still known, the aborted one not. */
+    agg_conf_t conf = {"t", GAP, 2 * DAY, 0, NULL, 0, NULL, 0, 0, 0};
+    assert_int_equal(agg_open(env, &conf, &a), 0);
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 1, "d1", "u", t0, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(apply_one(a, 2, "d2", "u", t0 + 1, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(apply_one(a, 3, "d2", "u", t0 + 1, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    const agg_partition_t *p = agg_partition(a, 0);
+    assert_int_equal(p->accepted, 2);
+    assert_int_equal(p->duplicates, 2);
+    close_fresh(a, env, dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1006,6 +1035,7 @@ int main(void)
         cmocka_unit_test(test_cohort_moves_with_late_event),
         cmocka_unit_test(test_retention_equals_recompute),
         cmocka_unit_test(test_exposure_and_window),
+        cmocka_unit_test(test_dedup_survives_restart_and_abort),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,179 @@
+/*
+ * parser.c - validation on libuv's thread pool. See parser.h.
+ */
+#include "ingest/parser.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "daemon/util.h"
+
+typedef struct job {
+    uv_work_t work;
+    struct job *next;
+    ing_parser_t *p;
+    ing_batch_t *b;
+    char *arena; /* compact copies of the accepted events */
+    int done;
+} job_t;
+
+struct ing_parser {
+    uv_loop_t *loop;
+    ing_limits_t lim;
+    ing_parsed_fn fn;
+    void *ud;
+    job_t *head, *tail; /* submission order */
+    size_t pending;
+};
+
+/* The bytes of an event that matter: the header and the items in use. */
+static size_t event_size(const ing_event_t *ev)
+{
+    return offsetof(ing_event_t, items) + (size_t)ev->n_items * sizeof(ing_item_t);
+}
+
+static void work_cb(uv_work_t *w)
+{
+    job_t *j = w->data;
+    ing_batch_t *b = j->b;
+    ing_event_t *scratch = malloc(sizeof *scratch);
+    size_t cap = b->n * 512 + 4096, used = 0;
+    j->arena = malloc(cap);
+    if (!scratch || !j->arena) {
+        /* Without memory nothing is validated: every result says so and the
+         * loop thread refuses the batch (see daemon). */
+        for (size_t i = 0; i < b->n; i++)
+            b->res[i].reason = ING_R__COUNT;
+        free(scratch);
+        return;
+    }
+    /* Offsets first: the arena may move while it grows. */
+    size_t *offs = malloc(b->n * sizeof *offs);
+    for (size_t i = 0; offs && i < b->n; i++) {
+        const rd_kafka_message_t *m = b->msgs[i];
+        const char *payload = m->payload ? (const char *)m->payload : "";
+        size_t len = m->payload ? m->len : 0;
+        ing_parsed_t *r = &b->res[i];
+        r->reason = ing_validate(payload, len, b->now_ms, &j->p->lim, scratch, r->detail,
+                                 sizeof r->detail);
+        offs[i] = SIZE_MAX;
+        if (r->reason != ING_OK)
+            continue;
+        size_t need = (event_size(scratch) + 15) & ~(size_t)15;
+        if (used + need > cap) {
+            size_t nc = cap * 2 + need;
+            char *na = realloc(j->arena, nc);
+            if (!na) {
+                r->reason = ING_R__COUNT;
+                continue;
+            }
+            j->arena = na;
+            cap = nc;
+        }
+        memcpy(j->arena + used, scratch, event_size(scratch));
+        offs[i] = used;
+        used += need;
+    }
+    for (size_t i = 0; offs && i < b->n; i++)
+        b->res[i].ev = offs[i] == SIZE_MAX ? NULL : (const ing_event_t *)(j->arena + offs[i]);
+    if (!offs)
+        for (size_t i = 0; i < b->n; i++)
+            b->res[i].reason = ING_R__COUNT;
+    free(offs);
+    free(scratch);
+}
+
+static void after_cb(uv_work_t *w, int status)
+{
+    job_t *j = w->data;
+    ing_parser_t *p = j->p;
+    (void)status;
+    j->done = 1;
+    /* Deliver from the head while the oldest batches are done: a batch
+     * that finished early waits for its predecessors. */
+    while (p->head && p->head->done) {
+        job_t *h = p->head;
+        p->head = h->next;
+        if (!p->head)
+            p->tail = NULL;
+        p->pending--;
+        ing_batch_t *b = h->b;
+        /* The arena travels with the batch (it holds the events). */
+        b->arena = h->arena;
+        free(h);
+        p->fn(p->ud, b);
+    }
+}
+
+int ing_parser_new(uv_loop_t *loop, const ing_limits_t *lim, ing_parsed_fn fn, void *ud,
+                   ing_parser_t **out)
+{
+    ing_parser_t *p = calloc(1, sizeof *p);
+    if (!p)
+        return ING_PARSER_ENOMEM;
+    p->loop = loop;
+    p->lim = *lim;
+    p->fn = fn;
+    p->ud = ud;
+    *out = p;
+    return 0;
+}
+
+int ing_parser_submit(ing_parser_t *p, rd_kafka_message_t **msgs, size_t n)
+{
+    job_t *j = calloc(1, sizeof *j);
+    ing_batch_t *b = calloc(1, sizeof *b);
+    rd_kafka_message_t **copy = b ? malloc((n ? n : 1) * sizeof *copy) : NULL;
+    ing_parsed_t *res = copy ? calloc(n ? n : 1, sizeof *res) : NULL;
+    if (!j || !b || !copy || !res) {
+        free(j);
+        free(b);
+        free(copy);
+        free(res);
+        return ING_PARSER_ENOMEM;
+    }
+    memcpy(copy, msgs, n * sizeof *copy);
+    b->msgs = copy;
+    b->res = res;
+    b->n = n;
+    b->now_ms = cm_now_ms();
+    j->p = p;
+    j->b = b;
+    j->work.data = j;
+    if (p->tail)
+        p->tail->next = j;
+    else
+        p->head = j;
+    p->tail = j;
+    p->pending++;
+    int r = uv_queue_work(p->loop, &j->work, work_cb, after_cb);
+    if (r) {
+        /* The thread pool refused (never expected): validate inline. */
+        work_cb(&j->work);
+        after_cb(&j->work, 0);
+    }
+    return 0;
+}
+
+size_t ing_parser_pending(const ing_parser_t *p)
+{
+    return p->pending;
+}
+
+void ing_batch_free(ing_batch_t *b)
+{
+    if (!b)
+        return;
+    for (size_t i = 0; i < b->n; i++)
+        if (b->msgs[i])
+            rd_kafka_message_destroy(b->msgs[i]);
+    free(b->arena);
+    free(b->msgs);
+    free(b->res);
+    free(b);
+}
+
+void ing_parser_free(ing_parser_t *p)
+{
+    free(p);
+}

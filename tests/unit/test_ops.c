@@ -1,0 +1,224 @@
+/*
+ * test_ops.c - the operator-facing helpers: the flush histogram and rows per table
+ * (daemon/metrics.c), the live page's history ring and snapshot (daemon/page.c), and
+ * the log line formats (daemon/util.c: JSON lines stay valid JSON, text lines stay one
+ * line).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <jansson.h>
+
+#include "daemon/metrics.h"
+#include "daemon/page.h"
+#include "daemon/util.h"
+
+static void test_hist(void **state)
+{
+    (void)state;
+    mx_hist_t h = {0};
+    mx_hist_observe(&h, 0.001);  /* first bucket */
+    mx_hist_observe(&h, 0.005);  /* le is inclusive */
+    mx_hist_observe(&h, 0.3);    /* 0.5 */
+    mx_hist_observe(&h, 120.0);  /* only +Inf */
+    assert_int_equal(h.count, 4);
+    assert_true(h.sum > 120.3 && h.sum < 120.31);
+    assert_int_equal(mx_hist_cumulative(&h, 0), 2);
+    int half = -1;
+    for (int i = 0; i < MX_FLUSH_BUCKETS; i++)
+        if (mx_flush_bucket_le[i] == 0.5)
+            half = i;
+    assert_true(half > 0);
+    assert_int_equal(mx_hist_cumulative(&h, half - 1), 2);
+    assert_int_equal(mx_hist_cumulative(&h, half), 3);
+    assert_int_equal(mx_hist_cumulative(&h, MX_FLUSH_BUCKETS - 1), 3);
+    for (int i = 1; i < MX_FLUSH_BUCKETS; i++)
+        assert_true(mx_flush_bucket_le[i] > mx_flush_bucket_le[i - 1]);
+}
+
+static void test_rows(void **state)
+{
+    (void)state;
+    mx_rows_t r = {0};
+    snk_batch_t b;
+    memset(&b, 0, sizeof b);
+    b.n_sessions = 5;
+    b.n_deleted_sessions = 2;
+    b.n_users = 3;
+    b.n_funnel = 7;
+    b.n_partitions = 4;
+    b.n_rejects = 1;
+    b.gen[SNK_EXPERIMENTS].n = 2;
+    b.gen[SNK_USER_OUTCOMES].n_del = 6;
+    mx_rows_add(&r, &b);
+    mx_rows_add(&r, &b);
+    mx_rows_add(&r, NULL);
+    assert_int_equal(r.written[MX_T_SESSIONS], 10);
+    assert_int_equal(r.deleted[MX_T_SESSIONS], 4);
+    assert_int_equal(r.written[MX_T_FUNNEL_DAILY], 14);
+    assert_int_equal(r.written[MX_T_GEN + SNK_EXPERIMENTS], 4);
+    assert_int_equal(r.deleted[MX_T_GEN + SNK_USER_OUTCOMES], 12);
+    assert_string_equal(mx_table_name(MX_T_REJECTED_EVENTS), "rejected_events");
+    assert_string_equal(mx_table_name(MX_T_GEN + SNK_EXPERIMENT_REGRESSION), "experiment_regression");
+    assert_string_equal(mx_table_name(MX_N_TABLES), "unknown");
+    /* Every table has a distinct name: they are label values. */
+    for (int i = 0; i < MX_N_TABLES; i++)
+        for (int k = i + 1; k < MX_N_TABLES; k++)
+            assert_string_not_equal(mx_table_name(i), mx_table_name(k));
+}
+
+static void test_history_ring(void **state)
+{
+    (void)state;
+    static page_hist_t h; /* zeroed */
+    /* First sample primes the rates: 0. Then 1000 messages per 2 s = 500/s. */
+    for (int i = 0; i < PAGE_HIST_CAP + 10; i++)
+        page_hist_sample(&h, 2000.0 * i, 1000 * (int64_t)i, 1000u * (uint64_t)i, 900 * (int64_t)i, i,
+                         i % 2 ? 1.5 : -1);
+    assert_int_equal(h.n, PAGE_HIST_CAP);
+    char *s = page_snapshot_json(json_pack("{s:i}", "accepted", 42), "{\"funnel\":[],\"experiments\":[]}",
+                                 NULL, &h, 123);
+    assert_non_null(s);
+    json_error_t err;
+    json_t *o = json_loads(s, 0, &err);
+    free(s);
+    assert_non_null(o);
+    assert_int_equal(json_integer_value(json_object_get(o, "now")), 123);
+    assert_int_equal(json_integer_value(json_object_get(json_object_get(o, "status"), "accepted")), 42);
+    assert_true(json_is_array(json_object_get(o, "funnel")));
+    json_t *hist = json_object_get(o, "history");
+    json_t *t = json_object_get(hist, "t"), *rate = json_object_get(hist, "rate");
+    json_t *lag_s = json_object_get(hist, "lag_s");
+    assert_int_equal(json_array_size(t), PAGE_HIST_CAP);
+    /* Oldest first: the 10 oldest samples were overwritten. */
+    assert_int_equal(json_integer_value(json_array_get(t, 0)), 10 * 1000);
+    assert_int_equal(json_integer_value(json_array_get(t, PAGE_HIST_CAP - 1)),
+                     (PAGE_HIST_CAP + 9) * 1000);
+    assert_true(json_real_value(json_array_get(rate, 5)) == 500.0);
+    assert_true(json_real_value(json_array_get(json_object_get(hist, "accepted_rate"), 5)) == 450.0);
+    assert_true(json_is_null(json_array_get(lag_s, 0)));  /* sample 10: unknown */
+    assert_true(json_real_value(json_array_get(lag_s, 1)) == 1.5);
+    json_decref(o);
+
+    /* Without marts, the snapshot says why. */
+    s = page_snapshot_json(json_object(), NULL, "state busy", &h, 1);
+    o = json_loads(s, 0, &err);
+    free(s);
+    assert_string_equal(json_string_value(json_object_get(o, "marts_error")), "state busy");
+    json_decref(o);
+
+    size_t n = 0;
+    const char *html = page_html(&n);
+    assert_true(n > 1000);
+    assert_non_null(memmem(html, n, "api/snapshot", 12));
+    assert_non_null(memmem(html, n, "id=\"chart-rate\"", 15));
+}
+
+/* Log to a temp file in place of stderr and return its content. */
+static char *capture(int json, void (*emit)(void))
+{
+    char path[] = "/tmp/test_ops_log.XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    fflush(stderr);
+    int saved = dup(2);
+    dup2(fd, 2);
+    cm_log_set_json(json);
+    emit();
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    cm_log_set_json(0);
+    FILE *f = fdopen(fd, "r");
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    rewind(f);
+    char *buf = calloc(1, (size_t)len + 1);
+    assert_int_equal(fread(buf, 1, (size_t)len, f), (size_t)len);
+    fclose(f);
+    unlink(path);
+    return buf;
+}
+
+static void emit_tricky(void)
+{
+    cm_info("starting", "pg=\"host=/tmp/x port=5432 user=a b\" schema=clickmart");
+    cm_warn("postgres flush failed; will retry",
+            "retry_in_ms=250 error=\"connect: socket \"/tmp/.s.PGSQL.5432\" failed\n\tIs the server running?\"");
+    cm_err("odd bytes", "detail=%s n=%d", "bad\xff\xfe utf8 \xe2\x82 cut", 3);
+    cm_info("utf8", "name=%s", "pé€😀");
+    cm_info("empty", "%s", "");
+    cm_info("ctl", "x=\x01\x7f y=2");
+}
+
+static void test_json_log_lines(void **state)
+{
+    (void)state;
+    char *out = capture(1, emit_tricky);
+    int lines = 0;
+    for (char *line = out, *nl; (nl = strchr(line, '\n')) != NULL; line = nl + 1) {
+        *nl = '\0';
+        json_error_t err;
+        json_t *o = json_loads(line, 0, &err);
+        if (!o)
+            fail_msg("not JSON: %s (%s)", line, err.text);
+        assert_non_null(json_object_get(o, "ts"));
+        assert_non_null(json_object_get(o, "level"));
+        const char *msg = json_string_value(json_object_get(o, "msg"));
+        if (!strcmp(msg, "starting")) {
+            assert_string_equal(json_string_value(json_object_get(o, "pg")),
+                                "host=/tmp/x port=5432 user=a b");
+            assert_string_equal(json_string_value(json_object_get(o, "schema")), "clickmart");
+        } else if (!strcmp(msg, "postgres flush failed; will retry")) {
+            assert_string_equal(json_string_value(json_object_get(o, "retry_in_ms")), "250");
+            const char *e = json_string_value(json_object_get(o, "error"));
+            assert_non_null(e);
+            assert_true(strncmp(e, "connect: socket", 15) == 0);
+            assert_non_null(strstr(e, "Is the server running?"));
+        } else if (!strcmp(msg, "utf8")) {
+            assert_string_equal(json_string_value(json_object_get(o, "name")), "pé€😀");
+        } else if (!strcmp(msg, "odd bytes")) {
+            assert_non_null(strstr(json_string_value(json_object_get(o, "detail")), "\xef\xbf\xbd"));
+            assert_string_equal(json_string_value(json_object_get(o, "n")), "3");
+        }
+        json_decref(o);
+        lines++;
+    }
+    assert_int_equal(lines, 6);
+    free(out);
+}
+
+static void test_text_log_one_line(void **state)
+{
+    (void)state;
+    char *out = capture(0, emit_tricky);
+    int lines = 0;
+    for (char *p = out; *p; p++) {
+        if (*p == '\n')
+            lines++;
+        else
+            assert_true((unsigned char)*p >= 0x20);
+    }
+    assert_int_equal(lines, 6);
+    assert_non_null(strstr(out, "msg=\"starting\" pg=\"host=/tmp/x port=5432 user=a b\""));
+    free(out);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_hist),
+        cmocka_unit_test(test_rows),
+        cmocka_unit_test(test_history_ring),
+        cmocka_unit_test(test_json_log_lines),
+        cmocka_unit_test(test_text_log_one_line),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

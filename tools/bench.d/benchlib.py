@@ -1,0 +1,983 @@
+#!/usr/bin/env python3
+"""Helpers of tools/bench (Python 3 stdlib only).  Not meant to be run by hand.
+
+    benchlib.py free-port
+    benchlib.py copyprep OUT.copy < kcat '%p %o %S\\n%s\\n' dump   -> JSON counts on stdout
+    benchlib.py timev FILE                                       -> JSON of /usr/bin/time -v
+    benchlib.py daemonlog FILE                                   -> JSON of clickmartd's log
+    benchlib.py steps FILE                                       -> JSON of batch.sql's timings
+    benchlib.py poll-pg ...                                      steady mode sampler
+    benchlib.py freshness ...                                    steady mode analysis
+    benchlib.py poll-status ...                                  scale mode sampler
+    benchlib.py scale ...                                        scale mode analysis
+    benchlib.py report MODE KV-FILE JSON-OUT [BASELINE]          summary table + JSON
+"""
+
+import bisect
+import datetime
+import glob
+import json
+import math
+import os
+import re
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+sys.dont_write_bytecode = True
+
+# --------------------------------------------------------------------------- small tools
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    print(s.getsockname()[1])
+    s.close()
+
+
+def percentile(sorted_vals, q):
+    """Nearest-rank percentile of an already sorted list (q in 0..100)."""
+    if not sorted_vals:
+        return None
+    k = max(0, min(len(sorted_vals) - 1, int(math.ceil(q / 100.0 * len(sorted_vals))) - 1))
+    return sorted_vals[k]
+
+
+def parse_log_ts(s):
+    """clickmartd's log timestamp (RFC 3339 UTC, ms) -> seconds since the epoch."""
+    s = s.strip().rstrip("Z").replace("T", " ")
+    if "+" in s[10:]:
+        s = s[: 10 + s[10:].index("+")]
+    fmt = "%Y-%m-%d %H:%M:%S.%f" if "." in s else "%Y-%m-%d %H:%M:%S"
+    d = datetime.datetime.strptime(s, fmt).replace(tzinfo=datetime.timezone.utc)
+    return d.timestamp()
+
+
+# --------------------------------------------------------------------------- batch input
+
+
+def copy_escape(b):
+    return (b.replace(b"\\", b"\\\\").replace(b"\t", b"\\t").replace(b"\n", b"\\n")
+            .replace(b"\r", b"\\r"))
+
+
+def copyprep(out_path):
+    """Reads kcat's '%p %o %S\\n%s\\n' dump and writes a COPY text file of
+    (partition, offset, payload).  Payloads that are not valid UTF-8 or hold a NUL
+    byte cannot be text in Postgres: they are left out (they are rejects anyway)."""
+    inp = sys.stdin.buffer
+    n = dropped_utf8 = dropped_nul = 0
+    parts = {}
+    with open(out_path, "wb", buffering=1 << 20) as out:
+        while True:
+            hdr = inp.readline()
+            if not hdr:
+                break
+            p, o, size = hdr.split()
+            size = int(size)
+            val = inp.read(size) if size > 0 else b""
+            inp.read(1)  # the newline after the value
+            n += 1
+            p = int(p)
+            o = int(o)
+            lo_hi = parts.get(p)
+            if lo_hi is None:
+                parts[p] = [o, o, 1]
+            else:
+                lo_hi[0] = min(lo_hi[0], o)
+                lo_hi[1] = max(lo_hi[1], o)
+                lo_hi[2] += 1
+            if b"\x00" in val:
+                dropped_nul += 1
+                continue
+            try:
+                val.decode("utf-8")
+            except UnicodeDecodeError:
+                dropped_utf8 += 1
+                continue
+            out.write(b"%d\t%d\t%s\n" % (p, o, copy_escape(val)))
+    gaps = sum(1 for lo, hi, c in parts.values() if lo != 0 or hi - lo + 1 != c)
+    json.dump({"messages": n, "dropped_invalid_utf8": dropped_utf8, "dropped_nul": dropped_nul,
+               "partitions_seen": len(parts), "partitions_not_from_offset_0": gaps,
+               "copied": n - dropped_utf8 - dropped_nul}, sys.stdout)
+    print()
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def timev(path):
+    """/usr/bin/time -v output -> wall, user, sys, max RSS."""
+    r = {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("User time (seconds):"):
+                r["user_s"] = float(line.split(":")[-1])
+            elif line.startswith("System time (seconds):"):
+                r["sys_s"] = float(line.split(":")[-1])
+            elif line.startswith("Maximum resident set size (kbytes):"):
+                r["max_rss_kb"] = int(line.split(":")[-1])
+            elif line.startswith("Elapsed (wall clock) time"):
+                v = line.split("):", 1)[1].strip() if "):" in line else line.rsplit(" ", 1)[-1]
+                secs = 0.0
+                for part in v.split(":"):
+                    secs = secs * 60 + float(part)
+                r["wall_s"] = secs
+            elif line.startswith("Exit status:"):
+                r["exit_status"] = int(line.split(":")[-1])
+            elif line.startswith("Command terminated by signal"):
+                r["signal"] = line
+    if "user_s" in r and "sys_s" in r:
+        r["cpu_s"] = r["user_s"] + r["sys_s"]
+    print(json.dumps(r))
+
+
+LOG_RE = re.compile(r'^ts=(\S+) level=(\S+) msg="([^"]*)"\s?(.*)$')
+KV_RE = re.compile(r'(\w+)=("[^"]*"|\S+)')
+
+
+def read_daemon_log(path):
+    lines = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = LOG_RE.match(line.rstrip("\n"))
+            if not m:
+                continue
+            kv = {k: v.strip('"') for k, v in KV_RE.findall(m.group(4))}
+            lines.append((parse_log_ts(m.group(1)), m.group(2), m.group(3), kv))
+    return lines
+
+
+def daemonlog(path):
+    lines = read_daemon_log(path)
+    r = {"first_ts": lines[0][0] if lines else None, "last_ts": lines[-1][0] if lines else None,
+         "progress": [], "warnings": []}
+    for ts, level, msg, kv in lines:
+        if msg.startswith("reached the end offsets"):
+            r["end_reached_ts"] = ts
+            r["end_messages"] = int(kv.get("messages", "0"))
+        elif msg == "progress":
+            r["progress"].append({"ts": ts, "messages": int(kv.get("messages", 0)),
+                                  "rate": float(kv.get("rate", "0").rstrip("/s")),
+                                  "lag": int(kv.get("lag", 0)),
+                                  "pending_rows": int(kv.get("pending_rows", 0))})
+        if level in ("warn", "error"):
+            r["warnings"].append("%s %s %s" % (level, msg, " ".join("%s=%s" % x for x in kv.items())))
+    r["warnings"] = r["warnings"][:20]
+    print(json.dumps(r))
+
+
+def steps(path):
+    """psql output of batch.sql (\\timing on, '@step NAME' echoed before each mart
+    statement) -> {NAME: ms}; the statements before the first step go to 'setup'."""
+    r = {}
+    cur = "setup"
+    with open(path, errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("@step "):
+                cur = line[6:].strip()
+            else:
+                m = re.match(r"^Time: ([0-9.]+) ms", line)
+                if m:
+                    r[cur] = round(r.get(cur, 0.0) + float(m.group(1)), 1)
+    print(json.dumps(r))
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+class Psql:
+    """One long-lived psql process: a query costs a round trip, not a fork."""
+
+    def __init__(self, conninfo):
+        self.p = subprocess.Popen(["psql", "-X", "-A", "-t", "-q", "-d", conninfo],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True, bufsize=1)
+
+    def query(self, sql):
+        self.p.stdin.write(sql.rstrip().rstrip(";") + ";\n\\echo __END__\n")
+        self.p.stdin.flush()
+        rows = []
+        while True:
+            line = self.p.stdout.readline()
+            if not line:
+                raise RuntimeError("psql exited")
+            line = line.rstrip("\n")
+            if line == "__END__":
+                return rows
+            if line:
+                rows.append(line.split("|"))
+
+    def close(self):
+        try:
+            self.p.stdin.close()
+            self.p.wait(5)
+        except Exception:
+            self.p.kill()
+
+
+def proc_sample(pid):
+    """CPU seconds (user+sys) and VmRSS/VmHWM (kB) of a live process, or None."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            st = f.read()
+        fields = st[st.rindex(")") + 2:].split()
+        tck = os.sysconf("SC_CLK_TCK")
+        cpu = (int(fields[11]) + int(fields[12])) / tck
+        rss = hwm = None
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1])
+        return cpu, rss, hwm
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def dir_size(path):
+    """Apparent bytes (du -sb) and allocated bytes (du -sB1) of a directory tree."""
+    app = alloc = 0
+    for root, _dirs, files in os.walk(path):
+        for fn in files:
+            try:
+                st = os.lstat(os.path.join(root, fn))
+            except OSError:
+                continue
+            app += st.st_size
+            alloc += st.st_blocks * 512
+    return app, alloc
+
+
+class Stopper:
+    def __init__(self, stop_file):
+        self.stop_file = stop_file
+        self.stop = False
+        signal.signal(signal.SIGTERM, self._sig)
+        signal.signal(signal.SIGINT, self._sig)
+
+    def _sig(self, *_):
+        self.stop = True
+
+    def done(self):
+        return self.stop or (self.stop_file and os.path.exists(self.stop_file))
+
+
+def poll_pg(args):
+    """Steady mode: every INTERVAL s, the flushed next_offset of every partition (one
+    line of JSON per sample: t, {partition: next_offset}), and the daemon's CPU/RSS."""
+    conninfo, schema, topic, out_path, interval, pid, stop_file = args
+    interval = float(interval)
+    pid = int(pid)
+    stopper = Stopper(stop_file)
+    pg = Psql(conninfo)
+    q = ("SELECT partition, next_offset FROM %s.partitions WHERE topic = '%s'"
+         % (schema, topic.replace("'", "''")))
+    have_table = False
+    with open(out_path, "w") as out:
+        nxt = time.time()
+        while not stopper.done():
+            t0 = time.time()
+            rows = None
+            if not have_table:
+                r = pg.query("SELECT to_regclass('%s.partitions') IS NOT NULL" % schema)
+                have_table = bool(r) and r[0][0] == "t"
+            if have_table:
+                try:
+                    rows = pg.query(q)
+                except RuntimeError:
+                    break
+            t1 = time.time()
+            rec = {"t": (t0 + t1) / 2, "q_ms": round((t1 - t0) * 1000, 2)}
+            if rows is not None:
+                rec["next"] = {r[0]: int(r[1]) for r in rows}
+            ps = proc_sample(pid)
+            if ps:
+                rec["cpu"], rec["rss_kb"], rec["hwm_kb"] = ps
+            out.write(json.dumps(rec) + "\n")
+            out.flush()
+            nxt += interval
+            delay = nxt - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                nxt = time.time()
+    pg.close()
+
+
+def http_get_unix(path, url="/status", timeout=2.0):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(("GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % url).encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return json.loads(body.decode("utf-8", "replace"))
+
+
+def poll_status(args):
+    """Scale mode: every INTERVAL s, the daemon's /status totals, its CPU and RSS, and
+    (every DU_EVERY samples) the state dir size.  One JSON line per sample."""
+    sock, pid, state_dir, out_path, interval, du_every, stop_file = args
+    interval = float(interval)
+    pid = int(pid)
+    du_every = int(du_every)
+    stopper = Stopper(stop_file)
+    i = 0
+    with open(out_path, "w") as out:
+        nxt = time.time()
+        while not stopper.done():
+            rec = {"t": time.time()}
+            try:
+                st = http_get_unix(sock)
+                rec["messages"] = int(st.get("accepted") or 0) + int(st.get("duplicates") or 0) + \
+                    int(st.get("rejected") or 0)
+                rec["accepted"] = int(st.get("accepted") or 0)
+                parts = st.get("partitions") or []
+                rec["next_sum"] = sum(int(p.get("next_offset") or 0) for p in parts)
+                rec["end_sum"] = sum(int(p.get("end_offset") or 0) for p in parts)
+                rec["lag"] = sum(int(p.get("lag") or 0) for p in parts)
+                state = st.get("state") or {}
+                rec["state_bytes_used"] = state.get("bytes")
+                rec["dirty_rows"] = state.get("dirty_rows")
+                fl = st.get("flush") or {}
+                rec["flush_ms"] = fl.get("last_duration_ms")
+                rec["flush_rows"] = fl.get("last_rows")
+            except (OSError, ValueError):
+                pass
+            ps = proc_sample(pid)
+            if ps:
+                rec["cpu"], rec["rss_kb"], rec["hwm_kb"] = ps
+            if du_every > 0 and i % du_every == 0:
+                rec["state_app"], rec["state_alloc"] = dir_size(state_dir)
+            i += 1
+            out.write(json.dumps(rec) + "\n")
+            out.flush()
+            nxt += interval
+            delay = nxt - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                nxt = time.time()
+
+
+def read_jsonl(path):
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+    return out
+
+
+# --------------------------------------------------------------------------- steady analysis
+
+
+def linreg(xs, ys):
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx = sum(xs) / n
+    my = sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+
+
+def freshness(args):
+    """For every produced message (partition, offset, producer timestamp in ms, from kcat
+    '%p %o %T'), the first sample at which Postgres' partitions.next_offset had passed
+    its offset: freshness = that time - the producer timestamp (an upper bound, within one
+    sampling interval)."""
+    samples_path, offsets_path, rate, duration, flush_ms, interval = args
+    rate = float(rate)
+    duration = float(duration)
+    flush_s = float(flush_ms) / 1000.0
+    interval = float(interval)
+    samples = [s for s in read_jsonl(samples_path) if "next" in s]
+    per_part_t = {}
+    per_part_n = {}
+    for s in samples:
+        for p, n in s["next"].items():
+            per_part_t.setdefault(p, []).append(s["t"])
+            per_part_n.setdefault(p, []).append(n)
+    msgs = []  # (produce_s, fresh_s or None)
+    n_total = 0
+    with open(offsets_path, "rb") as f:
+        for line in f:
+            fs = line.split()
+            if len(fs) != 3:
+                continue
+            p, o, ts = fs[0].decode(), int(fs[1]), int(fs[2])
+            n_total += 1
+            tl = per_part_t.get(p)
+            vis = None
+            if tl:
+                # next_offset is non-decreasing: the first sample with next > o
+                k = bisect.bisect_right(per_part_n[p], o)
+                if k < len(tl):
+                    vis = tl[k]
+            msgs.append((ts / 1000.0, None if vis is None else vis - ts / 1000.0))
+    msgs.sort()
+    r = {"messages": n_total, "sample_interval_s": interval, "samples": len(samples)}
+    if not msgs:
+        print(json.dumps(r))
+        return
+    t_first, t_last = msgs[0][0], msgs[-1][0]
+    span = max(t_last - t_first, 1e-9)
+    r["produce_span_s"] = round(span, 3)
+    r["produced_rate"] = round(n_total / span, 1)
+    r["target_rate"] = rate
+    unseen = sum(1 for _, f in msgs if f is None)
+    r["never_visible"] = unseen
+    fr = sorted(f for _, f in msgs if f is not None)
+    if fr:
+        r["p50_s"] = round(percentile(fr, 50), 3)
+        r["p90_s"] = round(percentile(fr, 90), 3)
+        r["p99_s"] = round(percentile(fr, 99), 3)
+        r["max_s"] = round(fr[-1], 3)
+        r["mean_s"] = round(sum(fr) / len(fr), 3)
+    # Freshness over time: buckets of about 1/20 of the run (at least 1 s).
+    bucket = max(1.0, span / 20.0)
+    buckets = {}
+    for t, f in msgs:
+        b = int((t - t_first) / bucket)
+        buckets.setdefault(b, []).append(f if f is not None else float("inf"))
+    prof = []
+    for b in sorted(buckets):
+        v = sorted(buckets[b])
+        prof.append({"t_s": round(b * bucket, 1), "messages": len(v),
+                     "p50_s": round(percentile(v, 50), 3) if math.isfinite(percentile(v, 50)) else None,
+                     "p99_s": round(percentile(v, 99), 3) if math.isfinite(percentile(v, 99)) else None})
+    r["profile"] = prof
+    # Lag trend: slope of the per-bucket median freshness after the first 20 % of the run.
+    xs = [p["t_s"] for p in prof if p["t_s"] >= 0.2 * span and p["p50_s"] is not None]
+    ys = [p["p50_s"] for p in prof if p["t_s"] >= 0.2 * span and p["p50_s"] is not None]
+    slope = linreg(xs, ys)
+    r["freshness_slope_s_per_s"] = round(slope, 4)
+    rise = slope * (span * 0.8)
+    r["freshness_rise_s"] = round(rise, 3)
+    growing = unseen > 0 or (slope > 0.02 and rise > 0.5)
+    r["lag_trend"] = "growing" if growing else "flat"
+    r["rate_reached"] = r["produced_rate"] >= 0.95 * rate
+    r["held"] = (not growing) and r["rate_reached"]
+    # Drain: time from the last produced message until all of it was visible.
+    last_vis = max((t + f) for t, f in msgs if f is not None) if fr else None
+    if last_vis is not None:
+        r["drain_after_last_produce_s"] = round(last_vis - t_last, 3)
+    r["target_p99_s"] = flush_s + 1.0
+    cpu = [s for s in read_jsonl(samples_path) if "cpu" in s]
+    if len(cpu) >= 2:
+        # CPU of the daemon while the producer ran
+        inwin = [s for s in cpu if t_first <= s["t"] <= t_last]
+        if len(inwin) >= 2:
+            r["daemon_cpu_cores"] = round((inwin[-1]["cpu"] - inwin[0]["cpu"]) /
+                                          max(inwin[-1]["t"] - inwin[0]["t"], 1e-9), 3)
+        r["daemon_peak_rss_mb"] = round(max(s.get("hwm_kb") or 0 for s in cpu) / 1024.0, 1)
+    print(json.dumps(r))
+
+
+# --------------------------------------------------------------------------- scale analysis
+
+
+def interp_time(samples, key, target):
+    """Time at which samples[key] (non-decreasing) reached target, linearly interpolated."""
+    prev = None
+    for s in samples:
+        v = s.get(key)
+        if v is None:
+            continue
+        if v >= target:
+            if prev is None or v == prev[1]:
+                return s["t"]
+            t0, v0 = prev
+            return t0 + (s["t"] - t0) * (target - v0) / (v - v0)
+        prev = (s["t"], v)
+    return None
+
+
+def interp_val(samples, key, t):
+    prev = None
+    for s in samples:
+        v = s.get(key)
+        if v is None:
+            continue
+        if s["t"] >= t:
+            if prev is None:
+                return v
+            t0, v0 = prev
+            if s["t"] == t0:
+                return v
+            return v0 + (v - v0) * (t - t0) / (s["t"] - t0)
+        prev = (s["t"], v)
+    return prev[1] if prev else None
+
+
+def scale(args):
+    samples_path, events, window, gen_end_ts = args
+    events = int(events)
+    window = int(window)
+    gen_end_ts = float(gen_end_ts) if gen_end_ts not in ("", "0") else None
+    ss = [s for s in read_jsonl(samples_path) if "messages" in s]
+    allss = read_jsonl(samples_path)
+    r = {"events": events, "window_events": window, "windows": []}
+    if not ss:
+        print(json.dumps(r))
+        return
+    t_start = interp_time(ss, "messages", 1)
+    k = 0
+    bounds = list(range(0, events + 1, window))
+    if bounds[-1] != events:
+        bounds.append(events)
+    cpu_ss = [s for s in allss if "cpu" in s]
+    for a, b in zip(bounds, bounds[1:]):
+        ta = interp_time(ss, "messages", max(a, 1))
+        tb = interp_time(ss, "messages", b)
+        if ta is None or tb is None or tb <= ta:
+            continue
+        w = {"from": a, "to": b, "seconds": round(tb - ta, 3),
+             "events_per_s": round((b - a) / (tb - ta), 1)}
+        ca = interp_val(cpu_ss, "cpu", ta)
+        cb = interp_val(cpu_ss, "cpu", tb)
+        if ca is not None and cb is not None:
+            w["cpu_s"] = round(cb - ca, 3)
+            w["cpu_us_per_event"] = round((cb - ca) / (b - a) * 1e6, 3)
+        lag = [s.get("lag") for s in ss if ta <= s["t"] <= tb and s.get("lag") is not None]
+        w["lag_min"] = min(lag) if lag else None
+        w["lag_max"] = max(lag) if lag else None
+        rs = [s for s in cpu_ss if s["t"] <= tb]
+        if rs:
+            w["rss_mb"] = round(rs[-1]["rss_kb"] / 1024.0, 1)
+            w["hwm_mb"] = round(rs[-1]["hwm_kb"] / 1024.0, 1)
+        du = [s for s in allss if "state_app" in s and s["t"] <= tb]
+        if du:
+            w["state_mb"] = round(du[-1]["state_app"] / 1048576.0, 1)
+            w["state_alloc_mb"] = round(du[-1]["state_alloc"] / 1048576.0, 1)
+        used = [s for s in ss if s["t"] <= tb and s.get("state_bytes_used") is not None]
+        if used:
+            w["state_used_mb"] = round(used[-1]["state_bytes_used"] / 1048576.0, 1)
+        w["producer_running"] = gen_end_ts is None or ta < gen_end_ts
+        r["windows"].append(w)
+        k += 1
+    t_end = interp_time(ss, "messages", events)
+    if t_start is not None and t_end is not None and t_end > t_start:
+        r["consume_seconds"] = round(t_end - t_start, 3)
+        r["events_per_s"] = round(events / (t_end - t_start), 1)
+    ws = r["windows"]
+    if len(ws) >= 2:
+        first, last = ws[0], ws[-1]
+        r["first_window"] = first
+        r["last_window"] = last
+        r["rate_last_vs_first"] = round(last["events_per_s"] / first["events_per_s"], 3)
+        if first.get("cpu_us_per_event") and last.get("cpu_us_per_event"):
+            r["cpu_per_event_last_vs_first"] = round(last["cpu_us_per_event"] / first["cpu_us_per_event"], 3)
+    print(json.dumps(r))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def load_kv(path):
+    kv = {}
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if "=" in line:
+                k, v = line.split("=", 1)
+                kv[k] = v
+    return kv
+
+
+def jload(kv, key):
+    v = kv.get(key)
+    if not v:
+        return {}
+    try:
+        with open(v) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def fnum(kv, key, default=None):
+    try:
+        return float(kv[key])
+    except (KeyError, ValueError):
+        return default
+
+
+def yn(b):
+    if b is None:
+        return None
+    return "yes" if b else "no"
+
+
+def rnd(x, d=1):
+    return None if x is None else round(x, d)
+
+
+def fmt(x, unit="", d=0):
+    if x is None:
+        return "n/a"
+    if isinstance(x, str):
+        return x
+    if d == 0:
+        return "{:,.0f}{}".format(x, unit)
+    return "{:,.{d}f}{}".format(x, unit, d=d)
+
+
+def machine_info():
+    info = {"cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_gb"] = round(int(f.readline().split()[1]) / 1048576.0, 1)
+        with open("/proc/loadavg") as f:
+            info["loadavg_at_end"] = f.read().split()[:3]
+    except OSError:
+        pass
+    info["host"] = socket.gethostname()
+    return info
+
+
+def report(args):
+    mode, kv_path, out_path = args[:3]
+    baseline_path = args[3] if len(args) > 3 else ""
+    kv = load_kv(kv_path)
+    res = {"tool": "clickmart tools/bench", "mode": mode,
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "machine": machine_info(), "git": kv.get("git", ""), "bin": kv.get("bin", ""),
+           "params": {k[2:]: v for k, v in kv.items() if k.startswith("p_")}}
+    lines = []
+    if mode == "throughput":
+        report_throughput(kv, res, lines)
+    elif mode == "steady":
+        report_steady(kv, res, lines)
+    elif mode == "scale":
+        report_scale(kv, res, lines, baseline_path)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(res, f, indent=2, sort_keys=False)
+        f.write("\n")
+    print("\n".join(lines))
+    print("\nJSON: %s" % out_path)
+
+
+def report_throughput(kv, res, lines):
+    n = int(kv["events"])
+    gen = jload(kv, "gen_json")
+    kc = jload(kv, "kcat_json")
+    dm = jload(kv, "daemon_time_json")
+    dl = jload(kv, "daemon_log_json")
+    dump = jload(kv, "dump_json")
+    t_launch = fnum(kv, "daemon_launch_ts")
+    t_exit = fnum(kv, "daemon_exit_ts")
+    e2e_s = (t_exit - t_launch) if (t_launch and t_exit) else dm.get("wall_s")
+    consume_s = (dl["end_reached_ts"] - t_launch) if ("end_reached_ts" in dl and t_launch) else None
+    kcat_s = fnum(kv, "kcat_s")
+    batch_copy_s = fnum(kv, "batch_copy_s")
+    batch_sql_s = fnum(kv, "batch_sql_s")
+    batch_s = (batch_copy_s + batch_sql_s) if (batch_copy_s is not None and batch_sql_s is not None) else None
+    msgs_daemon = int(kv.get("daemon_messages", "0") or 0)
+    users = int(kv.get("users", "0") or 0)
+    sessions = int(kv.get("sessions", "0") or 0)
+    rss_mb = dm.get("max_rss_kb", 0) / 1024.0 if dm.get("max_rss_kb") else None
+    state_mb = fnum(kv, "state_bytes", 0) / 1048576.0 if kv.get("state_bytes") else None
+    state_alloc_mb = fnum(kv, "state_alloc_bytes", 0) / 1048576.0 if kv.get("state_alloc_bytes") else None
+    state_used_mb = fnum(kv, "state_used_bytes", 0) / 1048576.0 if kv.get("state_used_bytes") else None
+
+    def eps(s):
+        return n / s if s else None
+
+    kcat_eps, cons_eps, e2e_eps, batch_eps = eps(kcat_s), eps(consume_s), eps(e2e_s), eps(batch_s)
+    r_dk = e2e_eps / kcat_eps if (e2e_eps and kcat_eps) else None
+    r_dk_c = cons_eps / kcat_eps if (cons_eps and kcat_eps) else None
+    r_bd = batch_s / e2e_s if (batch_s and e2e_s) else None
+    per_m = n / 1e6
+    res["events"] = n
+    res["messages_seen"] = {"daemon": msgs_daemon, "dump": dump.get("messages")}
+    res["complete"] = msgs_daemon == n and (not dump or dump.get("messages") == n)
+    res["generator"] = {"seconds": rnd(fnum(kv, "gen_s"), 3),
+                        "events_per_s": rnd(eps(fnum(kv, "gen_s")), 0),
+                        "end_ms": int(kv.get("p_end_ms", "0") or 0)}
+    res["kcat"] = {"seconds": rnd(kcat_s, 3), "events_per_s": rnd(kcat_eps, 0),
+                   "runs_s": [float(x) for x in kv.get("kcat_runs", "").split() if x],
+                   "cpu_s": rnd(kc.get("cpu_s"), 2), "peak_rss_mb": rnd((kc.get("max_rss_kb") or 0) / 1024.0, 1)}
+    res["daemon"] = {
+        "consume_seconds": rnd(consume_s, 3), "consume_events_per_s": rnd(cons_eps, 0),
+        "end_to_end_seconds": rnd(e2e_s, 3), "end_to_end_events_per_s": rnd(e2e_eps, 0),
+        "final_flush_and_exit_seconds": rnd((e2e_s - consume_s) if (e2e_s and consume_s) else None, 3),
+        "cpu_s": rnd(dm.get("cpu_s"), 2), "user_s": dm.get("user_s"), "sys_s": dm.get("sys_s"),
+        "cpu_us_per_event": rnd(dm["cpu_s"] / n * 1e6, 2) if dm.get("cpu_s") else None,
+        "cpu_cores_used": rnd(dm["cpu_s"] / e2e_s, 2) if (dm.get("cpu_s") and e2e_s) else None,
+        "peak_rss_mb": rnd(rss_mb, 1),
+        "state_mb": rnd(state_mb, 1), "state_alloc_mb": rnd(state_alloc_mb, 1),
+        "state_lmdb_used_mb": rnd(state_used_mb, 1),
+        "accepted": int(kv.get("accepted", "0") or 0), "duplicates": int(kv.get("duplicates", "0") or 0),
+        "rejected": int(kv.get("rejected", "0") or 0),
+        "users": users, "sessions": sessions,
+        "peak_rss_mb_per_million_events": rnd(rss_mb / per_m, 1) if rss_mb else None,
+        "peak_rss_mb_per_100k_users": rnd(rss_mb / (users / 1e5), 1) if (rss_mb and users) else None,
+        "state_mb_per_million_events": rnd(state_mb / per_m, 1) if state_mb else None,
+        "state_mb_per_100k_users": rnd(state_mb / (users / 1e5), 1) if (state_mb and users) else None,
+        "exit_status": dm.get("exit_status"), "log_warnings": dl.get("warnings", []),
+        "progress": [{"t_s": round(p["ts"] - t_launch, 2), "messages": p["messages"], "rate": p["rate"]}
+                     for p in dl.get("progress", [])] if t_launch else [],
+        "flush_interval_ms": int(kv.get("p_flush_interval_ms", "2000")),
+    }
+    res["batch"] = None
+    if batch_s is not None:
+        res["batch"] = {
+            "copy_seconds": rnd(batch_copy_s, 3), "rebuild_seconds": rnd(batch_sql_s, 3),
+            "seconds": rnd(batch_s, 3), "events_per_s": rnd(batch_eps, 0),
+            "dump_seconds_not_counted": rnd(fnum(kv, "dump_s"), 3),
+            "rows_copied": dump.get("copied"), "dropped_invalid_utf8": dump.get("dropped_invalid_utf8"),
+            "dropped_nul": dump.get("dropped_nul"),
+            "steps_ms": jload(kv, "batch_steps_json") or None,
+            "agreement_with_daemon": jload(kv, "batch_cmp_json") or None,
+            "note": "cost baseline: jsonb parse, approximate §1.1 validation, watermark, dedup, "
+                    "sessionization and the users, sessions and funnel_daily marts in SQL; "
+                    "not an exact reproduction of every contract rule",
+        }
+    res["ratios"] = {"daemon_over_kcat": rnd(r_dk, 3), "daemon_consume_over_kcat": rnd(r_dk_c, 3),
+                     "batch_over_daemon": rnd(r_bd, 2)}
+    one_m = n == 1000000
+    res["targets"] = {
+        "end_to_end_events_per_s_ge_250k": {"target": 250000, "measured": rnd(e2e_eps, 0),
+                                            "met": yn(e2e_eps >= 250000 if e2e_eps else None),
+                                            "applies": one_m},
+        "daemon_over_kcat_ge_0.25": {"target": 0.25, "measured": rnd(r_dk, 3),
+                                     "met": yn(r_dk >= 0.25 if r_dk else None)},
+        "batch_over_daemon_ge_10": {"target": 10, "measured": rnd(r_bd, 2),
+                                    "met": yn(r_bd >= 10 if r_bd else None)},
+    }
+    # ---- table
+    L = lines.append
+    L("")
+    L("clickmart bench: throughput, %s events (%d partitions, seed %s), %s" % (
+        fmt(n), int(kv.get("p_partitions", "0")), kv.get("p_seed", "?"), res["date"]))
+    if not res["complete"]:
+        L("WARNING: not every message was seen (daemon %s, dump %s of %d): the mock's retention "
+          "may have dropped some; use more --partitions" % (msgs_daemon, dump.get("messages"), n))
+    L("")
+    L("%-44s %12s %12s %10s" % ("", "seconds", "events/s", "CPU s"))
+    L("%-44s %12s %12s %10s" % ("clickmart-gen (produce, for reference)", fmt(fnum(kv, "gen_s"), d=2),
+                                fmt(eps(fnum(kv, "gen_s"))), ""))
+    L("%-44s %12s %12s %10s" % ("(a) kcat raw consume (median of %d)" % len(res["kcat"]["runs_s"]),
+                                fmt(kcat_s, d=2), fmt(kcat_eps), fmt(kc.get("cpu_s"), d=2)))
+    L("%-44s %12s %12s %10s" % ("(b) clickmartd consume (to end offsets)", fmt(consume_s, d=2),
+                                fmt(cons_eps), ""))
+    L("%-44s %12s %12s %10s" % ("(b) clickmartd end to end (incl. final flush)", fmt(e2e_s, d=2),
+                                fmt(e2e_eps), fmt(dm.get("cpu_s"), d=2)))
+    if batch_s is not None:
+        L("%-44s %12s %12s %10s" % ("(c) batch: COPY", fmt(batch_copy_s, d=2), "", ""))
+        L("%-44s %12s %12s %10s" % ("(c) batch: SQL rebuild of 3 marts", fmt(batch_sql_s, d=2), "", ""))
+        L("%-44s %12s %12s %10s" % ("(c) batch: COPY + rebuild", fmt(batch_s, d=2), fmt(batch_eps), ""))
+    L("")
+    d = res["daemon"]
+    L("daemon: peak RSS %s MB, state %s MB on disk (du -sb; %s MB allocated, %s MB used by LMDB), "
+      "%s users, %s sessions" % (fmt(d["peak_rss_mb"], d=1), fmt(d["state_mb"], d=1),
+                                 fmt(d["state_alloc_mb"], d=1), fmt(d["state_lmdb_used_mb"], d=1),
+                                 fmt(users), fmt(sessions)))
+    L("        per million events: %s MB RSS, %s MB state; per 100k users: %s MB RSS, %s MB state" % (
+        fmt(d["peak_rss_mb_per_million_events"], d=1), fmt(d["state_mb_per_million_events"], d=1),
+        fmt(d["peak_rss_mb_per_100k_users"], d=1), fmt(d["state_mb_per_100k_users"], d=1)))
+    L("        %s µs CPU per event, %s cores busy on average; accepted %s, duplicates %s, rejected %s" % (
+        fmt(d["cpu_us_per_event"], d=2), fmt(d["cpu_cores_used"], d=2), fmt(d["accepted"]),
+        fmt(d["duplicates"]), fmt(d["rejected"])))
+    if res["batch"] and res["batch"].get("agreement_with_daemon"):
+        ag = res["batch"]["agreement_with_daemon"]
+        L("batch vs daemon rows (the baseline approximates the contract): " + ", ".join(
+            "%s %s/%s rows identical" % (t, fmt(v.get("identical")), fmt(v.get("daemon_rows")))
+            for t, v in ag.items()))
+    L("")
+    L("ratios: daemon/kcat %s (consume only %s), batch/daemon %s" % (
+        fmt(r_dk, d=3), fmt(r_dk_c, d=3), fmt(r_bd, d=1)))
+    L("")
+    L("%-52s %12s %12s %6s" % ("target", "target", "measured", "met"))
+    for name, t in res["targets"].items():
+        extra = "" if t.get("applies", True) else "  (defined for 1 M events)"
+        L("%-52s %12s %12s %6s%s" % (name, fmt(t["target"], d=2 if t["target"] < 1 else 0),
+                                     fmt(t["measured"], d=3 if (t["measured"] or 0) < 100 else 0),
+                                     t["met"] or "n/a", extra))
+
+
+def report_steady(kv, res, lines):
+    steps = []
+    for path in kv.get("steps", "").split():
+        try:
+            with open(path) as f:
+                steps.append(json.load(f))
+        except (OSError, ValueError):
+            pass
+    flush_ms = int(kv.get("p_flush_interval_ms", "2000"))
+    res["flush_interval_ms"] = flush_ms
+    res["steps"] = steps
+    held = [s for s in steps if s.get("held")]
+    res["highest_rate_held"] = max((s["target_rate"] for s in held), default=None)
+    at100 = [s for s in steps if s.get("target_rate", 0) >= 100000 and s.get("held")]
+    p99_target = flush_ms / 1000.0 + 1.0
+    met = None
+    if at100:
+        met = all(s.get("p99_s", 1e9) <= p99_target for s in at100)
+    elif any(s.get("target_rate", 0) >= 100000 for s in steps):
+        met = False  # 100 k/s was tried but not sustained
+    res["targets"] = {"freshness_p99_le_flush_plus_1s_at_100k": {
+        "target_s": p99_target, "measured_p99_s": [s.get("p99_s") for s in at100] or None,
+        "met": yn(met), "note": None if met is not None else "not tested: no step at >= 100000 events/s"}}
+    L = lines.append
+    L("")
+    L("clickmart bench: steady state (flush interval %d ms; freshness = producer timestamp -> "
+      "partitions.next_offset in Postgres past the message, sampled every %s s), %s" % (
+          flush_ms, kv.get("p_sample_interval", "0.1"), res["date"]))
+    L("")
+    L("%10s %10s %9s %8s %8s %8s %8s %9s %8s %7s" % ("rate", "produced/s", "messages", "p50 s",
+                                                     "p90 s", "p99 s", "max s", "lag", "cores", "held"))
+    for s in steps:
+        L("%10s %10s %9s %8s %8s %8s %8s %9s %8s %7s" % (
+            fmt(s.get("target_rate")), fmt(s.get("produced_rate")), fmt(s.get("messages")),
+            fmt(s.get("p50_s"), d=3), fmt(s.get("p90_s"), d=3), fmt(s.get("p99_s"), d=3),
+            fmt(s.get("max_s"), d=3), s.get("lag_trend", "?"), fmt(s.get("daemon_cpu_cores"), d=2),
+            "yes" if s.get("held") else "no"))
+    L("")
+    L("highest rate held without growing lag: %s events/s" % fmt(res["highest_rate_held"]))
+    t = res["targets"]["freshness_p99_le_flush_plus_1s_at_100k"]
+    L("target: freshness p99 <= %.1f s at 100 k events/s: %s" % (p99_target, t["met"] or "n/a (" + t["note"] + ")"))
+
+
+def report_scale(kv, res, lines, baseline_path):
+    sc = jload(kv, "scale_json")
+    dm = jload(kv, "daemon_time_json")
+    n = int(kv["events"])
+    res["events"] = n
+    res["scale"] = sc
+    users = int(kv.get("users", "0") or 0)
+    res["daemon"] = {"cpu_s": rnd(dm.get("cpu_s"), 2), "peak_rss_mb": rnd((dm.get("max_rss_kb") or 0) / 1024.0, 1),
+                     "state_mb": rnd(fnum(kv, "state_bytes", 0) / 1048576.0, 1),
+                     "state_lmdb_used_mb": rnd(fnum(kv, "state_used_bytes", 0) / 1048576.0, 1),
+                     "users": users, "messages": int(kv.get("daemon_messages", "0") or 0),
+                     "stop_seconds": rnd(fnum(kv, "stop_s"), 3)}
+    d = res["daemon"]
+    if d["peak_rss_mb"] and n:
+        d["peak_rss_mb_per_million_events"] = round(d["peak_rss_mb"] / (n / 1e6), 1)
+        d["state_mb_per_million_events"] = round(d["state_mb"] / (n / 1e6), 1)
+        if users:
+            d["peak_rss_mb_per_100k_users"] = round(d["peak_rss_mb"] / (users / 1e5), 1)
+            d["state_mb_per_100k_users"] = round(d["state_mb"] / (users / 1e5), 1)
+    res["complete"] = d["messages"] == n
+    # Baseline: the given 1 M throughput JSON, else none.
+    base = None
+    if baseline_path:
+        try:
+            with open(baseline_path) as f:
+                base = json.load(f)
+        except (OSError, ValueError):
+            base = None
+    base_eps = None
+    if base and base.get("mode") == "throughput":
+        base_eps = (base.get("daemon") or {}).get("consume_events_per_s")
+    res["baseline"] = {"file": baseline_path or None, "consume_events_per_s": base_eps}
+    cpe = sc.get("cpu_per_event_last_vs_first")
+    rate_ratio = sc.get("rate_last_vs_first")
+    vs_base = (sc["events_per_s"] / base_eps) if (base_eps and sc.get("events_per_s")) else None
+    res["targets"] = {
+        "last_window_cpu_per_event_within_20pct_of_first": {
+            "measured_ratio": cpe, "met": yn(cpe <= 1.2 if cpe else None)},
+        "last_window_events_per_s_within_20pct_of_first": {
+            "measured_ratio": rate_ratio, "met": yn(rate_ratio >= 0.8 if rate_ratio else None)},
+        "events_per_s_within_20pct_of_1M_baseline": {
+            "measured_ratio": rnd(vs_base, 3), "met": yn(vs_base >= 0.8 if vs_base else None),
+            "note": None if base_eps else "no --baseline throughput JSON given"},
+    }
+    L = lines.append
+    L("")
+    L("clickmart bench: scale, %s events produced while consuming (%s partitions), %s" % (
+        fmt(n), kv.get("p_partitions", "?"), res["date"]))
+    if not res["complete"]:
+        L("WARNING: the daemon saw %s of %s messages (retention of the mock? use more --partitions)"
+          % (fmt(d["messages"]), fmt(n)))
+    L("")
+    L("%12s %12s %10s %10s %10s %9s %9s %10s %9s" % ("events to", "events/s", "CPU µs/ev", "lag min",
+                                                      "lag max", "RSS MB", "HWM MB", "state MB", "producer"))
+    for w in sc.get("windows", []):
+        L("%12s %12s %10s %10s %10s %9s %9s %10s %9s" % (
+            fmt(w["to"]), fmt(w["events_per_s"]), fmt(w.get("cpu_us_per_event"), d=2),
+            fmt(w.get("lag_min")), fmt(w.get("lag_max")), fmt(w.get("rss_mb"), d=1),
+            fmt(w.get("hwm_mb"), d=1), fmt(w.get("state_mb"), d=1),
+            "running" if w.get("producer_running") else "done"))
+    L("")
+    L("overall: %s events/s from the first message to the last consumed (%s s); %s users; "
+      "peak RSS %s MB; state %s MB (LMDB in use %s MB)" % (
+          fmt(sc.get("events_per_s")), fmt(sc.get("consume_seconds"), d=1), fmt(users),
+          fmt(d["peak_rss_mb"], d=1), fmt(d["state_mb"], d=1), fmt(d["state_lmdb_used_mb"], d=1)))
+    L("last window / first window: events/s %s, CPU per event %s" % (fmt(rate_ratio, d=3), fmt(cpe, d=3)))
+    if base_eps:
+        L("vs the 1 M baseline (%s, %s events/s consume): %s" % (baseline_path, fmt(base_eps), fmt(vs_base, d=3)))
+    L("")
+    for name, t in res["targets"].items():
+        L("%-52s %10s %6s" % (name, fmt(t["measured_ratio"], d=3), t["met"] or "n/a"))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main():
+    if len(sys.argv) < 2:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "free-port":
+        free_port()
+    elif cmd == "copyprep":
+        copyprep(args[0])
+    elif cmd == "timev":
+        timev(args[0])
+    elif cmd == "steps":
+        steps(args[0])
+    elif cmd == "daemonlog":
+        daemonlog(args[0])
+    elif cmd == "poll-pg":
+        poll_pg(args)
+    elif cmd == "poll-status":
+        poll_status(args)
+    elif cmd == "freshness":
+        freshness(args)
+    elif cmd == "scale":
+        scale(args)
+    elif cmd == "report":
+        report(args)
+    else:
+        print("benchlib.py: unknown command %s" % cmd, file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
