@@ -1013,6 +1013,34 @@ static const migration_t MIGRATIONS[] = {
         "  n          bigint NOT NULL,"
         "  PRIMARY KEY (experiment, term)"
         ");"},
+    /* 4: strings order byte-wise (CONTRACT): the RFM tie-break by user_id
+     * must not depend on the database's collation. */
+    {4, "CREATE OR REPLACE VIEW {S}.rfm_segments AS"
+        "  WITH ref AS (SELECT max(last_seen) AS at FROM {S}.users),"
+        "  base AS ("
+        "    SELECT u.user_id,"
+        "           floor(extract(epoch FROM (ref.at - u.last_order_at)) / 86400)::int"
+        "             AS recency_days,"
+        "           u.orders AS frequency, u.revenue AS monetary"
+        "    FROM {S}.users u CROSS JOIN ref WHERE u.orders > 0),"
+        "  scored AS ("
+        "    SELECT b.*,"
+        "           ntile(5) OVER (ORDER BY recency_days DESC, user_id COLLATE \"C\") AS r_score,"
+        "           ntile(5) OVER (ORDER BY frequency, user_id COLLATE \"C\") AS f_score,"
+        "           ntile(5) OVER (ORDER BY monetary, user_id COLLATE \"C\") AS m_score"
+        "    FROM base b)"
+        "  SELECT s.*, r_score::text || f_score::text || m_score::text AS rfm,"
+        "         CASE"
+        "           WHEN r_score >= 4 AND f_score >= 4 AND m_score >= 4 THEN 'Champions'"
+        "           WHEN r_score >= 3 AND f_score >= 4 THEN 'Loyal'"
+        "           WHEN r_score >= 4 AND f_score <= 1 THEN 'New Customers'"
+        "           WHEN r_score >= 4 THEN 'Potential Loyalists'"
+        "           WHEN r_score = 3 THEN 'Need Attention'"
+        "           WHEN r_score <= 2 AND f_score >= 4 THEN 'At Risk'"
+        "           WHEN r_score = 2 THEN 'Hibernating'"
+        "           ELSE 'Lost'"
+        "         END AS segment"
+        "  FROM scored s;"},
 };
 
 /* ------------------------------------------------------------------------ */
