@@ -371,18 +371,23 @@ void ing_consumer_commit(ing_consumer_t *c, const int64_t *next_offsets, int32_t
     rd_kafka_topic_partition_list_destroy(l);
 }
 
+/* Release what is left once librdkafka and every handle are gone. */
+static void consumer_free(ing_consumer_t *c)
+{
+    if (c->pipe_fds[0] >= 0)
+        close(c->pipe_fds[0]);
+    if (c->pipe_fds[1] >= 0)
+        close(c->pipe_fds[1]);
+    free(c->topic);
+    free(c->buf);
+    free(c);
+}
+
 static void on_handle_closed(uv_handle_t *h)
 {
     ing_consumer_t *c = h->data;
-    if (--c->open_handles == 0) {
-        if (c->pipe_fds[0] >= 0)
-            close(c->pipe_fds[0]);
-        if (c->pipe_fds[1] >= 0)
-            close(c->pipe_fds[1]);
-        free(c->topic);
-        free(c->buf);
-        free(c);
-    }
+    if (--c->open_handles == 0)
+        consumer_free(c);
 }
 
 void ing_consumer_close(ing_consumer_t *c)
@@ -409,13 +414,7 @@ void ing_consumer_close(ing_consumer_t *c)
         uv_close((uv_handle_t *)&c->backstop, on_handle_closed);
         uv_close((uv_handle_t *)&c->more, on_handle_closed);
     } else {
-        if (c->pipe_fds[0] >= 0)
-            close(c->pipe_fds[0]);
-        if (c->pipe_fds[1] >= 0)
-            close(c->pipe_fds[1]);
-        free(c->topic);
-        free(c->buf);
-        free(c);
+        consumer_free(c);
     }
 }
 
