@@ -320,8 +320,8 @@ static void sess_add_event(sess_t *s, const ing_event_t *ev)
 {
     /* The session id is the earliest event by (ts, event_id); compare before
      * moving start, which is the ts of that event. */
-    if (s->sid_len == 0 || ev_less(ev->ts, ev->event_id, ev->event_id_len, s->start, s->sid,
-                                   s->sid_len)) {
+    if (s->sid_len == 0 ||
+        ev_less(ev->ts, ev->event_id, ev->event_id_len, s->start, s->sid, s->sid_len)) {
         s->sid_len = ev->event_id_len;
         memcpy(s->sid, ev->event_id, ev->event_id_len + 1);
     }
@@ -551,8 +551,8 @@ static int dset_put(dset_t *d, uint64_t hi, uint64_t lo, int64_t ts);
 
 static int dset_grow(dset_t *d)
 {
-    dset_t nd = {calloc(d->cap ? d->cap * 2 : 1 << 16, sizeof(dent_t)), d->cap ? d->cap * 2 : 1 << 16,
-                 0};
+    dset_t nd = {calloc(d->cap ? d->cap * 2 : 1 << 16, sizeof(dent_t)),
+                 d->cap ? d->cap * 2 : 1 << 16, 0};
     if (!nd.t)
         return AGG_ENOMEM;
     for (size_t i = 0; i < d->cap; i++)
@@ -646,7 +646,7 @@ enum {
     TAG_PAIR = 'A',
     TAG_BASKET = 'B',
     TAG_COHORT = 'C',
-    TAG_EXPOSURE = 'E',  /* user_exposure and user_outcomes rows of (user, experiment) */
+    TAG_EXPOSURE = 'E',   /* user_exposure and user_outcomes rows of (user, experiment) */
     TAG_EXPERIMENT = 'X', /* experiments and experiment_results rows */
     TAG_REGRESSION = 'G'  /* experiment_regression rows, refitted on the stats interval */
 };
@@ -672,9 +672,9 @@ struct agg {
     agg_partition_t parts[AGG_MAX_PARTITIONS];
     uint8_t touched[AGG_MAX_PARTITIONS];
     kset_t dirty;
-    dset_t dedup;       /* event ids of the horizon (in memory) */
-    hlist_t added;      /* ids added by the open batch, undone on abort */
-    hlist_t swept;      /* ids the open batch's compactor dropped, applied on commit */
+    dset_t dedup;  /* event ids of the horizon (in memory) */
+    hlist_t added; /* ids added by the open batch, undone on abort */
+    hlist_t swept; /* ids the open batch's compactor dropped, applied on commit */
     /* Where the compactor stopped in each database, so that every batch
      * examines a bounded slice and the whole state is covered in turn. */
     uint8_t sweep_key[4][KEY_MAX];
@@ -756,8 +756,7 @@ static int load_dedup(agg_t *a)
                 r = AGG_ESTATE;
                 break;
             }
-            if ((r = dset_put(&a->dedup, rd_be64(kp + 8), rd_be64(kp + 16),
-                              (int64_t)rd_be64(kp))))
+            if ((r = dset_put(&a->dedup, rd_be64(kp + 8), rd_be64(kp + 16), (int64_t)rd_be64(kp))))
                 break;
         }
         st_cur_close(&cur);
@@ -1296,8 +1295,7 @@ static int apply_products(agg_t *a, const ing_event_t *ev)
     int32_t day = (int32_t)day_of(ev->ts);
     uint8_t k[KEY_MAX];
     int r;
-    if ((ev->type == ING_ET_PRODUCT_VIEW || ev->type == ING_ET_ADD_TO_CART) &&
-        ev->product_id_len) {
+    if ((ev->type == ING_ET_PRODUCT_VIEW || ev->type == ING_ET_ADD_TO_CART) && ev->product_id_len) {
         be32(k, (uint32_t)day);
         memcpy(k + 4, ev->product_id, ev->product_id_len);
         int64_t d[5] = {ev->type == ING_ET_PRODUCT_VIEW, ev->type == ING_ET_ADD_TO_CART, 0, 0, 0};
@@ -1693,8 +1691,8 @@ static int apply_assignment(agg_t *a, const uint8_t *uk, size_t ukn, int32_t par
     x.partition = partition;
     if (!fresh && (x.var_len != ev->variant_len || memcmp(x.var, ev->variant, x.var_len) != 0))
         x.multi = 1;
-    if (fresh || ev_less(ev->ts, ev->event_id, ev->event_id_len, x.assigned_at, x.aeid,
-                         x.aeid_len)) {
+    if (fresh ||
+        ev_less(ev->ts, ev->event_id, ev->event_id_len, x.assigned_at, x.aeid, x.aeid_len)) {
         x.aeid_len = ev->event_id_len;
         memcpy(x.aeid, ev->event_id, ev->event_id_len + 1);
         x.var_len = ev->variant_len;
@@ -2075,7 +2073,7 @@ typedef struct chunk {
 #define GROW(arr, n, cap)                                                                          \
     do {                                                                                           \
         if ((n) == (cap)) {                                                                        \
-            size_t nc_ = (cap) ? (cap) * 2 : 256;                                                  \
+            size_t nc_ = (cap) ? (cap)*2 : 256;                                                    \
             void *np_ = realloc((arr), nc_ * sizeof *(arr));                                       \
             if (!np_)                                                                              \
                 return AGG_ENOMEM;                                                                 \
@@ -2176,16 +2174,15 @@ static char *arena_str(agg_flush_t *f, const void *s, size_t n)
 #define XMAX_VARIANTS 64
 
 typedef struct xvariants {
-    int n;                  /* variants ever seen */
+    int n; /* variants ever seen */
     char name[XMAX_VARIANTS][ING_EXP_MAX + 1];
     stx_suff_t suff[XMAX_VARIANTS];
     int live[XMAX_VARIANTS]; /* indices of variants with users, byte order */
     int n_live;
-    int control;            /* index into name, or -1 */
+    int control; /* index into name, or -1 */
 } xvariants_t;
 
-static int load_variants(agg_t *a, st_txn_t *txn, const uint8_t *ek, size_t ekn,
-                         xvariants_t *xv)
+static int load_variants(agg_t *a, st_txn_t *txn, const uint8_t *ek, size_t ekn, xvariants_t *xv)
 {
     xv->n = xv->n_live = 0;
     xv->control = -1;
@@ -2349,12 +2346,10 @@ static int exp_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_t *ek, 
         memset(&cmp, 0, sizeof cmp); /* every statistic NULL on the control row */
         if (vi != xv->control)
             stx_compare(sf, c, a->alpha, a->n_star, &cmp);
-        stx_val_t cols[16] = {cmp.abs_lift,     cmp.rel_lift,    cmp.diff_ci_low,
-                              cmp.diff_ci_high, cmp.rel_ci_low,  cmp.rel_ci_high,
-                              cmp.z,            cmp.p_value,     cmp.seq_ci_low,
-                              cmp.seq_ci_high,  cmp.seq_p_value, cmp.chance_to_win,
-                              cmp.rpu_diff,     cmp.rpu_ci_low,  cmp.rpu_ci_high,
-                              cmp.rpu_p_value};
+        stx_val_t cols[16] = {cmp.abs_lift,   cmp.rel_lift,    cmp.diff_ci_low, cmp.diff_ci_high,
+                              cmp.rel_ci_low, cmp.rel_ci_high, cmp.z,           cmp.p_value,
+                              cmp.seq_ci_low, cmp.seq_ci_high, cmp.seq_p_value, cmp.chance_to_win,
+                              cmp.rpu_diff,   cmp.rpu_ci_low,  cmp.rpu_ci_high, cmp.rpu_p_value};
         for (int j = 0; j < 16; j++)
             v_f(&row[13 + j], cols[j]);
     }
@@ -2364,8 +2359,7 @@ static int exp_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_t *ek, 
 
 /* The logistic regression of §5 over the experiment's (variant, events)
  * cells: grouped data give the same fit as the user rows. */
-static int regression_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_t *ek,
-                           size_t ekn)
+static int regression_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_t *ek, size_t ekn)
 {
     xvariants_t *xv = malloc(sizeof *xv);
     if (!xv)
@@ -2449,7 +2443,9 @@ static int regression_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_
      * undefined) are deleted: the variant names cover every term a previous
      * fit can have written. */
     for (int i = 0; r == 0 && i < xv->n + 2; i++) {
-        const char *term = i == xv->n ? "intercept" : i == xv->n + 1 ? "log_engagement" : xv->name[i];
+        const char *term = i == xv->n       ? "intercept"
+                           : i == xv->n + 1 ? "log_engagement"
+                                            : xv->name[i];
         int in_fit = ok && (i >= xv->n || col_of[i] > 0);
         if (in_fit)
             continue;

@@ -25,7 +25,7 @@
 #define AGG_MAX_PARTITIONS 4096
 
 #define AGG_ENOMEM (-100)
-#define AGG_ESTATE (-101) /* a state record could not be decoded */
+#define AGG_ESTATE (-101)     /* a state record could not be decoded */
 #define AGG_EPARTITION (-102) /* partition number out of range */
 /* Store errors (ST_E*) are passed through unchanged. */
 
@@ -35,8 +35,8 @@ typedef struct agg agg_t;
  * Unset fields fall back to the defaults in agg_conf_t. */
 typedef struct agg_exp_conf {
     const char *name;
-    const char *control;        /* NULL: 'control' if it is a variant, else the smallest */
-    int n_weights;              /* expected split; 0: equal across the variants */
+    const char *control; /* NULL: 'control' if it is a variant, else the smallest */
+    int n_weights;       /* expected split; 0: equal across the variants */
     const char *const *weight_names;
     const double *weights;
     const char *exposure_event; /* NULL: agg_conf_t.exposure_event */

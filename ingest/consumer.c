@@ -129,8 +129,10 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 static void log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
 {
     (void)rk;
-    cm_log(level <= 3 ? CM_LOG_ERROR : level <= 4 ? CM_LOG_WARN : CM_LOG_DEBUG, "librdkafka",
-           "facility=%s text=\"%s\"", fac, buf);
+    cm_log(level <= 3   ? CM_LOG_ERROR
+           : level <= 4 ? CM_LOG_WARN
+                        : CM_LOG_DEBUG,
+           "librdkafka", "facility=%s text=\"%s\"", fac, buf);
 }
 
 int ing_consumer_open(uv_loop_t *loop, const ing_consumer_conf_t *cf, ing_msgs_fn on_msgs,
@@ -160,12 +162,9 @@ int ing_consumer_open(uv_loop_t *loop, const ing_consumer_conf_t *cf, ing_msgs_f
     /* Offsets live in LMDB with the state; the group's offsets are only a
      * fallback and a courtesy to monitoring tools, so nothing is auto-committed. */
     const char *defaults[][2] = {
-        {"bootstrap.servers", cf->brokers},
-        {"group.id", cf->group},
-        {"enable.auto.commit", "false"},
-        {"enable.auto.offset.store", "false"},
-        {"auto.offset.reset", "earliest"},
-        {"enable.partition.eof", "false"},
+        {"bootstrap.servers", cf->brokers}, {"group.id", cf->group},
+        {"enable.auto.commit", "false"},    {"enable.auto.offset.store", "false"},
+        {"auto.offset.reset", "earliest"},  {"enable.partition.eof", "false"},
         {"client.id", "clickmartd"},
     };
     for (size_t i = 0; i < sizeof defaults / sizeof defaults[0]; i++) {
@@ -176,8 +175,8 @@ int ing_consumer_open(uv_loop_t *loop, const ing_consumer_conf_t *cf, ing_msgs_f
         }
     }
     for (int i = 0; i < cf->n_props; i++) {
-        if (rd_kafka_conf_set(conf, cf->prop_names[i], cf->prop_values[i], errstr,
-                              sizeof errstr) != RD_KAFKA_CONF_OK) {
+        if (rd_kafka_conf_set(conf, cf->prop_names[i], cf->prop_values[i], errstr, sizeof errstr) !=
+            RD_KAFKA_CONF_OK) {
             set_err(err, errcap, "%s", errstr);
             goto fail_conf;
         }
@@ -328,8 +327,8 @@ void ing_consumer_pause(ing_consumer_t *c, int paused)
     if (!c->assignment || paused == c->paused)
         return;
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_copy(c->assignment);
-    rd_kafka_resp_err_t e = paused ? rd_kafka_pause_partitions(c->rk, l)
-                                   : rd_kafka_resume_partitions(c->rk, l);
+    rd_kafka_resp_err_t e =
+        paused ? rd_kafka_pause_partitions(c->rk, l) : rd_kafka_resume_partitions(c->rk, l);
     rd_kafka_topic_partition_list_destroy(l);
     if (e) {
         cm_err("pause/resume failed", "paused=%d error=%s", paused, rd_kafka_err2name(e));

@@ -21,10 +21,10 @@
 #include <stdint.h>
 #include <uv.h>
 
-#define ING_ECONF (-1)     /* a librdkafka property was refused */
-#define ING_EKAFKA (-2)    /* librdkafka could not be created or refused a call */
-#define ING_ENOTOPIC (-3)  /* the topic does not exist (or has no partitions) */
-#define ING_ETIMEOUT (-4)  /* the cluster did not answer in time */
+#define ING_ECONF (-1)    /* a librdkafka property was refused */
+#define ING_EKAFKA (-2)   /* librdkafka could not be created or refused a call */
+#define ING_ENOTOPIC (-3) /* the topic does not exist (or has no partitions) */
+#define ING_ETIMEOUT (-4) /* the cluster did not answer in time */
 #define ING_ENOMEM (-5)
 #define ING_ESYS (-6)
 

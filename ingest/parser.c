@@ -54,8 +54,8 @@ static void work_cb(uv_work_t *w)
         const char *payload = m->payload ? (const char *)m->payload : "";
         size_t len = m->payload ? m->len : 0;
         ing_parsed_t *r = &b->res[i];
-        r->reason = ing_validate(payload, len, b->now_ms, &j->p->lim, scratch, r->detail,
-                                 sizeof r->detail);
+        r->reason =
+            ing_validate(payload, len, b->now_ms, &j->p->lim, scratch, r->detail, sizeof r->detail);
         offs[i] = SIZE_MAX;
         if (r->reason != ING_OK)
             continue;

@@ -38,11 +38,11 @@ typedef enum ing_etype {
     ING_ET__COUNT
 } ing_etype_t;
 
-#define ING_ID_MAX 128      /* event_id, user_id, product_id */
-#define ING_TYPE_MAX 64     /* event_type */
-#define ING_ATTR_MAX 32     /* device, country */
-#define ING_EXP_MAX 64      /* experiment, variant */
-#define ING_ITEMS_MAX 100   /* items per purchase */
+#define ING_ID_MAX 128    /* event_id, user_id, product_id */
+#define ING_TYPE_MAX 64   /* event_type */
+#define ING_ATTR_MAX 32   /* device, country */
+#define ING_EXP_MAX 64    /* experiment, variant */
+#define ING_ITEMS_MAX 100 /* items per purchase */
 #define ING_TS_MIN 946684800000LL
 #define ING_TS_END 4102444800000LL
 

@@ -699,20 +699,21 @@ static const char *const BASKET_DAILY_COLS[] = {"day", "orders_with_items", "uni
 static const char *const COHORT_COLS[] = {"cohort_week", "week_offset", "users"};
 static const char *const EXPOSURE_COLS[] = {"experiment",  "user_id",    "variant",
                                             "assigned_at", "exposed_at", "excluded"};
-static const char *const OUTCOME_COLS[] = {"experiment", "user_id",       "variant",
-                                           "exposed_at", "converted",     "orders",
-                                           "revenue",    "events",        "added_to_cart",
-                                           "reached_checkout"};
+static const char *const OUTCOME_COLS[] = {
+    "experiment", "user_id", "variant", "exposed_at",    "converted",
+    "orders",     "revenue", "events",  "added_to_cart", "reached_checkout"};
 static const char *const EXPERIMENT_COLS[] = {
     "experiment", "control_variant", "variants", "users",  "excluded_users", "srm_chi2",
     "srm_p",      "srm_detected",    "chi2",     "chi2_p", "window_days"};
 static const char *const RESULT_COLS[] = {
-    "experiment",     "variant",     "users",       "converters",   "conversion_rate",
-    "orders",         "revenue",     "revenue_per_user", "revenue_sd", "events_per_user",
-    "cart_rate",      "checkout_rate", "is_control", "abs_lift",    "rel_lift",
-    "diff_ci_low",    "diff_ci_high", "rel_ci_low",  "rel_ci_high",  "z",
-    "p_value",        "seq_ci_low",  "seq_ci_high", "seq_p_value",  "chance_to_win",
-    "rpu_diff",       "rpu_ci_low",  "rpu_ci_high", "rpu_p_value"};
+    "experiment",      "variant",         "users",       "converters",
+    "conversion_rate", "orders",          "revenue",     "revenue_per_user",
+    "revenue_sd",      "events_per_user", "cart_rate",   "checkout_rate",
+    "is_control",      "abs_lift",        "rel_lift",    "diff_ci_low",
+    "diff_ci_high",    "rel_ci_low",      "rel_ci_high", "z",
+    "p_value",         "seq_ci_low",      "seq_ci_high", "seq_p_value",
+    "chance_to_win",   "rpu_diff",        "rpu_ci_low",  "rpu_ci_high",
+    "rpu_p_value"};
 static const char *const REGRESSION_COLS[] = {"experiment", "term",    "coef", "std_err",
                                               "z",          "p_value", "n"};
 
@@ -747,11 +748,11 @@ static const table_spec_t TABLES[T__COUNT] = {
                       APPLY_UPSERT, "flushed_at", "now()"},
     [T_REJECTS] = {"rejected_events", "cm_stage_rejects", REJECT_COLS, NCOLS(REJECT_COLS), 3,
                    APPLY_INSERT_ONLY, NULL, NULL},
-#define GEN(id, tbl, stage, cols, nkey, types)                                                   \
-    [T_GEN_FIRST + 2 * (id)] = {tbl, stage "_del", cols, nkey, nkey, APPLY_DELETE, NULL, NULL,    \
-                                types},                                                           \
-    [T_GEN_FIRST + 2 * (id) + 1] = {tbl, stage, cols, NCOLS(cols), nkey, APPLY_UPSERT, NULL, NULL, \
-                                    types}
+#define GEN(id, tbl, stage, cols, nkey, types)                                                     \
+    [T_GEN_FIRST +                                                                                 \
+        2 * (id)] = {tbl, stage "_del", cols, nkey, nkey, APPLY_DELETE, NULL, NULL, types},        \
+            [T_GEN_FIRST + 2 * (id) + 1] = {tbl,          stage, cols, NCOLS(cols), nkey,          \
+                                            APPLY_UPSERT, NULL,  NULL, types}
     GEN(SNK_PRODUCT_DAILY, "product_daily", "cm_stage_product_daily", PRODUCT_DAILY_COLS, 2,
         "dtiiiim"),
     GEN(SNK_PRODUCT_PAIRS, "product_pairs", "cm_stage_product_pairs", PRODUCT_PAIRS_COLS, 2, "tti"),
@@ -761,8 +762,11 @@ static const table_spec_t TABLES[T__COUNT] = {
     GEN(SNK_USER_OUTCOMES, "user_outcomes", "cm_stage_user_outcomes", OUTCOME_COLS, 2,
         "tttsbimibb"),
     GEN(SNK_EXPERIMENTS, "experiments", "cm_stage_experiments", EXPERIMENT_COLS, 1, "ttiiiffbffi"),
-    GEN(SNK_EXPERIMENT_RESULTS, "experiment_results", "cm_stage_experiment_results", RESULT_COLS,
-        2, "ttiifim" "fffff" "b" "ffffffffffffffff"),
+    GEN(SNK_EXPERIMENT_RESULTS, "experiment_results", "cm_stage_experiment_results", RESULT_COLS, 2,
+        "ttiifim"
+        "fffff"
+        "b"
+        "ffffffffffffffff"),
     GEN(SNK_EXPERIMENT_REGRESSION, "experiment_regression", "cm_stage_experiment_regression",
         REGRESSION_COLS, 2, "ttffffi"),
 #undef GEN

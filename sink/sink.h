@@ -17,7 +17,7 @@
 #define SNK_ECONNECT (-1) /* could not connect, or the connection broke */
 #define SNK_EQUERY (-2)   /* a statement failed (details in snk_last_error) */
 #define SNK_ENOMEM (-3)
-#define SNK_EINVAL (-4)   /* bad argument, e.g. an invalid schema name */
+#define SNK_EINVAL (-4) /* bad argument, e.g. an invalid schema name */
 
 typedef struct snk_conn snk_conn_t;
 
@@ -84,16 +84,16 @@ typedef struct snk_val {
 } snk_val_t;
 
 enum snk_table {
-    SNK_PRODUCT_DAILY = 0,   /* day, product_id | views, add_to_carts, orders, units, revenue */
-    SNK_PRODUCT_PAIRS,       /* product_a, product_b | orders */
-    SNK_BASKET_DAILY,        /* day | orders_with_items, units, revenue */
-    SNK_COHORT_RETENTION,    /* cohort_week, week_offset | users */
-    SNK_USER_EXPOSURE,       /* experiment, user_id | variant, assigned_at, exposed_at, excluded */
-    SNK_USER_OUTCOMES,       /* experiment, user_id | variant, exposed_at, converted, orders,
-                                revenue, events, added_to_cart, reached_checkout */
-    SNK_EXPERIMENTS,         /* experiment | control_variant, variants, users, excluded_users,
-                                srm_chi2, srm_p, srm_detected, chi2, chi2_p, window_days */
-    SNK_EXPERIMENT_RESULTS,  /* experiment, variant | users ... rpu_p_value (docs/schema.md) */
+    SNK_PRODUCT_DAILY = 0,  /* day, product_id | views, add_to_carts, orders, units, revenue */
+    SNK_PRODUCT_PAIRS,      /* product_a, product_b | orders */
+    SNK_BASKET_DAILY,       /* day | orders_with_items, units, revenue */
+    SNK_COHORT_RETENTION,   /* cohort_week, week_offset | users */
+    SNK_USER_EXPOSURE,      /* experiment, user_id | variant, assigned_at, exposed_at, excluded */
+    SNK_USER_OUTCOMES,      /* experiment, user_id | variant, exposed_at, converted, orders,
+                               revenue, events, added_to_cart, reached_checkout */
+    SNK_EXPERIMENTS,        /* experiment | control_variant, variants, users, excluded_users,
+                               srm_chi2, srm_p, srm_detected, chi2, chi2_p, window_days */
+    SNK_EXPERIMENT_RESULTS, /* experiment, variant | users ... rpu_p_value (docs/schema.md) */
     SNK_EXPERIMENT_REGRESSION, /* experiment, term | coef, std_err, z, p_value, n */
     SNK_TABLE__COUNT
 };

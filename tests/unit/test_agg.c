@@ -88,7 +88,7 @@ static void apply_flush(const snk_batch_t *b)
         snprintf(s->ctry, sizeof s->ctry, "%s", r->country);
         s->start = r->started_at;
         s->end = r->ended_at;
-        int64_t n[6] = {r->events,     r->page_views, r->product_views,
+        int64_t n[6] = {r->events,       r->page_views, r->product_views,
                         r->add_to_carts, r->checkouts,  r->purchases};
         memcpy(s->n, n, sizeof n);
         s->rev = r->revenue_cents;
@@ -137,7 +137,6 @@ static void apply_flush(const snk_batch_t *b)
         f->live = r->sessions_ge[0] != 0;
     }
 }
-
 
 /* ---- generic tables (products, pairs, baskets, cohorts) ---- */
 typedef struct grow_ {
@@ -192,8 +191,7 @@ static void apply_gen(const snk_batch_t *b)
             for (int k = nk; k < nc && k - nk < 12; k++) {
                 g->v[k - nk] = row[k].i;
                 g->null[k - nk] = row[k].null;
-                snprintf(g->text[k - nk], sizeof g->text[k - nk], "%s",
-                         row[k].s ? row[k].s : "");
+                snprintf(g->text[k - nk], sizeof g->text[k - nk], "%s", row[k].s ? row[k].s : "");
             }
             g->live = 1;
         }
@@ -532,8 +530,7 @@ static void test_compaction_keeps_results(void **state)
         run_round(seed * 31337, 300, 4, 3 * DAY, 100);
 }
 
-static int apply_one(agg_t *a, int64_t off, const char *eid, const char *uid, int64_t ts,
-                     int type)
+static int apply_one(agg_t *a, int64_t off, const char *eid, const char *uid, int64_t ts, int type)
 {
     tev_t t = {0};
     snprintf(t.eid, sizeof t.eid, "%s", eid);
@@ -561,7 +558,7 @@ static void test_gap_boundary_and_session_id_change(void **state)
     int64_t t0 = 1700000000000LL;
     assert_int_equal(agg_batch_begin(a), 0);
     assert_int_equal(apply_one(a, 0, "b", "u", t0, ING_ET_PAGE_VIEW), 0);
-    assert_int_equal(apply_one(a, 1, "c", "u", t0 + GAP, ING_ET_PAGE_VIEW), 0);     /* same */
+    assert_int_equal(apply_one(a, 1, "c", "u", t0 + GAP, ING_ET_PAGE_VIEW), 0);         /* same */
     assert_int_equal(apply_one(a, 2, "d", "u", t0 + 2 * GAP + 1, ING_ET_PAGE_VIEW), 0); /* new */
     assert_int_equal(agg_batch_commit(a), 0);
     flush(a);
@@ -630,8 +627,7 @@ static void test_compaction_drops_final_state(void **state)
         char eid[16];
         snprintf(eid, sizeof eid, "e%d", i);
         assert_int_equal(agg_batch_begin(a), 0);
-        assert_int_equal(apply_one(a, i, eid, "u", t0 + (int64_t)i * 3600000, ING_ET_PAGE_VIEW),
-                         0);
+        assert_int_equal(apply_one(a, i, eid, "u", t0 + (int64_t)i * 3600000, ING_ET_PAGE_VIEW), 0);
         assert_int_equal(agg_batch_commit(a), 0);
         flush(a);
     }
@@ -653,7 +649,6 @@ static void test_compaction_drops_final_state(void **state)
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     assert_int_equal(system(cmd), 0);
 }
-
 
 static agg_t *open_fresh(char *dir, st_env_t **env, int64_t lateness)
 {
@@ -815,9 +810,8 @@ static void test_retention_equals_recompute(void **state)
         for (int i = 0; i < n;) {
             assert_int_equal(agg_batch_begin(a), 0);
             for (int j = 0; j < 25 && i < n; j++, i++)
-                assert_int_equal(apply_one(a, off++, evs[i].eid, evs[i].uid, evs[i].ts,
-                                           evs[i].type),
-                                 0);
+                assert_int_equal(
+                    apply_one(a, off++, evs[i].eid, evs[i].uid, evs[i].ts, evs[i].type), 0);
             assert_int_equal(agg_batch_commit(a), 0);
             if (rnd() % 3 == 0)
                 flush(a);
@@ -884,8 +878,8 @@ static void xassign(agg_t *a, int64_t off, const char *eid, const char *uid, int
 static void xevent(agg_t *a, int64_t off, const char *eid, const char *uid, int64_t ts, int type,
                    int64_t cents)
 {
-    static const char *names[] = {"search",   "page_view", "product_view",
-                                  "add_to_cart", "checkout", "purchase"};
+    static const char *names[] = {"search",      "page_view", "product_view",
+                                  "add_to_cart", "checkout",  "purchase"};
     ing_event_t *e = calloc(1, sizeof *e);
     tev_t t = {0};
     snprintf(t.eid, sizeof t.eid, "%s", eid);
@@ -950,7 +944,7 @@ static void test_exposure_and_window(void **state)
     assert_null(xrow(SNK_USER_OUTCOMES, "exp", "u2"));
     g = xrow(SNK_USER_EXPOSURE, "exp", "u3");
     assert_non_null(g);
-    assert_int_equal(g->v[3], 1); /* excluded */
+    assert_int_equal(g->v[3], 1);               /* excluded */
     assert_string_equal(g->text[0], "control"); /* the earliest assignment's variant */
     assert_null(xrow(SNK_USER_OUTCOMES, "exp", "u3"));
     g = xrow(SNK_USER_OUTCOMES, "exp", "u4");
