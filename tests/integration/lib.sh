@@ -352,5 +352,7 @@ cm_status_caught_up() {
 cm_compare() {
     local dump=$1
     shift
-    "$CM_PY" "$CM_LIB_DIR/compare.py" --dump "$dump" --pg "$CM_PG" --topic "$CM_TOPIC" "$@"
+    # Every mart of the contract exists now: a missing table is a failure.
+    "$CM_PY" "$CM_LIB_DIR/compare.py" --dump "$dump" --pg "$CM_PG" --topic "$CM_TOPIC" \
+        --require-all "$@"
 }
