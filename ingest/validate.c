@@ -612,6 +612,12 @@ ing_reason_t ing_validate(const char *buf, size_t len, int64_t now_ms, const ing
     if (buf == NULL || len == 0) {
         return ING_R_INVALID_JSON;
     }
+    /* No valid JSON text holds a raw NUL byte, yet jansson 2.14 skips one
+     * that directly follows a number or a literal ({"a":1<NUL>} parses).
+     * Found by the fuzzer (tests/fuzz). */
+    if (memchr(buf, '\0', len) != NULL) {
+        return ING_R_INVALID_JSON;
+    }
     json_t *root = parse_payload(buf, len, &c.ints_as_real);
     if (root == NULL) {
         return ING_R_INVALID_JSON;

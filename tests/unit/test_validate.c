@@ -1022,6 +1022,28 @@ static void test_nesting(void **state)
     free(deep);
 }
 
+/* Regression test: jansson 2.14 accepts a raw NUL right after a number or
+ * a literal; the contract says invalid_json (found by the fuzzer). */
+static void test_raw_nul_after_number(void **state)
+{
+    (void)state;
+    static const char a[] = "{\"event_id\":\"x\",\"user_id\":\"u\",\"event_type\":\"page_view\","
+                            "\"ts\":1718000000000\0}";
+    static const char b[] = "-0\0";
+    static const char c[] = "{\"event_id\":\"x\",\"user_id\":\"u\",\"event_type\":\"page_view\","
+                            "\"ts\":1718000000000,\"x\":true\0}";
+    ing_limits_t lim = {65536, 3600000};
+    ing_event_t *ev = malloc(sizeof *ev);
+    char detail[64];
+    assert_int_equal(ing_validate(a, sizeof a - 1, 1718000000000LL, &lim, ev, detail, sizeof detail),
+                     ING_R_INVALID_JSON);
+    assert_int_equal(ing_validate(b, sizeof b - 1, 1718000000000LL, &lim, ev, detail, sizeof detail),
+                     ING_R_INVALID_JSON);
+    assert_int_equal(ing_validate(c, sizeof c - 1, 1718000000000LL, &lim, ev, detail, sizeof detail),
+                     ING_R_INVALID_JSON);
+    free(ev);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1034,6 +1056,7 @@ int main(void)
         cmocka_unit_test(test_buffer_not_nul_terminated),
         cmocka_unit_test(test_payload_too_large),
         cmocka_unit_test(test_invalid_json),
+        cmocka_unit_test(test_raw_nul_after_number),
         cmocka_unit_test(test_every_prefix_is_invalid),
         cmocka_unit_test(test_not_an_object),
         cmocka_unit_test(test_huge_integers),
