@@ -33,6 +33,11 @@ struct ing_consumer {
     int32_t n_partitions;
     int paused;
     int held;
+    uv_work_t probe;      /* asks the cluster whether it is back while "down" */
+    int probing;          /* a probe is running on the thread pool */
+    int probe_ok;         /* its result */
+    double last_probe;    /* monotonic ms */
+    int closing_probe;    /* close waits for a running probe */
     int stopped;
     int broker_up;
     int closing;
@@ -111,9 +116,44 @@ static void on_readable(uv_poll_t *h, int status, int events)
     drain(c);
 }
 
+/*
+ * librdkafka reports "all brokers down" but no "back up" event, and an idle
+ * topic delivers no message that would prove it. While the brokers are
+ * marked down, a watermark query on the thread pool (blocking, off the
+ * loop) checks every few seconds whether the cluster answers again.
+ */
+static void probe_work(uv_work_t *w)
+{
+    ing_consumer_t *c = w->data;
+    int64_t lo, hi;
+    c->probe_ok = rd_kafka_query_watermark_offsets(c->rk, c->topic, 0, &lo, &hi, 2000) ==
+                  RD_KAFKA_RESP_ERR_NO_ERROR;
+}
+
+static void probe_after(uv_work_t *w, int status)
+{
+    ing_consumer_t *c = w->data;
+    c->probing = 0;
+    if (status == 0 && c->probe_ok && !c->closing) {
+        __atomic_store_n(&c->broker_up, 1, __ATOMIC_RELAXED);
+        cm_info("kafka brokers reachable again", "topic=%s", c->topic);
+    }
+    if (c->closing_probe)
+        ing_consumer_close(c);
+}
+
 static void on_backstop(uv_timer_t *t)
 {
-    drain(t->data);
+    ing_consumer_t *c = t->data;
+    drain(c);
+    if (!c->closing && !c->probing && c->rk && !ing_consumer_broker_up(c) &&
+        cm_mono_ms() - c->last_probe > 3000) {
+        c->probing = 1;
+        c->last_probe = cm_mono_ms();
+        c->probe.data = c;
+        if (uv_queue_work(c->loop, &c->probe, probe_work, probe_after) != 0)
+            c->probing = 0;
+    }
 }
 
 /* librdkafka's error callback runs on its own thread: only set a flag. */
@@ -394,14 +434,22 @@ void ing_consumer_close(ing_consumer_t *c)
     if (!c)
         return;
     c->closing = 1;
+    if (c->probing) {
+        /* The probe uses the handle: finish closing when it returns. */
+        c->closing_probe = 1;
+        return;
+    }
+    c->closing_probe = 0;
     if (c->q) {
         rd_kafka_queue_io_event_enable(c->q, -1, NULL, 0);
         rd_kafka_queue_destroy(c->q);
         c->q = NULL;
     }
     if (c->rk) {
-        rd_kafka_consumer_close(c->rk);
-        rd_kafka_destroy(c->rk);
+        /* Partitions are assigned, not subscribed, and offsets are committed
+         * explicitly: there is no group to leave, and rd_kafka_consumer_close
+         * would block for a long time while the brokers are down. */
+        rd_kafka_destroy_flags(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
         c->rk = NULL;
     }
     if (c->assignment) {
