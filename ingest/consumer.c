@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,9 +126,12 @@ static void on_readable(uv_poll_t *h, int status, int events)
 static void probe_work(uv_work_t *w)
 {
     ing_consumer_t *c = w->data;
-    int64_t lo, hi;
-    c->probe_ok = rd_kafka_query_watermark_offsets(c->rk, c->topic, 0, &lo, &hi, 2000) ==
-                  RD_KAFKA_RESP_ERR_NO_ERROR;
+    /* A metadata request honours its timeout even with every broker down
+     * (a watermark query was seen to wait far longer). */
+    const struct rd_kafka_metadata *md = NULL;
+    c->probe_ok = rd_kafka_metadata(c->rk, 0, NULL, &md, 2000) == RD_KAFKA_RESP_ERR_NO_ERROR;
+    if (md)
+        rd_kafka_metadata_destroy(md);
 }
 
 static void probe_after(uv_work_t *w, int status)
@@ -429,6 +433,12 @@ static void on_handle_closed(uv_handle_t *h)
         consumer_free(c);
 }
 
+static void *destroy_thread(void *rk)
+{
+    rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+    return NULL;
+}
+
 void ing_consumer_close(ing_consumer_t *c)
 {
     if (!c)
@@ -447,9 +457,22 @@ void ing_consumer_close(ing_consumer_t *c)
     }
     if (c->rk) {
         /* Partitions are assigned, not subscribed, and offsets are committed
-         * explicitly: there is no group to leave, and rd_kafka_consumer_close
-         * would block for a long time while the brokers are down. */
-        rd_kafka_destroy_flags(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+         * explicitly: there is no group to leave. With every broker down,
+         * librdkafka's teardown still waits for its group coordinator
+         * (minutes); the state and the tables are already safe, so the
+         * handle is then torn down on a detached thread and the process
+         * does not wait for it. */
+        if (ing_consumer_broker_up(c)) {
+            rd_kafka_destroy_flags(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+        } else {
+            pthread_t t;
+            if (pthread_create(&t, NULL, destroy_thread, c->rk) == 0)
+                pthread_detach(t);
+            else
+                rd_kafka_destroy_flags(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+            cm_warn("kafka brokers down at shutdown: not waiting for librdkafka to close",
+                    "topic=%s", c->topic);
+        }
         c->rk = NULL;
     }
     if (c->assignment) {
