@@ -1049,7 +1049,8 @@ static int setup(dmn_t *d)
         cm_err("cannot create Kafka consumer", "error=\"%s\"", err);
         return 2;
     }
-    r = ing_consumer_start(d->cons, 30000, &d->n_parts);
+    r = ing_consumer_start_at(d->cons, 30000, &d->n_parts, d->cfg.exit_at_end ? &d->ends : NULL,
+                              d->cfg.exit_at_end ? &d->lows : NULL);
     if (r) {
         cm_err("cannot start consuming", "topic=%s error=\"%s\"", d->cfg.topic,
                ing_consumer_strerror(r));
@@ -1071,13 +1072,6 @@ static int setup(dmn_t *d)
         }
     }
     if (d->cfg.exit_at_end) {
-        d->ends = calloc((size_t)d->n_parts, sizeof *d->ends);
-        d->lows = calloc((size_t)d->n_parts, sizeof *d->lows);
-        if (!d->ends || !d->lows)
-            return 1;
-        r = ing_consumer_query_ends(d->cons, d->ends, d->lows, d->n_parts, 30000);
-        if (r)
-            return 1;
         int64_t sum = 0;
         for (int32_t p = 0; p < d->n_parts; p++)
             sum += d->ends[p];

@@ -263,6 +263,12 @@ fail_conf:
 
 int ing_consumer_start(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions)
 {
+    return ing_consumer_start_at(c, timeout_ms, n_partitions, NULL, NULL);
+}
+
+int ing_consumer_start_at(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions,
+                          int64_t **ends, int64_t **lows)
+{
     rd_kafka_topic_t *rkt = rd_kafka_topic_new(c->rk, c->topic, NULL);
     if (!rkt)
         return ING_EKAFKA;
@@ -296,6 +302,17 @@ int ing_consumer_start(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions)
     rd_kafka_metadata_destroy(md);
     c->n_partitions = n;
     *n_partitions = n;
+    if (ends && lows) {
+        /* Before the assignment: once fetches run, each query waits behind
+         * a fetch of its partition (about half a second each on the mock). */
+        *ends = calloc((size_t)n, sizeof **ends);
+        *lows = calloc((size_t)n, sizeof **lows);
+        if (!*ends || !*lows)
+            return ING_ENOMEM;
+        int r = ing_consumer_query_ends(c, *ends, *lows, n, timeout_ms);
+        if (r)
+            return r;
+    }
 
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(n);
     for (int32_t p = 0; p < n; p++)
