@@ -28,62 +28,74 @@ EXCEPTION WHEN others THEN
   RETURN NULL;
 END $f$;
 
--- RFC 3339 string -> ms (fraction cut to ms), NULL when it is not one.
+-- RFC 3339 string -> ms (fraction cut to ms), NULL when it is not one.  The fields are
+-- range-checked first so that the cast never raises (no exception block needed); the
+-- fields are cut out by position (a regex with capture groups costs ~0.2 ms a call).
 CREATE FUNCTION :"bs".ts_ms(s text) RETURNS bigint LANGUAGE plpgsql IMMUTABLE STRICT AS $f$
-DECLARE m text[];
+DECLARE
+  y int; mo int; d int; off text; fr text;
 BEGIN
-  m := regexp_match(s, '^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$');
-  IF m IS NULL THEN RETURN NULL; END IF;
-  RETURN (extract(epoch FROM (m[1] || ' ' || m[2] || coalesce(substr(m[3], 1, 4), '') ||
-                              CASE WHEN m[4] IN ('Z', 'z') THEN '+00:00' ELSE m[4] END)::timestamptz)
+  IF s !~ '^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)$' THEN
+    RETURN NULL;
+  END IF;
+  y := substr(s, 1, 4)::int; mo := substr(s, 6, 2)::int; d := substr(s, 9, 2)::int;
+  IF right(s, 1) IN ('Z', 'z') THEN
+    off := '+00:00'; fr := substr(s, 20, length(s) - 20);
+  ELSE
+    off := right(s, 6); fr := substr(s, 20, length(s) - 25);
+  END IF;
+  IF y < 1 OR mo NOT BETWEEN 1 AND 12 OR d < 1
+     OR d > (CASE WHEN mo IN (4, 6, 9, 11) THEN 30
+                  WHEN mo <> 2 THEN 31
+                  WHEN (y % 4 = 0 AND y % 100 <> 0) OR y % 400 = 0 THEN 29
+                  ELSE 28 END)
+     OR substr(s, 12, 2)::int > 23 OR substr(s, 15, 2)::int > 59 OR substr(s, 18, 2)::int > 59
+     OR substr(off, 2, 2)::int > 15 OR substr(off, 5, 2)::int > 59 THEN
+    RETURN NULL;
+  END IF;
+  RETURN (extract(epoch FROM (substr(s, 1, 10) || ' ' || substr(s, 12, 8) || substr(fr, 1, 4) || off)::timestamptz)
           * 1000)::bigint;
-EXCEPTION WHEN others THEN
-  RETURN NULL;  -- e.g. February 30th
 END $f$;
 
 -- 1. Parse and type every message (§1, §1.1, approximately).
-\echo @step parsed
-CREATE UNLOGGED TABLE :"bs".parsed AS
-SELECT part, off, j
-FROM (SELECT part, off, :"bs".try_jsonb(payload) AS j
-      FROM :"bs".raw WHERE octet_length(payload) <= 65536) x
-WHERE jsonb_typeof(j) = 'object';
-
 \echo @step typed
 CREATE UNLOGGED TABLE :"bs".typed AS
-WITH f AS (
+WITH p AS MATERIALIZED (
+  SELECT part, off, :"bs".try_jsonb(payload) AS j
+  FROM :"bs".raw WHERE octet_length(payload) <= 65536
+), g AS MATERIALIZED (  -- each field extracted once per row, ts parsed once
   SELECT part, off,
-         j -> 'event_id' AS e, j -> 'user_id' AS u, j -> 'event_type' AS y, j -> 'ts' AS t,
+         j ->> 'event_id' AS event_id, j ->> 'user_id' AS user_id, j ->> 'event_type' AS event_type,
+         jsonb_typeof(j -> 'event_id') AS te, jsonb_typeof(j -> 'user_id') AS tu,
+         jsonb_typeof(j -> 'event_type') AS ty,
+         CASE jsonb_typeof(j -> 'ts')
+           WHEN 'number' THEN CASE WHEN j ->> 'ts' ~ '^-?[0-9]+$' AND length(j ->> 'ts') <= 18
+                                   THEN (j ->> 'ts')::bigint END
+           WHEN 'string' THEN :"bs".ts_ms(j ->> 'ts')
+         END AS ms,
          nullif(nullif(j -> 'device', 'null'), '""') AS dv,
          nullif(nullif(j -> 'country', 'null'), '""') AS co,
          nullif(nullif(j -> 'product_id', 'null'), '""') AS pr,
          j -> 'amount' AS am, nullif(j -> 'items', 'null') AS it,
          j -> 'experiment' AS ex, j -> 'variant' AS va
-  FROM :"bs".parsed
-), g AS (
-  SELECT part, off, e ->> 0 AS event_id, u ->> 0 AS user_id, y ->> 0 AS event_type,
-         CASE jsonb_typeof(t)
-           WHEN 'number' THEN CASE WHEN t::text ~ '^-?[0-9]{1,18}$' THEN t::text::bigint END
-           WHEN 'string' THEN :"bs".ts_ms(t ->> 0)
-         END AS ms,
-         dv, co, pr, am, it, ex, va, e, u, y, t
-  FROM f
-  WHERE jsonb_typeof(e) = 'string' AND jsonb_typeof(u) = 'string' AND jsonb_typeof(y) = 'string'
+  FROM p WHERE jsonb_typeof(j) = 'object'
 )
 SELECT part, off, event_id, user_id, event_type, ms,
-       dv ->> 0 AS device, co ->> 0 AS country,
-       CASE WHEN event_type = 'purchase' THEN round((am ->> 0)::numeric * 100)::bigint END AS cents
+       dv #>> '{}' AS device, co #>> '{}' AS country,
+       CASE WHEN event_type = 'purchase' THEN round((am #>> '{}')::numeric * 100)::bigint END AS cents
 FROM g
-WHERE octet_length(event_id) BETWEEN 1 AND 128
+WHERE te = 'string' AND tu = 'string' AND ty = 'string'
+  AND octet_length(event_id) BETWEEN 1 AND 128
   AND octet_length(user_id) BETWEEN 1 AND 128
-  AND event_type ~ '^[a-z][a-z0-9_]{0,63}$'
+  AND event_type ~ '^[a-z][a-z0-9_]*$' AND octet_length(event_type) <= 64  -- (a bounded
+                                                    -- repetition is slow in PG's regex engine)
   AND ms >= 946684800000 AND ms < 4102444800000
   AND ms <= :now_ms + 3600000
-  AND (dv IS NULL OR (jsonb_typeof(dv) = 'string' AND octet_length(dv ->> 0) <= 32))
-  AND (co IS NULL OR (jsonb_typeof(co) = 'string' AND octet_length(co ->> 0) <= 32))
-  AND (pr IS NULL OR (jsonb_typeof(pr) = 'string' AND octet_length(pr ->> 0) <= 128))
+  AND (dv IS NULL OR (jsonb_typeof(dv) = 'string' AND octet_length(dv #>> '{}') <= 32))
+  AND (co IS NULL OR (jsonb_typeof(co) = 'string' AND octet_length(co #>> '{}') <= 32))
+  AND (pr IS NULL OR (jsonb_typeof(pr) = 'string' AND octet_length(pr #>> '{}') <= 128))
   AND (event_type <> 'purchase' OR (
-        jsonb_typeof(am) = 'number' AND (am ->> 0)::numeric BETWEEN 0 AND 1e12
+        jsonb_typeof(am) = 'number' AND (am #>> '{}')::numeric BETWEEN 0 AND 1e12
         AND (it IS NULL OR (jsonb_typeof(it) = 'array' AND jsonb_array_length(it) <= 100
              AND NOT EXISTS (
                SELECT 1 FROM jsonb_array_elements(it) i
@@ -98,8 +110,8 @@ WHERE octet_length(event_id) BETWEEN 1 AND 128
                         jsonb_typeof(i -> 'price') <> 'number'
                         OR (i ->> 'price')::numeric NOT BETWEEN 0 AND 1e12)))))))
   AND (event_type <> 'experiment_assignment' OR (
-        jsonb_typeof(ex) = 'string' AND octet_length(ex ->> 0) BETWEEN 1 AND 64 AND
-        jsonb_typeof(va) = 'string' AND octet_length(va ->> 0) BETWEEN 1 AND 64));
+        jsonb_typeof(ex) = 'string' AND octet_length(ex #>> '{}') BETWEEN 1 AND 64 AND
+        jsonb_typeof(va) = 'string' AND octet_length(va #>> '{}') BETWEEN 1 AND 64));
 
 -- 2. Acceptance (§2): the partition's watermark is the running max of the ts before the
 -- message; too late below watermark - 48 h; the first copy of an event_id wins.
