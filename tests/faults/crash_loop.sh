@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317 # functions here are called indirectly (cm_wait_for, fs_expect)
 # Fault: crash loop. clickmartd is killed with SIGKILL again and again while the generator
 # produces (duplicates, late events, bad messages), and restarted on the same state each
 # time. The kills land
@@ -46,7 +47,7 @@ for ((i = 0; i < n_lock; i++)); do
     KINDS=("${KINDS[@]:0:pos}" lockflush "${KINDS[@]:pos}")
 done
 
-declare -A DONE=([assign]=0 [flush]=0 [flush_missed]=0 [lockflush]=0 [random]=0)
+declare -A KILLED=([assign]=0 [flush]=0 [flush_missed]=0 [lockflush]=0 [random]=0)
 
 # The daemon must still be running when we come to kill it: an exit of its own is a bug.
 kill_now() {
@@ -78,7 +79,7 @@ for ((k = 1; k <= ${#KINDS[@]}; k++)); do
             fs_fault "kill -9 during a flush (kill $k)"
             cm_daemon_kill9 2>/dev/null
         else
-            DONE[flush_missed]=$((DONE[flush_missed] + 1))
+            KILLED[flush_missed]=$((KILLED[flush_missed] + 1))
             fs_fault "kill -9 at a random moment: no flush caught in 5 s (kill $k)"
             kill_now "$k"
         fi
@@ -102,11 +103,11 @@ for ((k = 1; k <= ${#KINDS[@]}; k++)); do
         kill_now "$k"
         ;;
     esac
-    DONE[$kind]=$((DONE[$kind] + 1))
+    KILLED[$kind]=$((KILLED[$kind] + 1))
 done
-cm_log "crash loop: ${#KINDS[@]} kills in $((SECONDS - t_loop))s: ${DONE[assign]} during assignment," \
-    "$((DONE[flush] - DONE[flush_missed])) during a flush (+${DONE[flush_missed]} missed, random instead)," \
-    "${DONE[lockflush]} during a lock-held flush, ${DONE[random]} random;" \
+cm_log "crash loop: ${#KINDS[@]} kills in $((SECONDS - t_loop))s: ${KILLED[assign]} during assignment," \
+    "$((KILLED[flush] - KILLED[flush_missed])) during a flush (+${KILLED[flush_missed]} missed, random instead)," \
+    "${KILLED[lockflush]} during a lock-held flush, ${KILLED[random]} random;" \
     "generator $(fs_gen_running && echo 'still running' || echo finished)"
 [ "$FS_FAULTS" -ge "$KILLS" ] || fs_fail "only $FS_FAULTS kills"
 # Every start was counted as a run: at least one per kill.

@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2317 # functions here are called indirectly (cm_wait_for, fs_expect)
 # lib.sh - helpers for clickmart's fault suite (tests/faults/*.sh). Builds on
 # tests/integration/lib.sh (cm_setup, cm_pg_start/stop, cm_broker_start, cm_daemon_start,
 # ...) and adds: the FAULTS_SCALE setting, a generator running at a rate, checks that are
@@ -21,7 +22,7 @@
 #   FAULTS_SCALE      short (default; small data, short outages) or long
 #   FAULTS_SEED       generator seed (default: per scenario)
 #   FAULTS_BASELINE   1 (default): also diff every table against a fault-free run; 0: skip
-#   FAULTS_COMPARE_TABLES  comma-separated tables for compare.py (default: what it can read)
+#   FAULTS_COMPARE_TABLES  comma-separated tables (and views) for compare.py (default: all)
 #   FAULTS_DISK_FULL  map_full.sh's disk-full case: auto (default: when root can mount a
 #                     tmpfs), 1, 0
 
@@ -135,6 +136,7 @@ fs_gen_running() { [ -n "$FS_GEN_PID" ] && kill -0 "$FS_GEN_PID" 2>/dev/null; }
 fs__gen_done() { ! fs_gen_running; }
 
 # fs_gen_wait [SECONDS]: waits for the generator; dies when it failed.
+# shellcheck disable=SC2120 # the timeout is optional
 fs_gen_wait() {
     [ -n "$FS_GEN_PID" ] || return 0
     local rc=0
@@ -160,7 +162,9 @@ fs_st() {
 
 # fs_metric NAME: the value of an unlabelled metric from /metrics (empty if missing).
 fs_metric() {
-    fs_curl /metrics 2>/dev/null | awk -v n="$1" '$1 == n { print $2; exit }'
+    local m
+    m=$(fs_curl /metrics 2>/dev/null) || m=""
+    awk -v n="$1" '$1 == n { print $2; exit }' <<<"$m"
 }
 
 # fs_healthz: "CODE BODY" of /healthz.
@@ -169,7 +173,8 @@ fs_healthz() {
     out=$(curl -s --max-time 5 -w '\n%{http_code}' --unix-socket "$CM_DIR/status.sock" \
         http://localhost/healthz 2>/dev/null) || true
     code=${out##*$'\n'}
-    printf '%s %s\n' "$code" "$(printf '%s' "${out%$'\n'*}" | head -n1)"
+    out=${out%$'\n'*}
+    printf '%s %s\n' "$code" "${out%%$'\n'*}"
 }
 
 fs_status_up() { fs_curl /status >/dev/null 2>&1; }
@@ -241,12 +246,15 @@ fs_unlock() {
 
 # --- the end of a scenario ----------------------------------------------------------
 
-# fs_stop_daemon: SIGTERM the running daemon; it must flush and exit 0 within 60 s.
+# fs_stop_daemon: SIGTERM the running daemon; it must flush and exit 0 within 90 s. A
+# daemon that has already exited on its own is a failed check.
 fs_stop_daemon() {
-    cm_daemon_alive || {
-        [ -z "$CM_DAEMON_PID" ] || cm_daemon_wait 1 || true
+    [ -n "$CM_DAEMON_PID" ] || return 0
+    if ! cm_daemon_alive; then
+        cm_daemon_wait 1 || true
+        fs_fail "clickmartd had exited on its own with status $CM_DAEMON_RC (see $CM_DAEMON_LOG)"
         return 0
-    }
+    fi
     cm_daemon_signal TERM
     if ! cm_daemon_wait 90; then
         fs_fail "clickmartd did not exit within 90s of SIGTERM"
@@ -266,35 +274,13 @@ fs_dump() {
     cm_log "topic: $summary"
 }
 
-# compare.py reads bool and float columns only once it knows them: ask it for the tables
-# it can read unless FAULTS_COMPARE_TABLES says otherwise.
-fs__compare_tables() {
-    if [ -n "${FAULTS_COMPARE_TABLES:-}" ]; then
-        echo "$FAULTS_COMPARE_TABLES"
-        return
-    fi
-    "$CM_PY" - "$CM_LIB_DIR" <<'EOF'
-import os, re, sys
-sys.dont_write_bytecode = True
-d = sys.argv[1]
-sys.path.insert(0, d)
-import reference as ref
-src = open(os.path.join(d, "compare.py")).read()
-m = re.search(r"def decode_field\(.*?\n(?=\S)", src, re.S)
-body = m.group(0) if m else src
-known = {"text", "int"} | {k for k in ("ts", "money", "date", "bool", "float") if '"%s"' % k in body}
-known |= {"ts", "money", "date"}  # decoded as integers
-print(",".join(t for t in ref.TABLE_ORDER if all(k in known for _, k in ref.TABLES[t]["columns"])))
-EOF
-}
-
 # fs_compare_contract: compare.py (the independent recompute of the contract) against
 # the clickmart schema; 0 when equal.
 fs_compare_contract() {
-    local tables
-    tables=$(fs__compare_tables)
-    cm_log "compare.py (tables: $tables)"
-    if cm_compare "$FS_DUMP" --tables "$tables" >"$CM_DIR/compare.out" 2>&1; then
+    local args=()
+    [ -z "${FAULTS_COMPARE_TABLES:-}" ] || args=(--tables "$FAULTS_COMPARE_TABLES")
+    cm_log "compare.py${FAULTS_COMPARE_TABLES:+ (tables: $FAULTS_COMPARE_TABLES)}"
+    if cm_compare "$FS_DUMP" "${args[@]+"${args[@]}"}" >"$CM_DIR/compare.out" 2>&1; then
         sed 's/^/    /' "$CM_DIR/compare.out" | grep -v '^    \(  \|reference\)' >&2 || true
         return 0
     fi
@@ -305,6 +291,7 @@ fs_compare_contract() {
 # fs_compare_baseline: runs a fault-free clickmartd over the same topic into the schema
 # clickmart_ref (own state dir, socket and consumer group, --exit-at-end) and diffs every
 # table of the two schemas; 0 when equal.
+# shellcheck disable=SC2120 # extra daemon arguments are optional
 fs_compare_baseline() {
     local log=$CM_DIR/daemon.baseline.log pid rc=0
     rm -rf "$CM_DIR/state_ref"
@@ -353,12 +340,16 @@ fs_final_run() {
 }
 
 # fs_tables_now DESCRIPTION: a comparison in the middle of a scenario (dump + compare.py);
-# a difference is a failed check and makes the summary say tables_equal=no.
+# a difference is a failed check and makes the summary say tables_equal=no. Sets
+# FS_TABLES_OK to 1 or 0.
 fs_tables_now() {
     fs_dump
     if fs_compare_contract; then
+        FS_TABLES_OK=1
         cm_log "check ok: $1"
     else
+        # shellcheck disable=SC2034 # read by the scenarios
+        FS_TABLES_OK=0
         FS_TABLES_BAD=1
         fs_fail "$1"
     fi
@@ -370,7 +361,7 @@ fs_tables_check() {
     fs_compare_contract && contract=yes
     if [ "$FAULTS_BASELINE" = 1 ]; then
         baseline=no
-        fs_compare_baseline "$@" && baseline=yes
+        fs_compare_baseline && baseline=yes
     fi
     cm_log "tables: equal to the contract's recompute: $contract; equal to a fault-free run: $baseline"
     if [ "$contract" = yes ] && [ "$baseline" != no ] && [ "${FS_TABLES_BAD:-0}" = 0 ]; then

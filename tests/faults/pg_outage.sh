@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317 # functions here are called indirectly (cm_wait_for, fs_expect)
 # Fault: Postgres outage. While the generator produces, the Postgres server is stopped
 # (pg_ctl stop -m fast) for OUTAGE seconds mid-run, and once more while a flush is in
 # flight (the flush is held half-way by a lock on clickmart.sessions, then the server

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317 # functions here are called indirectly (cm_wait_for, fs_expect)
 # Fault: restarts that change what the daemon finds.
 #
 # (a) Wiped state dir in front of populated tables. Documented behaviour: clickmartd
@@ -20,8 +21,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/lib.sh"
 
 FS_SEED_DEFAULT=71
-EVENTS=$(fs_scale 20000 100000)
-EVENTS_NEW=$(fs_scale 8000 40000)
+EVENTS=$(fs_scale 12000 100000)
+EVENTS_NEW=$(fs_scale 6000 40000)
 
 fs_begin restart_changes 4
 
@@ -111,7 +112,7 @@ A2_OK=1
 RUN_TIMEOUT=$(fs_scale 20 120) run_exit_at_end "(a2) rebuild started again" --allow-state-rebuild || A2_OK=0
 cm_log "(a2) $(grep -m4 'assign partition' "$CM_DAEMON_LOG" | sed 's/.*partition=/partition=/' | tr '\n' ' ')"
 fs_tables_now "(a2) after the interrupted rebuild and a restart the tables equal the contract"
-if [ "$A2_OK" = 0 ]; then
+if [ "$A2_OK" = 0 ] || [ "$FS_TABLES_OK" = 0 ]; then
     # Get a usable state back for (b): a consumer group without committed offsets makes
     # the empty state start from the earliest offsets again.
     wipe_state
