@@ -112,11 +112,48 @@ static int64_t state_offset(void *ud, int32_t p)
  * unless --allow-state-rebuild asks to empty the tables and rebuild from
  * the earliest offsets. Runs at startup, before anything is consumed.
  */
+/* The state remembers that it was started as a rebuild, so that a rebuild
+ * interrupted by a crash resumes as one instead of falling back to the
+ * group's offsets for the partitions it had not reached yet. */
+static const char REBUILD_KEY[] = "rebuild";
+
+static int rebuild_marked(dmn_t *d)
+{
+    st_txn_t *txn;
+    st_val_t v;
+    int marked = 0;
+    if (st_begin(d->env, 1, &txn) == 0) {
+        marked = st_get(txn, d->env, ST_DB_META, REBUILD_KEY, sizeof REBUILD_KEY - 1, &v) == 0;
+        st_abort(txn);
+    }
+    return marked;
+}
+
+static int mark_rebuild(dmn_t *d)
+{
+    st_txn_t *txn;
+    uint8_t one = 1;
+    int r = st_begin(d->env, 0, &txn);
+    if (r == 0 && (r = st_put(txn, d->env, ST_DB_META, REBUILD_KEY, sizeof REBUILD_KEY - 1,
+                              &one, 1)) == 0)
+        r = st_commit(txn);
+    else if (r == 0)
+        st_abort(txn);
+    return r;
+}
+
 static int check_fresh_state(dmn_t *d)
 {
+    int known = 0;
     for (int32_t p = 0; p < AGG_MAX_PARTITIONS; p++)
-        if (agg_partition(d->agg, p)->known)
-            return 0;
+        known |= agg_partition(d->agg, p)->known;
+    if (rebuild_marked(d)) {
+        d->rebuild = 1;
+        if (known)
+            return 0; /* a rebuild under way: unknown partitions start at the earliest offset */
+    } else if (known) {
+        return 0;
+    }
     int r = -1;
     for (int attempt = 0; attempt < 30; attempt++) {
         r = snk_open(d->cfg.pg, d->cfg.schema, &d->pg);
@@ -141,9 +178,9 @@ static int check_fresh_state(dmn_t *d)
         cm_err("cannot read the partitions table", "error=\"%s\"", snk_last_error(d->pg));
         return 1;
     }
-    if (rows == 0 || max_next == 0)
+    if (!d->rebuild && (rows == 0 || max_next == 0))
         return 0;
-    if (!d->cfg.allow_state_rebuild) {
+    if (!d->rebuild && !d->cfg.allow_state_rebuild) {
         cm_err("the state directory is empty but the tables already hold this topic up to "
                "an offset; refusing to start (restore the state dir, or pass "
                "--allow-state-rebuild to empty the tables and rebuild from the earliest offsets)",
@@ -151,6 +188,14 @@ static int check_fresh_state(dmn_t *d)
                d->cfg.topic, (long long)rows, (long long)max_next);
         return 1;
     }
+    /* Mark first: if the daemon dies after the truncation, the restart
+     * still knows the empty tables are a rebuild in progress. */
+    if ((r = mark_rebuild(d)) != 0) {
+        cm_err("cannot record the rebuild in the state", "error=\"%s\"", st_strerror(r));
+        return 1;
+    }
+    /* Nothing of the state has reached the tables yet (no partition is
+     * known), so emptying them again after an interrupted rebuild is safe. */
     if ((r = snk_truncate_marts(d->pg)) != 0) {
         cm_err("cannot empty the tables for the rebuild", "error=\"%s\"", snk_last_error(d->pg));
         return 1;
