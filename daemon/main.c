@@ -81,8 +81,13 @@ typedef struct dmn {
     int rebuild; /* --allow-state-rebuild took effect: start from the earliest offsets */
     ing_parser_t *parser;
 #define HELD_MAX 8
-    ing_batch_t *held[HELD_MAX]; /* validated batches waiting to be applied (map full) */
+    ing_batch_t *held[HELD_MAX]; /* validated batches, in order, not yet committed */
     size_t n_held;
+    size_t pos;               /* next message of held[0] to apply */
+    int txn_open;             /* held[0] is being applied in an open LMDB transaction */
+    int map_full;             /* the map filled up: intake paused until it grows */
+    uv_idle_t apply_idle;     /* continues applying on the next loop iteration */
+    agg_flush_t *fl_clear;    /* a committed flush whose dirty marks wait for the txn */
 
     int stopping;
     int exit_code;
@@ -208,7 +213,7 @@ static int check_fresh_state(dmn_t *d)
 
 static void update_pause(dmn_t *d)
 {
-    int want = d->pause_backpressure || d->n_held || d->stopping;
+    int want = d->pause_backpressure || d->map_full || d->stopping;
     if (want != ing_consumer_paused(d->cons)) {
         ing_consumer_pause(d->cons, want);
         if (want)
@@ -217,41 +222,23 @@ static void update_pause(dmn_t *d)
 }
 
 /* Apply one validated batch in one LMDB transaction. */
-static int apply_batch(dmn_t *d, const ing_batch_t *b)
+/* Apply one message of a validated batch inside the open transaction. */
+static int apply_msg(dmn_t *d, const ing_batch_t *b, size_t i)
 {
-    for (size_t i = 0; i < b->n; i++)
-        if (b->res[i].reason == ING_R__COUNT)
-            return AGG_ENOMEM; /* validation itself ran out of memory */
-    int r = agg_batch_begin(d->agg);
-    if (r)
-        return r;
-    for (size_t i = 0; i < b->n; i++) {
-        const rd_kafka_message_t *msg = b->msgs[i];
-        const ing_parsed_t *res = &b->res[i];
-        const agg_partition_t *pp = agg_partition(d->agg, msg->partition);
-        /* A message the state already holds (e.g. the group's offset lagged
-         * behind LMDB's) is skipped, never applied twice. */
-        if (pp && pp->known && msg->offset < pp->next_offset)
-            continue;
-        const char *payload = msg->payload ? (const char *)msg->payload : "";
-        size_t len = msg->payload ? msg->len : 0;
-        if (res->reason == ING_OK)
-            r = agg_apply_event(d->agg, msg->partition, msg->offset, res->ev, payload, len,
-                                b->now_ms);
-        else
-            r = agg_apply_reject(d->agg, msg->partition, msg->offset, res->reason, res->detail,
-                                 payload, len, b->now_ms);
-        if (r) {
-            agg_batch_abort(d->agg);
-            return r;
-        }
-    }
-    r = agg_batch_commit(d->agg);
-    if (r == 0) {
-        d->batches++;
-        d->msgs += b->n;
-    }
-    return r;
+    const rd_kafka_message_t *msg = b->msgs[i];
+    const ing_parsed_t *res = &b->res[i];
+    const agg_partition_t *pp = agg_partition(d->agg, msg->partition);
+    /* A message the state already holds (e.g. the group's offset lagged
+     * behind LMDB's) is skipped, never applied twice. */
+    if (pp && pp->known && msg->offset < pp->next_offset)
+        return 0;
+    const char *payload = msg->payload ? (const char *)msg->payload : "";
+    size_t len = msg->payload ? msg->len : 0;
+    if (res->reason == ING_OK)
+        return agg_apply_event(d->agg, msg->partition, msg->offset, res->ev, payload, len,
+                               b->now_ms);
+    return agg_apply_reject(d->agg, msg->partition, msg->offset, res->reason, res->detail,
+                            payload, len, b->now_ms);
 }
 
 static int all_at_end(dmn_t *d)
@@ -308,60 +295,142 @@ static void on_msgs(void *ud, rd_kafka_message_t **m, size_t n)
         ing_consumer_hold(d->cons, 1);
 }
 
-/* Drop the batches waiting for the map to grow (shutdown, fatal errors). */
+/* Drop the batches not applied yet (shutdown, fatal errors); a restart
+ * consumes them again from LMDB's offsets. */
 static void drop_held(dmn_t *d)
 {
+    if (d->txn_open) {
+        agg_batch_abort(d->agg);
+        d->txn_open = 0;
+    }
     for (size_t i = 0; i < d->n_held; i++)
         ing_batch_free(d->held[i]);
     d->n_held = 0;
+    d->pos = 0;
 }
 
-/* Apply the held batches in order; 0 when all went in. */
-static int apply_held(dmn_t *d)
+static void apply_failed(dmn_t *d, int r)
 {
-    while (d->n_held) {
-        int r = apply_batch(d, d->held[0]);
-        if (r == ST_EMAPFULL)
-            return r;
-        ing_batch_free(d->held[0]);
+    cm_err("cannot apply batch; stopping (nothing of it was applied)", "error=\"%s\"",
+           agg_strerror(r));
+    drop_held(d);
+    begin_stop(d, 1);
+}
+
+/* The transaction was rolled back because the map is full: apply the batch
+ * again from its start once the map has grown (on_grow_timer). */
+static void map_full(dmn_t *d)
+{
+    d->txn_open = 0;
+    d->pos = 0;
+    if (!d->map_full)
+        cm_warn("state map full: intake paused until the map grows", "messages=%zu",
+                d->held[0]->n);
+    d->map_full = 1;
+    update_pause(d);
+}
+
+static void clear_flushed(dmn_t *d);
+
+/* Longest stretch the loop spends applying before it serves timers, flush
+ * completions and the status socket again. */
+#define APPLY_SLICE_MS 20.0
+
+static void on_apply_idle(uv_idle_t *h);
+
+/*
+ * Apply the queued batches in order. Each batch is one LMDB transaction,
+ * but applying it is cut into slices of about APPLY_SLICE_MS, and the open
+ * transaction simply waits across loop iterations in between, so a large
+ * batch never blocks the loop for long.
+ */
+static void pump(dmn_t *d)
+{
+    double t0 = cm_mono_ms();
+    while (d->n_held && !d->map_full && !d->closed) {
+        ing_batch_t *b = d->held[0];
+        int r;
+        if (!d->txn_open) {
+            for (size_t i = 0; i < b->n; i++)
+                if (b->res[i].reason == ING_R__COUNT) {
+                    apply_failed(d, AGG_ENOMEM); /* validation ran out of memory */
+                    return;
+                }
+            if ((r = agg_batch_begin(d->agg)) != 0) {
+                apply_failed(d, r);
+                return;
+            }
+            d->txn_open = 1;
+            d->pos = 0;
+        }
+        while (d->pos < b->n) {
+            if ((r = apply_msg(d, b, d->pos)) != 0) {
+                agg_batch_abort(d->agg);
+                if (r == ST_EMAPFULL) {
+                    map_full(d);
+                } else {
+                    d->txn_open = 0;
+                    apply_failed(d, r);
+                }
+                return;
+            }
+            d->pos++;
+            if ((d->pos & 255) == 0 && cm_mono_ms() - t0 > APPLY_SLICE_MS) {
+                uv_idle_start(&d->apply_idle, on_apply_idle);
+                return;
+            }
+        }
+        r = agg_batch_commit(d->agg);
+        d->txn_open = 0;
+        if (r == ST_EMAPFULL) {
+            map_full(d);
+            return;
+        }
+        if (r) {
+            apply_failed(d, r);
+            return;
+        }
+        d->batches++;
+        d->msgs += b->n;
+        ing_batch_free(b);
         memmove(d->held, d->held + 1, (d->n_held - 1) * sizeof *d->held);
         d->n_held--;
-        if (r) {
-            cm_err("cannot apply batch; stopping (nothing of it was applied)", "error=\"%s\"",
-                   agg_strerror(r));
-            drop_held(d);
-            begin_stop(d, 1);
-            return r;
-        }
+        d->pos = 0;
+        clear_flushed(d);
         after_batch(d);
+        if (d->n_held && cm_mono_ms() - t0 > APPLY_SLICE_MS) {
+            uv_idle_start(&d->apply_idle, on_apply_idle);
+            return;
+        }
     }
-    return 0;
+    uv_idle_stop(&d->apply_idle);
+    if (!d->n_held && d->cons && !d->closed && ing_parser_pending(d->parser) < PARSE_AHEAD)
+        ing_consumer_hold(d->cons, 0);
+    if (d->stopping)
+        continue_stop(d);
+}
+
+static void on_apply_idle(uv_idle_t *h)
+{
+    pump(h->data);
 }
 
 /* A validated batch, in consumption order. */
 static void on_parsed(void *ud, ing_batch_t *b)
 {
     dmn_t *d = ud;
-    if (d->n_held == HELD_MAX) {
-        /* Cannot happen with PARSE_AHEAD batches in flight; never lose one. */
-        cm_err("too many batches waiting; stopping", "messages=%zu", b->n);
+    if (d->n_held == HELD_MAX || d->closed) {
+        /* Cannot happen with PARSE_AHEAD batches in flight; never apply out
+         * of order. Not applied: a restart consumes it again. */
         ing_batch_free(b);
-        begin_stop(d, 1);
+        if (!d->closed) {
+            cm_err("too many batches waiting; stopping", "messages=%zu", b->n);
+            begin_stop(d, 1);
+        }
         return;
     }
     d->held[d->n_held++] = b;
-    if (d->n_held == 1 && !d->closed) {
-        int r = apply_held(d);
-        if (r == ST_EMAPFULL) {
-            cm_warn("state map full: intake paused until the map grows", "messages=%zu",
-                    d->held[0]->n);
-            update_pause(d);
-        }
-    }
-    if (ing_parser_pending(d->parser) < PARSE_AHEAD && !d->n_held && d->cons)
-        ing_consumer_hold(d->cons, 0);
-    if (d->stopping)
-        continue_stop(d);
+    pump(d);
 }
 
 /* Grow the map once no flush holds a read transaction, then apply the held
@@ -369,21 +438,20 @@ static void on_parsed(void *ud, ing_batch_t *b)
 static void on_grow_timer(uv_timer_t *t)
 {
     dmn_t *d = t->data;
-    if (!d->n_held || d->inflight)
+    if (!d->map_full || d->inflight)
         return;
     int r = st_grow(d->env);
     if (r) {
         cm_err("cannot grow the state map; stopping", "error=\"%s\"", st_strerror(r));
         drop_held(d);
+        d->map_full = 0;
         begin_stop(d, 1);
         return;
     }
-    if (apply_held(d) == ST_EMAPFULL)
-        return; /* grow again on the next tick */
+    d->map_full = 0;
     cm_info("intake resumed after the map grew", "%s", "");
     update_pause(d);
-    if (d->cons && ing_parser_pending(d->parser) < PARSE_AHEAD)
-        ing_consumer_hold(d->cons, 0);
+    pump(d);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -427,6 +495,26 @@ static void flush_work(uv_work_t *w)
     d->fl_rc = r;
 }
 
+/* Clear the dirty marks of a committed flush (loop thread, outside a batch). */
+static void clear_flushed(dmn_t *d)
+{
+    if (!d->fl_clear || d->txn_open)
+        return;
+    int r = agg_flush_done(d->agg, d->fl_clear);
+    if (r) {
+        /* Rows stay dirty and are simply written again: harmless. */
+        cm_warn("cannot clear flushed rows", "error=\"%s\"", agg_strerror(r));
+    }
+    agg_flush_free(d->fl_clear);
+    d->fl_clear = NULL;
+    if (d->pause_backpressure && agg_pending_rows(d->agg) <= (uint64_t)d->cfg.max_dirty_rows / 2) {
+        d->pause_backpressure = 0;
+        cm_info("intake resumed", "pending_rows=%llu",
+                (unsigned long long)agg_pending_rows(d->agg));
+        update_pause(d);
+    }
+}
+
 static void flush_after(uv_work_t *w, int status)
 {
     dmn_t *d = w->data;
@@ -438,11 +526,23 @@ static void flush_after(uv_work_t *w, int status)
         mx_rows_add(&d->table_rows, agg_flush_batch(d->fl));
         mx_hist_observe(&d->flush_hist, ms / 1000.0);
         d->last_flush_mono = cm_mono_ms();
-        int dr = agg_flush_done(d->agg, d->fl);
-        if (dr) {
-            /* Rows stay dirty and are simply written again: harmless. */
-            cm_warn("cannot clear flushed rows", "error=\"%s\"", agg_strerror(dr));
-        }
+        /* Group offsets are a courtesy to monitoring tools (LMDB's win):
+         * commit what this flush put into Postgres. */
+        const snk_batch_t *fb = agg_flush_batch(d->fl);
+        int64_t offs[AGG_MAX_PARTITIONS];
+        int32_t n = d->n_parts < AGG_MAX_PARTITIONS ? d->n_parts : AGG_MAX_PARTITIONS;
+        for (int32_t p = 0; p < n; p++)
+            offs[p] = -1;
+        for (size_t i = 0; i < fb->n_partitions; i++)
+            if (fb->partitions[i].partition >= 0 && fb->partitions[i].partition < n)
+                offs[fb->partitions[i].partition] = fb->partitions[i].next_offset;
+        if (d->cons && !d->stopping)
+            ing_consumer_commit(d->cons, offs, n);
+        /* Clearing the dirty marks needs the write transaction: while a
+         * batch holds it, the flush waits for the batch's commit. */
+        d->fl_clear = d->fl;
+        d->fl = NULL;
+        clear_flushed(d);
         d->batches_flushed = d->batches_at_flush;
         if (d->fl_regression)
             d->last_regression = d->fl_t0;
@@ -457,22 +557,6 @@ static void flush_after(uv_work_t *w, int status)
         d->pg_up = 1;
         d->backoff_ms = 0;
         cm_debug("flushed", "rows=%zu duration_ms=%.1f", rows, ms);
-        /* Group offsets are a courtesy to monitoring tools; LMDB's win. */
-        int64_t offs[AGG_MAX_PARTITIONS];
-        int32_t n = d->n_parts < AGG_MAX_PARTITIONS ? d->n_parts : AGG_MAX_PARTITIONS;
-        for (int32_t p = 0; p < n; p++) {
-            const agg_partition_t *pp = agg_partition(d->agg, p);
-            offs[p] = pp && pp->known ? pp->next_offset : -1;
-        }
-        if (d->cons && !d->stopping)
-            ing_consumer_commit(d->cons, offs, n);
-        if (d->pause_backpressure &&
-            agg_pending_rows(d->agg) <= (uint64_t)d->cfg.max_dirty_rows / 2) {
-            d->pause_backpressure = 0;
-            cm_info("intake resumed", "pending_rows=%llu",
-                    (unsigned long long)agg_pending_rows(d->agg));
-            update_pause(d);
-        }
     } else {
         d->flush_failures++;
         d->pg_up = 0;
@@ -496,7 +580,8 @@ static int flush_needed(dmn_t *d)
 
 static void start_flush(dmn_t *d)
 {
-    if (d->inflight || d->n_held || cm_mono_ms() < d->next_try || !flush_needed(d))
+    if (d->inflight || d->map_full || d->fl_clear || cm_mono_ms() < d->next_try ||
+        !flush_needed(d))
         return;
     d->inflight = 1;
     d->fl_t0 = cm_mono_ms();
@@ -567,7 +652,7 @@ static const char *health_problem(dmn_t *d)
         HP_ADD("postgres unavailable: last flush failed");
     if (d->cons && !ing_consumer_broker_up(d->cons))
         HP_ADD("kafka brokers unreachable");
-    if (d->n_held)
+    if (d->map_full)
         HP_ADD("state map full: intake paused");
     /* Rows waiting and no flush for too long (stuck or very slow Postgres). */
     double since = (d->flushed_once ? d->last_flush_mono : d->started);
@@ -946,6 +1031,8 @@ static void close_all(dmn_t *d)
     uv_close((uv_handle_t *)&d->flush_timer, on_closed);
     uv_close((uv_handle_t *)&d->stats_timer, on_closed);
     uv_close((uv_handle_t *)&d->grow_timer, on_closed);
+    uv_idle_stop(&d->apply_idle);
+    uv_close((uv_handle_t *)&d->apply_idle, on_closed);
     uv_close((uv_handle_t *)&d->sig_term, on_closed);
     uv_close((uv_handle_t *)&d->sig_int, on_closed);
     notify_close();
@@ -967,6 +1054,7 @@ static void continue_stop(dmn_t *d)
         return;
     /* Not applied: a restart consumes these again from LMDB's offsets. */
     drop_held(d);
+    clear_flushed(d);
     if (flush_needed(d)) {
         if (cm_mono_ms() < d->stop_deadline) {
             start_flush(d); /* retried by the flush timer while backing off */
@@ -1139,6 +1227,8 @@ static int setup(dmn_t *d)
     uv_timer_start(&d->flush_timer, on_flush_timer, 0, (uint64_t)d->cfg.flush_interval_ms);
     uv_timer_start(&d->stats_timer, on_stats_timer, 0, stats_tick_ms(d));
     uv_timer_start(&d->grow_timer, on_grow_timer, 50, 50);
+    uv_idle_init(d->loop, &d->apply_idle);
+    d->apply_idle.data = d;
     notify_watchdog_start(d->loop);
     uv_signal_init(d->loop, &d->sig_term);
     uv_signal_init(d->loop, &d->sig_int);
@@ -1199,6 +1289,7 @@ int main(int argc, char **argv)
         drop_held(&d);
         ing_parser_free(d.parser);
     }
+    agg_flush_free(d.fl_clear);
     agg_close(d.agg);
     st_close(d.env);
     free(d.ev);
