@@ -675,6 +675,7 @@ struct agg {
     dset_t dedup;  /* event ids of the horizon (in memory) */
     hlist_t added; /* ids added by the open batch, undone on abort */
     hlist_t swept; /* ids the open batch's compactor dropped, applied on commit */
+    int64_t batch_events; /* events accepted by the open batch (sizes the compactor) */
     /* Where the compactor stopped in each database, so that every batch
      * examines a bounded slice and the whole state is covered in turn. */
     uint8_t sweep_key[4][KEY_MAX];
@@ -862,6 +863,7 @@ int agg_batch_begin(agg_t *a)
 {
     kset_reset(&a->dirty);
     a->added.n = a->swept.n = 0;
+    a->batch_events = 0;
     memset(a->touched, 0, sizeof a->touched);
     return st_begin(a->env, 0, &a->txn);
 }
@@ -1866,6 +1868,7 @@ int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event
             return r;
     }
     p->accepted++;
+    a->batch_events++;
     if (ev->ts > p->watermark)
         p->watermark = ev->ts;
     p->next_offset = offset + 1;
@@ -2007,11 +2010,18 @@ static int sweep(agg_t *a)
 {
     if (a->sweep_per_batch <= 0)
         return 0;
+    /* Each accepted event adds about one entry to dedup and to xevents, so
+     * the compactor examines at least twice the batch's events: it then
+     * keeps pace with intake and the state stays bounded by the horizon,
+     * at a constant cost per event. */
+    int64_t budget = a->sweep_per_batch;
+    if (budget < 2 * a->batch_events)
+        budget = 2 * a->batch_events;
     int r;
-    if ((r = sweep_db(a, SW_SESSIONS, ST_DB_SESSIONS, a->sweep_per_batch)) ||
-        (r = sweep_db(a, SW_USTAGE, ST_DB_USTAGE, a->sweep_per_batch)) ||
-        (r = sweep_db(a, SW_DEDUP, ST_DB_DEDUP, a->sweep_per_batch)) ||
-        (r = sweep_db(a, SW_XEVENTS, ST_DB_XEVENTS, a->sweep_per_batch)))
+    if ((r = sweep_db(a, SW_SESSIONS, ST_DB_SESSIONS, budget)) ||
+        (r = sweep_db(a, SW_USTAGE, ST_DB_USTAGE, budget)) ||
+        (r = sweep_db(a, SW_DEDUP, ST_DB_DEDUP, budget)) ||
+        (r = sweep_db(a, SW_XEVENTS, ST_DB_XEVENTS, budget)))
         return r;
     return 0;
 }
