@@ -21,7 +21,7 @@ source "$HERE/lib.sh"
 FS_SEED_DEFAULT=41
 EVENTS=$(fs_scale 40000 150000)
 RATE=$(fs_scale 2000 3000)
-OUTAGE=$(fs_scale 4 20)
+OUTAGE=$(fs_scale 8 20) # long enough for a sanitizer build to notice on an idle topic
 DARGS=(--stats-interval-ms 1000)
 
 fs_begin broker_outage 4
