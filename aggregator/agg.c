@@ -2235,6 +2235,28 @@ static int load_variants(agg_t *a, st_txn_t *txn, const uint8_t *ek, size_t ekn,
     return 0;
 }
 
+/* The expected split of the live variants (§5): the configured weights, or
+ * NULL for an equal split, which is also the fallback when the
+ * configuration does not weigh every variant. */
+static const double *expected_split(const agg_t *a, const uint8_t *ek, const xvariants_t *xv,
+                                    double *weights)
+{
+    const xconf_t *xc = xconf_of(a, (const char *)ek + 1, ek[0]);
+    if (!xc || xc->n_weights <= 0)
+        return NULL;
+    for (int i = 0; i < xv->n_live; i++) {
+        int found = 0;
+        for (int w = 0; w < xc->n_weights; w++)
+            if (!strcmp(xc->weight_names[w], xv->name[xv->live[i]])) {
+                weights[i] = xc->weights[w];
+                found = 1;
+            }
+        if (!found)
+            return NULL;
+    }
+    return weights;
+}
+
 static void v_f(snk_val_t *v, stx_val_t x)
 {
     v->f = x.v;
@@ -2281,28 +2303,16 @@ static int exp_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_t *ek, 
     int k = xv->n_live;
     int64_t users[XMAX_VARIANTS], conv[XMAX_VARIANTS], notconv[XMAX_VARIANTS], total = 0;
     double weights[XMAX_VARIANTS];
-    int have_weights = xc && xc->n_weights > 0;
     for (int i = 0; i < k; i++) {
         const stx_suff_t *sf = &xv->suff[xv->live[i]];
         users[i] = sf->users;
         conv[i] = sf->converters;
         notconv[i] = sf->users - sf->converters;
         total += sf->users;
-        weights[i] = 0;
-        int found = 0;
-        for (int w = 0; have_weights && w < xc->n_weights; w++)
-            if (!strcmp(xc->weight_names[w], xv->name[xv->live[i]])) {
-                weights[i] = xc->weights[w];
-                found = 1;
-            }
-        /* A variant the configuration does not weigh makes the configured
-         * split unusable; the equal split is the documented fallback. */
-        if (!found)
-            have_weights = 0;
     }
     stx_val_t srm_chi2, srm_p, chi2, chi2_p;
     int srm_detected = 0;
-    stx_srm(users, have_weights ? weights : NULL, k, &srm_chi2, &srm_p, &srm_detected);
+    stx_srm(users, expected_split(a, ek, xv, weights), k, &srm_chi2, &srm_p, &srm_detected);
     stx_chi2_independence(conv, notconv, k, &chi2, &chi2_p);
     int64_t excluded = 0;
     st_val_t v;
@@ -2919,22 +2929,10 @@ static json_t *snapshot_experiment(agg_t *a, st_txn_t *txn, const uint8_t *ek, s
         users[i] = xv->suff[xv->live[i]].users;
         total += users[i];
     }
-    const xconf_t *xc = xconf_of(a, (const char *)ek + 1, ek[0]);
     double weights[XMAX_VARIANTS];
-    int have_weights = xc && xc->n_weights > 0;
-    for (int i = 0; i < xv->n_live; i++) {
-        int found = 0;
-        for (int w = 0; have_weights && w < xc->n_weights; w++)
-            if (!strcmp(xc->weight_names[w], xv->name[xv->live[i]])) {
-                weights[i] = xc->weights[w];
-                found = 1;
-            }
-        if (!found)
-            have_weights = 0;
-    }
     stx_val_t chi2, p;
     int srm = 0;
-    stx_srm(users, have_weights ? weights : NULL, xv->n_live, &chi2, &p, &srm);
+    stx_srm(users, expected_split(a, ek, xv, weights), xv->n_live, &chi2, &p, &srm);
     json_object_set_new(e, "users", json_integer(total));
     json_object_set_new(e, "srm_p", jval(p));
     json_object_set_new(e, "srm_detected", json_boolean(srm));
