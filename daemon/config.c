@@ -65,7 +65,8 @@ static const opt_t opts[] = {
     {"shutdown-timeout-ms", OPT_INT, O(shutdown_timeout_ms), "30000", 0, 3600000,
      "How long the final flush may retry on shutdown before giving up (state is kept)."},
     {"sweep-per-batch", OPT_INT, O(sweep_per_batch), "4000", 0, 10000000,
-     "State entries the compactor examines per batch (0 disables compaction)."},
+     "Least state entries the compactor examines per batch; it examines at least twice "
+     "the batch's accepted events (0 disables compaction)."},
     {"stats-log-interval-ms", OPT_INT, O(stats_log_interval_ms), "10000", 0, 3600000,
      "How often a summary line is logged (0: never)."},
     {"stats-interval-ms", OPT_INT, O(stats_interval_ms), "60000", 1000, 86400000,
