@@ -172,7 +172,7 @@ static const opt_t *find_opt(const char *name)
 {
     char norm[64];
     size_t i = 0;
-    for (; name[i] && i < sizeof norm - 1; i++)
+    for (; i < sizeof norm - 1 && name[i]; i++)
         norm[i] = name[i] == '_' ? '-' : name[i];
     norm[i] = '\0';
     for (size_t k = 0; k < N_OPTS; k++)

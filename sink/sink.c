@@ -15,6 +15,7 @@
  */
 #include "sink/sink.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -610,7 +611,7 @@ static void gen_value(sbuf_t *b, char type, const snk_val_t *v, char sep)
         break;
     case 'f': {
         /* %.17g round-trips a double; NaN and infinities never reach SQL. */
-        if (v->f != v->f || v->f > 1.7976931348623157e308 || v->f < -1.7976931348623157e308) {
+        if (!isfinite(v->f)) {
             f_null(b, sep);
             break;
         }
