@@ -86,6 +86,8 @@ typedef struct dmn {
     size_t pos;               /* next message of held[0] to apply */
     int txn_open;             /* held[0] is being applied in an open LMDB transaction */
     int map_full;             /* the map filled up: intake paused until it grows */
+    int storage_failed;       /* an LMDB write failed (disk full?): paused, retried */
+    double storage_retry_at;  /* monotonic ms of the next retry */
     uv_idle_t apply_idle;     /* continues applying on the next loop iteration */
     agg_flush_t *fl_clear;    /* a committed flush whose dirty marks wait for the txn */
 
@@ -213,7 +215,7 @@ static int check_fresh_state(dmn_t *d)
 
 static void update_pause(dmn_t *d)
 {
-    int want = d->pause_backpressure || d->map_full || d->stopping;
+    int want = d->pause_backpressure || d->map_full || d->storage_failed || d->stopping;
     if (want != ing_consumer_paused(d->cons)) {
         ing_consumer_pause(d->cons, want);
         if (want)
@@ -309,8 +311,26 @@ static void drop_held(dmn_t *d)
     d->pos = 0;
 }
 
+/* Retry a batch whose LMDB write failed after this long. */
+#define STORAGE_RETRY_MS 5000.0
+
 static void apply_failed(dmn_t *d, int r)
 {
+    if (r == ST_EIO) {
+        /* A failed write (a full disk shows up as a short write, which LMDB
+         * reports as EIO) rolled the batch back: nothing was applied, the
+         * last commit is intact. Pause and apply the batch again later
+         * rather than stop; the state is never left half-written. */
+        d->txn_open = 0;
+        d->pos = 0;
+        if (!d->storage_failed)
+            cm_err("state write failed (disk full?): intake paused, retrying every 5 s",
+                   "state_dir=%s error=\"%s\"", d->cfg.state_dir, agg_strerror(r));
+        d->storage_failed = 1;
+        d->storage_retry_at = cm_mono_ms() + STORAGE_RETRY_MS;
+        update_pause(d);
+        return;
+    }
     cm_err("cannot apply batch; stopping (nothing of it was applied)", "error=\"%s\"",
            agg_strerror(r));
     drop_held(d);
@@ -347,7 +367,7 @@ static void on_apply_idle(uv_idle_t *h);
 static void pump(dmn_t *d)
 {
     double t0 = cm_mono_ms();
-    while (d->n_held && !d->map_full && !d->closed) {
+    while (d->n_held && !d->map_full && !d->storage_failed && !d->closed) {
         ing_batch_t *b = d->held[0];
         int r;
         if (!d->txn_open) {
@@ -438,6 +458,13 @@ static void on_parsed(void *ud, ing_batch_t *b)
 static void on_grow_timer(uv_timer_t *t)
 {
     dmn_t *d = t->data;
+    if (d->storage_failed && cm_mono_ms() >= d->storage_retry_at && !d->stopping) {
+        d->storage_failed = 0;
+        update_pause(d);
+        pump(d); /* fails again (and pauses again) while the disk is still full */
+        if (!d->storage_failed && !d->map_full)
+            cm_info("state writes succeed again: intake resumed", "%s", "");
+    }
     if (!d->map_full || d->inflight)
         return;
     int r = st_grow(d->env);
@@ -654,6 +681,8 @@ static const char *health_problem(dmn_t *d)
         HP_ADD("kafka brokers unreachable");
     if (d->map_full)
         HP_ADD("state map full: intake paused");
+    if (d->storage_failed)
+        HP_ADD("state write failed (disk full?): intake paused");
     /* Rows waiting and no flush for too long (stuck or very slow Postgres). */
     double since = (d->flushed_once ? d->last_flush_mono : d->started);
     double age = cm_mono_ms() - since;

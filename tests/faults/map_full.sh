@@ -131,10 +131,19 @@ if disk_full_possible; then
     dead_or_stuck() { ! cm_daemon_alive || fs_log_has 'No space left|ENOSPC|disk full|space' "$CM_DAEMON_LOG"; }
     cm_wait_for 40 "the disk to fill up" dead_or_stuck || fs_fail "the disk never filled up"
     sleep 2
+    RESUMED_LIVE=0
     if cm_daemon_alive; then
         h=$(fs_healthz)
         cm_log "daemon still running on a full disk: /healthz $h; paused=$(fs_st paused)"
         fs_expect "disk full: /healthz reports a problem ($h)" [ "${h%% *}" = 503 ]
+        fs_expect "disk full: intake paused" [ "$(fs_st paused)" = true ]
+        # Space comes back while the daemon runs: it must resume by itself.
+        mount -o remount,size=1024m "$CM_DIR/state"
+        cm_log "tmpfs enlarged to 1 GiB while the daemon is running"
+        fs_gen_wait
+        fs_expect "disk full: resumed without a restart and converged after the space came back" \
+            cm_wait_for 120 "the daemon to catch up" fs_caught_up
+        RESUMED_LIVE=1
         cm_daemon_kill9
     else
         cm_daemon_wait 5 || true
@@ -148,8 +157,10 @@ if disk_full_possible; then
             cm_log "NOTE: the error does not name the full disk (LMDB turned the short write into EIO)"
     fi
     fs_expect "disk full: state readable afterwards (mdb_dump -a)" state_intact
-    mount -o remount,size=1024m "$CM_DIR/state"
-    cm_log "tmpfs enlarged to 1 GiB"
+    if [ "$RESUMED_LIVE" = 0 ]; then
+        mount -o remount,size=1024m "$CM_DIR/state"
+        cm_log "tmpfs enlarged to 1 GiB"
+    fi
     cm_daemon_start --state-map-size-mb 1024 --stats-interval-ms 1000
     fs_daemon_ready 60
     fs_gen_wait
