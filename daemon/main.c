@@ -1211,7 +1211,7 @@ static int setup(dmn_t *d)
         cm_err("cannot create Kafka consumer", "error=\"%s\"", err);
         return 2;
     }
-    r = ing_consumer_start_at(d->cons, 30000, &d->n_parts, d->cfg.exit_at_end ? &d->ends : NULL,
+    r = ing_consumer_start(d->cons, 30000, &d->n_parts, d->cfg.exit_at_end ? &d->ends : NULL,
                               d->cfg.exit_at_end ? &d->lows : NULL);
     if (r) {
         cm_err("cannot start consuming", "topic=%s error=\"%s\"", d->cfg.topic,

@@ -34,11 +34,11 @@ struct ing_consumer {
     int32_t n_partitions;
     int paused;
     int held;
-    uv_work_t probe;      /* asks the cluster whether it is back while "down" */
-    int probing;          /* a probe is running on the thread pool */
-    int probe_ok;         /* its result */
-    double last_probe;    /* monotonic ms */
-    int closing_probe;    /* close waits for a running probe */
+    uv_work_t probe;   /* asks the cluster whether it is back while "down" */
+    int probing;       /* a probe is running on the thread pool */
+    int probe_ok;      /* its result */
+    double last_probe; /* monotonic ms */
+    int closing_probe; /* close waits for a running probe */
     int stopped;
     int broker_up;
     int closing;
@@ -261,13 +261,10 @@ fail_conf:
     return ING_ECONF;
 }
 
-int ing_consumer_start(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions)
-{
-    return ing_consumer_start_at(c, timeout_ms, n_partitions, NULL, NULL);
-}
+static int query_ends(ing_consumer_t *c, int64_t *ends, int64_t *lows, int32_t n, int timeout_ms);
 
-int ing_consumer_start_at(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions,
-                          int64_t **ends, int64_t **lows)
+int ing_consumer_start(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions, int64_t **ends,
+                       int64_t **lows)
 {
     rd_kafka_topic_t *rkt = rd_kafka_topic_new(c->rk, c->topic, NULL);
     if (!rkt)
@@ -309,7 +306,7 @@ int ing_consumer_start_at(ing_consumer_t *c, int timeout_ms, int32_t *n_partitio
         *lows = calloc((size_t)n, sizeof **lows);
         if (!*ends || !*lows)
             return ING_ENOMEM;
-        int r = ing_consumer_query_ends(c, *ends, *lows, n, timeout_ms);
+        int r = query_ends(c, *ends, *lows, n, timeout_ms);
         if (r)
             return r;
     }
@@ -349,8 +346,7 @@ int ing_consumer_start_at(ing_consumer_t *c, int timeout_ms, int32_t *n_partitio
     return 0;
 }
 
-int ing_consumer_query_ends(ing_consumer_t *c, int64_t *ends, int64_t *lows, int32_t n,
-                            int timeout_ms)
+static int query_ends(ing_consumer_t *c, int64_t *ends, int64_t *lows, int32_t n, int timeout_ms)
 {
     for (int32_t p = 0; p < n; p++) {
         int64_t lo = 0, hi = 0;

@@ -61,23 +61,13 @@ int ing_consumer_open(uv_loop_t *loop, const ing_consumer_conf_t *conf, ing_msgs
 
 /*
  * Look the topic up and assign every partition, each from its resume offset.
- * Blocks for at most timeout_ms (startup only). *n_partitions receives the
- * partition count.
+ * Blocks for at most timeout_ms per step (startup only). *n_partitions
+ * receives the partition count. When ends and lows are not NULL, every
+ * partition's high and low watermark is asked for first (before any fetch
+ * competes with the queries) into malloc'ed arrays of *n_partitions entries.
  */
-int ing_consumer_start(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions);
-
-/*
- * Like ing_consumer_start, and first (before any fetch competes with the
- * queries) asks the broker for every partition's low and high watermark:
- * *ends and *lows receive malloc'ed arrays of *n_partitions entries.
- */
-int ing_consumer_start_at(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions,
-                          int64_t **ends, int64_t **lows);
-
-/* High watermark of each partition, asked of the broker (blocking; startup
- * only). ends has n entries. */
-int ing_consumer_query_ends(ing_consumer_t *c, int64_t *ends, int64_t *lows, int32_t n,
-                            int timeout_ms);
+int ing_consumer_start(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions, int64_t **ends,
+                       int64_t **lows);
 
 /* The offset a partition was assigned from (its state, the group's
  * committed offset) or -1 when it starts from the earliest offset. */
