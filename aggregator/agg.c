@@ -500,6 +500,87 @@ static int kset_add(kset_t *s, const uint8_t *k, size_t n)
     return 0;
 }
 
+/* Whether the set holds the key. */
+static int kset_has(const kset_t *s, const uint8_t *k, size_t n)
+{
+    if (!s->cap)
+        return 0;
+    uint64_t h = XXH3_64bits(k, n);
+    for (size_t j = h & (s->cap - 1); s->off[j]; j = (j + 1) & (s->cap - 1)) {
+        if (s->hash[j] != h)
+            continue;
+        const uint8_t *e = s->arena + s->off[j] - 1;
+        size_t en = (size_t)e[0] << 8 | e[1];
+        if (en == n && memcmp(e + 2, k, n) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* The batch's write-back cache of aggregate rows.                        */
+
+/*
+ * The aggregate rows (funnel groups, products, pairs, baskets, cohorts and
+ * the experiments' statistics) are few and hot: most events of a batch
+ * update the same rows. A batch therefore reads each such row from LMDB at
+ * most once, changes it in memory and writes it back once, just before it
+ * commits. Nothing else reads these databases inside the write transaction,
+ * and flushes read them only after the commit, so the cache needs no
+ * invalidation beyond being dropped when a batch ends or aborts.
+ */
+#define CVAL_MAX 96
+_Static_assert(sizeof(stx_suff_t) <= CVAL_MAX, "a variant's statistics fit a cache entry");
+
+typedef struct centry {
+    uint64_t h;
+    uint16_t kn;
+    uint8_t db;
+    uint8_t vn;      /* 0: the row is absent */
+    uint8_t changed; /* written back at commit */
+    uint8_t v[CVAL_MAX];
+    uint8_t k[KEY_MAX];
+} centry_t;
+
+typedef struct ccache {
+    centry_t *e;
+    size_t n, cap;
+    uint32_t *idx; /* entry index + 1; 0 = empty slot */
+    size_t icap;
+} ccache_t;
+
+static void cache_reset(ccache_t *c)
+{
+    if (c->n && c->idx)
+        memset(c->idx, 0, c->icap * sizeof *c->idx);
+    c->n = 0;
+}
+
+static void cache_free(ccache_t *c)
+{
+    free(c->e);
+    free(c->idx);
+    memset(c, 0, sizeof *c);
+}
+
+static int cache_grow_index(ccache_t *c)
+{
+    size_t ncap = c->icap ? c->icap * 2 : 4096;
+    uint32_t *ni = calloc(ncap, sizeof *ni);
+    if (!ni)
+        return AGG_ENOMEM;
+    for (size_t i = 0; i < c->n; i++) {
+        size_t j = c->e[i].h & (ncap - 1);
+        while (ni[j])
+            j = (j + 1) & (ncap - 1);
+        ni[j] = (uint32_t)i + 1;
+    }
+    free(c->idx);
+    c->idx = ni;
+    c->icap = ncap;
+    return 0;
+}
+
 /* ---------------------------------------------------------------------- */
 /* The duplicate index: event ids of the horizon, in memory.              */
 
@@ -651,6 +732,23 @@ enum {
     TAG_REGRESSION = 'G'  /* experiment_regression rows, refitted on the stats interval */
 };
 
+/* A user's funnel stages in one group (device, country) of one day: how
+ * many of their sessions there reached each stage. */
+typedef struct ugroup {
+    uint8_t dn, cn;
+    char dev[ING_ATTR_MAX + 1], ctry[ING_ATTR_MAX + 1];
+    int32_t n[5];
+} ugroup_t;
+
+/* All of a user's groups of one day: one USTAGE record, read and written
+ * once per session change instead of once per grouping level. */
+typedef struct uday {
+    int32_t day, partition;
+    int loaded;
+    size_t n, cap;
+    ugroup_t *g;
+} uday_t;
+
 /* One experiment's settings, copied from agg_conf_t. */
 typedef struct xconf {
     char *name;
@@ -672,9 +770,14 @@ struct agg {
     agg_partition_t parts[AGG_MAX_PARTITIONS];
     uint8_t touched[AGG_MAX_PARTITIONS];
     kset_t dirty;
-    dset_t dedup;  /* event ids of the horizon (in memory) */
-    hlist_t added; /* ids added by the open batch, undone on abort */
-    hlist_t swept; /* ids the open batch's compactor dropped, applied on commit */
+    ccache_t cache; /* the open batch's aggregate rows */
+    kset_t xusers;  /* user keys with at least one experiment record */
+    uday_t ud[2];   /* scratch: a session's old and new day of funnel stages */
+    uint8_t *ubuf;  /* scratch: an encoded day of funnel stages */
+    size_t ubuf_cap;
+    dset_t dedup;         /* event ids of the horizon (in memory) */
+    hlist_t added;        /* ids added by the open batch, undone on abort */
+    hlist_t swept;        /* ids the open batch's compactor dropped, applied on commit */
     int64_t batch_events; /* events accepted by the open batch (sizes the compactor) */
     /* Where the compactor stopped in each database, so that every batch
      * examines a bounded slice and the whole state is covered in turn. */
@@ -738,6 +841,32 @@ out:
     st_cur_close(&cur);
     st_abort(txn);
     return r;
+}
+
+/* Collect the users that have experiment records (keys start with the user key). */
+static int load_xusers(agg_t *a)
+{
+    st_txn_t *txn;
+    int r = st_begin(a->env, 1, &txn);
+    if (r)
+        return r;
+    st_cursor_t cur = {0};
+    st_val_t k, v;
+    if ((r = st_cur_open(txn, a->env, ST_DB_XUSER, &cur)) == 0) {
+        uint8_t zero = 0;
+        for (r = st_cur_seek(&cur, &zero, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v)) {
+            const uint8_t *kp = k.p;
+            if (k.n < 1 || (size_t)kp[0] + 1 > k.n) {
+                r = AGG_ESTATE;
+                break;
+            }
+            if ((r = kset_add(&a->xusers, kp, (size_t)kp[0] + 1)))
+                break;
+        }
+        st_cur_close(&cur);
+    }
+    st_abort(txn);
+    return r == ST_ENOTFOUND ? 0 : r;
 }
 
 /* Rebuild the in-memory duplicate index from LMDB's (ts, hash) entries. */
@@ -813,6 +942,8 @@ int agg_open(st_env_t *env, const agg_conf_t *conf, agg_t **out)
         r = load_partitions(a);
     if (r == 0)
         r = load_dedup(a);
+    if (r == 0)
+        r = load_xusers(a);
     if (r) {
         agg_close(a);
         return r;
@@ -828,6 +959,11 @@ void agg_close(agg_t *a)
     if (a->txn)
         agg_batch_abort(a);
     kset_free(&a->dirty);
+    cache_free(&a->cache);
+    kset_free(&a->xusers);
+    free(a->ud[0].g);
+    free(a->ud[1].g);
+    free(a->ubuf);
     free(a->dedup.t);
     free(a->added.h);
     free(a->swept.h);
@@ -862,6 +998,7 @@ uint64_t agg_pending_rows(const agg_t *a)
 int agg_batch_begin(agg_t *a)
 {
     kset_reset(&a->dirty);
+    cache_reset(&a->cache);
     a->added.n = a->swept.n = 0;
     a->batch_events = 0;
     memset(a->touched, 0, sizeof a->touched);
@@ -873,6 +1010,7 @@ void agg_batch_abort(agg_t *a)
     st_abort(a->txn);
     a->txn = NULL;
     kset_reset(&a->dirty);
+    cache_reset(&a->cache);
     /* The ids this batch added were never committed. */
     for (size_t i = 0; i < a->added.n; i++)
         dset_del(&a->dedup, a->added.h[i][0], a->added.h[i][1]);
@@ -901,6 +1039,77 @@ static int get_part(agg_t *a, int32_t p, agg_partition_t **out)
     }
     a->touched[p] = 1;
     *out = pp;
+    return 0;
+}
+
+/*
+ * The aggregate row (db, k) of the open batch, read from LMDB on first use.
+ * The entry stays valid until the next cache_row call (the entries may
+ * move when the cache grows); set vn, v and changed to update the row.
+ */
+static int cache_row(agg_t *a, enum st_db db, const uint8_t *k, size_t kn, centry_t **out)
+{
+    ccache_t *c = &a->cache;
+    uint64_t h = XXH3_64bits_withSeed(k, kn, (XXH64_hash_t)db);
+    if (c->icap) {
+        for (size_t j = h & (c->icap - 1); c->idx[j]; j = (j + 1) & (c->icap - 1)) {
+            centry_t *e = &c->e[c->idx[j] - 1];
+            if (e->h == h && e->db == db && e->kn == kn && memcmp(e->k, k, kn) == 0) {
+                *out = e;
+                return 0;
+            }
+        }
+    }
+    if (kn > KEY_MAX)
+        return AGG_ESTATE;
+    st_val_t v;
+    int r = st_get(a->txn, a->env, db, k, kn, &v);
+    if (r != 0 && r != ST_ENOTFOUND)
+        return r;
+    if (r == 0 && v.n > CVAL_MAX)
+        return AGG_ESTATE;
+    if ((c->n + 1) * 2 > c->icap && cache_grow_index(c) != 0)
+        return AGG_ENOMEM;
+    if (c->n == c->cap) {
+        size_t nc = c->cap ? c->cap * 2 : 1024;
+        centry_t *ne = realloc(c->e, nc * sizeof *ne);
+        if (!ne)
+            return AGG_ENOMEM;
+        c->e = ne;
+        c->cap = nc;
+    }
+    centry_t *e = &c->e[c->n];
+    e->h = h;
+    e->db = (uint8_t)db;
+    e->kn = (uint16_t)kn;
+    memcpy(e->k, k, kn);
+    e->vn = r == 0 ? (uint8_t)v.n : 0;
+    if (e->vn)
+        memcpy(e->v, v.p, e->vn);
+    e->changed = 0;
+    size_t j = h & (c->icap - 1);
+    while (c->idx[j])
+        j = (j + 1) & (c->icap - 1);
+    c->idx[j] = (uint32_t)c->n + 1;
+    c->n++;
+    *out = e;
+    return 0;
+}
+
+/* Write the batch's changed aggregate rows into its transaction. */
+static int cache_writeback(agg_t *a)
+{
+    ccache_t *c = &a->cache;
+    for (size_t i = 0; i < c->n; i++) {
+        const centry_t *e = &c->e[i];
+        if (!e->changed)
+            continue;
+        int r = e->vn ? st_put(a->txn, a->env, (enum st_db)e->db, e->k, e->kn, e->v, e->vn)
+                      : st_del(a->txn, a->env, (enum st_db)e->db, e->k, e->kn);
+        if (r && r != ST_ENOTFOUND)
+            return r;
+    }
+    cache_reset(c);
     return 0;
 }
 
@@ -935,82 +1144,165 @@ static size_t group_key(uint8_t *k, int32_t day, const char *dev, uint8_t dn, co
 
 enum { F_SESS = 0, F_USERS = 5, F_ORDERS = 10, F_REVENUE = 11, F_N = 12 };
 
-typedef struct ustage {
-    int64_t n[5];
-    int32_t partition;
-} ustage_t;
-
-static int max_stage(const ustage_t *u)
+static int max_stage(const int32_t *n)
 {
     for (int k = 4; k >= 0; k--)
-        if (u->n[k] > 0)
+        if (n[k] > 0)
             return k + 1;
     return 0;
 }
 
-/* Add (sign = 1) or retract (sign = -1) a session's contribution to one
- * funnel group, keeping the group's distinct-user counts exact through the
- * user's per-group multiset of session stages. */
+/* The USTAGE key of a user's day. */
+static size_t uday_key(uint8_t *k, const uint8_t *uk, size_t ukn, int32_t day)
+{
+    memcpy(k, uk, ukn);
+    be32(k + ukn, (uint32_t)day);
+    return ukn + 4;
+}
+
+/*
+ * Read a user's funnel stages of one day. The record is the user's
+ * partition (int32), then per group: device and country (length-prefixed)
+ * and five int32 session counts.
+ */
+static int uday_load(agg_t *a, uday_t *d, const uint8_t *uk, size_t ukn, int32_t day)
+{
+    uint8_t k[KEY_MAX];
+    size_t kn = uday_key(k, uk, ukn, day);
+    d->day = day;
+    d->partition = 0;
+    d->n = 0;
+    d->loaded = 1;
+    st_val_t v;
+    int r = st_get(a->txn, a->env, ST_DB_USTAGE, k, kn, &v);
+    if (r == ST_ENOTFOUND)
+        return 0;
+    if (r)
+        return r;
+    rd_t rd = {v.p, v.n, 0, 0};
+    d->partition = r_i32(&rd);
+    while (!rd.bad && rd.off < rd.n) {
+        if (d->n == d->cap) {
+            size_t nc = d->cap ? d->cap * 2 : 8;
+            ugroup_t *ng = realloc(d->g, nc * sizeof *ng);
+            if (!ng)
+                return AGG_ENOMEM;
+            d->g = ng;
+            d->cap = nc;
+        }
+        ugroup_t *g = &d->g[d->n++];
+        g->dn = r_str(&rd, g->dev, sizeof g->dev);
+        g->cn = r_str(&rd, g->ctry, sizeof g->ctry);
+        for (int i = 0; i < 5; i++)
+            g->n[i] = r_i32(&rd);
+    }
+    return rd.bad ? AGG_ESTATE : 0;
+}
+
+/* Write a user's day back; a day without sessions leaves the state. */
+static int uday_store(agg_t *a, const uday_t *d, const uint8_t *uk, size_t ukn)
+{
+    uint8_t k[KEY_MAX];
+    size_t kn = uday_key(k, uk, ukn, d->day);
+    if (d->n == 0) {
+        int r = st_del(a->txn, a->env, ST_DB_USTAGE, k, kn);
+        return r == ST_ENOTFOUND ? 0 : r;
+    }
+    size_t need = 4 + d->n * (2 + 2 * ING_ATTR_MAX + 20);
+    if (need > a->ubuf_cap) {
+        uint8_t *nb = realloc(a->ubuf, need);
+        if (!nb)
+            return AGG_ENOMEM;
+        a->ubuf = nb;
+        a->ubuf_cap = need;
+    }
+    wr_t w = {a->ubuf, 0, a->ubuf_cap, 0};
+    w_i32(&w, d->partition);
+    for (size_t i = 0; i < d->n; i++) {
+        const ugroup_t *g = &d->g[i];
+        w_str(&w, g->dev, g->dn);
+        w_str(&w, g->ctry, g->cn);
+        for (int j = 0; j < 5; j++)
+            w_i32(&w, g->n[j]);
+    }
+    if (w.overflow)
+        return AGG_ESTATE;
+    return st_put(a->txn, a->env, ST_DB_USTAGE, k, kn, a->ubuf, w.n);
+}
+
+/* The user's group (dev, ctry) in day d, added with zero counts if new;
+ * NULL without memory. */
+static ugroup_t *uday_group(uday_t *d, const char *dev, uint8_t dn, const char *ctry, uint8_t cn)
+{
+    for (size_t i = 0; i < d->n; i++) {
+        ugroup_t *g = &d->g[i];
+        if (g->dn == dn && g->cn == cn && memcmp(g->dev, dev, dn) == 0 &&
+            memcmp(g->ctry, ctry, cn) == 0)
+            return g;
+    }
+    if (d->n == d->cap) {
+        size_t nc = d->cap ? d->cap * 2 : 8;
+        ugroup_t *ng = realloc(d->g, nc * sizeof *ng);
+        if (!ng)
+            return NULL;
+        d->g = ng;
+        d->cap = nc;
+    }
+    ugroup_t *g = &d->g[d->n++];
+    memset(g, 0, sizeof *g);
+    g->dn = dn;
+    g->cn = cn;
+    memcpy(g->dev, dev, dn);
+    memcpy(g->ctry, ctry, cn);
+    return g;
+}
+
 /*
  * Move one funnel group from a session's old contribution to its new one
- * (either may be NULL; both, when given, fall into this group): one read and
- * one write of the group's counters and of the user's stage multiset, and
- * the group's distinct-user counts follow the user's highest stage there.
+ * (either may be NULL; both, when given, fall into this group and day d):
+ * the group's counters change in the batch's cache, and its distinct-user
+ * counts follow the user's highest stage there, kept exact by the user's
+ * multiset of session stages in the group.
  */
-static int apply_group(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
-                       const contrib_t *old, const contrib_t *nw, const char *dev, uint8_t dn,
-                       const char *ctry, uint8_t cn)
+static int apply_group(agg_t *a, uday_t *d, const contrib_t *old, const contrib_t *nw,
+                       const char *dev, uint8_t dn, const char *ctry, uint8_t cn)
 {
     const contrib_t *any = nw ? nw : old;
-    uint8_t gk[KEY_MAX], usk[KEY_MAX];
+    uint8_t gk[KEY_MAX];
     size_t gkn = group_key(gk, any->day, dev, dn, ctry, cn);
     int64_t f[F_N] = {0};
-    st_val_t v;
-    int r = st_get(a->txn, a->env, ST_DB_FUNNEL, gk, gkn, &v);
-    if (r == 0 && v.n == sizeof f)
-        memcpy(f, v.p, sizeof f);
-    else if (r != ST_ENOTFOUND && r != 0)
+    centry_t *e;
+    int r = cache_row(a, ST_DB_FUNNEL, gk, gkn, &e);
+    if (r)
         return r;
-
-    memcpy(usk, uk, ukn);
-    memcpy(usk + ukn, gk, gkn);
-    size_t uskn = ukn + gkn;
-    ustage_t us = {{0}, partition};
-    r = st_get(a->txn, a->env, ST_DB_USTAGE, usk, uskn, &v);
-    if (r == 0 && v.n == sizeof us)
-        memcpy(&us, v.p, sizeof us);
-    else if (r != ST_ENOTFOUND && r != 0)
-        return r;
-
-    int old_max = max_stage(&us);
+    if (e->vn == sizeof f)
+        memcpy(f, e->v, sizeof f);
+    ugroup_t *g = uday_group(d, dev, dn, ctry, cn);
+    if (!g)
+        return AGG_ENOMEM;
+    int old_max = max_stage(g->n);
     const contrib_t *cs[2] = {old, nw};
     for (int i = 0; i < 2; i++) {
         const contrib_t *c = cs[i];
         int sign = i == 0 ? -1 : 1;
         if (!c)
             continue;
-        us.n[c->stage - 1] += sign;
+        g->n[c->stage - 1] += sign;
         for (int k = 0; k < c->stage; k++)
             f[F_SESS + k] += sign;
         f[F_ORDERS] += sign * c->orders;
         f[F_REVENUE] += sign * c->revenue;
     }
-    us.partition = partition;
-    int new_max = max_stage(&us);
+    int new_max = max_stage(g->n);
     for (int k = 0; k < old_max; k++)
         f[F_USERS + k]--;
     for (int k = 0; k < new_max; k++)
         f[F_USERS + k]++;
-
     if (new_max == 0)
-        r = st_del(a->txn, a->env, ST_DB_USTAGE, usk, uskn);
-    else
-        r = st_put(a->txn, a->env, ST_DB_USTAGE, usk, uskn, &us, sizeof us);
-    if (r && r != ST_ENOTFOUND)
-        return r;
-    r = st_put(a->txn, a->env, ST_DB_FUNNEL, gk, gkn, f, sizeof f);
-    if (r)
-        return r;
+        *g = d->g[--d->n];
+    memcpy(e->v, f, sizeof f);
+    e->vn = sizeof f;
+    e->changed = 1;
     return mark_dirty(a, TAG_FUNNEL, gk, gkn);
 }
 
@@ -1026,30 +1318,52 @@ static void group_of(const contrib_t *c, int level, const char **dev, uint8_t *d
 }
 
 /* Replace a session's contribution old by nw (either may be NULL) in all
- * four grouping sets; a group both fall into is read and written once. */
+ * four grouping sets; a group both fall into is updated once, and each day
+ * of the user's stages is read and written once. */
 static int apply_contrib(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
                          const contrib_t *old, const contrib_t *nw)
 {
-    for (int level = 0; level < 4; level++) {
+    uday_t *dnew = NULL, *dold = NULL;
+    int r = 0;
+    if (nw) {
+        dnew = &a->ud[0];
+        r = uday_load(a, dnew, uk, ukn, nw->day);
+    }
+    if (r == 0 && old) {
+        if (dnew && old->day == nw->day) {
+            dold = dnew;
+        } else {
+            dold = &a->ud[1];
+            r = uday_load(a, dold, uk, ukn, old->day);
+        }
+    }
+    for (int level = 0; r == 0 && level < 4; level++) {
         const char *od = NULL, *oc = NULL, *nd = NULL, *nc = NULL;
         uint8_t odn = 0, ocn = 0, ndn = 0, ncn = 0;
         if (old)
             group_of(old, level, &od, &odn, &oc, &ocn);
         if (nw)
             group_of(nw, level, &nd, &ndn, &nc, &ncn);
-        int r;
         if (old && nw && old->day == nw->day && odn == ndn && ocn == ncn &&
             memcmp(od, nd, odn) == 0 && memcmp(oc, nc, ocn) == 0) {
-            r = apply_group(a, uk, ukn, partition, old, nw, nd, ndn, nc, ncn);
+            r = apply_group(a, dnew, old, nw, nd, ndn, nc, ncn);
         } else {
-            r = old ? apply_group(a, uk, ukn, partition, old, NULL, od, odn, oc, ocn) : 0;
+            r = old ? apply_group(a, dold, old, NULL, od, odn, oc, ocn) : 0;
             if (r == 0 && nw)
-                r = apply_group(a, uk, ukn, partition, NULL, nw, nd, ndn, nc, ncn);
+                r = apply_group(a, dnew, NULL, nw, nd, ndn, nc, ncn);
         }
-        if (r)
-            return r;
     }
-    return 0;
+    /* The users' stage multisets are per user, so the partition of either
+     * side is the user's. */
+    if (r == 0 && dnew) {
+        dnew->partition = partition;
+        r = uday_store(a, dnew, uk, ukn);
+    }
+    if (r == 0 && dold && dold != dnew) {
+        dold->partition = partition;
+        r = uday_store(a, dold, uk, ukn);
+    }
+    return r;
 }
 
 /* ---- sessions ---- */
@@ -1249,12 +1563,12 @@ static int add_counters(agg_t *a, enum st_db db, uint8_t tag, const uint8_t *k, 
                         const int64_t *delta, int n)
 {
     int64_t v[8] = {0};
-    st_val_t cur;
-    int r = st_get(a->txn, a->env, db, k, kn, &cur);
-    if (r == 0 && cur.n == (size_t)n * 8)
-        memcpy(v, cur.p, cur.n);
-    else if (r != 0 && r != ST_ENOTFOUND)
+    centry_t *e;
+    int r = cache_row(a, db, k, kn, &e);
+    if (r)
         return r;
+    if (e->vn == (size_t)n * 8)
+        memcpy(v, e->v, e->vn);
     int zero = 1;
     for (int i = 0; i < n; i++) {
         /* Saturate instead of overflowing on absurd but valid inputs
@@ -1263,12 +1577,9 @@ static int add_counters(agg_t *a, enum st_db db, uint8_t tag, const uint8_t *k, 
             v[i] = delta[i] > 0 ? INT64_MAX : INT64_MIN;
         zero &= v[i] == 0;
     }
-    if (zero)
-        r = st_del(a->txn, a->env, db, k, kn);
-    else
-        r = st_put(a->txn, a->env, db, k, kn, v, (size_t)n * 8);
-    if (r && r != ST_ENOTFOUND)
-        return r;
+    e->vn = zero ? 0 : (uint8_t)(n * 8);
+    memcpy(e->v, v, (size_t)n * 8);
+    e->changed = 1;
     return tag ? mark_dirty(a, tag, k, kn) : 0;
 }
 
@@ -1616,19 +1927,19 @@ static int x_contrib(agg_t *a, const uint8_t *ek, size_t ekn, const xuser_t *x, 
     size_t vkn = ekn + str_key(vk + ekn, x->var, x->var_len);
     stx_suff_t sf;
     memset(&sf, 0, sizeof sf);
-    st_val_t v;
-    r = st_get(a->txn, a->env, ST_DB_XVAR, vk, vkn, &v);
-    if (r == 0 && v.n == sizeof sf)
-        memcpy(&sf, v.p, sizeof sf);
-    else if (r != 0 && r != ST_ENOTFOUND)
+    centry_t *e;
+    if ((r = cache_row(a, ST_DB_XVAR, vk, vkn, &e)))
         return r;
+    if (e->vn == sizeof sf)
+        memcpy(&sf, e->v, sizeof sf);
     stx_user_t u = {x->orders > 0, x->orders, x->revenue, x->events, x->cart, x->checkout};
     if (stx_suff_apply(&sf, &u, sign) != 0)
         return AGG_ESTATE;
     /* Variant records stay at zero users, so that a flush can still find
      * and delete the rows of a variant that lost its last user. */
-    if ((r = st_put(a->txn, a->env, ST_DB_XVAR, vk, vkn, &sf, sizeof sf)))
-        return r;
+    memcpy(e->v, &sf, sizeof sf);
+    e->vn = sizeof sf;
+    e->changed = 1;
     uint8_t ck[KEY_MAX];
     memcpy(ck, vk, vkn);
     int64_t ev = x->events > INT32_MAX ? INT32_MAX : x->events;
@@ -1718,7 +2029,10 @@ static int apply_assignment(agg_t *a, const uint8_t *uk, size_t ukn, int32_t par
             }
         }
     }
-    return x_update(a, k, kn, ukn, fresh ? NULL : &old, &x);
+    if ((r = x_update(a, k, kn, ukn, fresh ? NULL : &old, &x)))
+        return r;
+    /* Kept on abort too: a stale member only costs one walk. */
+    return fresh ? kset_add(&a->xusers, uk, ukn) : 0;
 }
 
 /* A clickstream event may expose the user in their experiments, move an
@@ -1729,6 +2043,9 @@ static int apply_xclick(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partiti
     int r = store_xevent(a, uk, ukn, partition, ev);
     if (r)
         return r;
+    /* Most users are in no experiment: skip the database walk for them. */
+    if (!kset_has(&a->xusers, uk, ukn))
+        return 0;
     /* Collect the user's experiment keys first: updating while a cursor
      * walks the same database is avoided on purpose. */
     uint8_t keys[16][KEY_MAX];
@@ -1949,15 +2266,17 @@ static int sweep_final(agg_t *a, int which, const st_val_t *k, const st_val_t *v
             return 0;
         return !is_dirty(a, TAG_SESSION, k->p, k->n);
     }
-    ustage_t us;
-    if (v->n != sizeof us || k->n < 1)
+    /* A user's day of funnel stages: final once the day lies behind the
+     * horizon and none of the user's sessions that day is still live. */
+    int32_t part;
+    if (v->n < 4 || k->n < 1)
         return 0;
-    memcpy(&us, v->p, sizeof us);
+    memcpy(&part, v->p, 4);
     size_t ukn = (size_t)kp[0] + 1;
-    if (k->n < ukn + 4)
+    if (k->n != ukn + 4)
         return 0;
     int64_t day = (int32_t)rd_be32(kp + ukn);
-    if ((day + 1) * DAY_MS > horizon(a, us.partition))
+    if ((day + 1) * DAY_MS > horizon(a, part))
         return 0;
     return !has_session_on_day(a, kp, ukn, day);
 }
@@ -2029,7 +2348,9 @@ static int sweep(agg_t *a)
 int agg_batch_commit(agg_t *a)
 {
     uint64_t seq = a->seq + 1;
-    int r = st_put(a->txn, a->env, ST_DB_META, META_SEQ, 3, &seq, sizeof seq);
+    int r = cache_writeback(a);
+    if (r == 0)
+        r = st_put(a->txn, a->env, ST_DB_META, META_SEQ, 3, &seq, sizeof seq);
     for (size_t off = 0; r == 0 && off < a->dirty.alen;) {
         const uint8_t *e = a->dirty.arena + off;
         size_t n = (size_t)e[0] << 8 | e[1];
@@ -2061,6 +2382,7 @@ int agg_batch_commit(agg_t *a)
             return 0;
         }
         kset_reset(&a->dirty);
+        cache_reset(&a->cache);
         for (size_t i = 0; i < a->added.n; i++)
             dset_del(&a->dedup, a->added.h[i][0], a->added.h[i][1]);
         a->added.n = a->swept.n = 0;

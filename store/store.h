@@ -29,7 +29,7 @@ enum st_db {
     ST_DB_DEDUP,    /* XXH3-128(event_id) -> ts, partition */
     ST_DB_SESSIONS, /* (user, start ts) -> live session summary */
     ST_DB_USERS,    /* user -> lifetime summary */
-    ST_DB_USTAGE,   /* (user, day, device, country) -> sessions per funnel stage */
+    ST_DB_USTAGE,   /* (user, day) -> per (device, country): sessions per funnel stage */
     ST_DB_FUNNEL,   /* (day, device, country) -> funnel_daily counters */
     ST_DB_DIRTY,    /* (tag, row key) -> sequence of the batch that last changed it */
     ST_DB_REJECTS,  /* (partition, offset) -> rejected message awaiting flush */
