@@ -2345,18 +2345,38 @@ static int sweep(agg_t *a)
     return 0;
 }
 
+/* Order of two dirty marks (2-byte length, then the key) as LMDB orders keys. */
+static int mark_cmp(const void *x, const void *y)
+{
+    const uint8_t *a = *(const uint8_t *const *)x, *b = *(const uint8_t *const *)y;
+    size_t an = (size_t)a[0] << 8 | a[1], bn = (size_t)b[0] << 8 | b[1];
+    int c = memcmp(a + 2, b + 2, an < bn ? an : bn);
+    return c ? c : (an > bn) - (an < bn);
+}
+
 int agg_batch_commit(agg_t *a)
 {
     uint64_t seq = a->seq + 1;
     int r = cache_writeback(a);
     if (r == 0)
         r = st_put(a->txn, a->env, ST_DB_META, META_SEQ, 3, &seq, sizeof seq);
-    for (size_t off = 0; r == 0 && off < a->dirty.alen;) {
-        const uint8_t *e = a->dirty.arena + off;
-        size_t n = (size_t)e[0] << 8 | e[1];
-        r = st_put(a->txn, a->env, ST_DB_DIRTY, e + 2, n, &seq, sizeof seq);
-        off += n + 2;
+    /* The marks go in key order: consecutive puts then land on the same
+     * pages instead of random ones. */
+    const uint8_t **marks = a->dirty.n ? malloc(a->dirty.n * sizeof *marks) : NULL;
+    if (a->dirty.n && !marks)
+        r = AGG_ENOMEM;
+    size_t nm = 0;
+    for (size_t off = 0; r == 0 && off < a->dirty.alen; nm++) {
+        marks[nm] = a->dirty.arena + off;
+        off += (size_t)((size_t)marks[nm][0] << 8 | marks[nm][1]) + 2;
     }
+    if (r == 0 && nm > 1)
+        qsort(marks, nm, sizeof *marks, mark_cmp);
+    for (size_t i = 0; r == 0 && i < nm; i++) {
+        size_t n = (size_t)marks[i][0] << 8 | marks[i][1];
+        r = st_put(a->txn, a->env, ST_DB_DIRTY, marks[i] + 2, n, &seq, sizeof seq);
+    }
+    free(marks);
     for (int p = 0; r == 0 && p < AGG_MAX_PARTITIONS; p++) {
         if (!a->touched[p])
             continue;

@@ -43,8 +43,8 @@ static const opt_t opts[] = {
      "none; no TLS or auth: bind to loopback or a trusted network)."},
     {"flush-interval-ms", OPT_INT, O(flush_interval_ms), "2000", 50, 3600000,
      "How often changed rows are flushed to Postgres."},
-    {"batch-size", OPT_INT, O(batch_size), "10000", 1, 1000000,
-     "Most messages applied in one LMDB write transaction."},
+    {"batch-size", OPT_INT, O(batch_size), "40000", 1, 1000000,
+     "Most messages applied in one LMDB write transaction (larger: fewer commits and fsyncs)."},
     {"max-event-bytes", OPT_INT, O(max_event_bytes), "65536", 16, 16777216,
      "Messages longer than this are rejected as payload_too_large."},
     {"max-future-ms", OPT_INT, O(max_future_ms), "3600000", 0, 31536000000LL,
@@ -96,8 +96,7 @@ static const opt_t opts[] = {
 
 #define N_OPTS (sizeof opts / sizeof opts[0])
 
-static void err(char *buf, size_t cap, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+static void err(char *buf, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void err(char *buf, size_t cap, const char *fmt, ...)
 {
     va_list ap;
@@ -128,8 +127,7 @@ static int set_opt(cfg_t *c, const opt_t *o, const char *v, char *eb, size_t eca
         int *p = (int *)((char *)c + o->off);
         if (!strcmp(v, "true") || !strcmp(v, "1") || !strcmp(v, "yes") || !strcmp(v, "on"))
             *p = 1;
-        else if (!strcmp(v, "false") || !strcmp(v, "0") || !strcmp(v, "no") ||
-                 !strcmp(v, "off"))
+        else if (!strcmp(v, "false") || !strcmp(v, "0") || !strcmp(v, "no") || !strcmp(v, "off"))
             *p = 0;
         else {
             err(eb, ecap, "--%s: expected true or false, got '%s'", o->name, v);
@@ -246,8 +244,10 @@ static int parse_weights(cfg_experiment_t *e, const char *v, char *eb, size_t ec
         double w = colon ? strtod(colon + 1, &end) : 0;
         if (!colon || colon == tok || end == colon + 1 || *end != '\0' || !(w > 0) ||
             e->n_weights >= CFG_MAX_WEIGHTS) {
-            err(eb, ecap, "[experiment.%s] weights: expected name:weight,... with positive "
-                "weights (at most %d), got '%s'", e->name, CFG_MAX_WEIGHTS, v);
+            err(eb, ecap,
+                "[experiment.%s] weights: expected name:weight,... with positive "
+                "weights (at most %d), got '%s'",
+                e->name, CFG_MAX_WEIGHTS, v);
             rc = CFG_EFILE;
             break;
         }
@@ -259,8 +259,8 @@ static int parse_weights(cfg_experiment_t *e, const char *v, char *eb, size_t ec
     return rc;
 }
 
-static int set_experiment(cfg_t *c, const char *exp, const char *name, const char *value,
-                          char *eb, size_t ecap)
+static int set_experiment(cfg_t *c, const char *exp, const char *name, const char *value, char *eb,
+                          size_t ecap)
 {
     cfg_experiment_t *e = find_experiment(c, exp, eb, ecap);
     if (!e)
@@ -285,8 +285,10 @@ static int set_experiment(cfg_t *c, const char *exp, const char *name, const cha
         e->n_weights = 0;
         return parse_weights(e, value, eb, ecap);
     } else {
-        err(eb, ecap, "[experiment.%s]: unknown setting '%s' (control, weights, exposure_event, "
-            "window_days)", exp, name);
+        err(eb, ecap,
+            "[experiment.%s]: unknown setting '%s' (control, weights, exposure_event, "
+            "window_days)",
+            exp, name);
         return CFG_EFILE;
     }
     return 0;
@@ -455,21 +457,19 @@ void cfg_print_help(FILE *out, const char *prog)
                  o->type == OPT_BOOL ? "" : (o->type == OPT_STR ? " VALUE" : " N"));
         fprintf(out, "  %-28s %s", left, o->help);
         if (o->type == OPT_INT)
-            fprintf(out, " [default %s, %lld..%lld]", o->def, (long long)o->min,
-                    (long long)o->max);
+            fprintf(out, " [default %s, %lld..%lld]", o->def, (long long)o->min, (long long)o->max);
         else if (o->def[0])
             fprintf(out, " [default %s]", o->def);
         fputc('\n', out);
     }
-    fprintf(out,
-            "\nPer-experiment settings go in the config file, one section per experiment:\n"
-            "  [experiment.checkout_redesign]\n"
-            "  control = control\n"
-            "  weights = control:50,treatment:50\n"
-            "  exposure_event = product_view\n"
-            "  window_days = 7\n\n");
+    fprintf(out, "\nPer-experiment settings go in the config file, one section per experiment:\n"
+                 "  [experiment.checkout_redesign]\n"
+                 "  control = control\n"
+                 "  weights = control:50,treatment:50\n"
+                 "  exposure_event = product_view\n"
+                 "  window_days = 7\n\n");
     fprintf(out, "  %-28s %s\n", "-X prop=value",
-             "Pass a librdkafka property (TLS, SASL, ...), as kcat does; repeatable.");
+            "Pass a librdkafka property (TLS, SASL, ...), as kcat does; repeatable.");
     fprintf(out, "  %-28s %s\n", "--help", "Show this help and exit.");
     fprintf(out, "  %-28s %s\n", "--version", "Show the version and exit.");
 }
