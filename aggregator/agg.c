@@ -223,6 +223,14 @@ typedef struct user {
     int64_t first_order, last_order; /* -1 without orders */
     int32_t partition;
     attr_t dev, ctry;
+    /* Start of the user's latest session: where an in-order event belongs,
+     * found with one lookup instead of a cursor walk. */
+    int64_t latest;
+    /* The ISO weeks (day number of the Monday) the user had a clickstream
+     * event in, ascending: their cohort is the first. weeks points into
+     * the record just read (nweeks int32 in host order, unaligned). */
+    uint32_t nweeks;
+    const uint8_t *weeks;
 } user_t;
 
 static size_t sess_encode(const sess_t *s, uint8_t *buf, size_t cap)
@@ -255,7 +263,7 @@ static int sess_decode(const st_val_t *v, sess_t *s)
     return r.bad ? AGG_ESTATE : 0;
 }
 
-static size_t user_encode(const user_t *u, uint8_t *buf, size_t cap)
+static size_t user_encode(const user_t *u, const int32_t *weeks, uint8_t *buf, size_t cap)
 {
     wr_t w = {buf, 0, cap, 0};
     w_i64(&w, u->first_seen);
@@ -269,6 +277,9 @@ static size_t user_encode(const user_t *u, uint8_t *buf, size_t cap)
     w_i32(&w, u->partition);
     w_attr(&w, &u->dev);
     w_attr(&w, &u->ctry);
+    w_i64(&w, u->latest);
+    w_i32(&w, (int32_t)u->nweeks);
+    w_bytes(&w, weeks, (size_t)u->nweeks * 4);
     return w.overflow ? 0 : w.n;
 }
 
@@ -286,7 +297,13 @@ static int user_decode(const st_val_t *v, user_t *u)
     u->partition = r_i32(&r);
     r_attr(&r, &u->dev);
     r_attr(&r, &u->ctry);
-    return r.bad ? AGG_ESTATE : 0;
+    u->latest = r_i64(&r);
+    int32_t nw = r_i32(&r);
+    if (r.bad || nw < 0 || (size_t)nw * 4 != r.n - r.off)
+        return AGG_ESTATE;
+    u->nweeks = (uint32_t)nw;
+    u->weeks = r.p + r.off;
+    return 0;
 }
 
 /* Funnel stage of a session (§3): presence of each step, in order. */
@@ -775,6 +792,10 @@ struct agg {
     uday_t ud[2];   /* scratch: a session's old and new day of funnel stages */
     uint8_t *ubuf;  /* scratch: an encoded day of funnel stages */
     size_t ubuf_cap;
+    int32_t *weeks; /* scratch: the weeks of the user being updated */
+    size_t weeks_cap;
+    uint8_t *ebuf; /* scratch: an encoded user record */
+    size_t ebuf_cap;
     dset_t dedup;         /* event ids of the horizon (in memory) */
     hlist_t added;        /* ids added by the open batch, undone on abort */
     hlist_t swept;        /* ids the open batch's compactor dropped, applied on commit */
@@ -964,6 +985,8 @@ void agg_close(agg_t *a)
     free(a->ud[0].g);
     free(a->ud[1].g);
     free(a->ubuf);
+    free(a->weeks);
+    free(a->ebuf);
     free(a->dedup.t);
     free(a->added.h);
     free(a->swept.h);
@@ -1385,14 +1408,31 @@ static int put_session(agg_t *a, const uint8_t *uk, size_t ukn, const sess_t *s)
  * Find the user's sessions around ts: pred is the last one starting at or
  * before ts, succ the first one starting after it.
  */
-static int find_neighbours(agg_t *a, const uint8_t *uk, size_t ukn, int64_t ts, sess_t *pred,
-                           int *has_pred, sess_t *succ, int *has_succ)
+static int find_neighbours(agg_t *a, const uint8_t *uk, size_t ukn, const user_t *u, int64_t ts,
+                           sess_t *pred, int *has_pred, sess_t *succ, int *has_succ)
 {
     uint8_t k[KEY_MAX];
-    size_t kn = sess_key(k, uk, ukn, ts);
+    size_t kn;
     st_cursor_t cur = {0};
     st_val_t ck, cv;
     *has_pred = *has_succ = 0;
+    /* A new user has no sessions; an event at or after the start of the
+     * user's latest session belongs to it or follows it, so there is no
+     * successor. The latest session may have been compacted: then the
+     * walk below decides. */
+    if (!u)
+        return 0;
+    if (ts >= u->latest) {
+        kn = sess_key(k, uk, ukn, u->latest);
+        int r = st_get(a->txn, a->env, ST_DB_SESSIONS, k, kn, &cv);
+        if (r == 0) {
+            *has_pred = 1;
+            return sess_decode(&cv, pred);
+        }
+        if (r != ST_ENOTFOUND)
+            return r;
+    }
+    kn = sess_key(k, uk, ukn, ts);
     int r = st_cur_open(a->txn, a->env, ST_DB_SESSIONS, &cur);
     if (r)
         return r;
@@ -1456,12 +1496,15 @@ static int retire_session(agg_t *a, const uint8_t *uk, size_t ukn, const sess_t 
     return 0;
 }
 
+/* Fold the event into the user's sessions. u is the user's record (NULL
+ * for a new user); *latest receives the start of their latest session. */
 static int apply_session(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
-                         const ing_event_t *ev, int64_t *session_delta)
+                         const ing_event_t *ev, const user_t *u, int64_t *latest,
+                         int64_t *session_delta)
 {
     sess_t pred, succ, s;
     int has_pred, has_succ;
-    int r = find_neighbours(a, uk, ukn, ev->ts, &pred, &has_pred, &succ, &has_succ);
+    int r = find_neighbours(a, uk, ukn, u, ev->ts, &pred, &has_pred, &succ, &has_succ);
     if (r)
         return r;
     const sess_t *old[2];
@@ -1485,6 +1528,13 @@ static int apply_session(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partit
     }
     s.partition = partition;
     *session_delta = 1 - n_old;
+    /* Sessions are disjoint, so the new summary is the latest one if it
+     * starts later or absorbed the latest one. */
+    int64_t prev = u ? u->latest : INT64_MIN;
+    *latest = s.start > prev ? s.start : prev;
+    for (int i = 0; i < n_old; i++)
+        if (old[i]->start == prev)
+            *latest = s.start;
 
     contrib_t cnew, cold[2];
     sess_contrib(&s, &cnew);
@@ -1511,46 +1561,119 @@ static int apply_session(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partit
 
 /* ---- users ---- */
 
-static int apply_user(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
-                      const ing_event_t *ev, int64_t session_delta)
+/* Read the user's record into u; *found = 0 for a new user. The weeks are
+ * copied into a->weeks (room for one more), since the record itself is
+ * valid only until the transaction writes again. */
+static int load_user(agg_t *a, const uint8_t *uk, size_t ukn, user_t *u, int *found)
 {
-    user_t u;
     st_val_t v;
     int r = st_get(a->txn, a->env, ST_DB_USERS, uk, ukn, &v);
-    if (r == 0) {
-        if ((r = user_decode(&v, &u)))
-            return r;
-    } else if (r == ST_ENOTFOUND) {
-        memset(&u, 0, sizeof u);
-        u.first_seen = u.last_seen = ev->ts;
-        u.first_order = u.last_order = -1;
-        attr_none(&u.dev);
-        attr_none(&u.ctry);
-    } else {
+    *found = r == 0;
+    if (r == ST_ENOTFOUND)
+        return 0;
+    if (r || (r = user_decode(&v, u)))
         return r;
+    if (u->nweeks + 1 > a->weeks_cap) {
+        size_t nc = (size_t)u->nweeks * 2 + 8;
+        int32_t *nw = realloc(a->weeks, nc * sizeof *nw);
+        if (!nw)
+            return AGG_ENOMEM;
+        a->weeks = nw;
+        a->weeks_cap = nc;
     }
-    if (ev->ts < u.first_seen)
-        u.first_seen = ev->ts;
-    if (ev->ts > u.last_seen)
-        u.last_seen = ev->ts;
-    u.events++;
-    u.sessions += session_delta;
-    u.partition = partition;
+    memcpy(a->weeks, u->weeks, (size_t)u->nweeks * 4);
+    u->weeks = NULL;
+    return 0;
+}
+
+static int cohort_add(agg_t *a, int32_t cohort, int32_t week, int64_t delta);
+static int32_t week_of(int64_t ts);
+
+/* A user's cohort is the week of their first event; when a late event opens
+ * an earlier week, every week the user was active in moves to the new
+ * cohort (bounded by the user's active weeks, not their events). The weeks
+ * are u->nweeks entries of a->weeks, which has room for one more. */
+static int apply_cohort(agg_t *a, user_t *u, const ing_event_t *ev)
+{
+    int32_t w = week_of(ev->ts);
+    int32_t *weeks = a->weeks;
+    size_t n = u->nweeks, pos = 0;
+    while (pos < n && weeks[pos] < w)
+        pos++;
+    if (pos < n && weeks[pos] == w)
+        return 0;
+    int r = 0;
+    if (n == 0) {
+        r = cohort_add(a, w, w, 1);
+    } else if (pos > 0) {
+        r = cohort_add(a, weeks[0], w, 1);
+    } else {
+        for (size_t i = 0; r == 0 && i < n; i++)
+            r = cohort_add(a, weeks[0], weeks[i], -1);
+        for (size_t i = 0; r == 0 && i < n; i++)
+            r = cohort_add(a, w, weeks[i], 1);
+        if (r == 0)
+            r = cohort_add(a, w, w, 1);
+    }
+    if (r)
+        return r;
+    memmove(weeks + pos + 1, weeks + pos, (n - pos) * sizeof *weeks);
+    weeks[pos] = w;
+    u->nweeks++;
+    return 0;
+}
+
+/* Fold a clickstream event into the user's record (found: the record
+ * existed) and their cohort, and write the record once. */
+static int apply_user(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
+                      const ing_event_t *ev, int64_t session_delta, user_t *u, int found)
+{
+    if (!found) {
+        int64_t latest = u->latest;
+        memset(u, 0, sizeof *u);
+        u->first_seen = u->last_seen = ev->ts;
+        u->first_order = u->last_order = -1;
+        u->latest = latest;
+        attr_none(&u->dev);
+        attr_none(&u->ctry);
+        if (!a->weeks_cap) {
+            if (!(a->weeks = malloc(8 * sizeof *a->weeks)))
+                return AGG_ENOMEM;
+            a->weeks_cap = 8;
+        }
+    }
+    if (ev->ts < u->first_seen)
+        u->first_seen = ev->ts;
+    if (ev->ts > u->last_seen)
+        u->last_seen = ev->ts;
+    u->events++;
+    u->sessions += session_delta;
+    u->partition = partition;
     if (ev->type == ING_ET_PURCHASE) {
-        u.orders++;
-        u.revenue += ev->amount_cents;
-        if (u.first_order < 0 || ev->ts < u.first_order)
-            u.first_order = ev->ts;
-        if (ev->ts > u.last_order)
-            u.last_order = ev->ts;
+        u->orders++;
+        u->revenue += ev->amount_cents;
+        if (u->first_order < 0 || ev->ts < u->first_order)
+            u->first_order = ev->ts;
+        if (ev->ts > u->last_order)
+            u->last_order = ev->ts;
     }
-    attr_offer(&u.dev, ev->ts, ev->event_id, ev->event_id_len, ev->device, ev->device_len);
-    attr_offer(&u.ctry, ev->ts, ev->event_id, ev->event_id_len, ev->country, ev->country_len);
-    uint8_t buf[REC_MAX];
-    size_t n = user_encode(&u, buf, sizeof buf);
+    attr_offer(&u->dev, ev->ts, ev->event_id, ev->event_id_len, ev->device, ev->device_len);
+    attr_offer(&u->ctry, ev->ts, ev->event_id, ev->event_id_len, ev->country, ev->country_len);
+    int r = apply_cohort(a, u, ev);
+    if (r)
+        return r;
+    size_t need = REC_MAX + (size_t)u->nweeks * 4;
+    if (need > a->ebuf_cap) {
+        uint8_t *nb = realloc(a->ebuf, need);
+        if (!nb)
+            return AGG_ENOMEM;
+        a->ebuf = nb;
+        a->ebuf_cap = need;
+    }
+    size_t n = user_encode(u, a->weeks, a->ebuf, a->ebuf_cap);
     if (!n)
         return AGG_ESTATE;
-    if ((r = st_put(a->txn, a->env, ST_DB_USERS, uk, ukn, buf, n)))
+    if ((r = st_put(a->txn, a->env, ST_DB_USERS, uk, ukn, a->ebuf, n)))
         return r;
     return mark_dirty(a, TAG_USER, uk, ukn);
 }
@@ -1691,51 +1814,6 @@ static int cohort_add(agg_t *a, int32_t cohort, int32_t week, int64_t delta)
     be32(k, (uint32_t)cohort);
     be32(k + 4, (uint32_t)((week - cohort) / 7));
     return add_counters(a, ST_DB_COHORT, TAG_COHORT, k, 8, &delta, 1);
-}
-
-/* A user's cohort is the week of their first event; when a late event opens
- * an earlier week, every week the user was active in moves to the new
- * cohort (bounded by the user's active weeks, not their events). */
-static int apply_cohort(agg_t *a, const uint8_t *uk, size_t ukn, const ing_event_t *ev)
-{
-    int32_t w = week_of(ev->ts);
-    st_val_t v;
-    int r = st_get(a->txn, a->env, ST_DB_UWEEKS, uk, ukn, &v);
-    if (r != 0 && r != ST_ENOTFOUND)
-        return r;
-    size_t n = r == 0 ? v.n / 4 : 0;
-    int32_t *weeks = malloc((n + 1) * sizeof *weeks);
-    if (!weeks)
-        return AGG_ENOMEM;
-    if (n)
-        memcpy(weeks, v.p, n * 4);
-    size_t pos = 0;
-    while (pos < n && weeks[pos] < w)
-        pos++;
-    if (pos < n && weeks[pos] == w) {
-        free(weeks);
-        return 0;
-    }
-    r = 0;
-    if (n == 0) {
-        r = cohort_add(a, w, w, 1);
-    } else if (pos > 0) {
-        r = cohort_add(a, weeks[0], w, 1);
-    } else {
-        for (size_t i = 0; r == 0 && i < n; i++)
-            r = cohort_add(a, weeks[0], weeks[i], -1);
-        for (size_t i = 0; r == 0 && i < n; i++)
-            r = cohort_add(a, w, weeks[i], 1);
-        if (r == 0)
-            r = cohort_add(a, w, w, 1);
-    }
-    if (r == 0) {
-        memmove(weeks + pos + 1, weeks + pos, (n - pos) * sizeof *weeks);
-        weeks[pos] = w;
-        r = st_put(a->txn, a->env, ST_DB_UWEEKS, uk, ukn, weeks, (n + 1) * 4);
-    }
-    free(weeks);
-    return r;
 }
 
 /* ---- experiments (CONTRACT §5) ---- */
@@ -2171,12 +2249,16 @@ int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event
         uint8_t uk[KEY_MAX];
         size_t ukn = user_key(uk, ev->user_id, ev->user_id_len);
         int64_t session_delta = 0;
-        if ((r = apply_session(a, uk, ukn, partition, ev, &session_delta)))
+        user_t u;
+        int found;
+        if ((r = load_user(a, uk, ukn, &u, &found)))
             return r;
-        if ((r = apply_user(a, uk, ukn, partition, ev, session_delta)))
+        if ((r = apply_session(a, uk, ukn, partition, ev, found ? &u : NULL, &u.latest,
+                               &session_delta)))
             return r;
-        if ((r = apply_products(a, ev)) || (r = apply_cohort(a, uk, ukn, ev)) ||
-            (r = apply_xclick(a, uk, ukn, partition, ev)))
+        if ((r = apply_user(a, uk, ukn, partition, ev, session_delta, &u, found)))
+            return r;
+        if ((r = apply_products(a, ev)) || (r = apply_xclick(a, uk, ukn, partition, ev)))
             return r;
     } else {
         uint8_t uk[KEY_MAX];

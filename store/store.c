@@ -18,8 +18,8 @@
 #define ST_LAYOUT_VERSION 2
 
 static const char *const db_names[ST_DB__COUNT] = {
-    "meta",  "dedup",  "sessions", "users",  "ustage",  "funnel", "dirty", "rejects", "product",
-    "pairs", "basket", "uweeks",   "cohort", "xevents", "xuser",  "xvar",  "xcell",   "xexp",
+    "meta",  "dedup",  "sessions", "users",   "ustage", "funnel", "dirty", "rejects", "product",
+    "pairs", "basket", "cohort",   "xevents", "xuser",  "xvar",   "xcell", "xexp",
 };
 
 struct st_env {

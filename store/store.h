@@ -36,7 +36,6 @@ enum st_db {
     ST_DB_PRODUCT,  /* (day, product_id) -> product_daily counters */
     ST_DB_PAIRS,    /* (product_a, product_b) -> orders holding both */
     ST_DB_BASKET,   /* day -> orders with items, units, revenue */
-    ST_DB_UWEEKS,   /* user -> sorted weeks with a clickstream event */
     ST_DB_COHORT,   /* (cohort week, week offset) -> users */
     ST_DB_XEVENTS,  /* (user, ts, event_id) -> clickstream event within the horizon */
     ST_DB_XUSER,    /* (user, experiment) -> assignment, exposure and window outcome */

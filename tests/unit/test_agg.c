@@ -650,6 +650,62 @@ static void test_compaction_drops_final_state(void **state)
     assert_int_equal(system(cmd), 0);
 }
 
+/* The user record remembers where the latest session starts; once that
+ * session has been compacted, the next event must still find (no)
+ * neighbours and count a new session. */
+static void test_latest_session_compacted(void **state)
+{
+    (void)state;
+    n_sess_tab = n_user_tab = n_fun_tab = 0;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    st_env_t *env;
+    assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &env), 0);
+    agg_t *a;
+    agg_conf_t conf = {"t", GAP, DAY, 1000, NULL, 0, NULL, 0, 0, 0};
+    assert_int_equal(agg_open(env, &conf, &a), 0);
+    int64_t t0 = 1700000000000LL, t1 = t0 + 3 * DAY;
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 0, "u1", "u", t0, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush(a);
+    /* Another user moves the watermark three days on: u's session is final. */
+    for (int i = 0; i < 2; i++) {
+        char eid[8];
+        snprintf(eid, sizeof eid, "w%d", i);
+        assert_int_equal(agg_batch_begin(a), 0);
+        assert_int_equal(apply_one(a, 1 + i, eid, "w", t1 + i, ING_ET_PAGE_VIEW), 0);
+        assert_int_equal(agg_batch_commit(a), 0);
+        flush(a);
+    }
+    st_txn_t *txn;
+    uint64_t ns = 0;
+    assert_int_equal(st_begin(env, 1, &txn), 0);
+    st_count(txn, env, ST_DB_SESSIONS, &ns);
+    st_abort(txn);
+    assert_int_equal(ns, 1); /* only w's */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 3, "u2", "u", t1 + 1000, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(apply_one(a, 4, "u3", "u", t1 + 500, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush(a);
+    int live = 0;
+    for (int k = 0; k < n_sess_tab; k++)
+        live += sess_tab[k].live && !strcmp(sess_tab[k].uid, "u");
+    assert_int_equal(live, 2);
+    for (int k = 0; k < n_user_tab; k++) {
+        if (strcmp(user_tab[k].uid, "u") != 0)
+            continue;
+        assert_int_equal(user_tab[k].sessions, 2);
+        assert_int_equal(user_tab[k].events, 3);
+    }
+    agg_close(a);
+    st_close(env);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 static agg_t *open_fresh(char *dir, st_env_t **env, int64_t lateness)
 {
     assert_non_null(mkdtemp(dir));
@@ -1025,6 +1081,7 @@ int main(void)
         cmocka_unit_test(test_many_users_big),
         cmocka_unit_test(test_compaction_keeps_results),
         cmocka_unit_test(test_compaction_drops_final_state),
+        cmocka_unit_test(test_latest_session_compacted),
         cmocka_unit_test(test_basket_pairs_repeated_products),
         cmocka_unit_test(test_cohort_moves_with_late_event),
         cmocka_unit_test(test_retention_equals_recompute),
