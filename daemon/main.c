@@ -282,6 +282,15 @@ static void after_batch(dmn_t *d)
  * enough to keep the second core busy, bounded in memory. */
 #define PARSE_AHEAD 2
 
+/* Batches between the consumer and the state: being validated, or validated
+ * and waiting (the first of them may be half applied). Intake goes on while
+ * fewer than PARSE_AHEAD + 1 are, so that the next batches are validated on
+ * the thread pool while the loop thread applies the current one. */
+static size_t in_flight(dmn_t *d)
+{
+    return ing_parser_pending(d->parser) + d->n_held;
+}
+
 static void on_msgs(void *ud, rd_kafka_message_t **m, size_t n)
 {
     dmn_t *d = ud;
@@ -293,7 +302,7 @@ static void on_msgs(void *ud, rd_kafka_message_t **m, size_t n)
         begin_stop(d, 1);
         return;
     }
-    if (ing_parser_pending(d->parser) >= PARSE_AHEAD)
+    if (in_flight(d) >= PARSE_AHEAD + 1)
         ing_consumer_hold(d->cons, 1);
 }
 
@@ -416,6 +425,8 @@ static void pump(dmn_t *d)
         memmove(d->held, d->held + 1, (d->n_held - 1) * sizeof *d->held);
         d->n_held--;
         d->pos = 0;
+        if (d->cons && !d->closed && in_flight(d) < PARSE_AHEAD + 1)
+            ing_consumer_hold(d->cons, 0);
         clear_flushed(d);
         after_batch(d);
         if (d->n_held && cm_mono_ms() - t0 > APPLY_SLICE_MS) {
@@ -424,7 +435,7 @@ static void pump(dmn_t *d)
         }
     }
     uv_idle_stop(&d->apply_idle);
-    if (!d->n_held && d->cons && !d->closed && ing_parser_pending(d->parser) < PARSE_AHEAD)
+    if (d->cons && !d->closed && in_flight(d) < PARSE_AHEAD + 1)
         ing_consumer_hold(d->cons, 0);
     if (d->stopping)
         continue_stop(d);
