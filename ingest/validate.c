@@ -9,11 +9,13 @@
  */
 #include "ingest/validate.h"
 
+#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* The defaults of CONTRACT §1.1, used when the caller passes no limits. */
@@ -239,6 +241,431 @@ int ing_parse_rfc3339(const char *s, size_t len, int64_t *ms)
     return 0;
 }
 
+/* ---------------------------------------------------------------------- */
+/* A read-only view of a parsed document.                                  */
+
+/*
+ * Most messages are plain: an object of ASCII strings without escapes,
+ * integers, a few reals and an array of small objects. jansson spends most
+ * of the validation time building a tree of allocated nodes and hash tables
+ * for them, so such messages are parsed by a strict, allocation-free parser
+ * into a flat array of nodes instead. It accepts only a subset of JSON in
+ * which its reading provably equals jansson's; on anything else (an escape,
+ * a byte outside printable ASCII, a duplicate key, a big number, deep
+ * nesting, a syntax error) it gives up and the message goes to jansson.
+ * The field checks below read either tree through jv_t, so both paths apply
+ * the same rules; tests/unit/test_validate.c and the fuzz target
+ * fuzz_validate_diff compare the two on every input they see.
+ */
+enum { FN_NULL, FN_TRUE, FN_FALSE, FN_INT, FN_REAL, FN_STRING, FN_ARRAY, FN_OBJECT };
+
+typedef struct fnode {
+    uint8_t type;
+    uint32_t n;    /* string: bytes; array: elements; object: members */
+    uint32_t size; /* nodes in this subtree, itself included (an object's
+                      members are a key node followed by the value's subtree) */
+    const char *s; /* string bytes, not NUL-terminated */
+    union {
+        int64_t i;
+        double d;
+    } num;
+} fnode_t;
+
+/* Limits of the fast path (beyond them jansson decides). */
+#define FAST_MAX_NODES 512
+#define FAST_MAX_DEPTH 4
+#define FAST_MAX_MEMBERS 32
+#define FAST_MAX_NUMBER 64
+
+typedef struct fparse {
+    const char *p, *end;
+    fnode_t *nodes;
+    uint32_t n;
+} fparse_t;
+
+static void f_ws(fparse_t *fp)
+{
+    while (fp->p < fp->end &&
+           (*fp->p == ' ' || *fp->p == '\t' || *fp->p == '\n' || *fp->p == '\r')) {
+        fp->p++;
+    }
+}
+
+static fnode_t *f_node(fparse_t *fp, uint8_t type)
+{
+    if (fp->n == FAST_MAX_NODES) {
+        return NULL;
+    }
+    fnode_t *f = &fp->nodes[fp->n++];
+    f->type = type;
+    f->n = 0;
+    f->size = 1;
+    f->s = NULL;
+    return f;
+}
+
+/* A string of printable ASCII without escapes: its bytes are its value. */
+static int f_string(fparse_t *fp)
+{
+    fnode_t *f = f_node(fp, FN_STRING);
+    if (f == NULL) {
+        return -1;
+    }
+    const char *start = ++fp->p;
+    while (fp->p < fp->end) {
+        unsigned char ch = (unsigned char)*fp->p;
+        if (ch == '"') {
+            f->s = start;
+            f->n = (uint32_t)(fp->p - start);
+            fp->p++;
+            return 0;
+        }
+        if (ch == '\\' || ch < 0x20 || ch >= 0x80) {
+            return -1;
+        }
+        fp->p++;
+    }
+    return -1;
+}
+
+static bool f_digit(const fparse_t *fp)
+{
+    return fp->p < fp->end && *fp->p >= '0' && *fp->p <= '9';
+}
+
+/*
+ * A number in JSON's grammar. Without fraction and exponent it is an
+ * integer, taken exactly when it has at most 18 digits (so it fits int64);
+ * otherwise it is converted with strtod like jansson does, and an overflow
+ * to infinity (jansson's "real number overflow") is left to jansson.
+ */
+static int f_number(fparse_t *fp)
+{
+    fnode_t *f = f_node(fp, FN_INT);
+    if (f == NULL) {
+        return -1;
+    }
+    const char *start = fp->p;
+    bool neg = *fp->p == '-';
+    if (neg) {
+        fp->p++;
+    }
+    if (!f_digit(fp)) {
+        return -1;
+    }
+    int digits = 0;
+    int64_t v = 0;
+    if (*fp->p == '0') {
+        fp->p++;
+        digits = 1;
+        if (f_digit(fp)) {
+            return -1;
+        }
+    } else {
+        while (f_digit(fp)) {
+            if (++digits > 18) {
+                return -1;
+            }
+            v = v * 10 + (*fp->p++ - '0');
+        }
+    }
+    bool real = false;
+    if (fp->p < fp->end && *fp->p == '.') {
+        real = true;
+        fp->p++;
+        if (!f_digit(fp)) {
+            return -1;
+        }
+        while (f_digit(fp)) {
+            fp->p++;
+        }
+    }
+    if (fp->p < fp->end && (*fp->p == 'e' || *fp->p == 'E')) {
+        real = true;
+        fp->p++;
+        if (fp->p < fp->end && (*fp->p == '+' || *fp->p == '-')) {
+            fp->p++;
+        }
+        if (!f_digit(fp)) {
+            return -1;
+        }
+        while (f_digit(fp)) {
+            fp->p++;
+        }
+    }
+    if (!real) {
+        f->num.i = neg ? -v : v;
+        return 0;
+    }
+    size_t n = (size_t)(fp->p - start);
+    char text[FAST_MAX_NUMBER + 1];
+    if (n > FAST_MAX_NUMBER) {
+        return -1;
+    }
+    memcpy(text, start, n);
+    text[n] = '\0';
+    errno = 0;
+    char *stop;
+    double d = strtod(text, &stop);
+    if (stop != text + n || ((d == HUGE_VAL || d == -HUGE_VAL) && errno == ERANGE)) {
+        return -1;
+    }
+    f->type = FN_REAL;
+    f->num.d = d;
+    return 0;
+}
+
+static int f_literal(fparse_t *fp, const char *lit, uint8_t type)
+{
+    size_t n = strlen(lit);
+    if ((size_t)(fp->end - fp->p) < n || memcmp(fp->p, lit, n) != 0) {
+        return -1;
+    }
+    fp->p += n;
+    return f_node(fp, type) != NULL ? 0 : -1;
+}
+
+static int f_value(fparse_t *fp, int depth);
+
+static int f_object(fparse_t *fp, int depth)
+{
+    uint32_t at = fp->n;
+    fnode_t *f = f_node(fp, FN_OBJECT);
+    if (f == NULL || depth > FAST_MAX_DEPTH) {
+        return -1;
+    }
+    uint32_t keys[FAST_MAX_MEMBERS];
+    fp->p++;
+    f_ws(fp);
+    if (fp->p < fp->end && *fp->p == '}') {
+        fp->p++;
+        return 0;
+    }
+    for (;;) {
+        if (fp->p >= fp->end || *fp->p != '"' || fp->nodes[at].n == FAST_MAX_MEMBERS) {
+            return -1;
+        }
+        uint32_t k = fp->n;
+        if (f_string(fp) != 0) {
+            return -1;
+        }
+        /* jansson is asked to reject duplicate keys; leave them to it. */
+        const fnode_t *key = &fp->nodes[k];
+        for (uint32_t i = 0; i < fp->nodes[at].n; i++) {
+            const fnode_t *o = &fp->nodes[keys[i]];
+            if (o->n == key->n && memcmp(o->s, key->s, key->n) == 0) {
+                return -1;
+            }
+        }
+        keys[fp->nodes[at].n++] = k;
+        f_ws(fp);
+        if (fp->p >= fp->end || *fp->p != ':') {
+            return -1;
+        }
+        fp->p++;
+        f_ws(fp);
+        if (f_value(fp, depth + 1) != 0) {
+            return -1;
+        }
+        f_ws(fp);
+        if (fp->p < fp->end && *fp->p == ',') {
+            fp->p++;
+            f_ws(fp);
+            continue;
+        }
+        if (fp->p < fp->end && *fp->p == '}') {
+            fp->p++;
+            fp->nodes[at].size = fp->n - at;
+            return 0;
+        }
+        return -1;
+    }
+}
+
+static int f_array(fparse_t *fp, int depth)
+{
+    uint32_t at = fp->n;
+    fnode_t *f = f_node(fp, FN_ARRAY);
+    if (f == NULL || depth > FAST_MAX_DEPTH) {
+        return -1;
+    }
+    fp->p++;
+    f_ws(fp);
+    if (fp->p < fp->end && *fp->p == ']') {
+        fp->p++;
+        return 0;
+    }
+    for (;;) {
+        if (f_value(fp, depth + 1) != 0) {
+            return -1;
+        }
+        fp->nodes[at].n++;
+        f_ws(fp);
+        if (fp->p < fp->end && *fp->p == ',') {
+            fp->p++;
+            f_ws(fp);
+            continue;
+        }
+        if (fp->p < fp->end && *fp->p == ']') {
+            fp->p++;
+            fp->nodes[at].size = fp->n - at;
+            return 0;
+        }
+        return -1;
+    }
+}
+
+static int f_value(fparse_t *fp, int depth)
+{
+    if (fp->p >= fp->end) {
+        return -1;
+    }
+    switch (*fp->p) {
+    case '{':
+        return f_object(fp, depth);
+    case '[':
+        return f_array(fp, depth);
+    case '"':
+        return f_string(fp);
+    case 't':
+        return f_literal(fp, "true", FN_TRUE);
+    case 'f':
+        return f_literal(fp, "false", FN_FALSE);
+    case 'n':
+        return f_literal(fp, "null", FN_NULL);
+    default:
+        return f_number(fp);
+    }
+}
+
+/* Parse an object of the fast path's subset into nodes[0..); -1: ask jansson. */
+static int fast_parse(const char *buf, size_t len, fnode_t *nodes)
+{
+    fparse_t fp = {buf, buf + len, nodes, 0};
+    f_ws(&fp);
+    if (fp.p >= fp.end || *fp.p != '{' || f_object(&fp, 0) != 0) {
+        return -1;
+    }
+    f_ws(&fp);
+    return fp.p == fp.end ? 0 : -1;
+}
+
+/* A value of either tree; both pointers NULL: the value is absent. */
+typedef struct jv {
+    const json_t *j;
+    const fnode_t *f;
+} jv_t;
+
+static const jv_t JV_ABSENT = {NULL, NULL};
+
+static bool jv_absent(jv_t v)
+{
+    return v.j == NULL && v.f == NULL;
+}
+
+static bool jv_is(jv_t v, uint8_t type)
+{
+    return v.f != NULL && v.f->type == type;
+}
+
+static bool jv_is_null(jv_t v)
+{
+    return v.j != NULL ? json_is_null(v.j) : jv_is(v, FN_NULL);
+}
+
+static bool jv_is_string(jv_t v)
+{
+    return v.j != NULL ? json_is_string(v.j) : jv_is(v, FN_STRING);
+}
+
+static size_t jv_string_length(jv_t v)
+{
+    return v.j != NULL ? json_string_length(v.j) : v.f->n;
+}
+
+/* The string's bytes (jv_string_length of them; not NUL-terminated on the fast path). */
+static const char *jv_string_value(jv_t v)
+{
+    return v.j != NULL ? json_string_value(v.j) : v.f->s;
+}
+
+static bool jv_is_integer(jv_t v)
+{
+    return v.j != NULL ? json_is_integer(v.j) : jv_is(v, FN_INT);
+}
+
+static int64_t jv_integer_value(jv_t v)
+{
+    return v.j != NULL ? (int64_t)json_integer_value(v.j) : v.f->num.i;
+}
+
+static bool jv_is_real(jv_t v)
+{
+    return v.j != NULL ? json_is_real(v.j) : jv_is(v, FN_REAL);
+}
+
+static double jv_real_value(jv_t v)
+{
+    return v.j != NULL ? json_real_value(v.j) : v.f->num.d;
+}
+
+static bool jv_is_number(jv_t v)
+{
+    return jv_is_integer(v) || jv_is_real(v);
+}
+
+/* As json_number_value: an integer converted to double, or the real. */
+static double jv_number_value(jv_t v)
+{
+    return jv_is_integer(v) ? (double)jv_integer_value(v) : jv_real_value(v);
+}
+
+static bool jv_is_object(jv_t v)
+{
+    return v.j != NULL ? json_is_object(v.j) : jv_is(v, FN_OBJECT);
+}
+
+static bool jv_is_array(jv_t v)
+{
+    return v.j != NULL ? json_is_array(v.j) : jv_is(v, FN_ARRAY);
+}
+
+/* The member key of an object, JV_ABSENT when it has none. */
+static jv_t jv_object_get(jv_t o, const char *key)
+{
+    if (o.j != NULL) {
+        jv_t r = {json_object_get(o.j, key), NULL};
+        return r;
+    }
+    size_t kn = strlen(key);
+    const fnode_t *k = o.f + 1;
+    for (uint32_t i = 0; i < o.f->n; i++) {
+        const fnode_t *val = k + 1;
+        if (k->n == kn && memcmp(k->s, key, kn) == 0) {
+            jv_t r = {NULL, val};
+            return r;
+        }
+        k = val + val->size;
+    }
+    return JV_ABSENT;
+}
+
+static size_t jv_array_size(jv_t a)
+{
+    return a.j != NULL ? json_array_size(a.j) : a.f->n;
+}
+
+/* Element i of array a, given element i - 1 as prev (ignored for i == 0). */
+static jv_t jv_array_step(jv_t a, size_t i, jv_t prev)
+{
+    if (a.j != NULL) {
+        jv_t r = {json_array_get(a.j, i), NULL};
+        return r;
+    }
+    jv_t r = {NULL, i == 0 ? a.f + 1 : prev.f + prev.f->size};
+    return r;
+}
+
 /*
  * Remember a field's fault. A smaller reason replaces the one held; an equal
  * reason does not, because fields are visited in the contract's order and the
@@ -269,25 +696,24 @@ static ing_reason_t min_fault(ing_reason_t a, ing_reason_t b)
  * an optional one that is absent, null or "" is absent and yields *len = 0.
  * On ING_OK *s and *len describe the string (jansson's byte length).
  */
-static ing_reason_t check_string(const json_t *v, bool required, size_t max, const char **s,
-                                 size_t *len)
+static ing_reason_t check_string(jv_t v, bool required, size_t max, const char **s, size_t *len)
 {
     *s = NULL;
     *len = 0;
-    if (v == NULL || json_is_null(v)) {
+    if (jv_absent(v) || jv_is_null(v)) {
         return required ? ING_R_MISSING_FIELD : ING_OK;
     }
-    if (!json_is_string(v)) {
+    if (!jv_is_string(v)) {
         return ING_R_BAD_TYPE;
     }
-    size_t n = json_string_length(v);
+    size_t n = jv_string_length(v);
     if (n == 0) {
         return required ? ING_R_BAD_VALUE : ING_OK;
     }
     if (n > max) {
         return ING_R_BAD_VALUE;
     }
-    *s = json_string_value(v);
+    *s = jv_string_value(v);
     *len = n;
     return ING_OK;
 }
@@ -299,19 +725,18 @@ static ing_reason_t check_string(const json_t *v, bool required, size_t max, con
  * into a real: there an integral real is taken as the integer it was written as.
  * All bounds used here are below 2^53, so comparing them as doubles is exact.
  */
-static ing_reason_t check_integer(const check_t *c, const json_t *v, int64_t lo, int64_t hi,
-                                  int64_t *out)
+static ing_reason_t check_integer(const check_t *c, jv_t v, int64_t lo, int64_t hi, int64_t *out)
 {
-    if (json_is_integer(v)) {
-        json_int_t i = json_integer_value(v);
+    if (jv_is_integer(v)) {
+        int64_t i = jv_integer_value(v);
         if (i < lo || i > hi) {
             return ING_R_BAD_VALUE;
         }
         *out = (int64_t)i;
         return ING_OK;
     }
-    if (c->ints_as_real && json_is_real(v)) {
-        double d = json_real_value(v);
+    if (c->ints_as_real && jv_is_real(v)) {
+        double d = jv_real_value(v);
         if (d != floor(d)) {
             return ING_R_BAD_TYPE;
         }
@@ -329,12 +754,12 @@ static ing_reason_t check_integer(const check_t *c, const json_t *v, int64_t lo,
  * [0, 1e12], held as llround(value * 100.0) cents as CONTRACT §1 prescribes.
  * jansson never yields a non-finite real, but the check costs nothing.
  */
-static ing_reason_t check_money(const json_t *v, int64_t *cents)
+static ing_reason_t check_money(jv_t v, int64_t *cents)
 {
-    if (!json_is_number(v)) {
+    if (!jv_is_number(v)) {
         return ING_R_BAD_TYPE;
     }
-    double d = json_number_value(v);
+    double d = jv_number_value(v);
     if (!isfinite(d) || d < 0.0 || d > MONEY_MAX) {
         return ING_R_BAD_VALUE;
     }
@@ -342,14 +767,14 @@ static ing_reason_t check_money(const json_t *v, int64_t *cents)
     return ING_OK;
 }
 
-static ing_reason_t check_ts(const check_t *c, const json_t *v, int64_t *ts)
+static ing_reason_t check_ts(const check_t *c, jv_t v, int64_t *ts)
 {
-    if (v == NULL || json_is_null(v)) {
+    if (jv_absent(v) || jv_is_null(v)) {
         return ING_R_MISSING_FIELD;
     }
-    if (json_is_string(v)) {
+    if (jv_is_string(v)) {
         int64_t ms;
-        if (ing_parse_rfc3339(json_string_value(v), json_string_length(v), &ms) != 0) {
+        if (ing_parse_rfc3339(jv_string_value(v), jv_string_length(v), &ms) != 0) {
             return ING_R_BAD_VALUE;
         }
         if (ms < ING_TS_MIN || ms >= ING_TS_END) {
@@ -386,25 +811,25 @@ static void copy_str(char *dst, uint8_t *dst_len, const char *s, size_t len)
 }
 
 /* Check one element of items and, when it is fine, fill *item. */
-static ing_reason_t check_item(const check_t *c, const json_t *el, ing_item_t *item)
+static ing_reason_t check_item(const check_t *c, jv_t el, ing_item_t *item)
 {
-    if (!json_is_object(el)) {
+    if (!jv_is_object(el)) {
         return ING_R_BAD_TYPE;
     }
     const char *pid;
     size_t pid_len;
-    const json_t *id = json_object_get(el, "product_id");
+    jv_t id = jv_object_get(el, "product_id");
     ing_reason_t fault = check_string(id, true, ING_ID_MAX, &pid, &pid_len);
 
     int64_t quantity = 1;
-    const json_t *q = json_object_get(el, "quantity");
-    if (q != NULL && !json_is_null(q)) {
+    jv_t q = jv_object_get(el, "quantity");
+    if (!jv_absent(q) && !jv_is_null(q)) {
         fault = min_fault(fault, check_integer(c, q, QUANTITY_MIN, QUANTITY_MAX, &quantity));
     }
 
     int64_t price_cents = 0;
-    const json_t *p = json_object_get(el, "price");
-    if (p != NULL && !json_is_null(p)) {
+    jv_t p = jv_object_get(el, "price");
+    if (!jv_absent(p) && !jv_is_null(p)) {
         fault = min_fault(fault, check_money(p, &price_cents));
     }
 
@@ -422,19 +847,21 @@ static ing_reason_t check_item(const check_t *c, const json_t *el, ing_item_t *i
  * the same precedence as across fields: a badly typed element wins over the
  * array being too long.
  */
-static ing_reason_t check_items(const check_t *c, const json_t *v, ing_event_t *out)
+static ing_reason_t check_items(const check_t *c, jv_t v, ing_event_t *out)
 {
-    if (v == NULL || json_is_null(v) || (json_is_string(v) && json_string_length(v) == 0)) {
+    if (jv_absent(v) || jv_is_null(v) || (jv_is_string(v) && jv_string_length(v) == 0)) {
         return ING_OK;
     }
-    if (!json_is_array(v)) {
+    if (!jv_is_array(v)) {
         return ING_R_BAD_TYPE;
     }
-    size_t n = json_array_size(v);
+    size_t n = jv_array_size(v);
     ing_reason_t fault = n > ING_ITEMS_MAX ? ING_R_BAD_VALUE : ING_OK;
+    jv_t el = JV_ABSENT;
     for (size_t i = 0; i < n; i++) {
         ing_item_t *item = i < ING_ITEMS_MAX ? &out->items[i] : NULL;
-        fault = min_fault(fault, check_item(c, json_array_get(v, i), item));
+        el = jv_array_step(v, i, el);
+        fault = min_fault(fault, check_item(c, el, item));
     }
     if (fault == ING_OK) {
         out->n_items = (int)n;
@@ -506,26 +933,26 @@ static void set_detail(char *detail, size_t cap, const char *field)
 }
 
 /* Check every field of the top-level object in the contract's order and fill *out. */
-static void check_fields(check_t *c, const json_t *root, ing_event_t *out)
+static void check_fields(check_t *c, jv_t root, ing_event_t *out)
 {
     const char *s;
     size_t len;
     ing_reason_t r;
 
-    r = check_string(json_object_get(root, "event_id"), true, ING_ID_MAX, &s, &len);
+    r = check_string(jv_object_get(root, "event_id"), true, ING_ID_MAX, &s, &len);
     if (r == ING_OK) {
         copy_str(out->event_id, &out->event_id_len, s, len);
     }
     note(c, r, "event_id");
 
-    r = check_string(json_object_get(root, "user_id"), true, ING_ID_MAX, &s, &len);
+    r = check_string(jv_object_get(root, "user_id"), true, ING_ID_MAX, &s, &len);
     if (r == ING_OK) {
         copy_str(out->user_id, &out->user_id_len, s, len);
     }
     note(c, r, "user_id");
 
     /* The pattern bounds the length to 64 bytes, so a longer string is a bad value. */
-    r = check_string(json_object_get(root, "event_type"), true, SIZE_MAX, &s, &len);
+    r = check_string(jv_object_get(root, "event_type"), true, SIZE_MAX, &s, &len);
     if (r == ING_OK && !valid_event_type(s, len)) {
         r = ING_R_BAD_VALUE;
     }
@@ -536,53 +963,53 @@ static void check_fields(check_t *c, const json_t *root, ing_event_t *out)
     }
     note(c, r, "event_type");
 
-    note(c, check_ts(c, json_object_get(root, "ts"), &out->ts), "ts");
+    note(c, check_ts(c, jv_object_get(root, "ts"), &out->ts), "ts");
 
     /* Type-specific fields are read only when event_type itself is sound. */
     if (type_ok && out->type == ING_ET_PURCHASE) {
-        const json_t *amount = json_object_get(root, "amount");
-        if (amount == NULL || json_is_null(amount)) {
+        jv_t amount = jv_object_get(root, "amount");
+        if (jv_absent(amount) || jv_is_null(amount)) {
             r = ING_R_MISSING_FIELD;
         } else {
             r = check_money(amount, &out->amount_cents);
         }
         note(c, r, "amount");
-        note(c, check_items(c, json_object_get(root, "items"), out), "items");
+        note(c, check_items(c, jv_object_get(root, "items"), out), "items");
     } else if (type_ok && out->type == ING_ET_ASSIGNMENT) {
-        r = check_string(json_object_get(root, "experiment"), true, ING_EXP_MAX, &s, &len);
+        r = check_string(jv_object_get(root, "experiment"), true, ING_EXP_MAX, &s, &len);
         if (r == ING_OK) {
             copy_str(out->experiment, &out->experiment_len, s, len);
         }
         note(c, r, "experiment");
 
-        r = check_string(json_object_get(root, "variant"), true, ING_EXP_MAX, &s, &len);
+        r = check_string(jv_object_get(root, "variant"), true, ING_EXP_MAX, &s, &len);
         if (r == ING_OK) {
             copy_str(out->variant, &out->variant_len, s, len);
         }
         note(c, r, "variant");
     }
 
-    r = check_string(json_object_get(root, "device"), false, ING_ATTR_MAX, &s, &len);
+    r = check_string(jv_object_get(root, "device"), false, ING_ATTR_MAX, &s, &len);
     if (r == ING_OK) {
         copy_str(out->device, &out->device_len, s, len);
     }
     note(c, r, "device");
 
-    r = check_string(json_object_get(root, "country"), false, ING_ATTR_MAX, &s, &len);
+    r = check_string(jv_object_get(root, "country"), false, ING_ATTR_MAX, &s, &len);
     if (r == ING_OK) {
         copy_str(out->country, &out->country_len, s, len);
     }
     note(c, r, "country");
 
-    r = check_string(json_object_get(root, "product_id"), false, ING_ID_MAX, &s, &len);
+    r = check_string(jv_object_get(root, "product_id"), false, ING_ID_MAX, &s, &len);
     if (r == ING_OK) {
         copy_str(out->product_id, &out->product_id_len, s, len);
     }
     note(c, r, "product_id");
 }
 
-ing_reason_t ing_validate(const char *buf, size_t len, int64_t now_ms, const ing_limits_t *lim,
-                          ing_event_t *out, char *detail, size_t detail_cap)
+static ing_reason_t validate(const char *buf, size_t len, int64_t now_ms, const ing_limits_t *lim,
+                             ing_event_t *out, char *detail, size_t detail_cap, bool fast)
 {
     int64_t max_bytes = lim != NULL ? lim->max_event_bytes : DEFAULT_MAX_EVENT_BYTES;
     int64_t max_future = lim != NULL ? lim->max_future_ms : DEFAULT_MAX_FUTURE_MS;
@@ -618,17 +1045,23 @@ ing_reason_t ing_validate(const char *buf, size_t len, int64_t now_ms, const ing
     if (memchr(buf, '\0', len) != NULL) {
         return ING_R_INVALID_JSON;
     }
-    json_t *root = parse_payload(buf, len, &c.ints_as_real);
-    if (root == NULL) {
-        return ING_R_INVALID_JSON;
+    fnode_t nodes[FAST_MAX_NODES];
+    if (fast && fast_parse(buf, len, nodes) == 0) {
+        jv_t root = {NULL, &nodes[0]};
+        check_fields(&c, root, out);
+    } else {
+        json_t *doc = parse_payload(buf, len, &c.ints_as_real);
+        if (doc == NULL) {
+            return ING_R_INVALID_JSON;
+        }
+        if (!json_is_object(doc)) {
+            json_decref(doc);
+            return ING_R_NOT_AN_OBJECT;
+        }
+        jv_t root = {doc, NULL};
+        check_fields(&c, root, out);
+        json_decref(doc);
     }
-    if (!json_is_object(root)) {
-        json_decref(root);
-        return ING_R_NOT_AN_OBJECT;
-    }
-
-    check_fields(&c, root, out);
-    json_decref(root);
 
     if (c.reason != ING_OK) {
         set_detail(detail, detail_cap, c.field);
@@ -638,4 +1071,24 @@ ing_reason_t ing_validate(const char *buf, size_t len, int64_t now_ms, const ing
         return ING_R_FUTURE_TIMESTAMP;
     }
     return ING_OK;
+}
+
+ing_reason_t ing_validate(const char *buf, size_t len, int64_t now_ms, const ing_limits_t *lim,
+                          ing_event_t *out, char *detail, size_t detail_cap)
+{
+    return validate(buf, len, now_ms, lim, out, detail, detail_cap, true);
+}
+
+ing_reason_t ing_validate_reference(const char *buf, size_t len, int64_t now_ms,
+                                    const ing_limits_t *lim, ing_event_t *out, char *detail,
+                                    size_t detail_cap)
+{
+    return validate(buf, len, now_ms, lim, out, detail, detail_cap, false);
+}
+
+int ing_validate_fast_path(const char *buf, size_t len)
+{
+    fnode_t nodes[FAST_MAX_NODES];
+    return buf != NULL && len > 0 && memchr(buf, '\0', len) == NULL &&
+           fast_parse(buf, len, nodes) == 0;
 }

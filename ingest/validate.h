@@ -98,6 +98,18 @@ typedef struct ing_limits {
 ing_reason_t ing_validate(const char *buf, size_t len, int64_t now_ms, const ing_limits_t *lim,
                           ing_event_t *out, char *detail, size_t detail_cap);
 
+/* The same validation with every message parsed by jansson (ing_validate
+ * parses plain messages with a faster, stricter parser and falls back to
+ * jansson for the rest). For the differential tests that prove both paths
+ * accept, reject and read exactly the same; any thread. */
+ing_reason_t ing_validate_reference(const char *buf, size_t len, int64_t now_ms,
+                                    const ing_limits_t *lim, ing_event_t *out, char *detail,
+                                    size_t detail_cap);
+
+/* 1 when ing_validate reads this message with its fast parser rather than
+ * jansson (tests use it to know the differential checks cover that path). */
+int ing_validate_fast_path(const char *buf, size_t len);
+
 /* Name of a reason as stored in rejected_events.reason ("invalid_json", ...). */
 const char *ing_reason_name(ing_reason_t r);
 

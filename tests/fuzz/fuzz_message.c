@@ -4,7 +4,9 @@
  * One fuzz input is one Kafka message value, or several separated by the byte
  * 0x1e (ASCII RS, never part of valid JSON). Each message goes through
  *
- *   1. ing_validate() with a fixed wall clock and the contract's default limits;
+ *   1. ing_validate() with a fixed wall clock and the contract's default limits,
+ *      and ing_validate_reference() (jansson only): reason, detail and the event read
+ *      must be identical, which is what allows the fast parser (ingest/validate.c);
  *   2. an independent oracle written here from CONTRACT §1 / §1.1 (jansson for the
  *      JSON syntax, everything else re-implemented): validation must return exactly
  *      the oracle's reason and detail, and an accepted event must carry exactly the
@@ -1091,6 +1093,19 @@ static void message(const uint8_t *msg, size_t size, bool to_agg)
     char detail[64];
     ing_reason_t got =
         ing_validate((const char *)data, size, NOW_MS, &lim, &ev, detail, sizeof detail);
+
+    /* The fast parser's path must read exactly what jansson's reads. */
+    static ing_event_t ref;
+    char ref_detail[64];
+    ing_reason_t ref_got = ing_validate_reference((const char *)data, size, NOW_MS, &lim, &ref,
+                                                  ref_detail, sizeof ref_detail);
+    CHECK(got == ref_got && strcmp(detail, ref_detail) == 0,
+          "ing_validate says %s/'%s', its jansson-only path %s/'%s'", ing_reason_name(got), detail,
+          ing_reason_name(ref_got), ref_detail);
+    if (got == ING_OK)
+        CHECK(memcmp(&ev, &ref, offsetof(ing_event_t, items)) == 0 &&
+                  memcmp(ev.items, ref.items, (size_t)ev.n_items * sizeof ev.items[0]) == 0,
+              "the fast path read the event differently from jansson");
 
     static want_t w;
     json_t *root = oracle(data, size, &w);

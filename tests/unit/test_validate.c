@@ -1035,19 +1035,155 @@ static void test_raw_nul_after_number(void **state)
     ing_limits_t lim = {65536, 3600000};
     ing_event_t *ev = malloc(sizeof *ev);
     char detail[64];
-    assert_int_equal(ing_validate(a, sizeof a - 1, 1718000000000LL, &lim, ev, detail, sizeof detail),
-                     ING_R_INVALID_JSON);
-    assert_int_equal(ing_validate(b, sizeof b - 1, 1718000000000LL, &lim, ev, detail, sizeof detail),
-                     ING_R_INVALID_JSON);
-    assert_int_equal(ing_validate(c, sizeof c - 1, 1718000000000LL, &lim, ev, detail, sizeof detail),
-                     ING_R_INVALID_JSON);
+    assert_int_equal(
+        ing_validate(a, sizeof a - 1, 1718000000000LL, &lim, ev, detail, sizeof detail),
+        ING_R_INVALID_JSON);
+    assert_int_equal(
+        ing_validate(b, sizeof b - 1, 1718000000000LL, &lim, ev, detail, sizeof detail),
+        ING_R_INVALID_JSON);
+    assert_int_equal(
+        ing_validate(c, sizeof c - 1, 1718000000000LL, &lim, ev, detail, sizeof detail),
+        ING_R_INVALID_JSON);
     free(ev);
+}
+
+/* ---- the fast parser against jansson ---- */
+
+/* Validate buf both ways; the reasons, details and events must be identical. */
+static void diff_one(const char *buf, size_t len)
+{
+    static ing_event_t a, b;
+    char da[64], db[64];
+    memset(&a, 0xAB, sizeof a);
+    memset(&b, 0xAB, sizeof b);
+    ing_reason_t ra = ing_validate(buf, len, NOW, &LIMITS, &a, da, sizeof da);
+    ing_reason_t rb = ing_validate_reference(buf, len, NOW, &LIMITS, &b, db, sizeof db);
+    int same = ra == rb && strcmp(da, db) == 0;
+    if (same && ra == ING_OK)
+        same = memcmp(&a, &b, offsetof(ing_event_t, items)) == 0 &&
+               memcmp(a.items, b.items, (size_t)a.n_items * sizeof a.items[0]) == 0;
+    if (!same) {
+        print_error("payload %.*s: fast path %s/%s, jansson %s/%s (or the events differ)\n",
+                    (int)len, buf, ing_reason_name(ra), da, ing_reason_name(rb), db);
+        fail();
+    }
+}
+
+static const char *const DIFF_SEEDS[] = {
+    PAGE_VIEW ",\"device\":\"mobile\",\"country\":\"DE\",\"session_id\":\"s1\"}",
+    PURCHASE ",\"amount\":59.97,\"items\":[{\"product_id\":\"p1\",\"quantity\":3,\"price\":19.99},"
+             "{\"product_id\":\"p2\",\"price\":0}]}",
+    PURCHASE ",\"amount\":1e2,\"items\":[{\"product_id\":\"p1\",\"quantity\":1,\"price\":-0.0}]}",
+    PURCHASE ",\"amount\":12,\"items\":\"\"}",
+    PURCHASE ",\"amount\":0.005,\"items\":null,\"currency\":\"EUR\"}",
+    ASSIGN ",\"experiment\":\"exp1\",\"variant\":\"treatment\",\"extra\":{\"a\":[1,2,{}]}}",
+    "{\"event_id\":\"e2\",\"user_id\":\"u2\",\"event_type\":\"product_view\","
+    "\"ts\":\"2024-01-01T00:00:00.123+01:00\",\"product_id\":\"p9\",\"device\":null,"
+    "\"country\":\"\"}",
+    "{ \"event_id\" : \"e3\" ,\n\t\"user_id\":\"u3\",\r\"event_type\":\"add_to_cart\","
+    "\"ts\":1704067200000 , \"product_id\":\"p\\u0041\", \"ok\":true, \"no\":false }",
+    PAGE_VIEW ",\"x\":123456789012345678,\"y\":1234567890123456789,\"z\":-0,\"w\":2.5E-3}",
+    PAGE_VIEW ",\"device\":\"caf\xc3\xa9\"}",
+    PAGE_VIEW ",\"event_id\":\"dup\"}",
+    "{\"event_id\":\"e1\",\"user_id\":\"u1\",\"event_type\":\"page_view\",\"ts\":1.704067200e12}",
+    "{\"event_id\":1,\"user_id\":[],\"event_type\":\"Bad\",\"ts\":1e400,\"amount\":1e-400}",
+    "[1,2,3]",
+    "  {}  ",
+};
+
+/* Byte-level mutations of the seeds with a fixed PRNG: every result is compared. */
+static void test_fast_path_equals_jansson(void **state)
+{
+    (void)state;
+    uint64_t rng = 0x9E3779B97F4A7C15ULL;
+    static const char alphabet[] = "{}[]\":,\\ \t\n0123456789eE.-+tfnulasrx_TZ\x80\xff\x01\x7f";
+    char buf[1024];
+    size_t nseeds = sizeof DIFF_SEEDS / sizeof DIFF_SEEDS[0], fast = 0, total = 0;
+    for (size_t i = 0; i < nseeds; i++) {
+        diff_one(DIFF_SEEDS[i], strlen(DIFF_SEEDS[i]));
+        fast += (size_t)ing_validate_fast_path(DIFF_SEEDS[i], strlen(DIFF_SEEDS[i]));
+    }
+    assert_true(fast >= 6); /* the plain seeds do take the fast path */
+    fast = 0;
+    for (int round = 0; round < 200000; round++) {
+        const char *seed = DIFF_SEEDS[round % nseeds];
+        size_t len = strlen(seed);
+        memcpy(buf, seed, len);
+        int edits = 1 + (int)(round % 3);
+        for (int e = 0; e < edits && len > 0; e++) {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            size_t at = (size_t)(rng % len);
+            char ch = alphabet[(rng >> 32) % (sizeof alphabet - 1)];
+            switch ((rng >> 20) % 4) {
+            case 0: /* replace */
+                buf[at] = ch;
+                break;
+            case 1: /* insert */
+                if (len + 1 < sizeof buf) {
+                    memmove(buf + at + 1, buf + at, len - at);
+                    buf[at] = ch;
+                    len++;
+                }
+                break;
+            case 2: /* delete */
+                memmove(buf + at, buf + at + 1, len - at - 1);
+                len--;
+                break;
+            default: /* truncate */
+                len = at + 1;
+                break;
+            }
+        }
+        diff_one(buf, len);
+        fast += (size_t)ing_validate_fast_path(buf, len);
+        total++;
+    }
+    /* Many mutants stay plain enough for the fast path, so it is exercised. */
+    assert_true(fast > total / 20);
+}
+
+/* Every input of the committed fuzz corpus, compared both ways. */
+static void test_fast_path_corpus(void **state)
+{
+    (void)state;
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd, "ls %s/tests/fuzz/corpus", CM_SOURCE_DIR);
+    FILE *ls = popen(cmd, "r");
+    assert_non_null(ls);
+    char name[512];
+    int files = 0;
+    static char data[70000];
+    while (fgets(name, sizeof name, ls)) {
+        name[strcspn(name, "\n")] = '\0';
+        char path[4096 + 600];
+        snprintf(path, sizeof path, "%s/tests/fuzz/corpus/%s", CM_SOURCE_DIR, name);
+        FILE *f = fopen(path, "rb");
+        if (!f)
+            continue;
+        size_t n = fread(data, 1, sizeof data, f);
+        fclose(f);
+        /* A corpus input may hold several messages separated by 0x1e. */
+        size_t start = 0;
+        for (size_t i = 0; i <= n; i++) {
+            if (i == n || data[i] == '\x1e') {
+                diff_one(data + start, i - start);
+                start = i + 1;
+            }
+        }
+        files++;
+    }
+    pclose(ls);
+    assert_true(files > 100);
 }
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_reason_names),
+        cmocka_unit_test(test_fast_path_equals_jansson),
+        cmocka_unit_test(test_fast_path_corpus),
         cmocka_unit_test(test_etype_from),
         cmocka_unit_test(test_valid_page_view),
         cmocka_unit_test(test_other_event_type),
