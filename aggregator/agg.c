@@ -603,11 +603,15 @@ static int cache_grow_index(ccache_t *c)
 
 /*
  * Every accepted event_id (as XXH3-128) with its ts stays in this table
- * until its ts falls behind the horizon. LMDB keeps the same entries keyed
- * by (ts, hash), so they are written in time order (a few pages per batch
- * instead of one random page per event) and the table is rebuilt from them
- * at start. Open addressing with linear probing; deletion shifts the
- * following entries back, so there are no tombstones.
+ * until its ts falls behind the horizon. It answers every duplicate check;
+ * LMDB only keeps a log of the same entries to rebuild it at start and to
+ * know when they may go. The log holds one record per batch (split into
+ * chunks of DLOG_CHUNK entries) keyed by the batch's sequence: a batch holds
+ * events of many partitions whose ts spread over days, so one LMDB entry per
+ * event keyed by ts landed on random pages, whereas the chunks of a batch are
+ * a few puts that append at the end of the tree. Open addressing with linear
+ * probing; deletion shifts the following entries back, so there are no
+ * tombstones.
  */
 typedef struct dent {
     uint64_t hi, lo; /* hi == 0 && lo == 0 marks an empty slot */
@@ -681,17 +685,9 @@ static int dset_put(dset_t *d, uint64_t hi, uint64_t lo, int64_t ts)
     return 0;
 }
 
-static void dset_del(dset_t *d, uint64_t hi, uint64_t lo)
+/* Empty slot i; backward-shift deletion keeps every probe chain unbroken. */
+static void dset_del_at(dset_t *d, size_t i)
 {
-    if (!d->cap)
-        return;
-    size_t i = dset_slot(d, hi, lo);
-    while (d->t[i].hi != hi || d->t[i].lo != lo) {
-        if (d->t[i].hi == 0 && d->t[i].lo == 0)
-            return;
-        i = (i + 1) & (d->cap - 1);
-    }
-    /* Backward-shift deletion keeps every probe chain unbroken. */
     size_t j = i;
     for (;;) {
         j = (j + 1) & (d->cap - 1);
@@ -710,26 +706,98 @@ static void dset_del(dset_t *d, uint64_t hi, uint64_t lo)
     d->n--;
 }
 
-/* A list of hashes (for undoing a batch or applying a sweep after commit). */
-typedef struct hlist {
-    uint64_t (*h)[2];
-    size_t n, cap;
-} hlist_t;
-
-static int hlist_add(hlist_t *l, uint64_t hi, uint64_t lo)
+static void dset_del(dset_t *d, uint64_t hi, uint64_t lo)
 {
-    if (l->n == l->cap) {
-        size_t nc = l->cap ? l->cap * 2 : 1024;
-        void *np = realloc(l->h, nc * sizeof *l->h);
-        if (!np)
-            return AGG_ENOMEM;
-        l->h = np;
-        l->cap = nc;
-    }
-    l->h[l->n][0] = hi;
-    l->h[l->n][1] = lo;
+    dent_t *e = dset_find(d, hi, lo);
+    if (e)
+        dset_del_at(d, (size_t)(e - d->t));
+}
+
+/*
+ * Remove an id only if the index still holds it with this ts: the compactor
+ * drops the entries of a log record, and an id that had been forgotten and
+ * accepted again at another ts belongs to a newer record and must stay.
+ */
+static void dset_del_ts(dset_t *d, uint64_t hi, uint64_t lo, int64_t ts)
+{
+    dent_t *e = dset_find(d, hi, lo);
+    if (e && e->ts == ts)
+        dset_del_at(d, (size_t)(e - d->t));
+}
+
+/*
+ * Entries of the duplicate log in their stored form: ts (i64), hash high and
+ * low (u64 each) and partition (i32), host order, DLOG_REC bytes each. A
+ * batch collects its new ids here (written at commit, undone on abort), and
+ * the compactor copies the records it deletes (removed from memory once the
+ * batch commits).
+ */
+#define DLOG_REC 28
+/* Entries per LMDB record: a large value needs that many contiguous pages,
+ * and LMDB searches its free list for such a run, so a big batch is split
+ * into chunks of about 28 pages instead of one value of megabytes. */
+#define DLOG_CHUNK 4096
+
+typedef struct dlog {
+    uint8_t *b;
+    size_t n, cap; /* entries */
+} dlog_t;
+
+static int dlog_reserve(dlog_t *l, size_t more)
+{
+    if (l->n + more <= l->cap)
+        return 0;
+    size_t nc = l->cap ? l->cap : 1024;
+    while (nc < l->n + more)
+        nc *= 2;
+    void *np = realloc(l->b, nc * DLOG_REC);
+    if (!np)
+        return AGG_ENOMEM;
+    l->b = np;
+    l->cap = nc;
+    return 0;
+}
+
+static int dlog_add(dlog_t *l, int64_t ts, uint64_t hi, uint64_t lo, int32_t p)
+{
+    int r = dlog_reserve(l, 1);
+    if (r)
+        return r;
+    uint8_t *e = l->b + l->n * DLOG_REC;
+    memcpy(e, &ts, 8);
+    memcpy(e + 8, &hi, 8);
+    memcpy(e + 16, &lo, 8);
+    memcpy(e + 24, &p, 4);
     l->n++;
     return 0;
+}
+
+/* Append n stored records (a log value about to be deleted) unchanged. */
+static int dlog_append(dlog_t *l, const void *recs, size_t n)
+{
+    int r = dlog_reserve(l, n);
+    if (r)
+        return r;
+    memcpy(l->b + l->n * DLOG_REC, recs, n * DLOG_REC);
+    l->n += n;
+    return 0;
+}
+
+static void dlog_get(const uint8_t *e, int64_t *ts, uint64_t *hi, uint64_t *lo, int32_t *p)
+{
+    memcpy(ts, e, 8);
+    memcpy(hi, e + 8, 8);
+    memcpy(lo, e + 16, 8);
+    memcpy(p, e + 24, 4);
+}
+
+/* Key of a log chunk: the batch's sequence, then the chunk (both big-endian,
+ * so the log sorts by batch and a batch's chunks append). */
+static size_t dlog_key(uint8_t *k, uint64_t seq, uint32_t chunk)
+{
+    be64(k, seq);
+    be32(k + 8, chunk);
+    return 12;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -797,8 +865,8 @@ struct agg {
     uint8_t *ebuf; /* scratch: an encoded user record */
     size_t ebuf_cap;
     dset_t dedup;         /* event ids of the horizon (in memory) */
-    hlist_t added;        /* ids added by the open batch, undone on abort */
-    hlist_t swept;        /* ids the open batch's compactor dropped, applied on commit */
+    dlog_t fresh;         /* ids added by the open batch: logged on commit, undone on abort */
+    dlog_t swept;         /* ids the open batch's compactor dropped, applied on commit */
     int64_t batch_events; /* events accepted by the open batch (sizes the compactor) */
     /* Where the compactor stopped in each database, so that every batch
      * examines a bounded slice and the whole state is covered in turn. */
@@ -890,7 +958,8 @@ static int load_xusers(agg_t *a)
     return r == ST_ENOTFOUND ? 0 : r;
 }
 
-/* Rebuild the in-memory duplicate index from LMDB's (ts, hash) entries. */
+/* Rebuild the in-memory duplicate index from the log: every id a committed
+ * batch logged and the compactor has not deleted is known again. */
 static int load_dedup(agg_t *a)
 {
     st_txn_t *txn;
@@ -902,12 +971,20 @@ static int load_dedup(agg_t *a)
     if ((r = st_cur_open(txn, a->env, ST_DB_DEDUP, &cur)) == 0) {
         uint8_t zero = 0;
         for (r = st_cur_seek(&cur, &zero, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v)) {
-            const uint8_t *kp = k.p;
-            if (k.n != 24) {
+            if (k.n != 12 || v.n == 0 || v.n % DLOG_REC != 0) {
                 r = AGG_ESTATE;
                 break;
             }
-            if ((r = dset_put(&a->dedup, rd_be64(kp + 8), rd_be64(kp + 16), (int64_t)rd_be64(kp))))
+            /* Chunks are read in batch order, so should an id ever sit in
+             * two of them, the newer ts wins, as it did in memory. */
+            for (const uint8_t *e = v.p; r == 0 && e < (const uint8_t *)v.p + v.n; e += DLOG_REC) {
+                int64_t ts;
+                uint64_t hi, lo;
+                int32_t p;
+                dlog_get(e, &ts, &hi, &lo, &p);
+                r = dset_put(&a->dedup, hi, lo, ts);
+            }
+            if (r)
                 break;
         }
         st_cur_close(&cur);
@@ -988,8 +1065,8 @@ void agg_close(agg_t *a)
     free(a->weeks);
     free(a->ebuf);
     free(a->dedup.t);
-    free(a->added.h);
-    free(a->swept.h);
+    free(a->fresh.b);
+    free(a->swept.b);
     for (int i = 0; i < a->n_xconf; i++) {
         xconf_t *x = &a->xconf[i];
         free(x->name);
@@ -1018,11 +1095,25 @@ uint64_t agg_pending_rows(const agg_t *a)
     return a->pending;
 }
 
+/* The open batch's ids were never committed, so they leave the index; the
+ * compactor's deletes rolled back with it, so its ids stay. */
+static void forget_fresh(agg_t *a)
+{
+    for (size_t i = 0; i < a->fresh.n; i++) {
+        int64_t ts;
+        uint64_t hi, lo;
+        int32_t p;
+        dlog_get(a->fresh.b + i * DLOG_REC, &ts, &hi, &lo, &p);
+        dset_del(&a->dedup, hi, lo);
+    }
+    a->fresh.n = a->swept.n = 0;
+}
+
 int agg_batch_begin(agg_t *a)
 {
     kset_reset(&a->dirty);
     cache_reset(&a->cache);
-    a->added.n = a->swept.n = 0;
+    a->fresh.n = a->swept.n = 0;
     a->batch_events = 0;
     memset(a->touched, 0, sizeof a->touched);
     return st_begin(a->env, 0, &a->txn);
@@ -1034,10 +1125,7 @@ void agg_batch_abort(agg_t *a)
     a->txn = NULL;
     kset_reset(&a->dirty);
     cache_reset(&a->cache);
-    /* The ids this batch added were never committed. */
-    for (size_t i = 0; i < a->added.n; i++)
-        dset_del(&a->dedup, a->added.h[i][0], a->added.h[i][1]);
-    a->added.n = a->swept.n = 0;
+    forget_fresh(a);
     /* Forget the in-memory progress of the aborted batch. */
     if (load_partitions(a) != 0)
         cm_err("cannot reload partition progress after abort", "%s", "");
@@ -2236,13 +2324,9 @@ int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event
         p->next_offset = offset + 1;
         return 0;
     }
-    uint8_t dk[24];
-    be64(dk, (uint64_t)ev->ts);
-    be64(dk + 8, h.high64);
-    be64(dk + 16, h.low64);
-    if ((r = st_put(a->txn, a->env, ST_DB_DEDUP, dk, sizeof dk, &partition, sizeof partition)) ||
-        (r = dset_put(&a->dedup, h.high64, h.low64, ev->ts)) ||
-        (r = hlist_add(&a->added, h.high64, h.low64)))
+    /* The log gets the id at commit, with the rest of the batch's ids. */
+    if ((r = dset_put(&a->dedup, h.high64, h.low64, ev->ts)) ||
+        (r = dlog_add(&a->fresh, ev->ts, h.high64, h.low64, partition)))
         return r;
 
     if (ev->type != ING_ET_ASSIGNMENT) {
@@ -2318,16 +2402,6 @@ enum { SW_SESSIONS = 0, SW_USTAGE, SW_DEDUP, SW_XEVENTS };
 static int sweep_final(agg_t *a, int which, const st_val_t *k, const st_val_t *v)
 {
     const uint8_t *kp = k->p;
-    if (which == SW_DEDUP) {
-        int32_t p;
-        if (v->n < 4 || k->n != 24)
-            return 0;
-        memcpy(&p, v->p, 4);
-        if ((int64_t)rd_be64(kp) >= horizon(a, p))
-            return 0;
-        /* The in-memory entry goes once the batch commits. */
-        return hlist_add(&a->swept, rd_be64(kp + 8), rd_be64(kp + 16)) == 0;
-    }
     if (which == SW_XEVENTS) {
         /* A retained event older than the horizon can no longer fall into
          * a window that may still move (docs/aggregator.md). */
@@ -2407,21 +2481,89 @@ static int sweep_db(agg_t *a, int which, enum st_db db, int64_t budget)
     return r == ST_ENOTFOUND ? 0 : r;
 }
 
+/*
+ * Compact the duplicate log: a chunk goes once every id in it lies behind
+ * its partition's horizon, and its ids leave memory when the batch commits.
+ * A chunk with an id still inside the horizon stays whole for a later pass
+ * (its expired ids are merely remembered longer, which §2 allows). Like the
+ * other databases the walk resumes where the last batch stopped and wraps
+ * around, so a long-lived chunk (late or lagging partitions) does not hold
+ * back the ones after it. Each chunk examined counts its entries against the
+ * budget, at least one chunk per batch.
+ */
+static int sweep_dedup(agg_t *a, int64_t budget)
+{
+    st_cursor_t cur = {0};
+    st_val_t k, v;
+    int r = st_cur_open(a->txn, a->env, ST_DB_DEDUP, &cur);
+    if (r)
+        return r;
+    uint8_t zero = 0;
+    if (a->sweep_len[SW_DEDUP])
+        r = st_cur_seek(&cur, a->sweep_key[SW_DEDUP], a->sweep_len[SW_DEDUP], &k, &v);
+    else
+        r = st_cur_seek(&cur, &zero, 1, &k, &v);
+    int64_t seen = 0;
+    while (seen < budget) {
+        if (r == ST_ENOTFOUND) {
+            /* Wrap around: the next batch starts again at the beginning. */
+            a->sweep_len[SW_DEDUP] = 0;
+            break;
+        }
+        if (r)
+            break;
+        size_t n = v.n / DLOG_REC;
+        seen += n ? (int64_t)n : 1;
+        int final = k.n == 12 && n > 0 && v.n % DLOG_REC == 0;
+        for (size_t i = 0; final && i < n; i++) {
+            int64_t ts;
+            uint64_t hi, lo;
+            int32_t p;
+            dlog_get((const uint8_t *)v.p + i * DLOG_REC, &ts, &hi, &lo, &p);
+            final = ts < horizon(a, p);
+        }
+        /* The value points into the map: copy the ids before deleting it. */
+        if (final && ((r = dlog_append(&a->swept, v.p, n)) || (r = st_cur_del(&cur))))
+            break;
+        /* After a delete LMDB's cursor already stands on the next entry,
+         * which st_cur_next then returns, so both cases step the same way. */
+        r = st_cur_next(&cur, &k, &v);
+        if (r == 0 && k.n <= KEY_MAX) {
+            memcpy(a->sweep_key[SW_DEDUP], k.p, k.n);
+            a->sweep_len[SW_DEDUP] = k.n;
+        }
+    }
+    st_cur_close(&cur);
+    return r == ST_ENOTFOUND ? 0 : r;
+}
+
+/* Write the open batch's new ids to the duplicate log under its sequence. */
+static int log_fresh(agg_t *a, uint64_t seq)
+{
+    int r = 0;
+    for (size_t i = 0; r == 0 && i < a->fresh.n; i += DLOG_CHUNK) {
+        size_t n = a->fresh.n - i < DLOG_CHUNK ? a->fresh.n - i : DLOG_CHUNK;
+        uint8_t k[12];
+        size_t kn = dlog_key(k, seq, (uint32_t)(i / DLOG_CHUNK));
+        r = st_put(a->txn, a->env, ST_DB_DEDUP, k, kn, a->fresh.b + i * DLOG_REC, n * DLOG_REC);
+    }
+    return r;
+}
+
 static int sweep(agg_t *a)
 {
     if (a->sweep_per_batch <= 0)
         return 0;
-    /* Each accepted event adds about one entry to dedup and to xevents, so
-     * the compactor examines at least twice the batch's events: it then
-     * keeps pace with intake and the state stays bounded by the horizon,
-     * at a constant cost per event. */
+    /* Each accepted event adds one entry to the dedup log and about one to
+     * xevents, so the compactor examines at least twice the batch's events:
+     * it then keeps pace with intake and the state stays bounded by the
+     * horizon, at a constant cost per event. */
     int64_t budget = a->sweep_per_batch;
     if (budget < 2 * a->batch_events)
         budget = 2 * a->batch_events;
     int r;
     if ((r = sweep_db(a, SW_SESSIONS, ST_DB_SESSIONS, budget)) ||
-        (r = sweep_db(a, SW_USTAGE, ST_DB_USTAGE, budget)) ||
-        (r = sweep_db(a, SW_DEDUP, ST_DB_DEDUP, budget)) ||
+        (r = sweep_db(a, SW_USTAGE, ST_DB_USTAGE, budget)) || (r = sweep_dedup(a, budget)) ||
         (r = sweep_db(a, SW_XEVENTS, ST_DB_XEVENTS, budget)))
         return r;
     return 0;
@@ -2466,6 +2608,11 @@ int agg_batch_commit(agg_t *a)
         part_key(k, p);
         r = st_put(a->txn, a->env, ST_DB_META, k, sizeof k, &a->parts[p], sizeof a->parts[p]);
     }
+    /* The batch's ids join the log in the transaction that holds its state,
+     * before the sweep, which may then already drop a chunk whose ids all
+     * fell behind the horizon while the batch moved the watermarks. */
+    if (r == 0)
+        r = log_fresh(a, seq);
     if (r == 0)
         r = sweep(a);
     uint64_t nd = 0, nr = 0;
@@ -2478,16 +2625,19 @@ int agg_batch_commit(agg_t *a)
             a->seq = seq;
             a->pending = nd + nr;
             kset_reset(&a->dirty);
-            for (size_t i = 0; i < a->swept.n; i++)
-                dset_del(&a->dedup, a->swept.h[i][0], a->swept.h[i][1]);
-            a->added.n = a->swept.n = 0;
+            for (size_t i = 0; i < a->swept.n; i++) {
+                int64_t ts;
+                uint64_t hi, lo;
+                int32_t p;
+                dlog_get(a->swept.b + i * DLOG_REC, &ts, &hi, &lo, &p);
+                dset_del_ts(&a->dedup, hi, lo, ts);
+            }
+            a->fresh.n = a->swept.n = 0;
             return 0;
         }
         kset_reset(&a->dirty);
         cache_reset(&a->cache);
-        for (size_t i = 0; i < a->added.n; i++)
-            dset_del(&a->dedup, a->added.h[i][0], a->added.h[i][1]);
-        a->added.n = a->swept.n = 0;
+        forget_fresh(a);
         load_partitions(a);
         return r;
     }

@@ -26,7 +26,7 @@
 
 enum st_db {
     ST_DB_META = 0, /* partition metadata, sequence, layout version */
-    ST_DB_DEDUP,    /* XXH3-128(event_id) -> ts, partition */
+    ST_DB_DEDUP,    /* (batch seq, chunk) -> the batch's new ids: ts, XXH3-128, partition */
     ST_DB_SESSIONS, /* (user, start ts) -> live session summary */
     ST_DB_USERS,    /* user -> lifetime summary */
     ST_DB_USTAGE,   /* (user, day) -> per (device, country): sessions per funnel stage */

@@ -1072,6 +1072,139 @@ static void test_dedup_survives_restart_and_abort(void **state)
     close_fresh(a, env, dir);
 }
 
+/* Apply a page view from a given partition (apply_one always uses 0). */
+static int apply_at(agg_t *a, int32_t part, int64_t off, const char *eid, const char *uid,
+                    int64_t ts)
+{
+    tev_t t = {0};
+    snprintf(t.eid, sizeof t.eid, "%s", eid);
+    snprintf(t.uid, sizeof t.uid, "%s", uid);
+    t.ts = ts;
+    t.type = ING_ET_PAGE_VIEW;
+    ing_event_t *e = malloc(sizeof *e);
+    to_ing(&t, e);
+    int r = agg_apply_event(a, part, off, e, "{}", 2, 0);
+    free(e);
+    return r;
+}
+
+static uint64_t dedup_records(st_env_t *env)
+{
+    st_txn_t *txn;
+    uint64_t n = 0;
+    assert_int_equal(st_begin(env, 1, &txn), 0);
+    assert_int_equal(st_count(txn, env, ST_DB_DEDUP, &n), 0);
+    st_abort(txn);
+    return n;
+}
+
+/* Whether id is still in the duplicate index: an event with it from a
+ * partition that has no watermark yet is never too_late, so it is either a
+ * duplicate or accepted (and then known from now on). */
+static int still_known(agg_t *a, int32_t part, int64_t off, const char *eid, int64_t ts)
+{
+    int64_t dups = agg_partition(a, part)->duplicates;
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_at(a, part, off, eid, "q", ts), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    return agg_partition(a, part)->duplicates > dups;
+}
+
+/* The duplicate log holds one record per batch (chunked past 4096 ids): it
+ * rebuilds the index at restart, an aborted or duplicate-only batch writes
+ * nothing, and compaction deletes a record only when all its ids are behind
+ * the horizon, without a long-lived record holding back later ones. */
+static void test_dedup_log_records(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    st_env_t *env;
+    assert_int_equal(st_open(dir, 64 << 20, ST_SYNC_NONE, &env), 0);
+    agg_t *a;
+    agg_conf_t conf = {"t", GAP, DAY, 1000, NULL, 0, NULL, 0, 0, 0};
+    assert_int_equal(agg_open(env, &conf, &a), 0);
+    n_sess_tab = n_user_tab = n_fun_tab = 0;
+    int64_t t0 = 1700000000000LL, off0 = 0, off1 = 0;
+    char eid[24];
+
+    /* Batch 1 holds one id of partition 1 far ahead: its record outlives
+     * partition 0's horizon. Batch 2 has 5000 ids (two chunks), batch 3 five. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_at(a, 0, off0++, "first", "u0", t0), 0);
+    assert_int_equal(apply_at(a, 1, off1++, "keep", "u1", t0 + 10 * DAY), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_int_equal(agg_batch_begin(a), 0);
+    for (int i = 0; i < 5000; i++) {
+        snprintf(eid, sizeof eid, "b%d", i);
+        assert_int_equal(apply_at(a, 0, off0++, eid, "u0", t0 + 1000 + i), 0);
+    }
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_int_equal(agg_batch_begin(a), 0);
+    for (int i = 0; i < 5; i++) {
+        snprintf(eid, sizeof eid, "c%d", i);
+        assert_int_equal(apply_at(a, 0, off0++, eid, "u0", t0 + 3600000 + i), 0);
+    }
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_int_equal(dedup_records(env), 4);
+
+    /* An aborted batch leaves no record, nor does one with only duplicates. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_at(a, 0, off0, "aborted", "u0", t0 + 7200000), 0);
+    agg_batch_abort(a);
+    assert_int_equal(dedup_records(env), 4);
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_at(a, 0, off0++, "c1", "u0", t0 + 3600000 + 1), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_int_equal(dedup_records(env), 4);
+    assert_int_equal(agg_partition(a, 0)->duplicates, 1);
+
+    /* After a restart the index comes back from the records: ids of both
+     * chunks of batch 2 are duplicates, the aborted id is new. */
+    agg_close(a);
+    assert_int_equal(agg_open(env, &conf, &a), 0);
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_at(a, 0, off0++, "b10", "u0", t0 + 1000 + 10), 0);
+    assert_int_equal(apply_at(a, 0, off0++, "b4500", "u0", t0 + 1000 + 4500), 0);
+    assert_int_equal(apply_at(a, 0, off0++, "first", "u0", t0), 0);
+    assert_int_equal(apply_at(a, 1, off1++, "keep", "u1", t0 + 10 * DAY), 0);
+    assert_int_equal(apply_at(a, 0, off0++, "aborted", "u0", t0 + 7200000), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_int_equal(agg_partition(a, 0)->duplicates, 4);
+    assert_int_equal(agg_partition(a, 1)->duplicates, 1);
+    assert_int_equal(agg_partition(a, 0)->accepted, 5007);
+    assert_int_equal(dedup_records(env), 5);
+
+    /* Partition 0 moves two days on: batches 2, 3 and the restart batch now
+     * lie wholly behind its horizon and go, though batch 1 before them stays
+     * for its id of partition 1. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_at(a, 0, off0++, "late0", "u0", t0 + 2 * DAY + 7200000), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    /* The compactor examines about 1000 ids per batch (at least one record),
+     * so a few batches walk the whole log. */
+    for (int i = 0; i < 8; i++) {
+        assert_int_equal(agg_batch_begin(a), 0);
+        assert_int_equal(agg_batch_commit(a), 0);
+    }
+    assert_int_equal(dedup_records(env), 2);
+    /* Their ids left memory too: from a partition without a watermark they
+     * are accepted again, whereas batch 1's ids are still known. */
+    assert_true(still_known(a, 2, 0, "first", t0));
+    assert_true(still_known(a, 2, 1, "keep", t0 + 10 * DAY));
+    assert_false(still_known(a, 2, 2, "b4500", t0 + 1000 + 4500));
+    assert_false(still_known(a, 2, 3, "c0", t0 + 3600000));
+    assert_true(still_known(a, 2, 4, "c0", t0 + 3600000));
+
+    /* A restart does not bring the deleted ids back. */
+    agg_close(a);
+    assert_int_equal(agg_open(env, &conf, &a), 0);
+    assert_false(still_known(a, 3, 0, "b10", t0 + 1000 + 10));
+    assert_true(still_known(a, 3, 1, "keep", t0 + 10 * DAY));
+    assert_true(still_known(a, 3, 2, "b4500", t0 + 1000 + 4500));
+    close_fresh(a, env, dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1087,6 +1220,7 @@ int main(void)
         cmocka_unit_test(test_retention_equals_recompute),
         cmocka_unit_test(test_exposure_and_window),
         cmocka_unit_test(test_dedup_survives_restart_and_abort),
+        cmocka_unit_test(test_dedup_log_records),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
