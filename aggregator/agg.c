@@ -854,7 +854,8 @@ struct agg {
     uint64_t pending;
     agg_partition_t parts[AGG_MAX_PARTITIONS];
     uint8_t touched[AGG_MAX_PARTITIONS];
-    kset_t dirty;
+    kset_t dirty;   /* the open batch's dirty marks */
+    kset_t pend;    /* the marks of every committed batch not yet flushed */
     ccache_t cache; /* the open batch's aggregate rows */
     kset_t xusers;  /* user keys with at least one experiment record */
     uday_t ud[2];   /* scratch: a session's old and new day of funnel stages */
@@ -890,6 +891,86 @@ static size_t part_key(uint8_t *k, int32_t p)
     return 5;
 }
 
+/*
+ * The dirty log (marks log): each batch writes its marks (sorted, each a 2-byte length
+ * and the tag + row key) as records of at most MLOG_CHUNK bytes under
+ * (be64 batch seq, be32 chunk) in ST_DB_DIRTY: a few sequential puts per
+ * batch instead of one random put per row. A flush collects the union of
+ * the records its snapshot holds and then deletes exactly those records
+ * (all with seq <= the snapshot's); marks of later batches stay for the
+ * next flush. The union of the remaining records is kept in memory (pend)
+ * for the compactor and the pending-row count.
+ */
+#define MLOG_CHUNK 65536
+
+static size_t mlog_key(uint8_t *k, uint64_t seq, uint32_t chunk)
+{
+    be64(k, seq);
+    be32(k + 8, chunk);
+    return 12;
+}
+
+/* Add the marks of one dirty record to s. */
+static int mlog_add(kset_t *s, const st_val_t *v)
+{
+    const uint8_t *p = v->p;
+    size_t off = 0;
+    while (off + 2 <= v->n) {
+        size_t n = (size_t)p[off] << 8 | p[off + 1];
+        if (n == 0 || off + 2 + n > v->n)
+            return AGG_ESTATE;
+        int r = kset_add(s, p + off + 2, n);
+        if (r)
+            return r;
+        off += 2 + n;
+    }
+    return off == v->n ? 0 : AGG_ESTATE;
+}
+
+/* Fill s with the marks of every dirty record after seq `after`. */
+static int mlog_load(agg_t *a, st_txn_t *txn, uint64_t after, kset_t *s)
+{
+    kset_reset(s);
+    st_cursor_t cur = {0};
+    st_val_t k, v;
+    uint8_t from[12];
+    mlog_key(from, after + 1, 0);
+    int r = st_cur_open(txn, a->env, ST_DB_DIRTY, &cur);
+    if (r)
+        return r;
+    for (r = st_cur_seek(&cur, from, sizeof from, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v))
+        if (k.n != 12 || (r = mlog_add(s, &v)))
+            break;
+    st_cur_close(&cur);
+    if (r == 0 && k.n != 12)
+        r = AGG_ESTATE;
+    return r == ST_ENOTFOUND ? 0 : r;
+}
+
+static int mark_cmp(const void *x, const void *y);
+
+/* Sorted pointers to the marks held in s (2-byte length, then the bytes);
+ * *out is NULL for an empty set. */
+static int marks_sorted(const kset_t *s, const uint8_t ***out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    if (!s->n)
+        return 0;
+    const uint8_t **m = malloc(s->n * sizeof *m);
+    if (!m)
+        return AGG_ENOMEM;
+    size_t nm = 0;
+    for (size_t off = 0; off < s->alen; nm++) {
+        m[nm] = s->arena + off;
+        off += (size_t)((size_t)m[nm][0] << 8 | m[nm][1]) + 2;
+    }
+    qsort(m, nm, sizeof *m, mark_cmp);
+    *out = m;
+    *n = nm;
+    return 0;
+}
+
 static int load_partitions(agg_t *a)
 {
     st_txn_t *txn;
@@ -922,10 +1003,10 @@ static int load_partitions(agg_t *a)
     a->seq = 0;
     if (r == 0 && st_get(txn, a->env, ST_DB_META, META_SEQ, 3, &v) == 0 && v.n == 8)
         memcpy(&a->seq, v.p, 8);
-    uint64_t nd = 0, nr = 0;
-    if (r == 0 && (r = st_count(txn, a->env, ST_DB_DIRTY, &nd)) == 0)
+    uint64_t nr = 0;
+    if (r == 0 && (r = mlog_load(a, txn, 0, &a->pend)) == 0)
         r = st_count(txn, a->env, ST_DB_REJECTS, &nr);
-    a->pending = nd + nr;
+    a->pending = a->pend.n + nr;
 out:
     st_cur_close(&cur);
     st_abort(txn);
@@ -1057,6 +1138,7 @@ void agg_close(agg_t *a)
     if (a->txn)
         agg_batch_abort(a);
     kset_free(&a->dirty);
+    kset_free(&a->pend);
     cache_free(&a->cache);
     kset_free(&a->xusers);
     free(a->ud[0].g);
@@ -2374,8 +2456,7 @@ static int is_dirty(agg_t *a, uint8_t tag, const void *k, size_t n)
     uint8_t buf[KEY_MAX + 1];
     buf[0] = tag;
     memcpy(buf + 1, k, n);
-    st_val_t v;
-    return st_get(a->txn, a->env, ST_DB_DIRTY, buf, n + 1, &v) == 0;
+    return kset_has(&a->pend, buf, n + 1) || kset_has(&a->dirty, buf, n + 1);
 }
 
 /* Whether the user of ustage key k still has a live session starting on day. */
@@ -2584,22 +2665,29 @@ int agg_batch_commit(agg_t *a)
     int r = cache_writeback(a);
     if (r == 0)
         r = st_put(a->txn, a->env, ST_DB_META, META_SEQ, 3, &seq, sizeof seq);
-    /* The marks go in key order: consecutive puts then land on the same
-     * pages instead of random ones. */
-    const uint8_t **marks = a->dirty.n ? malloc(a->dirty.n * sizeof *marks) : NULL;
-    if (a->dirty.n && !marks)
-        r = AGG_ENOMEM;
+    /* The batch's marks, sorted, as a few records of the dirty log. */
+    const uint8_t **marks = NULL;
     size_t nm = 0;
-    for (size_t off = 0; r == 0 && off < a->dirty.alen; nm++) {
-        marks[nm] = a->dirty.arena + off;
-        off += (size_t)((size_t)marks[nm][0] << 8 | marks[nm][1]) + 2;
+    if (r == 0)
+        r = marks_sorted(&a->dirty, &marks, &nm);
+    uint8_t *chunk = nm ? malloc(MLOG_CHUNK) : NULL;
+    if (nm && !chunk)
+        r = AGG_ENOMEM;
+    size_t used = 0;
+    uint32_t nchunk = 0;
+    for (size_t i = 0; r == 0 && i <= nm; i++) {
+        size_t n = i < nm ? ((size_t)marks[i][0] << 8 | marks[i][1]) + 2 : 0;
+        if (used && (i == nm || used + n > MLOG_CHUNK)) {
+            uint8_t k[12];
+            r = st_put(a->txn, a->env, ST_DB_DIRTY, k, mlog_key(k, seq, nchunk++), chunk, used);
+            used = 0;
+        }
+        if (i < nm) {
+            memcpy(chunk + used, marks[i], n);
+            used += n;
+        }
     }
-    if (r == 0 && nm > 1)
-        qsort(marks, nm, sizeof *marks, mark_cmp);
-    for (size_t i = 0; r == 0 && i < nm; i++) {
-        size_t n = (size_t)marks[i][0] << 8 | marks[i][1];
-        r = st_put(a->txn, a->env, ST_DB_DIRTY, marks[i] + 2, n, &seq, sizeof seq);
-    }
+    free(chunk);
     free(marks);
     for (int p = 0; r == 0 && p < AGG_MAX_PARTITIONS; p++) {
         if (!a->touched[p])
@@ -2615,15 +2703,26 @@ int agg_batch_commit(agg_t *a)
         r = log_fresh(a, seq);
     if (r == 0)
         r = sweep(a);
-    uint64_t nd = 0, nr = 0;
-    if (r == 0 && (r = st_count(a->txn, a->env, ST_DB_DIRTY, &nd)) == 0)
+    uint64_t nr = 0;
+    if (r == 0)
         r = st_count(a->txn, a->env, ST_DB_REJECTS, &nr);
     if (r == 0) {
         r = st_commit(a->txn);
         a->txn = NULL;
         if (r == 0) {
             a->seq = seq;
-            a->pending = nd + nr;
+            /* The batch's marks join the unflushed set; without memory for
+             * them the set is read back from the log. */
+            int pr = 0;
+            for (size_t off = 0; pr == 0 && off < a->dirty.alen;) {
+                const uint8_t *e = a->dirty.arena + off;
+                size_t n = (size_t)e[0] << 8 | e[1];
+                pr = kset_add(&a->pend, e + 2, n);
+                off += n + 2;
+            }
+            if (pr)
+                cm_err("cannot track the unflushed rows", "error=\"%s\"", agg_strerror(pr));
+            a->pending = a->pend.n + nr;
             kset_reset(&a->dirty);
             for (size_t i = 0; i < a->swept.n; i++) {
                 int64_t ts;
@@ -2682,12 +2781,8 @@ struct agg_flush {
     size_t n_parts, cap_parts;
     snk_reject_row_t *rejects;
     size_t n_rejects, cap_rejects;
-    /* Dirty keys to clear once Postgres has the rows: (length, bytes). */
-    struct fkey {
-        const uint8_t *p;
-        size_t n;
-    } * keys;
-    size_t n_keys, cap_keys;
+    /* Marks this flush leaves dirty (a regression not refitted yet). */
+    kset_t kept;
     uint8_t (*reject_keys)[12];
     size_t n_reject_keys, cap_reject_keys;
     /* Generic tables: rows to upsert and keys to delete, per table. */
@@ -3237,8 +3332,8 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t
         if ((r = exp_rows(a, f, txn, rk, rkn)))
             return r;
     } else if (tag == TAG_REGRESSION) {
-        if (!f->regression)
-            return 0; /* stays dirty until a flush refits */
+        if (!f->regression) /* stays dirty until a flush refits */
+            return kset_add(&f->kept, k->p, k->n);
         if (rkn >= 1 && (size_t)rk[0] + 1 == rkn) {
             if ((r = regression_rows(a, f, txn, rk, rkn)))
                 return r;
@@ -3272,14 +3367,6 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t
         f->n_funnel++;
     }
 record:
-    GROW(f->keys, f->n_keys, f->cap_keys);
-    uint8_t *kc = arena_alloc(f, k->n);
-    if (!kc)
-        return AGG_ENOMEM;
-    memcpy(kc, k->p, k->n);
-    f->keys[f->n_keys].p = kc;
-    f->keys[f->n_keys].n = k->n;
-    f->n_keys++;
     return 0;
 }
 
@@ -3330,13 +3417,19 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out)
     if (st_get(txn, a->env, ST_DB_META, META_SEQ, 3, &v) == 0 && v.n == 8)
         memcpy(&f->seq, v.p, 8);
     st_cursor_t cur = {0};
-    if ((r = st_cur_open(txn, a->env, ST_DB_DIRTY, &cur)) == 0) {
-        uint8_t zero = 0;
-        for (r = st_cur_seek(&cur, &zero, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v))
-            if (k.n > 1 && (r = collect_dirty(a, f, txn, &k)))
-                break;
-        st_cur_close(&cur);
+    /* Every row marked by a batch of the snapshot, once, in key order. */
+    kset_t marked = {0};
+    const uint8_t **marks = NULL;
+    size_t nm = 0;
+    if ((r = mlog_load(a, txn, 0, &marked)) == 0 && (r = marks_sorted(&marked, &marks, &nm)) == 0) {
+        for (size_t i = 0; r == 0 && i < nm; i++) {
+            st_val_t mk = {marks[i] + 2, (size_t)marks[i][0] << 8 | marks[i][1]};
+            if (mk.n > 1)
+                r = collect_dirty(a, f, txn, &mk);
+        }
     }
+    free(marks);
+    kset_free(&marked);
     if ((r == 0 || r == ST_ENOTFOUND) && (r = st_cur_open(txn, a->env, ST_DB_REJECTS, &cur)) == 0) {
         uint8_t zero = 0;
         for (r = st_cur_seek(&cur, &zero, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v))
@@ -3425,37 +3518,58 @@ int agg_flush_done(agg_t *a, agg_flush_t *f)
     int r = st_begin(a->env, 0, &txn);
     if (r)
         return r;
-    for (size_t i = 0; r == 0 && i < f->n_keys; i++) {
-        st_val_t v;
-        int g = st_get(txn, a->env, ST_DB_DIRTY, f->keys[i].p, f->keys[i].n, &v);
-        if (g == ST_ENOTFOUND)
-            continue;
-        if (g) {
-            r = g;
-            break;
+    /* The snapshot held exactly the dirty records up to its seq: those are
+     * in Postgres now. Later batches' records stay for the next flush. */
+    st_cursor_t cur = {0};
+    st_val_t k, v;
+    if ((r = st_cur_open(txn, a->env, ST_DB_DIRTY, &cur)) == 0) {
+        uint8_t zero = 0;
+        r = st_cur_seek(&cur, &zero, 1, &k, &v);
+        while (r == 0 && k.n == 12 && rd_be64(k.p) <= f->seq) {
+            if ((r = st_cur_del(&cur)))
+                break;
+            /* After a delete MDB_NEXT yields the entry that followed. */
+            r = st_cur_next(&cur, &k, &v);
         }
-        uint64_t seq = 0;
-        if (v.n == 8)
-            memcpy(&seq, v.p, 8);
-        /* A row changed again after the snapshot stays dirty for the next flush. */
-        if (seq <= f->seq)
-            r = st_del(txn, a->env, ST_DB_DIRTY, f->keys[i].p, f->keys[i].n);
+        st_cur_close(&cur);
+        if (r == ST_ENOTFOUND)
+            r = 0;
     }
     for (size_t i = 0; r == 0 && i < f->n_reject_keys; i++) {
         r = st_del(txn, a->env, ST_DB_REJECTS, f->reject_keys[i], 12);
         if (r == ST_ENOTFOUND)
             r = 0;
     }
-    uint64_t nd = 0, nr = 0;
-    if (r == 0 && (r = st_count(txn, a->env, ST_DB_DIRTY, &nd)) == 0)
+    /* Marks the flush left dirty go back into the log, after the records
+     * just deleted and before any later batch's. */
+    if (r == 0 && f->kept.n) {
+        uint8_t kk[12];
+        r = st_put(txn, a->env, ST_DB_DIRTY, kk, mlog_key(kk, f->seq, UINT32_MAX), f->kept.arena,
+                   f->kept.alen);
+    }
+    kset_t left = {0};
+    uint64_t nr = 0;
+    if (r == 0 && (r = mlog_load(a, txn, f->seq, &left)) == 0)
         r = st_count(txn, a->env, ST_DB_REJECTS, &nr);
+    for (size_t off = 0; r == 0 && off < f->kept.alen;) {
+        const uint8_t *e = f->kept.arena + off;
+        size_t n = (size_t)e[0] << 8 | e[1];
+        r = kset_add(&left, e + 2, n);
+        off += n + 2;
+    }
     if (r) {
+        kset_free(&left);
         st_abort(txn);
         return r;
     }
     r = st_commit(txn);
-    if (r == 0)
-        a->pending = nd + nr;
+    if (r == 0) {
+        kset_free(&a->pend);
+        a->pend = left;
+        a->pending = a->pend.n + nr;
+    } else {
+        kset_free(&left);
+    }
     return r;
 }
 
@@ -3463,6 +3577,7 @@ void agg_flush_free(agg_flush_t *f)
 {
     if (!f)
         return;
+    kset_free(&f->kept);
     while (f->chunks) {
         chunk_t *n = f->chunks->next;
         free(f->chunks);
@@ -3474,7 +3589,6 @@ void agg_flush_free(agg_flush_t *f)
     free(f->funnel);
     free(f->parts);
     free(f->rejects);
-    free(f->keys);
     free(f->reject_keys);
     for (int t = 0; t < SNK_TABLE__COUNT; t++) {
         free(f->gen[t].vals);

@@ -31,7 +31,7 @@ enum st_db {
     ST_DB_USERS,    /* user -> lifetime summary */
     ST_DB_USTAGE,   /* (user, day) -> per (device, country): sessions per funnel stage */
     ST_DB_FUNNEL,   /* (day, device, country) -> funnel_daily counters */
-    ST_DB_DIRTY,    /* (tag, row key) -> sequence of the batch that last changed it */
+    ST_DB_DIRTY,    /* (batch seq, chunk) -> the marks (tag, row key) of rows it changed */
     ST_DB_REJECTS,  /* (partition, offset) -> rejected message awaiting flush */
     ST_DB_PRODUCT,  /* (day, product_id) -> product_daily counters */
     ST_DB_PAIRS,    /* (product_a, product_b) -> orders holding both */
