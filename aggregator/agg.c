@@ -2480,9 +2480,37 @@ static int has_session_on_day(agg_t *a, const uint8_t *uk, size_t ukn, int64_t d
 enum { SW_SESSIONS = 0, SW_USTAGE, SW_DEDUP, SW_XEVENTS };
 
 /* Decide whether one entry is final and may leave the state. */
-static int sweep_final(agg_t *a, int which, const st_val_t *k, const st_val_t *v)
+/*
+ * Whether the entry (k, v) of database `which` is final and may go: 1 yes,
+ * 0 no, negative on error. *weight is how many entries it counts for
+ * against the compactor's budget (a duplicate-log chunk: its ids).
+ */
+static int sweep_final(agg_t *a, int which, const st_val_t *k, const st_val_t *v, int64_t *weight)
 {
     const uint8_t *kp = k->p;
+    *weight = 1;
+    if (which == SW_DEDUP) {
+        /* A chunk of the duplicate log goes once every id in it lies behind
+         * its partition's horizon; its ids leave memory when the batch
+         * commits. A chunk with an id still inside stays whole. */
+        size_t n = v->n / DLOG_REC;
+        *weight = n ? (int64_t)n : 1;
+        int final = k->n == 12 && n > 0 && v->n % DLOG_REC == 0;
+        for (size_t i = 0; final && i < n; i++) {
+            int64_t ts;
+            uint64_t hi, lo;
+            int32_t p;
+            dlog_get((const uint8_t *)v->p + i * DLOG_REC, &ts, &hi, &lo, &p);
+            final = ts < horizon(a, p);
+        }
+        /* The value points into the map: copy the ids before the delete. */
+        if (final) {
+            int r = dlog_append(&a->swept, v->p, n);
+            if (r)
+                return r;
+        }
+        return final;
+    }
     if (which == SW_XEVENTS) {
         /* A retained event older than the horizon can no longer fall into
          * a window that may still move (docs/aggregator.md). */
@@ -2540,8 +2568,14 @@ static int sweep_db(agg_t *a, int which, enum st_db db, int64_t budget)
         }
         if (r)
             break;
-        seen++;
-        if (sweep_final(a, which, &k, &v)) {
+        int64_t weight;
+        int fin = sweep_final(a, which, &k, &v, &weight);
+        if (fin < 0) {
+            r = fin;
+            break;
+        }
+        seen += weight;
+        if (fin) {
             if ((r = st_cur_del(&cur)))
                 break;
             /* After a delete LMDB's cursor already stands on the next entry. */
@@ -2556,62 +2590,6 @@ static int sweep_db(agg_t *a, int which, enum st_db db, int64_t budget)
         if (r == 0 && k.n <= KEY_MAX) {
             memcpy(a->sweep_key[which], k.p, k.n);
             a->sweep_len[which] = k.n;
-        }
-    }
-    st_cur_close(&cur);
-    return r == ST_ENOTFOUND ? 0 : r;
-}
-
-/*
- * Compact the duplicate log: a chunk goes once every id in it lies behind
- * its partition's horizon, and its ids leave memory when the batch commits.
- * A chunk with an id still inside the horizon stays whole for a later pass
- * (its expired ids are merely remembered longer, which §2 allows). Like the
- * other databases the walk resumes where the last batch stopped and wraps
- * around, so a long-lived chunk (late or lagging partitions) does not hold
- * back the ones after it. Each chunk examined counts its entries against the
- * budget, at least one chunk per batch.
- */
-static int sweep_dedup(agg_t *a, int64_t budget)
-{
-    st_cursor_t cur = {0};
-    st_val_t k, v;
-    int r = st_cur_open(a->txn, a->env, ST_DB_DEDUP, &cur);
-    if (r)
-        return r;
-    uint8_t zero = 0;
-    if (a->sweep_len[SW_DEDUP])
-        r = st_cur_seek(&cur, a->sweep_key[SW_DEDUP], a->sweep_len[SW_DEDUP], &k, &v);
-    else
-        r = st_cur_seek(&cur, &zero, 1, &k, &v);
-    int64_t seen = 0;
-    while (seen < budget) {
-        if (r == ST_ENOTFOUND) {
-            /* Wrap around: the next batch starts again at the beginning. */
-            a->sweep_len[SW_DEDUP] = 0;
-            break;
-        }
-        if (r)
-            break;
-        size_t n = v.n / DLOG_REC;
-        seen += n ? (int64_t)n : 1;
-        int final = k.n == 12 && n > 0 && v.n % DLOG_REC == 0;
-        for (size_t i = 0; final && i < n; i++) {
-            int64_t ts;
-            uint64_t hi, lo;
-            int32_t p;
-            dlog_get((const uint8_t *)v.p + i * DLOG_REC, &ts, &hi, &lo, &p);
-            final = ts < horizon(a, p);
-        }
-        /* The value points into the map: copy the ids before deleting it. */
-        if (final && ((r = dlog_append(&a->swept, v.p, n)) || (r = st_cur_del(&cur))))
-            break;
-        /* After a delete LMDB's cursor already stands on the next entry,
-         * which st_cur_next then returns, so both cases step the same way. */
-        r = st_cur_next(&cur, &k, &v);
-        if (r == 0 && k.n <= KEY_MAX) {
-            memcpy(a->sweep_key[SW_DEDUP], k.p, k.n);
-            a->sweep_len[SW_DEDUP] = k.n;
         }
     }
     st_cur_close(&cur);
@@ -2644,7 +2622,8 @@ static int sweep(agg_t *a)
         budget = 2 * a->batch_events;
     int r;
     if ((r = sweep_db(a, SW_SESSIONS, ST_DB_SESSIONS, budget)) ||
-        (r = sweep_db(a, SW_USTAGE, ST_DB_USTAGE, budget)) || (r = sweep_dedup(a, budget)) ||
+        (r = sweep_db(a, SW_USTAGE, ST_DB_USTAGE, budget)) ||
+        (r = sweep_db(a, SW_DEDUP, ST_DB_DEDUP, budget)) ||
         (r = sweep_db(a, SW_XEVENTS, ST_DB_XEVENTS, budget)))
         return r;
     return 0;
