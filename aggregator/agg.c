@@ -1013,8 +1013,10 @@ out:
     return r;
 }
 
-/* Collect the users that have experiment records (keys start with the user key). */
-static int load_xusers(agg_t *a)
+/* Call fn on every entry of db, in key order, in a read transaction: the
+ * loaders that rebuild in-memory indexes at start. */
+static int walk_db(agg_t *a, enum st_db db,
+                   int (*fn)(agg_t *a, const st_val_t *k, const st_val_t *v))
 {
     st_txn_t *txn;
     int r = st_begin(a->env, 1, &txn);
@@ -1022,56 +1024,44 @@ static int load_xusers(agg_t *a)
         return r;
     st_cursor_t cur = {0};
     st_val_t k, v;
-    if ((r = st_cur_open(txn, a->env, ST_DB_XUSER, &cur)) == 0) {
+    if ((r = st_cur_open(txn, a->env, db, &cur)) == 0) {
         uint8_t zero = 0;
-        for (r = st_cur_seek(&cur, &zero, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v)) {
-            const uint8_t *kp = k.p;
-            if (k.n < 1 || (size_t)kp[0] + 1 > k.n) {
-                r = AGG_ESTATE;
+        for (r = st_cur_seek(&cur, &zero, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v))
+            if ((r = fn(a, &k, &v)))
                 break;
-            }
-            if ((r = kset_add(&a->xusers, kp, (size_t)kp[0] + 1)))
-                break;
-        }
         st_cur_close(&cur);
     }
     st_abort(txn);
     return r == ST_ENOTFOUND ? 0 : r;
 }
 
-/* Rebuild the in-memory duplicate index from the log: every id a committed
- * batch logged and the compactor has not deleted is known again. */
-static int load_dedup(agg_t *a)
+/* An experiment record: its key starts with the user's key. */
+static int load_xuser(agg_t *a, const st_val_t *k, const st_val_t *v)
 {
-    st_txn_t *txn;
-    int r = st_begin(a->env, 1, &txn);
-    if (r)
-        return r;
-    st_cursor_t cur = {0};
-    st_val_t k, v;
-    if ((r = st_cur_open(txn, a->env, ST_DB_DEDUP, &cur)) == 0) {
-        uint8_t zero = 0;
-        for (r = st_cur_seek(&cur, &zero, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v)) {
-            if (k.n != 12 || v.n == 0 || v.n % DLOG_REC != 0) {
-                r = AGG_ESTATE;
-                break;
-            }
-            /* Chunks are read in batch order, so should an id ever sit in
-             * two of them, the newer ts wins, as it did in memory. */
-            for (const uint8_t *e = v.p; r == 0 && e < (const uint8_t *)v.p + v.n; e += DLOG_REC) {
-                int64_t ts;
-                uint64_t hi, lo;
-                int32_t p;
-                dlog_get(e, &ts, &hi, &lo, &p);
-                r = dset_put(&a->dedup, hi, lo, ts);
-            }
-            if (r)
-                break;
-        }
-        st_cur_close(&cur);
+    (void)v;
+    const uint8_t *kp = k->p;
+    if (k->n < 1 || (size_t)kp[0] + 1 > k->n)
+        return AGG_ESTATE;
+    return kset_add(&a->xusers, kp, (size_t)kp[0] + 1);
+}
+
+/* A chunk of the duplicate log: every id a committed batch logged and the
+ * compactor has not deleted is known again. Chunks are read in batch order,
+ * so should an id ever sit in two of them, the newer ts wins, as it did in
+ * memory. */
+static int load_dedup(agg_t *a, const st_val_t *k, const st_val_t *v)
+{
+    if (k->n != 12 || v->n == 0 || v->n % DLOG_REC != 0)
+        return AGG_ESTATE;
+    int r = 0;
+    for (const uint8_t *e = v->p; r == 0 && e < (const uint8_t *)v->p + v->n; e += DLOG_REC) {
+        int64_t ts;
+        uint64_t hi, lo;
+        int32_t p;
+        dlog_get(e, &ts, &hi, &lo, &p);
+        r = dset_put(&a->dedup, hi, lo, ts);
     }
-    st_abort(txn);
-    return r == ST_ENOTFOUND ? 0 : r;
+    return r;
 }
 
 int agg_open(st_env_t *env, const agg_conf_t *conf, agg_t **out)
@@ -1120,9 +1110,9 @@ int agg_open(st_env_t *env, const agg_conf_t *conf, agg_t **out)
     if (r == 0)
         r = load_partitions(a);
     if (r == 0)
-        r = load_dedup(a);
+        r = walk_db(a, ST_DB_DEDUP, load_dedup);
     if (r == 0)
-        r = load_xusers(a);
+        r = walk_db(a, ST_DB_XUSER, load_xuser);
     if (r) {
         agg_close(a);
         return r;

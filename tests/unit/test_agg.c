@@ -650,20 +650,40 @@ static void test_compaction_drops_final_state(void **state)
     assert_int_equal(system(cmd), 0);
 }
 
+static agg_t *open_sweeping(char *dir, st_env_t **env, int64_t lateness, int64_t sweep)
+{
+    assert_non_null(mkdtemp(dir));
+    assert_int_equal(st_open(dir, 64 << 20, ST_SYNC_NONE, env), 0);
+    agg_t *a;
+    agg_conf_t conf = {"t", GAP, lateness, sweep, NULL, 0, NULL, 0, 0, 0};
+    assert_int_equal(agg_open(*env, &conf, &a), 0);
+    n_sess_tab = n_user_tab = n_fun_tab = n_gtab = 0;
+    return a;
+}
+
+static agg_t *open_fresh(char *dir, st_env_t **env, int64_t lateness)
+{
+    return open_sweeping(dir, env, lateness, 0);
+}
+
+static void close_fresh(agg_t *a, st_env_t *env, const char *dir)
+{
+    agg_close(a);
+    st_close(env);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 /* The user record remembers where the latest session starts; once that
  * session has been compacted, the next event must still find (no)
  * neighbours and count a new session. */
 static void test_latest_session_compacted(void **state)
 {
     (void)state;
-    n_sess_tab = n_user_tab = n_fun_tab = 0;
     char dir[] = "/tmp/test_agg_XXXXXX";
-    assert_non_null(mkdtemp(dir));
     st_env_t *env;
-    assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &env), 0);
-    agg_t *a;
-    agg_conf_t conf = {"t", GAP, DAY, 1000, NULL, 0, NULL, 0, 0, 0};
-    assert_int_equal(agg_open(env, &conf, &a), 0);
+    agg_t *a = open_sweeping(dir, &env, DAY, 1000);
     int64_t t0 = 1700000000000LL, t1 = t0 + 3 * DAY;
     assert_int_equal(agg_batch_begin(a), 0);
     assert_int_equal(apply_one(a, 0, "u1", "u", t0, ING_ET_PAGE_VIEW), 0);
@@ -699,11 +719,7 @@ static void test_latest_session_compacted(void **state)
         assert_int_equal(user_tab[k].sessions, 2);
         assert_int_equal(user_tab[k].events, 3);
     }
-    agg_close(a);
-    st_close(env);
-    char cmd[256];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    assert_int_equal(system(cmd), 0);
+    close_fresh(a, env, dir);
 }
 
 /* A row changed again while a flush runs stays dirty after that flush, also
@@ -711,14 +727,10 @@ static void test_latest_session_compacted(void **state)
 static void test_dirty_log_across_flush_and_restart(void **state)
 {
     (void)state;
-    n_sess_tab = n_user_tab = n_fun_tab = 0;
     char dir[] = "/tmp/test_agg_XXXXXX";
-    assert_non_null(mkdtemp(dir));
     st_env_t *env;
-    assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &env), 0);
-    agg_t *a;
+    agg_t *a = open_fresh(dir, &env, 2 * DAY);
     agg_conf_t conf = {"t", GAP, 2 * DAY, 0, NULL, 0, NULL, 0, 0, 0};
-    assert_int_equal(agg_open(env, &conf, &a), 0);
     int64_t t0 = 1700000000000LL;
     assert_int_equal(agg_batch_begin(a), 0);
     assert_int_equal(apply_one(a, 0, "e1", "u", t0, ING_ET_PAGE_VIEW), 0);
@@ -758,31 +770,7 @@ static void test_dirty_log_across_flush_and_restart(void **state)
     st_count(txn, env, ST_DB_DIRTY, &nd);
     st_abort(txn);
     assert_int_equal(nd, 0);
-    agg_close(a);
-    st_close(env);
-    char cmd[256];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    assert_int_equal(system(cmd), 0);
-}
-
-static agg_t *open_fresh(char *dir, st_env_t **env, int64_t lateness)
-{
-    assert_non_null(mkdtemp(dir));
-    assert_int_equal(st_open(dir, 64 << 20, ST_SYNC_NONE, env), 0);
-    agg_t *a;
-    agg_conf_t conf = {"t", GAP, lateness, 0, NULL, 0, NULL, 0, 0, 0};
-    assert_int_equal(agg_open(*env, &conf, &a), 0);
-    n_sess_tab = n_user_tab = n_fun_tab = n_gtab = 0;
-    return a;
-}
-
-static void close_fresh(agg_t *a, st_env_t *env, const char *dir)
-{
-    agg_close(a);
-    st_close(env);
-    char cmd[256];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    assert_int_equal(system(cmd), 0);
+    close_fresh(a, env, dir);
 }
 
 static void add_item(ing_event_t *e, const char *pid, int64_t qty, int64_t price_cents)
