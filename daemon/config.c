@@ -45,6 +45,9 @@ static const opt_t opts[] = {
      "How often changed rows are flushed to Postgres."},
     {"batch-size", OPT_INT, O(batch_size), "40000", 1, 1000000,
      "Most messages applied in one LMDB write transaction (larger: fewer commits and fsyncs)."},
+    {"commit-interval-ms", OPT_INT, O(commit_interval_ms), "100", 0, 60000,
+     "Longest an LMDB transaction stays open to gather small batches before it commits "
+     "(fewer commits and fsyncs at steady rates; 0: commit every batch)."},
     {"max-event-bytes", OPT_INT, O(max_event_bytes), "65536", 16, 16777216,
      "Messages longer than this are rejected as payload_too_large."},
     {"max-future-ms", OPT_INT, O(max_future_ms), "3600000", 0, 31536000000LL,

@@ -43,6 +43,7 @@ typedef struct cfg {
     char *state_sync;
     int64_t flush_interval_ms;
     int64_t batch_size;
+    int64_t commit_interval_ms;
     int64_t max_event_bytes;
     int64_t max_future_ms;
     int64_t allowed_lateness_ms;

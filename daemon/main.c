@@ -70,12 +70,12 @@ typedef struct dmn {
     double started;
     uint64_t pauses;
     /* Operator figures (daemon/metrics.h, daemon/page.h). */
-    mx_hist_t flush_hist;    /* durations of successful flushes, seconds */
-    mx_rows_t table_rows;    /* rows written / deleted per table by successful flushes */
-    double last_flush_mono;  /* monotonic ms of the last successful flush */
-    page_hist_t hist;        /* rate and lag samples for the live page */
-    double last_sample_t;    /* monotonic ms of the last history sample */
-    char health[512];        /* why /healthz says unhealthy ("" when healthy) */
+    mx_hist_t flush_hist;   /* durations of successful flushes, seconds */
+    mx_rows_t table_rows;   /* rows written / deleted per table by successful flushes */
+    double last_flush_mono; /* monotonic ms of the last successful flush */
+    page_hist_t hist;       /* rate and lag samples for the live page */
+    double last_sample_t;   /* monotonic ms of the last history sample */
+    char health[512];       /* why /healthz says unhealthy ("" when healthy) */
 
     int pause_backpressure;
     int rebuild; /* --allow-state-rebuild took effect: start from the earliest offsets */
@@ -83,13 +83,17 @@ typedef struct dmn {
 #define HELD_MAX 8
     ing_batch_t *held[HELD_MAX]; /* validated batches, in order, not yet committed */
     size_t n_held;
-    size_t pos;               /* next message of held[0] to apply */
-    int txn_open;             /* held[0] is being applied in an open LMDB transaction */
-    int map_full;             /* the map filled up: intake paused until it grows */
-    int storage_failed;       /* an LMDB write failed (disk full?): paused, retried */
-    double storage_retry_at;  /* monotonic ms of the next retry */
-    uv_idle_t apply_idle;     /* continues applying on the next loop iteration */
-    agg_flush_t *fl_clear;    /* a committed flush whose dirty marks wait for the txn */
+    size_t cur;              /* held[0..cur) are applied in the open transaction */
+    size_t pos;              /* next message of held[cur] to apply */
+    int txn_open;            /* an LMDB transaction is open (held[0..cur], from held[0]) */
+    double txn_t0;           /* monotonic ms when the open transaction began */
+    size_t txn_msgs;         /* messages of the batches applied in it */
+    uv_timer_t commit_timer; /* commits a transaction left open to gather batches */
+    int map_full;            /* the map filled up: intake paused until it grows */
+    int storage_failed;      /* an LMDB write failed (disk full?): paused, retried */
+    double storage_retry_at; /* monotonic ms of the next retry */
+    uv_idle_t apply_idle;    /* continues applying on the next loop iteration */
+    agg_flush_t *fl_clear;   /* a committed flush whose dirty marks wait for the txn */
 
     int stopping;
     int exit_code;
@@ -141,8 +145,8 @@ static int mark_rebuild(dmn_t *d)
     st_txn_t *txn;
     uint8_t one = 1;
     int r = st_begin(d->env, 0, &txn);
-    if (r == 0 && (r = st_put(txn, d->env, ST_DB_META, REBUILD_KEY, sizeof REBUILD_KEY - 1,
-                              &one, 1)) == 0)
+    if (r == 0 &&
+        (r = st_put(txn, d->env, ST_DB_META, REBUILD_KEY, sizeof REBUILD_KEY - 1, &one, 1)) == 0)
         r = st_commit(txn);
     else if (r == 0)
         st_abort(txn);
@@ -170,8 +174,8 @@ static int check_fresh_state(dmn_t *d)
         }
         if (r == 0)
             break;
-        cm_warn("empty state: waiting for Postgres to check the tables",
-                "attempt=%d error=\"%s\"", attempt + 1, snk_last_error(d->pg));
+        cm_warn("empty state: waiting for Postgres to check the tables", "attempt=%d error=\"%s\"",
+                attempt + 1, snk_last_error(d->pg));
         uv_sleep(1000);
     }
     if (r) {
@@ -207,8 +211,8 @@ static int check_fresh_state(dmn_t *d)
         cm_err("cannot empty the tables for the rebuild", "error=\"%s\"", snk_last_error(d->pg));
         return 1;
     }
-    cm_warn("state rebuild: tables emptied, consuming from the earliest offsets",
-            "topic=%s", d->cfg.topic);
+    cm_warn("state rebuild: tables emptied, consuming from the earliest offsets", "topic=%s",
+            d->cfg.topic);
     d->rebuild = 1;
     return 0;
 }
@@ -239,8 +243,8 @@ static int apply_msg(dmn_t *d, const ing_batch_t *b, size_t i)
     if (res->reason == ING_OK)
         return agg_apply_event(d->agg, msg->partition, msg->offset, res->ev, payload, len,
                                b->now_ms);
-    return agg_apply_reject(d->agg, msg->partition, msg->offset, res->reason, res->detail,
-                            payload, len, b->now_ms);
+    return agg_apply_reject(d->agg, msg->partition, msg->offset, res->reason, res->detail, payload,
+                            len, b->now_ms);
 }
 
 static int all_at_end(dmn_t *d)
@@ -317,7 +321,7 @@ static void drop_held(dmn_t *d)
     for (size_t i = 0; i < d->n_held; i++)
         ing_batch_free(d->held[i]);
     d->n_held = 0;
-    d->pos = 0;
+    d->cur = d->pos = 0;
 }
 
 /* Retry a batch whose LMDB write failed after this long. */
@@ -331,7 +335,7 @@ static void apply_failed(dmn_t *d, int r)
          * last commit is intact. Pause and apply the batch again later
          * rather than stop; the state is never left half-written. */
         d->txn_open = 0;
-        d->pos = 0;
+        d->cur = d->pos = 0;
         if (!d->storage_failed)
             cm_err("state write failed (disk full?): intake paused, retrying every 5 s",
                    "state_dir=%s error=\"%s\"", d->cfg.state_dir, agg_strerror(r));
@@ -351,15 +355,15 @@ static void apply_failed(dmn_t *d, int r)
 static void map_full(dmn_t *d)
 {
     d->txn_open = 0;
-    d->pos = 0;
+    d->cur = d->pos = 0;
     if (!d->map_full)
-        cm_warn("state map full: intake paused until the map grows", "messages=%zu",
-                d->held[0]->n);
+        cm_warn("state map full: intake paused until the map grows", "messages=%zu", d->held[0]->n);
     d->map_full = 1;
     update_pause(d);
 }
 
 static void clear_flushed(dmn_t *d);
+static void pump(dmn_t *d);
 
 /* Longest stretch the loop spends applying before it serves timers, flush
  * completions and the status socket again. */
@@ -368,29 +372,93 @@ static void clear_flushed(dmn_t *d);
 static void on_apply_idle(uv_idle_t *h);
 
 /*
- * Apply the queued batches in order. Each batch is one LMDB transaction,
- * but applying it is cut into slices of about APPLY_SLICE_MS, and the open
- * transaction simply waits across loop iterations in between, so a large
- * batch never blocks the loop for long.
+ * Commit the open transaction, which holds held[0..cur), and release those
+ * batches. 0 or the error (already handled: paused or stopping).
+ */
+static int commit_open(dmn_t *d)
+{
+    uv_timer_stop(&d->commit_timer);
+    int r = agg_batch_commit(d->agg);
+    d->txn_open = 0;
+    if (r == ST_EMAPFULL) {
+        map_full(d);
+        return r;
+    }
+    if (r) {
+        apply_failed(d, r);
+        return r;
+    }
+    for (size_t i = 0; i < d->cur; i++) {
+        d->batches++;
+        d->msgs += d->held[i]->n;
+        ing_batch_free(d->held[i]);
+    }
+    memmove(d->held, d->held + d->cur, (d->n_held - d->cur) * sizeof *d->held);
+    d->n_held -= d->cur;
+    d->cur = d->pos = 0;
+    d->txn_msgs = 0;
+    if (d->cons && !d->closed && in_flight(d) < PARSE_AHEAD + 1)
+        ing_consumer_hold(d->cons, 0);
+    clear_flushed(d);
+    after_batch(d);
+    return 0;
+}
+
+static void on_commit_timer(uv_timer_t *t)
+{
+    pump(t->data);
+}
+
+/*
+ * Apply the queued batches in order. Applying is cut into slices of about
+ * APPLY_SLICE_MS; the open transaction simply waits across loop iterations
+ * in between, so a large batch never blocks the loop for long. A transaction
+ * commits once it holds --batch-size messages or has been open for
+ * --commit-interval-ms: at high rates every batch is a transaction of its
+ * own, at steady lower rates the small batches arriving meanwhile join the
+ * open one, so the commits (each an fsync and a rewrite of every page it
+ * touched) do not multiply with the number of drains.
  */
 static void pump(dmn_t *d)
 {
     double t0 = cm_mono_ms();
-    while (d->n_held && !d->map_full && !d->storage_failed && !d->closed) {
-        ing_batch_t *b = d->held[0];
+    while (!d->map_full && !d->storage_failed && !d->closed) {
         int r;
-        if (!d->txn_open) {
+        if (d->cur == d->n_held) {
+            if (!d->txn_open)
+                break;
+            double wait = d->txn_t0 + (double)d->cfg.commit_interval_ms - cm_mono_ms();
+            if (wait > 0 && !d->stopping && d->txn_msgs < (size_t)d->cfg.batch_size) {
+                uv_timer_start(&d->commit_timer, on_commit_timer, (uint64_t)wait + 1, 0);
+                break;
+            }
+            if (commit_open(d) != 0)
+                return;
+            if (d->n_held && cm_mono_ms() - t0 > APPLY_SLICE_MS) {
+                uv_idle_start(&d->apply_idle, on_apply_idle);
+                return;
+            }
+            continue;
+        }
+        ing_batch_t *b = d->held[d->cur];
+        if (d->pos == 0)
             for (size_t i = 0; i < b->n; i++)
                 if (b->res[i].reason == ING_R__COUNT) {
+                    if (d->txn_open) {
+                        agg_batch_abort(d->agg);
+                        d->txn_open = 0;
+                    }
                     apply_failed(d, AGG_ENOMEM); /* validation ran out of memory */
                     return;
                 }
+        if (!d->txn_open) {
             if ((r = agg_batch_begin(d->agg)) != 0) {
                 apply_failed(d, r);
                 return;
             }
             d->txn_open = 1;
-            d->pos = 0;
+            d->txn_t0 = cm_mono_ms();
+            d->txn_msgs = 0;
         }
         while (d->pos < b->n) {
             if ((r = apply_msg(d, b, d->pos)) != 0) {
@@ -399,6 +467,7 @@ static void pump(dmn_t *d)
                     map_full(d);
                 } else {
                     d->txn_open = 0;
+                    d->cur = d->pos = 0;
                     apply_failed(d, r);
                 }
                 return;
@@ -409,29 +478,17 @@ static void pump(dmn_t *d)
                 return;
             }
         }
-        r = agg_batch_commit(d->agg);
-        d->txn_open = 0;
-        if (r == ST_EMAPFULL) {
-            map_full(d);
-            return;
-        }
-        if (r) {
-            apply_failed(d, r);
-            return;
-        }
-        d->batches++;
-        d->msgs += b->n;
-        ing_batch_free(b);
-        memmove(d->held, d->held + 1, (d->n_held - 1) * sizeof *d->held);
-        d->n_held--;
+        d->cur++;
         d->pos = 0;
-        if (d->cons && !d->closed && in_flight(d) < PARSE_AHEAD + 1)
-            ing_consumer_hold(d->cons, 0);
-        clear_flushed(d);
-        after_batch(d);
-        if (d->n_held && cm_mono_ms() - t0 > APPLY_SLICE_MS) {
-            uv_idle_start(&d->apply_idle, on_apply_idle);
-            return;
+        d->txn_msgs += b->n;
+        if (d->txn_msgs >= (size_t)d->cfg.batch_size || d->stopping ||
+            cm_mono_ms() - d->txn_t0 >= (double)d->cfg.commit_interval_ms) {
+            if (commit_open(d) != 0)
+                return;
+            if (d->n_held && cm_mono_ms() - t0 > APPLY_SLICE_MS) {
+                uv_idle_start(&d->apply_idle, on_apply_idle);
+                return;
+            }
         }
     }
     uv_idle_stop(&d->apply_idle);
@@ -618,8 +675,7 @@ static int flush_needed(dmn_t *d)
 
 static void start_flush(dmn_t *d)
 {
-    if (d->inflight || d->map_full || d->fl_clear || cm_mono_ms() < d->next_try ||
-        !flush_needed(d))
+    if (d->inflight || d->map_full || d->fl_clear || cm_mono_ms() < d->next_try || !flush_needed(d))
         return;
     d->inflight = 1;
     d->fl_t0 = cm_mono_ms();
@@ -902,8 +958,7 @@ static char *metrics_text(dmn_t *d, size_t *len)
                 "Duration of successful Postgres flushes (collect and write).");
     for (int i = 0; i < MX_FLUSH_BUCKETS; i++)
         tb_printf(&b, "clickmart_flush_duration_seconds_bucket{le=\"%g\"} %llu\n",
-                  mx_flush_bucket_le[i],
-                  (unsigned long long)mx_hist_cumulative(&d->flush_hist, i));
+                  mx_flush_bucket_le[i], (unsigned long long)mx_hist_cumulative(&d->flush_hist, i));
     tb_printf(&b, "clickmart_flush_duration_seconds_bucket{le=\"+Inf\"} %llu\n",
               (unsigned long long)d->flush_hist.count);
     tb_printf(&b, "clickmart_flush_duration_seconds_sum %.6f\n", d->flush_hist.sum);
@@ -988,8 +1043,8 @@ static void on_http(void *ud, const char *method, const char *path, sts_response
         int r = agg_snapshot_json(d->agg, 14, &marts);
         resp->status = 200;
         resp->content_type = "application/json";
-        resp->body = page_snapshot_json(status_obj(d), r ? NULL : marts,
-                                        r ? agg_strerror(r) : NULL, &d->hist, cm_now_ms());
+        resp->body = page_snapshot_json(status_obj(d), r ? NULL : marts, r ? agg_strerror(r) : NULL,
+                                        &d->hist, cm_now_ms());
         free(marts);
         resp->body_len = resp->body ? strlen(resp->body) : 0;
     } else {
@@ -1032,9 +1087,8 @@ static void on_stats_timer(uv_timer_t *t)
         int64_t accepted = total(d, 0);
         page_hist_sample(&d->hist, now, now_ms, d->msgs, accepted, lag, lag_s);
         notify_status("%s: accepted %lld, lag %lld messages, %llu flushes, %s",
-                      d->stopping ? "stopping" : "consuming", (long long)accepted,
-                      (long long)lag, (unsigned long long)d->flushes,
-                      health_problem(d) ? d->health : "healthy");
+                      d->stopping ? "stopping" : "consuming", (long long)accepted, (long long)lag,
+                      (unsigned long long)d->flushes, health_problem(d) ? d->health : "healthy");
     }
     if (d->cfg.stats_log_interval_ms <= 0 ||
         now - d->last_stats_t < (double)d->cfg.stats_log_interval_ms - slack)
@@ -1068,6 +1122,8 @@ static void close_all(dmn_t *d)
     uv_timer_stop(&d->flush_timer);
     uv_timer_stop(&d->stats_timer);
     uv_timer_stop(&d->grow_timer);
+    uv_timer_stop(&d->commit_timer);
+    uv_close((uv_handle_t *)&d->commit_timer, on_closed);
     uv_close((uv_handle_t *)&d->flush_timer, on_closed);
     uv_close((uv_handle_t *)&d->stats_timer, on_closed);
     uv_close((uv_handle_t *)&d->grow_timer, on_closed);
@@ -1092,7 +1148,11 @@ static void continue_stop(dmn_t *d)
      * applies them and calls here again. */
     if (d->closed || d->inflight || (d->parser && ing_parser_pending(d->parser)))
         return;
-    /* Not applied: a restart consumes these again from LMDB's offsets. */
+    /* Whole batches waiting in an open transaction are committed; a batch
+     * cut off midway and the ones not applied are dropped: a restart
+     * consumes them again from LMDB's offsets. */
+    if (d->txn_open && d->pos == 0 && d->cur > 0 && commit_open(d) == 0 && d->closed)
+        return;
     drop_held(d);
     clear_flushed(d);
     if (flush_needed(d)) {
@@ -1170,8 +1230,7 @@ static int setup(dmn_t *d)
     char red[1024];
     snk_redact_conninfo(d->cfg.pg, red, sizeof red);
     cm_info("starting", "version=%s brokers=%s topic=%s state_dir=%s pg=\"%s\" schema=%s",
-            CLICKMART_VERSION, d->cfg.brokers, d->cfg.topic, d->cfg.state_dir, red,
-            d->cfg.schema);
+            CLICKMART_VERSION, d->cfg.brokers, d->cfg.topic, d->cfg.state_dir, red, d->cfg.schema);
 
     d->lim.max_event_bytes = d->cfg.max_event_bytes;
     d->lim.max_future_ms = d->cfg.max_future_ms;
@@ -1186,13 +1245,9 @@ static int setup(dmn_t *d)
     agg_exp_conf_t xc[CFG_MAX_EXPERIMENTS];
     for (int i = 0; i < d->cfg.n_experiments; i++) {
         const cfg_experiment_t *e = &d->cfg.experiments[i];
-        xc[i] = (agg_exp_conf_t){e->name,
-                                 e->control,
-                                 e->n_weights,
-                                 (const char *const *)e->weight_names,
-                                 e->weights,
-                                 e->exposure_event,
-                                 e->window_days};
+        xc[i] = (agg_exp_conf_t){
+            e->name,    e->control,        e->n_weights,  (const char *const *)e->weight_names,
+            e->weights, e->exposure_event, e->window_days};
     }
     agg_conf_t ac = {d->cfg.topic,
                      d->cfg.session_gap_ms,
@@ -1213,9 +1268,12 @@ static int setup(dmn_t *d)
         return r;
     if (ing_parser_new(d->loop, &d->lim, on_parsed, d, &d->parser) != 0)
         return 1;
-    ing_consumer_conf_t cc = {d->cfg.brokers,       d->cfg.topic,
-                              d->cfg.group,         d->cfg.n_kafka_props,
-                              d->cfg.kafka_prop_names, d->cfg.kafka_prop_values,
+    ing_consumer_conf_t cc = {d->cfg.brokers,
+                              d->cfg.topic,
+                              d->cfg.group,
+                              d->cfg.n_kafka_props,
+                              d->cfg.kafka_prop_names,
+                              d->cfg.kafka_prop_values,
                               (size_t)d->cfg.batch_size};
     r = ing_consumer_open(d->loop, &cc, on_msgs, state_offset, d, &d->cons, err, sizeof err);
     if (r) {
@@ -1223,7 +1281,7 @@ static int setup(dmn_t *d)
         return 2;
     }
     r = ing_consumer_start(d->cons, 30000, &d->n_parts, d->cfg.exit_at_end ? &d->ends : NULL,
-                              d->cfg.exit_at_end ? &d->lows : NULL);
+                           d->cfg.exit_at_end ? &d->lows : NULL);
     if (r) {
         cm_err("cannot start consuming", "topic=%s error=\"%s\"", d->cfg.topic,
                ing_consumer_strerror(r));
@@ -1248,22 +1306,25 @@ static int setup(dmn_t *d)
         int64_t sum = 0;
         for (int32_t p = 0; p < d->n_parts; p++)
             sum += d->ends[p];
-        cm_info("exit-at-end: consuming up to the current end offsets", "partitions=%d "
-                "end_offsets_total=%lld", d->n_parts, (long long)sum);
+        cm_info("exit-at-end: consuming up to the current end offsets",
+                "partitions=%d "
+                "end_offsets_total=%lld",
+                d->n_parts, (long long)sum);
     }
     if (d->cfg.status_socket[0] || d->cfg.http_listen[0]) {
         r = sts_start(d->loop, d->cfg.status_socket[0] ? d->cfg.status_socket : NULL,
                       d->cfg.http_listen[0] ? d->cfg.http_listen : NULL, on_http, d, &d->sts);
         if (r) {
-            cm_err("cannot start the status server", "socket=%s error=\"%s\"",
-                   d->cfg.status_socket, sts_strerror(r));
+            cm_err("cannot start the status server", "socket=%s error=\"%s\"", d->cfg.status_socket,
+                   sts_strerror(r));
             return 1;
         }
     }
     uv_timer_init(d->loop, &d->flush_timer);
     uv_timer_init(d->loop, &d->stats_timer);
     uv_timer_init(d->loop, &d->grow_timer);
-    d->flush_timer.data = d->stats_timer.data = d->grow_timer.data = d;
+    uv_timer_init(d->loop, &d->commit_timer);
+    d->flush_timer.data = d->stats_timer.data = d->grow_timer.data = d->commit_timer.data = d;
     uv_timer_start(&d->flush_timer, on_flush_timer, 0, (uint64_t)d->cfg.flush_interval_ms);
     uv_timer_start(&d->stats_timer, on_stats_timer, 0, stats_tick_ms(d));
     uv_timer_start(&d->grow_timer, on_grow_timer, 50, 50);
