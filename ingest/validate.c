@@ -357,7 +357,6 @@ static int f_number(fparse_t *fp)
     int64_t v = 0;
     if (*fp->p == '0') {
         fp->p++;
-        digits = 1;
         if (f_digit(fp)) {
             return -1;
         }
@@ -434,7 +433,7 @@ static int f_object(fparse_t *fp, int depth)
     if (f == NULL || depth > FAST_MAX_DEPTH) {
         return -1;
     }
-    uint32_t keys[FAST_MAX_MEMBERS];
+    uint32_t keys[FAST_MAX_MEMBERS] = {0};
     fp->p++;
     f_ws(fp);
     if (fp->p < fp->end && *fp->p == '}') {
@@ -636,6 +635,9 @@ static jv_t jv_object_get(jv_t o, const char *key)
     if (o.j != NULL) {
         jv_t r = {json_object_get(o.j, key), NULL};
         return r;
+    }
+    if (o.f == NULL) {
+        return JV_ABSENT;
     }
     size_t kn = strlen(key);
     const fnode_t *k = o.f + 1;
