@@ -58,6 +58,7 @@ typedef struct dmn {
     int64_t backoff_ms;
     double next_try;
     uint64_t batches, batches_at_flush, batches_flushed;
+    uint64_t commits; /* LMDB transactions committed by intake (each one or more batches) */
     int flushed_once;
 
     /* Figures for /status, /metrics and the summary line. */
@@ -388,6 +389,7 @@ static int commit_open(dmn_t *d)
         apply_failed(d, r);
         return r;
     }
+    d->commits++;
     for (size_t i = 0; i < d->cur; i++) {
         d->batches++;
         d->msgs += d->held[i]->n;
@@ -938,6 +940,12 @@ static char *metrics_text(dmn_t *d, size_t *len)
             tb_printf(&b, "clickmart_watermark_seconds{partition=\"%d\"} %.3f\n", p,
                       (double)pp->watermark / 1000.0);
     }
+    metric_head(&b, "clickmart_batches_applied_total", "counter",
+                "Validated batches applied to the state.");
+    tb_printf(&b, "clickmart_batches_applied_total %llu\n", (unsigned long long)d->batches);
+    metric_head(&b, "clickmart_state_commits_total", "counter",
+                "LMDB transactions committed by intake (each holds one or more batches).");
+    tb_printf(&b, "clickmart_state_commits_total %llu\n", (unsigned long long)d->commits);
     metric_head(&b, "clickmart_flushes_total", "counter", "Successful Postgres flushes.");
     tb_printf(&b, "clickmart_flushes_total %llu\n", (unsigned long long)d->flushes);
     metric_head(&b, "clickmart_flush_failures_total", "counter", "Failed Postgres flushes.");
