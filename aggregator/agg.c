@@ -477,6 +477,22 @@ static int kset_grow(kset_t *s)
     return 0;
 }
 
+/* The slot of key k (hash h) in a set with room: its own slot when the set
+ * holds it, else the empty slot where it would go. */
+static size_t kset_slot(const kset_t *s, const uint8_t *k, size_t n, uint64_t h)
+{
+    size_t j = h & (s->cap - 1);
+    for (; s->off[j]; j = (j + 1) & (s->cap - 1)) {
+        if (s->hash[j] != h)
+            continue;
+        const uint8_t *e = s->arena + s->off[j] - 1;
+        size_t en = (size_t)e[0] << 8 | e[1];
+        if (en == n && memcmp(e + 2, k, n) == 0)
+            break;
+    }
+    return j;
+}
+
 /* Add a key (stored as a 2-byte length and the bytes); duplicates are ignored. */
 static int kset_add(kset_t *s, const uint8_t *k, size_t n)
 {
@@ -486,16 +502,9 @@ static int kset_add(kset_t *s, const uint8_t *k, size_t n)
             return r;
     }
     uint64_t h = XXH3_64bits(k, n);
-    size_t j = h & (s->cap - 1);
-    while (s->off[j]) {
-        if (s->hash[j] == h) {
-            const uint8_t *e = s->arena + s->off[j] - 1;
-            size_t en = (size_t)e[0] << 8 | e[1];
-            if (en == n && memcmp(e + 2, k, n) == 0)
-                return 0;
-        }
-        j = (j + 1) & (s->cap - 1);
-    }
+    size_t j = kset_slot(s, k, n, h);
+    if (s->off[j])
+        return 0;
     if (s->alen + n + 2 > s->acap) {
         size_t ncap = s->acap ? s->acap * 2 : 1 << 16;
         while (ncap < s->alen + n + 2)
@@ -520,18 +529,24 @@ static int kset_add(kset_t *s, const uint8_t *k, size_t n)
 /* Whether the set holds the key. */
 static int kset_has(const kset_t *s, const uint8_t *k, size_t n)
 {
-    if (!s->cap)
-        return 0;
-    uint64_t h = XXH3_64bits(k, n);
-    for (size_t j = h & (s->cap - 1); s->off[j]; j = (j + 1) & (s->cap - 1)) {
-        if (s->hash[j] != h)
-            continue;
-        const uint8_t *e = s->arena + s->off[j] - 1;
-        size_t en = (size_t)e[0] << 8 | e[1];
-        if (en == n && memcmp(e + 2, k, n) == 0)
-            return 1;
+    return s->cap && s->off[kset_slot(s, k, n, XXH3_64bits(k, n))] != 0;
+}
+
+/* Add every mark of a packed list (2-byte length, then the bytes: the form
+ * of a set's arena and of a dirty-log record) to s. */
+static int kset_add_packed(kset_t *s, const uint8_t *p, size_t len)
+{
+    size_t off = 0;
+    while (off + 2 <= len) {
+        size_t n = (size_t)p[off] << 8 | p[off + 1];
+        if (n == 0 || off + 2 + n > len)
+            return AGG_ESTATE;
+        int r = kset_add(s, p + off + 2, n);
+        if (r)
+            return r;
+        off += 2 + n;
     }
-    return 0;
+    return off == len ? 0 : AGG_ESTATE;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -791,9 +806,10 @@ static void dlog_get(const uint8_t *e, int64_t *ts, uint64_t *hi, uint64_t *lo, 
     memcpy(p, e + 24, 4);
 }
 
-/* Key of a log chunk: the batch's sequence, then the chunk (both big-endian,
- * so the log sorts by batch and a batch's chunks append). */
-static size_t dlog_key(uint8_t *k, uint64_t seq, uint32_t chunk)
+/* Key of a record of the duplicate or the dirty log: the batch's sequence,
+ * then the chunk (both big-endian, so a log sorts by batch and a batch's
+ * chunks append). */
+static size_t log_key(uint8_t *k, uint64_t seq, uint32_t chunk)
 {
     be64(k, seq);
     be32(k + 8, chunk);
@@ -829,7 +845,6 @@ typedef struct ugroup {
  * once per session change instead of once per grouping level. */
 typedef struct uday {
     int32_t day, partition;
-    int loaded;
     size_t n, cap;
     ugroup_t *g;
 } uday_t;
@@ -903,30 +918,6 @@ static size_t part_key(uint8_t *k, int32_t p)
  */
 #define MLOG_CHUNK 65536
 
-static size_t mlog_key(uint8_t *k, uint64_t seq, uint32_t chunk)
-{
-    be64(k, seq);
-    be32(k + 8, chunk);
-    return 12;
-}
-
-/* Add the marks of one dirty record to s. */
-static int mlog_add(kset_t *s, const st_val_t *v)
-{
-    const uint8_t *p = v->p;
-    size_t off = 0;
-    while (off + 2 <= v->n) {
-        size_t n = (size_t)p[off] << 8 | p[off + 1];
-        if (n == 0 || off + 2 + n > v->n)
-            return AGG_ESTATE;
-        int r = kset_add(s, p + off + 2, n);
-        if (r)
-            return r;
-        off += 2 + n;
-    }
-    return off == v->n ? 0 : AGG_ESTATE;
-}
-
 /* Fill s with the marks of every dirty record after seq `after`. */
 static int mlog_load(agg_t *a, st_txn_t *txn, uint64_t after, kset_t *s)
 {
@@ -934,12 +925,12 @@ static int mlog_load(agg_t *a, st_txn_t *txn, uint64_t after, kset_t *s)
     st_cursor_t cur = {0};
     st_val_t k, v;
     uint8_t from[12];
-    mlog_key(from, after + 1, 0);
+    log_key(from, after + 1, 0);
     int r = st_cur_open(txn, a->env, ST_DB_DIRTY, &cur);
     if (r)
         return r;
     for (r = st_cur_seek(&cur, from, sizeof from, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v))
-        if (k.n != 12 || (r = mlog_add(s, &v)))
+        if (k.n != 12 || (r = kset_add_packed(s, v.p, v.n)))
             break;
     st_cur_close(&cur);
     if (r == 0 && k.n != 12)
@@ -1343,6 +1334,20 @@ static size_t uday_key(uint8_t *k, const uint8_t *uk, size_t ukn, int32_t day)
     return ukn + 4;
 }
 
+/* A new group at the end of day d (contents unset); NULL without memory. */
+static ugroup_t *uday_push(uday_t *d)
+{
+    if (d->n == d->cap) {
+        size_t nc = d->cap ? d->cap * 2 : 8;
+        ugroup_t *ng = realloc(d->g, nc * sizeof *ng);
+        if (!ng)
+            return NULL;
+        d->g = ng;
+        d->cap = nc;
+    }
+    return &d->g[d->n++];
+}
+
 /*
  * Read a user's funnel stages of one day. The record is the user's
  * partition (int32), then per group: device and country (length-prefixed)
@@ -1355,7 +1360,6 @@ static int uday_load(agg_t *a, uday_t *d, const uint8_t *uk, size_t ukn, int32_t
     d->day = day;
     d->partition = 0;
     d->n = 0;
-    d->loaded = 1;
     st_val_t v;
     int r = st_get(a->txn, a->env, ST_DB_USTAGE, k, kn, &v);
     if (r == ST_ENOTFOUND)
@@ -1365,15 +1369,9 @@ static int uday_load(agg_t *a, uday_t *d, const uint8_t *uk, size_t ukn, int32_t
     rd_t rd = {v.p, v.n, 0, 0};
     d->partition = r_i32(&rd);
     while (!rd.bad && rd.off < rd.n) {
-        if (d->n == d->cap) {
-            size_t nc = d->cap ? d->cap * 2 : 8;
-            ugroup_t *ng = realloc(d->g, nc * sizeof *ng);
-            if (!ng)
-                return AGG_ENOMEM;
-            d->g = ng;
-            d->cap = nc;
-        }
-        ugroup_t *g = &d->g[d->n++];
+        ugroup_t *g = uday_push(d);
+        if (!g)
+            return AGG_ENOMEM;
         g->dn = r_str(&rd, g->dev, sizeof g->dev);
         g->cn = r_str(&rd, g->ctry, sizeof g->ctry);
         for (int i = 0; i < 5; i++)
@@ -1423,15 +1421,9 @@ static ugroup_t *uday_group(uday_t *d, const char *dev, uint8_t dn, const char *
             memcmp(g->ctry, ctry, cn) == 0)
             return g;
     }
-    if (d->n == d->cap) {
-        size_t nc = d->cap ? d->cap * 2 : 8;
-        ugroup_t *ng = realloc(d->g, nc * sizeof *ng);
-        if (!ng)
-            return NULL;
-        d->g = ng;
-        d->cap = nc;
-    }
-    ugroup_t *g = &d->g[d->n++];
+    ugroup_t *g = uday_push(d);
+    if (!g)
+        return NULL;
     memset(g, 0, sizeof *g);
     g->dn = dn;
     g->cn = cn;
@@ -1721,6 +1713,20 @@ static int apply_session(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partit
 
 /* ---- users ---- */
 
+/* Room for n weeks in the scratch a->weeks. */
+static int weeks_reserve(agg_t *a, size_t n)
+{
+    if (n <= a->weeks_cap)
+        return 0;
+    size_t nc = n * 2 + 8;
+    int32_t *nw = realloc(a->weeks, nc * sizeof *nw);
+    if (!nw)
+        return AGG_ENOMEM;
+    a->weeks = nw;
+    a->weeks_cap = nc;
+    return 0;
+}
+
 /* Read the user's record into u; *found = 0 for a new user. The weeks are
  * copied into a->weeks (room for one more), since the record itself is
  * valid only until the transaction writes again. */
@@ -1731,16 +1737,8 @@ static int load_user(agg_t *a, const uint8_t *uk, size_t ukn, user_t *u, int *fo
     *found = r == 0;
     if (r == ST_ENOTFOUND)
         return 0;
-    if (r || (r = user_decode(&v, u)))
+    if (r || (r = user_decode(&v, u)) || (r = weeks_reserve(a, (size_t)u->nweeks + 1)))
         return r;
-    if (u->nweeks + 1 > a->weeks_cap) {
-        size_t nc = (size_t)u->nweeks * 2 + 8;
-        int32_t *nw = realloc(a->weeks, nc * sizeof *nw);
-        if (!nw)
-            return AGG_ENOMEM;
-        a->weeks = nw;
-        a->weeks_cap = nc;
-    }
     memcpy(a->weeks, u->weeks, (size_t)u->nweeks * 4);
     u->weeks = NULL;
     return 0;
@@ -1796,11 +1794,9 @@ static int apply_user(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition
         u->latest = latest;
         attr_none(&u->dev);
         attr_none(&u->ctry);
-        if (!a->weeks_cap) {
-            if (!(a->weeks = malloc(8 * sizeof *a->weeks)))
-                return AGG_ENOMEM;
-            a->weeks_cap = 8;
-        }
+        int r = weeks_reserve(a, 1);
+        if (r)
+            return r;
     }
     if (ev->ts < u->first_seen)
         u->first_seen = ev->ts;
@@ -2593,7 +2589,7 @@ static int log_fresh(agg_t *a, uint64_t seq)
     for (size_t i = 0; r == 0 && i < a->fresh.n; i += DLOG_CHUNK) {
         size_t n = a->fresh.n - i < DLOG_CHUNK ? a->fresh.n - i : DLOG_CHUNK;
         uint8_t k[12];
-        size_t kn = dlog_key(k, seq, (uint32_t)(i / DLOG_CHUNK));
+        size_t kn = log_key(k, seq, (uint32_t)(i / DLOG_CHUNK));
         r = st_put(a->txn, a->env, ST_DB_DEDUP, k, kn, a->fresh.b + i * DLOG_REC, n * DLOG_REC);
     }
     return r;
@@ -2648,7 +2644,7 @@ int agg_batch_commit(agg_t *a)
         size_t n = i < nm ? ((size_t)marks[i][0] << 8 | marks[i][1]) + 2 : 0;
         if (used && (i == nm || used + n > MLOG_CHUNK)) {
             uint8_t k[12];
-            r = st_put(a->txn, a->env, ST_DB_DIRTY, k, mlog_key(k, seq, nchunk++), chunk, used);
+            r = st_put(a->txn, a->env, ST_DB_DIRTY, k, log_key(k, seq, nchunk++), chunk, used);
             used = 0;
         }
         if (i < nm) {
@@ -2682,13 +2678,7 @@ int agg_batch_commit(agg_t *a)
             a->seq = seq;
             /* The batch's marks join the unflushed set; without memory for
              * them the set is read back from the log. */
-            int pr = 0;
-            for (size_t off = 0; pr == 0 && off < a->dirty.alen;) {
-                const uint8_t *e = a->dirty.arena + off;
-                size_t n = (size_t)e[0] << 8 | e[1];
-                pr = kset_add(&a->pend, e + 2, n);
-                off += n + 2;
-            }
+            int pr = kset_add_packed(&a->pend, a->dirty.arena, a->dirty.alen);
             if (pr)
                 cm_err("cannot track the unflushed rows", "error=\"%s\"", agg_strerror(pr));
             a->pending = a->pend.n + nr;
@@ -3149,7 +3139,7 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t
     if (tag == TAG_SESSION) {
         r = st_get(txn, a->env, ST_DB_SESSIONS, rk, rkn, &v);
         if (r == ST_ENOTFOUND)
-            goto record; /* merged away since: its id is deleted by a 'D' mark */
+            return 0; /* merged away since: its id is deleted by a 'D' mark */
         if (r)
             return r;
         sess_t s;
@@ -3181,7 +3171,7 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t
     } else if (tag == TAG_USER) {
         r = st_get(txn, a->env, ST_DB_USERS, rk, rkn, &v);
         if (r == ST_ENOTFOUND)
-            goto record;
+            return 0;
         if (r)
             return r;
         user_t u;
@@ -3257,7 +3247,7 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t
     } else if (tag == TAG_EXPOSURE) {
         r = st_get(txn, a->env, ST_DB_XUSER, rk, rkn, &v);
         if (r == ST_ENOTFOUND)
-            goto record;
+            return 0;
         if (r)
             return r;
         xuser_t x;
@@ -3335,7 +3325,6 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t
             return AGG_ENOMEM;
         f->n_funnel++;
     }
-record:
     return 0;
 }
 
@@ -3513,19 +3502,15 @@ int agg_flush_done(agg_t *a, agg_flush_t *f)
      * just deleted and before any later batch's. */
     if (r == 0 && f->kept.n) {
         uint8_t kk[12];
-        r = st_put(txn, a->env, ST_DB_DIRTY, kk, mlog_key(kk, f->seq, UINT32_MAX), f->kept.arena,
+        r = st_put(txn, a->env, ST_DB_DIRTY, kk, log_key(kk, f->seq, UINT32_MAX), f->kept.arena,
                    f->kept.alen);
     }
     kset_t left = {0};
     uint64_t nr = 0;
     if (r == 0 && (r = mlog_load(a, txn, f->seq, &left)) == 0)
         r = st_count(txn, a->env, ST_DB_REJECTS, &nr);
-    for (size_t off = 0; r == 0 && off < f->kept.alen;) {
-        const uint8_t *e = f->kept.arena + off;
-        size_t n = (size_t)e[0] << 8 | e[1];
-        r = kset_add(&left, e + 2, n);
-        off += n + 2;
-    }
+    if (r == 0)
+        r = kset_add_packed(&left, f->kept.arena, f->kept.alen);
     if (r) {
         kset_free(&left);
         st_abort(txn);

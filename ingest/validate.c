@@ -254,8 +254,8 @@ int ing_parse_rfc3339(const char *s, size_t len, int64_t *ms)
  * a byte outside printable ASCII, a duplicate key, a big number, deep
  * nesting, a syntax error) it gives up and the message goes to jansson.
  * The field checks below read either tree through jv_t, so both paths apply
- * the same rules; tests/unit/test_validate.c and the fuzz target
- * fuzz_validate_diff compare the two on every input they see.
+ * the same rules; tests/unit/test_validate.c and the fuzz harness
+ * (tests/fuzz/fuzz_message.c) compare the two on every input they see.
  */
 enum { FN_NULL, FN_TRUE, FN_FALSE, FN_INT, FN_REAL, FN_STRING, FN_ARRAY, FN_OBJECT };
 
