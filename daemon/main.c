@@ -426,30 +426,34 @@ static void pump(dmn_t *d)
     double t0 = cm_mono_ms();
     while (!d->map_full && !d->storage_failed && !d->closed) {
         int r;
-        if (d->cur == d->n_held) {
-            if (!d->txn_open)
-                break;
-            double wait = d->txn_t0 + (double)d->cfg.commit_interval_ms - cm_mono_ms();
-            if (wait > 0 && !d->stopping && d->txn_msgs < (size_t)d->cfg.batch_size) {
-                uv_timer_start(&d->commit_timer, on_commit_timer, (uint64_t)wait + 1, 0);
+        /* Between batches, an open transaction commits when it is full, old
+         * enough or the daemon stops; with nothing more to apply it waits
+         * for that on the commit timer. */
+        if (d->txn_open && d->pos == 0) {
+            double age = cm_mono_ms() - d->txn_t0;
+            int due = d->txn_msgs >= (size_t)d->cfg.batch_size || d->stopping ||
+                      age >= (double)d->cfg.commit_interval_ms;
+            if (!due && d->cur == d->n_held) {
+                uv_timer_start(&d->commit_timer, on_commit_timer,
+                               (uint64_t)((double)d->cfg.commit_interval_ms - age) + 1, 0);
                 break;
             }
-            if (commit_open(d) != 0)
-                return;
-            if (d->n_held && cm_mono_ms() - t0 > APPLY_SLICE_MS) {
-                uv_idle_start(&d->apply_idle, on_apply_idle);
-                return;
+            if (due) {
+                if (commit_open(d) != 0)
+                    return;
+                if (d->n_held && cm_mono_ms() - t0 > APPLY_SLICE_MS) {
+                    uv_idle_start(&d->apply_idle, on_apply_idle);
+                    return;
+                }
+                continue;
             }
-            continue;
         }
+        if (d->cur == d->n_held)
+            break;
         ing_batch_t *b = d->held[d->cur];
         if (d->pos == 0)
             for (size_t i = 0; i < b->n; i++)
                 if (b->res[i].reason == ING_R__COUNT) {
-                    if (d->txn_open) {
-                        agg_batch_abort(d->agg);
-                        d->txn_open = 0;
-                    }
                     apply_failed(d, AGG_ENOMEM); /* validation ran out of memory */
                     return;
                 }
@@ -469,7 +473,6 @@ static void pump(dmn_t *d)
                     map_full(d);
                 } else {
                     d->txn_open = 0;
-                    d->cur = d->pos = 0;
                     apply_failed(d, r);
                 }
                 return;
@@ -483,15 +486,6 @@ static void pump(dmn_t *d)
         d->cur++;
         d->pos = 0;
         d->txn_msgs += b->n;
-        if (d->txn_msgs >= (size_t)d->cfg.batch_size || d->stopping ||
-            cm_mono_ms() - d->txn_t0 >= (double)d->cfg.commit_interval_ms) {
-            if (commit_open(d) != 0)
-                return;
-            if (d->n_held && cm_mono_ms() - t0 > APPLY_SLICE_MS) {
-                uv_idle_start(&d->apply_idle, on_apply_idle);
-                return;
-            }
-        }
     }
     uv_idle_stop(&d->apply_idle);
     if (d->cons && !d->closed && in_flight(d) < PARSE_AHEAD + 1)
