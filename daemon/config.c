@@ -67,6 +67,9 @@ static const opt_t opts[] = {
      "Longest back-off between Postgres retries."},
     {"shutdown-timeout-ms", OPT_INT, O(shutdown_timeout_ms), "30000", 0, 3600000,
      "How long the final flush may retry on shutdown before giving up (state is kept)."},
+    {"kafka-close-timeout-ms", OPT_INT, O(kafka_close_timeout_ms), "5000", 0, 600000,
+     "Longest wait at shutdown for librdkafka to close (its offset commits to the group "
+     "are advisory; the state holds the offsets)."},
     {"sweep-per-batch", OPT_INT, O(sweep_per_batch), "4000", 0, 10000000,
      "Least state entries the compactor examines per batch; it examines at least twice "
      "the batch's accepted events (0 disables compaction)."},

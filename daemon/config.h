@@ -52,6 +52,7 @@ typedef struct cfg {
     int64_t state_map_size_mb;
     int64_t pg_retry_max_ms;
     int64_t shutdown_timeout_ms;
+    int64_t kafka_close_timeout_ms;
     int64_t sweep_per_batch;
     int64_t stats_log_interval_ms;
     int64_t stats_interval_ms;

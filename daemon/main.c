@@ -1276,7 +1276,8 @@ static int setup(dmn_t *d)
                               d->cfg.n_kafka_props,
                               d->cfg.kafka_prop_names,
                               d->cfg.kafka_prop_values,
-                              (size_t)d->cfg.batch_size};
+                              (size_t)d->cfg.batch_size,
+                              (int)d->cfg.kafka_close_timeout_ms};
     r = ing_consumer_open(d->loop, &cc, on_msgs, state_offset, d, &d->cons, err, sizeof err);
     if (r) {
         cm_err("cannot create Kafka consumer", "error=\"%s\"", err);

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "daemon/util.h"
@@ -42,6 +43,7 @@ struct ing_consumer {
     int stopped;
     int broker_up;
     int closing;
+    int close_timeout_ms;
 };
 
 static void set_err(char *err, size_t cap, const char *fmt, const char *a)
@@ -191,6 +193,7 @@ int ing_consumer_open(uv_loop_t *loop, const ing_consumer_conf_t *cf, ing_msgs_f
     c->offset_of = offset_of;
     c->ud = ud;
     c->batch_size = cf->batch_size ? cf->batch_size : 1000;
+    c->close_timeout_ms = cf->close_timeout_ms;
     c->topic = strdup(cf->topic);
     c->buf = calloc(c->batch_size, sizeof *c->buf);
     c->broker_up = 1;
@@ -446,10 +449,114 @@ static void on_handle_closed(uv_handle_t *h)
         consumer_free(c);
 }
 
-static void *destroy_thread(void *rk)
+/*
+ * librdkafka's teardown, run on a thread of its own so that the closer can
+ * stop waiting for it. Whichever of the two lets go last frees the record.
+ */
+typedef struct destroyer {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    rd_kafka_t *rk;
+    int done;
+    int refs;
+} destroyer_t;
+
+static void destroyer_release(destroyer_t *d)
 {
-    rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+    pthread_mutex_lock(&d->mu);
+    int last = --d->refs == 0;
+    pthread_mutex_unlock(&d->mu);
+    if (last) {
+        pthread_cond_destroy(&d->cv);
+        pthread_mutex_destroy(&d->mu);
+        free(d);
+    }
+}
+
+static void *destroy_thread(void *arg)
+{
+    destroyer_t *d = arg;
+    rd_kafka_destroy_flags(d->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+    pthread_mutex_lock(&d->mu);
+    d->done = 1;
+    pthread_cond_signal(&d->cv);
+    pthread_mutex_unlock(&d->mu);
+    destroyer_release(d);
     return NULL;
+}
+
+/* Start a destroyer for rk; NULL when no thread could be started. */
+static destroyer_t *destroyer_start(rd_kafka_t *rk)
+{
+    destroyer_t *d = calloc(1, sizeof *d);
+    if (!d)
+        return NULL;
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_mutex_init(&d->mu, NULL);
+    pthread_cond_init(&d->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    d->rk = rk;
+    d->refs = 2;
+    pthread_t t;
+    if (pthread_create(&t, NULL, destroy_thread, d) != 0) {
+        pthread_cond_destroy(&d->cv);
+        pthread_mutex_destroy(&d->mu);
+        free(d);
+        return NULL;
+    }
+    pthread_detach(t);
+    return d;
+}
+
+/* Wait up to timeout_ms for the destroyer; 1 when librdkafka is gone. */
+static int destroyer_wait(destroyer_t *d, int timeout_ms)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_sec += timeout_ms / 1000;
+    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&d->mu);
+    while (!d->done && pthread_cond_timedwait(&d->cv, &d->mu, &until) != ETIMEDOUT)
+        ;
+    int done = d->done;
+    pthread_mutex_unlock(&d->mu);
+    return done;
+}
+
+/*
+ * Partitions are assigned, not subscribed, and offsets are committed
+ * explicitly: there is no group to leave. librdkafka's teardown still waits
+ * for outstanding requests, and with every broker down, or with a group
+ * coordinator connection that hangs after the brokers came back, that is
+ * minutes. The state and the tables are already safe and the commits are
+ * advisory, so the wait is bounded: with the brokers down it is skipped,
+ * otherwise it lasts at most close_timeout_ms.
+ */
+static void destroy_rk(ing_consumer_t *c)
+{
+    int wait_ms = ing_consumer_broker_up(c) ? c->close_timeout_ms : 0;
+    destroyer_t *d = destroyer_start(c->rk);
+    if (!d) {
+        rd_kafka_destroy_flags(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+        return;
+    }
+    double t0 = cm_mono_ms();
+    if (!destroyer_wait(d, wait_ms)) {
+        if (wait_ms == 0)
+            cm_warn("kafka brokers down at shutdown: not waiting for librdkafka to close",
+                    "topic=%s", c->topic);
+        else
+            cm_warn("librdkafka did not close in time: not waiting for it (the state holds "
+                    "the offsets)",
+                    "topic=%s waited_ms=%.0f", c->topic, cm_mono_ms() - t0);
+    }
+    destroyer_release(d);
 }
 
 void ing_consumer_close(ing_consumer_t *c)
@@ -469,23 +576,7 @@ void ing_consumer_close(ing_consumer_t *c)
         c->q = NULL;
     }
     if (c->rk) {
-        /* Partitions are assigned, not subscribed, and offsets are committed
-         * explicitly: there is no group to leave. With every broker down,
-         * librdkafka's teardown still waits for its group coordinator
-         * (minutes); the state and the tables are already safe, so the
-         * handle is then torn down on a detached thread and the process
-         * does not wait for it. */
-        if (ing_consumer_broker_up(c)) {
-            rd_kafka_destroy_flags(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
-        } else {
-            pthread_t t;
-            if (pthread_create(&t, NULL, destroy_thread, c->rk) == 0)
-                pthread_detach(t);
-            else
-                rd_kafka_destroy_flags(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
-            cm_warn("kafka brokers down at shutdown: not waiting for librdkafka to close",
-                    "topic=%s", c->topic);
-        }
+        destroy_rk(c);
         c->rk = NULL;
     }
     if (c->assignment) {

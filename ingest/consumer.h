@@ -51,6 +51,7 @@ typedef struct ing_consumer_conf {
     char *const *prop_names;
     char *const *prop_values;
     size_t batch_size; /* most messages per delivered batch */
+    int close_timeout_ms; /* longest wait for librdkafka's teardown at close */
 } ing_consumer_conf_t;
 
 /* Create the consumer and hook it into the loop; no partition is assigned
@@ -97,7 +98,15 @@ int ing_consumer_broker_up(const ing_consumer_t *c);
 /* Commit offsets to the group (asynchronous, for monitoring tools). */
 void ing_consumer_commit(ing_consumer_t *c, const int64_t *next_offsets, int32_t n);
 
-/* Close the consumer and its handles; *c is freed once libuv closed them. */
+/*
+ * Close the consumer and its handles; *c is freed once libuv closed them.
+ * Loop thread only; blocks for at most the conf's close_timeout_ms while
+ * librdkafka tears down (it waits for outstanding requests such as the
+ * advisory offset commits). When that takes longer, e.g. because its group
+ * coordinator connection hangs after an outage, the teardown is left to a
+ * detached thread and the process does not wait for it: the state already
+ * holds the offsets.
+ */
 void ing_consumer_close(ing_consumer_t *c);
 
 const char *ing_consumer_strerror(int err);

@@ -67,7 +67,11 @@ fs_expect "outage 1: consuming again within 30s of the brokers' return" fs_wait_
 fs_expect "outage 1: healthy again (/healthz 200, broker_up) within 30s" cm_wait_for 30 "health" healthy
 
 # --- 2: during start-up / partition assignment ------------------------------------------
+# After an outage librdkafka's group-coordinator connection can hang for 30 s and more;
+# its teardown would wait for it, the daemon must not (--kafka-close-timeout-ms, 5 s).
 fs_stop_daemon
+fs_expect "outage 1: stopped within 20s of SIGTERM after the outage (took ${FS_STOP_SECS}s)" \
+    [ "$FS_STOP_SECS" -ge 0 -a "$FS_STOP_SECS" -le 20 ]
 brokers_down
 fs_fault "brokers down during start-up and partition assignment (up again after 3s)"
 cm_daemon_start "${DARGS[@]}"
@@ -97,4 +101,7 @@ fs_gen_wait
 fs_expect "outage 3 (idle): new messages consumed after the outage" fs_wait_messages $((M3 + 400)) 30
 fs_expect "outage 3 (idle): healthy once new messages flow" cm_wait_for 15 "health" healthy
 
+fs_stop_daemon
+fs_expect "outage 3: stopped within 20s of SIGTERM after the outages (took ${FS_STOP_SECS}s)" \
+    [ "$FS_STOP_SECS" -ge 0 -a "$FS_STOP_SECS" -le 20 ]
 fs_finish "${DARGS[@]}"

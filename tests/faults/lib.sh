@@ -256,11 +256,15 @@ fs_stop_daemon() {
         return 0
     fi
     cm_daemon_signal TERM
+    local t0=$SECONDS
+    FS_STOP_SECS=-1
     if ! cm_daemon_wait 90; then
         fs_fail "clickmartd did not exit within 90s of SIGTERM"
         cm_daemon_kill9
         return 0
     fi
+    # shellcheck disable=SC2034 # read by the scenarios
+    FS_STOP_SECS=$((SECONDS - t0))
     [ "$CM_DAEMON_RC" = 0 ] || fs_fail "clickmartd exited with status $CM_DAEMON_RC after SIGTERM"
 }
 
