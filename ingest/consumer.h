@@ -50,7 +50,7 @@ typedef struct ing_consumer_conf {
     int n_props; /* librdkafka properties, applied last (they win) */
     char *const *prop_names;
     char *const *prop_values;
-    size_t batch_size; /* most messages per delivered batch */
+    size_t batch_size;    /* most messages per delivered batch */
     int close_timeout_ms; /* longest wait for librdkafka's teardown at close */
 } ing_consumer_conf_t;
 
