@@ -1202,6 +1202,27 @@ static void on_signal(uv_signal_t *s, int signum)
 
 /* ---------------------------------------------------------------------- */
 
+/*
+ * Every batch frees and allocates again megabytes of scratch (event arrays,
+ * LMDB's dirty pages, hash sets, flush arenas). With glibc's default top pad
+ * of 128 KiB the heap is trimmed back to the kernel and then faulted in again
+ * page by page; on a virtual machine a page fault is costly, and the churn
+ * took about a quarter of the CPU per event (docs/benchmarks.md). A larger pad
+ * keeps that much heap mapped between batches.
+ */
+static void heap_tune(int64_t pad_mb)
+{
+#ifdef __GLIBC__
+    /* A sanitizer build replaces malloc and refuses mallopt: not an error. */
+    if (pad_mb > 0 && mallopt(M_TOP_PAD, (int)(pad_mb * 1024 * 1024)) != 1)
+        cm_info("heap pad not applied: the allocator does not take mallopt (a sanitizer "
+                "build?)",
+                "heap_pad_mb=%lld", (long long)pad_mb);
+#else
+    (void)pad_mb;
+#endif
+}
+
 static int setup(dmn_t *d)
 {
     char err[512];
@@ -1217,6 +1238,7 @@ static int setup(dmn_t *d)
         return 2;
     }
     cm_log_set_json(!strcmp(d->cfg.log_format, "json"));
+    heap_tune(d->cfg.heap_pad_mb);
     enum st_sync sync;
     if (!strcmp(d->cfg.state_sync, "full"))
         sync = ST_SYNC_FULL;
@@ -1351,24 +1373,6 @@ static int setup(dmn_t *d)
     return 0;
 }
 
-/*
- * Every batch frees and allocates again megabytes of scratch (event arrays,
- * LMDB's dirty pages, hash sets, flush arenas). With glibc's default top pad
- * of 128 KiB the heap is trimmed back to the kernel and then faulted in again
- * page by page; on a virtual machine a page fault is costly, and the churn
- * took about a quarter of the CPU per event (docs/benchmarks.md). A larger pad
- * keeps that much heap mapped between batches.
- */
-static void heap_tune(int64_t pad_mb)
-{
-#ifdef __GLIBC__
-    if (pad_mb > 0 && mallopt(M_TOP_PAD, (int)(pad_mb * 1024 * 1024)) != 1)
-        cm_warn("cannot set the heap pad", "heap_pad_mb=%lld", (long long)pad_mb);
-#else
-    (void)pad_mb;
-#endif
-}
-
 int main(int argc, char **argv)
 {
     static dmn_t d;
@@ -1397,7 +1401,6 @@ int main(int argc, char **argv)
         return 0;
     }
     signal(SIGPIPE, SIG_IGN);
-    heap_tune(d.cfg.heap_pad_mb);
     d.loop = uv_default_loop();
     d.started = cm_mono_ms();
     int rc = setup(&d);

@@ -42,6 +42,8 @@ struct ing_consumer {
     int closing_probe; /* close waits for a running probe */
     int stopped;
     int broker_up;
+    unsigned downs;       /* times marked down (any thread); a probe counts only if none came */
+    unsigned probe_downs; /* downs when the running probe started */
     int closing;
     int close_timeout_ms;
 };
@@ -53,6 +55,13 @@ static void set_err(char *err, size_t cap, const char *fmt, const char *a)
 }
 
 static void on_more(uv_idle_t *h);
+
+/* Mark the brokers down; any thread (librdkafka's error callback too). */
+static void mark_down(ing_consumer_t *c)
+{
+    __atomic_add_fetch(&c->downs, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&c->broker_up, 0, __ATOMIC_RELAXED);
+}
 
 /*
  * Deliver one batch of what is queued. A full batch means more may be
@@ -84,13 +93,15 @@ static void drain(ing_consumer_t *c)
                 }
                 if (m->err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN ||
                     m->err == RD_KAFKA_RESP_ERR__TRANSPORT)
-                    __atomic_store_n(&c->broker_up, 0, __ATOMIC_RELAXED);
+                    mark_down(c);
                 cm_warn("kafka consumer error", "partition=%d error=\"%s\"", m->partition,
                         rd_kafka_message_errstr(m));
                 rd_kafka_message_destroy(m);
                 continue;
             }
-            __atomic_store_n(&c->broker_up, 1, __ATOMIC_RELAXED);
+            /* A delivered message does not prove a broker is up: it may have
+             * waited in librdkafka's prefetch queue since before the outage.
+             * Only the probe (on_backstop) marks the brokers up again. */
             if (c->stopped) {
                 rd_kafka_message_destroy(m);
                 continue;
@@ -120,10 +131,12 @@ static void on_readable(uv_poll_t *h, int status, int events)
 }
 
 /*
- * librdkafka reports "all brokers down" but no "back up" event, and an idle
- * topic delivers no message that would prove it. While the brokers are
- * marked down, a watermark query on the thread pool (blocking, off the
- * loop) checks every few seconds whether the cluster answers again.
+ * librdkafka reports "all brokers down" but no "back up" event; an idle
+ * topic delivers no message, and a delivered message proves nothing (it may
+ * have waited in the prefetch queue since before the outage). While the
+ * brokers are marked down, a metadata request on the thread pool (blocking,
+ * off the loop) checks every few seconds whether the cluster answers again;
+ * only that marks them up.
  */
 static void probe_work(uv_work_t *w)
 {
@@ -140,7 +153,9 @@ static void probe_after(uv_work_t *w, int status)
 {
     ing_consumer_t *c = w->data;
     c->probing = 0;
-    if (status == 0 && c->probe_ok && !c->closing) {
+    /* A down report that came while the probe ran wins over its answer. */
+    if (status == 0 && c->probe_ok && !c->closing &&
+        __atomic_load_n(&c->downs, __ATOMIC_RELAXED) == c->probe_downs) {
         __atomic_store_n(&c->broker_up, 1, __ATOMIC_RELAXED);
         cm_info("kafka brokers reachable again", "topic=%s", c->topic);
     }
@@ -156,6 +171,7 @@ static void on_backstop(uv_timer_t *t)
         cm_mono_ms() - c->last_probe > 3000) {
         c->probing = 1;
         c->last_probe = cm_mono_ms();
+        c->probe_downs = __atomic_load_n(&c->downs, __ATOMIC_RELAXED);
         c->probe.data = c;
         if (uv_queue_work(c->loop, &c->probe, probe_work, probe_after) != 0)
             c->probing = 0;
@@ -168,7 +184,7 @@ static void error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
     (void)rk;
     ing_consumer_t *c = opaque;
     if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
-        __atomic_store_n(&c->broker_up, 0, __ATOMIC_RELAXED);
+        mark_down(c);
     cm_warn("kafka error", "code=%s reason=\"%s\"", rd_kafka_err2name(err), reason);
 }
 

@@ -92,7 +92,8 @@ void ing_consumer_hold(ing_consumer_t *c, int hold);
 /* Stop delivering messages (shutdown); the backstop keeps serving events. */
 void ing_consumer_stop(ing_consumer_t *c);
 
-/* 1 while a broker answered recently, 0 after "all brokers down". */
+/* 0 from "all brokers down" until a probe of the cluster (a metadata request
+ * every 3 s while down) is answered, 1 otherwise. Any thread. */
 int ing_consumer_broker_up(const ing_consumer_t *c);
 
 /* Commit offsets to the group (asynchronous, for monitoring tools). */
