@@ -1055,6 +1055,37 @@ static void test_regression_mark_survives_plain_flush(void **state)
     close_fresh(a, env, dir);
 }
 
+/* Retained events of one user in the same millisecond are told apart by
+ * their event_id's hash: an assignment that arrives after them (so the
+ * outcome comes from the retained events) counts every one. */
+static void test_window_same_millisecond(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    st_env_t *env;
+    agg_t *a = open_fresh(dir, &env, 30 * DAY);
+    int64_t t0 = 1700000000000LL;
+    int64_t o = 0;
+    assert_int_equal(agg_batch_begin(a), 0);
+    xevent(a, o++, "v1", "u1", t0 + 1000, ING_ET_PRODUCT_VIEW, 0);
+    xevent(a, o++, "p1", "u1", t0 + 2000, ING_ET_PURCHASE, 1000);
+    xevent(a, o++, "p2", "u1", t0 + 2000, ING_ET_PURCHASE, 250);
+    xevent(a, o++, "p3", "u1", t0 + 2000, ING_ET_PURCHASE, 7);
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_int_equal(agg_batch_begin(a), 0);
+    xassign(a, o++, "a1", "u1", t0, "exp", "treatment");
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush(a);
+    grow_t *g = xrow(SNK_USER_OUTCOMES, "exp", "u1");
+    assert_non_null(g);
+    /* variant, exposed_at, converted, orders, revenue, events, cart, checkout */
+    assert_int_equal(g->v[1], t0 + 1000);
+    assert_int_equal(g->v[3], 3);
+    assert_int_equal(g->v[4], 1257);
+    assert_int_equal(g->v[5], 4);
+    close_fresh(a, env, dir);
+}
+
 static void test_exposure_and_window(void **state)
 {
     (void)state;
@@ -1318,6 +1349,7 @@ int main(void)
         cmocka_unit_test(test_cohort_moves_with_late_event),
         cmocka_unit_test(test_retention_equals_recompute),
         cmocka_unit_test(test_exposure_and_window),
+        cmocka_unit_test(test_window_same_millisecond),
         cmocka_unit_test(test_regression_mark_survives_plain_flush),
         cmocka_unit_test(test_dedup_survives_restart_and_abort),
         cmocka_unit_test(test_dedup_log_records),
