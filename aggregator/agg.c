@@ -880,9 +880,23 @@ struct agg {
     size_t weeks_cap;
     uint8_t *ebuf; /* scratch: an encoded user record */
     size_t ebuf_cap;
-    dset_t dedup;         /* event ids of the horizon (in memory) */
-    dlog_t fresh;         /* ids added by the open batch: logged on commit, undone on abort */
-    dlog_t swept;         /* ids the open batch's compactor dropped, applied on commit */
+    dset_t dedup; /* event ids of the horizon (in memory) */
+    dlog_t fresh; /* ids added by the open batch: logged on commit, undone on abort */
+    dlog_t swept; /* ids the open batch's compactor dropped, applied on commit */
+    /* The open batch's accepted events, queued for their mart updates
+     * (agg_batch_drain): copies in evbuf, sorted by user before applying. */
+    struct pev *pev;
+    size_t n_pev, cap_pev, pev_done;
+    int pev_sorted;
+    uint8_t *evbuf;
+    size_t evlen, evcap;
+    /* The batch's retained-event puts, written sorted by key (xq_write). */
+    uint8_t *xq;
+    size_t xq_len, xq_cap;
+    size_t *xq_off;
+    size_t xq_n, xq_offcap;
+    const uint8_t **xq_sorted;
+    size_t xq_sortcap;
     int64_t batch_events; /* events accepted by the open batch (sizes the compactor) */
     /* Where the compactor stopped in each database, so that every batch
      * examines a bounded slice and the whole state is covered in turn. */
@@ -1118,6 +1132,11 @@ void agg_close(agg_t *a)
         return;
     if (a->txn)
         agg_batch_abort(a);
+    free(a->pev);
+    free(a->evbuf);
+    free(a->xq);
+    free(a->xq_off);
+    free(a->xq_sorted);
     kset_free(&a->dirty);
     kset_free(&a->pend);
     cache_free(&a->cache);
@@ -1188,6 +1207,8 @@ void agg_batch_abort(agg_t *a)
     a->txn = NULL;
     kset_reset(&a->dirty);
     cache_reset(&a->cache);
+    a->n_pev = a->pev_done = a->evlen = 0;
+    a->xq_n = a->xq_len = 0;
     forget_fresh(a);
     /* Forget the in-memory progress of the aborted batch. */
     if (load_partitions(a) != 0)
@@ -2042,33 +2063,143 @@ static int xuser_decode(const st_val_t *v, xuser_t *x)
 
 /*
  * A retained clickstream event: what exposure and outcome windows need.
- * Keyed by user, ts and the XXH3-128 of its event_id (the duplicate index's
- * hash): the id only keeps events of the same millisecond apart, and windows
- * read nothing but ts, so 16 bytes serve where a UUID took 36. This is the
- * largest database and every batch rewrites most of its pages.
+ * Keyed by the UTC day of its ts, then user, ts and the XXH3-128 of its
+ * event_id (the duplicate index's hash; the id only keeps events of the same
+ * millisecond apart, and windows read nothing but ts). This is the largest
+ * database, with one entry per clickstream event within the horizon. With
+ * the day first, a batch's inserts land in the few days its events fall
+ * into (mostly the latest ones) instead of on every leaf page, and the
+ * compactor deletes old days as contiguous ranges; a user's events are
+ * read by one seek per day that holds any (scan_xevents).
  */
 #define XEV_ID_LEN 16
+#define XEV_DAY_LEN 4
 
 static size_t xevent_key(uint8_t *k, const uint8_t *uk, size_t ukn, int64_t ts,
                          const XXH128_hash_t *id)
 {
-    memcpy(k, uk, ukn);
-    be64(k + ukn, (uint64_t)ts);
-    be64(k + ukn + 8, id->high64);
-    be64(k + ukn + 16, id->low64);
-    return ukn + 8 + XEV_ID_LEN;
+    be32(k, (uint32_t)day_of(ts));
+    memcpy(k + XEV_DAY_LEN, uk, ukn);
+    be64(k + XEV_DAY_LEN + ukn, (uint64_t)ts);
+    be64(k + XEV_DAY_LEN + ukn + 8, id->high64);
+    be64(k + XEV_DAY_LEN + ukn + 16, id->low64);
+    return XEV_DAY_LEN + ukn + 8 + XEV_ID_LEN;
+}
+
+/* The user key length of an xevents key, 0 when it is malformed. */
+static size_t xevent_ukn(const st_val_t *k)
+{
+    const uint8_t *p = k->p;
+    if (k->n < XEV_DAY_LEN + 1)
+        return 0;
+    size_t ukn = (size_t)p[XEV_DAY_LEN] + 1;
+    return k->n >= XEV_DAY_LEN + ukn + 8 ? ukn : 0;
+}
+
+/*
+ * The retained-event puts of a batch are queued and written sorted by key
+ * once the batch's events are applied (xq_write): the events are applied in
+ * user order, but xevents is keyed by day first, so writing them as they come
+ * would jump between the days a batch spans. A record is the key length,
+ * the value length, the key and the value.
+ */
+static int xq_push(agg_t *a, const uint8_t *k, size_t kn, const uint8_t *v, size_t vn)
+{
+    size_t need = 2 + kn + vn;
+    if (a->xq_len + need > a->xq_cap) {
+        size_t nc = a->xq_cap ? a->xq_cap * 2 : (size_t)1 << 20;
+        while (nc < a->xq_len + need)
+            nc *= 2;
+        uint8_t *nb = realloc(a->xq, nc);
+        if (!nb)
+            return AGG_ENOMEM;
+        a->xq = nb;
+        a->xq_cap = nc;
+    }
+    if (a->xq_n == a->xq_offcap) {
+        size_t nc = a->xq_offcap ? a->xq_offcap * 2 : 4096;
+        size_t *no = realloc(a->xq_off, nc * sizeof *no);
+        if (!no)
+            return AGG_ENOMEM;
+        a->xq_off = no;
+        a->xq_offcap = nc;
+    }
+    uint8_t *p = a->xq + a->xq_len;
+    p[0] = (uint8_t)kn;
+    p[1] = (uint8_t)vn;
+    memcpy(p + 2, k, kn);
+    memcpy(p + 2 + kn, v, vn);
+    a->xq_off[a->xq_n++] = a->xq_len;
+    a->xq_len += need;
+    return 0;
+}
+
+static int xq_put(agg_t *a, const uint8_t *p)
+{
+    return st_put(a->txn, a->env, ST_DB_XEVENTS, p + 2, p[0], p + 2 + p[0], p[1]);
+}
+
+/*
+ * Before a user's retained events are read: write the user's queued ones.
+ * The events are applied sorted by user, so they are the queue's tail.
+ */
+static int xq_write_user(agg_t *a, const uint8_t *uk, size_t ukn)
+{
+    while (a->xq_n) {
+        const uint8_t *p = a->xq + a->xq_off[a->xq_n - 1];
+        if (p[0] < XEV_DAY_LEN + ukn || memcmp(p + 2 + XEV_DAY_LEN, uk, ukn) != 0)
+            break;
+        int r = xq_put(a, p);
+        if (r)
+            return r;
+        a->xq_n--;
+        a->xq_len = a->xq_off[a->xq_n];
+    }
+    return 0;
+}
+
+static int xq_cmp(const void *x, const void *y)
+{
+    const uint8_t *p = *(const uint8_t *const *)x, *q = *(const uint8_t *const *)y;
+    size_t n = p[0] < q[0] ? p[0] : q[0];
+    int c = memcmp(p + 2, q + 2, n);
+    return c ? c : (int)p[0] - (int)q[0];
+}
+
+/* Write every queued retained event, in key order. */
+static int xq_write(agg_t *a)
+{
+    if (!a->xq_n)
+        return 0;
+    if (a->xq_n > a->xq_sortcap) {
+        const uint8_t **ns = realloc(a->xq_sorted, a->xq_n * sizeof *ns);
+        if (!ns)
+            return AGG_ENOMEM;
+        a->xq_sorted = ns;
+        a->xq_sortcap = a->xq_n;
+    }
+    for (size_t i = 0; i < a->xq_n; i++)
+        a->xq_sorted[i] = a->xq + a->xq_off[i];
+    qsort(a->xq_sorted, a->xq_n, sizeof *a->xq_sorted, xq_cmp);
+    for (size_t i = 0; i < a->xq_n; i++) {
+        int r = xq_put(a, a->xq_sorted[i]);
+        if (r)
+            return r;
+    }
+    a->xq_n = a->xq_len = 0;
+    return 0;
 }
 
 static int store_xevent(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
                         const ing_event_t *ev, const XXH128_hash_t *id)
 {
-    uint8_t k[KEY_MAX], buf[128];
+    uint8_t k[XEV_DAY_LEN + KEY_MAX], buf[128];
     size_t kn = xevent_key(k, uk, ukn, ev->ts, id);
     wr_t w = {buf, 0, sizeof buf, 0};
     w_i32(&w, partition);
     w_i64(&w, ev->type == ING_ET_PURCHASE ? ev->amount_cents : 0);
     w_str(&w, ev->event_type, ev->event_type_len);
-    return st_put(a->txn, a->env, ST_DB_XEVENTS, k, kn, buf, w.n);
+    return xq_push(a, k, kn, buf, w.n);
 }
 
 typedef struct xev {
@@ -2079,9 +2210,9 @@ typedef struct xev {
 
 static int xev_decode(const st_val_t *k, const st_val_t *v, size_t ukn, xev_t *e)
 {
-    if (k->n < ukn + 8)
+    if (k->n < XEV_DAY_LEN + ukn + 8)
         return AGG_ESTATE;
-    e->ts = (int64_t)rd_be64((const uint8_t *)k->p + ukn);
+    e->ts = (int64_t)rd_be64((const uint8_t *)k->p + XEV_DAY_LEN + ukn);
     rd_t r = {v->p, v->n, 0, 0};
     (void)r_i32(&r);
     e->cents = r_i64(&r);
@@ -2112,14 +2243,9 @@ static void outcome_add(xuser_t *x, const char *type, size_t tn, int64_t cents)
 static int scan_xevents(agg_t *a, const uint8_t *uk, size_t ukn, int64_t from, int64_t before,
                         const char *exposure, xuser_t *x, int64_t *found)
 {
-    uint8_t k[KEY_MAX];
-    memcpy(k, uk, ukn);
-    be64(k + ukn, (uint64_t)from);
+    uint8_t k[XEV_DAY_LEN + KEY_MAX];
     st_cursor_t cur = {0};
     st_val_t ck, cv;
-    int r = st_cur_open(a->txn, a->env, ST_DB_XEVENTS, &cur);
-    if (r)
-        return r;
     size_t expn = exposure ? strlen(exposure) : 0;
     if (found)
         *found = -1;
@@ -2127,22 +2253,54 @@ static int scan_xevents(agg_t *a, const uint8_t *uk, size_t ukn, int64_t from, i
         x->orders = x->revenue = x->events = 0;
         x->cart = x->checkout = 0;
     }
-    for (r = st_cur_seek(&cur, k, ukn + 8, &ck, &cv); r == 0; r = st_cur_next(&cur, &ck, &cv)) {
-        if (ck.n < ukn + 8 || memcmp(ck.p, uk, ukn) != 0)
+    if (before <= from)
+        return 0;
+    int r = xq_write_user(a, uk, ukn);
+    if (r == 0)
+        r = st_cur_open(a->txn, a->env, ST_DB_XEVENTS, &cur);
+    if (r)
+        return r;
+    /* A skip-scan over the days: seek (day, user, from); a hit on a later
+     * day jumps there, a hit on another user moves to the next day. Days in
+     * ascending order and ts within a day keep the events in ts order. */
+    int64_t day = day_of(from), last = day_of(before - 1);
+    memcpy(k + XEV_DAY_LEN, uk, ukn);
+    be64(k + XEV_DAY_LEN + ukn, (uint64_t)from);
+    int done = 0;
+    while (!done && day <= last) {
+        be32(k, (uint32_t)day);
+        r = st_cur_seek(&cur, k, XEV_DAY_LEN + ukn + 8, &ck, &cv);
+        if (r)
             break;
-        xev_t e;
-        if ((r = xev_decode(&ck, &cv, ukn, &e)))
-            break;
-        if (e.ts >= before)
-            break;
-        if (found) {
-            if (e.type_len == expn && memcmp(e.type, exposure, expn) == 0) {
-                *found = e.ts;
+        int64_t kday = (int64_t)rd_be32(ck.p);
+        if (kday > day) {
+            day = kday;
+            continue;
+        }
+        for (; r == 0; r = st_cur_next(&cur, &ck, &cv)) {
+            if (xevent_ukn(&ck) != ukn || memcmp(ck.p, k, XEV_DAY_LEN + ukn) != 0)
+                break;
+            xev_t e;
+            if ((r = xev_decode(&ck, &cv, ukn, &e)))
+                break;
+            if (e.ts >= before) {
+                done = 1;
                 break;
             }
-        } else {
-            outcome_add(x, e.type, e.type_len, e.cents);
+            if (found) {
+                if (e.type_len == expn && memcmp(e.type, exposure, expn) == 0) {
+                    *found = e.ts;
+                    done = 1;
+                    break;
+                }
+            } else {
+                outcome_add(x, e.type, e.type_len, e.cents);
+            }
         }
+        if (r && r != ST_ENOTFOUND)
+            break;
+        r = 0;
+        day++;
     }
     st_cur_close(&cur);
     return r == ST_ENOTFOUND ? 0 : r;
@@ -2383,6 +2541,130 @@ int agg_apply_reject(agg_t *a, int32_t partition, int64_t offset, ing_reason_t r
     return 0;
 }
 
+/*
+ * The mart updates of a batch are queued and applied sorted by user key (then
+ * ts): every per-user database is keyed by user first, so consecutive updates
+ * land on the same or the next leaf page, which the store's write cursors
+ * reach without descending from the root, and which are still in the CPU's
+ * caches. The marts are a function of the set of accepted events, not of
+ * their order (CONTRACT §3), so the order of application is free; the
+ * acceptance checks (watermark, duplicates) stay in arrival order.
+ */
+typedef struct pev {
+    uint64_t k;            /* the first 8 bytes of the user key, big-endian */
+    const ing_event_t *ev; /* the event's copy in evbuf */
+    XXH128_hash_t h;
+    int32_t partition;
+    uint32_t seq; /* arrival order, the last tie-break */
+} pev_t;
+
+static int pev_cmp(const void *x, const void *y)
+{
+    const pev_t *p = x, *q = y;
+    if (p->k != q->k)
+        return p->k < q->k ? -1 : 1;
+    const ing_event_t *ea = p->ev, *eb = q->ev;
+    if (ea->user_id_len != eb->user_id_len)
+        return ea->user_id_len < eb->user_id_len ? -1 : 1;
+    int c = memcmp(ea->user_id, eb->user_id, ea->user_id_len);
+    if (c)
+        return c;
+    if (ea->ts != eb->ts)
+        return ea->ts < eb->ts ? -1 : 1;
+    return p->seq < q->seq ? -1 : p->seq > q->seq;
+}
+
+/* Queue an accepted event: a copy of its used part (the items it has). */
+static int pev_push(agg_t *a, int32_t partition, const ing_event_t *ev, const XXH128_hash_t *h)
+{
+    size_t n = offsetof(ing_event_t, items) + (size_t)ev->n_items * sizeof ev->items[0];
+    n = (n + 7) & ~(size_t)7;
+    if (a->evlen + n > a->evcap) {
+        size_t nc = a->evcap ? a->evcap * 2 : (size_t)1 << 20;
+        while (nc < a->evlen + n)
+            nc *= 2;
+        /* Not realloc: the queued events' pointers are moved to the new
+         * arena while the old one is still valid. */
+        uint8_t *nb = malloc(nc);
+        if (!nb)
+            return AGG_ENOMEM;
+        if (a->evlen)
+            memcpy(nb, a->evbuf, a->evlen);
+        for (size_t i = a->pev_done; i < a->n_pev; i++)
+            a->pev[i].ev = (const ing_event_t *)(const void *)(nb + ((const uint8_t *)a->pev[i].ev -
+                                                                     a->evbuf));
+        free(a->evbuf);
+        a->evbuf = nb;
+        a->evcap = nc;
+    }
+    if (a->n_pev == a->cap_pev) {
+        size_t nc = a->cap_pev ? a->cap_pev * 2 : 4096;
+        pev_t *np = realloc(a->pev, nc * sizeof *np);
+        if (!np)
+            return AGG_ENOMEM;
+        a->pev = np;
+        a->cap_pev = nc;
+    }
+    memcpy(a->evbuf + a->evlen, ev, n);
+    pev_t *q = &a->pev[a->n_pev];
+    uint8_t kb[8] = {0};
+    kb[0] = ev->user_id_len;
+    memcpy(kb + 1, ev->user_id, ev->user_id_len < 7 ? ev->user_id_len : 7);
+    q->k = rd_be64(kb);
+    q->ev = (const ing_event_t *)(const void *)(a->evbuf + a->evlen);
+    q->h = *h;
+    q->partition = partition;
+    q->seq = (uint32_t)a->n_pev;
+    a->evlen += n;
+    a->n_pev++;
+    a->pev_sorted = 0;
+    return 0;
+}
+
+/* The mart updates of one accepted event (§3-§6). */
+static int apply_marts(agg_t *a, int32_t partition, const ing_event_t *ev, const XXH128_hash_t *h)
+{
+    int r;
+    uint8_t uk[KEY_MAX];
+    size_t ukn = user_key(uk, ev->user_id, ev->user_id_len);
+    if (ev->type == ING_ET_ASSIGNMENT)
+        return apply_assignment(a, uk, ukn, partition, ev);
+    int64_t session_delta = 0;
+    user_t u;
+    int found;
+    if ((r = load_user(a, uk, ukn, &u, &found)) ||
+        (r = apply_session(a, uk, ukn, partition, ev, found ? &u : NULL, &u.latest,
+                           &session_delta)) ||
+        (r = apply_user(a, uk, ukn, partition, ev, session_delta, &u, found)) ||
+        (r = apply_products(a, ev)))
+        return r;
+    return apply_xclick(a, uk, ukn, partition, ev, h);
+}
+
+int agg_batch_drain(agg_t *a, size_t max_events)
+{
+    if (!a->pev_sorted && a->n_pev > a->pev_done) {
+        /* Events queued after a partial drain: the users' queued retained
+         * events are no longer the queue's tail when their turn comes. */
+        int r = a->pev_done ? xq_write(a) : 0;
+        if (r)
+            return r;
+        qsort(a->pev + a->pev_done, a->n_pev - a->pev_done, sizeof *a->pev, pev_cmp);
+        a->pev_sorted = 1;
+    }
+    for (size_t n = 0; a->pev_done < a->n_pev; n++) {
+        if (n == max_events)
+            return 1;
+        const pev_t *q = &a->pev[a->pev_done];
+        int r = apply_marts(a, q->partition, q->ev, &q->h);
+        if (r)
+            return r;
+        a->pev_done++;
+    }
+    a->n_pev = a->pev_done = a->evlen = 0;
+    return xq_write(a);
+}
+
 int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event_t *ev,
                     const char *payload, size_t len, int64_t now_ms)
 {
@@ -2406,27 +2688,8 @@ int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event
         (r = dlog_add(&a->fresh, ev->ts, h.high64, h.low64, partition)))
         return r;
 
-    if (ev->type != ING_ET_ASSIGNMENT) {
-        uint8_t uk[KEY_MAX];
-        size_t ukn = user_key(uk, ev->user_id, ev->user_id_len);
-        int64_t session_delta = 0;
-        user_t u;
-        int found;
-        if ((r = load_user(a, uk, ukn, &u, &found)))
-            return r;
-        if ((r = apply_session(a, uk, ukn, partition, ev, found ? &u : NULL, &u.latest,
-                               &session_delta)))
-            return r;
-        if ((r = apply_user(a, uk, ukn, partition, ev, session_delta, &u, found)))
-            return r;
-        if ((r = apply_products(a, ev)) || (r = apply_xclick(a, uk, ukn, partition, ev, &h)))
-            return r;
-    } else {
-        uint8_t uk[KEY_MAX];
-        size_t ukn = user_key(uk, ev->user_id, ev->user_id_len);
-        if ((r = apply_assignment(a, uk, ukn, partition, ev)))
-            return r;
-    }
+    if ((r = pev_push(a, partition, ev, &h)))
+        return r;
     p->accepted++;
     a->batch_events++;
     if (ev->ts > p->watermark)
@@ -2510,11 +2773,11 @@ static int sweep_final(agg_t *a, int which, const st_val_t *k, const st_val_t *v
         /* A retained event older than the horizon can no longer fall into
          * a window that may still move (docs/aggregator.md). */
         int32_t p;
-        size_t ukn = k->n ? (size_t)kp[0] + 1 : 0;
-        if (v->n < 4 || k->n < ukn + 8)
+        size_t ukn = xevent_ukn(k);
+        if (v->n < 4 || !ukn)
             return 0;
         memcpy(&p, v->p, 4);
-        return (int64_t)rd_be64(kp + ukn) < horizon(a, p);
+        return (int64_t)rd_be64(kp + XEV_DAY_LEN + ukn) < horizon(a, p);
     }
     if (which == SW_SESSIONS) {
         sess_t s;
@@ -2553,8 +2816,18 @@ static int sweep_db(agg_t *a, int which, enum st_db db, int64_t budget)
         r = st_cur_seek(&cur, a->sweep_key[which], a->sweep_len[which], &k, &v);
     else
         r = st_cur_seek(&cur, &zero, 1, &k, &v);
+    /* Retained events are keyed by day first: past the day of the latest
+     * horizon nothing can be final, so the walk wraps there. */
+    int64_t hmax = INT64_MIN;
+    if (which == SW_XEVENTS)
+        for (int32_t p = 0; p < AGG_MAX_PARTITIONS; p++)
+            if (a->parts[p].known && horizon(a, p) > hmax)
+                hmax = horizon(a, p);
     int64_t seen = 0;
     while (seen < budget) {
+        if (r == 0 && which == SW_XEVENTS && k.n >= XEV_DAY_LEN &&
+            (hmax == INT64_MIN || (int64_t)rd_be32(k.p) * DAY_MS > hmax))
+            r = ST_ENOTFOUND;
         if (r == ST_ENOTFOUND) {
             /* Wrap around: the next batch starts again at the beginning. */
             a->sweep_len[which] = 0;
@@ -2636,7 +2909,11 @@ static int mark_cmp(const void *x, const void *y)
 int agg_batch_commit(agg_t *a)
 {
     uint64_t seq = a->seq + 1;
-    int r = cache_writeback(a);
+    int r = 0;
+    while ((r = agg_batch_drain(a, SIZE_MAX)) == 1)
+        ;
+    if (r == 0)
+        r = cache_writeback(a);
     if (r == 0)
         r = st_put(a->txn, a->env, ST_DB_META, META_SEQ, 3, &seq, sizeof seq);
     /* The batch's marks, sorted, as a few records of the dirty log. */

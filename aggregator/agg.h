@@ -78,12 +78,23 @@ const agg_partition_t *agg_partition(const agg_t *a, int32_t partition);
 int agg_batch_begin(agg_t *a);
 
 /*
- * Apply one validated event from (partition, offset). Checks too_late and
- * duplicates (§2), then updates the marts. A too_late event is recorded as a
- * reject; the message's payload is needed only for that.
+ * Accept one validated event from (partition, offset): checks too_late and
+ * duplicates (§2) in arrival order and records the partition's progress at
+ * once; a too_late event is recorded as a reject (the message's payload is
+ * needed only for that). The event's mart updates are queued (ev is copied,
+ * the caller keeps ownership) and applied by agg_batch_drain or at commit,
+ * sorted by user.
  */
 int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event_t *ev,
                     const char *payload, size_t len, int64_t now_ms);
+
+/*
+ * Apply up to max_events of the batch's queued mart updates: 0 when none is
+ * left, 1 when some are, or an error (then abort the batch; ST_EMAPFULL as
+ * for agg_batch_commit). Lets the caller cut a large batch's work into
+ * slices; agg_batch_commit applies whatever is left.
+ */
+int agg_batch_drain(agg_t *a, size_t max_events);
 
 /* Record a message that validation rejected (§1.1, §7). detail may be "". */
 int agg_apply_reject(agg_t *a, int32_t partition, int64_t offset, ing_reason_t reason,

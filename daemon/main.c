@@ -373,6 +373,9 @@ static void pump(dmn_t *d);
  * completions and the status socket again. */
 #define APPLY_SLICE_MS 20.0
 
+/* Queued mart updates applied between two looks at the clock. */
+#define DRAIN_STEP 256
+
 static void on_apply_idle(uv_idle_t *h);
 
 /*
@@ -442,6 +445,23 @@ static void pump(dmn_t *d)
                 break;
             }
             if (due) {
+                /* The batch's mart updates run sorted by user once all of
+                 * its messages are in; in slices, like the messages. */
+                while ((r = agg_batch_drain(d->agg, DRAIN_STEP)) == 1)
+                    if (cm_mono_ms() - t0 > APPLY_SLICE_MS) {
+                        uv_idle_start(&d->apply_idle, on_apply_idle);
+                        return;
+                    }
+                if (r != 0) {
+                    agg_batch_abort(d->agg);
+                    if (r == ST_EMAPFULL) {
+                        map_full(d);
+                    } else {
+                        d->txn_open = 0;
+                        apply_failed(d, r);
+                    }
+                    return;
+                }
                 if (commit_open(d) != 0)
                     return;
                 if (d->n_held && cm_mono_ms() - t0 > APPLY_SLICE_MS) {

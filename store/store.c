@@ -15,7 +15,7 @@
 #include "daemon/util.h"
 
 /* Bumped whenever the key layout or a record format changes incompatibly. */
-#define ST_LAYOUT_VERSION 5
+#define ST_LAYOUT_VERSION 6
 
 static const char *const db_names[ST_DB__COUNT] = {
     "meta",  "dedup",  "sessions", "users",   "ustage", "funnel", "dirty", "rejects", "product",
@@ -27,6 +27,22 @@ struct st_env {
     MDB_env *env;
     MDB_dbi dbi[ST_DB__COUNT];
     size_t map_size;
+};
+
+/*
+ * A transaction. A write transaction keeps one cursor per database for the
+ * point lookups and updates: LMDB's cursor search first checks whether the
+ * key lies on the leaf page the cursor is already on and descends from the
+ * root only when it does not, so updates that arrive in key order (the
+ * aggregator applies each batch sorted by user) skip most of the descents.
+ * Read transactions use plain lookups: they may run on another thread and
+ * are mostly scans.
+ */
+struct st_txn {
+    MDB_txn *t;
+    st_env_t *env;
+    int rw;
+    MDB_cursor *cur[ST_DB__COUNT];
 };
 
 /* Translate an LMDB return code into the store's codes at the boundary. */
@@ -166,24 +182,52 @@ void st_close(st_env_t *e)
 
 int st_begin(st_env_t *e, int rdonly, st_txn_t **txn)
 {
-    return xlate(mdb_txn_begin(e->env, NULL, rdonly ? MDB_RDONLY : 0, txn));
+    st_txn_t *x = calloc(1, sizeof *x);
+    if (!x)
+        return ST_ENOMEM;
+    int rc = mdb_txn_begin(e->env, NULL, rdonly ? MDB_RDONLY : 0, &x->t);
+    if (rc) {
+        free(x);
+        return xlate(rc);
+    }
+    x->env = e;
+    x->rw = !rdonly;
+    *txn = x;
+    return 0;
 }
 
+/* A write transaction's cursors end with it (LMDB closes them). */
 int st_commit(st_txn_t *txn)
 {
-    return xlate(mdb_txn_commit(txn));
+    int rc = mdb_txn_commit(txn->t);
+    free(txn);
+    return xlate(rc);
 }
 
 void st_abort(st_txn_t *txn)
 {
-    if (txn)
-        mdb_txn_abort(txn);
+    if (!txn)
+        return;
+    mdb_txn_abort(txn->t);
+    free(txn);
+}
+
+/* The write transaction's cursor on db, opened on first use; NULL for a
+ * read transaction or without memory (then a plain call is used). */
+static MDB_cursor *wcur(st_txn_t *txn, st_env_t *e, enum st_db db)
+{
+    if (!txn->rw)
+        return NULL;
+    if (!txn->cur[db] && mdb_cursor_open(txn->t, e->dbi[db], &txn->cur[db]) != 0)
+        txn->cur[db] = NULL;
+    return txn->cur[db];
 }
 
 int st_get(st_txn_t *txn, st_env_t *e, enum st_db db, const void *k, size_t kn, st_val_t *v)
 {
     MDB_val mk = {kn, (void *)k}, mv;
-    int rc = mdb_get(txn, e->dbi[db], &mk, &mv);
+    MDB_cursor *c = wcur(txn, e, db);
+    int rc = c ? mdb_cursor_get(c, &mk, &mv, MDB_SET) : mdb_get(txn->t, e->dbi[db], &mk, &mv);
     if (rc == 0) {
         v->p = mv.mv_data;
         v->n = mv.mv_size;
@@ -195,18 +239,23 @@ int st_put(st_txn_t *txn, st_env_t *e, enum st_db db, const void *k, size_t kn, 
            size_t vn)
 {
     MDB_val mk = {kn, (void *)k}, mv = {vn, (void *)v};
-    return xlate(mdb_put(txn, e->dbi[db], &mk, &mv, 0));
+    MDB_cursor *c = wcur(txn, e, db);
+    return xlate(c ? mdb_cursor_put(c, &mk, &mv, 0) : mdb_put(txn->t, e->dbi[db], &mk, &mv, 0));
 }
 
 int st_del(st_txn_t *txn, st_env_t *e, enum st_db db, const void *k, size_t kn)
 {
-    MDB_val mk = {kn, (void *)k};
-    return xlate(mdb_del(txn, e->dbi[db], &mk, NULL));
+    MDB_val mk = {kn, (void *)k}, mv;
+    MDB_cursor *c = wcur(txn, e, db);
+    if (!c)
+        return xlate(mdb_del(txn->t, e->dbi[db], &mk, NULL));
+    int rc = mdb_cursor_get(c, &mk, &mv, MDB_SET);
+    return xlate(rc ? rc : mdb_cursor_del(c, 0));
 }
 
 int st_cur_open(st_txn_t *txn, st_env_t *e, enum st_db db, st_cursor_t *cur)
 {
-    return xlate(mdb_cursor_open(txn, e->dbi[db], &cur->c));
+    return xlate(mdb_cursor_open(txn->t, e->dbi[db], &cur->c));
 }
 
 static int cur_get(st_cursor_t *cur, MDB_val *mk, MDB_cursor_op op, st_val_t *key, st_val_t *val)
@@ -265,7 +314,7 @@ void st_cur_close(st_cursor_t *cur)
 int st_count(st_txn_t *txn, st_env_t *e, enum st_db db, uint64_t *n)
 {
     MDB_stat s;
-    int rc = mdb_stat(txn, e->dbi[db], &s);
+    int rc = mdb_stat(txn->t, e->dbi[db], &s);
     if (rc == 0)
         *n = s.ms_entries;
     return xlate(rc);

@@ -46,7 +46,7 @@ enum st_db {
 };
 
 typedef struct st_env st_env_t;
-typedef MDB_txn st_txn_t;
+typedef struct st_txn st_txn_t;
 
 typedef struct st_val {
     const void *p;

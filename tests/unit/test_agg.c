@@ -1086,6 +1086,132 @@ static void test_window_same_millisecond(void **state)
     close_fresh(a, env, dir);
 }
 
+/*
+ * Experiment windows over many days and interleaved users, in any arrival
+ * order, against a direct computation: the retained events are keyed by day
+ * first and read by a skip-scan over the days, which must see exactly the
+ * user's events of the window. Mode 1 arrives nearly in ts order with a
+ * two-day lateness and the compactor on, so old days are swept meanwhile.
+ */
+typedef struct wev {
+    char eid[16], uid[8];
+    int64_t ts, cents;
+    int type; /* ING_ET_*; ING_ET_ASSIGNMENT for an assignment */
+} wev_t;
+
+static void test_windows_across_days(void **state)
+{
+    (void)state;
+    static const int types[] = {ING_ET_PAGE_VIEW, ING_ET_PRODUCT_VIEW, ING_ET_ADD_TO_CART,
+                                ING_ET_CHECKOUT,  ING_ET_PURCHASE,     ING_ET_ASSIGNMENT};
+    const int64_t W = 7 * DAY, t0 = 1700000000000LL;
+    enum { N = 400, USERS = 7 };
+    for (int mode = 0; mode < 2; mode++) {
+        for (uint64_t seed = 1; seed <= 6; seed++) {
+            rng = seed * 40503u + (uint64_t)mode;
+            static wev_t ev[N];
+            for (int i = 0; i < N; i++) {
+                snprintf(ev[i].eid, sizeof ev[i].eid, "w%d", i);
+                snprintf(ev[i].uid, sizeof ev[i].uid, "u%d", (int)(rnd() % USERS));
+                /* 20 days at minute resolution; some events share a minute. */
+                ev[i].ts = t0 + (int64_t)(rnd() % (20 * 24 * 60)) * 60000;
+                ev[i].type = types[rnd() % 6];
+                ev[i].cents = ev[i].type == ING_ET_PURCHASE ? 100 + (int64_t)(rnd() % 900) : 0;
+            }
+            int order[N];
+            for (int i = 0; i < N; i++)
+                order[i] = i;
+            if (mode == 0) {
+                for (int i = N - 1; i > 0; i--) {
+                    int j = (int)(rnd() % (uint64_t)(i + 1)), t = order[i];
+                    order[i] = order[j];
+                    order[j] = t;
+                }
+            } else {
+                /* By ts, then neighbours swapped now and then. */
+                for (int i = 1; i < N; i++)
+                    for (int j = i; j > 0 && ev[order[j - 1]].ts > ev[order[j]].ts; j--) {
+                        int t = order[j];
+                        order[j] = order[j - 1];
+                        order[j - 1] = t;
+                    }
+                for (int i = 1; i < N; i++)
+                    if (rnd() % 4 == 0) {
+                        int t = order[i];
+                        order[i] = order[i - 1];
+                        order[i - 1] = t;
+                    }
+            }
+            char dir[] = "/tmp/test_agg_XXXXXX";
+            st_env_t *env;
+            agg_t *a = mode == 0 ? open_fresh(dir, &env, 1000 * DAY)
+                                 : open_sweeping(dir, &env, 2 * DAY, 20);
+            int64_t off = 0;
+            for (int i = 0; i < N;) {
+                assert_int_equal(agg_batch_begin(a), 0);
+                int bs = 1 + (int)(rnd() % 40);
+                for (int j = 0; j < bs && i < N; j++, i++) {
+                    const wev_t *e = &ev[order[i]];
+                    const char *var = e->uid[1] % 2 ? "treatment" : "control";
+                    if (e->type == ING_ET_ASSIGNMENT)
+                        xassign(a, off++, e->eid, e->uid, e->ts, "exp", var);
+                    else
+                        xevent(a, off++, e->eid, e->uid, e->ts, e->type, e->cents);
+                }
+                assert_int_equal(agg_batch_commit(a), 0);
+                if (rnd() % 4 == 0)
+                    flush(a);
+            }
+            flush(a);
+            assert_int_equal(agg_partition(a, 0)->accepted, N);
+            for (int u = 0; u < USERS; u++) {
+                char uid[8];
+                snprintf(uid, sizeof uid, "u%d", u);
+                /* The earliest assignment (ts, then event_id) and the first
+                 * product view at or after it. */
+                int64_t assigned = INT64_MAX, exposed = INT64_MAX;
+                const char *aeid = NULL;
+                for (int i = 0; i < N; i++)
+                    if (!strcmp(ev[i].uid, uid) && ev[i].type == ING_ET_ASSIGNMENT &&
+                        (ev[i].ts < assigned ||
+                         (ev[i].ts == assigned && strcmp(ev[i].eid, aeid) < 0))) {
+                        assigned = ev[i].ts;
+                        aeid = ev[i].eid;
+                    }
+                for (int i = 0; i < N; i++)
+                    if (!strcmp(ev[i].uid, uid) && ev[i].type == ING_ET_PRODUCT_VIEW &&
+                        ev[i].ts >= assigned && ev[i].ts < exposed)
+                        exposed = ev[i].ts;
+                grow_t *g = xrow(SNK_USER_OUTCOMES, "exp", uid);
+                if (exposed == INT64_MAX) {
+                    assert_null(g);
+                    continue;
+                }
+                int64_t events = 0, orders = 0, revenue = 0, cart = 0, checkout = 0;
+                for (int i = 0; i < N; i++) {
+                    if (strcmp(ev[i].uid, uid) || ev[i].type == ING_ET_ASSIGNMENT ||
+                        ev[i].ts < exposed || ev[i].ts >= exposed + W)
+                        continue;
+                    events++;
+                    orders += ev[i].type == ING_ET_PURCHASE;
+                    revenue += ev[i].cents;
+                    cart |= ev[i].type == ING_ET_ADD_TO_CART;
+                    checkout |= ev[i].type == ING_ET_CHECKOUT;
+                }
+                assert_non_null(g);
+                /* variant, exposed_at, converted, orders, revenue, events, cart, checkout */
+                assert_int_equal(g->v[1], exposed);
+                assert_int_equal(g->v[3], orders);
+                assert_int_equal(g->v[4], revenue);
+                assert_int_equal(g->v[5], events);
+                assert_int_equal(g->v[6], cart);
+                assert_int_equal(g->v[7], checkout);
+            }
+            close_fresh(a, env, dir);
+        }
+    }
+}
+
 static void test_exposure_and_window(void **state)
 {
     (void)state;
@@ -1350,6 +1476,7 @@ int main(void)
         cmocka_unit_test(test_retention_equals_recompute),
         cmocka_unit_test(test_exposure_and_window),
         cmocka_unit_test(test_window_same_millisecond),
+        cmocka_unit_test(test_windows_across_days),
         cmocka_unit_test(test_regression_mark_survives_plain_flush),
         cmocka_unit_test(test_dedup_survives_restart_and_abort),
         cmocka_unit_test(test_dedup_log_records),
