@@ -482,6 +482,11 @@ static void run_round(uint64_t seed, int n, int users, int64_t spread_ms, int sw
             if (rnd() % 10 == 0) { /* a re-sent duplicate */
                 assert_int_equal(agg_apply_event(a, 0, off++, ie, "", 0, 0), 0);
             }
+            /* Part of the queue applied while more events come. */
+            if (rnd() % 8 == 0) {
+                int dr = agg_batch_drain(a, 1 + (size_t)(rnd() % 4));
+                assert_true(dr == 0 || dr == 1);
+            }
         }
         assert_int_equal(agg_batch_commit(a), 0);
         if (rnd() % 5 == 0)
@@ -1157,6 +1162,12 @@ static void test_windows_across_days(void **state)
                         xassign(a, off++, e->eid, e->uid, e->ts, "exp", var);
                     else
                         xevent(a, off++, e->eid, e->uid, e->ts, e->type, e->cents);
+                    /* Part of the queue applied while more events come: the
+                     * queued retained events must still be found. */
+                    if (rnd() % 6 == 0) {
+                        int dr = agg_batch_drain(a, 1 + (size_t)(rnd() % 5));
+                        assert_true(dr == 0 || dr == 1);
+                    }
                 }
                 assert_int_equal(agg_batch_commit(a), 0);
                 if (rnd() % 4 == 0)
