@@ -412,6 +412,20 @@ static int commit_open(dmn_t *d)
     return 0;
 }
 
+/* Roll back the open transaction after an apply error r: the batches are
+ * applied again from their start once the map has grown (ST_EMAPFULL) or
+ * the storage recovers; other errors stop the daemon (apply_failed). */
+static void abort_open(dmn_t *d, int r)
+{
+    agg_batch_abort(d->agg);
+    if (r == ST_EMAPFULL) {
+        map_full(d);
+    } else {
+        d->txn_open = 0;
+        apply_failed(d, r);
+    }
+}
+
 static void on_commit_timer(uv_timer_t *t)
 {
     pump(t->data);
@@ -453,13 +467,7 @@ static void pump(dmn_t *d)
                         return;
                     }
                 if (r != 0) {
-                    agg_batch_abort(d->agg);
-                    if (r == ST_EMAPFULL) {
-                        map_full(d);
-                    } else {
-                        d->txn_open = 0;
-                        apply_failed(d, r);
-                    }
+                    abort_open(d, r);
                     return;
                 }
                 if (commit_open(d) != 0)
@@ -491,13 +499,7 @@ static void pump(dmn_t *d)
         }
         while (d->pos < b->n) {
             if ((r = apply_msg(d, b, d->pos)) != 0) {
-                agg_batch_abort(d->agg);
-                if (r == ST_EMAPFULL) {
-                    map_full(d);
-                } else {
-                    d->txn_open = 0;
-                    apply_failed(d, r);
-                }
+                abort_open(d, r);
                 return;
             }
             d->pos++;
