@@ -2234,9 +2234,9 @@ static void outcome_add(xuser_t *x, const char *type, size_t tn, int64_t cents)
 }
 
 /*
- * Walk the user's retained events from `from` on. With find_exposure set,
- * stop at the first event of type `exposure` before `before` and return its
- * ts in *found (-1 when none); otherwise recompute the outcome over
+ * Walk the user's retained events from `from` on. With `found` set, stop at
+ * the first event of type `exposure` before `before` and return its ts in
+ * *found (-1 when none); otherwise (x set) recompute the outcome over
  * [from, before). Every event an accepted event can still reach is retained
  * (docs/aggregator.md), so this sees the whole window.
  */
@@ -2249,7 +2249,7 @@ static int scan_xevents(agg_t *a, const uint8_t *uk, size_t ukn, int64_t from, i
     size_t expn = exposure ? strlen(exposure) : 0;
     if (found)
         *found = -1;
-    else {
+    else if (x) {
         x->orders = x->revenue = x->events = 0;
         x->cart = x->checkout = 0;
     }
@@ -2293,7 +2293,7 @@ static int scan_xevents(agg_t *a, const uint8_t *uk, size_t ukn, int64_t from, i
                     done = 1;
                     break;
                 }
-            } else {
+            } else if (x) {
                 outcome_add(x, e.type, e.type_len, e.cents);
             }
         }
