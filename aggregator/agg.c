@@ -2653,7 +2653,7 @@ int agg_batch_drain(agg_t *a, size_t max_events)
         a->pev_sorted = 1;
     }
     for (size_t n = 0; a->pev_done < a->n_pev; n++) {
-        if (n == max_events)
+        if (max_events && n == max_events)
             return 1;
         const pev_t *q = &a->pev[a->pev_done];
         int r = apply_marts(a, q->partition, q->ev, &q->h);

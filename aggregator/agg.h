@@ -89,7 +89,7 @@ int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event
                     const char *payload, size_t len, int64_t now_ms);
 
 /*
- * Apply up to max_events of the batch's queued mart updates: 0 when none is
+ * Apply up to max_events (0: all) of the batch's queued mart updates: 0 when none is
  * left, 1 when some are, or an error (then abort the batch; ST_EMAPFULL as
  * for agg_batch_commit). Lets the caller cut a large batch's work into
  * slices; agg_batch_commit applies whatever is left.

@@ -1096,7 +1096,11 @@ static void test_window_same_millisecond(void **state)
  * order, against a direct computation: the retained events are keyed by day
  * first and read by a skip-scan over the days, which must see exactly the
  * user's events of the window. Mode 1 arrives nearly in ts order with a
- * two-day lateness and the compactor on, so old days are swept meanwhile.
+ * two-day lateness and the compactor on, so old days are swept meanwhile;
+ * mode 2 delays one event in ten by up to 1.5 days, so late exposures and
+ * assignments read retained events close to the horizon. Timestamps sit on
+ * a minute grid that starts at midnight, so events fall on day boundaries
+ * and window ends.
  */
 typedef struct wev {
     char eid[16], uid[8];
@@ -1109,9 +1113,9 @@ static void test_windows_across_days(void **state)
     (void)state;
     static const int types[] = {ING_ET_PAGE_VIEW, ING_ET_PRODUCT_VIEW, ING_ET_ADD_TO_CART,
                                 ING_ET_CHECKOUT,  ING_ET_PURCHASE,     ING_ET_ASSIGNMENT};
-    const int64_t W = 7 * DAY, t0 = 1700000000000LL;
+    const int64_t W = 7 * DAY, t0 = 19676 * DAY; /* 2023-11-15 00:00 UTC */
     enum { N = 400, USERS = 7 };
-    for (int mode = 0; mode < 2; mode++) {
+    for (int mode = 0; mode < 3; mode++) {
         for (uint64_t seed = 1; seed <= 6; seed++) {
             rng = seed * 40503u + (uint64_t)mode;
             static wev_t ev[N];
@@ -1133,15 +1137,21 @@ static void test_windows_across_days(void **state)
                     order[j] = t;
                 }
             } else {
-                /* By ts, then neighbours swapped now and then. */
+                /* By ts (mode 2: some events delayed), then neighbours
+                 * swapped now and then. */
+                int64_t at[N];
+                for (int i = 0; i < N; i++)
+                    at[i] =
+                        ev[i].ts +
+                        (mode == 2 && rnd() % 10 == 0 ? (int64_t)(rnd() % (36 * 60)) * 60000 : 0);
                 for (int i = 1; i < N; i++)
-                    for (int j = i; j > 0 && ev[order[j - 1]].ts > ev[order[j]].ts; j--) {
+                    for (int j = i; j > 0 && at[order[j - 1]] > at[order[j]]; j--) {
                         int t = order[j];
                         order[j] = order[j - 1];
                         order[j - 1] = t;
                     }
                 for (int i = 1; i < N; i++)
-                    if (rnd() % 4 == 0) {
+                    if (mode == 1 && rnd() % 4 == 0) {
                         int t = order[i];
                         order[i] = order[i - 1];
                         order[i - 1] = t;
@@ -1175,6 +1185,15 @@ static void test_windows_across_days(void **state)
             }
             flush(a);
             assert_int_equal(agg_partition(a, 0)->accepted, N);
+            if (mode > 0) {
+                /* The compactor dropped the retained events behind the horizon. */
+                st_txn_t *txn;
+                uint64_t nx = 0;
+                assert_int_equal(st_begin(env, 1, &txn), 0);
+                assert_int_equal(st_count(txn, env, ST_DB_XEVENTS, &nx), 0);
+                st_abort(txn);
+                assert_true(nx < N / 2);
+            }
             for (int u = 0; u < USERS; u++) {
                 char uid[8];
                 snprintf(uid, sizeof uid, "u%d", u);
@@ -1221,6 +1240,69 @@ static void test_windows_across_days(void **state)
             close_fresh(a, env, dir);
         }
     }
+}
+
+/*
+ * A product view that arrives as late as the lateness allows becomes the
+ * exposure; its window reaches events that were retained right at the
+ * horizon while the compactor swept the older ones meanwhile.
+ */
+static void test_late_exposure_near_horizon(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    st_env_t *env;
+    agg_t *a = open_sweeping(dir, &env, 2 * DAY, 50);
+    const int64_t T = 19676 * DAY + 3600000, M = 60000;
+    int64_t o = 0;
+    assert_int_equal(agg_batch_begin(a), 0);
+    xassign(a, o++, "a1", "u1", T, "exp", "treatment");
+    xevent(a, o++, "p0", "u1", T + 10 * M, ING_ET_PURCHASE, 111); /* before the exposure */
+    xevent(a, o++, "p1", "u1", T + 30 * M, ING_ET_PURCHASE, 500); /* at the exposure */
+    xevent(a, o++, "p2", "u1", T + 60 * M, ING_ET_PURCHASE, 700);
+    assert_int_equal(agg_batch_commit(a), 0);
+    /* Other users move the watermark to exactly 2 days after the view to
+     * come, over many batches, so the compactor runs meanwhile. */
+    for (int b = 0; b < 30; b++) {
+        assert_int_equal(agg_batch_begin(a), 0);
+        for (int j = 0; j < 10; j++) {
+            char eid[16], uid[8];
+            snprintf(eid, sizeof eid, "f%d", b * 10 + j);
+            snprintf(uid, sizeof uid, "f%d", j);
+            int64_t ts = T + 30 * M + (2 * DAY) * (b * 10 + j + 1) / 300;
+            xevent(a, o++, eid, uid, ts, ING_ET_PAGE_VIEW, 0);
+        }
+        assert_int_equal(agg_batch_commit(a), 0);
+    }
+    /* More batches at that watermark: the compactor walks the whole state
+     * several times, dropping what is behind the horizon (p0) and keeping
+     * what a late event can still reach (p1, p2). */
+    for (int b = 0; b < 30; b++) {
+        assert_int_equal(agg_batch_begin(a), 0);
+        for (int j = 0; j < 10; j++) {
+            char eid[16], uid[8];
+            snprintf(eid, sizeof eid, "g%d", b * 10 + j);
+            snprintf(uid, sizeof uid, "g%d", j);
+            xevent(a, o++, eid, uid, T + 30 * M + 2 * DAY - 3600000, ING_ET_PAGE_VIEW, 0);
+        }
+        assert_int_equal(agg_batch_commit(a), 0);
+    }
+    assert_int_equal(agg_partition(a, 0)->watermark, T + 30 * M + 2 * DAY);
+    assert_int_equal(agg_batch_begin(a), 0);
+    xevent(a, o++, "v0", "u1", T + 30 * M - 1, ING_ET_PRODUCT_VIEW, 0); /* too late */
+    xevent(a, o++, "v1", "u1", T + 30 * M, ING_ET_PRODUCT_VIEW, 0);     /* just in time */
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush(a);
+    const agg_partition_t *p = agg_partition(a, 0);
+    assert_int_equal(p->rejects_by_reason[ING_R_TOO_LATE], 1);
+    grow_t *g = xrow(SNK_USER_OUTCOMES, "exp", "u1");
+    assert_non_null(g);
+    /* variant, exposed_at, converted, orders, revenue, events, cart, checkout */
+    assert_int_equal(g->v[1], T + 30 * M);
+    assert_int_equal(g->v[3], 2);
+    assert_int_equal(g->v[4], 1200);
+    assert_int_equal(g->v[5], 3); /* p1, p2 and the view */
+    close_fresh(a, env, dir);
 }
 
 static void test_exposure_and_window(void **state)
@@ -1488,6 +1570,7 @@ int main(void)
         cmocka_unit_test(test_exposure_and_window),
         cmocka_unit_test(test_window_same_millisecond),
         cmocka_unit_test(test_windows_across_days),
+        cmocka_unit_test(test_late_exposure_near_horizon),
         cmocka_unit_test(test_regression_mark_survives_plain_flush),
         cmocka_unit_test(test_dedup_survives_restart_and_abort),
         cmocka_unit_test(test_dedup_log_records),
