@@ -30,6 +30,35 @@
 /* ---------------------------------------------------------------------- */
 /* Byte encoding helpers: big-endian in keys so that LMDB orders them.     */
 
+/* Room for one more element of a growable array (doubling; returns AGG_ENOMEM). */
+#define GROW(arr, n, cap)                                                                          \
+    do {                                                                                           \
+        if ((n) == (cap)) {                                                                        \
+            size_t nc_ = (cap) ? (cap)*2 : 256;                                                    \
+            void *np_ = realloc((arr), nc_ * sizeof *(arr));                                       \
+            if (!np_)                                                                              \
+                return AGG_ENOMEM;                                                                 \
+            (arr) = np_;                                                                           \
+            (cap) = nc_;                                                                           \
+        }                                                                                          \
+    } while (0)
+
+/* Room for `need` bytes in a growable byte buffer (doubling from 1 MiB). */
+static int bytes_reserve(uint8_t **b, size_t *cap, size_t need)
+{
+    if (need <= *cap)
+        return 0;
+    size_t nc = *cap ? *cap * 2 : (size_t)1 << 20;
+    while (nc < need)
+        nc *= 2;
+    uint8_t *nb = realloc(*b, nc);
+    if (!nb)
+        return AGG_ENOMEM;
+    *b = nb;
+    *cap = nc;
+    return 0;
+}
+
 static void be32(uint8_t *p, uint32_t v)
 {
     p[0] = (uint8_t)(v >> 24);
@@ -2106,24 +2135,10 @@ static size_t xevent_ukn(const st_val_t *k)
 static int xq_push(agg_t *a, const uint8_t *k, size_t kn, const uint8_t *v, size_t vn)
 {
     size_t need = 2 + kn + vn;
-    if (a->xq_len + need > a->xq_cap) {
-        size_t nc = a->xq_cap ? a->xq_cap * 2 : (size_t)1 << 20;
-        while (nc < a->xq_len + need)
-            nc *= 2;
-        uint8_t *nb = realloc(a->xq, nc);
-        if (!nb)
-            return AGG_ENOMEM;
-        a->xq = nb;
-        a->xq_cap = nc;
-    }
-    if (a->xq_n == a->xq_offcap) {
-        size_t nc = a->xq_offcap ? a->xq_offcap * 2 : 4096;
-        size_t *no = realloc(a->xq_off, nc * sizeof *no);
-        if (!no)
-            return AGG_ENOMEM;
-        a->xq_off = no;
-        a->xq_offcap = nc;
-    }
+    int r = bytes_reserve(&a->xq, &a->xq_cap, a->xq_len + need);
+    if (r)
+        return r;
+    GROW(a->xq_off, a->xq_n, a->xq_offcap);
     uint8_t *p = a->xq + a->xq_len;
     p[0] = (uint8_t)kn;
     p[1] = (uint8_t)vn;
@@ -2551,19 +2566,25 @@ int agg_apply_reject(agg_t *a, int32_t partition, int64_t offset, ing_reason_t r
  * acceptance checks (watermark, duplicates) stay in arrival order.
  */
 typedef struct pev {
-    uint64_t k;            /* the first 8 bytes of the user key, big-endian */
-    const ing_event_t *ev; /* the event's copy in evbuf */
+    uint64_t k; /* the first 8 bytes of the user key, big-endian */
+    size_t off; /* the event's copy in evbuf */
     XXH128_hash_t h;
     int32_t partition;
     uint32_t seq; /* arrival order, the last tie-break */
 } pev_t;
 
-static int pev_cmp(const void *x, const void *y)
+static const ing_event_t *pev_event(const uint8_t *evbuf, const pev_t *q)
+{
+    return (const ing_event_t *)(const void *)(evbuf + q->off);
+}
+
+/* qsort_r order; arg is the arena of the event copies. */
+static int pev_cmp(const void *x, const void *y, void *arg)
 {
     const pev_t *p = x, *q = y;
     if (p->k != q->k)
         return p->k < q->k ? -1 : 1;
-    const ing_event_t *ea = p->ev, *eb = q->ev;
+    const ing_event_t *ea = pev_event(arg, p), *eb = pev_event(arg, q);
     if (ea->user_id_len != eb->user_id_len)
         return ea->user_id_len < eb->user_id_len ? -1 : 1;
     int c = memcmp(ea->user_id, eb->user_id, ea->user_id_len);
@@ -2579,39 +2600,17 @@ static int pev_push(agg_t *a, int32_t partition, const ing_event_t *ev, const XX
 {
     size_t n = offsetof(ing_event_t, items) + (size_t)ev->n_items * sizeof ev->items[0];
     n = (n + 7) & ~(size_t)7;
-    if (a->evlen + n > a->evcap) {
-        size_t nc = a->evcap ? a->evcap * 2 : (size_t)1 << 20;
-        while (nc < a->evlen + n)
-            nc *= 2;
-        /* Not realloc: the queued events' pointers are moved to the new
-         * arena while the old one is still valid. */
-        uint8_t *nb = malloc(nc);
-        if (!nb)
-            return AGG_ENOMEM;
-        if (a->evlen)
-            memcpy(nb, a->evbuf, a->evlen);
-        for (size_t i = a->pev_done; i < a->n_pev; i++)
-            a->pev[i].ev = (const ing_event_t *)(const void *)(nb + ((const uint8_t *)a->pev[i].ev -
-                                                                     a->evbuf));
-        free(a->evbuf);
-        a->evbuf = nb;
-        a->evcap = nc;
-    }
-    if (a->n_pev == a->cap_pev) {
-        size_t nc = a->cap_pev ? a->cap_pev * 2 : 4096;
-        pev_t *np = realloc(a->pev, nc * sizeof *np);
-        if (!np)
-            return AGG_ENOMEM;
-        a->pev = np;
-        a->cap_pev = nc;
-    }
+    int r = bytes_reserve(&a->evbuf, &a->evcap, a->evlen + n);
+    if (r)
+        return r;
+    GROW(a->pev, a->n_pev, a->cap_pev);
     memcpy(a->evbuf + a->evlen, ev, n);
     pev_t *q = &a->pev[a->n_pev];
     uint8_t kb[8] = {0};
     kb[0] = ev->user_id_len;
     memcpy(kb + 1, ev->user_id, ev->user_id_len < 7 ? ev->user_id_len : 7);
     q->k = rd_be64(kb);
-    q->ev = (const ing_event_t *)(const void *)(a->evbuf + a->evlen);
+    q->off = a->evlen;
     q->h = *h;
     q->partition = partition;
     q->seq = (uint32_t)a->n_pev;
@@ -2649,14 +2648,14 @@ int agg_batch_drain(agg_t *a, size_t max_events)
         int r = a->pev_done ? xq_write(a) : 0;
         if (r)
             return r;
-        qsort(a->pev + a->pev_done, a->n_pev - a->pev_done, sizeof *a->pev, pev_cmp);
+        qsort_r(a->pev + a->pev_done, a->n_pev - a->pev_done, sizeof *a->pev, pev_cmp, a->evbuf);
         a->pev_sorted = 1;
     }
     for (size_t n = 0; a->pev_done < a->n_pev; n++) {
         if (max_events && n == max_events)
             return 1;
         const pev_t *q = &a->pev[a->pev_done];
-        int r = apply_marts(a, q->partition, q->ev, &q->h);
+        int r = apply_marts(a, q->partition, pev_event(a->evbuf, q), &q->h);
         if (r)
             return r;
         a->pev_done++;
@@ -2909,9 +2908,7 @@ static int mark_cmp(const void *x, const void *y)
 int agg_batch_commit(agg_t *a)
 {
     uint64_t seq = a->seq + 1;
-    int r = 0;
-    while ((r = agg_batch_drain(a, SIZE_MAX)) == 1)
-        ;
+    int r = agg_batch_drain(a, 0);
     if (r == 0)
         r = cache_writeback(a);
     if (r == 0)
@@ -2997,18 +2994,6 @@ typedef struct chunk {
     size_t used, cap;
     char data[];
 } chunk_t;
-
-#define GROW(arr, n, cap)                                                                          \
-    do {                                                                                           \
-        if ((n) == (cap)) {                                                                        \
-            size_t nc_ = (cap) ? (cap)*2 : 256;                                                    \
-            void *np_ = realloc((arr), nc_ * sizeof *(arr));                                       \
-            if (!np_)                                                                              \
-                return AGG_ENOMEM;                                                                 \
-            (arr) = np_;                                                                           \
-            (cap) = nc_;                                                                           \
-        }                                                                                          \
-    } while (0)
 
 struct agg_flush {
     uint64_t seq;

@@ -40,7 +40,6 @@ struct st_env {
  */
 struct st_txn {
     MDB_txn *t;
-    st_env_t *env;
     int rw;
     MDB_cursor *cur[ST_DB__COUNT];
 };
@@ -190,7 +189,6 @@ int st_begin(st_env_t *e, int rdonly, st_txn_t **txn)
         free(x);
         return xlate(rc);
     }
-    x->env = e;
     x->rw = !rdonly;
     *txn = x;
     return 0;
