@@ -83,7 +83,8 @@ static uint64_t rd_be64(const uint8_t *p)
     return (uint64_t)rd_be32(p) << 32 | rd_be32(p + 4);
 }
 
-/* Record writer and reader (host byte order: records never leave the host). */
+/* Record writer and reader. Records never leave the host; integers are
+ * varints (w_i64), other bytes are copied as they are. */
 typedef struct wr {
     uint8_t *p;
     size_t n, cap;
@@ -100,14 +101,26 @@ static void w_bytes(wr_t *w, const void *src, size_t n)
     w->n += n;
 }
 
+/* Integers are written as zigzag LEB128 varints: most fields of the state
+ * (counts, cents, partitions, differences of timestamps) are small, and
+ * every byte saved is a byte the per-user databases do not rewrite at each
+ * commit (a batch of random users touches most of their leaf pages). */
 static void w_i64(wr_t *w, int64_t v)
 {
-    w_bytes(w, &v, sizeof v);
+    uint64_t z = ((uint64_t)v << 1) ^ (uint64_t)(v >> 63);
+    uint8_t b[10];
+    size_t n = 0;
+    while (z >= 0x80) {
+        b[n++] = (uint8_t)(z | 0x80);
+        z >>= 7;
+    }
+    b[n++] = (uint8_t)z;
+    w_bytes(w, b, n);
 }
 
 static void w_i32(wr_t *w, int32_t v)
 {
-    w_bytes(w, &v, sizeof v);
+    w_i64(w, v);
 }
 
 static void w_str(wr_t *w, const char *s, uint8_t n)
@@ -135,16 +148,27 @@ static void r_bytes(rd_t *r, void *dst, size_t n)
 
 static int64_t r_i64(rd_t *r)
 {
-    int64_t v;
-    r_bytes(r, &v, sizeof v);
-    return v;
+    uint64_t z = 0;
+    for (unsigned shift = 0; shift < 64; shift += 7) {
+        if (r->off >= r->n)
+            break;
+        uint8_t b = r->p[r->off++];
+        z |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80))
+            return (int64_t)(z >> 1) ^ -(int64_t)(z & 1);
+    }
+    r->bad = 1; /* truncated, or longer than ten bytes */
+    return 0;
 }
 
 static int32_t r_i32(rd_t *r)
 {
-    int32_t v;
-    r_bytes(r, &v, sizeof v);
-    return v;
+    int64_t v = r_i64(r);
+    if (v < INT32_MIN || v > INT32_MAX) {
+        r->bad = 1;
+        return 0;
+    }
+    return (int32_t)v;
 }
 
 static uint8_t r_str(rd_t *r, char *dst, size_t cap)
@@ -211,17 +235,58 @@ static void attr_merge(attr_t *a, const attr_t *b)
         attr_offer(a, b->ts, b->eid, b->eid_len, b->val, b->len);
 }
 
-static void w_attr(wr_t *w, const attr_t *a)
+/* A timestamp as its difference to base, a nearby timestamp of the same
+ * record (a few bytes instead of six). The arithmetic wraps, so any pair
+ * round-trips exactly. */
+static void w_delta(wr_t *w, int64_t v, int64_t base)
 {
-    w_i64(w, a->ts);
-    w_str(w, a->eid, a->eid_len);
+    w_i64(w, (int64_t)((uint64_t)v - (uint64_t)base));
+}
+
+static int64_t r_delta(rd_t *r, int64_t base)
+{
+    return (int64_t)((uint64_t)r_i64(r) + (uint64_t)base);
+}
+
+/* How an attribute is stored: absent, or present with its event id inline
+ * or equal to the record's reference id (a session's first event, which in
+ * most sessions is the one that carries device and country). */
+enum { ATTR_NONE = 0, ATTR_EID, ATTR_EID_REF };
+
+/* Writes a: its ts relative to base, its event id as ATTR_EID_REF when it
+ * equals ref (ref may be NULL). */
+static void w_attr(wr_t *w, const attr_t *a, int64_t base, const char *ref, uint8_t ref_len)
+{
+    uint8_t how = ATTR_NONE;
+    if (a->ts != TS_NONE)
+        how = ref && a->eid_len == ref_len && memcmp(a->eid, ref, ref_len) == 0 ? ATTR_EID_REF
+                                                                                : ATTR_EID;
+    w_bytes(w, &how, 1);
+    if (how == ATTR_NONE)
+        return;
+    w_delta(w, a->ts, base);
+    if (how == ATTR_EID)
+        w_str(w, a->eid, a->eid_len);
     w_str(w, a->val, a->len);
 }
 
-static void r_attr(rd_t *r, attr_t *a)
+static void r_attr(rd_t *r, attr_t *a, int64_t base, const char *ref, uint8_t ref_len)
 {
-    a->ts = r_i64(r);
-    a->eid_len = r_str(r, a->eid, sizeof a->eid);
+    uint8_t how = ATTR_NONE;
+    r_bytes(r, &how, 1);
+    attr_none(a);
+    if (how == ATTR_NONE)
+        return;
+    a->ts = r_delta(r, base);
+    if (how == ATTR_EID_REF && ref) {
+        a->eid_len = ref_len;
+        memcpy(a->eid, ref, ref_len);
+        a->eid[ref_len] = '\0';
+    } else if (how == ATTR_EID) {
+        a->eid_len = r_str(r, a->eid, sizeof a->eid);
+    } else {
+        r->bad = 1;
+    }
     a->len = r_str(r, a->val, sizeof a->val);
 }
 
@@ -266,14 +331,14 @@ static size_t sess_encode(const sess_t *s, uint8_t *buf, size_t cap)
 {
     wr_t w = {buf, 0, cap, 0};
     w_i64(&w, s->start);
-    w_i64(&w, s->end);
+    w_delta(&w, s->end, s->start);
     for (int i = 0; i < C_N; i++)
         w_i64(&w, s->c[i]);
     w_i64(&w, s->revenue);
     w_i32(&w, s->partition);
     w_str(&w, s->sid, s->sid_len);
-    w_attr(&w, &s->dev);
-    w_attr(&w, &s->ctry);
+    w_attr(&w, &s->dev, s->start, s->sid, s->sid_len);
+    w_attr(&w, &s->ctry, s->start, s->sid, s->sid_len);
     return w.overflow ? 0 : w.n;
 }
 
@@ -281,14 +346,14 @@ static int sess_decode(const st_val_t *v, sess_t *s)
 {
     rd_t r = {v->p, v->n, 0, 0};
     s->start = r_i64(&r);
-    s->end = r_i64(&r);
+    s->end = r_delta(&r, s->start);
     for (int i = 0; i < C_N; i++)
         s->c[i] = r_i64(&r);
     s->revenue = r_i64(&r);
     s->partition = r_i32(&r);
     s->sid_len = r_str(&r, s->sid, sizeof s->sid);
-    r_attr(&r, &s->dev);
-    r_attr(&r, &s->ctry);
+    r_attr(&r, &s->dev, s->start, s->sid, s->sid_len);
+    r_attr(&r, &s->ctry, s->start, s->sid, s->sid_len);
     return r.bad ? AGG_ESTATE : 0;
 }
 
@@ -296,7 +361,7 @@ static size_t user_encode(const user_t *u, const int32_t *weeks, uint8_t *buf, s
 {
     wr_t w = {buf, 0, cap, 0};
     w_i64(&w, u->first_seen);
-    w_i64(&w, u->last_seen);
+    w_delta(&w, u->last_seen, u->first_seen);
     w_i64(&w, u->events);
     w_i64(&w, u->sessions);
     w_i64(&w, u->orders);
@@ -304,9 +369,9 @@ static size_t user_encode(const user_t *u, const int32_t *weeks, uint8_t *buf, s
     w_i64(&w, u->first_order);
     w_i64(&w, u->last_order);
     w_i32(&w, u->partition);
-    w_attr(&w, &u->dev);
-    w_attr(&w, &u->ctry);
-    w_i64(&w, u->latest);
+    w_attr(&w, &u->dev, u->first_seen, NULL, 0);
+    w_attr(&w, &u->ctry, u->first_seen, NULL, 0);
+    w_delta(&w, u->latest, u->first_seen);
     w_i32(&w, (int32_t)u->nweeks);
     w_bytes(&w, weeks, (size_t)u->nweeks * 4);
     return w.overflow ? 0 : w.n;
@@ -316,7 +381,7 @@ static int user_decode(const st_val_t *v, user_t *u)
 {
     rd_t r = {v->p, v->n, 0, 0};
     u->first_seen = r_i64(&r);
-    u->last_seen = r_i64(&r);
+    u->last_seen = r_delta(&r, u->first_seen);
     u->events = r_i64(&r);
     u->sessions = r_i64(&r);
     u->orders = r_i64(&r);
@@ -324,9 +389,9 @@ static int user_decode(const st_val_t *v, user_t *u)
     u->first_order = r_i64(&r);
     u->last_order = r_i64(&r);
     u->partition = r_i32(&r);
-    r_attr(&r, &u->dev);
-    r_attr(&r, &u->ctry);
-    u->latest = r_i64(&r);
+    r_attr(&r, &u->dev, u->first_seen, NULL, 0);
+    r_attr(&r, &u->ctry, u->first_seen, NULL, 0);
+    u->latest = r_delta(&r, u->first_seen);
     int32_t nw = r_i32(&r);
     if (r.bad || nw < 0 || (size_t)nw * 4 != r.n - r.off)
         return AGG_ESTATE;
@@ -1400,8 +1465,8 @@ static ugroup_t *uday_push(uday_t *d)
 
 /*
  * Read a user's funnel stages of one day. The record is the user's
- * partition (int32), then per group: device and country (length-prefixed)
- * and five int32 session counts.
+ * partition, then per group: device and country (length-prefixed) and five
+ * session counts (integers as varints, see w_i64).
  */
 static int uday_load(agg_t *a, uday_t *d, const uint8_t *uk, size_t ukn, int32_t day)
 {
@@ -1439,7 +1504,8 @@ static int uday_store(agg_t *a, const uday_t *d, const uint8_t *uk, size_t ukn)
         int r = st_del(a->txn, a->env, ST_DB_USTAGE, k, kn);
         return r == ST_ENOTFOUND ? 0 : r;
     }
-    size_t need = 4 + d->n * (2 + 2 * ING_ATTR_MAX + 20);
+    /* Varints: at most 5 bytes for an int32. */
+    size_t need = 5 + d->n * (2 + 2 * ING_ATTR_MAX + 5 * 5);
     if (need > a->ubuf_cap) {
         uint8_t *nb = realloc(a->ubuf, need);
         if (!nb)
@@ -2092,9 +2158,12 @@ static int xuser_decode(const st_val_t *v, xuser_t *x)
 
 /*
  * A retained clickstream event: what exposure and outcome windows need.
- * Keyed by the UTC day of its ts, then user, ts and the XXH3-128 of its
- * event_id (the duplicate index's hash; the id only keeps events of the same
- * millisecond apart, and windows read nothing but ts). This is the largest
+ * Keyed by the UTC day of its ts, then user, the ms of ts within that day
+ * (be32: the day is already in the key) and the XXH3-128 of its event_id
+ * (the duplicate index's hash; the id only keeps events of the same
+ * millisecond apart, and windows read nothing but ts). The value is the
+ * partition, the amount and the event type as its code, followed by the
+ * name only for a type without one. This is the largest
  * database, with one entry per clickstream event within the horizon. With
  * the day first, a batch's inserts land in the few days its events fall
  * into (mostly the latest ones) instead of on every leaf page, and the
@@ -2103,16 +2172,24 @@ static int xuser_decode(const st_val_t *v, xuser_t *x)
  */
 #define XEV_ID_LEN 16
 #define XEV_DAY_LEN 4
+#define XEV_TS_LEN 4
 
 static size_t xevent_key(uint8_t *k, const uint8_t *uk, size_t ukn, int64_t ts,
                          const XXH128_hash_t *id)
 {
-    be32(k, (uint32_t)day_of(ts));
+    int64_t day = day_of(ts);
+    be32(k, (uint32_t)day);
     memcpy(k + XEV_DAY_LEN, uk, ukn);
-    be64(k + XEV_DAY_LEN + ukn, (uint64_t)ts);
-    be64(k + XEV_DAY_LEN + ukn + 8, id->high64);
-    be64(k + XEV_DAY_LEN + ukn + 16, id->low64);
-    return XEV_DAY_LEN + ukn + 8 + XEV_ID_LEN;
+    be32(k + XEV_DAY_LEN + ukn, (uint32_t)(ts - day * DAY_MS));
+    be64(k + XEV_DAY_LEN + ukn + XEV_TS_LEN, id->high64);
+    be64(k + XEV_DAY_LEN + ukn + XEV_TS_LEN + 8, id->low64);
+    return XEV_DAY_LEN + ukn + XEV_TS_LEN + XEV_ID_LEN;
+}
+
+/* The ts of an xevents key whose user key is ukn bytes long. */
+static int64_t xevent_ts(const uint8_t *k, size_t ukn)
+{
+    return (int64_t)(int32_t)rd_be32(k) * DAY_MS + rd_be32(k + XEV_DAY_LEN + ukn);
 }
 
 /* The user key length of an xevents key, 0 when it is malformed. */
@@ -2122,7 +2199,7 @@ static size_t xevent_ukn(const st_val_t *k)
     if (k->n < XEV_DAY_LEN + 1)
         return 0;
     size_t ukn = (size_t)p[XEV_DAY_LEN] + 1;
-    return k->n >= XEV_DAY_LEN + ukn + 8 ? ukn : 0;
+    return k->n >= XEV_DAY_LEN + ukn + XEV_TS_LEN ? ukn : 0;
 }
 
 /*
@@ -2213,7 +2290,14 @@ static int store_xevent(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partiti
     wr_t w = {buf, 0, sizeof buf, 0};
     w_i32(&w, partition);
     w_i64(&w, ev->type == ING_ET_PURCHASE ? ev->amount_cents : 0);
-    w_str(&w, ev->event_type, ev->event_type_len);
+    const char *name = ing_etype_name(ev->type);
+    uint8_t code = name && strlen(name) == ev->event_type_len &&
+                           memcmp(name, ev->event_type, ev->event_type_len) == 0
+                       ? (uint8_t)ev->type
+                       : (uint8_t)ING_ET_OTHER;
+    w_bytes(&w, &code, 1);
+    if (code == ING_ET_OTHER)
+        w_str(&w, ev->event_type, ev->event_type_len);
     return xq_push(a, k, kn, buf, w.n);
 }
 
@@ -2225,13 +2309,23 @@ typedef struct xev {
 
 static int xev_decode(const st_val_t *k, const st_val_t *v, size_t ukn, xev_t *e)
 {
-    if (k->n < XEV_DAY_LEN + ukn + 8)
+    if (k->n < XEV_DAY_LEN + ukn + XEV_TS_LEN)
         return AGG_ESTATE;
-    e->ts = (int64_t)rd_be64((const uint8_t *)k->p + XEV_DAY_LEN + ukn);
+    e->ts = xevent_ts(k->p, ukn);
     rd_t r = {v->p, v->n, 0, 0};
     (void)r_i32(&r);
     e->cents = r_i64(&r);
-    e->type_len = r_str(&r, e->type, sizeof e->type);
+    uint8_t code = ING_ET_OTHER;
+    r_bytes(&r, &code, 1);
+    const char *name = ing_etype_name((ing_etype_t)code);
+    if (code == ING_ET_OTHER) {
+        e->type_len = r_str(&r, e->type, sizeof e->type);
+    } else if (name) {
+        e->type_len = (uint8_t)strlen(name);
+        memcpy(e->type, name, (size_t)e->type_len + 1);
+    } else {
+        r.bad = 1;
+    }
     return r.bad ? AGG_ESTATE : 0;
 }
 
@@ -2278,13 +2372,14 @@ static int scan_xevents(agg_t *a, const uint8_t *uk, size_t ukn, int64_t from, i
     /* A skip-scan over the days: seek (day, user, from); a hit on a later
      * day jumps there, a hit on another user moves to the next day. Days in
      * ascending order and ts within a day keep the events in ts order. */
-    int64_t day = day_of(from), last = day_of(before - 1);
+    int64_t first = day_of(from), day = first, last = day_of(before - 1);
     memcpy(k + XEV_DAY_LEN, uk, ukn);
-    be64(k + XEV_DAY_LEN + ukn, (uint64_t)from);
     int done = 0;
     while (!done && day <= last) {
         be32(k, (uint32_t)day);
-        r = st_cur_seek(&cur, k, XEV_DAY_LEN + ukn + 8, &ck, &cv);
+        /* From `from` on its own day, from the start of any later day. */
+        be32(k + XEV_DAY_LEN + ukn, (uint32_t)(day == first ? from - day * DAY_MS : 0));
+        r = st_cur_seek(&cur, k, XEV_DAY_LEN + ukn + XEV_TS_LEN, &ck, &cv);
         if (r)
             break;
         int64_t kday = (int64_t)rd_be32(ck.p);
@@ -2771,12 +2866,12 @@ static int sweep_final(agg_t *a, int which, const st_val_t *k, const st_val_t *v
     if (which == SW_XEVENTS) {
         /* A retained event older than the horizon can no longer fall into
          * a window that may still move (docs/aggregator.md). */
-        int32_t p;
         size_t ukn = xevent_ukn(k);
-        if (v->n < 4 || !ukn)
+        rd_t r = {v->p, v->n, 0, 0};
+        int32_t p = r_i32(&r);
+        if (r.bad || !ukn)
             return 0;
-        memcpy(&p, v->p, 4);
-        return (int64_t)rd_be64(kp + XEV_DAY_LEN + ukn) < horizon(a, p);
+        return xevent_ts(kp, ukn) < horizon(a, p);
     }
     if (which == SW_SESSIONS) {
         sess_t s;
@@ -2790,10 +2885,10 @@ static int sweep_final(agg_t *a, int which, const st_val_t *k, const st_val_t *v
     }
     /* A user's day of funnel stages: final once the day lies behind the
      * horizon and none of the user's sessions that day is still live. */
-    int32_t part;
-    if (v->n < 4 || k->n < 1)
+    rd_t r = {v->p, v->n, 0, 0};
+    int32_t part = r_i32(&r);
+    if (r.bad || k->n < 1)
         return 0;
-    memcpy(&part, v->p, 4);
     size_t ukn = (size_t)kp[0] + 1;
     if (k->n != ukn + 4)
         return 0;

@@ -79,30 +79,29 @@ static bool bytes_equal(const char *s, size_t len, const char *lit)
     return len == n && memcmp(s, lit, n) == 0;
 }
 
+/* The names of the known event types, indexed by their code. */
+static const char *const etype_names[ING_ET__COUNT] = {
+    [ING_ET_PAGE_VIEW] = "page_view",     [ING_ET_PRODUCT_VIEW] = "product_view",
+    [ING_ET_ADD_TO_CART] = "add_to_cart", [ING_ET_CHECKOUT] = "checkout",
+    [ING_ET_PURCHASE] = "purchase",       [ING_ET_ASSIGNMENT] = "experiment_assignment",
+};
+
 ing_etype_t ing_etype_from(const char *s, size_t len)
 {
     if (s == NULL) {
         return ING_ET_OTHER;
     }
-    if (bytes_equal(s, len, "page_view")) {
-        return ING_ET_PAGE_VIEW;
-    }
-    if (bytes_equal(s, len, "product_view")) {
-        return ING_ET_PRODUCT_VIEW;
-    }
-    if (bytes_equal(s, len, "add_to_cart")) {
-        return ING_ET_ADD_TO_CART;
-    }
-    if (bytes_equal(s, len, "checkout")) {
-        return ING_ET_CHECKOUT;
-    }
-    if (bytes_equal(s, len, "purchase")) {
-        return ING_ET_PURCHASE;
-    }
-    if (bytes_equal(s, len, "experiment_assignment")) {
-        return ING_ET_ASSIGNMENT;
+    for (int t = ING_ET_OTHER + 1; t < ING_ET__COUNT; t++) {
+        if (bytes_equal(s, len, etype_names[t])) {
+            return (ing_etype_t)t;
+        }
     }
     return ING_ET_OTHER;
+}
+
+const char *ing_etype_name(ing_etype_t t)
+{
+    return t > ING_ET_OTHER && t < ING_ET__COUNT ? etype_names[t] : NULL;
 }
 
 /*

@@ -116,6 +116,10 @@ const char *ing_reason_name(ing_reason_t r);
 /* Map an event_type string to its code (ING_ET_OTHER for unknown types). */
 ing_etype_t ing_etype_from(const char *s, size_t len);
 
+/* The event_type string of a known code (static storage); NULL for
+ * ING_ET_OTHER and values outside the enum. */
+const char *ing_etype_name(ing_etype_t t);
+
 /*
  * Parse an RFC 3339 date-time (T, t or space separator, optional fraction cut
  * to ms, mandatory Z/z or +-HH:MM offset) into ms since the epoch.
