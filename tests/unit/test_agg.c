@@ -27,7 +27,7 @@
 #define MAXE 4000
 
 typedef struct tev {
-    char eid[24], uid[8], dev[8], ctry[8];
+    char eid[24], uid[40], dev[8], ctry[8];
     int type; /* ing_etype_t */
     int64_t ts, cents;
 } tev_t;
@@ -1103,15 +1103,22 @@ static void test_window_same_millisecond(void **state)
  * mode 2 delays one event in ten by up to 1.5 days, so late exposures and
  * assignments read retained events close to the horizon. Even seeds expose
  * on "search", a type without a code of its own, which the retained events
- * store by name (the others by code). Timestamps sit on
+ * store by name (the others by code). Seeds 3 and 4 use user ids longer
+ * than the 15 bytes the queue's sort key holds whole, that differ only
+ * after them: a user's events must still be applied together. Timestamps sit on
  * a minute grid that starts at midnight, so events fall on day boundaries
  * and window ends.
  */
 typedef struct wev {
-    char eid[16], uid[8];
+    char eid[16], uid[40];
     int64_t ts, cents;
     int type; /* ING_ET_*; ING_ET_ASSIGNMENT for an assignment */
 } wev_t;
+
+static void wuid(char *uid, size_t cap, uint64_t seed, int u)
+{
+    snprintf(uid, cap, seed == 3 || seed == 4 ? "a-shared-user-id-prefix-%d" : "u%d", u);
+}
 
 static void test_windows_across_days(void **state)
 {
@@ -1127,9 +1134,12 @@ static void test_windows_across_days(void **state)
             static wev_t ev[N];
             for (int i = 0; i < N; i++) {
                 snprintf(ev[i].eid, sizeof ev[i].eid, "w%d", i);
-                snprintf(ev[i].uid, sizeof ev[i].uid, "u%d", (int)(rnd() % USERS));
-                /* 20 days at minute resolution; some events share a minute. */
-                ev[i].ts = t0 + (int64_t)(rnd() % (20 * 24 * 60)) * 60000;
+                wuid(ev[i].uid, sizeof ev[i].uid, seed, (int)(rnd() % USERS));
+                /* 20 days at minute resolution; some events share a minute
+                 * (seed 3: whole days, seed 4: hours, so that many events of
+                 * a user share their ts). */
+                int64_t step = seed == 3 ? DAY : seed == 4 ? 3600000 : 60000;
+                ev[i].ts = t0 + (int64_t)(rnd() % (uint64_t)(20 * DAY / step)) * step;
                 ev[i].type = types[rnd() % 7];
                 ev[i].cents = ev[i].type == ING_ET_PURCHASE ? 100 + (int64_t)(rnd() % 900) : 0;
             }
@@ -1176,7 +1186,7 @@ static void test_windows_across_days(void **state)
                 int bs = 1 + (int)(rnd() % 40);
                 for (int j = 0; j < bs && i < N; j++, i++) {
                     const wev_t *e = &ev[order[i]];
-                    const char *var = e->uid[1] % 2 ? "treatment" : "control";
+                    const char *var = e->uid[strlen(e->uid) - 1] % 2 ? "treatment" : "control";
                     if (e->type == ING_ET_ASSIGNMENT)
                         xassign(a, off++, e->eid, e->uid, e->ts, "exp", var);
                     else
@@ -1204,8 +1214,8 @@ static void test_windows_across_days(void **state)
                 assert_true(nx < N / 2);
             }
             for (int u = 0; u < USERS; u++) {
-                char uid[8];
-                snprintf(uid, sizeof uid, "u%d", u);
+                char uid[40];
+                wuid(uid, sizeof uid, seed, u);
                 /* The earliest assignment (ts, then event_id) and the first
                  * exposure event at or after it. */
                 int64_t assigned = INT64_MAX, exposed = INT64_MAX;
