@@ -107,7 +107,7 @@ static void w_bytes(wr_t *w, const void *src, size_t n)
  * commit (a batch of random users touches most of their leaf pages). */
 static void w_i64(wr_t *w, int64_t v)
 {
-    uint64_t z = ((uint64_t)v << 1) ^ (uint64_t)(v >> 63);
+    uint64_t z = ((uint64_t)v << 1) ^ (v < 0 ? UINT64_MAX : 0);
     uint8_t b[10];
     size_t n = 0;
     while (z >= 0x80) {
@@ -2237,15 +2237,23 @@ static int xq_put(agg_t *a, const uint8_t *p)
  */
 static int xq_write_user(agg_t *a, const uint8_t *uk, size_t ukn)
 {
-    while (a->xq_n) {
-        const uint8_t *p = a->xq + a->xq_off[a->xq_n - 1];
+    size_t first = a->xq_n;
+    while (first) {
+        const uint8_t *p = a->xq + a->xq_off[first - 1];
         if (p[0] < XEV_DAY_LEN + ukn || memcmp(p + 2 + XEV_DAY_LEN, uk, ukn) != 0)
             break;
-        int r = xq_put(a, p);
+        first--;
+    }
+    /* In queue order: the user's events were applied by ts, so within a day
+     * this is key order, the order the write cursor moves best in. */
+    for (size_t i = first; i < a->xq_n; i++) {
+        int r = xq_put(a, a->xq + a->xq_off[i]);
         if (r)
             return r;
-        a->xq_n--;
-        a->xq_len = a->xq_off[a->xq_n];
+    }
+    if (first < a->xq_n) {
+        a->xq_len = a->xq_off[first];
+        a->xq_n = first;
     }
     return 0;
 }
@@ -2398,7 +2406,7 @@ static int scan_xevents(agg_t *a, const uint8_t *uk, size_t ukn, int64_t from, i
                 break;
             }
             if (found) {
-                if (e.type_len == expn && memcmp(e.type, exposure, expn) == 0) {
+                if (exposure && e.type_len == expn && memcmp(e.type, exposure, expn) == 0) {
                     *found = e.ts;
                     done = 1;
                     break;
@@ -2455,7 +2463,7 @@ static int x_contrib(agg_t *a, const uint8_t *ek, size_t ekn, const xuser_t *x, 
     memcpy(ck, vk, vkn);
     int64_t ev = x->events > INT32_MAX ? INT32_MAX : x->events;
     be32(ck + vkn, (uint32_t)ev);
-    int64_t d[2] = {sign, sign * (x->orders > 0)};
+    int64_t d[2] = {sign, (int64_t)sign * (x->orders > 0)};
     if ((r = add_counters(a, ST_DB_XCELL, 0, ck, vkn + 4, d, 2)))
         return r;
     if ((r = mark_dirty(a, TAG_REGRESSION, ek, ekn)))

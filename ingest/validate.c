@@ -226,7 +226,7 @@ int ing_parse_rfc3339(const char *s, size_t len, int64_t *ms)
             !read_digits(s, len, &pos, 2, &om) || oh > 23 || om > 59) {
             return -1;
         }
-        offset_min = sign * (oh * 60 + om);
+        offset_min = (int64_t)sign * (oh * 60 + om);
     } else {
         return -1;
     }
