@@ -627,12 +627,21 @@ static void test_compaction_drops_final_state(void **state)
     agg_conf_t conf = {"t", GAP, DAY, 1000, NULL, 0, NULL, 0, 0, 0};
     assert_int_equal(agg_open(env, &conf, &a), 0);
     int64_t t0 = 1700000000000LL;
-    /* One event per hour for 5 days: only the last day's state may stay. */
+    /* One event per hour for 5 days: only the last day's state may stay.
+     * On partition 5, with purchases, so that a session record's partition
+     * is read from the right field (not the revenue, not a default 0). */
     for (int i = 0; i < 120; i++) {
-        char eid[16];
-        snprintf(eid, sizeof eid, "e%d", i);
+        tev_t t = {0};
+        snprintf(t.eid, sizeof t.eid, "e%d", i);
+        snprintf(t.uid, sizeof t.uid, "u");
+        t.ts = t0 + (int64_t)i * 3600000;
+        t.type = i % 3 ? ING_ET_PAGE_VIEW : ING_ET_PURCHASE;
+        t.cents = i % 3 ? 0 : 1234;
+        ing_event_t *e = malloc(sizeof *e);
+        to_ing(&t, e);
         assert_int_equal(agg_batch_begin(a), 0);
-        assert_int_equal(apply_one(a, i, eid, "u", t0 + (int64_t)i * 3600000, ING_ET_PAGE_VIEW), 0);
+        assert_int_equal(agg_apply_event(a, 5, i, e, "{}", 2, 0), 0);
+        free(e);
         assert_int_equal(agg_batch_commit(a), 0);
         flush(a);
     }
