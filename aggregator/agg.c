@@ -2298,11 +2298,9 @@ static int store_xevent(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partiti
     wr_t w = {buf, 0, sizeof buf, 0};
     w_i32(&w, partition);
     w_i64(&w, ev->type == ING_ET_PURCHASE ? ev->amount_cents : 0);
-    const char *name = ing_etype_name(ev->type);
-    uint8_t code = name && strlen(name) == ev->event_type_len &&
-                           memcmp(name, ev->event_type, ev->event_type_len) == 0
-                       ? (uint8_t)ev->type
-                       : (uint8_t)ING_ET_OTHER;
+    /* The code of the name itself, so that a decoded name is always the
+     * stored one. */
+    uint8_t code = (uint8_t)ing_etype_from(ev->event_type, ev->event_type_len);
     w_bytes(&w, &code, 1);
     if (code == ING_ET_OTHER)
         w_str(&w, ev->event_type, ev->event_type_len);

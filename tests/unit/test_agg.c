@@ -1272,6 +1272,24 @@ static void test_windows_across_days(void **state)
     }
 }
 
+/* 30 batches of 10 page views by 10 other users (ids prefix + number): the
+ * k-th of the 300 at from + (to - from) * (k + 1) / 300, so they move the
+ * watermark to `to` step by step (from == to: all at one ts). */
+static void filler_batches(agg_t *a, int64_t *o, char prefix, int64_t from, int64_t to)
+{
+    for (int b = 0; b < 30; b++) {
+        assert_int_equal(agg_batch_begin(a), 0);
+        for (int j = 0; j < 10; j++) {
+            char eid[16], uid[8];
+            snprintf(eid, sizeof eid, "%c%d", prefix, b * 10 + j);
+            snprintf(uid, sizeof uid, "%c%d", prefix, j);
+            int64_t ts = from + (to - from) * (b * 10 + j + 1) / 300;
+            xevent(a, (*o)++, eid, uid, ts, ING_ET_PAGE_VIEW, 0);
+        }
+        assert_int_equal(agg_batch_commit(a), 0);
+    }
+}
+
 /*
  * A product view that arrives as late as the lateness allows becomes the
  * exposure; its window reaches events that were retained right at the
@@ -1293,30 +1311,11 @@ static void test_late_exposure_near_horizon(void **state)
     assert_int_equal(agg_batch_commit(a), 0);
     /* Other users move the watermark to exactly 2 days after the view to
      * come, over many batches, so the compactor runs meanwhile. */
-    for (int b = 0; b < 30; b++) {
-        assert_int_equal(agg_batch_begin(a), 0);
-        for (int j = 0; j < 10; j++) {
-            char eid[16], uid[8];
-            snprintf(eid, sizeof eid, "f%d", b * 10 + j);
-            snprintf(uid, sizeof uid, "f%d", j);
-            int64_t ts = T + 30 * M + (2 * DAY) * (b * 10 + j + 1) / 300;
-            xevent(a, o++, eid, uid, ts, ING_ET_PAGE_VIEW, 0);
-        }
-        assert_int_equal(agg_batch_commit(a), 0);
-    }
+    filler_batches(a, &o, 'f', T + 30 * M, T + 30 * M + 2 * DAY);
     /* More batches at that watermark: the compactor walks the whole state
      * several times, dropping what is behind the horizon (p0) and keeping
      * what a late event can still reach (p1, p2). */
-    for (int b = 0; b < 30; b++) {
-        assert_int_equal(agg_batch_begin(a), 0);
-        for (int j = 0; j < 10; j++) {
-            char eid[16], uid[8];
-            snprintf(eid, sizeof eid, "g%d", b * 10 + j);
-            snprintf(uid, sizeof uid, "g%d", j);
-            xevent(a, o++, eid, uid, T + 30 * M + 2 * DAY - 3600000, ING_ET_PAGE_VIEW, 0);
-        }
-        assert_int_equal(agg_batch_commit(a), 0);
-    }
+    filler_batches(a, &o, 'g', T + 30 * M + 2 * DAY - 3600000, T + 30 * M + 2 * DAY - 3600000);
     assert_int_equal(agg_partition(a, 0)->watermark, T + 30 * M + 2 * DAY);
     assert_int_equal(agg_batch_begin(a), 0);
     xevent(a, o++, "v0", "u1", T + 30 * M - 1, ING_ET_PRODUCT_VIEW, 0); /* too late */
