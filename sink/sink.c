@@ -1675,6 +1675,11 @@ static const char *sql_apply(snk_conn_t *c, const table_spec_t *t)
     }
     sb_puts(b, " FROM pg_temp.");
     sb_puts(b, t->stage);
+    /* Rows in key order reach the primary key's B-tree leaf by leaf instead of
+     * at random: on a flush of ~100 k new sessions this cut the statement's
+     * time by about a fifth, the sort included (docs/sink.md). */
+    sb_puts(b, " ORDER BY ");
+    sql_cols(b, t, "", 0, t->nkey);
     sb_puts(b, " ON CONFLICT (");
     sql_cols(b, t, "", 0, t->nkey);
     if (t->kind == APPLY_INSERT_ONLY) {

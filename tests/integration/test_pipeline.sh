@@ -79,6 +79,14 @@ for ((k = 1; k <= KILLS; k++)); do
     else
         cm_log "run $k: only $ACCEPTED accepted after 60s; SIGKILL anyway"
     fi
+    if [ "$k" = 1 ]; then
+        # --heap-huge-pages (default on): the daemon runs again with glibc's hugetlb
+        # tunable set, keeps its pid, and says so.
+        tr '\0' '\n' <"/proc/$CM_DAEMON_PID/environ" | grep -q '^GLIBC_TUNABLES=.*glibc\.malloc\.hugetlb=1' ||
+            cm_die "clickmartd runs without glibc.malloc.hugetlb=1 in its environment"
+        grep -q 'msg="heap" huge_pages="on"' "$CM_DAEMON_LOG" ||
+            cm_die "clickmartd did not log huge_pages=\"on\" (see $CM_DAEMON_LOG)"
+    fi
     cm_daemon_kill9
 done
 gen_wait
@@ -89,9 +97,11 @@ cm_log "dumped the topic: $("$CM_PY" "$HERE/cmtool.py" dump-summary "$DUMP"), $(
 
 # Last run: consume to the end offsets seen at start, flush, exit 0.
 t2=$SECONDS
-cm_daemon_start --exit-at-end
+cm_daemon_start --exit-at-end --heap-huge-pages=false
 cm_daemon_wait 420 || cm_die "clickmartd --exit-at-end still running after 420s"
 [ "$CM_DAEMON_RC" = 0 ] || cm_die "clickmartd --exit-at-end exited with status $CM_DAEMON_RC"
+grep -q 'msg="heap" huge_pages="off"' "$CM_DAEMON_LOG" ||
+    cm_die "--heap-huge-pages=false: clickmartd did not log huge_pages=\"off\""
 cm_log "last run (--exit-at-end) took $((SECONDS - t2))s; all runs $((SECONDS - t))s"
 
 t=$SECONDS

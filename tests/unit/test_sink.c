@@ -342,17 +342,19 @@ static void test_sql(void **state)
         sql_apply(&c, &TABLES[T_PARTITIONS]),
         "INSERT INTO \"cm\".partitions (topic, partition, next_offset, watermark, accepted, "
         "duplicates, rejected, flushed_at) SELECT topic, partition, next_offset, watermark, "
-        "accepted, duplicates, rejected, now() FROM pg_temp.cm_stage_partitions ON CONFLICT "
-        "(topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, watermark = "
+        "accepted, duplicates, rejected, now() FROM pg_temp.cm_stage_partitions ORDER BY topic, "
+        "partition ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, watermark = "
         "EXCLUDED.watermark, accepted = EXCLUDED.accepted, duplicates = EXCLUDED.duplicates, "
         "rejected = EXCLUDED.rejected, flushed_at = EXCLUDED.flushed_at");
     assert_string_equal(sql_apply(&c, &TABLES[T_REJECTS]),
                         "INSERT INTO \"cm\".rejected_events (topic, partition, kafka_offset, "
                         "reason, detail, payload, rejected_at) SELECT topic, partition, "
                         "kafka_offset, reason, detail, payload, rejected_at FROM "
-                        "pg_temp.cm_stage_rejects ON CONFLICT (topic, partition, kafka_offset) "
-                        "DO NOTHING");
+                        "pg_temp.cm_stage_rejects ORDER BY topic, partition, kafka_offset ON "
+                        "CONFLICT (topic, partition, kafka_offset) DO NOTHING");
     const char *up = sql_apply(&c, &TABLES[T_SESSIONS]);
+    /* Staged rows go in key order (the primary key's B-tree is then filled leaf by leaf). */
+    assert_non_null(strstr(up, "FROM pg_temp.cm_stage_sessions ORDER BY session_id ON CONFLICT "));
     assert_non_null(strstr(up, "ON CONFLICT (session_id) DO UPDATE SET user_id = "
                                "EXCLUDED.user_id, started_at = EXCLUDED.started_at"));
     assert_non_null(strstr(up, "funnel_stage = EXCLUDED.funnel_stage"));
