@@ -100,6 +100,8 @@ typedef struct dmn {
     uv_idle_t apply_idle;    /* continues applying on the next loop iteration */
     agg_flush_t *fl_clear;   /* a committed flush whose dirty marks wait for the txn */
     const char *huge_pages;  /* what heap_huge_pages did, for the log (static string) */
+    int flush_due;           /* a flush tick came while the previous flush ran */
+    uint64_t flushes_due;    /* flushes started late for that reason, not on a tick */
 
     int stopping;
     int exit_code;
@@ -369,6 +371,7 @@ static void map_full(dmn_t *d)
 }
 
 static void clear_flushed(dmn_t *d);
+static void start_flush(dmn_t *d);
 static void pump(dmn_t *d);
 
 /* Longest stretch the loop spends applying before it serves timers, flush
@@ -626,6 +629,11 @@ static void clear_flushed(dmn_t *d)
     }
     agg_flush_free(d->fl_clear);
     d->fl_clear = NULL;
+    if (d->flush_due && !d->stopping) {
+        start_flush(d);
+        if (d->inflight)
+            d->flushes_due++;
+    }
     if (d->pause_backpressure && agg_pending_rows(d->agg) <= (uint64_t)d->cfg.max_dirty_rows / 2) {
         d->pause_backpressure = 0;
         cm_info("intake resumed", "pending_rows=%llu",
@@ -700,8 +708,17 @@ static int flush_needed(dmn_t *d)
 
 static void start_flush(dmn_t *d)
 {
-    if (d->inflight || d->map_full || d->fl_clear || cm_mono_ms() < d->next_try || !flush_needed(d))
+    if (d->inflight || d->fl_clear) {
+        /* The previous flush is still running (or its marks wait for the
+         * batch's commit): start as soon as it is done instead of skipping a
+         * whole interval, so a row waits at most one interval plus the flushes
+         * in between (clear_flushed). */
+        d->flush_due = 1;
         return;
+    }
+    if (d->map_full || cm_mono_ms() < d->next_try || !flush_needed(d))
+        return;
+    d->flush_due = 0;
     d->inflight = 1;
     d->fl_t0 = cm_mono_ms();
     d->fl_regression =
@@ -857,6 +874,7 @@ static json_t *status_obj(dmn_t *d)
     json_object_set_new(fl, "last_error",
                         !d->pg_up && d->fl_err[0] ? json_string(d->fl_err) : json_null());
     json_object_set_new(fl, "in_flight", json_boolean(d->inflight));
+    json_object_set_new(fl, "late_starts", json_integer((json_int_t)d->flushes_due));
     json_object_set_new(o, "flush", fl);
     uint64_t used = 0, map = 0;
     st_usage(d->env, &used, &map);

@@ -74,6 +74,27 @@ cm_wait_for 60 "healthy again after Postgres came back" health_is 200 '^ok$' ||
     cm_die "still unhealthy: $(cat "$CM_DIR/healthz.body")"
 ok "Postgres back: 200 again"
 
+# --- a flush slower than the interval: the next one starts when it is done, not a tick later
+# A transaction holds users locked for 3 s (six 500 ms ticks) while new rows arrive.
+late0=$(cm_status | "$CM_PY" -c "import json,sys; print(json.load(sys.stdin)['flush']['late_starts'])")
+cm_psql "BEGIN; LOCK TABLE clickmart.users IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(3); COMMIT;" \
+    >/dev/null &
+LOCK_PID=$!
+cm_track_pid "$LOCK_PID"
+gen 23 300
+wait "$LOCK_PID" || cm_die "the locking transaction failed"
+cm_untrack_pid "$LOCK_PID"
+late_started() {
+    local n
+    n=$(cm_status | "$CM_PY" -c "import json,sys; print(json.load(sys.stdin)['flush']['late_starts'])") || return 1
+    [ "$n" -gt "$late0" ]
+}
+cm_wait_for 30 "a flush started late after the slow one" late_started ||
+    cm_die "no late flush start after a flush that outlasted six ticks: $(cm_status)"
+cm_wait_for 60 "healthy after the slow flush" health_is 200 '^ok$' ||
+    cm_die "unhealthy after the slow flush: $(cat "$CM_DIR/healthz.body")"
+ok "a flush that outlasts the interval: the next starts as soon as it is done (late_starts)"
+
 # --- every broker down -------------------------------------------------------------------
 kill -USR1 "$CM_BROKER_PID"
 cm_wait_for 90 "503 kafka brokers unreachable" health_is 503 'kafka brokers unreachable' ||
