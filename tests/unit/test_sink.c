@@ -359,6 +359,15 @@ static void test_sql(void **state)
                                "EXCLUDED.user_id, started_at = EXCLUDED.started_at"));
     assert_non_null(strstr(up, "funnel_stage = EXCLUDED.funnel_stage"));
     assert_null(strstr(up, "session_id = EXCLUDED"));
+    /* An unchanged row is not written again; partitions (flushed_at) always is. */
+    assert_non_null(strstr(up, "INSERT INTO \"cm\".sessions AS t (session_id, user_id, "));
+    assert_non_null(strstr(up, "funnel_stage = EXCLUDED.funnel_stage WHERE (t.user_id, "
+                               "t.started_at, "));
+    assert_non_null(strstr(up, ", t.funnel_stage) IS DISTINCT FROM (EXCLUDED.user_id, "
+                               "EXCLUDED.started_at, "));
+    const char *tail = ", EXCLUDED.funnel_stage)";
+    assert_true(strlen(up) > strlen(tail));
+    assert_string_equal(up + strlen(up) - strlen(tail), tail);
 
     /* Migrations are strictly increasing so that "apply the missing ones in
      * order" is well defined. */
