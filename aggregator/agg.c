@@ -520,12 +520,20 @@ static int contrib_eq(const contrib_t *a, const contrib_t *b)
 /* ---------------------------------------------------------------------- */
 /* The per-batch set of dirty row keys (written once per batch).          */
 
+#define KSET_RECENT 4
+
 typedef struct kset {
     uint64_t *hash;
     uint32_t *off; /* offset+1 into arena; 0 = empty slot */
     size_t cap, n;
     uint8_t *arena;
     size_t alen, acap;
+    /* The last keys added (offset+1 into arena, 0 = none). Events are applied
+     * sorted by user, so a user's and a session's marks repeat many times in
+     * a row, interleaved with a few other tags; comparing with these few skips
+     * the hash and the probe into a table too large for the caches. */
+    uint32_t recent[KSET_RECENT];
+    unsigned next_recent;
 } kset_t;
 
 static void kset_reset(kset_t *s)
@@ -534,6 +542,25 @@ static void kset_reset(kset_t *s)
         memset(s->off, 0, s->cap * sizeof *s->off);
     s->n = 0;
     s->alen = 0;
+    memset(s->recent, 0, sizeof s->recent);
+}
+
+/* Whether k is one of the keys added last (then it is in the set). */
+static int kset_recent(const kset_t *s, const uint8_t *k, size_t n)
+{
+    for (int i = 0; i < KSET_RECENT; i++) {
+        if (!s->recent[i])
+            continue;
+        const uint8_t *e = s->arena + s->recent[i] - 1;
+        if (((size_t)e[0] << 8 | e[1]) == n && memcmp(e + 2, k, n) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+static void kset_remember(kset_t *s, uint32_t off1)
+{
+    s->recent[s->next_recent++ % KSET_RECENT] = off1;
 }
 
 static void kset_free(kset_t *s)
@@ -590,6 +617,8 @@ static size_t kset_slot(const kset_t *s, const uint8_t *k, size_t n, uint64_t h)
 /* Add a key (stored as a 2-byte length and the bytes); duplicates are ignored. */
 static int kset_add(kset_t *s, const uint8_t *k, size_t n)
 {
+    if (kset_recent(s, k, n))
+        return 0;
     if ((s->n + 1) * 2 > s->cap) {
         int r = kset_grow(s);
         if (r)
@@ -597,8 +626,10 @@ static int kset_add(kset_t *s, const uint8_t *k, size_t n)
     }
     uint64_t h = XXH3_64bits(k, n);
     size_t j = kset_slot(s, k, n, h);
-    if (s->off[j])
+    if (s->off[j]) {
+        kset_remember(s, s->off[j]);
         return 0;
+    }
     if (s->alen + n + 2 > s->acap) {
         size_t ncap = s->acap ? s->acap * 2 : 1 << 16;
         while (ncap < s->alen + n + 2)
@@ -615,6 +646,7 @@ static int kset_add(kset_t *s, const uint8_t *k, size_t n)
     memcpy(e + 2, k, n);
     s->hash[j] = h;
     s->off[j] = (uint32_t)(s->alen + 1);
+    kset_remember(s, s->off[j]);
     s->alen += n + 2;
     s->n++;
     return 0;
