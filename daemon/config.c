@@ -67,7 +67,8 @@ static const opt_t opts[] = {
     {"heap-huge-pages", OPT_BOOL, O(heap_huge_pages), "true", 0, 1,
      "Back the heap with transparent huge pages (glibc.malloc.hugetlb=1; the daemon "
      "re-executes itself once with GLIBC_TUNABLES set): one fault per 2 MiB instead of 512, "
-     "a quarter less CPU per event on the benchmark's VM. Needs THP in madvise or always mode; =false turns it off."},
+     "~15% less CPU per event on the benchmark's VM. Needs THP in madvise or always mode; "
+     "=false turns it off."},
     {"state-sync", OPT_STR, O(state_sync), "meta", 0, 0,
      "LMDB durability: full (fsync data and meta), meta (one fsync per commit), none (no "
      "fsync, pages written in place: ~2x faster, safe against kill -9, not an OS crash)."},

@@ -1273,7 +1273,7 @@ static void heap_tune(int64_t pad_mb)
  * huge pages) by executing itself once more with GLIBC_TUNABLES extended; the
  * marker variable stops a second round. On the benchmark's virtual machine
  * this cut the page faults of a 1 M-event run from ~150 000 to ~5 000 and the
- * CPU per event by about a quarter (docs/benchmarks.md). Returns only when it
+ * CPU per event by about 15 % (docs/benchmarks.md). Returns only when it
  * did not re-execute: an exec that fails leaves the daemon on small pages.
  */
 #define HUGE_PAGES_MARKER "CLICKMARTD_HEAP_HUGE_PAGES"
@@ -1347,8 +1347,7 @@ static int setup(dmn_t *d)
     }
     cm_log_set_json(!strcmp(d->cfg.log_format, "json"));
     heap_tune(d->cfg.heap_pad_mb);
-    cm_info("heap", "huge_pages=\"%s\" transparent_hugepage=\"%s\"", d->huge_pages,
-            thp_mode());
+    cm_info("heap", "huge_pages=\"%s\" transparent_hugepage=\"%s\"", d->huge_pages, thp_mode());
     enum st_sync sync;
     if (!strcmp(d->cfg.state_sync, "full"))
         sync = ST_SYNC_FULL;

@@ -343,7 +343,8 @@ static void test_sql(void **state)
         "INSERT INTO \"cm\".partitions (topic, partition, next_offset, watermark, accepted, "
         "duplicates, rejected, flushed_at) SELECT topic, partition, next_offset, watermark, "
         "accepted, duplicates, rejected, now() FROM pg_temp.cm_stage_partitions ORDER BY topic, "
-        "partition ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, watermark = "
+        "partition ON CONFLICT (topic, partition) DO UPDATE SET next_offset = "
+        "EXCLUDED.next_offset, watermark = "
         "EXCLUDED.watermark, accepted = EXCLUDED.accepted, duplicates = EXCLUDED.duplicates, "
         "rejected = EXCLUDED.rejected, flushed_at = EXCLUDED.flushed_at");
     assert_string_equal(sql_apply(&c, &TABLES[T_REJECTS]),
