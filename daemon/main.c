@@ -371,6 +371,7 @@ static void map_full(dmn_t *d)
 }
 
 static void clear_flushed(dmn_t *d);
+static void start_due_flush(dmn_t *d);
 static void start_flush(dmn_t *d);
 static void pump(dmn_t *d);
 
@@ -413,6 +414,7 @@ static int commit_open(dmn_t *d)
     if (d->cons && !d->closed && in_flight(d) < PARSE_AHEAD + 1)
         ing_consumer_hold(d->cons, 0);
     clear_flushed(d);
+    start_due_flush(d);
     after_batch(d);
     return 0;
 }
@@ -629,17 +631,27 @@ static void clear_flushed(dmn_t *d)
     }
     agg_flush_free(d->fl_clear);
     d->fl_clear = NULL;
-    if (d->flush_due && !d->stopping) {
-        start_flush(d);
-        if (d->inflight)
-            d->flushes_due++;
-    }
     if (d->pause_backpressure && agg_pending_rows(d->agg) <= (uint64_t)d->cfg.max_dirty_rows / 2) {
         d->pause_backpressure = 0;
         cm_info("intake resumed", "pending_rows=%llu",
                 (unsigned long long)agg_pending_rows(d->agg));
         update_pause(d);
     }
+}
+
+/*
+ * Start the flush a tick asked for while the previous one ran (start_flush).
+ * Called only once the previous flush is wholly done with (the end of
+ * flush_after, or the commit that cleared its marks): the worker of the new
+ * flush writes d->fl, which flush_after of the old one still frees and resets.
+ */
+static void start_due_flush(dmn_t *d)
+{
+    if (!d->flush_due || d->stopping || d->inflight || d->fl_clear)
+        return;
+    start_flush(d);
+    if (d->inflight)
+        d->flushes_due++;
 }
 
 static void flush_after(uv_work_t *w, int status)
@@ -699,6 +711,8 @@ static void flush_after(uv_work_t *w, int status)
     d->fl = NULL;
     if (d->stopping)
         continue_stop(d);
+    else
+        start_due_flush(d);
 }
 
 static int flush_needed(dmn_t *d)
@@ -712,7 +726,7 @@ static void start_flush(dmn_t *d)
         /* The previous flush is still running (or its marks wait for the
          * batch's commit): start as soon as it is done instead of skipping a
          * whole interval, so a row waits at most one interval plus the flushes
-         * in between (clear_flushed). */
+         * in between (start_due_flush). */
         d->flush_due = 1;
         return;
     }
