@@ -730,9 +730,11 @@ static void start_flush(dmn_t *d)
         d->flush_due = 1;
         return;
     }
+    /* A late request is served here, or there is nothing to serve (no rows
+     * left, Postgres backing off, the map growing): the next tick decides. */
+    d->flush_due = 0;
     if (d->map_full || cm_mono_ms() < d->next_try || !flush_needed(d))
         return;
-    d->flush_due = 0;
     d->inflight = 1;
     d->fl_t0 = cm_mono_ms();
     d->fl_regression =
