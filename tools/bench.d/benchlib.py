@@ -2,6 +2,7 @@
 """Helpers of tools/bench (Python 3 stdlib only).  Not meant to be run by hand.
 
     benchlib.py free-port
+    benchlib.py proc-cpu PID                                     -> CPU ticks of PID and its children
     benchlib.py copyprep OUT.copy < kcat '%p %o %S\\n%s\\n' dump   -> JSON counts on stdout
     benchlib.py rusage OUT -- CMD...                             runs CMD, its rusage to OUT
     benchlib.py daemonlog FILE                                   -> JSON of clickmartd's log
@@ -797,6 +798,14 @@ def report_throughput(kv, res, lines):
             other_cores = max(0.0, (busy - steal) / tck - dm["cpu_s"]) / e2e_s
     except (KeyError, ValueError, IndexError):
         pass
+    # The same, split by who: the dev broker and Postgres (all its processes).
+    def cores_of(name):
+        try:
+            d = int(kv[name + "_cpu_after"]) - int(kv[name + "_cpu_before"])
+        except (KeyError, ValueError):
+            return None
+        return d / os.sysconf("SC_CLK_TCK") / e2e_s if e2e_s else None
+    broker_cores, pg_cores = cores_of("broker"), cores_of("pg")
     res["events"] = n
     res["messages_seen"] = {"daemon": msgs_daemon, "dump": dump.get("messages")}
     res["complete"] = msgs_daemon == n and (not dump or dump.get("messages") == n)
@@ -815,6 +824,8 @@ def report_throughput(kv, res, lines):
         "cpu_cores_used": rnd(dm["cpu_s"] / e2e_s, 2) if (dm.get("cpu_s") and e2e_s) else None,
         "events_per_cpu_s": rnd(n / dm["cpu_s"], 0) if dm.get("cpu_s") else None,
         "other_processes_cores_busy": rnd(other_cores, 2),
+        "broker_cores_busy": rnd(broker_cores, 2),
+        "postgres_cores_busy": rnd(pg_cores, 2),
         "loadavg_before": kv.get("loadavg_before"),
         "write_calls_gb": rnd(dm["write_call_bytes"] / 1e9, 2) if dm.get("write_call_bytes") else None,
         "write_calls_kb_per_event": rnd(dm["write_call_bytes"] / 1e3 / n, 1) if dm.get("write_call_bytes") else None,
@@ -913,6 +924,9 @@ def report_throughput(kv, res, lines):
         L("machine: other processes kept %s of %s cores busy during (b)%s" % (
             fmt(other_cores, d=2), os.cpu_count(),
             "  -- CONTENDED: wall-clock figures are pessimistic" if other_cores > 0.3 else ""))
+        if d.get("broker_cores_busy") is not None and d.get("postgres_cores_busy") is not None:
+            L("         of which the dev broker %s and Postgres (the flushes) %s" % (
+                fmt(d["broker_cores_busy"], d=2), fmt(d["postgres_cores_busy"], d=2)))
     if res["batch"] and res["batch"].get("agreement_with_daemon"):
         ag = res["batch"]["agreement_with_daemon"]
         L("batch vs daemon rows (the baseline approximates the contract): " + ", ".join(
@@ -1061,6 +1075,32 @@ def report_scale(kv, res, lines, baseline_path):
                                 "  (%s)" % t["note"] if t.get("note") else ""))
 
 
+def proc_cpu(pid):
+    """CPU clock ticks used so far by process pid and its children: its own time,
+    the time of children it has already reaped (cutime, cstime) and that of its
+    live children. For the postmaster that is every backend, whether it has exited
+    or not, so a difference of two readings is Postgres's CPU in between."""
+    def ticks(p, with_reaped):
+        try:
+            with open("/proc/%s/stat" % p) as f:
+                st = f.read()
+        except OSError:
+            return 0, None
+        rest = st[st.rindex(")") + 2:].split()
+        ppid = rest[1]
+        t = int(rest[11]) + int(rest[12])  # utime, stime
+        if with_reaped:
+            t += int(rest[13]) + int(rest[14])  # cutime, cstime
+        return t, ppid
+    total, _ = ticks(pid, True)
+    for d in os.listdir("/proc"):
+        if d.isdigit() and d != str(pid):
+            t, ppid = ticks(d, False)
+            if ppid == str(pid):
+                total += t
+    print(total)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1071,6 +1111,8 @@ def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "free-port":
         free_port()
+    elif cmd == "proc-cpu":
+        proc_cpu(args[0])
     elif cmd == "copyprep":
         copyprep(args[0])
     elif cmd == "rusage":
