@@ -10,6 +10,9 @@
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -1291,12 +1294,19 @@ static void heap_tune(int64_t pad_mb)
  * this cut the page faults of a 1 M-event run from ~150 000 to ~5 000 and the
  * CPU per event by about 15 % (docs/benchmarks.md). Returns only when it
  * did not re-execute: an exec that fails leaves the daemon on small pages.
+ * The marker carries the process name: executing /proc/self/exe would
+ * otherwise rename the daemon "exe" for ps, pgrep and top.
  */
 #define HUGE_PAGES_MARKER "CLICKMARTD_HEAP_HUGE_PAGES"
 static const char *heap_huge_pages(int on, char **argv)
 {
 #ifdef __GLIBC__
-    if (getenv(HUGE_PAGES_MARKER)) {
+    const char *marker = getenv(HUGE_PAGES_MARKER);
+    if (marker) {
+#ifdef __linux__
+        if (*marker)
+            prctl(PR_SET_NAME, marker, 0, 0, 0);
+#endif
         unsetenv(HUGE_PAGES_MARKER);
         return "on";
     }
@@ -1310,8 +1320,13 @@ static const char *heap_huge_pages(int on, char **argv)
                      cur && *cur ? ":" : "");
     if (n < 0 || (size_t)n >= sizeof val)
         return "off (GLIBC_TUNABLES too long)";
+    char name[17] = "";
+#ifdef __linux__
+    if (prctl(PR_GET_NAME, name, 0, 0, 0) != 0)
+        name[0] = '\0';
+#endif
     char *saved = cur ? strdup(cur) : NULL;
-    if (setenv("GLIBC_TUNABLES", val, 1) == 0 && setenv(HUGE_PAGES_MARKER, "1", 1) == 0)
+    if (setenv("GLIBC_TUNABLES", val, 1) == 0 && setenv(HUGE_PAGES_MARKER, name, 1) == 0)
         execv("/proc/self/exe", argv);
     unsetenv(HUGE_PAGES_MARKER);
     if (saved)

@@ -84,6 +84,9 @@ for ((k = 1; k <= KILLS; k++)); do
         # tunable set, keeps its pid, and says so.
         tr '\0' '\n' <"/proc/$CM_DAEMON_PID/environ" | grep -q '^GLIBC_TUNABLES=.*glibc\.malloc\.hugetlb=1' ||
             cm_die "clickmartd runs without glibc.malloc.hugetlb=1 in its environment"
+        # It keeps its name too (executing /proc/self/exe renamed it "exe").
+        [ "$(cat "/proc/$CM_DAEMON_PID/comm")" = clickmartd ] ||
+            cm_die "clickmartd runs as '$(cat "/proc/$CM_DAEMON_PID/comm")' after its re-exec"
         grep -q 'msg="heap" huge_pages="on"' "$CM_DAEMON_LOG" ||
             cm_die "clickmartd did not log huge_pages=\"on\" (see $CM_DAEMON_LOG)"
     fi
