@@ -426,14 +426,13 @@ static void f_i64(cw_t *w, int64_t v)
 static void f_ts(cw_t *w, int64_t ms)
 {
     int64_t us;
-    if (cw_next(w) != OID_TIMESTAMPTZ)
+    if (cw_next(w) != OID_TIMESTAMPTZ) {
         cw_mismatch(w, "a timestamp for a column that is not timestamptz");
-    else if (!ts_micros(ms, &us))
+    } else if (!ts_micros(ms, &us)) {
         cw_mismatch(w, "a timestamp out of timestamptz's range");
-    else {
+    } else {
         sb_be32(w->b, 8);
         sb_be64(w->b, (uint64_t)us);
-        return;
     }
 }
 
@@ -458,12 +457,12 @@ static void f_cents(cw_t *w, int64_t cents)
 static void f_day(cw_t *w, int64_t day)
 {
     int64_t d = day - PG_EPOCH_DAYS;
-    if (cw_next(w) != OID_DATE)
+    if (cw_next(w) != OID_DATE) {
         cw_mismatch(w, "a day for a column that is not a date");
-    /* INT32_MIN and INT32_MAX would read as -infinity and infinity. */
-    else if (d <= INT32_MIN || d >= INT32_MAX)
+    } else if (d <= INT32_MIN || d >= INT32_MAX) {
+        /* INT32_MIN and INT32_MAX would read as -infinity and infinity. */
         cw_mismatch(w, "a day out of date's range");
-    else {
+    } else {
         sb_be32(w->b, 4);
         sb_be32(w->b, (uint32_t)(int32_t)d);
     }

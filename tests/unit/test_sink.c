@@ -460,6 +460,17 @@ static void test_type_mismatch(void **state)
     assert_int_equal(copy_row(&c, &w, "t", &f, 0, row_funnel_zero), SNK_EQUERY);
     assert_non_null(strstr(c.err, "fewer fields than columns"));
 
+    /* Days shift by 10 957 to count from 2000; one that would leave int32 fails. */
+    snk_funnel_row_t far = {0, "*", "*", {1}, {1}, 0, 0};
+    far.day = INT32_MAX - 1; /* still an int32 after the shift to 2000 */
+    w = (cw_t){&b, FUNNEL_T, 15, 0, NULL};
+    assert_int_equal(copy_row(&c, &w, "t", &far, 0, row_funnel), 1);
+    b.len = 0;
+    far.day = INT32_MIN + 5;
+    w = (cw_t){&b, FUNNEL_T, 15, 0, NULL};
+    assert_int_equal(copy_row(&c, &w, "t", &far, 0, row_funnel), SNK_EQUERY);
+    assert_non_null(strstr(c.err, "out of date's range"));
+
     /* A timestamp beyond timestamptz's range. */
     p.watermark = INT64_MAX;
     w = (cw_t){&b, types, 7, 0, NULL};
