@@ -172,9 +172,19 @@ static void sb_be16(sbuf_t *b, uint16_t v)
     sb_put(b, x, 2);
 }
 
+/* Stores v big-endian at p (4 bytes). */
+static void put_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
 static void sb_be32(sbuf_t *b, uint32_t v)
 {
-    uint8_t x[4] = {(uint8_t)(v >> 24), (uint8_t)(v >> 16), (uint8_t)(v >> 8), (uint8_t)v};
+    uint8_t x[4];
+    put_be32(x, v);
     sb_put(b, x, 4);
 }
 
@@ -382,11 +392,7 @@ static void f_text_n(cw_t *w, const char *s, size_t n)
         cw_mismatch(w, "a text value over 1 GB");
         return;
     }
-    uint8_t *p = (uint8_t *)b->p + at - 4;
-    p[0] = (uint8_t)(len >> 24);
-    p[1] = (uint8_t)(len >> 16);
-    p[2] = (uint8_t)(len >> 8);
-    p[3] = (uint8_t)len;
+    put_be32((uint8_t *)b->p + at - 4, (uint32_t)len);
 }
 
 static void f_text(cw_t *w, const char *s)
@@ -1514,6 +1520,11 @@ static void sql_cols(sbuf_t *b, const table_spec_t *t, const char *prefix, size_
 static int load_stage_types(snk_conn_t *c)
 {
     static const char *step = "read staging column types";
+    for (int i = 0; i < T__COUNT; i++)
+        if (TABLES[i].ncols > MAX_COLS) {
+            set_err(c, step, "a staging table has more columns than MAX_COLS");
+            return SNK_EINVAL;
+        }
     memset(c->types, 0, sizeof c->types);
     PGresult *res = PQexec(c->pg, "SELECT c.relname, a.attnum, a.atttypid FROM "
                                   "pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON "
