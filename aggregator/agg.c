@@ -986,6 +986,33 @@ typedef struct xconf {
     int window_days;
 } xconf_t;
 
+/* ---------------------------------------------------------------------- */
+/* Write-behind of one record per database (docs/aggregator.md, "Runs").  */
+
+/*
+ * The batch applies its events sorted by user, so a user's events of one
+ * batch come in a run (about nine in the 1 M bench, in one or two sessions),
+ * and each event of the run reads and rewrites the same user record, the same
+ * latest session and the same day of funnel stages. A slot holds the newest
+ * value of one such record, or its deletion, instead of handing it to LMDB at
+ * once: a put costs a B-tree descent and a page copy, the slot a memcpy.
+ * The slot's record goes to the transaction when the slot is needed for
+ * another key, before anything walks its database with a cursor, and when a
+ * drain returns, so the compactor, the commit and the flushes never see the
+ * difference. Reads by exact key go through wslot_get, which answers from
+ * the slot first.
+ */
+typedef struct wslot {
+    uint8_t db;
+    uint8_t del; /* the record is to be deleted */
+    size_t kn;   /* 0: the slot is empty */
+    size_t vn, cap;
+    uint8_t *v;
+    uint8_t k[KEY_MAX];
+} wslot_t;
+
+enum { WS_USERS = 0, WS_SESSIONS, WS_USTAGE, WS_N };
+
 struct agg {
     st_env_t *env;
     char *topic;
@@ -995,12 +1022,13 @@ struct agg {
     uint64_t pending;
     agg_partition_t parts[AGG_MAX_PARTITIONS];
     uint8_t touched[AGG_MAX_PARTITIONS];
-    kset_t dirty;   /* the open batch's dirty marks */
-    kset_t pend;    /* the marks of every committed batch not yet flushed */
-    ccache_t cache; /* the open batch's aggregate rows */
-    kset_t xusers;  /* user keys with at least one experiment record */
-    uday_t ud[2];   /* scratch: a session's old and new day of funnel stages */
-    uint8_t *ubuf;  /* scratch: an encoded day of funnel stages */
+    kset_t dirty;     /* the open batch's dirty marks */
+    kset_t pend;      /* the marks of every committed batch not yet flushed */
+    ccache_t cache;   /* the open batch's aggregate rows */
+    wslot_t ws[WS_N]; /* the open batch's held-back user, session and stage records */
+    kset_t xusers;    /* user keys with at least one experiment record */
+    uday_t ud[2];     /* scratch: a session's old and new day of funnel stages */
+    uint8_t *ubuf;    /* scratch: an encoded day of funnel stages */
     size_t ubuf_cap;
     int32_t *weeks; /* scratch: the weeks of the user being updated */
     size_t weeks_cap;
@@ -1203,6 +1231,9 @@ int agg_open(st_env_t *env, const agg_conf_t *conf, agg_t **out)
     a->env = env;
     a->topic = strdup(conf->topic ? conf->topic : "");
     a->gap = conf->session_gap_ms;
+    a->ws[WS_USERS].db = ST_DB_USERS;
+    a->ws[WS_SESSIONS].db = ST_DB_SESSIONS;
+    a->ws[WS_USTAGE].db = ST_DB_USTAGE;
     a->lateness = conf->allowed_lateness_ms;
     a->sweep_per_batch = conf->sweep_per_batch;
     a->exposure_default = strdup(conf->exposure_event ? conf->exposure_event : "product_view");
@@ -1266,6 +1297,8 @@ void agg_close(agg_t *a)
     kset_free(&a->dirty);
     kset_free(&a->pend);
     cache_free(&a->cache);
+    for (int i = 0; i < WS_N; i++)
+        free(a->ws[i].v);
     kset_free(&a->xusers);
     free(a->ud[0].g);
     free(a->ud[1].g);
@@ -1298,6 +1331,73 @@ const agg_partition_t *agg_partition(const agg_t *a, int32_t partition)
     return &a->parts[partition];
 }
 
+/* Hand the slot's record to the transaction and empty the slot. */
+static int wslot_write(agg_t *a, wslot_t *s)
+{
+    if (!s->kn)
+        return 0;
+    size_t kn = s->kn;
+    s->kn = 0;
+    int r = s->del ? st_del(a->txn, a->env, (enum st_db)s->db, s->k, kn)
+                   : st_put(a->txn, a->env, (enum st_db)s->db, s->k, kn, s->v, s->vn);
+    return r == ST_ENOTFOUND && s->del ? 0 : r;
+}
+
+/* Every slot's record into the transaction (a drain returns). */
+static int wslots_write(agg_t *a)
+{
+    int r = 0;
+    for (int i = 0; r == 0 && i < WS_N; i++)
+        r = wslot_write(a, &a->ws[i]);
+    return r;
+}
+
+/* Forget the slots' records (the batch ends or aborts). */
+static void wslots_drop(agg_t *a)
+{
+    for (int i = 0; i < WS_N; i++)
+        a->ws[i].kn = 0;
+}
+
+/* st_get of the slot's database, answered by the slot when it holds k. A
+ * value from the slot is valid until the slot is next set. */
+static int wslot_get(agg_t *a, const wslot_t *s, const uint8_t *k, size_t kn, st_val_t *v)
+{
+    if (s->kn == kn && memcmp(s->k, k, kn) == 0) {
+        if (s->del)
+            return ST_ENOTFOUND;
+        v->p = s->v;
+        v->n = s->vn;
+        return 0;
+    }
+    return st_get(a->txn, a->env, (enum st_db)s->db, k, kn, v);
+}
+
+/* Hold back a put of (k, v) (del: a delete of k) in the slot; a record of
+ * another key the slot held goes to the transaction first. */
+static int wslot_set(agg_t *a, wslot_t *s, const uint8_t *k, size_t kn, const void *v, size_t vn,
+                     int del)
+{
+    if (kn > KEY_MAX || kn == 0)
+        return AGG_ESTATE;
+    if (s->kn && (s->kn != kn || memcmp(s->k, k, kn) != 0)) {
+        int r = wslot_write(a, s);
+        if (r)
+            return r;
+    }
+    if (!del) {
+        int r = bytes_reserve(&s->v, &s->cap, vn);
+        if (r)
+            return r;
+        memcpy(s->v, v, vn);
+    }
+    memcpy(s->k, k, kn);
+    s->kn = kn;
+    s->vn = del ? 0 : vn;
+    s->del = (uint8_t)(del != 0);
+    return 0;
+}
+
 uint64_t agg_pending_rows(const agg_t *a)
 {
     return a->pending;
@@ -1321,6 +1421,7 @@ int agg_batch_begin(agg_t *a)
 {
     kset_reset(&a->dirty);
     cache_reset(&a->cache);
+    wslots_drop(a);
     a->fresh.n = a->swept.n = 0;
     a->batch_events = 0;
     memset(a->touched, 0, sizeof a->touched);
@@ -1333,6 +1434,7 @@ void agg_batch_abort(agg_t *a)
     a->txn = NULL;
     kset_reset(&a->dirty);
     cache_reset(&a->cache);
+    wslots_drop(a);
     a->n_pev = a->pev_done = a->evlen = 0;
     a->xq_n = a->xq_len = 0;
     forget_fresh(a);
@@ -1508,7 +1610,7 @@ static int uday_load(agg_t *a, uday_t *d, const uint8_t *uk, size_t ukn, int32_t
     d->partition = 0;
     d->n = 0;
     st_val_t v;
-    int r = st_get(a->txn, a->env, ST_DB_USTAGE, k, kn, &v);
+    int r = wslot_get(a, &a->ws[WS_USTAGE], k, kn, &v);
     if (r == ST_ENOTFOUND)
         return 0;
     if (r)
@@ -1532,10 +1634,8 @@ static int uday_store(agg_t *a, const uday_t *d, const uint8_t *uk, size_t ukn)
 {
     uint8_t k[KEY_MAX];
     size_t kn = uday_key(k, uk, ukn, d->day);
-    if (d->n == 0) {
-        int r = st_del(a->txn, a->env, ST_DB_USTAGE, k, kn);
-        return r == ST_ENOTFOUND ? 0 : r;
-    }
+    if (d->n == 0)
+        return wslot_set(a, &a->ws[WS_USTAGE], k, kn, NULL, 0, 1);
     /* Varints: at most 5 bytes for an int32. */
     size_t need = 5 + d->n * (2 + 2 * ING_ATTR_MAX + 5 * 5);
     if (need > a->ubuf_cap) {
@@ -1556,7 +1656,7 @@ static int uday_store(agg_t *a, const uday_t *d, const uint8_t *uk, size_t ukn)
     }
     if (w.overflow)
         return AGG_ESTATE;
-    return st_put(a->txn, a->env, ST_DB_USTAGE, k, kn, a->ubuf, w.n);
+    return wslot_set(a, &a->ws[WS_USTAGE], k, kn, a->ubuf, w.n, 0);
 }
 
 /* The user's group (dev, ctry) in day d, added with zero counts if new;
@@ -1698,7 +1798,7 @@ static int put_session(agg_t *a, const uint8_t *uk, size_t ukn, const sess_t *s)
     size_t n = sess_encode(s, buf, sizeof buf);
     if (!n)
         return AGG_ESTATE;
-    int r = st_put(a->txn, a->env, ST_DB_SESSIONS, k, kn, buf, n);
+    int r = wslot_set(a, &a->ws[WS_SESSIONS], k, kn, buf, n, 0);
     if (r)
         return r;
     return mark_dirty(a, TAG_SESSION, k, kn);
@@ -1724,7 +1824,7 @@ static int find_neighbours(agg_t *a, const uint8_t *uk, size_t ukn, const user_t
         return 0;
     if (ts >= u->latest) {
         kn = sess_key(k, uk, ukn, u->latest);
-        int r = st_get(a->txn, a->env, ST_DB_SESSIONS, k, kn, &cv);
+        int r = wslot_get(a, &a->ws[WS_SESSIONS], k, kn, &cv);
         if (r == 0) {
             *has_pred = 1;
             return sess_decode(&cv, pred);
@@ -1732,8 +1832,12 @@ static int find_neighbours(agg_t *a, const uint8_t *uk, size_t ukn, const user_t
         if (r != ST_ENOTFOUND)
             return r;
     }
+    /* The walk reads the database itself, so a held-back session goes in. */
+    int r = wslot_write(a, &a->ws[WS_SESSIONS]);
+    if (r)
+        return r;
     kn = sess_key(k, uk, ukn, ts);
-    int r = st_cur_open(a->txn, a->env, ST_DB_SESSIONS, &cur);
+    r = st_cur_open(a->txn, a->env, ST_DB_SESSIONS, &cur);
     if (r)
         return r;
     r = st_cur_seek(&cur, k, kn, &ck, &cv);
@@ -1785,8 +1889,7 @@ static int retire_session(agg_t *a, const uint8_t *uk, size_t ukn, const sess_t 
     if (old->start != s->start) {
         uint8_t k[KEY_MAX];
         size_t kn = sess_key(k, uk, ukn, old->start);
-        r = st_del(a->txn, a->env, ST_DB_SESSIONS, k, kn);
-        if (r && r != ST_ENOTFOUND)
+        if ((r = wslot_set(a, &a->ws[WS_SESSIONS], k, kn, NULL, 0, 1)))
             return r;
     }
     if (old->sid_len != s->sid_len || memcmp(old->sid, s->sid, s->sid_len) != 0) {
@@ -1881,7 +1984,7 @@ static int weeks_reserve(agg_t *a, size_t n)
 static int load_user(agg_t *a, const uint8_t *uk, size_t ukn, user_t *u, int *found)
 {
     st_val_t v;
-    int r = st_get(a->txn, a->env, ST_DB_USERS, uk, ukn, &v);
+    int r = wslot_get(a, &a->ws[WS_USERS], uk, ukn, &v);
     *found = r == 0;
     if (r == ST_ENOTFOUND)
         return 0;
@@ -1977,7 +2080,7 @@ static int apply_user(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition
     size_t n = user_encode(u, a->weeks, a->ebuf, a->ebuf_cap);
     if (!n)
         return AGG_ESTATE;
-    if ((r = st_put(a->txn, a->env, ST_DB_USERS, uk, ukn, a->ebuf, n)))
+    if ((r = wslot_set(a, &a->ws[WS_USERS], uk, ukn, a->ebuf, n, 0)))
         return r;
     return mark_dirty(a, TAG_USER, uk, ukn);
 }
@@ -2801,8 +2904,10 @@ int agg_batch_drain(agg_t *a, size_t max_events)
         a->pev_sorted = 1;
     }
     for (size_t n = 0; a->pev_done < a->n_pev; n++) {
-        if (max_events && n == max_events)
-            return 1;
+        if (max_events && n == max_events) {
+            int r = wslots_write(a);
+            return r ? r : 1;
+        }
         const pev_t *q = &a->pev[a->pev_done];
         if (a->pev_done + PEV_PREFETCH < a->n_pev) {
             /* The sorted order visits the copies at random: fetch the one
@@ -2817,7 +2922,8 @@ int agg_batch_drain(agg_t *a, size_t max_events)
         a->pev_done++;
     }
     a->n_pev = a->pev_done = a->evlen = 0;
-    return xq_write(a);
+    int r = wslots_write(a);
+    return r ? r : xq_write(a);
 }
 
 int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event_t *ev,
