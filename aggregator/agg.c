@@ -1051,6 +1051,9 @@ struct agg {
     size_t xq_n, xq_offcap;
     const uint8_t **xq_sorted;
     size_t xq_sortcap;
+    uint8_t *xrec; /* scratch: a record of retained events */
+    size_t xrec_cap;
+    uint32_t xq_rec;      /* retained-event records the open batch wrote (their keys' last part) */
     int64_t batch_events; /* events accepted by the open batch (sizes the compactor) */
     /* Where the compactor stopped in each database, so that every batch
      * examines a bounded slice and the whole state is covered in turn. */
@@ -1294,6 +1297,7 @@ void agg_close(agg_t *a)
     free(a->xq);
     free(a->xq_off);
     free(a->xq_sorted);
+    free(a->xrec);
     kset_free(&a->dirty);
     kset_free(&a->pend);
     cache_free(&a->cache);
@@ -1422,6 +1426,7 @@ int agg_batch_begin(agg_t *a)
     kset_reset(&a->dirty);
     cache_reset(&a->cache);
     wslots_drop(a);
+    a->xq_rec = 0;
     a->fresh.n = a->swept.n = 0;
     a->batch_events = 0;
     memset(a->touched, 0, sizeof a->touched);
@@ -1437,6 +1442,7 @@ void agg_batch_abort(agg_t *a)
     wslots_drop(a);
     a->n_pev = a->pev_done = a->evlen = 0;
     a->xq_n = a->xq_len = 0;
+    a->xq_rec = 0;
     forget_fresh(a);
     /* Forget the in-memory progress of the aborted batch. */
     if (load_partitions(a) != 0)
@@ -2292,39 +2298,30 @@ static int xuser_decode(const st_val_t *v, xuser_t *x)
 }
 
 /*
- * A retained clickstream event: what exposure and outcome windows need.
- * Keyed by the UTC day of its ts, then user, the ms of ts within that day
- * (be32: the day is already in the key) and the XXH3-128 of its event_id
- * (the duplicate index's hash; the id only keeps events of the same
- * millisecond apart, and windows read nothing but ts). The value is the
- * partition, the amount and the event type as its code, followed by the
- * name only for a type without one. This is the largest
- * database, with one entry per clickstream event within the horizon. With
- * the day first, a batch's inserts land in the few days its events fall
- * into (mostly the latest ones) instead of on every leaf page, and the
- * compactor deletes old days as contiguous ranges; a user's events are
- * read by one seek per day that holds any (scan_xevents).
+ * Retained clickstream events: what exposure and outcome windows need. One
+ * record holds the events of one user and one UTC day that one batch
+ * applied, keyed by the day, the user key, the batch's sequence and a
+ * number within the batch (so that keys never collide and are never read
+ * before they are written). The value is the partition of the user's event
+ * applied last (for the horizon), then per event the ms of its ts within
+ * the day, the amount and the event type as its code, followed by the name
+ * only for a type without one (w_i32/w_i64 varints). A batch writes about
+ * one record per user and day instead of one per event: a user's events of
+ * a batch come in a run (docs/aggregator.md, "Runs"). With the day first, a
+ * batch's inserts land in the few days its events fall into, the compactor
+ * deletes old days as contiguous ranges, and a user's events are read by one
+ * seek per day that holds any (scan_xevents). Duplicates never reach this
+ * database (the duplicate index comes first), so no event id is kept.
  */
-#define XEV_ID_LEN 16
 #define XEV_DAY_LEN 4
-#define XEV_TS_LEN 4
+#define XEV_SUFFIX_LEN 12 /* be64 batch sequence, be32 record number */
 
-static size_t xevent_key(uint8_t *k, const uint8_t *uk, size_t ukn, int64_t ts,
-                         const XXH128_hash_t *id)
+/* The key prefix (day, user) of a user's retained events of one day. */
+static size_t xevent_prefix(uint8_t *k, const uint8_t *uk, size_t ukn, int64_t day)
 {
-    int64_t day = day_of(ts);
     be32(k, (uint32_t)day);
     memcpy(k + XEV_DAY_LEN, uk, ukn);
-    be32(k + XEV_DAY_LEN + ukn, (uint32_t)(ts - day * DAY_MS));
-    be64(k + XEV_DAY_LEN + ukn + XEV_TS_LEN, id->high64);
-    be64(k + XEV_DAY_LEN + ukn + XEV_TS_LEN + 8, id->low64);
-    return XEV_DAY_LEN + ukn + XEV_TS_LEN + XEV_ID_LEN;
-}
-
-/* The ts of an xevents key whose user key is ukn bytes long. */
-static int64_t xevent_ts(const uint8_t *k, size_t ukn)
-{
-    return (int64_t)(int32_t)rd_be32(k) * DAY_MS + rd_be32(k + XEV_DAY_LEN + ukn);
+    return XEV_DAY_LEN + ukn;
 }
 
 /* The user key length of an xevents key, 0 when it is malformed. */
@@ -2334,19 +2331,23 @@ static size_t xevent_ukn(const st_val_t *k)
     if (k->n < XEV_DAY_LEN + 1)
         return 0;
     size_t ukn = (size_t)p[XEV_DAY_LEN] + 1;
-    return k->n >= XEV_DAY_LEN + ukn + XEV_TS_LEN ? ukn : 0;
+    return k->n == XEV_DAY_LEN + ukn + XEV_SUFFIX_LEN ? ukn : 0;
 }
 
 /*
- * The retained-event puts of a batch are queued and written sorted by key
- * once the batch's events are applied (xq_write): the events are applied in
- * user order, but xevents is keyed by day first, so writing them as they come
- * would jump between the days a batch spans. A record is the key length,
- * the value length, the key and the value.
+ * The retained events of a batch are queued as the batch's events are
+ * applied and written once they are (xq_write), grouped by day and user:
+ * the events are applied in user order, but xevents is keyed by day first,
+ * so writing them as they come would jump between the days a batch spans.
+ * A queue entry is the prefix length, the entry length, the event's
+ * partition (4 bytes, host order), the prefix (day, user) and the event's
+ * entry of the record.
  */
-static int xq_push(agg_t *a, const uint8_t *k, size_t kn, const uint8_t *v, size_t vn)
+#define XQ_HDR 6
+
+static int xq_push(agg_t *a, const uint8_t *k, size_t kn, int32_t part, const uint8_t *v, size_t vn)
 {
-    size_t need = 2 + kn + vn;
+    size_t need = XQ_HDR + kn + vn;
     int r = bytes_reserve(&a->xq, &a->xq_cap, a->xq_len + need);
     if (r)
         return r;
@@ -2354,42 +2355,94 @@ static int xq_push(agg_t *a, const uint8_t *k, size_t kn, const uint8_t *v, size
     uint8_t *p = a->xq + a->xq_len;
     p[0] = (uint8_t)kn;
     p[1] = (uint8_t)vn;
-    memcpy(p + 2, k, kn);
-    memcpy(p + 2 + kn, v, vn);
+    memcpy(p + 2, &part, 4);
+    memcpy(p + XQ_HDR, k, kn);
+    memcpy(p + XQ_HDR + kn, v, vn);
     a->xq_off[a->xq_n++] = a->xq_len;
     a->xq_len += need;
     return 0;
 }
 
-static int xq_put(agg_t *a, const uint8_t *p)
+/* Whether two queue entries have the same prefix (day, user). */
+static int xq_same(const uint8_t *p, const uint8_t *q)
 {
-    return st_put(a->txn, a->env, ST_DB_XEVENTS, p + 2, p[0], p + 2 + p[0], p[1]);
+    return p[0] == q[0] && memcmp(p + XQ_HDR, q + XQ_HDR, p[0]) == 0;
+}
+
+/*
+ * Write the queue entries e[0..n) as records, one per run of entries with
+ * the same prefix; a record keeps the partition of its last entry.
+ */
+static int xq_put_groups(agg_t *a, const uint8_t *const *e, size_t n)
+{
+    for (size_t i = 0; i < n;) {
+        const uint8_t *p = e[i];
+        size_t j = i + 1, vlen = 5;
+        while (j < n && xq_same(e[j], p))
+            j++;
+        for (size_t m = i; m < j; m++)
+            vlen += e[m][1];
+        int r = bytes_reserve(&a->xrec, &a->xrec_cap, vlen);
+        if (r)
+            return r;
+        int32_t part;
+        memcpy(&part, e[j - 1] + 2, 4);
+        wr_t w = {a->xrec, 0, a->xrec_cap, 0};
+        w_i32(&w, part);
+        for (size_t m = i; m < j; m++)
+            w_bytes(&w, e[m] + XQ_HDR + e[m][0], e[m][1]);
+        if (w.overflow)
+            return AGG_ESTATE;
+        uint8_t k[XEV_DAY_LEN + KEY_MAX + XEV_SUFFIX_LEN];
+        memcpy(k, p + XQ_HDR, p[0]);
+        be64(k + p[0], a->seq + 1);
+        be32(k + p[0] + 8, a->xq_rec++);
+        if ((r = st_put(a->txn, a->env, ST_DB_XEVENTS, k, p[0] + XEV_SUFFIX_LEN, a->xrec, w.n)))
+            return r;
+        i = j;
+    }
+    return 0;
+}
+
+/* Room for n pointers in a->xq_sorted. */
+static int xq_sorted_reserve(agg_t *a, size_t n)
+{
+    if (n <= a->xq_sortcap)
+        return 0;
+    const uint8_t **ns = realloc(a->xq_sorted, n * sizeof *ns);
+    if (!ns)
+        return AGG_ENOMEM;
+    a->xq_sorted = ns;
+    a->xq_sortcap = n;
+    return 0;
 }
 
 /*
  * Before a user's retained events are read: write the user's queued ones.
- * The events are applied sorted by user, so they are the queue's tail.
+ * The events are applied sorted by user and then ts, so they are the
+ * queue's tail, already grouped by day.
  */
 static int xq_write_user(agg_t *a, const uint8_t *uk, size_t ukn)
 {
     size_t first = a->xq_n;
     while (first) {
         const uint8_t *p = a->xq + a->xq_off[first - 1];
-        if (p[0] < XEV_DAY_LEN + ukn || memcmp(p + 2 + XEV_DAY_LEN, uk, ukn) != 0)
+        if (p[0] != XEV_DAY_LEN + ukn || memcmp(p + XQ_HDR + XEV_DAY_LEN, uk, ukn) != 0)
             break;
         first--;
     }
-    /* In queue order: the user's events were applied by ts, so within a day
-     * this is key order, the order the write cursor moves best in. */
-    for (size_t i = first; i < a->xq_n; i++) {
-        int r = xq_put(a, a->xq + a->xq_off[i]);
-        if (r)
-            return r;
-    }
-    if (first < a->xq_n) {
-        a->xq_len = a->xq_off[first];
-        a->xq_n = first;
-    }
+    size_t n = a->xq_n - first;
+    if (n == 0)
+        return 0;
+    int r = xq_sorted_reserve(a, n);
+    if (r)
+        return r;
+    for (size_t i = 0; i < n; i++)
+        a->xq_sorted[i] = a->xq + a->xq_off[first + i];
+    if ((r = xq_put_groups(a, a->xq_sorted, n)))
+        return r;
+    a->xq_len = a->xq_off[first];
+    a->xq_n = first;
     return 0;
 }
 
@@ -2397,41 +2450,35 @@ static int xq_cmp(const void *x, const void *y)
 {
     const uint8_t *p = *(const uint8_t *const *)x, *q = *(const uint8_t *const *)y;
     size_t n = p[0] < q[0] ? p[0] : q[0];
-    int c = memcmp(p + 2, q + 2, n);
+    int c = memcmp(p + XQ_HDR, q + XQ_HDR, n);
     return c ? c : (int)p[0] - (int)q[0];
 }
 
-/* Write every queued retained event, in key order. */
+/* Write every queued retained event, one record per day and user. */
 static int xq_write(agg_t *a)
 {
     if (!a->xq_n)
         return 0;
-    if (a->xq_n > a->xq_sortcap) {
-        const uint8_t **ns = realloc(a->xq_sorted, a->xq_n * sizeof *ns);
-        if (!ns)
-            return AGG_ENOMEM;
-        a->xq_sorted = ns;
-        a->xq_sortcap = a->xq_n;
-    }
+    int r = xq_sorted_reserve(a, a->xq_n);
+    if (r)
+        return r;
     for (size_t i = 0; i < a->xq_n; i++)
         a->xq_sorted[i] = a->xq + a->xq_off[i];
     qsort(a->xq_sorted, a->xq_n, sizeof *a->xq_sorted, xq_cmp);
-    for (size_t i = 0; i < a->xq_n; i++) {
-        int r = xq_put(a, a->xq_sorted[i]);
-        if (r)
-            return r;
-    }
+    if ((r = xq_put_groups(a, a->xq_sorted, a->xq_n)))
+        return r;
     a->xq_n = a->xq_len = 0;
     return 0;
 }
 
 static int store_xevent(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
-                        const ing_event_t *ev, const XXH128_hash_t *id)
+                        const ing_event_t *ev)
 {
     uint8_t k[XEV_DAY_LEN + KEY_MAX], buf[128];
-    size_t kn = xevent_key(k, uk, ukn, ev->ts, id);
+    int64_t day = day_of(ev->ts);
+    size_t kn = xevent_prefix(k, uk, ukn, day);
     wr_t w = {buf, 0, sizeof buf, 0};
-    w_i32(&w, partition);
+    w_i32(&w, (int32_t)(ev->ts - day * DAY_MS));
     w_i64(&w, ev->type == ING_ET_PURCHASE ? ev->amount_cents : 0);
     /* The code of the name itself, so that a decoded name is always the
      * stored one. */
@@ -2439,7 +2486,7 @@ static int store_xevent(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partiti
     w_bytes(&w, &code, 1);
     if (code == ING_ET_OTHER)
         w_str(&w, ev->event_type, ev->event_type_len);
-    return xq_push(a, k, kn, buf, w.n);
+    return xq_push(a, k, kn, partition, buf, w.n);
 }
 
 typedef struct xev {
@@ -2448,26 +2495,28 @@ typedef struct xev {
     uint8_t type_len;
 } xev_t;
 
-static int xev_decode(const st_val_t *k, const st_val_t *v, size_t ukn, xev_t *e)
+/* The next event of a record of day `day` being read by r; 1 when there
+ * is one, 0 at the end, AGG_ESTATE when the record is malformed. */
+static int xev_next(rd_t *r, int64_t day, xev_t *e)
 {
-    if (k->n < XEV_DAY_LEN + ukn + XEV_TS_LEN)
-        return AGG_ESTATE;
-    e->ts = xevent_ts(k->p, ukn);
-    rd_t r = {v->p, v->n, 0, 0};
-    (void)r_i32(&r);
-    e->cents = r_i64(&r);
+    if (r->off >= r->n)
+        return 0;
+    int32_t ms = r_i32(r);
+    e->ts = day * DAY_MS + ms;
+    e->cents = r_i64(r);
     uint8_t code = ING_ET_OTHER;
-    r_bytes(&r, &code, 1);
-    const char *name = ing_etype_name((ing_etype_t)code);
+    r_bytes(r, &code, 1);
     if (code == ING_ET_OTHER) {
-        e->type_len = r_str(&r, e->type, sizeof e->type);
-    } else if (name) {
-        e->type_len = (uint8_t)strlen(name);
-        memcpy(e->type, name, (size_t)e->type_len + 1);
+        e->type_len = r_str(r, e->type, sizeof e->type);
     } else {
-        r.bad = 1;
+        const char *name = ing_etype_name((ing_etype_t)code);
+        e->type_len = name ? (uint8_t)strlen(name) : 0;
+        if (!name)
+            r->bad = 1;
+        else
+            memcpy(e->type, name, e->type_len + 1u);
     }
-    return r.bad ? AGG_ESTATE : 0;
+    return r->bad || ms < 0 || ms >= DAY_MS ? AGG_ESTATE : 1;
 }
 
 static void outcome_add(xuser_t *x, const char *type, size_t tn, int64_t cents)
@@ -2484,11 +2533,13 @@ static void outcome_add(xuser_t *x, const char *type, size_t tn, int64_t cents)
 }
 
 /*
- * Walk the user's retained events from `from` on. With `found` set, stop at
- * the first event of type `exposure` before `before` and return its ts in
- * *found (-1 when none); otherwise (x set) recompute the outcome over
- * [from, before). Every event an accepted event can still reach is retained
- * (docs/aggregator.md), so this sees the whole window.
+ * Read the user's retained events in [from, before). With `found` set,
+ * return in *found the ts of the earliest event of type `exposure` (-1 when
+ * none); otherwise (x set) recompute the outcome over the range. Every
+ * event an accepted event can still reach is retained (docs/aggregator.md),
+ * so this sees the whole window. A record's events are in no particular
+ * order, so a day is read whole; the days are read in ascending order, so
+ * the first day with an exposure holds the earliest.
  */
 static int scan_xevents(agg_t *a, const uint8_t *uk, size_t ukn, int64_t from, int64_t before,
                         const char *exposure, xuser_t *x, int64_t *found)
@@ -2510,47 +2561,47 @@ static int scan_xevents(agg_t *a, const uint8_t *uk, size_t ukn, int64_t from, i
         r = st_cur_open(a->txn, a->env, ST_DB_XEVENTS, &cur);
     if (r)
         return r;
-    /* A skip-scan over the days: seek (day, user, from); a hit on a later
-     * day jumps there, a hit on another user moves to the next day. Days in
-     * ascending order and ts within a day keep the events in ts order. */
-    int64_t first = day_of(from), day = first, last = day_of(before - 1);
-    memcpy(k + XEV_DAY_LEN, uk, ukn);
-    int done = 0;
-    while (!done && day <= last) {
-        be32(k, (uint32_t)day);
-        /* From `from` on its own day, from the start of any later day. */
-        be32(k + XEV_DAY_LEN + ukn, (uint32_t)(day == first ? from - day * DAY_MS : 0));
-        r = st_cur_seek(&cur, k, XEV_DAY_LEN + ukn + XEV_TS_LEN, &ck, &cv);
+    /* A skip-scan over the days: seek (day, user); a hit on a later day
+     * jumps there, a hit on another user moves to the next day. */
+    int64_t day = day_of(from), last = day_of(before - 1);
+    while (day <= last) {
+        size_t pn = xevent_prefix(k, uk, ukn, day);
+        r = st_cur_seek(&cur, k, pn, &ck, &cv);
         if (r)
             break;
-        int64_t kday = (int64_t)rd_be32(ck.p);
+        int64_t kday = (int64_t)(int32_t)rd_be32(ck.p);
         if (kday > day) {
             day = kday;
             continue;
         }
         for (; r == 0; r = st_cur_next(&cur, &ck, &cv)) {
-            if (xevent_ukn(&ck) != ukn || memcmp(ck.p, k, XEV_DAY_LEN + ukn) != 0)
+            if (xevent_ukn(&ck) != ukn || memcmp(ck.p, k, pn) != 0)
                 break;
+            rd_t rd = {cv.p, cv.n, 0, 0};
+            (void)r_i32(&rd); /* the partition */
             xev_t e;
-            if ((r = xev_decode(&ck, &cv, ukn, &e)))
-                break;
-            if (e.ts >= before) {
-                done = 1;
-                break;
-            }
-            if (found) {
-                if (exposure && e.type_len == expn && memcmp(e.type, exposure, expn) == 0) {
-                    *found = e.ts;
-                    done = 1;
-                    break;
+            int more;
+            while ((more = xev_next(&rd, day, &e)) == 1) {
+                if (e.ts < from || e.ts >= before)
+                    continue;
+                if (found) {
+                    if (exposure && e.type_len == expn && memcmp(e.type, exposure, expn) == 0 &&
+                        (*found < 0 || e.ts < *found))
+                        *found = e.ts;
+                } else if (x) {
+                    outcome_add(x, e.type, e.type_len, e.cents);
                 }
-            } else if (x) {
-                outcome_add(x, e.type, e.type_len, e.cents);
+            }
+            if (more < 0) {
+                r = more;
+                break;
             }
         }
         if (r && r != ST_ENOTFOUND)
             break;
         r = 0;
+        if (found && *found >= 0)
+            break;
         day++;
     }
     st_cur_close(&cur);
@@ -2690,9 +2741,9 @@ static int apply_assignment(agg_t *a, const uint8_t *uk, size_t ukn, int32_t par
 /* A clickstream event may expose the user in their experiments, move an
  * exposure earlier, or fall into an outcome window. */
 static int apply_xclick(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
-                        const ing_event_t *ev, const XXH128_hash_t *id)
+                        const ing_event_t *ev)
 {
-    int r = store_xevent(a, uk, ukn, partition, ev, id);
+    int r = store_xevent(a, uk, ukn, partition, ev);
     if (r)
         return r;
     /* Most users are in no experiment: skip the database walk for them. */
@@ -2808,7 +2859,6 @@ typedef struct pev {
     uint64_t k[2]; /* the first 16 bytes of the user key, big-endian, 0-padded */
     int64_t ts;
     size_t off; /* the event's copy in evbuf */
-    XXH128_hash_t h;
     int32_t partition;
     uint32_t seq; /* arrival order, the last tie-break */
 } pev_t;
@@ -2842,7 +2892,7 @@ static int pev_cmp(const void *x, const void *y, void *arg)
 }
 
 /* Queue an accepted event: a copy of its used part (the items it has). */
-static int pev_push(agg_t *a, int32_t partition, const ing_event_t *ev, const XXH128_hash_t *h)
+static int pev_push(agg_t *a, int32_t partition, const ing_event_t *ev)
 {
     size_t n = offsetof(ing_event_t, items) + (size_t)ev->n_items * sizeof ev->items[0];
     n = (n + 7) & ~(size_t)7;
@@ -2860,7 +2910,6 @@ static int pev_push(agg_t *a, int32_t partition, const ing_event_t *ev, const XX
     q->k[1] = rd_be64(kb + 8);
     q->ts = ev->ts;
     q->off = a->evlen;
-    q->h = *h;
     q->partition = partition;
     q->seq = (uint32_t)a->n_pev;
     a->evlen += n;
@@ -2870,7 +2919,7 @@ static int pev_push(agg_t *a, int32_t partition, const ing_event_t *ev, const XX
 }
 
 /* The mart updates of one accepted event (§3-§6). */
-static int apply_marts(agg_t *a, int32_t partition, const ing_event_t *ev, const XXH128_hash_t *h)
+static int apply_marts(agg_t *a, int32_t partition, const ing_event_t *ev)
 {
     int r;
     uint8_t uk[KEY_MAX];
@@ -2886,7 +2935,7 @@ static int apply_marts(agg_t *a, int32_t partition, const ing_event_t *ev, const
         (r = apply_user(a, uk, ukn, partition, ev, session_delta, &u, found)) ||
         (r = apply_products(a, ev)))
         return r;
-    return apply_xclick(a, uk, ukn, partition, ev, h);
+    return apply_xclick(a, uk, ukn, partition, ev);
 }
 
 /* How many events ahead agg_batch_drain prefetches an event's copy. */
@@ -2916,7 +2965,7 @@ int agg_batch_drain(agg_t *a, size_t max_events)
             for (size_t o = 0; o < offsetof(ing_event_t, items); o += 64)
                 __builtin_prefetch(p + o);
         }
-        int r = apply_marts(a, q->partition, pev_event(a->evbuf, q), &q->h);
+        int r = apply_marts(a, q->partition, pev_event(a->evbuf, q));
         if (r)
             return r;
         a->pev_done++;
@@ -2949,7 +2998,7 @@ int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event
         (r = dlog_add(&a->fresh, ev->ts, h.high64, h.low64, partition)))
         return r;
 
-    if ((r = pev_push(a, partition, ev, &h)))
+    if ((r = pev_push(a, partition, ev)))
         return r;
     p->accepted++;
     a->batch_events++;
@@ -3032,13 +3081,21 @@ static int sweep_final(agg_t *a, int which, const st_val_t *k, const st_val_t *v
     }
     if (which == SW_XEVENTS) {
         /* A retained event older than the horizon can no longer fall into
-         * a window that may still move (docs/aggregator.md). */
-        size_t ukn = xevent_ukn(k);
+         * a window that may still move (docs/aggregator.md); a record goes
+         * when all of its events are. */
         rd_t r = {v->p, v->n, 0, 0};
         int32_t p = r_i32(&r);
-        if (r.bad || !ukn)
+        if (r.bad || !xevent_ukn(k))
             return 0;
-        return xevent_ts(kp, ukn) < horizon(a, p);
+        int64_t day = (int32_t)rd_be32(kp), h = horizon(a, p), n = 0;
+        xev_t e;
+        int more, final = 1;
+        while ((more = xev_next(&r, day, &e)) == 1) {
+            n++;
+            final = final && e.ts < h;
+        }
+        *weight = n ? n : 1;
+        return more == 0 && final;
     }
     if (which == SW_SESSIONS) {
         sess_t s;

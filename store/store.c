@@ -15,7 +15,7 @@
 #include "daemon/util.h"
 
 /* Bumped whenever the key layout or a record format changes incompatibly. */
-#define ST_LAYOUT_VERSION 7
+#define ST_LAYOUT_VERSION 8
 
 static const char *const db_names[ST_DB__COUNT] = {
     "meta",  "dedup",  "sessions", "users",   "ustage", "funnel", "dirty", "rejects", "product",

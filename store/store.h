@@ -37,7 +37,7 @@ enum st_db {
     ST_DB_PAIRS,    /* (product_a, product_b) -> orders holding both */
     ST_DB_BASKET,   /* day -> orders with items, units, revenue */
     ST_DB_COHORT,   /* (cohort week, week offset) -> users */
-    ST_DB_XEVENTS,  /* (day, user, ts, id hash) -> clickstream event within the horizon */
+    ST_DB_XEVENTS,  /* (day, user, batch, n) -> a batch's events of one user and day */
     ST_DB_XUSER,    /* (user, experiment) -> assignment, exposure and window outcome */
     ST_DB_XVAR,     /* (experiment, variant) -> sufficient statistics */
     ST_DB_XCELL,    /* (experiment, variant, events) -> users, converters (regression) */
