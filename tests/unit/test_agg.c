@@ -1491,6 +1491,28 @@ static int still_known(agg_t *a, int32_t part, int64_t off, const char *eid, int
  * rebuilds the index at restart, an aborted or duplicate-only batch writes
  * nothing, and compaction deletes a record only when all its ids are behind
  * the horizon, without a long-lived record holding back later ones. */
+/* A state dir written by another layout is refused, never misread: the
+ * retained events changed format in layout 8, so a state of layout 7 would
+ * read as garbage (docs/operations.md, "After an upgrade"). */
+static void test_state_of_other_layout_refused(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    st_env_t *env;
+    assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &env), 0);
+    st_txn_t *txn;
+    assert_int_equal(st_begin(env, 0, &txn), 0);
+    uint32_t old = 7;
+    assert_int_equal(st_put(txn, env, ST_DB_META, "version", 7, &old, sizeof old), 0);
+    assert_int_equal(st_commit(txn), 0);
+    st_close(env);
+    assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &env), ST_EVERSION);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 static void test_dedup_log_records(void **state)
 {
     (void)state;
@@ -1603,6 +1625,7 @@ int main(void)
         cmocka_unit_test(test_regression_mark_survives_plain_flush),
         cmocka_unit_test(test_dedup_survives_restart_and_abort),
         cmocka_unit_test(test_dedup_log_records),
+        cmocka_unit_test(test_state_of_other_layout_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
