@@ -1569,13 +1569,23 @@ int main(int argc, char **argv)
     uv_loop_close(d.loop);
     /* The loop thread's own CPU time: the part of the process's CPU that one
      * core bounds (the parsers, librdkafka and the flush worker run beside
-     * it), which the bench reports per event. */
+     * it), which the bench reports per event. The time it was runnable but
+     * waited for a core (schedstat's second field, where the kernel keeps
+     * it) tells a loop starved of CPU from one waiting for input. */
     struct rusage ru;
-    double loop_cpu = 0;
+    double loop_cpu = 0, loop_wait = -1;
     if (getrusage(RUSAGE_THREAD, &ru) == 0)
         loop_cpu = (double)ru.ru_utime.tv_sec + (double)ru.ru_stime.tv_sec +
                    ((double)ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_usec) / 1e6;
-    cm_info("stopped", "exit_code=%d loop_cpu_s=%.3f", rc, loop_cpu);
+    FILE *ss = fopen("/proc/thread-self/schedstat", "r");
+    if (ss) {
+        unsigned long long run_ns, wait_ns;
+        if (fscanf(ss, "%llu %llu", &run_ns, &wait_ns) == 2)
+            loop_wait = (double)wait_ns / 1e9;
+        fclose(ss);
+    }
+    cm_info("stopped", "exit_code=%d loop_cpu_s=%.3f loop_runqueue_wait_s=%.3f", rc, loop_cpu,
+            loop_wait);
     cfg_free(&d.cfg);
     return rc;
 }

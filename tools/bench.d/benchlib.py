@@ -182,6 +182,8 @@ def daemonlog(path):
             r["end_messages"] = int(kv.get("messages", "0"))
         elif msg == "stopped" and "loop_cpu_s" in kv:
             r["loop_cpu_s"] = float(kv["loop_cpu_s"])
+            if float(kv.get("loop_runqueue_wait_s", "-1")) >= 0:
+                r["loop_wait_s"] = float(kv["loop_runqueue_wait_s"])
         elif msg == "progress":
             r["progress"].append({"ts": ts, "messages": int(kv.get("messages", 0)),
                                   "rate": float(kv.get("rate", "0").rstrip("/s")),
@@ -825,6 +827,7 @@ def report_throughput(kv, res, lines):
         "cpu_us_per_event": rnd(dm["cpu_s"] / n * 1e6, 2) if dm.get("cpu_s") else None,
         "loop_thread_cpu_s": rnd(dl.get("loop_cpu_s"), 2),
         "loop_thread_cpu_us_per_event": rnd(dl["loop_cpu_s"] / n * 1e6, 2) if dl.get("loop_cpu_s") else None,
+        "loop_thread_runqueue_wait_s": rnd(dl.get("loop_wait_s"), 2),
         "cpu_cores_used": rnd(dm["cpu_s"] / e2e_s, 2) if (dm.get("cpu_s") and e2e_s) else None,
         "events_per_cpu_s": rnd(n / dm["cpu_s"], 0) if dm.get("cpu_s") else None,
         "other_processes_cores_busy": rnd(other_cores, 2),
@@ -919,8 +922,10 @@ def report_throughput(kv, res, lines):
     L("        %s µs CPU per event (%s events per CPU second), %s cores busy on average" % (
         fmt(d["cpu_us_per_event"], d=2), fmt(d["events_per_cpu_s"]), fmt(d["cpu_cores_used"], d=2)))
     if d.get("loop_thread_cpu_us_per_event") is not None:
-        L("        of which the loop thread (acceptance, mart updates, commits) %s µs per event, %s s" % (
-            fmt(d["loop_thread_cpu_us_per_event"], d=2), fmt(d["loop_thread_cpu_s"], d=2)))
+        L("        of which the loop thread (acceptance, mart updates, commits) %s µs per event, %s s; "
+          "it waited %s s for a core" % (
+            fmt(d["loop_thread_cpu_us_per_event"], d=2), fmt(d["loop_thread_cpu_s"], d=2),
+            fmt(d.get("loop_thread_runqueue_wait_s"), d=2)))
     L("        %s LMDB write transactions; write calls %s GB (%s kB per event), storage writes "
       "accounted %s GB (%s kB per event)" % (
           fmt(d["lmdb_write_txns"]), fmt(d["write_calls_gb"], d=2), fmt(d["write_calls_kb_per_event"], d=1),
