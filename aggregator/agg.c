@@ -1004,12 +1004,21 @@ typedef struct xconf {
  */
 typedef struct wslot {
     uint8_t db;
-    uint8_t del; /* the record is to be deleted */
-    size_t kn;   /* 0: the slot is empty */
+    uint8_t del;  /* the record is to be deleted */
+    uint8_t kind; /* WK_BYTES: v holds the record; WK_USER, WK_SESS: u or s does */
+    size_t kn;    /* 0: the slot is empty */
     size_t vn, cap;
     uint8_t *v;
     uint8_t k[KEY_MAX];
+    /* The user and session slots keep their record decoded: a run reads it
+     * back at every event, and it is encoded once, when it is written. */
+    user_t u;
+    int32_t *weeks; /* u's weeks (u.weeks is unused here) */
+    size_t weeks_cap;
+    sess_t s;
 } wslot_t;
+
+enum { WK_BYTES = 0, WK_USER, WK_SESS };
 
 enum { WS_USERS = 0, WS_SESSIONS, WS_USTAGE, WS_N };
 
@@ -1032,8 +1041,6 @@ struct agg {
     size_t ubuf_cap;
     int32_t *weeks; /* scratch: the weeks of the user being updated */
     size_t weeks_cap;
-    uint8_t *ebuf; /* scratch: an encoded user record */
-    size_t ebuf_cap;
     dset_t dedup; /* event ids of the horizon (in memory) */
     dlog_t fresh; /* ids added by the open batch: logged on commit, undone on abort */
     dlog_t swept; /* ids the open batch's compactor dropped, applied on commit */
@@ -1301,14 +1308,15 @@ void agg_close(agg_t *a)
     kset_free(&a->dirty);
     kset_free(&a->pend);
     cache_free(&a->cache);
-    for (int i = 0; i < WS_N; i++)
+    for (int i = 0; i < WS_N; i++) {
         free(a->ws[i].v);
+        free(a->ws[i].weeks);
+    }
     kset_free(&a->xusers);
     free(a->ud[0].g);
     free(a->ud[1].g);
     free(a->ubuf);
     free(a->weeks);
-    free(a->ebuf);
     free(a->dedup.t);
     free(a->fresh.b);
     free(a->swept.b);
@@ -1342,9 +1350,21 @@ static int wslot_write(agg_t *a, wslot_t *s)
         return 0;
     size_t kn = s->kn;
     s->kn = 0;
-    int r = s->del ? st_del(a->txn, a->env, (enum st_db)s->db, s->k, kn)
-                   : st_put(a->txn, a->env, (enum st_db)s->db, s->k, kn, s->v, s->vn);
-    return r == ST_ENOTFOUND && s->del ? 0 : r;
+    if (s->del) {
+        int r = st_del(a->txn, a->env, (enum st_db)s->db, s->k, kn);
+        return r == ST_ENOTFOUND ? 0 : r;
+    }
+    if (s->kind != WK_BYTES) {
+        size_t need = REC_MAX + (s->kind == WK_USER ? (size_t)s->u.nweeks * 4 : 0);
+        int r = bytes_reserve(&s->v, &s->cap, need);
+        if (r)
+            return r;
+        s->vn = s->kind == WK_USER ? user_encode(&s->u, s->weeks, s->v, s->cap)
+                                   : sess_encode(&s->s, s->v, s->cap);
+        if (!s->vn)
+            return AGG_ESTATE;
+    }
+    return st_put(a->txn, a->env, (enum st_db)s->db, s->k, kn, s->v, s->vn);
 }
 
 /* Every slot's record into the transaction (a drain returns). */
@@ -1370,6 +1390,8 @@ static int wslot_get(agg_t *a, const wslot_t *s, const uint8_t *k, size_t kn, st
     if (s->kn == kn && memcmp(s->k, k, kn) == 0) {
         if (s->del)
             return ST_ENOTFOUND;
+        if (s->kind != WK_BYTES)
+            return AGG_ESTATE; /* a decoded record is read with wslot_typed */
         v->p = s->v;
         v->n = s->vn;
         return 0;
@@ -1377,10 +1399,9 @@ static int wslot_get(agg_t *a, const wslot_t *s, const uint8_t *k, size_t kn, st
     return st_get(a->txn, a->env, (enum st_db)s->db, k, kn, v);
 }
 
-/* Hold back a put of (k, v) (del: a delete of k) in the slot; a record of
- * another key the slot held goes to the transaction first. */
-static int wslot_set(agg_t *a, wslot_t *s, const uint8_t *k, size_t kn, const void *v, size_t vn,
-                     int del)
+/* Make the slot hold key k: a record of another key it held goes to the
+ * transaction first. */
+static int wslot_take(agg_t *a, wslot_t *s, const uint8_t *k, size_t kn)
 {
     if (kn > KEY_MAX || kn == 0)
         return AGG_ESTATE;
@@ -1389,6 +1410,70 @@ static int wslot_set(agg_t *a, wslot_t *s, const uint8_t *k, size_t kn, const vo
         if (r)
             return r;
     }
+    return 0;
+}
+
+/* The slot holding the decoded record of key k, NULL unless it does. */
+static const wslot_t *wslot_typed(const wslot_t *s, const uint8_t *k, size_t kn)
+{
+    if (s->kn != kn || s->del || s->kind == WK_BYTES || memcmp(s->k, k, kn) != 0)
+        return NULL;
+    return s;
+}
+
+/* Whether the slot holds a deletion of key k. */
+static int wslot_deleted(const wslot_t *s, const uint8_t *k, size_t kn)
+{
+    return s->kn == kn && s->del && memcmp(s->k, k, kn) == 0;
+}
+
+/* Hold back a put of the user record (u, weeks) under k. */
+static int wslot_set_user(agg_t *a, wslot_t *s, const uint8_t *k, size_t kn, const user_t *u,
+                          const int32_t *weeks)
+{
+    int r = wslot_take(a, s, k, kn);
+    if (r)
+        return r;
+    if (u->nweeks > s->weeks_cap) {
+        size_t nc = (size_t)u->nweeks * 2 + 8;
+        int32_t *nw = realloc(s->weeks, nc * sizeof *nw);
+        if (!nw)
+            return AGG_ENOMEM;
+        s->weeks = nw;
+        s->weeks_cap = nc;
+    }
+    memcpy(s->weeks, weeks, (size_t)u->nweeks * sizeof *weeks);
+    s->u = *u;
+    s->u.weeks = NULL;
+    memcpy(s->k, k, kn);
+    s->kn = kn;
+    s->del = 0;
+    s->kind = WK_USER;
+    return 0;
+}
+
+/* Hold back a put of the session record ss under k. */
+static int wslot_set_sess(agg_t *a, wslot_t *s, const uint8_t *k, size_t kn, const sess_t *ss)
+{
+    int r = wslot_take(a, s, k, kn);
+    if (r)
+        return r;
+    s->s = *ss;
+    memcpy(s->k, k, kn);
+    s->kn = kn;
+    s->del = 0;
+    s->kind = WK_SESS;
+    return 0;
+}
+
+/* Hold back a put of (k, v) (del: a delete of k) in the slot; a record of
+ * another key the slot held goes to the transaction first. */
+static int wslot_set(agg_t *a, wslot_t *s, const uint8_t *k, size_t kn, const void *v, size_t vn,
+                     int del)
+{
+    int r0 = wslot_take(a, s, k, kn);
+    if (r0)
+        return r0;
     if (!del) {
         int r = bytes_reserve(&s->v, &s->cap, vn);
         if (r)
@@ -1399,6 +1484,7 @@ static int wslot_set(agg_t *a, wslot_t *s, const uint8_t *k, size_t kn, const vo
     s->kn = kn;
     s->vn = del ? 0 : vn;
     s->del = (uint8_t)(del != 0);
+    s->kind = WK_BYTES;
     return 0;
 }
 
@@ -1799,12 +1885,9 @@ static int apply_contrib(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partit
 
 static int put_session(agg_t *a, const uint8_t *uk, size_t ukn, const sess_t *s)
 {
-    uint8_t k[KEY_MAX], buf[REC_MAX];
+    uint8_t k[KEY_MAX];
     size_t kn = sess_key(k, uk, ukn, s->start);
-    size_t n = sess_encode(s, buf, sizeof buf);
-    if (!n)
-        return AGG_ESTATE;
-    int r = wslot_set(a, &a->ws[WS_SESSIONS], k, kn, buf, n, 0);
+    int r = wslot_set_sess(a, &a->ws[WS_SESSIONS], k, kn, s);
     if (r)
         return r;
     return mark_dirty(a, TAG_SESSION, k, kn);
@@ -1830,7 +1913,15 @@ static int find_neighbours(agg_t *a, const uint8_t *uk, size_t ukn, const user_t
         return 0;
     if (ts >= u->latest) {
         kn = sess_key(k, uk, ukn, u->latest);
-        int r = wslot_get(a, &a->ws[WS_SESSIONS], k, kn, &cv);
+        const wslot_t *held = wslot_typed(&a->ws[WS_SESSIONS], k, kn);
+        if (held) {
+            *has_pred = 1;
+            *pred = held->s;
+            return 0;
+        }
+        int r = wslot_deleted(&a->ws[WS_SESSIONS], k, kn)
+                    ? ST_ENOTFOUND
+                    : st_get(a->txn, a->env, ST_DB_SESSIONS, k, kn, &cv);
         if (r == 0) {
             *has_pred = 1;
             return sess_decode(&cv, pred);
@@ -1990,7 +2081,19 @@ static int weeks_reserve(agg_t *a, size_t n)
 static int load_user(agg_t *a, const uint8_t *uk, size_t ukn, user_t *u, int *found)
 {
     st_val_t v;
-    int r = wslot_get(a, &a->ws[WS_USERS], uk, ukn, &v);
+    const wslot_t *held = wslot_typed(&a->ws[WS_USERS], uk, ukn);
+    if (held) {
+        *found = 1;
+        *u = held->u;
+        int r = weeks_reserve(a, (size_t)u->nweeks + 1);
+        if (r)
+            return r;
+        memcpy(a->weeks, held->weeks, (size_t)u->nweeks * 4);
+        return 0;
+    }
+    int r = wslot_deleted(&a->ws[WS_USERS], uk, ukn)
+                ? ST_ENOTFOUND
+                : st_get(a->txn, a->env, ST_DB_USERS, uk, ukn, &v);
     *found = r == 0;
     if (r == ST_ENOTFOUND)
         return 0;
@@ -2075,18 +2178,7 @@ static int apply_user(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition
     int r = apply_cohort(a, u, ev);
     if (r)
         return r;
-    size_t need = REC_MAX + (size_t)u->nweeks * 4;
-    if (need > a->ebuf_cap) {
-        uint8_t *nb = realloc(a->ebuf, need);
-        if (!nb)
-            return AGG_ENOMEM;
-        a->ebuf = nb;
-        a->ebuf_cap = need;
-    }
-    size_t n = user_encode(u, a->weeks, a->ebuf, a->ebuf_cap);
-    if (!n)
-        return AGG_ESTATE;
-    if ((r = wslot_set(a, &a->ws[WS_USERS], uk, ukn, a->ebuf, n, 0)))
+    if ((r = wslot_set_user(a, &a->ws[WS_USERS], uk, ukn, u, a->weeks)))
         return r;
     return mark_dirty(a, TAG_USER, uk, ukn);
 }
