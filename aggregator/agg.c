@@ -987,7 +987,7 @@ typedef struct xconf {
 } xconf_t;
 
 /* ---------------------------------------------------------------------- */
-/* Write-behind of one record per database (docs/aggregator.md, "Runs").  */
+/* Write-behind of one record per database (docs/aggregator.md, "Runs of one user").  */
 
 /*
  * The batch applies its events sorted by user, so a user's events of one
@@ -2393,13 +2393,13 @@ static int xuser_decode(const st_val_t *v, xuser_t *x)
  * Retained clickstream events: what exposure and outcome windows need. One
  * record holds the events of one user and one UTC day that one batch
  * applied, keyed by the day, the user key, the batch's sequence and a
- * number within the batch (so that keys never collide and are never read
- * before they are written). The value is the partition of the user's event
+ * number within the batch (so that keys never collide and a write needs
+ * no read first). The value is the partition of the user's event
  * applied last (for the horizon), then per event the ms of its ts within
  * the day, the amount and the event type as its code, followed by the name
  * only for a type without one (w_i32/w_i64 varints). A batch writes about
  * one record per user and day instead of one per event: a user's events of
- * a batch come in a run (docs/aggregator.md, "Runs"). With the day first, a
+ * a batch come in a run (docs/aggregator.md, "Runs of one user"). With the day first, a
  * batch's inserts land in the few days its events fall into, the compactor
  * deletes old days as contiguous ranges, and a user's events are read by one
  * seek per day that holds any (scan_xevents). Duplicates never reach this
