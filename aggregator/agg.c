@@ -59,6 +59,20 @@ static int bytes_reserve(uint8_t **b, size_t *cap, size_t need)
     return 0;
 }
 
+/* Room for n int32 in *b (capacity *cap); the same for any int32 array. */
+static int i32_reserve(int32_t **b, size_t *cap, size_t n)
+{
+    if (n <= *cap)
+        return 0;
+    size_t nc = n * 2 + 8;
+    int32_t *nb = realloc(*b, nc * sizeof *nb);
+    if (!nb)
+        return AGG_ENOMEM;
+    *b = nb;
+    *cap = nc;
+    return 0;
+}
+
 static void be32(uint8_t *p, uint32_t v)
 {
     p[0] = (uint8_t)(v >> 24);
@@ -1383,15 +1397,19 @@ static void wslots_drop(agg_t *a)
         a->ws[i].kn = 0;
 }
 
-/* st_get of the slot's database, answered by the slot when it holds k. A
- * value from the slot is valid until the slot is next set. */
+/* wslot_get: the slot holds k's record decoded (s->u or s->s). */
+#define WSLOT_HELD 1
+
+/* st_get of the slot's database, answered by the slot when it holds k:
+ * WSLOT_HELD for a decoded record, else as st_get. A value or record from
+ * the slot is valid until the slot is next set. */
 static int wslot_get(agg_t *a, const wslot_t *s, const uint8_t *k, size_t kn, st_val_t *v)
 {
     if (s->kn == kn && memcmp(s->k, k, kn) == 0) {
         if (s->del)
             return ST_ENOTFOUND;
         if (s->kind != WK_BYTES)
-            return AGG_ESTATE; /* a decoded record is read with wslot_typed */
+            return WSLOT_HELD;
         v->p = s->v;
         v->n = s->vn;
         return 0;
@@ -1413,18 +1431,13 @@ static int wslot_take(agg_t *a, wslot_t *s, const uint8_t *k, size_t kn)
     return 0;
 }
 
-/* The slot holding the decoded record of key k, NULL unless it does. */
-static const wslot_t *wslot_typed(const wslot_t *s, const uint8_t *k, size_t kn)
+/* The slot now holds key k, with a record of this kind (or its deletion). */
+static void wslot_hold(wslot_t *s, const uint8_t *k, size_t kn, uint8_t kind, int del)
 {
-    if (s->kn != kn || s->del || s->kind == WK_BYTES || memcmp(s->k, k, kn) != 0)
-        return NULL;
-    return s;
-}
-
-/* Whether the slot holds a deletion of key k. */
-static int wslot_deleted(const wslot_t *s, const uint8_t *k, size_t kn)
-{
-    return s->kn == kn && s->del && memcmp(s->k, k, kn) == 0;
+    memcpy(s->k, k, kn);
+    s->kn = kn;
+    s->kind = kind;
+    s->del = (uint8_t)(del != 0);
 }
 
 /* Hold back a put of the user record (u, weeks) under k. */
@@ -1434,21 +1447,12 @@ static int wslot_set_user(agg_t *a, wslot_t *s, const uint8_t *k, size_t kn, con
     int r = wslot_take(a, s, k, kn);
     if (r)
         return r;
-    if (u->nweeks > s->weeks_cap) {
-        size_t nc = (size_t)u->nweeks * 2 + 8;
-        int32_t *nw = realloc(s->weeks, nc * sizeof *nw);
-        if (!nw)
-            return AGG_ENOMEM;
-        s->weeks = nw;
-        s->weeks_cap = nc;
-    }
+    if ((r = i32_reserve(&s->weeks, &s->weeks_cap, u->nweeks)))
+        return r;
     memcpy(s->weeks, weeks, (size_t)u->nweeks * sizeof *weeks);
     s->u = *u;
     s->u.weeks = NULL;
-    memcpy(s->k, k, kn);
-    s->kn = kn;
-    s->del = 0;
-    s->kind = WK_USER;
+    wslot_hold(s, k, kn, WK_USER, 0);
     return 0;
 }
 
@@ -1459,10 +1463,7 @@ static int wslot_set_sess(agg_t *a, wslot_t *s, const uint8_t *k, size_t kn, con
     if (r)
         return r;
     s->s = *ss;
-    memcpy(s->k, k, kn);
-    s->kn = kn;
-    s->del = 0;
-    s->kind = WK_SESS;
+    wslot_hold(s, k, kn, WK_SESS, 0);
     return 0;
 }
 
@@ -1480,11 +1481,8 @@ static int wslot_set(agg_t *a, wslot_t *s, const uint8_t *k, size_t kn, const vo
             return r;
         memcpy(s->v, v, vn);
     }
-    memcpy(s->k, k, kn);
-    s->kn = kn;
     s->vn = del ? 0 : vn;
-    s->del = (uint8_t)(del != 0);
-    s->kind = WK_BYTES;
+    wslot_hold(s, k, kn, WK_BYTES, del);
     return 0;
 }
 
@@ -1913,15 +1911,12 @@ static int find_neighbours(agg_t *a, const uint8_t *uk, size_t ukn, const user_t
         return 0;
     if (ts >= u->latest) {
         kn = sess_key(k, uk, ukn, u->latest);
-        const wslot_t *held = wslot_typed(&a->ws[WS_SESSIONS], k, kn);
-        if (held) {
+        int r = wslot_get(a, &a->ws[WS_SESSIONS], k, kn, &cv);
+        if (r == WSLOT_HELD) {
             *has_pred = 1;
-            *pred = held->s;
+            *pred = a->ws[WS_SESSIONS].s;
             return 0;
         }
-        int r = wslot_deleted(&a->ws[WS_SESSIONS], k, kn)
-                    ? ST_ENOTFOUND
-                    : st_get(a->txn, a->env, ST_DB_SESSIONS, k, kn, &cv);
         if (r == 0) {
             *has_pred = 1;
             return sess_decode(&cv, pred);
@@ -2064,15 +2059,7 @@ static int apply_session(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partit
 /* Room for n weeks in the scratch a->weeks. */
 static int weeks_reserve(agg_t *a, size_t n)
 {
-    if (n <= a->weeks_cap)
-        return 0;
-    size_t nc = n * 2 + 8;
-    int32_t *nw = realloc(a->weeks, nc * sizeof *nw);
-    if (!nw)
-        return AGG_ENOMEM;
-    a->weeks = nw;
-    a->weeks_cap = nc;
-    return 0;
+    return i32_reserve(&a->weeks, &a->weeks_cap, n);
 }
 
 /* Read the user's record into u; *found = 0 for a new user. The weeks are
@@ -2081,19 +2068,16 @@ static int weeks_reserve(agg_t *a, size_t n)
 static int load_user(agg_t *a, const uint8_t *uk, size_t ukn, user_t *u, int *found)
 {
     st_val_t v;
-    const wslot_t *held = wslot_typed(&a->ws[WS_USERS], uk, ukn);
-    if (held) {
+    const wslot_t *slot = &a->ws[WS_USERS];
+    int r = wslot_get(a, slot, uk, ukn, &v);
+    if (r == WSLOT_HELD) {
         *found = 1;
-        *u = held->u;
-        int r = weeks_reserve(a, (size_t)u->nweeks + 1);
-        if (r)
+        *u = slot->u;
+        if ((r = weeks_reserve(a, (size_t)u->nweeks + 1)))
             return r;
-        memcpy(a->weeks, held->weeks, (size_t)u->nweeks * 4);
+        memcpy(a->weeks, slot->weeks, (size_t)u->nweeks * 4);
         return 0;
     }
-    int r = wslot_deleted(&a->ws[WS_USERS], uk, ukn)
-                ? ST_ENOTFOUND
-                : st_get(a->txn, a->env, ST_DB_USERS, uk, ukn, &v);
     *found = r == 0;
     if (r == ST_ENOTFOUND)
         return 0;
