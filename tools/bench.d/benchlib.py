@@ -10,6 +10,7 @@
     benchlib.py poll-pg ...                                      steady mode sampler
     benchlib.py freshness ...                                    steady mode analysis
     benchlib.py poll-status ...                                  scale mode sampler
+    benchlib.py perf-windows ...                                 scale mode --perf recorder
     benchlib.py scale ...                                        scale mode analysis
     benchlib.py report MODE KV-FILE JSON-OUT [BASELINE]          summary table + JSON
 """
@@ -369,6 +370,44 @@ def http_get_unix(path, url="/status", timeout=2.0):
         s.close()
     head, _, body = data.partition(b"\r\n\r\n")
     return json.loads(body.decode("utf-8", "replace"))
+
+
+def perf_windows(args):
+    """Scale mode with --perf: records the daemon with perf over the first and the last
+    window of messages (from its /status), to OUTDIR/perf.first.data and perf.last.data,
+    so that where the cost per event grows can be read off the two profiles."""
+    sock, pid, window, events, out_dir, stop_file = args
+    window, events = int(window), int(events)
+    stopper = Stopper(stop_file)
+    plan = [("first", 0, min(window, events)), ("last", max(events - window, 0), events)]
+    if plan[1][1] < plan[0][2]:
+        plan = plan[:1]  # the windows overlap: one profile covers the run
+    rec = None
+    done = 0
+    while not stopper.done() and done < len(plan):
+        name, start, end = plan[done]
+        try:
+            st = http_get_unix(sock)
+            got = int(st.get("accepted") or 0) + int(st.get("duplicates") or 0) + int(st.get("rejected") or 0)
+        except (OSError, ValueError):
+            got = None
+        if got is not None and rec is None and start <= got < end:
+            rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-g", "-p", str(pid), "-o",
+                                    os.path.join(out_dir, "perf.%s.data" % name)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            print("perf: recording the %s window from message %d" % (name, got), file=sys.stderr)
+        elif got is not None and got >= end:
+            if rec is not None:
+                rec.send_signal(signal.SIGINT)
+                rec.wait()
+                rec = None
+                print("perf: %s window recorded up to message %d" % (name, got), file=sys.stderr)
+            done += 1
+            continue
+        time.sleep(0.25)
+    if rec is not None:
+        rec.send_signal(signal.SIGINT)
+        rec.wait()
 
 
 def poll_status(args):
@@ -1015,6 +1054,13 @@ def report_scale(kv, res, lines, baseline_path):
                      "users": users, "messages": int(kv.get("daemon_messages", "0") or 0),
                      "stop_seconds": rnd(fnum(kv, "stop_s"), 3)}
     d = res["daemon"]
+    for w in ("first", "last"):
+        if kv.get("perf_%s_top" % w):
+            try:
+                with open(kv["perf_%s_top" % w]) as f:
+                    d["perf_%s_window_top" % w] = [l.rstrip() for l in f if l.strip()]
+            except OSError:
+                pass
     if d["peak_rss_mb"] and n:
         d["peak_rss_mb_per_million_events"] = round(d["peak_rss_mb"] / (n / 1e6), 1)
         d["state_mb_per_million_events"] = round(d["state_mb"] / (n / 1e6), 1)
@@ -1139,6 +1185,8 @@ def main():
         memsum(args[0])
     elif cmd == "poll-status":
         poll_status(args)
+    elif cmd == "perf-windows":
+        perf_windows(args)
     elif cmd == "freshness":
         freshness(args)
     elif cmd == "scale":
