@@ -163,7 +163,8 @@ static int set_opt(cfg_t *c, const opt_t *o, const char *v, char *eb, size_t eca
             err(eb, ecap, "--%s: '%s' is not a valid value (see --help)", o->name, v);
             return CFG_EINVAL;
         }
-        *(double *)((char *)c + o->off) = d;
+        /* memcpy: the field's place is known only as an offset. */
+        memcpy((char *)c + o->off, &d, sizeof d);
         return 0;
     }
     long long x = strtoll(v, &end, 10);
@@ -512,7 +513,9 @@ void cfg_dump(const cfg_t *c, FILE *out)
         } else if (o->type == OPT_INT) {
             fprintf(out, "%s = %lld\n", o->name, (long long)*(const int64_t *)base);
         } else if (o->type == OPT_DOUBLE) {
-            fprintf(out, "%s = %g\n", o->name, *(const double *)base);
+            double d;
+            memcpy(&d, base, sizeof d);
+            fprintf(out, "%s = %g\n", o->name, d);
         } else {
             fprintf(out, "%s = %s\n", o->name, *(const int *)base ? "true" : "false");
         }

@@ -1123,7 +1123,7 @@ static void store_err(char *dst, size_t cap, const char *secret, const char *ste
     for (int k = 0; k < 3; k++) {
         const char *p = parts[k] ? parts[k] : "";
         while (*p && o + 1 < cap) {
-            if (slen >= SCRUB_MIN_LEN && strncmp(p, secret, slen) == 0) {
+            if (secret && slen >= SCRUB_MIN_LEN && strncmp(p, secret, slen) == 0) {
                 for (const char *r = "***"; *r && o + 1 < cap; r++)
                     dst[o++] = *r;
                 p += slen;
