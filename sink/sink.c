@@ -1077,6 +1077,13 @@ static const migration_t MIGRATIONS[] = {
         "           ELSE 'Lost'"
         "         END AS segment"
         "  FROM scored s;"},
+    /* 5: every flush rewrites the rows of the active users and of their
+     * experiment outcomes. With room left on each page, Postgres keeps the new
+     * row version on the same page and adds no index entry (a HOT update):
+     * 20-25 % less time for those upserts and no index bloat from them
+     * (docs/sink.md). It applies to pages written from now on. */
+    {5, "ALTER TABLE {S}.users SET (fillfactor = 80);"
+        "ALTER TABLE {S}.user_outcomes SET (fillfactor = 80);"},
 };
 
 /* ------------------------------------------------------------------------ */

@@ -824,6 +824,14 @@ static void test_live(void **state)
     /* schema_version, the 5 tables of migration 1, the 4 of migration 2 and
      * the 5 of migration 3. */
     assert_string_equal(q1(adm, "SELECT count(*) FROM pg_tables WHERE schemaname = '{S}'"), "15");
+    /* Migration 5: the tables whose rows every flush rewrites leave room on
+     * each page for HOT updates. */
+    assert_string_equal(q1(adm,
+                           "SELECT string_agg(c.relname || ':' || array_to_string(c.reloptions, "
+                           "','), ' ' ORDER BY c.relname) FROM pg_class c JOIN pg_namespace n "
+                           "ON n.oid = c.relnamespace WHERE n.nspname = '{S}' AND "
+                           "c.reloptions IS NOT NULL"),
+                        "user_outcomes:fillfactor=80 users:fillfactor=80");
 
     /* --- A batch touching every table. --- */
     const int64_t t0 = 1709296496789LL; /* 2024-03-01 12:34:56.789 */
