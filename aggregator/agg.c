@@ -969,6 +969,7 @@ enum {
     TAG_BASKET = 'B',
     TAG_COHORT = 'C',
     TAG_EXPOSURE = 'E',   /* user_exposure and user_outcomes rows of (user, experiment) */
+    TAG_OUTCOME = 'O',    /* only the user_outcomes row: the window outcome moved */
     TAG_EXPERIMENT = 'X', /* experiments and experiment_results rows */
     TAG_REGRESSION = 'G'  /* experiment_regression rows, refitted on the stats interval */
 };
@@ -2731,14 +2732,31 @@ static int x_contrib(agg_t *a, const uint8_t *ek, size_t ekn, const xuser_t *x, 
     return mark_dirty(a, TAG_EXPERIMENT, ek, ekn);
 }
 
-static int put_xuser(agg_t *a, const uint8_t *k, size_t kn, const xuser_t *x)
+/*
+ * Whether the user_exposure row of old and x differ (and with it whether the
+ * user_outcomes row is there at all): variant, assignment, exposure and the
+ * several-variants flag. A new record (old NULL) always does.
+ */
+static int exposure_moved(const xuser_t *old, const xuser_t *x)
+{
+    return !old || old->assigned_at != x->assigned_at || old->exposed_at != x->exposed_at ||
+           old->multi != x->multi || old->var_len != x->var_len ||
+           memcmp(old->var, x->var, x->var_len) != 0;
+}
+
+/*
+ * Writes the record and marks its rows. When only the window outcome moved,
+ * only the user_outcomes row is marked: a flush then does not send the
+ * exposure row again for nothing (docs/aggregator.md, "Flushes").
+ */
+static int put_xuser(agg_t *a, const uint8_t *k, size_t kn, const xuser_t *old, const xuser_t *x)
 {
     uint8_t buf[REC_MAX];
     size_t n = xuser_encode(x, buf, sizeof buf);
     if (!n)
         return AGG_ESTATE;
     int r = st_put(a->txn, a->env, ST_DB_XUSER, k, kn, buf, n);
-    return r ? r : mark_dirty(a, TAG_EXPOSURE, k, kn);
+    return r ? r : mark_dirty(a, exposure_moved(old, x) ? TAG_EXPOSURE : TAG_OUTCOME, k, kn);
 }
 
 /* Replace a user's contribution old -> x (either may be "absent": exposed_at < 0). */
@@ -2755,7 +2773,7 @@ static int x_update(agg_t *a, const uint8_t *k, size_t kn, size_t ukn, const xus
     /* The experiment row exists once any user is assigned. */
     if ((r = mark_dirty(a, TAG_EXPERIMENT, ek, ekn)))
         return r;
-    return put_xuser(a, k, kn, x);
+    return put_xuser(a, k, kn, old, x);
 }
 
 static int apply_assignment(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition,
@@ -3408,6 +3426,8 @@ struct agg_flush {
     size_t n_rejects, cap_rejects;
     /* Marks this flush leaves dirty (a regression not refitted yet). */
     kset_t kept;
+    /* The marks being collected (while agg_flush_collect runs). */
+    const kset_t *marked;
     uint8_t (*reject_keys)[12];
     size_t n_reject_keys, cap_reject_keys;
     /* Generic tables: rows to upsert and keys to delete, per table. */
@@ -3910,7 +3930,17 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t
             for (int i = nk; i < w; i++)
                 v_int(&row[i], c[i - nk]);
         }
-    } else if (tag == TAG_EXPOSURE) {
+    } else if (tag == TAG_EXPOSURE || tag == TAG_OUTCOME) {
+        /* An outcome mark next to an exposure mark of the same key adds
+         * nothing: the exposure mark writes both rows (and a list must not
+         * hold a key twice). */
+        if (tag == TAG_OUTCOME && f->marked && rkn < KEY_MAX) {
+            uint8_t ek[KEY_MAX + 1];
+            ek[0] = TAG_EXPOSURE;
+            memcpy(ek + 1, rk, rkn);
+            if (kset_has(f->marked, ek, rkn + 1))
+                return 0;
+        }
         r = st_get(txn, a->env, ST_DB_XUSER, rk, rkn, &v);
         if (r == ST_ENOTFOUND)
             return 0;
@@ -3925,16 +3955,20 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t
         const char *user = arena_str(f, rk + 1, rk[0]);
         const char *exp = arena_str(f, rk + ukn + 1, rk[ukn]);
         const char *var = arena_str(f, x.var, x.var_len);
-        snk_val_t *e = gen_row(f, SNK_USER_EXPOSURE, 0);
-        if (!user || !exp || !var || !e)
+        if (!user || !exp || !var)
             return AGG_ENOMEM;
-        e[0].s = exp;
-        e[1].s = user;
-        e[2].s = var;
-        e[3].i = x.assigned_at;
-        e[4].i = x.exposed_at;
-        e[4].null = x.exposed_at < 0;
-        e[5].i = x.multi;
+        if (tag == TAG_EXPOSURE) {
+            snk_val_t *e = gen_row(f, SNK_USER_EXPOSURE, 0);
+            if (!e)
+                return AGG_ENOMEM;
+            e[0].s = exp;
+            e[1].s = user;
+            e[2].s = var;
+            e[3].i = x.assigned_at;
+            e[4].i = x.exposed_at;
+            e[4].null = x.exposed_at < 0;
+            e[5].i = x.multi;
+        }
         int included = x.exposed_at >= 0 && !x.multi;
         snk_val_t *o = gen_row(f, SNK_USER_OUTCOMES, !included);
         if (!o)
@@ -4046,11 +4080,13 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out)
     const uint8_t **marks = NULL;
     size_t nm = 0;
     if ((r = mlog_load(a, txn, 0, &marked)) == 0 && (r = marks_sorted(&marked, &marks, &nm)) == 0) {
+        f->marked = &marked;
         for (size_t i = 0; r == 0 && i < nm; i++) {
             st_val_t mk = {marks[i] + 2, (size_t)marks[i][0] << 8 | marks[i][1]};
             if (mk.n > 1)
                 r = collect_dirty(a, f, txn, &mk);
         }
+        f->marked = NULL;
     }
     free(marks);
     kset_free(&marked);

@@ -1420,6 +1420,72 @@ static void test_exposure_and_window(void **state)
     close_fresh(a, env, dir);
 }
 
+/*
+ * Collects a flush, applies and completes it like flush(), and returns how
+ * many user_exposure and user_outcomes rows (upserts) it held.
+ */
+static void flush_count_x(agg_t *a, size_t *n_exposure, size_t *n_outcomes)
+{
+    agg_flush_t *f;
+    assert_int_equal(agg_flush_collect(a, 1, &f), 0);
+    const snk_batch_t *b = agg_flush_batch(f);
+    *n_exposure = b->gen[SNK_USER_EXPOSURE].n;
+    *n_outcomes = b->gen[SNK_USER_OUTCOMES].n;
+    apply_flush(b);
+    apply_gen(b);
+    assert_int_equal(agg_flush_done(a, f), 0);
+    agg_flush_free(f);
+}
+
+/* A moved outcome marks only the user_outcomes row; a moved exposure marks
+ * both, and an outcome mark next to it adds no second outcome row. */
+static void test_outcome_mark_alone(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    st_env_t *env;
+    agg_t *a = open_fresh(dir, &env, 30 * DAY);
+    int64_t t0 = 1700000000000LL, o = 0;
+    size_t ne, no;
+    assert_int_equal(agg_batch_begin(a), 0);
+    xassign(a, o++, "a1", "u1", t0, "exp", "treatment");
+    xevent(a, o++, "v1", "u1", t0 + 3600000, ING_ET_PRODUCT_VIEW, 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush_count_x(a, &ne, &no);
+    assert_int_equal(ne, 1);
+    assert_int_equal(no, 1);
+    /* A purchase in the window: the outcome moves, the exposure does not. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    xevent(a, o++, "p1", "u1", t0 + 7200000, ING_ET_PURCHASE, 1000);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush_count_x(a, &ne, &no);
+    assert_int_equal(ne, 0);
+    assert_int_equal(no, 1);
+    grow_t *g = xrow(SNK_USER_OUTCOMES, "exp", "u1");
+    assert_non_null(g);
+    assert_int_equal(g->v[3], 1);
+    assert_int_equal(g->v[4], 1000);
+    /* Two batches before the next flush: an outcome change, then a late view
+     * that moves the exposure earlier. One row of each. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    xevent(a, o++, "p2", "u1", t0 + 10800000, ING_ET_PURCHASE, 500);
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_int_equal(agg_batch_begin(a), 0);
+    xevent(a, o++, "v0", "u1", t0 + 60000, ING_ET_PRODUCT_VIEW, 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush_count_x(a, &ne, &no);
+    assert_int_equal(ne, 1);
+    assert_int_equal(no, 1);
+    g = xrow(SNK_USER_EXPOSURE, "exp", "u1");
+    assert_non_null(g);
+    assert_int_equal(g->v[2], t0 + 60000);
+    g = xrow(SNK_USER_OUTCOMES, "exp", "u1");
+    assert_int_equal(g->v[1], t0 + 60000);
+    assert_int_equal(g->v[3], 2);
+    assert_int_equal(g->v[4], 1500);
+    close_fresh(a, env, dir);
+}
+
 static void test_dedup_survives_restart_and_abort(void **state)
 {
     (void)state;
@@ -1619,6 +1685,7 @@ int main(void)
         cmocka_unit_test(test_cohort_moves_with_late_event),
         cmocka_unit_test(test_retention_equals_recompute),
         cmocka_unit_test(test_exposure_and_window),
+        cmocka_unit_test(test_outcome_mark_alone),
         cmocka_unit_test(test_window_same_millisecond),
         cmocka_unit_test(test_windows_across_days),
         cmocka_unit_test(test_late_exposure_near_horizon),
