@@ -1421,16 +1421,16 @@ static void test_exposure_and_window(void **state)
 }
 
 /*
- * Collects a flush, applies and completes it like flush(), and returns how
- * many user_exposure and user_outcomes rows (upserts) it held.
+ * Collects a flush, checks how many user_exposure and user_outcomes rows
+ * (upserts) it holds, and applies and completes it like flush().
  */
-static void flush_count_x(agg_t *a, size_t *n_exposure, size_t *n_outcomes)
+static void flush_expect_x(agg_t *a, size_t n_exposure, size_t n_outcomes)
 {
     agg_flush_t *f;
     assert_int_equal(agg_flush_collect(a, 1, &f), 0);
     const snk_batch_t *b = agg_flush_batch(f);
-    *n_exposure = b->gen[SNK_USER_EXPOSURE].n;
-    *n_outcomes = b->gen[SNK_USER_OUTCOMES].n;
+    assert_int_equal(b->gen[SNK_USER_EXPOSURE].n, n_exposure);
+    assert_int_equal(b->gen[SNK_USER_OUTCOMES].n, n_outcomes);
     apply_flush(b);
     apply_gen(b);
     assert_int_equal(agg_flush_done(a, f), 0);
@@ -1446,21 +1446,16 @@ static void test_outcome_mark_alone(void **state)
     st_env_t *env;
     agg_t *a = open_fresh(dir, &env, 30 * DAY);
     int64_t t0 = 1700000000000LL, o = 0;
-    size_t ne, no;
     assert_int_equal(agg_batch_begin(a), 0);
     xassign(a, o++, "a1", "u1", t0, "exp", "treatment");
     xevent(a, o++, "v1", "u1", t0 + 3600000, ING_ET_PRODUCT_VIEW, 0);
     assert_int_equal(agg_batch_commit(a), 0);
-    flush_count_x(a, &ne, &no);
-    assert_int_equal(ne, 1);
-    assert_int_equal(no, 1);
+    flush_expect_x(a, 1, 1);
     /* A purchase in the window: the outcome moves, the exposure does not. */
     assert_int_equal(agg_batch_begin(a), 0);
     xevent(a, o++, "p1", "u1", t0 + 7200000, ING_ET_PURCHASE, 1000);
     assert_int_equal(agg_batch_commit(a), 0);
-    flush_count_x(a, &ne, &no);
-    assert_int_equal(ne, 0);
-    assert_int_equal(no, 1);
+    flush_expect_x(a, 0, 1);
     grow_t *g = xrow(SNK_USER_OUTCOMES, "exp", "u1");
     assert_non_null(g);
     assert_int_equal(g->v[3], 1);
@@ -1473,9 +1468,7 @@ static void test_outcome_mark_alone(void **state)
     assert_int_equal(agg_batch_begin(a), 0);
     xevent(a, o++, "v0", "u1", t0 + 60000, ING_ET_PRODUCT_VIEW, 0);
     assert_int_equal(agg_batch_commit(a), 0);
-    flush_count_x(a, &ne, &no);
-    assert_int_equal(ne, 1);
-    assert_int_equal(no, 1);
+    flush_expect_x(a, 1, 1);
     g = xrow(SNK_USER_EXPOSURE, "exp", "u1");
     assert_non_null(g);
     assert_int_equal(g->v[2], t0 + 60000);
