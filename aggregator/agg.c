@@ -2076,7 +2076,7 @@ static int load_user(agg_t *a, const uint8_t *uk, size_t ukn, user_t *u, int *fo
         *u = slot->u;
         if ((r = weeks_reserve(a, (size_t)u->nweeks + 1)))
             return r;
-        memcpy(a->weeks, slot->weeks, (size_t)u->nweeks * 4);
+        memcpy(a->weeks, slot->weeks, (size_t)u->nweeks * sizeof *a->weeks);
         return 0;
     }
     *found = r == 0;
@@ -3426,8 +3426,6 @@ struct agg_flush {
     size_t n_rejects, cap_rejects;
     /* Marks this flush leaves dirty (a regression not refitted yet). */
     kset_t kept;
-    /* The marks being collected (while agg_flush_collect runs). */
-    const kset_t *marked;
     uint8_t (*reject_keys)[12];
     size_t n_reject_keys, cap_reject_keys;
     /* Generic tables: rows to upsert and keys to delete, per table. */
@@ -3814,7 +3812,9 @@ static int regression_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_
     return r;
 }
 
-static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t *k)
+/* The row(s) of mark k into f; `marked` is every mark the flush collects. */
+static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *marked,
+                         const st_val_t *k)
 {
     const uint8_t *kp = k->p;
     uint8_t tag = kp[0];
@@ -3934,11 +3934,11 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const st_val_t
         /* An outcome mark next to an exposure mark of the same key adds
          * nothing: the exposure mark writes both rows (and a list must not
          * hold a key twice). */
-        if (tag == TAG_OUTCOME && f->marked && rkn < KEY_MAX) {
+        if (tag == TAG_OUTCOME && rkn < KEY_MAX) {
             uint8_t ek[KEY_MAX + 1];
             ek[0] = TAG_EXPOSURE;
             memcpy(ek + 1, rk, rkn);
-            if (kset_has(f->marked, ek, rkn + 1))
+            if (kset_has(marked, ek, rkn + 1))
                 return 0;
         }
         r = st_get(txn, a->env, ST_DB_XUSER, rk, rkn, &v);
@@ -4080,13 +4080,11 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out)
     const uint8_t **marks = NULL;
     size_t nm = 0;
     if ((r = mlog_load(a, txn, 0, &marked)) == 0 && (r = marks_sorted(&marked, &marks, &nm)) == 0) {
-        f->marked = &marked;
         for (size_t i = 0; r == 0 && i < nm; i++) {
             st_val_t mk = {marks[i] + 2, (size_t)marks[i][0] << 8 | marks[i][1]};
             if (mk.n > 1)
-                r = collect_dirty(a, f, txn, &mk);
+                r = collect_dirty(a, f, txn, &marked, &mk);
         }
-        f->marked = NULL;
     }
     free(marks);
     kset_free(&marked);

@@ -372,6 +372,20 @@ def http_get_unix(path, url="/status", timeout=2.0):
     return json.loads(body.decode("utf-8", "replace"))
 
 
+def status_messages(st):
+    """Messages the daemon has seen, from its /status: accepted + duplicates + rejected."""
+    return int(st.get("accepted") or 0) + int(st.get("duplicates") or 0) + int(st.get("rejected") or 0)
+
+
+def read_lines(path):
+    """The non-blank lines of a file, right-stripped; None when it cannot be read."""
+    try:
+        with open(path) as f:
+            return [l.rstrip() for l in f if l.strip()]
+    except OSError:
+        return None
+
+
 def perf_windows(args):
     """Scale mode with --perf: records the daemon with perf over the first and the last
     window of messages (from its /status), to OUTDIR/perf.first.data and perf.last.data,
@@ -388,7 +402,7 @@ def perf_windows(args):
         name, start, end = plan[done]
         try:
             st = http_get_unix(sock)
-            got = int(st.get("accepted") or 0) + int(st.get("duplicates") or 0) + int(st.get("rejected") or 0)
+            got = status_messages(st)
         except (OSError, ValueError):
             got = None
         if got is not None and rec is None and start <= got < end:
@@ -425,8 +439,7 @@ def poll_status(args):
             rec = {"t": time.time()}
             try:
                 st = http_get_unix(sock)
-                rec["messages"] = int(st.get("accepted") or 0) + int(st.get("duplicates") or 0) + \
-                    int(st.get("rejected") or 0)
+                rec["messages"] = status_messages(st)
                 rec["accepted"] = int(st.get("accepted") or 0)
                 parts = st.get("partitions") or []
                 rec["next_sum"] = sum(int(p.get("next_offset") or 0) for p in parts)
@@ -895,11 +908,9 @@ def report_throughput(kv, res, lines):
         "flush_interval_ms": int(kv.get("p_flush_interval_ms", "2000")),
     }
     if kv.get("perf_top"):
-        try:
-            with open(kv["perf_top"]) as f:
-                res["daemon"]["perf_top"] = [l.rstrip() for l in f if l.strip()]
-        except OSError:
-            pass
+        top = read_lines(kv["perf_top"])
+        if top is not None:
+            res["daemon"]["perf_top"] = top
     res["batch"] = None
     if batch_s is not None:
         res["batch"] = {
@@ -1055,12 +1066,9 @@ def report_scale(kv, res, lines, baseline_path):
                      "stop_seconds": rnd(fnum(kv, "stop_s"), 3)}
     d = res["daemon"]
     for w in ("first", "last"):
-        if kv.get("perf_%s_top" % w):
-            try:
-                with open(kv["perf_%s_top" % w]) as f:
-                    d["perf_%s_window_top" % w] = [l.rstrip() for l in f if l.strip()]
-            except OSError:
-                pass
+        top = read_lines(kv["perf_%s_top" % w]) if kv.get("perf_%s_top" % w) else None
+        if top is not None:
+            d["perf_%s_window_top" % w] = top
     if d["peak_rss_mb"] and n:
         d["peak_rss_mb_per_million_events"] = round(d["peak_rss_mb"] / (n / 1e6), 1)
         d["state_mb_per_million_events"] = round(d["state_mb"] / (n / 1e6), 1)
