@@ -961,6 +961,10 @@ static size_t log_key(uint8_t *k, uint64_t seq, uint32_t chunk)
 
 enum {
     TAG_SESSION = 'S',
+    /* A session row no flush can have written: its id is the id of the event
+     * that opened it (or moved its start), so the sink may COPY it straight
+     * into the table. An 'S' mark of the same key beside it is skipped. */
+    TAG_SESSION_NEW = 'N',
     TAG_DELETE = 'D',
     TAG_USER = 'U',
     TAG_FUNNEL = 'F',
@@ -1882,14 +1886,16 @@ static int apply_contrib(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partit
 
 /* ---- sessions ---- */
 
-static int put_session(agg_t *a, const uint8_t *uk, size_t ukn, const sess_t *s)
+/* Store the summary s and mark its row: as new when `fresh` (see
+ * TAG_SESSION_NEW), else as changed. */
+static int put_session(agg_t *a, const uint8_t *uk, size_t ukn, const sess_t *s, int fresh)
 {
     uint8_t k[KEY_MAX];
     size_t kn = sess_key(k, uk, ukn, s->start);
     int r = wslot_set_sess(a, &a->ws[WS_SESSIONS], k, kn, s);
     if (r)
         return r;
-    return mark_dirty(a, TAG_SESSION, k, kn);
+    return mark_dirty(a, fresh ? TAG_SESSION_NEW : TAG_SESSION, k, kn);
 }
 
 /*
@@ -2052,7 +2058,15 @@ static int apply_session(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partit
         if (n_old == 2 && (r = apply_contrib(a, uk, ukn, partition, &cold[1], NULL)))
             return r;
     }
-    return put_session(a, uk, ukn, &s);
+    /* A session's id is the id of its first event, so the merged summary
+     * keeps the id of one of the sessions it replaces or takes this event's.
+     * The event was never accepted before (the duplicate check), so in the
+     * second case no flush can have written a row with that id. */
+    int fresh = 1;
+    for (int i = 0; i < n_old; i++)
+        if (old[i]->sid_len == s.sid_len && memcmp(old[i]->sid, s.sid, s.sid_len) == 0)
+            fresh = 0;
+    return put_session(a, uk, ukn, &s, fresh);
 }
 
 /* ---- users ---- */
@@ -3199,7 +3213,7 @@ static int sweep_final(agg_t *a, int which, const st_val_t *k, const st_val_t *v
          * gap before the horizon; its row in Postgres is final. */
         if (!(s.end + a->gap < horizon(a, s.partition)))
             return 0;
-        return !is_dirty(a, TAG_SESSION, k->p, k->n);
+        return !is_dirty(a, TAG_SESSION, k->p, k->n) && !is_dirty(a, TAG_SESSION_NEW, k->p, k->n);
     }
     /* A user's day of funnel stages: final once the day lies behind the
      * horizon and none of the user's sessions that day is still live. */
@@ -3813,6 +3827,17 @@ static int regression_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_
 }
 
 /* The row(s) of mark k into f; `marked` is every mark the flush collects. */
+/* Whether the flush's marks hold row key rk under tag as well. */
+static int marked_as(const kset_t *marked, uint8_t tag, const uint8_t *rk, size_t rkn)
+{
+    uint8_t k[KEY_MAX + 1];
+    if (rkn >= KEY_MAX)
+        return 0;
+    k[0] = tag;
+    memcpy(k + 1, rk, rkn);
+    return kset_has(marked, k, rkn + 1);
+}
+
 static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *marked,
                          const st_val_t *k)
 {
@@ -3822,7 +3847,11 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
     size_t rkn = k->n - 1;
     st_val_t v;
     int r;
-    if (tag == TAG_SESSION) {
+    if (tag == TAG_SESSION || tag == TAG_SESSION_NEW) {
+        /* The new mark writes the row; a change mark beside it adds nothing
+         * (and a list must not hold a key twice). */
+        if (tag == TAG_SESSION && marked_as(marked, TAG_SESSION_NEW, rk, rkn))
+            return 0;
         r = st_get(txn, a->env, ST_DB_SESSIONS, rk, rkn, &v);
         if (r == ST_ENOTFOUND)
             return 0; /* merged away since: its id is deleted by a 'D' mark */
@@ -3847,6 +3876,7 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
         row->device = arena_str(f, attr_value(&s.dev), strlen(attr_value(&s.dev)));
         row->country = arena_str(f, attr_value(&s.ctry), strlen(attr_value(&s.ctry)));
         row->funnel_stage = sess_stage(&s);
+        row->is_new = tag == TAG_SESSION_NEW;
         if (!row->session_id || !row->user_id || !row->device || !row->country)
             return AGG_ENOMEM;
         f->n_sessions++;
@@ -3934,13 +3964,8 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
         /* An outcome mark next to an exposure mark of the same key adds
          * nothing: the exposure mark writes both rows (and a list must not
          * hold a key twice). */
-        if (tag == TAG_OUTCOME && rkn < KEY_MAX) {
-            uint8_t ek[KEY_MAX + 1];
-            ek[0] = TAG_EXPOSURE;
-            memcpy(ek + 1, rk, rkn);
-            if (kset_has(marked, ek, rkn + 1))
-                return 0;
-        }
+        if (tag == TAG_OUTCOME && marked_as(marked, TAG_EXPOSURE, rk, rkn))
+            return 0;
         r = st_get(txn, a->env, ST_DB_XUSER, rk, rkn, &v);
         if (r == ST_ENOTFOUND)
             return 0;

@@ -59,6 +59,7 @@ typedef struct dmn {
     double last_regression; /* monotonic ms of the last refit */
     int fl_rc;
     double fl_collect_ms; /* of the running flush: reading the rows from LMDB (worker) */
+    int fl_redone;        /* the running flush was redone with upserts (snk_flush_redone) */
     char fl_err[512];
     double fl_t0;
     snk_conn_t *pg;
@@ -617,7 +618,9 @@ static void flush_work(uv_work_t *w)
         d->fl_rc = r;
         return;
     }
+    uint64_t redone = snk_flush_redone(d->pg);
     r = snk_flush(d->pg, agg_flush_batch(d->fl));
+    d->fl_redone = snk_flush_redone(d->pg) != redone;
     if (r)
         snprintf(d->fl_err, sizeof d->fl_err, "%s", snk_last_error(d->pg));
     d->fl_rc = r;
@@ -664,6 +667,13 @@ static void flush_after(uv_work_t *w, int status)
     d->inflight = 0;
     double ms = cm_mono_ms() - d->fl_t0;
     int r = status ? status : d->fl_rc;
+    if (d->fl_redone) {
+        d->fl_redone = 0;
+        cm_info("postgres already held session rows this flush took for new; it was redone "
+                "with upserts (expected once after a crash between a flush's commit and the "
+                "state's)",
+                "ok=%d", r == 0);
+    }
     if (r == 0 && d->fl) {
         size_t rows = agg_flush_rows(d->fl);
         mx_rows_add(&d->table_rows, agg_flush_batch(d->fl));

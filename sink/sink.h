@@ -30,6 +30,12 @@ typedef struct snk_session_row {
     int64_t revenue_cents;
     const char *device, *country;
     int funnel_stage;
+    /* 1 when no earlier flush can have written this session_id (the session
+     * was opened by an event of this flush's batches): the sink then COPYs
+     * the row straight into the table instead of upserting it. If Postgres
+     * holds the id after all, the whole flush is redone with upserts
+     * (snk_flush_redone). 0 is always safe. */
+    int is_new;
 } snk_session_row_t;
 
 /* A user row (CONTRACT §3 `users`). first/last_order_at < 0 means NULL. */
@@ -141,9 +147,17 @@ int snk_open(const char *conninfo, const char *schema, snk_conn_t **out);
 int snk_migrate(snk_conn_t *c);
 
 /* Write one batch in one transaction (COPY into temporary staging tables,
- * then one upsert / delete per table). On error the transaction is rolled
- * back and nothing is written; the caller retries the same rows later. */
+ * then one upsert / delete per table; new session rows are COPYed into
+ * their table directly). On error the transaction is rolled back and nothing
+ * is written; the caller retries the same rows later. */
 int snk_flush(snk_conn_t *c, const snk_batch_t *b);
+
+/* How many flushes on this connection found a row marked is_new already in
+ * Postgres and were therefore redone, in a second transaction, with every
+ * session row upserted. This happens after a crash between a flush's commit
+ * in Postgres and the daemon's record of it; the result is the same. Flush
+ * thread only. */
+uint64_t snk_flush_redone(const snk_conn_t *c);
 
 /*
  * What the tables already hold for a topic: *n_partitions rows in

@@ -79,6 +79,11 @@ static void apply_flush(const snk_batch_t *b)
         for (k = 0; k < n_sess_tab; k++)
             if (sess_tab[k].live && !strcmp(sess_tab[k].sid, r->session_id))
                 break;
+        /* Like Postgres' primary key: a row taken for new must not be
+         * there (the sink would redo the flush, which a run without
+         * crashes never needs). */
+        if (r->is_new)
+            assert_int_equal(k, n_sess_tab);
         if (k == n_sess_tab)
             n_sess_tab++;
         srow_t *s = &sess_tab[k];
@@ -1437,6 +1442,102 @@ static void flush_expect_x(agg_t *a, size_t n_exposure, size_t n_outcomes)
     agg_flush_free(f);
 }
 
+/* Collects a flush, checks how many session rows it holds and how many of
+ * them are new, and applies and completes it like flush(). */
+static void flush_expect_sessions(agg_t *a, size_t n_rows, size_t n_new, size_t n_deleted)
+{
+    agg_flush_t *f;
+    assert_int_equal(agg_flush_collect(a, 1, &f), 0);
+    const snk_batch_t *b = agg_flush_batch(f);
+    size_t fresh = 0;
+    for (size_t i = 0; i < b->n_sessions; i++)
+        fresh += b->sessions[i].is_new != 0;
+    assert_int_equal(b->n_sessions, n_rows);
+    assert_int_equal(fresh, n_new);
+    assert_int_equal(b->n_deleted_sessions, n_deleted);
+    apply_flush(b);
+    assert_int_equal(agg_flush_done(a, f), 0);
+    agg_flush_free(f);
+}
+
+/* A session row is new to Postgres exactly when its id is: when an event
+ * opens it or moves its start (a new first event), not when one extends it
+ * or merges a later session into it. */
+static void test_new_session_rows(void **state)
+{
+    (void)state;
+    n_sess_tab = n_user_tab = n_fun_tab = 0;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    st_env_t *env;
+    agg_t *a = open_fresh(dir, &env, 30 * DAY);
+    int64_t t0 = 1700000000000LL, o = 0, m = 60000;
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, o++, "e1", "u", t0, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(apply_one(a, o++, "e2", "u", t0 + m, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush_expect_sessions(a, 1, 1, 0);
+    /* An event extends the flushed session: an update. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, o++, "e3", "u", t0 + 2 * m, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush_expect_sessions(a, 1, 0, 0);
+    /* A late event before it: a new first event, a new id, the old one goes. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, o++, "e0", "u", t0 - m, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush_expect_sessions(a, 1, 1, 1);
+    assert_string_equal(sess_tab[n_sess_tab - 1].sid, "e0");
+    /* A session opened and extended before one flush, in two batches: one
+     * row, new. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, o++, "e9", "u", t0 + 120 * m, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, o++, "e10", "u", t0 + 121 * m, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush_expect_sessions(a, 1, 1, 0);
+    /* An event between the two sessions merges the later one into the
+     * earlier: the earlier's id stays (an update), the later's goes. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    for (int i = 1; i < 5; i++) {
+        char id[8];
+        snprintf(id, sizeof id, "g%d", i);
+        assert_int_equal(apply_one(a, o++, id, "u", t0 + (2 + 25 * i) * m, ING_ET_PAGE_VIEW), 0);
+    }
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush_expect_sessions(a, 1, 0, 1);
+    int live = 0;
+    for (int k = 0; k < n_sess_tab; k++)
+        if (sess_tab[k].live) {
+            live++;
+            assert_string_equal(sess_tab[k].sid, "e0");
+            assert_int_equal(sess_tab[k].n[0], 10);
+        }
+    assert_int_equal(live, 1);
+    close_fresh(a, env, dir);
+}
+
+/* A new session that is final at once (its events lie far behind the
+ * horizon) stays in the state until a flush has written it. */
+static void test_new_session_kept_until_flushed(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    st_env_t *env;
+    agg_t *a = open_sweeping(dir, &env, DAY, 1000);
+    int64_t t0 = 1700000000000LL;
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 0, "o1", "old", t0, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 1, "n1", "new", t0 + 3 * DAY, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    flush_expect_sessions(a, 2, 2, 0);
+    close_fresh(a, env, dir);
+}
+
 /* A moved outcome marks only the user_outcomes row; a moved exposure marks
  * both, and an outcome mark next to it adds no second outcome row. */
 static void test_outcome_mark_alone(void **state)
@@ -1679,6 +1780,8 @@ int main(void)
         cmocka_unit_test(test_retention_equals_recompute),
         cmocka_unit_test(test_exposure_and_window),
         cmocka_unit_test(test_outcome_mark_alone),
+        cmocka_unit_test(test_new_session_rows),
+        cmocka_unit_test(test_new_session_kept_until_flushed),
         cmocka_unit_test(test_window_same_millisecond),
         cmocka_unit_test(test_windows_across_days),
         cmocka_unit_test(test_late_exposure_near_horizon),

@@ -380,7 +380,7 @@ static void test_rows(void **state)
     char out[8192];
 
     snk_session_row_t s = {"s\t1", "u\\1", 1709296496789LL, 1709296500000LL, 5,    1, 2, 3,
-                           4,      5,      -12345,          "mobile",        NULL, 5};
+                           4,      5,      -12345,          "mobile",        NULL, 5, 0};
     assert_int_equal(render(row_session, &s, 0, SESSION_T, 14, out, sizeof out), 1);
     assert_string_equal(out, "s\t1|u\\1|ts:1709296496789|ts:1709296500000|5|1|2|3|4|5|-123.45|"
                              "mobile||5");
@@ -836,8 +836,8 @@ static void test_live(void **state)
     /* --- A batch touching every table. --- */
     const int64_t t0 = 1709296496789LL; /* 2024-03-01 12:34:56.789 */
     snk_session_row_t sessions[] = {
-        {"s1", "u1", t0, t0 + 60000, 3, 1, 1, 1, 0, 0, 0, "mobile", "DE", 3},
-        {"s2", "u\xC3\xBC\t\\2\n", t0 + 1, t0 + 2, 2, 0, 1, 1, 1, 1, 12345, "web", "FR", 5},
+        {"s1", "u1", t0, t0 + 60000, 3, 1, 1, 1, 0, 0, 0, "mobile", "DE", 3, 0},
+        {"s2", "u\xC3\xBC\t\\2\n", t0 + 1, t0 + 2, 2, 0, 1, 1, 1, 1, 12345, "web", "FR", 5, 0},
     };
     snk_user_row_t users[] = {
         {"u1", t0, t0 + 60000, "mobile", "DE", 3, 1, 0, 0, -1, -1},
@@ -940,7 +940,7 @@ static void test_live(void **state)
                         "110");
 
     /* Deletes run before upserts: an id deleted and written in one batch stays. */
-    snk_session_row_t s3 = {"s3", "u1", t0, t0, 1, 1, 0, 0, 0, 0, 0, "mobile", "DE", 1};
+    snk_session_row_t s3 = {"s3", "u1", t0, t0, 1, 1, 0, 0, 0, 0, 0, "mobile", "DE", 1, 0};
     const char *gone3[] = {"s3", "no-such-session"};
     snk_batch_t b3 = {0};
     b3.sessions = &s3;
@@ -953,8 +953,8 @@ static void test_live(void **state)
     /* A failing statement rolls back the whole batch and leaves the
      * connection usable: two rows with one key make the upsert fail. */
     snk_session_row_t dup[] = {
-        {"s4", "u1", t0, t0, 1, 1, 0, 0, 0, 0, 0, "mobile", "DE", 1},
-        {"s4", "u1", t0, t0, 2, 1, 0, 0, 0, 0, 0, "mobile", "DE", 1},
+        {"s4", "u1", t0, t0, 1, 1, 0, 0, 0, 0, 0, "mobile", "DE", 1, 0},
+        {"s4", "u1", t0, t0, 2, 1, 0, 0, 0, 0, 0, "mobile", "DE", 1, 0},
     };
     snk_partition_row_t p3 = {"clickmart.events", 0, 999, t0 + 2, 95, 5, 10};
     snk_batch_t b4 = {0};
@@ -977,6 +977,67 @@ static void test_live(void **state)
     assert_string_equal(snk_last_error(c), "");
     assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
                         "999");
+
+    /* --- New sessions are COPYed straight into the table. --- */
+    snk_session_row_t fresh[] = {
+        {"s5", "u1", t0 + 5, t0 + 6, 2, 2, 0, 0, 0, 0, 0, "web", "DE", 1, 1},
+        {"s2", "u1", t0 + 1, t0 + 9, 3, 1, 1, 1, 0, 0, 0, "web", "FR", 3, 0},
+        {"s3", "u1", t0, t0 + 3, 2, 2, 0, 0, 0, 0, 0, "mobile", "DE", 1, 1},
+    };
+    snk_partition_row_t pn5 = {"clickmart.events", 0, 1000, t0 + 9, 96, 5, 10};
+    snk_batch_t bn5 = {0};
+    bn5.sessions = fresh;
+    bn5.n_sessions = 2;
+    bn5.partitions = &pn5;
+    bn5.n_partitions = 1;
+    assert_int_equal(snk_flush(c, &bn5), 0);
+    assert_int_equal(snk_flush_redone(c), 0);
+    assert_string_equal(q1(adm, "SELECT string_agg(concat_ws('|', session_id, user_id, events, "
+                                "ended_at = started_at + interval '1 ms'), ',' ORDER BY "
+                                "session_id) FROM {S}.sessions WHERE session_id IN ('s2', 's5')"),
+                        "s2|u1|3|f,s5|u1|2|t");
+    /* A new id that a merge deleted in the same batch: the deletes run first. */
+    bn5.sessions = fresh + 2;
+    bn5.n_sessions = 1;
+    bn5.deleted_sessions = gone3;
+    bn5.n_deleted_sessions = 1;
+    assert_int_equal(snk_flush(c, &bn5), 0);
+    assert_int_equal(snk_flush_redone(c), 0);
+    assert_string_equal(q1(adm, "SELECT events FROM {S}.sessions WHERE session_id = 's3'"), "2");
+    /* Rows taken for new that Postgres already holds (a flush committed
+     * there whose commit the state never recorded): the flush is redone
+     * with upserts and writes the same result. */
+    snk_session_row_t again[] = {
+        {"s5", "u1", t0 + 5, t0 + 7, 4, 3, 1, 0, 0, 0, 0, "web", "DE", 2, 1},
+        {"s6", "u1", t0 + 8, t0 + 8, 1, 1, 0, 0, 0, 0, 0, "web", "DE", 1, 1},
+    };
+    snk_partition_row_t pn6 = {"clickmart.events", 0, 1001, t0 + 9, 97, 5, 10};
+    snk_batch_t bn6 = {0};
+    bn6.sessions = again;
+    bn6.n_sessions = 2;
+    bn6.partitions = &pn6;
+    bn6.n_partitions = 1;
+    assert_int_equal(snk_flush(c, &bn6), 0);
+    assert_int_equal(snk_flush_redone(c), 1);
+    assert_string_equal(snk_last_error(c), "");
+    assert_string_equal(q1(adm, "SELECT string_agg(session_id || '|' || events, ',' ORDER BY "
+                                "session_id) FROM {S}.sessions WHERE session_id IN ('s5', 's6')"),
+                        "s5|4,s6|1");
+    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                        "1001");
+    /* A key repeated among the new rows also violates the primary key; the
+     * redo then fails on the repeated key (keys must be unique within a
+     * list), and nothing of the flush is written. */
+    again[1].session_id = "s7";
+    snk_session_row_t twice[] = {again[1], again[1]};
+    pn6.next_offset = 1002;
+    bn6.sessions = twice;
+    assert_int_equal(snk_flush(c, &bn6), SNK_EQUERY);
+    assert_int_equal(snk_flush_redone(c), 2);
+    assert_non_null(strstr(snk_last_error(c), "second time"));
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's7'"), "0");
+    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                        "1001");
 
     /* --- A large batch goes through in chunks. --- */
     enum { NBIG = 200000 };
