@@ -1894,8 +1894,8 @@ static int stage_apply(snk_conn_t *c, int which, const void *rows, size_t n, row
  * One attempt at writing the batch in one transaction. With `direct` the
  * session rows marked is_new are COPYed into the table itself, which skips
  * the staging table and the upsert's conflict check: on the bench's flushes
- * of ~36 000 new sessions into ~330 000 that took 215-270 ms against
- * 375-470 ms (docs/sink.md). *conflict tells whether such a row was already
+ * of ~36 000 new sessions into ~330 000 that took 215-269 ms against
+ * 371-467 ms (docs/sink.md). *conflict tells whether such a row was already
  * there.
  */
 static int flush_tx(snk_conn_t *c, const snk_batch_t *b, int direct, int *conflict)

@@ -777,6 +777,17 @@ static int64_t live_ms(const char *val)
     return strtoll(val, NULL, 10);
 }
 
+/* A batch of n session rows and one partition row. */
+static snk_batch_t session_batch(const snk_session_row_t *s, size_t n, const snk_partition_row_t *p)
+{
+    snk_batch_t b = {0};
+    b.sessions = s;
+    b.n_sessions = n;
+    b.partitions = p;
+    b.n_partitions = 1;
+    return b;
+}
+
 static void test_live(void **state)
 {
     (void)state;
@@ -985,11 +996,7 @@ static void test_live(void **state)
         {"s3", "u1", t0, t0 + 3, 2, 2, 0, 0, 0, 0, 0, "mobile", "DE", 1, 1},
     };
     snk_partition_row_t pn5 = {"clickmart.events", 0, 1000, t0 + 9, 96, 5, 10};
-    snk_batch_t bn5 = {0};
-    bn5.sessions = fresh;
-    bn5.n_sessions = 2;
-    bn5.partitions = &pn5;
-    bn5.n_partitions = 1;
+    snk_batch_t bn5 = session_batch(fresh, 2, &pn5);
     assert_int_equal(snk_flush(c, &bn5), 0);
     assert_int_equal(snk_flush_redone(c), 0);
     assert_string_equal(q1(adm, "SELECT string_agg(concat_ws('|', session_id, user_id, events, "
@@ -1012,11 +1019,7 @@ static void test_live(void **state)
         {"s6", "u1", t0 + 8, t0 + 8, 1, 1, 0, 0, 0, 0, 0, "web", "DE", 1, 1},
     };
     snk_partition_row_t pn6 = {"clickmart.events", 0, 1001, t0 + 9, 97, 5, 10};
-    snk_batch_t bn6 = {0};
-    bn6.sessions = again;
-    bn6.n_sessions = 2;
-    bn6.partitions = &pn6;
-    bn6.n_partitions = 1;
+    snk_batch_t bn6 = session_batch(again, 2, &pn6);
     assert_int_equal(snk_flush(c, &bn6), 0);
     assert_int_equal(snk_flush_redone(c), 1);
     assert_string_equal(snk_last_error(c), "");
