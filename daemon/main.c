@@ -75,6 +75,7 @@ typedef struct dmn {
     double last_flush_ms;
     size_t last_flush_rows;
     uint64_t flushes, flush_failures, rows_written;
+    uint64_t flushes_redone; /* flushes redone with upserts (snk_flush_redone) */
     uint64_t msgs, msgs_at_last_stats;
     double last_stats_t;
     double started;
@@ -669,6 +670,7 @@ static void flush_after(uv_work_t *w, int status)
     int r = status ? status : d->fl_rc;
     if (d->fl_redone) {
         d->fl_redone = 0;
+        d->flushes_redone++;
         cm_info("postgres already held session rows this flush took for new; it was redone "
                 "with upserts (expected once after a crash between a flush's commit and the "
                 "state's)",
@@ -905,6 +907,7 @@ static json_t *status_obj(dmn_t *d)
                         !d->pg_up && d->fl_err[0] ? json_string(d->fl_err) : json_null());
     json_object_set_new(fl, "in_flight", json_boolean(d->inflight));
     json_object_set_new(fl, "late_starts", json_integer((json_int_t)d->flushes_due));
+    json_object_set_new(fl, "redone", json_integer((json_int_t)d->flushes_redone));
     json_object_set_new(o, "flush", fl);
     uint64_t used = 0, map = 0;
     st_usage(d->env, &used, &map);
@@ -1021,6 +1024,9 @@ static char *metrics_text(dmn_t *d, size_t *len)
     tb_printf(&b, "clickmart_flushes_total %llu\n", (unsigned long long)d->flushes);
     metric_head(&b, "clickmart_flush_failures_total", "counter", "Failed Postgres flushes.");
     tb_printf(&b, "clickmart_flush_failures_total %llu\n", (unsigned long long)d->flush_failures);
+    metric_head(&b, "clickmart_flushes_redone_total", "counter",
+                "Flushes redone with upserts: Postgres already held a row taken for new.");
+    tb_printf(&b, "clickmart_flushes_redone_total %llu\n", (unsigned long long)d->flushes_redone);
     metric_head(&b, "clickmart_flush_rows_total", "counter", "Rows written by flushes.");
     tb_printf(&b, "clickmart_flush_rows_total %llu\n", (unsigned long long)d->rows_written);
     metric_head(&b, "clickmart_rows_written_total", "counter",

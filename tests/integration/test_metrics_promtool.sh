@@ -97,6 +97,10 @@ check(st["rejected"] > 0 and st["duplicates"] > 0, "the data set should have rej
 
 flushes = one("clickmart_flushes_total")
 check(flushes >= 2, "flushes_total %s" % flushes)
+# No crash in this run, so no flush found a new session row already written.
+check(one("clickmart_flushes_redone_total") == st["flush"]["redone"] == 0,
+      "flushes_redone_total %s, status %s" % (one("clickmart_flushes_redone_total"),
+                                              st["flush"]["redone"]))
 buckets = sorted(((float(l["le"]), v) for l, v in series["clickmart_flush_duration_seconds_bucket"]))
 check(len(buckets) >= 10, "only %d histogram buckets" % len(buckets))
 check(all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:])), "buckets not cumulative")
