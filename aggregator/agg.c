@@ -3826,7 +3826,6 @@ static int regression_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_
     return r;
 }
 
-/* The row(s) of mark k into f; `marked` is every mark the flush collects. */
 /* Whether the flush's marks hold row key rk under tag as well. */
 static int marked_as(const kset_t *marked, uint8_t tag, const uint8_t *rk, size_t rkn)
 {
@@ -3838,6 +3837,7 @@ static int marked_as(const kset_t *marked, uint8_t tag, const uint8_t *rk, size_
     return kset_has(marked, k, rkn + 1);
 }
 
+/* The row(s) of mark k into f; `marked` is every mark the flush collects. */
 static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *marked,
                          const st_val_t *k)
 {

@@ -265,6 +265,17 @@ cm_broker_stop() {
     CM_BROKER_PID=""
 }
 
+# cm_gen SEED EVENTS [ARGS...]: produces EVENTS events of SEED into $CM_TOPIC with
+# clickmart-gen (ARGS go to it too, e.g. --rate), appending its output to
+# $CM_DIR/gen.log; dies when it fails.
+cm_gen() {
+    local seed=$1 events=$2
+    shift 2
+    "$CLICKMART_BIN/tools/clickmart-gen" --seed "$seed" --events "$events" --brokers "$CM_BROKER" \
+        --topic "$CM_TOPIC" --quiet "$@" >>"$CM_DIR/gen.log" 2>&1 </dev/null ||
+        cm_die "clickmart-gen failed (see $CM_DIR/gen.log)"
+}
+
 # cm_dump_topic TOPIC FILE: every message of TOPIC, in kcat's '%p %o %S\n%s\n' format.
 cm_dump_topic() {
     local topic=$1 file=$2

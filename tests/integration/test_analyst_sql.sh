@@ -28,9 +28,7 @@ cm_require clickmartd tools/clickmart-gen tools/clickmart-devbroker
 cm_pg_start
 cm_broker_start 4 clickmart.events
 
-"$CLICKMART_BIN/tools/clickmart-gen" --seed "$SEED" --events "$EVENTS" --brokers "$CM_BROKER" \
-    --topic "$CM_TOPIC" --quiet >"$CM_DIR/gen.log" 2>&1 </dev/null ||
-    cm_die "clickmart-gen failed (see $CM_DIR/gen.log)"
+cm_gen "$SEED" "$EVENTS"
 cm_log "generated $EVENTS events"
 
 # shellcheck disable=SC2119 # no extra flags beyond --exit-at-end

@@ -35,9 +35,7 @@ run() {
     local seed=$1
     shift
     cm_daemon_start "$@"
-    "$CLICKMART_BIN/tools/clickmart-gen" --seed "$seed" --events "$EVENTS" --rate "$RATE" \
-        --brokers "$CM_BROKER" --topic "$CM_TOPIC" --quiet >"$CM_DIR/gen.$seed.log" 2>&1 </dev/null ||
-        cm_die "clickmart-gen failed (see $CM_DIR/gen.$seed.log)"
+    cm_gen "$seed" "$EVENTS" --rate "$RATE"
     cm_dump_topic "$CM_TOPIC" "$DUMP"
     caught_up() {
         cm_daemon_alive || cm_die "clickmartd exited (see $CM_DAEMON_LOG)"

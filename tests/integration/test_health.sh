@@ -27,12 +27,6 @@ ok() {
     passed=$((passed + 1))
 }
 
-gen() { # SEED EVENTS
-    "$CLICKMART_BIN/tools/clickmart-gen" --seed "$1" --events "$2" --brokers "$CM_BROKER" \
-        --topic "$CM_TOPIC" --quiet >>"$CM_DIR/gen.log" 2>&1 </dev/null ||
-        cm_die "clickmart-gen failed (see $CM_DIR/gen.log)"
-}
-
 # health_is CODE PATTERN: /healthz answers HTTP CODE with a body matching PATTERN, and
 # clickmartctl health exits accordingly (0 for 200, 1 for 503).
 health_is() {
@@ -48,7 +42,7 @@ health_is() {
 }
 status_field() { cm_status | "$CM_PY" -c "import json,sys; print(json.dumps(json.load(sys.stdin).get('$1')))"; }
 
-gen 21 2000
+cm_gen 21 2000
 cm_daemon_start --health-max-flush-age-ms 3000 --pg-retry-max-ms 500
 cm_wait_for 60 "a healthy daemon" health_is 200 '^ok$' || cm_die "not healthy: $(cat "$CM_DIR/healthz.body")"
 [ "$(status_field healthy)" = true ] && [ "$(status_field health)" = null ] || cm_die "/status disagrees"
@@ -62,7 +56,7 @@ cm_wait_for 60 "503 postgres unavailable" health_is 503 'postgres unavailable' |
 status_field health | grep -q 'postgres unavailable' || cm_die "/status health reason missing"
 ok "Postgres down: 503, exit 1, /status health reason"
 
-gen 22 300 # new rows that cannot be flushed
+cm_gen 22 300 # new rows that cannot be flushed
 cm_wait_for 60 "503 no successful flush" health_is 503 'no successful flush for [0-9]+ s with rows pending \(limit 3 s\)' ||
     cm_die "flush-age threshold not reported: $(cat "$CM_DIR/healthz.body")"
 grep -q 'postgres unavailable' "$CM_DIR/healthz.body" || cm_die "both reasons should be listed"
@@ -81,7 +75,7 @@ cm_psql "BEGIN; LOCK TABLE clickmart.users IN ACCESS EXCLUSIVE MODE; SELECT pg_s
     >/dev/null &
 LOCK_PID=$!
 cm_track_pid "$LOCK_PID"
-gen 23 300
+cm_gen 23 300
 wait "$LOCK_PID" || cm_die "the locking transaction failed"
 cm_untrack_pid "$LOCK_PID"
 late_started() {

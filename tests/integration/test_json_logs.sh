@@ -20,19 +20,14 @@ cm_broker_start 2 clickmart.events
 passed=0
 EVENTS=3000
 
-gen() { # SEED EVENTS
-    "$CLICKMART_BIN/tools/clickmart-gen" --seed "$1" --events "$2" --brokers "$CM_BROKER" \
-        --topic "$CM_TOPIC" --quiet >>"$CM_DIR/gen.log" 2>&1 </dev/null ||
-        cm_die "clickmart-gen failed (see $CM_DIR/gen.log)"
-}
 pg_failed_logged() { grep -q 'postgres flush failed' "$CM_DAEMON_LOG"; }
 pg_ok_logged() { grep -q 'postgres flush succeeded' "$CM_DAEMON_LOG"; }
 
-gen 41 "$EVENTS"
+cm_gen 41 "$EVENTS"
 cm_daemon_start --log-format json --stats-log-interval-ms 300
 cm_wait_for 60 "the first flush" pg_ok_logged || cm_die "no flush logged"
 cm_pg_stop fast
-gen 42 200
+cm_gen 42 200
 cm_wait_for 60 "a failed flush in the log" pg_failed_logged || cm_die "no failure logged"
 : >"$CM_DIR/mark"
 cm_pg_start
@@ -103,7 +98,7 @@ cm_psql "drop schema if exists clickmart cascade" >/dev/null 2>&1
 cm_daemon_start --stats-log-interval-ms 300 --group json-logs-3
 cm_wait_for 60 "the first flush" pg_ok_logged || cm_die "no flush logged"
 cm_pg_stop fast
-gen 43 100
+cm_gen 43 100
 cm_wait_for 60 "a failed flush in the log" pg_failed_logged || cm_die "no failure logged"
 cm_pg_start
 cm_daemon_signal TERM

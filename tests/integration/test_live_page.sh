@@ -26,9 +26,7 @@ cm_setup
 cm_require clickmartd tools/clickmart-gen tools/clickmart-devbroker
 cm_pg_start
 cm_broker_start 4 clickmart.events
-"$CLICKMART_BIN/tools/clickmart-gen" --seed 71 --events 20000 --brokers "$CM_BROKER" \
-    --topic "$CM_TOPIC" --quiet >"$CM_DIR/gen.log" 2>&1 </dev/null ||
-    cm_die "clickmart-gen failed (see $CM_DIR/gen.log)"
+cm_gen 71 20000
 DUMP=$CM_DIR/topic.dump
 cm_dump_topic "$CM_TOPIC" "$DUMP"
 passed=0

@@ -20,9 +20,7 @@ cm_require clickmartd tools/clickmart-gen tools/clickmart-devbroker tools/clickm
 cm_pg_start
 cm_broker_start 4 clickmart.events
 
-"$CLICKMART_BIN/tools/clickmart-gen" --seed 5 --events 4000 --brokers "$CM_BROKER" \
-    --topic "$CM_TOPIC" --quiet >"$CM_DIR/gen.log" 2>&1 </dev/null ||
-    cm_die "clickmart-gen failed (see $CM_DIR/gen.log)"
+cm_gen 5 4000
 DUMP=$CM_DIR/topic.dump
 cm_dump_topic "$CM_TOPIC" "$DUMP"
 

@@ -21,9 +21,7 @@ cm_require clickmartd tools/clickmart-gen tools/clickmart-devbroker
 cm_pg_start
 cm_broker_start 4 "$TOPIC"
 
-"$CLICKMART_BIN/tools/clickmart-gen" --seed "$SEED" --events "$EVENTS" --brokers "$CM_BROKER" \
-    --topic "$CM_TOPIC" --quiet >"$CM_DIR/gen.log" 2>&1 </dev/null ||
-    cm_die "clickmart-gen failed (see $CM_DIR/gen.log)"
+cm_gen "$SEED" "$EVENTS"
 DUMP=$CM_DIR/topic.dump
 cm_dump_topic "$CM_TOPIC" "$DUMP"
 cm_log "generated and dumped: $("$CM_PY" "$HERE/cmtool.py" dump-summary "$DUMP")"

@@ -78,8 +78,7 @@ fi
 # --- 3. sd_notify: READY, WATCHDOG, STATUS, STOPPING --------------------------------------
 cm_pg_start
 cm_broker_start 2 clickmart.events
-"$CLICKMART_BIN/tools/clickmart-gen" --seed 61 --events 1000 --brokers "$CM_BROKER" \
-    --topic "$CM_TOPIC" --quiet >"$CM_DIR/gen.log" 2>&1 </dev/null || cm_die "clickmart-gen failed"
+cm_gen 61 1000
 
 NOTES=$CM_DIR/notify.txt
 start_listener() {

@@ -1442,6 +1442,14 @@ static void flush_expect_x(agg_t *a, size_t n_exposure, size_t n_outcomes)
     agg_flush_free(f);
 }
 
+/* A batch of one page view. */
+static void view_batch(agg_t *a, int64_t off, const char *eid, const char *uid, int64_t ts)
+{
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, off, eid, uid, ts, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+}
+
 /* Collects a flush, checks how many session rows it holds and how many of
  * them are new, and applies and completes it like flush(). */
 static void flush_expect_sessions(agg_t *a, size_t n_rows, size_t n_new, size_t n_deleted)
@@ -1466,7 +1474,6 @@ static void flush_expect_sessions(agg_t *a, size_t n_rows, size_t n_new, size_t 
 static void test_new_session_rows(void **state)
 {
     (void)state;
-    n_sess_tab = n_user_tab = n_fun_tab = 0;
     char dir[] = "/tmp/test_agg_XXXXXX";
     st_env_t *env;
     agg_t *a = open_fresh(dir, &env, 30 * DAY);
@@ -1477,24 +1484,16 @@ static void test_new_session_rows(void **state)
     assert_int_equal(agg_batch_commit(a), 0);
     flush_expect_sessions(a, 1, 1, 0);
     /* An event extends the flushed session: an update. */
-    assert_int_equal(agg_batch_begin(a), 0);
-    assert_int_equal(apply_one(a, o++, "e3", "u", t0 + 2 * m, ING_ET_PAGE_VIEW), 0);
-    assert_int_equal(agg_batch_commit(a), 0);
+    view_batch(a, o++, "e3", "u", t0 + 2 * m);
     flush_expect_sessions(a, 1, 0, 0);
     /* A late event before it: a new first event, a new id, the old one goes. */
-    assert_int_equal(agg_batch_begin(a), 0);
-    assert_int_equal(apply_one(a, o++, "e0", "u", t0 - m, ING_ET_PAGE_VIEW), 0);
-    assert_int_equal(agg_batch_commit(a), 0);
+    view_batch(a, o++, "e0", "u", t0 - m);
     flush_expect_sessions(a, 1, 1, 1);
     assert_string_equal(sess_tab[n_sess_tab - 1].sid, "e0");
     /* A session opened and extended before one flush, in two batches: one
      * row, new. */
-    assert_int_equal(agg_batch_begin(a), 0);
-    assert_int_equal(apply_one(a, o++, "e9", "u", t0 + 120 * m, ING_ET_PAGE_VIEW), 0);
-    assert_int_equal(agg_batch_commit(a), 0);
-    assert_int_equal(agg_batch_begin(a), 0);
-    assert_int_equal(apply_one(a, o++, "e10", "u", t0 + 121 * m, ING_ET_PAGE_VIEW), 0);
-    assert_int_equal(agg_batch_commit(a), 0);
+    view_batch(a, o++, "e9", "u", t0 + 120 * m);
+    view_batch(a, o++, "e10", "u", t0 + 121 * m);
     flush_expect_sessions(a, 1, 1, 0);
     /* An event between the two sessions merges the later one into the
      * earlier: the earlier's id stays (an update), the later's goes. */
@@ -1526,12 +1525,8 @@ static void test_new_session_kept_until_flushed(void **state)
     st_env_t *env;
     agg_t *a = open_sweeping(dir, &env, DAY, 1000);
     int64_t t0 = 1700000000000LL;
-    assert_int_equal(agg_batch_begin(a), 0);
-    assert_int_equal(apply_one(a, 0, "o1", "old", t0, ING_ET_PAGE_VIEW), 0);
-    assert_int_equal(agg_batch_commit(a), 0);
-    assert_int_equal(agg_batch_begin(a), 0);
-    assert_int_equal(apply_one(a, 1, "n1", "new", t0 + 3 * DAY, ING_ET_PAGE_VIEW), 0);
-    assert_int_equal(agg_batch_commit(a), 0);
+    view_batch(a, 0, "o1", "old", t0);
+    view_batch(a, 1, "n1", "new", t0 + 3 * DAY);
     assert_int_equal(agg_batch_begin(a), 0);
     assert_int_equal(agg_batch_commit(a), 0);
     flush_expect_sessions(a, 2, 2, 0);

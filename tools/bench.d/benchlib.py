@@ -549,9 +549,9 @@ def freshness(args):
                 k = bisect.bisect_right(per_part_n[p], o)
                 if k < len(tl):
                     vis = tl[k]
-            msgs.append((ts / 1000.0, None if vis is None else vis - ts / 1000.0))
-            if vis is not None:
-                f = vis - ts / 1000.0
+            f = None if vis is None else vis - ts / 1000.0
+            msgs.append((ts / 1000.0, f))
+            if f is not None:
                 newest[vis] = min(newest.get(vis, f), f)
     msgs.sort()
     r = {"messages": n_total, "sample_interval_s": interval, "samples": len(samples)}
