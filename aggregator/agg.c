@@ -3440,6 +3440,10 @@ struct agg_flush {
     size_t n_rejects, cap_rejects;
     /* Marks this flush leaves dirty (a regression not refitted yet). */
     kset_t kept;
+    /* A part (AGG_FLUSH_PART): every mark whose row this part or an earlier
+     * part of the same open transaction wrote, as of its snapshot. */
+    int part;
+    kset_t sent;
     uint8_t (*reject_keys)[12];
     size_t n_reject_keys, cap_reject_keys;
     /* Generic tables: rows to upsert and keys to delete, per table. */
@@ -4084,12 +4088,63 @@ static int collect_reject(agg_t *a, agg_flush_t *f, const st_val_t *k, const st_
     return 0;
 }
 
+/*
+ * Narrow `marked` (every mark of the snapshot) to the marks whose rows the
+ * parts up to prev have not written in their current version: the marks
+ * prev's parts did not send, and those a batch after prev's snapshot set
+ * again (each batch logs every key it marks, so a row changed since is among
+ * the latter). A row sent and not marked since has the same value now.
+ */
+static int marks_unsent(agg_t *a, st_txn_t *txn, const agg_flush_t *prev, kset_t *marked)
+{
+    kset_t since = {0}, keep = {0};
+    int r = mlog_load(a, txn, prev->seq, &since);
+    for (size_t off = 0; r == 0 && off < marked->alen;) {
+        const uint8_t *m = marked->arena + off;
+        size_t n = (size_t)m[0] << 8 | m[1];
+        if (!kset_has(&prev->sent, m + 2, n) || kset_has(&since, m + 2, n))
+            r = kset_add(&keep, m + 2, n);
+        off += n + 2;
+    }
+    kset_free(&since);
+    if (r) {
+        kset_free(&keep);
+        return r;
+    }
+    kset_free(marked);
+    *marked = keep;
+    return 0;
+}
+
+/* A part's sent set: prev's and every mark it collected, except those it
+ * left dirty. */
+static int part_sent(const agg_flush_t *prev, const kset_t *marked, agg_flush_t *f)
+{
+    int r = prev ? kset_add_packed(&f->sent, prev->sent.arena, prev->sent.alen) : 0;
+    for (size_t off = 0; r == 0 && off < marked->alen;) {
+        const uint8_t *m = marked->arena + off;
+        size_t n = (size_t)m[0] << 8 | m[1];
+        if (!kset_has(&f->kept, m + 2, n))
+            r = kset_add(&f->sent, m + 2, n);
+        off += n + 2;
+    }
+    return r;
+}
+
 int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out)
 {
+    return agg_flush_collect_after(a, regression ? AGG_FLUSH_REGRESSION : 0, NULL, out);
+}
+
+int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_flush_t **out)
+{
+    if (prev && !prev->part)
+        return AGG_EINVAL;
     agg_flush_t *f = calloc(1, sizeof *f);
     if (!f)
         return AGG_ENOMEM;
-    f->regression = regression;
+    f->part = (flags & AGG_FLUSH_PART) != 0;
+    f->regression = !f->part && (flags & AGG_FLUSH_REGRESSION) != 0;
     st_txn_t *txn;
     int r = st_begin(a->env, 1, &txn);
     if (r) {
@@ -4104,23 +4159,31 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out)
     kset_t marked = {0};
     const uint8_t **marks = NULL;
     size_t nm = 0;
-    if ((r = mlog_load(a, txn, 0, &marked)) == 0 && (r = marks_sorted(&marked, &marks, &nm)) == 0) {
+    if ((r = mlog_load(a, txn, 0, &marked)) == 0 && prev)
+        r = marks_unsent(a, txn, prev, &marked);
+    if (r == 0 && (r = marks_sorted(&marked, &marks, &nm)) == 0) {
         for (size_t i = 0; r == 0 && i < nm; i++) {
             st_val_t mk = {marks[i] + 2, (size_t)marks[i][0] << 8 | marks[i][1]};
             if (mk.n > 1)
                 r = collect_dirty(a, f, txn, &marked, &mk);
         }
     }
+    if ((r == 0 || r == ST_ENOTFOUND) && f->part)
+        r = part_sent(prev, &marked, f);
     free(marks);
     kset_free(&marked);
-    if ((r == 0 || r == ST_ENOTFOUND) && (r = st_cur_open(txn, a->env, ST_DB_REJECTS, &cur)) == 0) {
+    /* A part leaves the rejects and the partitions' progress to the final
+     * flush, which commits them with everything the parts wrote. */
+    if ((r == 0 || r == ST_ENOTFOUND) && !f->part &&
+        (r = st_cur_open(txn, a->env, ST_DB_REJECTS, &cur)) == 0) {
         uint8_t zero = 0;
         for (r = st_cur_seek(&cur, &zero, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v))
             if ((r = collect_reject(a, f, &k, &v)))
                 break;
         st_cur_close(&cur);
     }
-    if ((r == 0 || r == ST_ENOTFOUND) && (r = st_cur_open(txn, a->env, ST_DB_META, &cur)) == 0) {
+    if ((r == 0 || r == ST_ENOTFOUND) && !f->part &&
+        (r = st_cur_open(txn, a->env, ST_DB_META, &cur)) == 0) {
         uint8_t pk[5];
         part_key(pk, 0);
         for (r = st_cur_seek(&cur, pk, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v)) {
@@ -4197,6 +4260,8 @@ size_t agg_flush_rows(const agg_flush_t *f)
 
 int agg_flush_done(agg_t *a, agg_flush_t *f)
 {
+    if (f->part)
+        return AGG_EINVAL; /* its rows are committed by the final flush */
     st_txn_t *txn;
     int r = st_begin(a->env, 0, &txn);
     if (r)
@@ -4257,6 +4322,7 @@ void agg_flush_free(agg_flush_t *f)
     if (!f)
         return;
     kset_free(&f->kept);
+    kset_free(&f->sent);
     while (f->chunks) {
         chunk_t *n = f->chunks->next;
         free(f->chunks);
@@ -4411,6 +4477,8 @@ const char *agg_strerror(int err)
         return "a state record could not be decoded";
     case AGG_EPARTITION:
         return "partition number out of range";
+    case AGG_EINVAL:
+        return "invalid argument";
     default:
         return st_strerror(err);
     }

@@ -27,6 +27,7 @@
 #define AGG_ENOMEM (-100)
 #define AGG_ESTATE (-101)     /* a state record could not be decoded */
 #define AGG_EPARTITION (-102) /* partition number out of range */
+#define AGG_EINVAL (-103)     /* invalid argument */
 /* Store errors (ST_E*) are passed through unchanged. */
 
 typedef struct agg agg_t;
@@ -123,6 +124,28 @@ typedef struct agg_flush agg_flush_t;
  * thread; reads a snapshot only.
  */
 int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out);
+
+/* Flags of agg_flush_collect_after. */
+#define AGG_FLUSH_REGRESSION 1 /* refit the regressions (as `regression` above) */
+#define AGG_FLUSH_PART 2       /* a part written ahead of the flush (below) */
+
+/*
+ * A flush in parts (docs/aggregator.md, "Writing ahead"). While a flush
+ * interval runs, the daemon writes the rows changed so far into an open
+ * Postgres transaction without committing it, so that the flush at the tick
+ * has only the rest to write. Each call collects the rows of the latest
+ * committed snapshot that the parts up to `prev` (NULL: none; a part, which
+ * must stay alive until this call returns) did not write in their current
+ * version: the rows they did not send and the rows changed since prev's
+ * snapshot. With AGG_FLUSH_PART the result is another part: no rejects, no
+ * partition progress, no regression refit; it remembers what it and the
+ * parts before it sent. Without it, the result is the final flush that
+ * commits them all: complete it with agg_flush_done as usual (its snapshot
+ * covers every part's). A part is never passed to agg_flush_done. If the
+ * transaction is lost, drop the parts and collect again with prev NULL.
+ * Any thread, like agg_flush_collect.
+ */
+int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_flush_t **out);
 const snk_batch_t *agg_flush_batch(const agg_flush_t *f);
 size_t agg_flush_rows(const agg_flush_t *f);
 
