@@ -1121,6 +1121,8 @@ struct snk_conn {
     uint32_t types[T__COUNT][MAX_COLS];
     char sqlstate[6]; /* SQLSTATE of the last failed statement ("" if none) */
     uint64_t redone;  /* flushes redone with upserts (snk_flush_redone) */
+    int parts;        /* parts written into the open transaction (snk_flush_part) */
+    uint64_t staged_mask; /* staging tables holding rows in the open transaction */
     char err[1024];
 };
 
@@ -1881,7 +1883,22 @@ static int stage_apply(snk_conn_t *c, int which, const void *rows, size_t n, row
     if (n == 0)
         return 0;
     const table_spec_t *t = &TABLES[which];
+    uint64_t bit = (uint64_t)1 << which;
+    if (t->kind != APPLY_DIRECT && (c->staged_mask & bit)) {
+        /* An earlier part of this transaction staged rows here; ON COMMIT
+         * DELETE ROWS empties the table only at the commit. */
+        sbuf_t *b = &c->sql;
+        b->len = 0;
+        sb_puts(b, "TRUNCATE pg_temp.");
+        sb_puts(b, t->stage);
+        int rc = exec_cmd(c, "empty a staging table", sb_cstr(b), PGRES_COMMAND_OK);
+        if (rc)
+            return rc;
+        c->staged_mask &= ~bit;
+    }
     int64_t sent = copy_rows(c, which, rows, n, fn);
+    if (sent > 0 && t->kind != APPLY_DIRECT)
+        c->staged_mask |= bit;
     if (sent <= 0 || t->kind == APPLY_DIRECT)
         return sent < 0 ? (int)sent : 0;
     char step[64];
@@ -1898,10 +1915,10 @@ static int stage_apply(snk_conn_t *c, int which, const void *rows, size_t n, row
  * 371-467 ms (docs/sink.md). *conflict tells whether such a row was already
  * there.
  */
-static int flush_tx(snk_conn_t *c, const snk_batch_t *b, int direct, int *conflict)
+static int tx_begin(snk_conn_t *c)
 {
-    *conflict = 0;
-    c->sqlstate[0] = '\0';
+    c->parts = 0;
+    c->staged_mask = 0;
     /* A transaction left open by an earlier failure would swallow this one. */
     if (PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
         PGresult *res = PQexec(c->pg, "ROLLBACK");
@@ -1910,8 +1927,27 @@ static int flush_tx(snk_conn_t *c, const snk_batch_t *b, int direct, int *confli
     int rc = exec_cmd(c, "BEGIN", "BEGIN", PGRES_COMMAND_OK);
     if (rc == 0 && !c->staged)
         rc = create_stages(c);
-    if (rc == 0)
-        rc = stage_apply(c, T_SESSIONS_DEL, b->deleted_sessions, b->n_deleted_sessions,
+    return rc;
+}
+
+/* The open transaction failed with rc: roll it back, parts and all. */
+static int tx_fail(snk_conn_t *c, int rc)
+{
+    /* The next flush re-runs the (IF NOT EXISTS) creation of the staging
+     * tables: it costs one statement and recovers from whatever may have
+     * removed them from the session (a DISCARD by a pooler, say). */
+    c->staged = 0;
+    c->parts = 0;
+    c->staged_mask = 0;
+    return fail_tx(c, rc);
+}
+
+/* Writes the batch's rows into the open transaction (see flush_tx). */
+static int tx_write(snk_conn_t *c, const snk_batch_t *b, int direct, int *conflict)
+{
+    *conflict = 0;
+    c->sqlstate[0] = '\0';
+    int rc = stage_apply(c, T_SESSIONS_DEL, b->deleted_sessions, b->n_deleted_sessions,
                          row_deleted_session);
     if (rc == 0)
         rc = stage_apply(c, T_SESSIONS, b->sessions, b->n_sessions,
@@ -1941,18 +1977,30 @@ static int flush_tx(snk_conn_t *c, const snk_batch_t *b, int direct, int *confli
         if (rc == 0)
             rc = stage_apply(c, T_GEN_FIRST + 2 * g + 1, &up, b->gen[g].n, row_generic);
     }
+    return rc;
+}
+
+/* Commits the open transaction; on failure rolls it back. */
+static int tx_commit(snk_conn_t *c, int rc)
+{
     if (rc == 0)
         rc = commit(c);
-    if (rc < 0) {
-        /* The next flush re-runs the (IF NOT EXISTS) creation of the staging
-         * tables: it costs one statement and recovers from whatever may have
-         * removed them from the session (a DISCARD by a pooler, say). */
-        c->staged = 0;
-        return fail_tx(c, rc);
-    }
+    if (rc < 0)
+        return tx_fail(c, rc);
     /* Only a committed flush proves that the staging tables exist. */
     c->staged = 1;
+    c->parts = 0;
+    c->staged_mask = 0;
     return 0;
+}
+
+static int flush_tx(snk_conn_t *c, const snk_batch_t *b, int direct, int *conflict)
+{
+    *conflict = 0;
+    int rc = tx_begin(c);
+    if (rc == 0)
+        rc = tx_write(c, b, direct, conflict);
+    return tx_commit(c, rc);
 }
 
 /*
@@ -1961,7 +2009,7 @@ static int flush_tx(snk_conn_t *c, const snk_batch_t *b, int direct, int *confli
  * CONFLICT DO UPDATE command cannot affect row a second time") instead of
  * silently picking one of the rows. Deleted ids and rejects may repeat.
  */
-int snk_flush(snk_conn_t *c, const snk_batch_t *b)
+static int check_batch(snk_conn_t *c, const snk_batch_t *b, size_t *total)
 {
     if (!c || !b)
         return SNK_EINVAL;
@@ -1984,13 +2032,57 @@ int snk_flush(snk_conn_t *c, const snk_batch_t *b)
         }
         n_gen += b->gen[g].n + b->gen[g].n_del;
     }
-    if (b->n_sessions + b->n_deleted_sessions + b->n_users + b->n_funnel + b->n_partitions +
-            b->n_rejects + n_gen ==
-        0)
+    *total = b->n_sessions + b->n_deleted_sessions + b->n_users + b->n_funnel + b->n_partitions +
+             b->n_rejects + n_gen;
+    return 0;
+}
+
+int snk_flush_part(snk_conn_t *c, const snk_batch_t *b)
+{
+    size_t total;
+    int rc = check_batch(c, b, &total);
+    if (rc)
+        return rc;
+    if (c->parts == 0 && (rc = tx_begin(c)) != 0)
+        return tx_fail(c, rc);
+    int conflict;
+    if ((rc = tx_write(c, b, 1, &conflict)) != 0)
+        return tx_fail(c, conflict ? SNK_ERESTART : rc);
+    c->parts++;
+    return 0;
+}
+
+int snk_flush_parts(const snk_conn_t *c)
+{
+    return c ? c->parts : 0;
+}
+
+void snk_flush_discard(snk_conn_t *c)
+{
+    if (c && c->parts) {
+        c->err[0] = '\0';
+        tx_fail(c, 0);
+    }
+}
+
+int snk_flush(snk_conn_t *c, const snk_batch_t *b)
+{
+    size_t total;
+    int rc = check_batch(c, b, &total);
+    if (rc)
+        return rc;
+    int conflict;
+    if (c->parts) {
+        /* The final part: it commits the parts written ahead with it. A row
+         * taken for new that Postgres already held cannot be redone here,
+         * since the parts' rows are rolled back with the transaction. */
+        rc = tx_write(c, b, 1, &conflict);
+        return tx_commit(c, rc && conflict ? SNK_ERESTART : rc);
+    }
+    if (total == 0)
         return 0;
 
-    int conflict;
-    int rc = flush_tx(c, b, 1, &conflict);
+    rc = flush_tx(c, b, 1, &conflict);
     if (rc == SNK_EQUERY && conflict) {
         /* Rows are absolute values, so upserting every session writes the
          * same result; nothing of the first attempt was kept. */
@@ -2079,6 +2171,9 @@ const char *snk_strerror(int err)
         return "out of memory";
     case SNK_EINVAL:
         return "invalid argument";
+    case SNK_ERESTART:
+        return "a row taken for new was already in Postgres; the parts written ahead were rolled "
+               "back, write the flush again whole";
     default:
         return "unknown sink error";
     }

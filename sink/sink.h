@@ -18,6 +18,9 @@
 #define SNK_EQUERY (-2)   /* a statement failed (details in snk_last_error) */
 #define SNK_ENOMEM (-3)
 #define SNK_EINVAL (-4) /* bad argument, e.g. an invalid schema name */
+/* A row taken for new was already there while parts were open (snk_flush,
+ * snk_flush_part): all was rolled back; write the whole flush again. */
+#define SNK_ERESTART (-5)
 
 typedef struct snk_conn snk_conn_t;
 
@@ -151,6 +154,27 @@ int snk_migrate(snk_conn_t *c);
  * their table directly). On error the transaction is rolled back and nothing
  * is written; the caller retries the same rows later. */
 int snk_flush(snk_conn_t *c, const snk_batch_t *b);
+
+/*
+ * Writing a flush ahead, in parts (docs/sink.md "Writing ahead"):
+ * snk_flush_part writes b into the connection's open transaction (it begins
+ * one if no part is open) and leaves it uncommitted; nobody else sees the
+ * rows yet. The next snk_flush on the connection writes its batch into the
+ * same transaction and commits them all, or fails with everything rolled
+ * back (SNK_ERESTART when a row taken for new was already there: write the
+ * flush again whole, it is then redone with upserts). Every key of a part may
+ * appear again in a later part or the final batch (the later row wins); the
+ * lists of one batch still hold each key once. On any error of a part the
+ * transaction is rolled back and no part is open. Flush thread only.
+ */
+int snk_flush_part(snk_conn_t *c, const snk_batch_t *b);
+
+/* Parts written into the open transaction (0: none, e.g. after an error or
+ * on a new connection). */
+int snk_flush_parts(const snk_conn_t *c);
+
+/* Roll back the open transaction of parts, if any. */
+void snk_flush_discard(snk_conn_t *c);
 
 /* How many flushes on this connection found a row marked is_new already in
  * Postgres and were therefore redone, in a second transaction, with every

@@ -689,7 +689,7 @@ static void test_store_err(void **state)
 static void test_strerror(void **state)
 {
     (void)state;
-    const int codes[] = {0, SNK_ECONNECT, SNK_EQUERY, SNK_ENOMEM, SNK_EINVAL, -99};
+    const int codes[] = {0, SNK_ECONNECT, SNK_EQUERY, SNK_ENOMEM, SNK_EINVAL, SNK_ERESTART, -99};
     for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
         assert_non_null(snk_strerror(codes[i]));
         assert_true(strlen(snk_strerror(codes[i])) > 0);
@@ -1041,6 +1041,76 @@ static void test_live(void **state)
     assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's7'"), "0");
     assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
                         "1001");
+
+    /* --- Parts written ahead into one open transaction. --- */
+    snk_session_row_t p1s[] = {
+        {"s8", "u1", t0 + 20, t0 + 20, 1, 1, 0, 0, 0, 0, 0, "web", "DE", 1, 1},
+        {"s5", "u1", t0 + 5, t0 + 7, 5, 3, 1, 0, 0, 0, 0, "web", "DE", 2, 0},
+    };
+    snk_user_row_t pu = {"pu1", t0, t0 + 1, "web", "DE", 1, 1, 0, 0, -1, -1};
+    snk_batch_t bp = session_batch(p1s, 2, NULL);
+    bp.n_partitions = 0;
+    bp.users = &pu;
+    bp.n_users = 1;
+    assert_int_equal(snk_flush_part(c, &bp), 0);
+    assert_int_equal(snk_flush_parts(c), 1);
+    /* Nobody sees a part before the commit. */
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's8'"), "0");
+    /* A later part writes the same keys again (the staging tables are
+     * emptied in between, or the upsert would touch a row twice). */
+    snk_session_row_t p2s[] = {
+        {"s8", "u1", t0 + 20, t0 + 21, 2, 2, 0, 0, 0, 0, 0, "web", "DE", 1, 0},
+        {"s9", "u1", t0 + 30, t0 + 30, 1, 1, 0, 0, 0, 0, 0, "web", "DE", 1, 1},
+    };
+    pu.events = 2;
+    bp.sessions = p2s;
+    assert_int_equal(snk_flush_part(c, &bp), 0);
+    assert_int_equal(snk_flush_parts(c), 2);
+    /* The final batch commits the parts with its own rows. */
+    snk_partition_row_t pp = {"clickmart.events", 0, 1003, t0 + 30, 99, 5, 10};
+    pu.events = 3;
+    snk_batch_t bf = session_batch(NULL, 0, &pp);
+    bf.users = &pu;
+    bf.n_users = 1;
+    assert_int_equal(snk_flush(c, &bf), 0);
+    assert_int_equal(snk_flush_parts(c), 0);
+    assert_string_equal(q1(adm, "SELECT string_agg(session_id || '|' || events, ',' ORDER BY "
+                                "session_id) FROM {S}.sessions WHERE session_id IN ('s5', 's8', "
+                                "'s9')"),
+                        "s5|5,s8|2,s9|1");
+    assert_string_equal(q1(adm, "SELECT events FROM {S}.users WHERE user_id = 'pu1'"), "3");
+    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                        "1003");
+    /* A row taken for new that is already there, in the final batch: all
+     * is rolled back, the parts too, and the caller must write it whole. */
+    snk_session_row_t p3s[] = {{"s10", "u1", t0 + 40, t0 + 40, 1, 1, 0, 0, 0, 0, 0, "web", "DE", 1, 1}};
+    bp.sessions = p3s;
+    bp.n_sessions = 1;
+    bp.n_users = 0;
+    assert_int_equal(snk_flush_part(c, &bp), 0);
+    pp.next_offset = 1004;
+    bf = session_batch(p2s + 1, 1, &pp);
+    assert_int_equal(snk_flush(c, &bf), SNK_ERESTART);
+    assert_int_equal(snk_flush_parts(c), 0);
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's10'"),
+                        "0");
+    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                        "1003");
+    /* The same in a part. */
+    bp.sessions = p2s + 1;
+    assert_int_equal(snk_flush_part(c, &bp), SNK_ERESTART);
+    assert_int_equal(snk_flush_parts(c), 0);
+    /* Discarded parts leave nothing; the next flush is a transaction of its own. */
+    bp.sessions = p3s;
+    assert_int_equal(snk_flush_part(c, &bp), 0);
+    snk_flush_discard(c);
+    assert_int_equal(snk_flush_parts(c), 0);
+    bf = session_batch(NULL, 0, &pp);
+    assert_int_equal(snk_flush(c, &bf), 0);
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's10'"),
+                        "0");
+    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                        "1004");
 
     /* --- A large batch goes through in chunks. --- */
     enum { NBIG = 200000 };
