@@ -43,6 +43,11 @@ static const opt_t opts[] = {
      "none; no TLS or auth: bind to loopback or a trusted network)."},
     {"flush-interval-ms", OPT_INT, O(flush_interval_ms), "2000", 50, 3600000,
      "How often changed rows are flushed to Postgres."},
+    {"flush-ahead-ms", OPT_INT, O(flush_ahead_ms), "500", 0, 3600000,
+     "While an interval runs, write the rows changed so far into an open Postgres transaction "
+     "every this many ms (nobody sees them before the commit), so that the flush at the tick "
+     "only writes the rest and commits: rows become visible sooner after each tick, for some "
+     "rows written twice (0 or >= the flush interval: off)."},
     {"batch-size", OPT_INT, O(batch_size), "40000", 1, 1000000,
      "Most messages applied in one LMDB write transaction (larger: fewer commits and fsyncs)."},
     {"commit-interval-ms", OPT_INT, O(commit_interval_ms), "100", 0, 60000,

@@ -42,6 +42,7 @@ typedef struct cfg {
     char *log_format;
     char *state_sync;
     int64_t flush_interval_ms;
+    int64_t flush_ahead_ms;
     int64_t batch_size;
     int64_t commit_interval_ms;
     int64_t max_event_bytes;

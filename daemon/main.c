@@ -47,7 +47,7 @@ typedef struct dmn {
     ing_event_t *ev;
     int32_t n_parts;
     int64_t *ends, *lows; /* --exit-at-end targets */
-    uv_timer_t flush_timer, stats_timer, grow_timer;
+    uv_timer_t flush_timer, stats_timer, grow_timer, ahead_timer;
     uv_signal_t sig_term, sig_int;
     int handles_open;
 
@@ -60,6 +60,13 @@ typedef struct dmn {
     int fl_rc;
     double fl_collect_ms; /* of the running flush: reading the rows from LMDB (worker) */
     int fl_redone;        /* the running flush was redone with upserts (snk_flush_redone) */
+    int fl_part;          /* the running work item writes a part ahead (--flush-ahead-ms) */
+    int fl_restarted;     /* the parts were lost to SNK_ERESTART and the flush written whole */
+    /* The latest part written ahead into the connection's open transaction
+     * (agg_flush_collect_after) and how many parts it closes; the work item
+     * sets and drops them, the loop thread reads them only between items. */
+    agg_flush_t *ahead;
+    int ahead_parts;
     char fl_err[512];
     double fl_t0;
     snk_conn_t *pg;
@@ -76,6 +83,14 @@ typedef struct dmn {
     size_t last_flush_rows;
     uint64_t flushes, flush_failures, rows_written;
     uint64_t flushes_redone; /* flushes redone with upserts (snk_flush_redone) */
+    /* Writing ahead: rows and per-table counts of the open parts (added to
+     * the totals when the flush commits them), parts written, failed. */
+    size_t ahead_rows;
+    mx_rows_t ahead_tally;
+    uint64_t parts_ahead, parts_ahead_failed;
+    uint64_t batches_at_send; /* batches when the last part or flush started */
+    double last_send;         /* monotonic ms when the last part or flush started */
+    double part_ms;           /* how long parts take lately (moving average) */
     uint64_t msgs, msgs_at_last_stats;
     double last_stats_t;
     double started;
@@ -408,6 +423,15 @@ static int commit_open(dmn_t *d)
         return r;
     }
     d->commits++;
+    if (cm_log_enabled(CM_LOG_DEBUG) && d->cur > 0 && d->held[0]->n > 0) {
+        /* How long the transaction's oldest and newest messages took from
+         * their producer to this commit (intake latency, for tuning). */
+        int64_t now = cm_now_ms();
+        const ing_batch_t *f = d->held[0], *l = d->held[d->cur - 1];
+        cm_debug("committed", "messages=%zu oldest_ms=%lld newest_ms=%lld", d->txn_msgs,
+                 (long long)(now - rd_kafka_message_timestamp(f->msgs[0], NULL)),
+                 (long long)(now - rd_kafka_message_timestamp(l->msgs[l->n - 1], NULL)));
+    }
     for (size_t i = 0; i < d->cur; i++) {
         d->batches++;
         d->msgs += d->held[i]->n;
@@ -586,6 +610,14 @@ static void on_grow_timer(uv_timer_t *t)
 /* ---------------------------------------------------------------------- */
 /* Flushing (thread pool).                                                 */
 
+/* Forget the parts written ahead (their transaction is gone or going). */
+static void drop_ahead(dmn_t *d)
+{
+    agg_flush_free(d->ahead);
+    d->ahead = NULL;
+    d->ahead_parts = 0;
+}
+
 static void flush_work(uv_work_t *w)
 {
     dmn_t *d = w->data;
@@ -612,15 +644,53 @@ static void flush_work(uv_work_t *w)
             return;
         }
     }
-    r = agg_flush_collect(d->agg, d->fl_regression, &d->fl);
+    /* The parts written ahead live in the connection's open transaction: a
+     * new connection or an error since has lost them. */
+    if (d->ahead && snk_flush_parts(d->pg) != d->ahead_parts)
+        drop_ahead(d);
+    if (!d->ahead)
+        snk_flush_discard(d->pg);
+    int flags = d->fl_part ? AGG_FLUSH_PART : d->fl_regression ? AGG_FLUSH_REGRESSION : 0;
+    r = agg_flush_collect_after(d->agg, flags, d->ahead, &d->fl);
     d->fl_collect_ms = cm_mono_ms() - d->fl_t0;
     if (r) {
         snprintf(d->fl_err, sizeof d->fl_err, "collect: %s", agg_strerror(r));
+        drop_ahead(d);
+        snk_flush_discard(d->pg);
         d->fl_rc = r;
         return;
     }
     uint64_t redone = snk_flush_redone(d->pg);
-    r = snk_flush(d->pg, agg_flush_batch(d->fl));
+    if (d->fl_part) {
+        r = snk_flush_part(d->pg, agg_flush_batch(d->fl));
+        if (r == 0) {
+            agg_flush_free(d->ahead);
+            d->ahead = d->fl;
+            d->fl = NULL;
+            d->ahead_parts++;
+        } else {
+            drop_ahead(d);
+        }
+    } else {
+        r = snk_flush(d->pg, agg_flush_batch(d->fl));
+        if (r == SNK_ERESTART) {
+            /* A row taken for new was there already (a crash after an
+             * earlier commit): the parts were rolled back with the
+             * transaction, so the flush is written whole, with the redo. */
+            d->fl_restarted = 1;
+            drop_ahead(d);
+            agg_flush_free(d->fl);
+            d->fl = NULL;
+            if ((r = agg_flush_collect_after(d->agg, flags, NULL, &d->fl)) != 0) {
+                snprintf(d->fl_err, sizeof d->fl_err, "collect: %s", agg_strerror(r));
+                d->fl_rc = r;
+                return;
+            }
+            r = snk_flush(d->pg, agg_flush_batch(d->fl));
+        } else if (r) {
+            drop_ahead(d);
+        }
+    }
     d->fl_redone = snk_flush_redone(d->pg) != redone;
     if (r)
         snprintf(d->fl_err, sizeof d->fl_err, "%s", snk_last_error(d->pg));
@@ -662,12 +732,57 @@ static void start_due_flush(dmn_t *d)
         d->flushes_due++;
 }
 
+/* A part written ahead is done (loop thread). */
+static void part_after(dmn_t *d, int r, double ms)
+{
+    if (r == 0 && d->ahead) {
+        d->parts_ahead++;
+        d->part_ms = d->part_ms > 0 ? 0.7 * d->part_ms + 0.3 * ms : ms;
+        mx_rows_add(&d->ahead_tally, agg_flush_batch(d->ahead));
+        size_t rows = agg_flush_rows(d->ahead);
+        d->ahead_rows += rows;
+        cm_debug("wrote ahead", "rows=%zu duration_ms=%.1f collect_ms=%.1f parts=%d", rows, ms,
+                 d->fl_collect_ms, d->ahead_parts);
+    } else {
+        d->parts_ahead_failed++;
+        d->ahead_rows = 0;
+        memset(&d->ahead_tally, 0, sizeof d->ahead_tally);
+        /* Postgres is backing off or broke: the flush at the tick writes
+         * everything, and no part is tried before the back-off ends. */
+        d->pg_up = 0;
+        d->backoff_ms = d->backoff_ms ? d->backoff_ms * 2 : 250;
+        if (d->backoff_ms > d->cfg.pg_retry_max_ms)
+            d->backoff_ms = d->cfg.pg_retry_max_ms;
+        d->next_try = cm_mono_ms() + (double)d->backoff_ms;
+        cm_warn("postgres: writing ahead failed; the next flush writes every row",
+                "retry_in_ms=%lld error=\"%s\"", (long long)d->backoff_ms,
+                d->fl_err[0] ? d->fl_err : snk_strerror(r));
+    }
+    agg_flush_free(d->fl);
+    d->fl = NULL;
+}
+
 static void flush_after(uv_work_t *w, int status)
 {
     dmn_t *d = w->data;
     d->inflight = 0;
     double ms = cm_mono_ms() - d->fl_t0;
     int r = status ? status : d->fl_rc;
+    if (d->fl_part) {
+        d->fl_part = 0;
+        part_after(d, r, ms);
+        if (d->stopping)
+            continue_stop(d);
+        else
+            start_due_flush(d);
+        return;
+    }
+    if (d->fl_restarted) {
+        d->fl_restarted = 0;
+        cm_info("postgres already held a session row the parts written ahead took for new; the "
+                "flush was written again whole",
+                "ok=%d", r == 0);
+    }
     if (d->fl_redone) {
         d->fl_redone = 0;
         d->flushes_redone++;
@@ -707,6 +822,14 @@ static void flush_after(uv_work_t *w, int status)
         d->last_flush_rows = rows;
         d->flushes++;
         d->rows_written += rows;
+        if (d->ahead) {
+            /* The commit made the parts written ahead visible too. */
+            d->rows_written += d->ahead_rows;
+            for (int t = 0; t < MX_N_TABLES; t++) {
+                d->table_rows.written[t] += d->ahead_tally.written[t];
+                d->table_rows.deleted[t] += d->ahead_tally.deleted[t];
+            }
+        }
         if (!d->pg_up)
             cm_info("postgres flush succeeded", "rows=%zu", rows);
         d->pg_up = 1;
@@ -725,6 +848,10 @@ static void flush_after(uv_work_t *w, int status)
     }
     agg_flush_free(d->fl);
     d->fl = NULL;
+    /* Committed or rolled back: either way no part is open any more. */
+    drop_ahead(d);
+    d->ahead_rows = 0;
+    memset(&d->ahead_tally, 0, sizeof d->ahead_tally);
     if (d->stopping)
         continue_stop(d);
     else
@@ -756,12 +883,56 @@ static void start_flush(dmn_t *d)
     d->fl_regression =
         d->stopping || d->fl_t0 - d->last_regression >= (double)d->cfg.stats_interval_ms;
     d->batches_at_flush = d->batches;
+    d->batches_at_send = d->batches;
+    d->last_send = d->fl_t0;
     d->work.data = d;
     int r = uv_queue_work(d->loop, &d->work, flush_work, flush_after);
     if (r) {
         d->inflight = 0;
         cm_err("cannot queue flush", "error=\"%s\"", uv_strerror(r));
     }
+}
+
+/*
+ * Write the rows changed since the last part or flush into the open
+ * transaction (--flush-ahead-ms; docs/operations.md "Writing ahead"), so
+ * that the flush at the tick has only the rest to write. At most one part
+ * per --flush-ahead-ms; none that would likely still run at the tick (it
+ * would delay the flush), nor while Postgres is backing off or anything
+ * else holds the flush slot.
+ */
+static void start_part(dmn_t *d)
+{
+    double now = cm_mono_ms();
+    if (d->inflight || d->fl_clear || d->flush_due || d->stopping || d->map_full ||
+        now < d->next_try || d->batches == d->batches_at_send ||
+        now - d->last_send < (double)d->cfg.flush_ahead_ms)
+        return;
+    double need = d->part_ms > 0 ? 1.25 * d->part_ms : 0.0;
+    if (need < (double)d->cfg.flush_ahead_ms / 4)
+        need = (double)d->cfg.flush_ahead_ms / 4;
+    if ((double)uv_timer_get_due_in(&d->flush_timer) < need)
+        return;
+    d->inflight = 1;
+    d->fl_part = 1;
+    d->fl_t0 = now;
+    d->last_send = now;
+    d->batches_at_send = d->batches;
+    d->work.data = d;
+    int r = uv_queue_work(d->loop, &d->work, flush_work, flush_after);
+    if (r) {
+        d->inflight = 0;
+        d->fl_part = 0;
+        cm_err("cannot queue a part of the flush", "error=\"%s\"", uv_strerror(r));
+    }
+}
+
+/* How often the loop looks whether a part is due (start_part decides). */
+#define AHEAD_POLL_MS 20
+
+static void on_ahead_timer(uv_timer_t *t)
+{
+    start_part(t->data);
 }
 
 static void on_flush_timer(uv_timer_t *t)
@@ -1207,11 +1378,13 @@ static void close_all(dmn_t *d)
     uv_timer_stop(&d->flush_timer);
     uv_timer_stop(&d->stats_timer);
     uv_timer_stop(&d->grow_timer);
+    uv_timer_stop(&d->ahead_timer);
     uv_timer_stop(&d->commit_timer);
     uv_close((uv_handle_t *)&d->commit_timer, on_closed);
     uv_close((uv_handle_t *)&d->flush_timer, on_closed);
     uv_close((uv_handle_t *)&d->stats_timer, on_closed);
     uv_close((uv_handle_t *)&d->grow_timer, on_closed);
+    uv_close((uv_handle_t *)&d->ahead_timer, on_closed);
     uv_idle_stop(&d->apply_idle);
     uv_close((uv_handle_t *)&d->apply_idle, on_closed);
     uv_close((uv_handle_t *)&d->sig_term, on_closed);
@@ -1509,8 +1682,13 @@ static int setup(dmn_t *d)
     uv_timer_init(d->loop, &d->stats_timer);
     uv_timer_init(d->loop, &d->grow_timer);
     uv_timer_init(d->loop, &d->commit_timer);
+    uv_timer_init(d->loop, &d->ahead_timer);
     d->flush_timer.data = d->stats_timer.data = d->grow_timer.data = d->commit_timer.data = d;
+    d->ahead_timer.data = d;
     uv_timer_start(&d->flush_timer, on_flush_timer, 0, (uint64_t)d->cfg.flush_interval_ms);
+    /* Parts only make sense well inside an interval. */
+    if (d->cfg.flush_ahead_ms > 0 && d->cfg.flush_ahead_ms < d->cfg.flush_interval_ms)
+        uv_timer_start(&d->ahead_timer, on_ahead_timer, AHEAD_POLL_MS, AHEAD_POLL_MS);
     uv_timer_start(&d->stats_timer, on_stats_timer, 0, stats_tick_ms(d));
     uv_timer_start(&d->grow_timer, on_grow_timer, 50, 50);
     uv_idle_init(d->loop, &d->apply_idle);

@@ -1119,9 +1119,9 @@ struct snk_conn {
     sbuf_t data;     /* COPY data, reused across flushes */
     /* Column types (OIDs) of each staging table, read when they are created. */
     uint32_t types[T__COUNT][MAX_COLS];
-    char sqlstate[6]; /* SQLSTATE of the last failed statement ("" if none) */
-    uint64_t redone;  /* flushes redone with upserts (snk_flush_redone) */
-    int parts;        /* parts written into the open transaction (snk_flush_part) */
+    char sqlstate[6];     /* SQLSTATE of the last failed statement ("" if none) */
+    uint64_t redone;      /* flushes redone with upserts (snk_flush_redone) */
+    int parts;            /* parts written into the open transaction (snk_flush_part) */
     uint64_t staged_mask; /* staging tables holding rows in the open transaction */
     char err[1024];
 };

@@ -1083,7 +1083,8 @@ static void test_live(void **state)
                         "1003");
     /* A row taken for new that is already there, in the final batch: all
      * is rolled back, the parts too, and the caller must write it whole. */
-    snk_session_row_t p3s[] = {{"s10", "u1", t0 + 40, t0 + 40, 1, 1, 0, 0, 0, 0, 0, "web", "DE", 1, 1}};
+    snk_session_row_t p3s[] = {
+        {"s10", "u1", t0 + 40, t0 + 40, 1, 1, 0, 0, 0, 0, 0, "web", "DE", 1, 1}};
     bp.sessions = p3s;
     bp.n_sessions = 1;
     bp.n_users = 0;
@@ -1092,8 +1093,7 @@ static void test_live(void **state)
     bf = session_batch(p2s + 1, 1, &pp);
     assert_int_equal(snk_flush(c, &bf), SNK_ERESTART);
     assert_int_equal(snk_flush_parts(c), 0);
-    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's10'"),
-                        "0");
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's10'"), "0");
     assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
                         "1003");
     /* The same in a part. */
@@ -1107,8 +1107,7 @@ static void test_live(void **state)
     assert_int_equal(snk_flush_parts(c), 0);
     bf = session_batch(NULL, 0, &pp);
     assert_int_equal(snk_flush(c, &bf), 0);
-    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's10'"),
-                        "0");
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's10'"), "0");
     assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
                         "1004");
 
