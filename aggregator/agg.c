@@ -3444,6 +3444,7 @@ struct agg_flush {
      * part of the same open transaction wrote, as of its snapshot. */
     int part;
     kset_t sent;
+    int spent; /* a later part took sent over */
     uint8_t (*reject_keys)[12];
     size_t n_reject_keys, cap_reject_keys;
     /* Generic tables: rows to upsert and keys to delete, per table. */
@@ -4116,11 +4117,16 @@ static int marks_unsent(agg_t *a, st_txn_t *txn, const agg_flush_t *prev, kset_t
     return 0;
 }
 
-/* A part's sent set: prev's and every mark it collected, except those it
- * left dirty. */
-static int part_sent(const agg_flush_t *prev, const kset_t *marked, agg_flush_t *f)
+/* A part's sent set: prev's (taken over, not copied) and every mark it
+ * collected, except those it left dirty. */
+static int part_sent(agg_flush_t *prev, const kset_t *marked, agg_flush_t *f)
 {
-    int r = prev ? kset_add_packed(&f->sent, prev->sent.arena, prev->sent.alen) : 0;
+    int r = 0;
+    if (prev) {
+        f->sent = prev->sent;
+        memset(&prev->sent, 0, sizeof prev->sent);
+        prev->spent = 1; /* without its sent set it cannot serve as prev again */
+    }
     for (size_t off = 0; r == 0 && off < marked->alen;) {
         const uint8_t *m = marked->arena + off;
         size_t n = (size_t)m[0] << 8 | m[1];
@@ -4136,9 +4142,9 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out)
     return agg_flush_collect_after(a, regression ? AGG_FLUSH_REGRESSION : 0, NULL, out);
 }
 
-int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_flush_t **out)
+int agg_flush_collect_after(agg_t *a, int flags, agg_flush_t *prev, agg_flush_t **out)
 {
-    if (prev && !prev->part)
+    if (prev && (!prev->part || prev->spent))
         return AGG_EINVAL;
     agg_flush_t *f = calloc(1, sizeof *f);
     if (!f)

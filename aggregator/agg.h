@@ -139,13 +139,14 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out);
  * version: the rows they did not send and the rows changed since prev's
  * snapshot. With AGG_FLUSH_PART the result is another part: no rejects, no
  * partition progress, no regression refit; it remembers what it and the
- * parts before it sent. Without it, the result is the final flush that
+ * parts before it sent, taking that record over from prev (which then
+ * cannot serve as prev again: free it once this call returned). Without it, the result is the final flush that
  * commits them all: complete it with agg_flush_done as usual (its snapshot
  * covers every part's). A part is never passed to agg_flush_done. If the
  * transaction is lost, drop the parts and collect again with prev NULL.
  * Any thread, like agg_flush_collect.
  */
-int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_flush_t **out);
+int agg_flush_collect_after(agg_t *a, int flags, agg_flush_t *prev, agg_flush_t **out);
 const snk_batch_t *agg_flush_batch(const agg_flush_t *f);
 size_t agg_flush_rows(const agg_flush_t *f);
 

@@ -778,6 +778,7 @@ enum {
     T_GEN_FIRST,
     T__COUNT = T_GEN_FIRST + 2 * SNK_TABLE__COUNT
 };
+_Static_assert(T__COUNT <= 64, "staged_mask has a bit per table");
 
 static const table_spec_t TABLES[T__COUNT] = {
     [T_SESSIONS_DEL] = {"sessions", "cm_stage_sessions_del", SESSION_COLS, 1, 1, APPLY_DELETE, NULL,
@@ -1883,22 +1884,9 @@ static int stage_apply(snk_conn_t *c, int which, const void *rows, size_t n, row
     if (n == 0)
         return 0;
     const table_spec_t *t = &TABLES[which];
-    uint64_t bit = (uint64_t)1 << which;
-    if (t->kind != APPLY_DIRECT && (c->staged_mask & bit)) {
-        /* An earlier part of this transaction staged rows here; ON COMMIT
-         * DELETE ROWS empties the table only at the commit. */
-        sbuf_t *b = &c->sql;
-        b->len = 0;
-        sb_puts(b, "TRUNCATE pg_temp.");
-        sb_puts(b, t->stage);
-        int rc = exec_cmd(c, "empty a staging table", sb_cstr(b), PGRES_COMMAND_OK);
-        if (rc)
-            return rc;
-        c->staged_mask &= ~bit;
-    }
     int64_t sent = copy_rows(c, which, rows, n, fn);
     if (sent > 0 && t->kind != APPLY_DIRECT)
-        c->staged_mask |= bit;
+        c->staged_mask |= (uint64_t)1 << which;
     if (sent <= 0 || t->kind == APPLY_DIRECT)
         return sent < 0 ? (int)sent : 0;
     char step[64];
@@ -1942,13 +1930,42 @@ static int tx_fail(snk_conn_t *c, int rc)
     return fail_tx(c, rc);
 }
 
+/* Empties the staging tables an earlier part of the open transaction
+ * filled: ON COMMIT DELETE ROWS empties them only at the commit. One
+ * statement for all of them. */
+static int stages_empty(snk_conn_t *c)
+{
+    if (!c->staged_mask)
+        return 0;
+    sbuf_t *b = &c->sql;
+    b->len = 0;
+    sb_puts(b, "TRUNCATE ");
+    int first = 1;
+    for (int i = 0; i < T__COUNT; i++) {
+        if (!(c->staged_mask & ((uint64_t)1 << i)))
+            continue;
+        if (!first)
+            sb_puts(b, ", ");
+        first = 0;
+        sb_puts(b, "pg_temp.");
+        sb_puts(b, TABLES[i].stage);
+    }
+    int rc = exec_cmd(c, "empty the staging tables", sb_cstr(b), PGRES_COMMAND_OK);
+    if (rc == 0)
+        c->staged_mask = 0;
+    return rc;
+}
+
 /* Writes the batch's rows into the open transaction (see flush_tx). */
 static int tx_write(snk_conn_t *c, const snk_batch_t *b, int direct, int *conflict)
 {
     *conflict = 0;
     c->sqlstate[0] = '\0';
-    int rc = stage_apply(c, T_SESSIONS_DEL, b->deleted_sessions, b->n_deleted_sessions,
-                         row_deleted_session);
+    int rc = stages_empty(c);
+    if (rc)
+        return rc;
+    rc = stage_apply(c, T_SESSIONS_DEL, b->deleted_sessions, b->n_deleted_sessions,
+                     row_deleted_session);
     if (rc == 0)
         rc = stage_apply(c, T_SESSIONS, b->sessions, b->n_sessions,
                          direct ? row_session_known : row_session);

@@ -466,6 +466,12 @@ static void part(agg_t *a)
     apply_flush(b);
     apply_gen(b);
     assert_int_equal(agg_flush_done(a, f), AGG_EINVAL);
+    /* The new part took over what part_prev sent: it cannot serve again. */
+    if (part_prev) {
+        agg_flush_t *again = NULL;
+        assert_int_equal(agg_flush_collect_after(a, AGG_FLUSH_PART, part_prev, &again), AGG_EINVAL);
+        assert_null(again);
+    }
     agg_flush_free(part_prev);
     part_prev = f;
 }
