@@ -3440,11 +3440,7 @@ struct agg_flush {
     size_t n_rejects, cap_rejects;
     /* Marks this flush leaves dirty (a regression not refitted yet). */
     kset_t kept;
-    /* A part (AGG_FLUSH_PART): every mark whose row this part or an earlier
-     * part of the same open transaction wrote, as of its snapshot. */
-    int part;
-    kset_t sent;
-    int spent; /* a later part took sent over */
+    int part; /* written ahead (AGG_FLUSH_PART): its rows commit with the final flush */
     uint8_t (*reject_keys)[12];
     size_t n_reject_keys, cap_reject_keys;
     /* Generic tables: rows to upsert and keys to delete, per table. */
@@ -4090,51 +4086,19 @@ static int collect_reject(agg_t *a, agg_flush_t *f, const st_val_t *k, const st_
 }
 
 /*
- * Narrow `marked` (every mark of the snapshot) to the marks whose rows the
- * parts up to prev have not written in their current version: the marks
- * prev's parts did not send, and those a batch after prev's snapshot set
- * again (each batch logs every key it marks, so a row changed since is among
- * the latter). A row sent and not marked since has the same value now.
+ * The marks whose rows the parts up to prev have not written in their
+ * current version: every mark a batch after prev's snapshot set (each batch
+ * logs every key it marks, so a row changed since is among them), and the
+ * marks prev left dirty. Nothing else: each part wrote or left dirty every
+ * mark up to its snapshot, and only a regression mark is ever left dirty
+ * (a part never refits), so by induction every mark up to prev's snapshot
+ * was written, in its current version unless marked again since, or is
+ * among prev's.
  */
-static int marks_unsent(agg_t *a, st_txn_t *txn, const agg_flush_t *prev, kset_t *marked)
+static int marks_since(agg_t *a, st_txn_t *txn, const agg_flush_t *prev, kset_t *marked)
 {
-    kset_t since = {0}, keep = {0};
-    int r = mlog_load(a, txn, prev->seq, &since);
-    for (size_t off = 0; r == 0 && off < marked->alen;) {
-        const uint8_t *m = marked->arena + off;
-        size_t n = (size_t)m[0] << 8 | m[1];
-        if (!kset_has(&prev->sent, m + 2, n) || kset_has(&since, m + 2, n))
-            r = kset_add(&keep, m + 2, n);
-        off += n + 2;
-    }
-    kset_free(&since);
-    if (r) {
-        kset_free(&keep);
-        return r;
-    }
-    kset_free(marked);
-    *marked = keep;
-    return 0;
-}
-
-/* A part's sent set: prev's (taken over, not copied) and every mark it
- * collected, except those it left dirty. */
-static int part_sent(agg_flush_t *prev, const kset_t *marked, agg_flush_t *f)
-{
-    int r = 0;
-    if (prev) {
-        f->sent = prev->sent;
-        memset(&prev->sent, 0, sizeof prev->sent);
-        prev->spent = 1; /* without its sent set it cannot serve as prev again */
-    }
-    for (size_t off = 0; r == 0 && off < marked->alen;) {
-        const uint8_t *m = marked->arena + off;
-        size_t n = (size_t)m[0] << 8 | m[1];
-        if (!kset_has(&f->kept, m + 2, n))
-            r = kset_add(&f->sent, m + 2, n);
-        off += n + 2;
-    }
-    return r;
+    int r = mlog_load(a, txn, prev->seq, marked);
+    return r ? r : kset_add_packed(marked, prev->kept.arena, prev->kept.alen);
 }
 
 int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out)
@@ -4142,9 +4106,9 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out)
     return agg_flush_collect_after(a, regression ? AGG_FLUSH_REGRESSION : 0, NULL, out);
 }
 
-int agg_flush_collect_after(agg_t *a, int flags, agg_flush_t *prev, agg_flush_t **out)
+int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_flush_t **out)
 {
-    if (prev && (!prev->part || prev->spent))
+    if (prev && !prev->part)
         return AGG_EINVAL;
     agg_flush_t *f = calloc(1, sizeof *f);
     if (!f)
@@ -4165,8 +4129,7 @@ int agg_flush_collect_after(agg_t *a, int flags, agg_flush_t *prev, agg_flush_t 
     kset_t marked = {0};
     const uint8_t **marks = NULL;
     size_t nm = 0;
-    if ((r = mlog_load(a, txn, 0, &marked)) == 0 && prev)
-        r = marks_unsent(a, txn, prev, &marked);
+    r = prev ? marks_since(a, txn, prev, &marked) : mlog_load(a, txn, 0, &marked);
     if (r == 0 && (r = marks_sorted(&marked, &marks, &nm)) == 0) {
         for (size_t i = 0; r == 0 && i < nm; i++) {
             st_val_t mk = {marks[i] + 2, (size_t)marks[i][0] << 8 | marks[i][1]};
@@ -4174,8 +4137,6 @@ int agg_flush_collect_after(agg_t *a, int flags, agg_flush_t *prev, agg_flush_t 
                 r = collect_dirty(a, f, txn, &marked, &mk);
         }
     }
-    if ((r == 0 || r == ST_ENOTFOUND) && f->part)
-        r = part_sent(prev, &marked, f);
     free(marks);
     kset_free(&marked);
     /* A part leaves the rejects and the partitions' progress to the final
@@ -4328,7 +4289,6 @@ void agg_flush_free(agg_flush_t *f)
     if (!f)
         return;
     kset_free(&f->kept);
-    kset_free(&f->sent);
     while (f->chunks) {
         chunk_t *n = f->chunks->next;
         free(f->chunks);

@@ -134,19 +134,19 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out);
  * interval runs, the daemon writes the rows changed so far into an open
  * Postgres transaction without committing it, so that the flush at the tick
  * has only the rest to write. Each call collects the rows of the latest
- * committed snapshot that the parts up to `prev` (NULL: none; a part, which
- * must stay alive until this call returns) did not write in their current
- * version: the rows they did not send and the rows changed since prev's
- * snapshot. With AGG_FLUSH_PART the result is another part: no rejects, no
- * partition progress, no regression refit; it remembers what it and the
- * parts before it sent, taking that record over from prev (which then
- * cannot serve as prev again: free it once this call returned). Without it, the result is the final flush that
- * commits them all: complete it with agg_flush_done as usual (its snapshot
- * covers every part's). A part is never passed to agg_flush_done. If the
- * transaction is lost, drop the parts and collect again with prev NULL.
- * Any thread, like agg_flush_collect.
+ * committed snapshot that the parts up to `prev` (NULL: none; the latest
+ * part, which must stay alive until this call returns) did not write in
+ * their current version: the rows marked since prev's snapshot and the
+ * marks prev left dirty. With AGG_FLUSH_PART the result is another part: no
+ * rejects, no partition progress, no regression refit (the regression marks
+ * stay dirty with it, for the next part or the final). Without it, the
+ * result is the final flush that commits them all: complete it with
+ * agg_flush_done as usual (its snapshot covers every part's). A part is
+ * never passed to agg_flush_done. If the transaction is lost, drop the
+ * parts and collect again with prev NULL. Any thread, like
+ * agg_flush_collect.
  */
-int agg_flush_collect_after(agg_t *a, int flags, agg_flush_t *prev, agg_flush_t **out);
+int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_flush_t **out);
 const snk_batch_t *agg_flush_batch(const agg_flush_t *f);
 size_t agg_flush_rows(const agg_flush_t *f);
 
