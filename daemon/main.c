@@ -88,6 +88,7 @@ typedef struct dmn {
     size_t ahead_rows;
     mx_rows_t ahead_tally;
     uint64_t parts_ahead, parts_ahead_failed;
+    int ahead_blocked;        /* no part until the next flush (after SNK_ERESTART) */
     uint64_t batches_at_send; /* batches when the last part or flush started */
     double last_send;         /* monotonic ms when the last part or flush started */
     double part_ms;           /* how long parts take lately (moving average) */
@@ -743,6 +744,16 @@ static void part_after(dmn_t *d, int r, double ms)
         d->ahead_rows += rows;
         cm_debug("wrote ahead", "rows=%zu duration_ms=%.1f collect_ms=%.1f parts=%d", rows, ms,
                  d->fl_collect_ms, d->ahead_parts);
+    } else if (r == SNK_ERESTART) {
+        /* Expected once after a crash between a flush's commit in Postgres
+         * and the state's: the flush at the tick redoes it with upserts. */
+        d->parts_ahead_failed++;
+        d->ahead_rows = 0;
+        memset(&d->ahead_tally, 0, sizeof d->ahead_tally);
+        d->ahead_blocked = 1; /* a part now would meet the same row */
+        cm_info("postgres already held a session row a part written ahead took for new; the "
+                "flush at the tick writes everything",
+                "%s", "");
     } else {
         d->parts_ahead_failed++;
         d->ahead_rows = 0;
@@ -850,6 +861,8 @@ static void flush_after(uv_work_t *w, int status)
     d->fl = NULL;
     /* Committed or rolled back: either way no part is open any more. */
     drop_ahead(d);
+    if (r == 0)
+        d->ahead_blocked = 0;
     d->ahead_rows = 0;
     memset(&d->ahead_tally, 0, sizeof d->ahead_tally);
     if (d->stopping)
@@ -905,7 +918,7 @@ static void start_part(dmn_t *d)
 {
     double now = cm_mono_ms();
     if (d->inflight || d->fl_clear || d->flush_due || d->stopping || d->map_full ||
-        now < d->next_try || d->batches == d->batches_at_send ||
+        d->ahead_blocked || now < d->next_try || d->batches == d->batches_at_send ||
         now - d->last_send < (double)d->cfg.flush_ahead_ms)
         return;
     double need = d->part_ms > 0 ? 1.25 * d->part_ms : 0.0;
@@ -1079,6 +1092,8 @@ static json_t *status_obj(dmn_t *d)
     json_object_set_new(fl, "in_flight", json_boolean(d->inflight));
     json_object_set_new(fl, "late_starts", json_integer((json_int_t)d->flushes_due));
     json_object_set_new(fl, "redone", json_integer((json_int_t)d->flushes_redone));
+    json_object_set_new(fl, "parts_ahead", json_integer((json_int_t)d->parts_ahead));
+    json_object_set_new(fl, "parts_ahead_failed", json_integer((json_int_t)d->parts_ahead_failed));
     json_object_set_new(o, "flush", fl);
     uint64_t used = 0, map = 0;
     st_usage(d->env, &used, &map);
@@ -1198,6 +1213,9 @@ static char *metrics_text(dmn_t *d, size_t *len)
     metric_head(&b, "clickmart_flushes_redone_total", "counter",
                 "Flushes redone with upserts: Postgres already held a row taken for new.");
     tb_printf(&b, "clickmart_flushes_redone_total %llu\n", (unsigned long long)d->flushes_redone);
+    metric_head(&b, "clickmart_flush_parts_ahead_total", "counter",
+                "Parts of a flush written ahead into its open transaction (--flush-ahead-ms).");
+    tb_printf(&b, "clickmart_flush_parts_ahead_total %llu\n", (unsigned long long)d->parts_ahead);
     metric_head(&b, "clickmart_flush_rows_total", "counter", "Rows written by flushes.");
     tb_printf(&b, "clickmart_flush_rows_total %llu\n", (unsigned long long)d->rows_written);
     metric_head(&b, "clickmart_rows_written_total", "counter",

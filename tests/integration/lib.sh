@@ -290,7 +290,8 @@ cm_dump_topic() {
 # --- daemon -------------------------------------------------------------------------
 
 # cm_daemon_start [ARGS...]: starts clickmartd in the background with the common flags
-# and ARGS; sets CM_DAEMON_PID and CM_DAEMON_LOG (one log per start).
+# and ARGS (a flush every 500 ms with parts written ahead every 100 ms, so that every test
+# runs the parts too); sets CM_DAEMON_PID and CM_DAEMON_LOG (one log per start).
 cm_daemon_start() {
     [ -z "$CM_DAEMON_PID" ] || cm_die "cm_daemon_start: clickmartd $CM_DAEMON_PID is still running"
     CM_DAEMON_RUNS=$((CM_DAEMON_RUNS + 1))
@@ -298,7 +299,7 @@ cm_daemon_start() {
     mkdir -p "$CM_DIR/state"
     "${CM_SETSID[@]}" "$CLICKMART_BIN/clickmartd" --brokers "$CM_BROKER" --topic "$CM_TOPIC" --pg "$CM_PG" \
         --state-dir "$CM_DIR/state" --status-socket "$CM_DIR/status.sock" \
-        --flush-interval-ms 500 "$@" >"$CM_DAEMON_LOG" 2>&1 </dev/null &
+        --flush-interval-ms 500 --flush-ahead-ms 100 "$@" >"$CM_DAEMON_LOG" 2>&1 </dev/null &
     CM_DAEMON_PID=$!
     cm_track_pid "$CM_DAEMON_PID"
     cm_log "clickmartd started (pid $CM_DAEMON_PID, run $CM_DAEMON_RUNS${*:+: $*})"

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Parts of a flush written ahead (--flush-ahead-ms) stay invisible until the flush at the
+# tick commits them, are lost without harm when the daemon dies, and once committed leave
+# the tables equal to the reference.
+#
+# With a flush interval of an hour, the only commits are the flush at startup (nothing yet)
+# and the final one at SIGTERM, while parts are written every 100 ms as events arrive:
+#   1. every event applied and parts written, Postgres still shows no session and no
+#      partition row; kill -9 then rolls the parts back (still nothing);
+#   2. a second start commits the first run's rows with its flush at startup; the events
+#      produced after it are written ahead (the tables do not change), and SIGTERM's final
+#      flush commits them with the rest: compare.py must pass.
+#
+# Needs CLICKMART_BIN (the build dir); run alone with
+#   CLICKMART_BIN=build bash tests/integration/test_write_ahead.sh
+# Knobs: CM_EVENTS (default 4000), CM_SEED (23), CM_KEEP=1.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"
+
+EVENTS=${CM_EVENTS:-4000}
+SEED=${CM_SEED:-23}
+TOPIC=clickmart.events
+ARGS=(--flush-interval-ms 3600000 --flush-ahead-ms 100)
+
+cm_setup
+DUMP=$CM_DIR/topic.dump
+cm_require clickmartd tools/clickmart-gen tools/clickmart-devbroker
+cm_pg_start
+cm_broker_start 4 "$TOPIC"
+
+# status_num PATH: a number from /status (e.g. flush.parts_ahead).
+status_num() {
+    cm_status | "$CM_PY" -c "import json,sys
+v=json.load(sys.stdin)
+for k in '$1'.split('.'): v=v[k]
+print(v)"
+}
+# Caught up with the dump, and at least $1 parts written ahead by this run.
+parts_written() {
+    cm_daemon_alive || cm_die "clickmartd exited early (see $CM_DAEMON_LOG)"
+    cm_status_caught_up "$DUMP" || return 1
+    [ "$(status_num flush.parts_ahead)" -ge "$1" ]
+}
+visible() { cm_psql "SELECT (SELECT count(*) FROM clickmart.sessions) || '/' || (SELECT count(*) FROM clickmart.partitions)"; }
+
+cm_gen "$SEED" "$EVENTS"
+cm_dump_topic "$CM_TOPIC" "$DUMP"
+cm_daemon_start "${ARGS[@]}"
+cm_wait_for 120 "clickmartd to consume everything and write parts ahead" parts_written 1 ||
+    cm_die "no part written ahead; last /status: $(cm_status 2>&1 | head -c 2000)"
+parts=$(status_num flush.parts_ahead)
+[ "$(status_num flush.flushes)" -le 1 ] || cm_die "a flush committed although the interval is an hour"
+[ "$(visible)" = 0/0 ] || cm_die "rows of uncommitted parts are visible: $(visible)"
+cm_log "$parts parts written ahead, nothing visible; kill -9"
+cm_daemon_kill9
+[ "$(visible)" = 0/0 ] || cm_die "rows of a killed daemon's parts are visible: $(visible)"
+
+# The flush at startup commits what the killed run had applied; the events produced
+# after it are written ahead only.
+cm_daemon_start "${ARGS[@]}"
+started() {
+    cm_daemon_alive || cm_die "clickmartd exited early (see $CM_DAEMON_LOG)"
+    [ "$(status_num flush.flushes)" -ge 1 ] 2>/dev/null
+}
+cm_wait_for 60 "the flush at startup" started || cm_die "no flush at startup"
+before=$(visible)
+[ "${before%/*}" -gt 0 ] || cm_die "the flush at startup wrote no sessions: $before"
+cm_gen "$((SEED + 1))" "$EVENTS"
+cm_dump_topic "$CM_TOPIC" "$DUMP"
+cm_wait_for 120 "clickmartd to consume the new events and write parts ahead" parts_written 1 ||
+    cm_die "no part written ahead after the restart; last /status: $(cm_status 2>&1 | head -c 2000)"
+[ "$(visible)" = "$before" ] || cm_die "rows of uncommitted parts are visible: $(visible), was $before"
+[ "$(status_num flush.parts_ahead_failed)" = 0 ] || cm_die "a part failed (see $CM_DAEMON_LOG)"
+cm_daemon_signal TERM
+cm_daemon_wait 30 || cm_die "clickmartd still running 30 s after SIGTERM"
+[ "$CM_DAEMON_RC" = 0 ] || cm_die "clickmartd exited with status $CM_DAEMON_RC (see $CM_DAEMON_LOG)"
+grep -q '"final flush done"' "$CM_DAEMON_LOG" || cm_die "no final flush (see $CM_DAEMON_LOG)"
+[ "$(visible | cut -d/ -f1)" -gt 0 ] || cm_die "the final flush wrote no sessions"
+cm_compare "$DUMP" || cm_die "Postgres differs from the reference"
+cm_log "whole test $((SECONDS - CM_T0))s"
+echo "1 passed, 0 failed"
