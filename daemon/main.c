@@ -744,30 +744,22 @@ static void part_after(dmn_t *d, int r, double ms)
         d->ahead_rows += rows;
         cm_debug("wrote ahead", "rows=%zu duration_ms=%.1f collect_ms=%.1f parts=%d", rows, ms,
                  d->fl_collect_ms, d->ahead_parts);
-    } else if (r == SNK_ERESTART) {
-        /* Expected once after a crash between a flush's commit in Postgres
-         * and the state's: the flush at the tick redoes it with upserts. */
-        d->parts_ahead_failed++;
-        d->ahead_rows = 0;
-        memset(&d->ahead_tally, 0, sizeof d->ahead_tally);
-        d->ahead_blocked = 1; /* a part now would meet the same row */
-        cm_info("postgres already held a session row a part written ahead took for new; the "
-                "flush at the tick writes everything",
-                "%s", "");
     } else {
+        /* The flush at the tick writes every row itself; no part is tried
+         * before a flush has succeeded (after SNK_ERESTART a part would meet
+         * the same row; otherwise Postgres is in trouble, and the flush
+         * owns the retries, their back-off and the failure counts). */
         d->parts_ahead_failed++;
         d->ahead_rows = 0;
         memset(&d->ahead_tally, 0, sizeof d->ahead_tally);
-        /* Postgres is backing off or broke: the flush at the tick writes
-         * everything, and no part is tried before the back-off ends. */
-        d->pg_up = 0;
-        d->backoff_ms = d->backoff_ms ? d->backoff_ms * 2 : 250;
-        if (d->backoff_ms > d->cfg.pg_retry_max_ms)
-            d->backoff_ms = d->cfg.pg_retry_max_ms;
-        d->next_try = cm_mono_ms() + (double)d->backoff_ms;
-        cm_warn("postgres: writing ahead failed; the next flush writes every row",
-                "retry_in_ms=%lld error=\"%s\"", (long long)d->backoff_ms,
-                d->fl_err[0] ? d->fl_err : snk_strerror(r));
+        d->ahead_blocked = 1;
+        if (r == SNK_ERESTART)
+            cm_info("postgres already held a session row a part written ahead took for new; the "
+                    "flush at the tick writes everything (expected once after a crash)",
+                    "%s", "");
+        else
+            cm_warn("postgres: writing ahead failed; the next flush writes every row",
+                    "error=\"%s\"", d->fl_err[0] ? d->fl_err : snk_strerror(r));
     }
     agg_flush_free(d->fl);
     d->fl = NULL;
