@@ -898,6 +898,9 @@ static void start_flush(dmn_t *d)
     }
 }
 
+/* How often the loop looks whether a part is due (start_part decides). */
+#define AHEAD_POLL_MS 20
+
 /*
  * Write the rows changed since the last part or flush into the open
  * transaction (--flush-ahead-ms; docs/operations.md "Writing ahead"), so
@@ -910,13 +913,13 @@ static void start_part(dmn_t *d)
 {
     double now = cm_mono_ms();
     if (d->inflight || d->fl_clear || d->flush_due || d->stopping || d->map_full ||
-        d->ahead_blocked || now < d->next_try || d->batches == d->batches_at_send ||
-        now - d->last_send < (double)d->cfg.flush_ahead_ms)
+        d->ahead_blocked || now < d->next_try || d->batches == d->batches_at_send)
         return;
     double need = d->part_ms > 0 ? 1.25 * d->part_ms : 0.0;
     if (need < (double)d->cfg.flush_ahead_ms / 4)
         need = (double)d->cfg.flush_ahead_ms / 4;
-    if ((double)uv_timer_get_due_in(&d->flush_timer) < need)
+    if ((double)uv_timer_get_due_in(&d->flush_timer) < need ||
+        now - d->last_send < (double)d->cfg.flush_ahead_ms)
         return;
     d->inflight = 1;
     d->fl_part = 1;
@@ -931,9 +934,6 @@ static void start_part(dmn_t *d)
         cm_err("cannot queue a part of the flush", "error=\"%s\"", uv_strerror(r));
     }
 }
-
-/* How often the loop looks whether a part is due (start_part decides). */
-#define AHEAD_POLL_MS 20
 
 static void on_ahead_timer(uv_timer_t *t)
 {
