@@ -88,7 +88,7 @@ typedef struct dmn {
     size_t ahead_rows;
     mx_rows_t ahead_tally;
     uint64_t parts_ahead, parts_ahead_failed;
-    int ahead_blocked;        /* no part until the next flush (after SNK_ERESTART) */
+    int ahead_blocked;        /* a part failed: none until a flush has succeeded */
     uint64_t batches_at_send; /* batches when the last part or flush started */
     double last_send;         /* monotonic ms when the last part or flush started */
     double part_ms;           /* how long parts take lately (moving average) */
