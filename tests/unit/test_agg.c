@@ -444,19 +444,31 @@ static frow_t fun_bak[MAXE];
 static grow_t gtab_bak[20000];
 static int n_sess_bak, n_user_bak, n_fun_bak, n_gtab_bak;
 
+/* Keeps a copy of the tables (save) or puts the copy back. */
+static void tables_keep(int save)
+{
+#define KEEP(tab, bak, n, nbak, size)                                                              \
+    do {                                                                                           \
+        if (save) {                                                                                \
+            memcpy(bak, tab, size);                                                                \
+            nbak = n;                                                                              \
+        } else {                                                                                   \
+            memcpy(tab, bak, size);                                                                \
+            n = nbak;                                                                              \
+        }                                                                                          \
+    } while (0)
+    KEEP(sess_tab, sess_bak, n_sess_tab, n_sess_bak, sizeof sess_tab);
+    KEEP(user_tab, user_bak, n_user_tab, n_user_bak, sizeof user_tab);
+    KEEP(fun_tab, fun_bak, n_fun_tab, n_fun_bak, sizeof fun_tab);
+    KEEP(gtab, gtab_bak, n_gtab, n_gtab_bak, (size_t)(save ? n_gtab : n_gtab_bak) * sizeof *gtab);
+#undef KEEP
+}
+
 /* Collects a part after the parts so far and applies it to the tables. */
 static void part(agg_t *a)
 {
-    if (!part_prev) {
-        memcpy(sess_bak, sess_tab, sizeof sess_tab);
-        memcpy(user_bak, user_tab, sizeof user_tab);
-        memcpy(fun_bak, fun_tab, sizeof fun_tab);
-        memcpy(gtab_bak, gtab, (size_t)n_gtab * sizeof *gtab);
-        n_sess_bak = n_sess_tab;
-        n_user_bak = n_user_tab;
-        n_fun_bak = n_fun_tab;
-        n_gtab_bak = n_gtab;
-    }
+    if (!part_prev)
+        tables_keep(1);
     agg_flush_t *f;
     assert_int_equal(agg_flush_collect_after(a, AGG_FLUSH_PART, part_prev, &f), 0);
     const snk_batch_t *b = agg_flush_batch(f);
@@ -475,14 +487,7 @@ static void drop_parts(void)
 {
     if (!part_prev)
         return;
-    memcpy(sess_tab, sess_bak, sizeof sess_tab);
-    memcpy(user_tab, user_bak, sizeof user_tab);
-    memcpy(fun_tab, fun_bak, sizeof fun_tab);
-    memcpy(gtab, gtab_bak, (size_t)n_gtab_bak * sizeof *gtab);
-    n_sess_tab = n_sess_bak;
-    n_user_tab = n_user_bak;
-    n_fun_tab = n_fun_bak;
-    n_gtab = n_gtab_bak;
+    tables_keep(0);
     agg_flush_free(part_prev);
     part_prev = NULL;
 }
