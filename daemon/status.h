@@ -11,7 +11,7 @@
 #include <stddef.h>
 #include <uv.h>
 
-#define STS_EEXIST (-1) /* the socket path exists and is not a socket */
+#define STS_EEXIST (-1)  /* the socket path exists and is not a socket */
 #define STS_ELISTEN (-2) /* bind/listen failed (see errno-style message in log) */
 #define STS_EINVAL (-3)  /* bad argument, e.g. a malformed host:port */
 #define STS_ENOMEM (-4)
@@ -41,8 +41,8 @@ typedef void (*sts_handler_fn)(void *ud, const char *method, const char *path,
  * Either may be NULL, not both. Requests are limited to 8 KiB of headers and
  * at most 64 concurrent connections; idle connections close after 10 s.
  */
-int sts_start(uv_loop_t *loop, const char *socket_path, const char *tcp_listen,
-              sts_handler_fn fn, void *ud, sts_server_t **out);
+int sts_start(uv_loop_t *loop, const char *socket_path, const char *tcp_listen, sts_handler_fn fn,
+              void *ud, sts_server_t **out);
 
 /* Stop listening, close every connection and unlink the socket. The server
  * is freed once libuv has closed all its handles (run the loop once more). */

@@ -84,8 +84,10 @@ static size_t json_escape(char *out, size_t cap, size_t pos, const char *s, size
         } else if (c >= 0x80) {
             /* Copy a well-formed UTF-8 sequence; anything else becomes U+FFFD, so that
              * every line stays valid JSON whatever bytes a message carried. */
-            size_t len = c >= 0xc2 && c <= 0xdf ? 2 : c >= 0xe0 && c <= 0xef ? 3
-                       : c >= 0xf0 && c <= 0xf4 ? 4 : 0;
+            size_t len = c >= 0xc2 && c <= 0xdf   ? 2
+                         : c >= 0xe0 && c <= 0xef ? 3
+                         : c >= 0xf0 && c <= 0xf4 ? 4
+                                                  : 0;
             int good = len > 0 && i + len <= n;
             for (size_t k = 1; good && k < len; k++)
                 good = ((unsigned char)s[i + k] & 0xc0) == 0x80;

@@ -25,8 +25,7 @@ int cm_log_enabled(int level);
  * (printf-style, e.g. "partition=%d offset=%lld"). In JSON mode the pairs
  * are turned into JSON fields. Thread-safe.
  */
-void cm_log(int level, const char *msg, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+void cm_log(int level, const char *msg, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 #define cm_err(msg, ...) cm_log(CM_LOG_ERROR, msg, __VA_ARGS__)
 #define cm_warn(msg, ...) cm_log(CM_LOG_WARN, msg, __VA_ARGS__)

@@ -528,8 +528,7 @@ static int cmd_metrics(const char *sock)
 }
 
 /* ctl_watch's fetch: the body of one GET as a malloc'ed string, with the HTTP status. */
-static int fetch_body(const char *sock, const char *target, char **body, size_t *len,
-                      int *status)
+static int fetch_body(const char *sock, const char *target, char **body, size_t *len, int *status)
 {
     response_t r;
     int rc = http_get(sock, target, &r);

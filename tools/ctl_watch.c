@@ -170,8 +170,9 @@ static void print_line(FILE *out, json_t *st, json_t *prev, double dt)
             fmt_num(b[2], sizeof b[2], num(st, "accepted")),
             fmt_rate(b[3], sizeof b[3], rate_of(st, prev, dt, NULL, "accepted")),
             fmt_num(b[4], sizeof b[4], num(st, "duplicates")),
-            fmt_num(b[5], sizeof b[5], num(st, "rejected")), fmt_num(b[6], sizeof b[6], num(st, "lag")),
-            isnan(ls) ? "-" : b[7], fmt_num(b[8], sizeof b[8], num(fl, "flushes")),
+            fmt_num(b[5], sizeof b[5], num(st, "rejected")),
+            fmt_num(b[6], sizeof b[6], num(st, "lag")), isnan(ls) ? "-" : b[7],
+            fmt_num(b[8], sizeof b[8], num(fl, "flushes")),
             fmt_num(b[9], sizeof b[9], num(fl, "failures")),
             fmt_num(b[10], sizeof b[10], num(fl, "rows_written")),
             fmt_rate(b[11], sizeof b[11], rate_of(st, prev, dt, "flush", "rows_written")),
@@ -222,7 +223,8 @@ static void draw_screen(json_t *st, json_t *prev, double dt, double interval, co
     double lag = num(st, "lag"), plag = prev ? num(prev, "lag") : NAN;
     fprintf(o, "%-12s %14s %12s  (change; negative: catching up)\n", "lag (msgs)",
             fmt_num(a, sizeof a, lag),
-            isnan(plag) || !(dt > 0) ? "-" : (snprintf(b, sizeof b, "%+.1f", (lag - plag) / dt), b));
+            isnan(plag) || !(dt > 0) ? "-"
+                                     : (snprintf(b, sizeof b, "%+.1f", (lag - plag) / dt), b));
     fprintf(o, "%-12s %14s  (now - watermark)\n", "event lag",
             fmt_dur(a, sizeof a, num(st, "lag_seconds")));
     used += 8;
@@ -238,7 +240,8 @@ static void draw_screen(json_t *st, json_t *prev, double dt, double interval, co
     fprintf(o, "%-12s %14s %12s\n", "rows written", fmt_num(a, sizeof a, num(fl, "rows_written")),
             fmt_rate(b, sizeof b, rate_of(st, prev, dt, "flush", "rows_written")));
     fprintf(o, "%-12s %s of %s map, %s rows pending\n", "state",
-            fmt_bytes(a, sizeof a, num(state, "bytes")), fmt_bytes(b, sizeof b, num(state, "map_size")),
+            fmt_bytes(a, sizeof a, num(state, "bytes")),
+            fmt_bytes(b, sizeof b, num(state, "map_size")),
             fmt_num(c, sizeof c, num(state, "dirty_rows")));
     used += 4;
     if (json_is_string(json_object_get(fl, "last_error"))) {

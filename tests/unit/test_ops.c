@@ -24,10 +24,10 @@ static void test_hist(void **state)
 {
     (void)state;
     mx_hist_t h = {0};
-    mx_hist_observe(&h, 0.001);  /* first bucket */
-    mx_hist_observe(&h, 0.005);  /* le is inclusive */
-    mx_hist_observe(&h, 0.3);    /* 0.5 */
-    mx_hist_observe(&h, 120.0);  /* only +Inf */
+    mx_hist_observe(&h, 0.001); /* first bucket */
+    mx_hist_observe(&h, 0.005); /* le is inclusive */
+    mx_hist_observe(&h, 0.3);   /* 0.5 */
+    mx_hist_observe(&h, 120.0); /* only +Inf */
     assert_int_equal(h.count, 4);
     assert_true(h.sum > 120.3 && h.sum < 120.31);
     assert_int_equal(mx_hist_cumulative(&h, 0), 2);
@@ -66,7 +66,8 @@ static void test_rows(void **state)
     assert_int_equal(r.written[MX_T_GEN + SNK_EXPERIMENTS], 4);
     assert_int_equal(r.deleted[MX_T_GEN + SNK_USER_OUTCOMES], 12);
     assert_string_equal(mx_table_name(MX_T_REJECTED_EVENTS), "rejected_events");
-    assert_string_equal(mx_table_name(MX_T_GEN + SNK_EXPERIMENT_REGRESSION), "experiment_regression");
+    assert_string_equal(mx_table_name(MX_T_GEN + SNK_EXPERIMENT_REGRESSION),
+                        "experiment_regression");
     assert_string_equal(mx_table_name(MX_N_TABLES), "unknown");
     /* Every table has a distinct name: they are label values. */
     for (int i = 0; i < MX_N_TABLES; i++)
@@ -80,18 +81,19 @@ static void test_history_ring(void **state)
     static page_hist_t h; /* zeroed */
     /* First sample primes the rates: 0. Then 1000 messages per 2 s = 500/s. */
     for (int i = 0; i < PAGE_HIST_CAP + 10; i++)
-        page_hist_sample(&h, 2000.0 * i, 1000 * (int64_t)i, 1000u * (uint64_t)i, 900 * (int64_t)i, i,
-                         i % 2 ? 1.5 : -1);
+        page_hist_sample(&h, 2000.0 * i, 1000 * (int64_t)i, 1000u * (uint64_t)i, 900 * (int64_t)i,
+                         i, i % 2 ? 1.5 : -1);
     assert_int_equal(h.n, PAGE_HIST_CAP);
-    char *s = page_snapshot_json(json_pack("{s:i}", "accepted", 42), "{\"funnel\":[],\"experiments\":[]}",
-                                 NULL, &h, 123);
+    char *s = page_snapshot_json(json_pack("{s:i}", "accepted", 42),
+                                 "{\"funnel\":[],\"experiments\":[]}", NULL, &h, 123);
     assert_non_null(s);
     json_error_t err;
     json_t *o = json_loads(s, 0, &err);
     free(s);
     assert_non_null(o);
     assert_int_equal(json_integer_value(json_object_get(o, "now")), 123);
-    assert_int_equal(json_integer_value(json_object_get(json_object_get(o, "status"), "accepted")), 42);
+    assert_int_equal(json_integer_value(json_object_get(json_object_get(o, "status"), "accepted")),
+                     42);
     assert_true(json_is_array(json_object_get(o, "funnel")));
     json_t *hist = json_object_get(o, "history");
     json_t *t = json_object_get(hist, "t"), *rate = json_object_get(hist, "rate");
@@ -102,8 +104,9 @@ static void test_history_ring(void **state)
     assert_int_equal(json_integer_value(json_array_get(t, PAGE_HIST_CAP - 1)),
                      (PAGE_HIST_CAP + 9) * 1000);
     assert_true(json_real_value(json_array_get(rate, 5)) == 500.0);
-    assert_true(json_real_value(json_array_get(json_object_get(hist, "accepted_rate"), 5)) == 450.0);
-    assert_true(json_is_null(json_array_get(lag_s, 0)));  /* sample 10: unknown */
+    assert_true(json_real_value(json_array_get(json_object_get(hist, "accepted_rate"), 5)) ==
+                450.0);
+    assert_true(json_is_null(json_array_get(lag_s, 0))); /* sample 10: unknown */
     assert_true(json_real_value(json_array_get(lag_s, 1)) == 1.5);
     json_decref(o);
 
@@ -151,7 +154,8 @@ static void emit_tricky(void)
 {
     cm_info("starting", "pg=\"host=/tmp/x port=5432 user=a b\" schema=clickmart");
     cm_warn("postgres flush failed; will retry",
-            "retry_in_ms=250 error=\"connect: socket \"/tmp/.s.PGSQL.5432\" failed\n\tIs the server running?\"");
+            "retry_in_ms=250 error=\"connect: socket \"/tmp/.s.PGSQL.5432\" failed\n\tIs the "
+            "server running?\"");
     cm_err("odd bytes", "detail=%s n=%d", "bad\xff\xfe utf8 \xe2\x82 cut", 3);
     cm_info("utf8", "name=%s", "pé€😀");
     cm_info("empty", "%s", "");
@@ -185,7 +189,8 @@ static void test_json_log_lines(void **state)
         } else if (!strcmp(msg, "utf8")) {
             assert_string_equal(json_string_value(json_object_get(o, "name")), "pé€😀");
         } else if (!strcmp(msg, "odd bytes")) {
-            assert_non_null(strstr(json_string_value(json_object_get(o, "detail")), "\xef\xbf\xbd"));
+            assert_non_null(
+                strstr(json_string_value(json_object_get(o, "detail")), "\xef\xbf\xbd"));
             assert_string_equal(json_string_value(json_object_get(o, "n")), "3");
         }
         json_decref(o);
