@@ -1903,10 +1903,10 @@ static int stage_apply(snk_conn_t *c, int which, const void *rows, size_t n, row
  * 371-467 ms (docs/sink.md). *conflict tells whether such a row was already
  * there.
  */
+/* Begins a transaction. No part is open: every way out of a transaction
+ * (tx_fail, tx_commit) clears parts and staged_mask. */
 static int tx_begin(snk_conn_t *c)
 {
-    c->parts = 0;
-    c->staged_mask = 0;
     /* A transaction left open by an earlier failure would swallow this one. */
     if (PQtransactionStatus(c->pg) != PQTRANS_IDLE) {
         PGresult *res = PQexec(c->pg, "ROLLBACK");
@@ -2054,12 +2054,21 @@ static int check_batch(snk_conn_t *c, const snk_batch_t *b, size_t *total)
     return 0;
 }
 
+/* Rolls back the open parts, if any, keeping the error message. */
+static void parts_rollback(snk_conn_t *c)
+{
+    if (c && c->parts)
+        tx_fail(c, 0);
+}
+
 int snk_flush_part(snk_conn_t *c, const snk_batch_t *b)
 {
     size_t total;
     int rc = check_batch(c, b, &total);
-    if (rc)
+    if (rc) {
+        parts_rollback(c); /* no part stays open after an error */
         return rc;
+    }
     if (c->parts == 0 && (rc = tx_begin(c)) != 0)
         return tx_fail(c, rc);
     int conflict;
@@ -2078,7 +2087,7 @@ void snk_flush_discard(snk_conn_t *c)
 {
     if (c && c->parts) {
         c->err[0] = '\0';
-        tx_fail(c, 0);
+        parts_rollback(c);
     }
 }
 
@@ -2086,8 +2095,10 @@ int snk_flush(snk_conn_t *c, const snk_batch_t *b)
 {
     size_t total;
     int rc = check_batch(c, b, &total);
-    if (rc)
+    if (rc) {
+        parts_rollback(c); /* the parts are rolled back on any error */
         return rc;
+    }
     int conflict;
     if (c->parts) {
         /* The final part: it commits the parts written ahead with it. A row

@@ -1105,6 +1105,17 @@ static void test_live(void **state)
     assert_int_equal(snk_flush_part(c, &bp), 0);
     snk_flush_discard(c);
     assert_int_equal(snk_flush_parts(c), 0);
+    /* A batch the sink refuses also rolls the open parts back, and its
+     * message stays. */
+    snk_batch_t bad = {0};
+    bad.n_users = 1;
+    assert_int_equal(snk_flush_part(c, &bp), 0);
+    assert_int_equal(snk_flush_part(c, &bad), SNK_EINVAL);
+    assert_int_equal(snk_flush_parts(c), 0);
+    assert_non_null(strstr(snk_last_error(c), "no array"));
+    assert_int_equal(snk_flush_part(c, &bp), 0);
+    assert_int_equal(snk_flush(c, &bad), SNK_EINVAL);
+    assert_int_equal(snk_flush_parts(c), 0);
     bf = session_batch(NULL, 0, &pp);
     assert_int_equal(snk_flush(c, &bf), 0);
     assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's10'"), "0");
