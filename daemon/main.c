@@ -83,9 +83,8 @@ typedef struct dmn {
     size_t last_flush_rows;
     uint64_t flushes, flush_failures, rows_written;
     uint64_t flushes_redone; /* flushes redone with upserts (snk_flush_redone) */
-    /* Writing ahead: rows and per-table counts of the open parts (added to
-     * the totals when the flush commits them), parts written, failed. */
-    size_t ahead_rows;
+    /* Writing ahead: per-table counts of the open parts' rows (added to the
+     * totals when the flush commits them), parts written, failed. */
     mx_rows_t ahead_tally;
     uint64_t parts_ahead, parts_ahead_failed;
     int ahead_blocked;        /* a part failed: none until a flush has succeeded */
@@ -740,17 +739,14 @@ static void part_after(dmn_t *d, int r, double ms)
         d->parts_ahead++;
         d->part_ms = d->part_ms > 0 ? 0.7 * d->part_ms + 0.3 * ms : ms;
         mx_rows_add(&d->ahead_tally, agg_flush_batch(d->ahead));
-        size_t rows = agg_flush_rows(d->ahead);
-        d->ahead_rows += rows;
-        cm_debug("wrote ahead", "rows=%zu duration_ms=%.1f collect_ms=%.1f parts=%d", rows, ms,
-                 d->fl_collect_ms, d->ahead_parts);
+        cm_debug("wrote ahead", "rows=%zu duration_ms=%.1f collect_ms=%.1f parts=%d",
+                 agg_flush_rows(d->ahead), ms, d->fl_collect_ms, d->ahead_parts);
     } else {
         /* The flush at the tick writes every row itself; no part is tried
          * before a flush has succeeded (after SNK_ERESTART a part would meet
          * the same row; otherwise Postgres is in trouble, and the flush
          * owns the retries, their back-off and the failure counts). */
         d->parts_ahead_failed++;
-        d->ahead_rows = 0;
         memset(&d->ahead_tally, 0, sizeof d->ahead_tally);
         d->ahead_blocked = 1;
         if (r == SNK_ERESTART)
@@ -827,10 +823,10 @@ static void flush_after(uv_work_t *w, int status)
         d->rows_written += rows;
         if (d->ahead) {
             /* The commit made the parts written ahead visible too. */
-            d->rows_written += d->ahead_rows;
             for (int t = 0; t < MX_N_TABLES; t++) {
                 d->table_rows.written[t] += d->ahead_tally.written[t];
                 d->table_rows.deleted[t] += d->ahead_tally.deleted[t];
+                d->rows_written += d->ahead_tally.written[t] + d->ahead_tally.deleted[t];
             }
         }
         if (!d->pg_up)
@@ -855,7 +851,6 @@ static void flush_after(uv_work_t *w, int status)
     drop_ahead(d);
     if (r == 0)
         d->ahead_blocked = 0;
-    d->ahead_rows = 0;
     memset(&d->ahead_tally, 0, sizeof d->ahead_tally);
     if (d->stopping)
         continue_stop(d);
