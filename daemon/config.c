@@ -491,7 +491,8 @@ void cfg_print_help(FILE *out, const char *prog)
                  "  window_days = 7\n\n");
     fprintf(out, "  %-28s %s\n", "-X prop=value",
             "Pass a librdkafka property (TLS, SASL, ...), as kcat does; repeatable. "
-            "clickmartd sets fetch.wait.max.ms=100 unless given (docs/devbroker.md).");
+            "clickmartd sets fetch.wait.max.ms=100 and queued.min.messages=1000000 unless given "
+            "(docs/devbroker.md, docs/operations.md).");
     fprintf(out, "  %-28s %s\n", "--help", "Show this help and exit.");
     fprintf(out, "  %-28s %s\n", "--version", "Show the version and exit.");
 }

@@ -69,6 +69,13 @@ typedef struct dmn {
     int ahead_parts;
     char fl_err[512];
     double fl_t0;
+    /* Where the loop thread's time goes (/status "loop", the "stopped" line):
+     * in LMDB commits (fsync included), and with nothing to apply while intake
+     * was not paused, waiting either for librdkafka to deliver messages or
+     * for the thread pool to validate them. */
+    double commit_ms, wait_kafka_ms, wait_validation_ms;
+    double wait_t0; /* a wait for input began (0: none) */
+    int wait_validating;
     snk_conn_t *pg;
     int pg_up;
     int64_t backoff_ms;
@@ -412,7 +419,9 @@ static void on_apply_idle(uv_idle_t *h);
 static int commit_open(dmn_t *d)
 {
     uv_timer_stop(&d->commit_timer);
+    double t0 = cm_mono_ms();
     int r = agg_batch_commit(d->agg);
+    d->commit_ms += cm_mono_ms() - t0;
     d->txn_open = 0;
     if (r == ST_EMAPFULL) {
         map_full(d);
@@ -552,6 +561,10 @@ static void pump(dmn_t *d)
     uv_idle_stop(&d->apply_idle);
     if (d->cons && !d->closed && in_flight(d) < PARSE_AHEAD + 1)
         ing_consumer_hold(d->cons, 0);
+    if (!d->wait_t0 && d->cur == d->n_held && d->cons && !ing_consumer_paused(d->cons)) {
+        d->wait_t0 = cm_mono_ms();
+        d->wait_validating = ing_parser_pending(d->parser) > 0;
+    }
     if (d->stopping)
         continue_stop(d);
 }
@@ -576,6 +589,11 @@ static void on_parsed(void *ud, ing_batch_t *b)
         return;
     }
     d->held[d->n_held++] = b;
+    if (d->wait_t0) {
+        *(d->wait_validating ? &d->wait_validation_ms : &d->wait_kafka_ms) +=
+            cm_mono_ms() - d->wait_t0;
+        d->wait_t0 = 0;
+    }
     pump(d);
 }
 
@@ -1089,6 +1107,12 @@ static json_t *status_obj(dmn_t *d)
     json_object_set_new(st, "map_size", json_integer((json_int_t)map));
     json_object_set_new(st, "dirty_rows", json_integer((json_int_t)agg_pending_rows(d->agg)));
     json_object_set_new(o, "state", st);
+    json_t *lp = json_object();
+    json_object_set_new(lp, "idle_s", json_real((double)uv_metrics_idle_time(d->loop) / 1e9));
+    json_object_set_new(lp, "commit_s", json_real(d->commit_ms / 1000.0));
+    json_object_set_new(lp, "input_wait_kafka_s", json_real(d->wait_kafka_ms / 1000.0));
+    json_object_set_new(lp, "input_wait_validation_s", json_real(d->wait_validation_ms / 1000.0));
+    json_object_set_new(o, "loop", lp);
     const char *hp = health_problem(d);
     json_object_set_new(o, "healthy", json_boolean(hp == NULL));
     json_object_set_new(o, "health", hp ? json_string(hp) : json_null());
@@ -1743,6 +1767,9 @@ int main(int argc, char **argv)
     d.huge_pages = heap_huge_pages(d.cfg.heap_huge_pages, argv);
     signal(SIGPIPE, SIG_IGN);
     d.loop = uv_default_loop();
+    /* Idle time (waiting in the poll for input) tells a loop starved of
+     * input from one busy or blocked; reported when it stops. */
+    uv_loop_configure(d.loop, UV_METRICS_IDLE_TIME);
     d.started = cm_mono_ms();
     int rc = setup(&d);
     if (rc == 0) {
@@ -1765,6 +1792,7 @@ int main(int argc, char **argv)
     free(d.ev);
     free(d.ends);
     free(d.lows);
+    double loop_idle = (double)uv_metrics_idle_time(d.loop) / 1e9;
     uv_loop_close(d.loop);
     /* The loop thread's own CPU time: the part of the process's CPU that one
      * core bounds (the parsers, librdkafka and the flush worker run beside
@@ -1783,8 +1811,11 @@ int main(int argc, char **argv)
             loop_wait = (double)wait_ns / 1e9;
         fclose(ss);
     }
-    cm_info("stopped", "exit_code=%d loop_cpu_s=%.3f loop_runqueue_wait_s=%.3f", rc, loop_cpu,
-            loop_wait);
+    cm_info("stopped",
+            "exit_code=%d run_s=%.3f loop_cpu_s=%.3f loop_runqueue_wait_s=%.3f loop_idle_s=%.3f "
+            "commit_s=%.3f input_wait_kafka_s=%.3f input_wait_validation_s=%.3f",
+            rc, (cm_mono_ms() - d.started) / 1000.0, loop_cpu, loop_wait, loop_idle,
+            d.commit_ms / 1000.0, d.wait_kafka_ms / 1000.0, d.wait_validation_ms / 1000.0);
     cfg_free(&d.cfg);
     return rc;
 }

@@ -229,12 +229,23 @@ int ing_consumer_open(uv_loop_t *loop, const ing_consumer_conf_t *cf, ing_msgs_f
      * often an idle consumer asks (10 times a second instead of 2); librdkafka's
      * mock broker (the dev broker) holds such a Fetch for the whole time even
      * when data arrives meanwhile, which at librdkafka's 500 ms added about
-     * 0.2 s to the median freshness of the bench's steady runs (docs/devbroker.md). */
+     * 0.2 s to the median freshness of the bench's steady runs (docs/devbroker.md).
+     * queued.min.messages: librdkafka stops fetching once its consumer queue
+     * holds that many messages (100 000 by default), and librdkafka 2.0 (Debian
+     * 12's) looks again only up to a second later (2.1 made that
+     * fetch.queue.backoff.ms, 1000 ms by default). While clickmartd holds
+     * intake for its own bound (batches being validated or applied), the queue
+     * reaches 100 000 messages, and at 150 000-200 000 events/s it was drained
+     * before fetching resumed: the loop waited 0.4-1.6 s for messages in a
+     * 1 M run (docs/benchmarks.md, "Intake waiting for librdkafka"). The memory
+     * bound remains queued.max.messages.kbytes (64 MB by default), which takes
+     * precedence and holds more than a second of messages at these rates. */
     const char *defaults[][2] = {
         {"bootstrap.servers", cf->brokers}, {"group.id", cf->group},
         {"enable.auto.commit", "false"},    {"enable.auto.offset.store", "false"},
         {"auto.offset.reset", "earliest"},  {"enable.partition.eof", "false"},
         {"client.id", "clickmartd"},        {"fetch.wait.max.ms", "100"},
+        {"queued.min.messages", "1000000"},
     };
     for (size_t i = 0; i < sizeof defaults / sizeof defaults[0]; i++) {
         if (rd_kafka_conf_set(conf, defaults[i][0], defaults[i][1], errstr, sizeof errstr) !=
@@ -249,6 +260,21 @@ int ing_consumer_open(uv_loop_t *loop, const ing_consumer_conf_t *cf, ing_msgs_f
             set_err(err, errcap, "%s", errstr);
             goto fail_conf;
         }
+    }
+    /* The settings that shape intake, as they end up after -X: what an
+     * operator tuning memory or latency needs to see. */
+    {
+        const char *shown[] = {"fetch.wait.max.ms", "queued.min.messages",
+                               "queued.max.messages.kbytes"};
+        char val[3][64];
+        for (int i = 0; i < 3; i++) {
+            size_t vn = sizeof val[i];
+            if (rd_kafka_conf_get(conf, shown[i], val[i], &vn) != RD_KAFKA_CONF_OK)
+                snprintf(val[i], sizeof val[i], "?");
+        }
+        cm_info("kafka consumer settings",
+                "fetch.wait.max.ms=%s queued.min.messages=%s queued.max.messages.kbytes=%s", val[0],
+                val[1], val[2]);
     }
     rd_kafka_conf_set_opaque(conf, c);
     rd_kafka_conf_set_error_cb(conf, error_cb);

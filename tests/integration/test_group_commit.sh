@@ -3,7 +3,8 @@
 # default --commit-interval-ms (100) several of them share one LMDB transaction, so
 # /metrics shows fewer commits than batches, and with --commit-interval-ms 0 every
 # batch is its own commit. Either way the tables must equal the reference, across a
-# restart between the two runs.
+# restart between the two runs. The runs also check that clickmartd's librdkafka
+# defaults apply and that -X overrides them.
 #
 # Needs CLICKMART_BIN (the build dir); run alone with
 #   CLICKMART_BIN=build bash tests/integration/test_group_commit.sh
@@ -43,6 +44,16 @@ run() {
     }
     cm_wait_for 120 "clickmartd to consume every partition to its end" caught_up ||
         cm_die "clickmartd did not catch up; last /status: $(cm_status 2>&1 | head -c 2000)"
+    # /status "loop": where the loop thread's time went, all numbers of seconds.
+    cm_status | "$CM_PY" -c '
+import json, sys
+lp = json.load(sys.stdin)["loop"]
+for k in ("idle_s", "commit_s", "input_wait_kafka_s", "input_wait_validation_s"):
+    v = lp[k]
+    assert isinstance(v, (int, float)) and v >= 0, (k, v)
+assert lp["commit_s"] > 0, lp  # every batch was committed
+assert lp["input_wait_kafka_s"] <= lp["idle_s"] + 1, lp  # waits for input are idle time
+' || cm_die "/status loop is wrong: $(cm_status | head -c 2000)"
     BATCHES=$(metric clickmart_batches_applied_total)
     COMMITS=$(metric clickmart_state_commits_total)
     cm_log "batches applied $BATCHES, LMDB commits $COMMITS${*:+ ($*)}"
@@ -58,9 +69,17 @@ run 31
 [ "$COMMITS" -lt "$BATCHES" ] ||
     cm_die "group commit gathered nothing: $COMMITS commits for $BATCHES batches"
 
-run 32 --commit-interval-ms 0
+# The first run used clickmartd's librdkafka defaults: queued.min.messages raised so that
+# fetching does not stop for up to a second whenever intake holds (docs/operations.md,
+# "Intake and librdkafka's prefetch"). The second overrides it with -X.
+grep -q 'msg="kafka consumer settings".*queued.min.messages=1000000 ' "$CM_DAEMON_LOG" ||
+    cm_die "run 1 did not use queued.min.messages=1000000: $(grep 'kafka consumer' "$CM_DAEMON_LOG")"
+
+run 32 --commit-interval-ms 0 -X queued.min.messages=20000
 [ "$COMMITS" -eq "$BATCHES" ] ||
     cm_die "--commit-interval-ms 0: $COMMITS commits for $BATCHES batches (want one each)"
+grep -q 'msg="kafka consumer settings".*queued.min.messages=20000 ' "$CM_DAEMON_LOG" ||
+    cm_die "-X queued.min.messages=20000 was not applied: $(grep 'kafka consumer' "$CM_DAEMON_LOG")"
 
 cm_compare "$DUMP" || cm_die "Postgres differs from the reference"
 cm_log "whole test $((SECONDS - CM_T0))s"

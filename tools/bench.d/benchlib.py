@@ -185,6 +185,9 @@ def daemonlog(path):
             r["loop_cpu_s"] = float(kv["loop_cpu_s"])
             if float(kv.get("loop_runqueue_wait_s", "-1")) >= 0:
                 r["loop_wait_s"] = float(kv["loop_runqueue_wait_s"])
+            for k in ("loop_idle_s", "commit_s", "input_wait_kafka_s", "input_wait_validation_s"):
+                if k in kv:
+                    r[k] = float(kv[k])
         elif msg == "progress":
             r["progress"].append({"ts": ts, "messages": int(kv.get("messages", 0)),
                                   "rate": float(kv.get("rate", "0").rstrip("/s")),
@@ -894,6 +897,10 @@ def report_throughput(kv, res, lines):
         "loop_thread_cpu_s": rnd(dl.get("loop_cpu_s"), 2),
         "loop_thread_cpu_us_per_event": rnd(dl["loop_cpu_s"] / n * 1e6, 2) if dl.get("loop_cpu_s") else None,
         "loop_thread_runqueue_wait_s": rnd(dl.get("loop_wait_s"), 2),
+        "loop_thread_idle_s": rnd(dl.get("loop_idle_s"), 2),
+        "loop_thread_commit_s": rnd(dl.get("commit_s"), 2),
+        "loop_thread_input_wait_kafka_s": rnd(dl.get("input_wait_kafka_s"), 2),
+        "loop_thread_input_wait_validation_s": rnd(dl.get("input_wait_validation_s"), 2),
         "cpu_cores_used": rnd(dm["cpu_s"] / e2e_s, 2) if (dm.get("cpu_s") and e2e_s) else None,
         "events_per_cpu_s": rnd(n / dm["cpu_s"], 0) if dm.get("cpu_s") else None,
         "other_processes_cores_busy": rnd(other_cores, 2),
@@ -990,6 +997,11 @@ def report_throughput(kv, res, lines):
           "it waited %s s for a core" % (
             fmt(d["loop_thread_cpu_us_per_event"], d=2), fmt(d["loop_thread_cpu_s"], d=2),
             fmt(d.get("loop_thread_runqueue_wait_s"), d=2)))
+    if d.get("loop_thread_commit_s") is not None:
+        L("        the loop thread spent %s s in LMDB commits (fsync included) and had nothing to apply "
+          "for %s s while librdkafka delivered and %s s while the pool validated" % (
+            fmt(d["loop_thread_commit_s"], d=2), fmt(d.get("loop_thread_input_wait_kafka_s"), d=2),
+            fmt(d.get("loop_thread_input_wait_validation_s"), d=2)))
     L("        %s LMDB write transactions; write calls %s GB (%s kB per event), storage writes "
       "accounted %s GB (%s kB per event)" % (
           fmt(d["lmdb_write_txns"]), fmt(d["write_calls_gb"], d=2), fmt(d["write_calls_kb_per_event"], d=1),
