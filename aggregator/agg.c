@@ -710,6 +710,7 @@ typedef struct centry {
     uint8_t db;
     uint8_t vn;      /* 0: the row is absent */
     uint8_t changed; /* written back at commit */
+    uint8_t tag;     /* the dirty mark the row gets at commit (0: none) */
     uint8_t v[CVAL_MAX];
     uint8_t k[KEY_MAX];
 } centry_t;
@@ -1605,6 +1606,7 @@ static int cache_row(agg_t *a, enum st_db db, const uint8_t *k, size_t kn, centr
     if (e->vn)
         memcpy(e->v, v.p, e->vn);
     e->changed = 0;
+    e->tag = 0;
     size_t j = h & (c->icap - 1);
     while (c->idx[j])
         j = (j + 1) & (c->icap - 1);
@@ -1614,7 +1616,14 @@ static int cache_row(agg_t *a, enum st_db db, const uint8_t *k, size_t kn, centr
     return 0;
 }
 
-/* Write the batch's changed aggregate rows into its transaction. */
+/*
+ * Write the batch's changed aggregate rows into its transaction, and mark
+ * them dirty. The marks wait for this point because most events of a batch
+ * update the same few hot rows: one mark per row and batch instead of one
+ * per update. Nothing reads the open batch's marks of these rows before the
+ * commit (the compactor asks only about sessions), and the dirty set is a
+ * set, so the commit logs exactly the marks it logged before.
+ */
 static int cache_writeback(agg_t *a)
 {
     ccache_t *c = &a->cache;
@@ -1625,6 +1634,8 @@ static int cache_writeback(agg_t *a)
         int r = e->vn ? st_put(a->txn, a->env, (enum st_db)e->db, e->k, e->kn, e->v, e->vn)
                       : st_del(a->txn, a->env, (enum st_db)e->db, e->k, e->kn);
         if (r && r != ST_ENOTFOUND)
+            return r;
+        if (e->tag && (r = mark_dirty(a, e->tag, e->k, e->kn)))
             return r;
     }
     cache_reset(c);
@@ -1821,7 +1832,8 @@ static int apply_group(agg_t *a, uday_t *d, const contrib_t *old, const contrib_
     memcpy(e->v, f, sizeof f);
     e->vn = sizeof f;
     e->changed = 1;
-    return mark_dirty(a, TAG_FUNNEL, gk, gkn);
+    e->tag = TAG_FUNNEL; /* marked at commit (cache_writeback) */
+    return 0;
 }
 
 /* The device and country of a contribution at one of the four grouping
@@ -2207,7 +2219,9 @@ static int add_counters(agg_t *a, enum st_db db, uint8_t tag, const uint8_t *k, 
     e->vn = zero ? 0 : (uint8_t)(n * 8);
     memcpy(e->v, v, (size_t)n * 8);
     e->changed = 1;
-    return tag ? mark_dirty(a, tag, k, kn) : 0;
+    if (tag)
+        e->tag = tag; /* marked at commit (cache_writeback); one tag per database */
+    return 0;
 }
 
 static size_t str_key(uint8_t *k, const char *s, uint8_t n)
