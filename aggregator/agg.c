@@ -1136,7 +1136,81 @@ static int mlog_load(agg_t *a, st_txn_t *txn, uint64_t after, kset_t *s)
     return r == ST_ENOTFOUND ? 0 : r;
 }
 
-static int mark_cmp(const void *x, const void *y);
+/*
+ * Sorting records by a byte-string key, as LMDB orders keys (byte-wise, a
+ * key before its own extensions). The commit sorts every batch's dirty marks
+ * and retained events this way: a hundred thousand strings or more, and most
+ * keys differ within their first 16 bytes (a tag or a day, then the user
+ * key), so the comparison looks at those as two big-endian words, zero-padded,
+ * and reads the strings only when both words are equal. Zero padding keeps the
+ * order exact: a key and its extension by zero bytes tie on the words and are
+ * told apart by the rest of the bytes and then by length.
+ */
+typedef struct skey {
+    uint64_t w[2];
+    const uint8_t *k; /* the key's bytes */
+    size_t n;
+} skey_t;
+
+static void skey_set(skey_t *s, const uint8_t *k, size_t n)
+{
+    uint8_t b[16] = {0};
+    memcpy(b, k, n < sizeof b ? n : sizeof b);
+    s->w[0] = rd_be64(b);
+    s->w[1] = rd_be64(b + 8);
+    s->k = k;
+    s->n = n;
+}
+
+/* qsort order of two pointers to skey_t: glibc's merge sort moves 8-byte
+ * elements without a copy call, so the keys stay put and only their
+ * pointers move. */
+static int skey_cmp(const void *x, const void *y)
+{
+    const skey_t *a = *(const skey_t *const *)x, *b = *(const skey_t *const *)y;
+    for (int i = 0; i < 2; i++)
+        if (a->w[i] != b->w[i])
+            return a->w[i] < b->w[i] ? -1 : 1;
+    size_t m = a->n < b->n ? a->n : b->n;
+    if (m > 16) {
+        int c = memcmp(a->k + 16, b->k + 16, m - 16);
+        if (c)
+            return c;
+    }
+    return (a->n > b->n) - (a->n < b->n);
+}
+
+/* Sort recs[0..n) by their keys: record i's key starts hdr bytes into it and
+ * is len(record) bytes long. 0 or AGG_ENOMEM (recs unchanged). Any thread. */
+static int sort_by_key(const uint8_t **recs, size_t n, size_t hdr,
+                       size_t (*len)(const uint8_t *rec))
+{
+    if (n < 2)
+        return 0;
+    skey_t *sk = malloc(n * sizeof *sk);
+    const skey_t **ps = malloc(n * sizeof *ps);
+    if (!sk || !ps) {
+        free(sk);
+        free(ps);
+        return AGG_ENOMEM;
+    }
+    for (size_t i = 0; i < n; i++) {
+        skey_set(&sk[i], recs[i] + hdr, len(recs[i]));
+        ps[i] = &sk[i];
+    }
+    qsort(ps, n, sizeof *ps, skey_cmp);
+    for (size_t i = 0; i < n; i++)
+        recs[i] = ps[i]->k - hdr;
+    free(ps);
+    free(sk);
+    return 0;
+}
+
+/* The key length of a dirty mark (2-byte big-endian length, then the key). */
+static size_t mark_len(const uint8_t *m)
+{
+    return (size_t)m[0] << 8 | m[1];
+}
 
 /* Sorted pointers to the marks held in s (2-byte length, then the bytes);
  * *out is NULL for an empty set. */
@@ -1154,7 +1228,11 @@ static int marks_sorted(const kset_t *s, const uint8_t ***out, size_t *n)
         m[nm] = s->arena + off;
         off += (size_t)((size_t)m[nm][0] << 8 | m[nm][1]) + 2;
     }
-    qsort(m, nm, sizeof *m, mark_cmp);
+    int r = sort_by_key(m, nm, 2, mark_len);
+    if (r) {
+        free(m);
+        return r;
+    }
     *out = m;
     *n = nm;
     return 0;
@@ -2551,12 +2629,10 @@ static int xq_write_user(agg_t *a, const uint8_t *uk, size_t ukn)
     return 0;
 }
 
-static int xq_cmp(const void *x, const void *y)
+/* The key length of a queued retained event (XQ_HDR bytes, then the key). */
+static size_t xq_key_len(const uint8_t *e)
 {
-    const uint8_t *p = *(const uint8_t *const *)x, *q = *(const uint8_t *const *)y;
-    size_t n = p[0] < q[0] ? p[0] : q[0];
-    int c = memcmp(p + XQ_HDR, q + XQ_HDR, n);
-    return c ? c : (int)p[0] - (int)q[0];
+    return e[0];
 }
 
 /* Write every queued retained event, one record per day and user. */
@@ -2569,7 +2645,8 @@ static int xq_write(agg_t *a)
         return r;
     for (size_t i = 0; i < a->xq_n; i++)
         a->xq_sorted[i] = a->xq + a->xq_off[i];
-    qsort(a->xq_sorted, a->xq_n, sizeof *a->xq_sorted, xq_cmp);
+    if ((r = sort_by_key(a->xq_sorted, a->xq_n, XQ_HDR, xq_key_len)))
+        return r;
     if ((r = xq_put_groups(a, a->xq_sorted, a->xq_n)))
         return r;
     a->xq_n = a->xq_len = 0;
@@ -3335,15 +3412,6 @@ static int sweep(agg_t *a)
         (r = sweep_db(a, SW_XEVENTS, ST_DB_XEVENTS, budget)))
         return r;
     return 0;
-}
-
-/* Order of two dirty marks (2-byte length, then the key) as LMDB orders keys. */
-static int mark_cmp(const void *x, const void *y)
-{
-    const uint8_t *a = *(const uint8_t *const *)x, *b = *(const uint8_t *const *)y;
-    size_t an = (size_t)a[0] << 8 | a[1], bn = (size_t)b[0] << 8 | b[1];
-    int c = memcmp(a + 2, b + 2, an < bn ? an : bn);
-    return c ? c : (an > bn) - (an < bn);
 }
 
 int agg_batch_commit(agg_t *a)

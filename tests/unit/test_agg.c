@@ -43,13 +43,13 @@ static uint64_t rnd(void)
 
 /* ---- the in-memory "Postgres" fed by flushes ---- */
 typedef struct srow {
-    char sid[16], uid[8], dev[16], ctry[16];
+    char sid[16], uid[40], dev[16], ctry[16];
     int64_t start, end, n[6], rev;
     int stage;
     int live;
 } srow_t;
 typedef struct urow {
-    char uid[8], dev[16], ctry[16];
+    char uid[40], dev[16], ctry[16];
     int64_t first, last, events, sessions, orders, rev, fo, lo;
     int live;
 } urow_t;
@@ -507,6 +507,10 @@ static void flush(agg_t *a)
 
 /* In run_round: 1 writes parts ahead of the flushes, and drops some. */
 static int round_parts;
+/* User ids that share their first 23 bytes, so that every key of a user
+ * (marks, sessions, retained events) ties on the 16-byte prefix the commit's
+ * sort compares first and is told apart by the rest (sort_by_key). */
+static int round_long_ids;
 
 static void run_round(uint64_t seed, int n, int users, int64_t spread_ms, int sweep)
 {
@@ -527,7 +531,8 @@ static void run_round(uint64_t seed, int n, int users, int64_t spread_ms, int sw
         snprintf(e->eid, sizeof e->eid, "e%05d", (int)(rnd() % 100000));
         /* keep event ids unique but not ordered like ts */
         snprintf(e->eid + 6, sizeof e->eid - 6, "%d", i % 100000);
-        snprintf(e->uid, sizeof e->uid, "u%d", (int)(rnd() % (uint64_t)users));
+        snprintf(e->uid, sizeof e->uid, round_long_ids ? "a-shared-user-id-prefix-%d" : "u%d",
+                 (int)(rnd() % (uint64_t)users));
         /* ts on a 10-minute grid makes gaps of exactly 30 minutes common */
         e->ts = base + (int64_t)(rnd() % (uint64_t)(spread_ms / 600000)) * 600000 +
                 (rnd() % 4 == 0 ? 1 : 0);
@@ -589,6 +594,18 @@ static void test_random_orders(void **state)
     (void)state;
     for (uint64_t seed = 1; seed <= 40; seed++)
         run_round(seed * 7919, 300, 4, 3 * DAY, 0);
+}
+
+static void test_long_shared_user_ids(void **state)
+{
+    (void)state;
+    round_long_ids = 1;
+    for (uint64_t seed = 1; seed <= 10; seed++)
+        run_round(seed * 7919, 300, 12, 3 * DAY, 0);
+    round_parts = 1;
+    for (uint64_t seed = 1; seed <= 5; seed++)
+        run_round(seed * 104729, 400, 12, DAY / 4, 0);
+    round_parts = round_long_ids = 0;
 }
 
 static void test_dense_merges(void **state)
@@ -1882,6 +1899,7 @@ int main(void)
         cmocka_unit_test(test_random_orders),
         cmocka_unit_test(test_dense_merges),
         cmocka_unit_test(test_parts_written_ahead),
+        cmocka_unit_test(test_long_shared_user_ids),
         cmocka_unit_test(test_many_users_big),
         cmocka_unit_test(test_compaction_keeps_results),
         cmocka_unit_test(test_compaction_drops_final_state),
