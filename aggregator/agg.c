@@ -97,6 +97,17 @@ static uint64_t rd_be64(const uint8_t *p)
     return (uint64_t)rd_be32(p) << 32 | rd_be32(p + 4);
 }
 
+/* The first 16 bytes of key k (n bytes), zero-padded, as two big-endian
+ * words: comparing the words orders keys as their first 16 bytes do, so
+ * sorts compare integers and read the keys only on ties. */
+static void prefix_words(const uint8_t *k, size_t n, uint64_t w[2])
+{
+    uint8_t b[16] = {0};
+    memcpy(b, k, n < sizeof b ? n : sizeof b);
+    w[0] = rd_be64(b);
+    w[1] = rd_be64(b + 8);
+}
+
 /* Record writer and reader. Records never leave the host; integers are
  * varints (w_i64), other bytes are copied as they are. */
 typedef struct wr {
@@ -536,6 +547,13 @@ static int contrib_eq(const contrib_t *a, const contrib_t *b)
 
 #define KSET_RECENT 4
 
+/* The length of a packed key (2-byte big-endian length, then the bytes): the
+ * form of a set's arena, of a dirty-log record and of a dirty mark. */
+static size_t packed_len(const uint8_t *e)
+{
+    return (size_t)e[0] << 8 | e[1];
+}
+
 typedef struct kset {
     uint64_t *hash;
     uint32_t *off; /* offset+1 into arena; 0 = empty slot */
@@ -566,7 +584,7 @@ static int kset_recent(const kset_t *s, const uint8_t *k, size_t n)
         if (!s->recent[i])
             continue;
         const uint8_t *e = s->arena + s->recent[i] - 1;
-        if (((size_t)e[0] << 8 | e[1]) == n && memcmp(e + 2, k, n) == 0)
+        if (packed_len(e) == n && memcmp(e + 2, k, n) == 0)
             return 1;
     }
     return 0;
@@ -621,7 +639,7 @@ static size_t kset_slot(const kset_t *s, const uint8_t *k, size_t n, uint64_t h)
         if (s->hash[j] != h)
             continue;
         const uint8_t *e = s->arena + s->off[j] - 1;
-        size_t en = (size_t)e[0] << 8 | e[1];
+        size_t en = packed_len(e);
         if (en == n && memcmp(e + 2, k, n) == 0)
             break;
     }
@@ -678,7 +696,7 @@ static int kset_add_packed(kset_t *s, const uint8_t *p, size_t len)
 {
     size_t off = 0;
     while (off + 2 <= len) {
-        size_t n = (size_t)p[off] << 8 | p[off + 1];
+        size_t n = packed_len(p + off);
         if (n == 0 || off + 2 + n > len)
             return AGG_ESTATE;
         int r = kset_add(s, p + off + 2, n);
@@ -1154,10 +1172,7 @@ typedef struct skey {
 
 static void skey_set(skey_t *s, const uint8_t *k, size_t n)
 {
-    uint8_t b[16] = {0};
-    memcpy(b, k, n < sizeof b ? n : sizeof b);
-    s->w[0] = rd_be64(b);
-    s->w[1] = rd_be64(b + 8);
+    prefix_words(k, n, s->w);
     s->k = k;
     s->n = n;
 }
@@ -1206,12 +1221,6 @@ static int sort_by_key(const uint8_t **recs, size_t n, size_t hdr,
     return 0;
 }
 
-/* The key length of a dirty mark (2-byte big-endian length, then the key). */
-static size_t mark_len(const uint8_t *m)
-{
-    return (size_t)m[0] << 8 | m[1];
-}
-
 /* Sorted pointers to the marks held in s (2-byte length, then the bytes);
  * *out is NULL for an empty set. */
 static int marks_sorted(const kset_t *s, const uint8_t ***out, size_t *n)
@@ -1226,9 +1235,9 @@ static int marks_sorted(const kset_t *s, const uint8_t ***out, size_t *n)
     size_t nm = 0;
     for (size_t off = 0; off < s->alen; nm++) {
         m[nm] = s->arena + off;
-        off += (size_t)((size_t)m[nm][0] << 8 | m[nm][1]) + 2;
+        off += packed_len(m[nm]) + 2;
     }
-    int r = sort_by_key(m, nm, 2, mark_len);
+    int r = sort_by_key(m, nm, 2, packed_len);
     if (r) {
         free(m);
         return r;
@@ -3101,12 +3110,9 @@ static int pev_push(agg_t *a, int32_t partition, const ing_event_t *ev)
     GROW(a->pev, a->n_pev, a->cap_pev);
     memcpy(a->evbuf + a->evlen, ev, n);
     pev_t *q = &a->pev[a->n_pev];
-    uint8_t kb[PEV_KEY_LEN] = {0};
-    kb[0] = ev->user_id_len;
-    memcpy(kb + 1, ev->user_id,
-           ev->user_id_len < PEV_KEY_LEN - 1 ? ev->user_id_len : PEV_KEY_LEN - 1);
-    q->k[0] = rd_be64(kb);
-    q->k[1] = rd_be64(kb + 8);
+    uint8_t uk[KEY_MAX];
+    size_t ukn = user_key(uk, ev->user_id, ev->user_id_len);
+    prefix_words(uk, ukn, q->k);
     q->ts = ev->ts;
     q->off = a->evlen;
     q->partition = partition;
@@ -3433,7 +3439,7 @@ int agg_batch_commit(agg_t *a)
     size_t used = 0;
     uint32_t nchunk = 0;
     for (size_t i = 0; r == 0 && i <= nm; i++) {
-        size_t n = i < nm ? ((size_t)marks[i][0] << 8 | marks[i][1]) + 2 : 0;
+        size_t n = i < nm ? packed_len(marks[i]) + 2 : 0;
         if (used && (i == nm || used + n > MLOG_CHUNK)) {
             uint8_t k[12];
             r = st_put(a->txn, a->env, ST_DB_DIRTY, k, log_key(k, seq, nchunk++), chunk, used);
@@ -4214,7 +4220,7 @@ int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_fl
     r = prev ? marks_since(a, txn, prev, &marked) : mlog_load(a, txn, 0, &marked);
     if (r == 0 && (r = marks_sorted(&marked, &marks, &nm)) == 0) {
         for (size_t i = 0; r == 0 && i < nm; i++) {
-            st_val_t mk = {marks[i] + 2, (size_t)marks[i][0] << 8 | marks[i][1]};
+            st_val_t mk = {marks[i] + 2, packed_len(marks[i])};
             if (mk.n > 1)
                 r = collect_dirty(a, f, txn, &marked, &mk);
         }

@@ -266,8 +266,8 @@ int ing_consumer_open(uv_loop_t *loop, const ing_consumer_conf_t *cf, ing_msgs_f
     {
         const char *shown[] = {"fetch.wait.max.ms", "queued.min.messages",
                                "queued.max.messages.kbytes"};
-        char val[3][64];
-        for (int i = 0; i < 3; i++) {
+        char val[sizeof shown / sizeof shown[0]][64];
+        for (size_t i = 0; i < sizeof shown / sizeof shown[0]; i++) {
             size_t vn = sizeof val[i];
             if (rd_kafka_conf_get(conf, shown[i], val[i], &vn) != RD_KAFKA_CONF_OK)
                 snprintf(val[i], sizeof val[i], "?");
