@@ -287,6 +287,21 @@ def proc_io(pid):
     return w, b
 
 
+def thread_sample(pid):
+    """(CPU seconds, seconds waited on a run queue) of a process's main thread (for
+    clickmartd: the loop thread), from /proc/PID/task/PID/{stat,schedstat}, or (None, None)."""
+    try:
+        with open("/proc/%d/task/%d/stat" % (pid, pid)) as f:
+            st = f.read()
+        fields = st[st.rindex(")") + 2:].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/%d/task/%d/schedstat" % (pid, pid)) as f:
+            wait = int(f.read().split()[1]) / 1e9
+        return cpu, wait
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
 def dir_size(path):
     """Apparent bytes (du -sb) and allocated bytes (du -sB1) of a directory tree."""
     app = alloc = 0
@@ -427,6 +442,10 @@ def perf_windows(args):
         rec.wait()
 
 
+# The loop thread's breakdown in /status (docs/status.md), sampled in scale mode.
+LOOP_KEYS = ("idle_s", "commit_s", "input_wait_kafka_s", "input_wait_validation_s")
+
+
 def poll_status(args):
     """Scale mode: every INTERVAL s, the daemon's /status totals, its CPU and RSS, and
     (every DU_EVERY samples) the state dir size.  One JSON line per sample."""
@@ -454,12 +473,17 @@ def poll_status(args):
                 fl = st.get("flush") or {}
                 rec["flush_ms"] = fl.get("last_duration_ms")
                 rec["flush_rows"] = fl.get("last_rows")
+                lp = st.get("loop") or {}
+                for k in LOOP_KEYS:
+                    if lp.get(k) is not None:
+                        rec["loop_" + k] = float(lp[k])
             except (OSError, ValueError):
                 pass
             ps = proc_sample(pid)
             if ps:
                 rec["cpu"], rec["rss_kb"], rec["hwm_kb"], rec["anon_kb"] = ps
                 rec["wchar"], rec["wbytes"] = proc_io(pid)
+                rec["loop_cpu_s"], rec["loop_runq_s"] = thread_sample(pid)
             if du_every > 0 and i % du_every == 0:
                 rec["state_app"], rec["state_alloc"] = dir_size(state_dir)
             i += 1
@@ -697,6 +721,13 @@ def scale(args):
             wb = interp_val(wss, key, tb)
             if wa is not None and wb is not None:
                 w[out] = round((wb - wa) / 1e3 / (b - a), 2)
+        # Where the loop thread's wall time went in the window, in s per second.
+        for key in ("loop_cpu_s", "loop_runq_s") + tuple("loop_" + k for k in LOOP_KEYS):
+            lss = [s for s in allss if s.get(key) is not None]
+            la = interp_val(lss, key, ta)
+            lb = interp_val(lss, key, tb)
+            if la is not None and lb is not None:
+                w[key[:-2] + "_share"] = round((lb - la) / (tb - ta), 3)
         lag = [s.get("lag") for s in ss if ta <= s["t"] <= tb and s.get("lag") is not None]
         w["lag_min"] = min(lag) if lag else None
         w["lag_max"] = max(lag) if lag else None
@@ -1160,7 +1191,18 @@ def report_scale(kv, res, lines, baseline_path):
             fmt(w.get("hwm_mb"), d=1), fmt(w.get("anon_peak_mb"), d=1), fmt(w.get("state_mb"), d=1),
             "running" if w.get("producer_running") else "done"))
     L("")
-    L("(wcall kB, store kB: kB per event passed to write calls, and accounted to the storage layer)")
+    L("(wcall kB, store kB: kB per event passed to write calls, and accounted to the storage layer;")
+    L(" the second counts whole page-cache folios, so with large folios it overstates the device)")
+    L("")
+    L("the loop thread's wall time per window (share of the window; commit includes the fsync):")
+    L("%12s %7s %7s %7s %7s %7s %7s" % ("events to", "CPU", "runq", "commit", "idle", "w.kafka",
+                                          "w.valid"))
+    for w in sc.get("windows", []):
+        L("%12s %7s %7s %7s %7s %7s %7s" % (
+            fmt(w["to"]), fmt(w.get("loop_cpu_share"), d=2), fmt(w.get("loop_runq_share"), d=2),
+            fmt(w.get("loop_commit_share"), d=2), fmt(w.get("loop_idle_share"), d=2),
+            fmt(w.get("loop_input_wait_kafka_share"), d=2),
+            fmt(w.get("loop_input_wait_validation_share"), d=2)))
     L("overall: %s events/s from the first message to the last consumed (%s s); %s users; "
       "peak RSS %s MB; state %s MB (LMDB in use %s MB)" % (
           fmt(sc.get("events_per_s")), fmt(sc.get("consume_seconds"), d=1), fmt(users),
