@@ -937,6 +937,16 @@ def report_throughput(kv, res, lines):
         "other_processes_cores_busy": rnd(other_cores, 2),
         "broker_cores_busy": rnd(broker_cores, 2),
         "postgres_cores_busy": rnd(pg_cores, 2),
+        # The CPU the whole machine spent on (b): clickmartd's and everything else's (Postgres
+        # applying the flushes, the broker, the kernel's writeback). n events per that many
+        # CPU seconds, times the cores, is the most (b) could reach on this machine with the
+        # same work per event: the ceiling of the end-to-end target.
+        "machine_cpu_s": rnd(dm["cpu_s"] + other_cores * e2e_s, 2)
+        if (dm.get("cpu_s") and other_cores is not None and e2e_s) else None,
+        "machine_busy_share": rnd((dm["cpu_s"] + other_cores * e2e_s) / (os.cpu_count() * e2e_s), 2)
+        if (dm.get("cpu_s") and other_cores is not None and e2e_s) else None,
+        "ceiling_events_per_s": rnd(n * os.cpu_count() / (dm["cpu_s"] + other_cores * e2e_s), 0)
+        if (dm.get("cpu_s") and other_cores is not None and e2e_s) else None,
         "loadavg_before": kv.get("loadavg_before"),
         "write_calls_gb": rnd(dm["write_call_bytes"] / 1e9, 2) if dm.get("write_call_bytes") else None,
         "write_calls_kb_per_event": rnd(dm["write_call_bytes"] / 1e3 / n, 1) if dm.get("write_call_bytes") else None,
@@ -1046,6 +1056,11 @@ def report_throughput(kv, res, lines):
         if d.get("broker_cores_busy") is not None and d.get("postgres_cores_busy") is not None:
             L("         of which the dev broker %s and Postgres (the flushes) %s" % (
                 fmt(d["broker_cores_busy"], d=2), fmt(d["postgres_cores_busy"], d=2)))
+        if d.get("machine_cpu_s") is not None:
+            L("         CPU of the whole machine for (b): %s s (clickmartd %s s), %s of its cores "
+              "busy; the same work with every core busy all the time: %s events/s (the ceiling)" % (
+                  fmt(d["machine_cpu_s"], d=2), fmt(d["cpu_s"], d=2),
+                  "%d %%" % round(100 * d["machine_busy_share"]), fmt(d["ceiling_events_per_s"])))
     if res["batch"] and res["batch"].get("agreement_with_daemon"):
         ag = res["batch"]["agreement_with_daemon"]
         L("batch vs daemon rows (the baseline approximates the contract): " + ", ".join(
