@@ -133,14 +133,20 @@ static void w_bytes(wr_t *w, const void *src, size_t n)
 static void w_i64(wr_t *w, int64_t v)
 {
     uint64_t z = ((uint64_t)v << 1) ^ (v < 0 ? UINT64_MAX : 0);
-    uint8_t b[10];
-    size_t n = 0;
+    /* About 40 varints per event are written: with room for the longest
+     * one, write in place (w->n never exceeds cap, see w_bytes). */
+    uint8_t tmp[10];
+    int direct = w->cap - w->n >= sizeof tmp;
+    uint8_t *p0 = direct ? w->p + w->n : tmp, *p = p0;
     while (z >= 0x80) {
-        b[n++] = (uint8_t)(z | 0x80);
+        *p++ = (uint8_t)(z | 0x80);
         z >>= 7;
     }
-    b[n++] = (uint8_t)z;
-    w_bytes(w, b, n);
+    *p++ = (uint8_t)z;
+    if (direct)
+        w->n += (size_t)(p - p0);
+    else
+        w_bytes(w, tmp, (size_t)(p - p0));
 }
 
 static void w_i32(wr_t *w, int32_t v)
@@ -173,6 +179,11 @@ static void r_bytes(rd_t *r, void *dst, size_t n)
 
 static int64_t r_i64(rd_t *r)
 {
+    /* Most fields fit in one byte (small counts, partitions, deltas). */
+    if (r->off < r->n && r->p[r->off] < 0x80) {
+        uint8_t b = r->p[r->off++];
+        return (int64_t)(b >> 1) ^ -(int64_t)(b & 1);
+    }
     uint64_t z = 0;
     for (unsigned shift = 0; shift < 64; shift += 7) {
         if (r->off >= r->n)
