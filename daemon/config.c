@@ -49,10 +49,14 @@ static const opt_t opts[] = {
      "only writes the rest and commits: rows become visible sooner after each tick, for some "
      "rows written twice (0 or >= the flush interval: off)."},
     {"batch-size", OPT_INT, O(batch_size), "40000", 1, 1000000,
-     "Most messages applied in one LMDB write transaction (larger: fewer commits and fsyncs)."},
+     "Most messages in one batch: taken from librdkafka at once, validated on the thread "
+     "pool and applied in order."},
+    {"txn-messages", OPT_INT, O(txn_messages), "160000", 1, 4000000,
+     "Most messages one LMDB transaction gathers from ready batches (at most 16, at least "
+     "--batch-size): fewer commits and fsyncs while catching up, more memory until the commit."},
     {"commit-interval-ms", OPT_INT, O(commit_interval_ms), "100", 0, 60000,
-     "Longest an LMDB transaction stays open to gather small batches before it commits "
-     "(fewer commits and fsyncs at steady rates; 0: commit every batch)."},
+     "Longest an LMDB transaction stays open to gather batches before it commits (fewer "
+     "commits and fsyncs at steady rates; 0: commit every batch)."},
     {"max-event-bytes", OPT_INT, O(max_event_bytes), "65536", 16, 16777216,
      "Messages longer than this are rejected as payload_too_large."},
     {"max-future-ms", OPT_INT, O(max_future_ms), "3600000", 0, 31536000000LL,

@@ -113,7 +113,11 @@ typedef struct dmn {
     int pause_backpressure;
     int rebuild; /* --allow-state-rebuild took effect: start from the earliest offsets */
     ing_parser_t *parser;
-#define HELD_MAX 8
+/* Batches one transaction gathers at most (besides --txn-messages). */
+#define TXN_BATCHES_MAX 16
+/* Held: the open transaction's batches, plus those validated or being
+ * validated meanwhile (PARSE_AHEAD + 1, see in_flight). */
+#define HELD_MAX (TXN_BATCHES_MAX + 8)
     ing_batch_t *held[HELD_MAX]; /* validated batches, in order, not yet committed */
     size_t n_held;
     size_t cur;              /* held[0..cur) are applied in the open transaction */
@@ -322,13 +326,15 @@ static void after_batch(dmn_t *d)
  * enough to keep the second core busy, bounded in memory. */
 #define PARSE_AHEAD 2
 
-/* Batches between the consumer and the state: being validated, or validated
- * and waiting (the first of them may be half applied). Intake goes on while
- * fewer than PARSE_AHEAD + 1 are, so that the next batches are validated on
- * the thread pool while the loop thread applies the current one. */
+/* Batches between the consumer and the state not applied yet: being
+ * validated, or validated and waiting (the first of them may be half
+ * applied). Intake goes on while fewer than PARSE_AHEAD + 1 are, so that
+ * the next batches are validated on the thread pool while the loop thread
+ * applies the current one. Batches applied in the open transaction do not
+ * count: they wait only for its commit (--txn-messages bounds them). */
 static size_t in_flight(dmn_t *d)
 {
-    return ing_parser_pending(d->parser) + d->n_held;
+    return ing_parser_pending(d->parser) + (d->n_held - d->cur);
 }
 
 static void on_msgs(void *ud, rd_kafka_message_t **m, size_t n)
@@ -412,6 +418,14 @@ static void pump(dmn_t *d);
 
 static void on_apply_idle(uv_idle_t *h);
 
+/* Messages after which the open transaction commits: --txn-messages, and
+ * never fewer than a batch. */
+static size_t txn_limit(const dmn_t *d)
+{
+    return (size_t)(d->cfg.txn_messages > d->cfg.batch_size ? d->cfg.txn_messages
+                                                            : d->cfg.batch_size);
+}
+
 /*
  * Commit the open transaction, which holds held[0..cur), and release those
  * batches. 0 or the error (already handled: paused or stopping).
@@ -481,11 +495,14 @@ static void on_commit_timer(uv_timer_t *t)
  * Apply the queued batches in order. Applying is cut into slices of about
  * APPLY_SLICE_MS; the open transaction simply waits across loop iterations
  * in between, so a large batch never blocks the loop for long. A transaction
- * commits once it holds --batch-size messages or has been open for
- * --commit-interval-ms: at high rates every batch is a transaction of its
- * own, at steady lower rates the small batches arriving meanwhile join the
- * open one, so the commits (each an fsync and a rewrite of every page it
- * touched) do not multiply with the number of drains.
+ * commits once it holds --txn-messages messages or TXN_BATCHES_MAX batches,
+ * or has been open for --commit-interval-ms, checked between batches: at
+ * steady lower rates the small batches arriving meanwhile join the open one;
+ * while catching up, the batches already validated join it until the
+ * interval has passed (accepting a batch of 40 000 takes well under it, so
+ * a transaction gathers two or three). Either way the commits (each an fsync
+ * and a rewrite of every page it touched) do not multiply with the number
+ * of drains, and a page many users share is written once for all of them.
  */
 static void pump(dmn_t *d)
 {
@@ -497,7 +514,7 @@ static void pump(dmn_t *d)
          * for that on the commit timer. */
         if (d->txn_open && d->pos == 0) {
             double age = cm_mono_ms() - d->txn_t0;
-            int due = d->txn_msgs >= (size_t)d->cfg.batch_size || d->stopping ||
+            int due = d->txn_msgs >= txn_limit(d) || d->cur >= TXN_BATCHES_MAX || d->stopping ||
                       age >= (double)d->cfg.commit_interval_ms;
             if (!due && d->cur == d->n_held) {
                 uv_timer_start(&d->commit_timer, on_commit_timer,
@@ -1813,9 +1830,11 @@ int main(int argc, char **argv)
     }
     cm_info("stopped",
             "exit_code=%d run_s=%.3f loop_cpu_s=%.3f loop_runqueue_wait_s=%.3f loop_idle_s=%.3f "
-            "commit_s=%.3f input_wait_kafka_s=%.3f input_wait_validation_s=%.3f",
+            "commit_s=%.3f input_wait_kafka_s=%.3f input_wait_validation_s=%.3f batches=%llu "
+            "commits=%llu",
             rc, (cm_mono_ms() - d.started) / 1000.0, loop_cpu, loop_wait, loop_idle,
-            d.commit_ms / 1000.0, d.wait_kafka_ms / 1000.0, d.wait_validation_ms / 1000.0);
+            d.commit_ms / 1000.0, d.wait_kafka_ms / 1000.0, d.wait_validation_ms / 1000.0,
+            (unsigned long long)d.batches, (unsigned long long)d.commits);
     cfg_free(&d.cfg);
     return rc;
 }
