@@ -244,14 +244,15 @@ int ing_parse_rfc3339(const char *s, size_t len, int64_t *ms)
 /* A read-only view of a parsed document.                                  */
 
 /*
- * Most messages are plain: an object of ASCII strings without escapes,
- * integers, a few reals and an array of small objects. jansson spends most
- * of the validation time building a tree of allocated nodes and hash tables
- * for them, so such messages are parsed by a strict, allocation-free parser
- * into a flat array of nodes instead. It accepts only a subset of JSON in
- * which its reading provably equals jansson's; on anything else (an escape,
- * a byte outside printable ASCII, a duplicate key, a big number, deep
- * nesting, a syntax error) it gives up and the message goes to jansson.
+ * Most messages are plain: an object of strings, integers, a few reals and
+ * an array of small objects. jansson spends most of the validation time
+ * building a tree of allocated nodes and hash tables for them, so such
+ * messages are parsed by a strict, allocation-free parser into a flat array
+ * of nodes instead. It accepts only a subset of JSON in which its reading
+ * provably equals jansson's; on anything else (invalid UTF-8, an escape
+ * jansson rejects such as a lone surrogate or \u0000, more escaped text than
+ * its scratch buffer holds, a duplicate key, a big number, deep nesting, a
+ * syntax error) it gives up and the message goes to jansson.
  * The field checks below read either tree through jv_t, so both paths apply
  * the same rules; tests/unit/test_validate.c and the fuzz harness
  * (tests/fuzz/fuzz_message.c) compare the two on every input they see.
@@ -275,11 +276,14 @@ typedef struct fnode {
 #define FAST_MAX_DEPTH 4
 #define FAST_MAX_MEMBERS 32
 #define FAST_MAX_NUMBER 64
+/* Bytes of decoded text for the strings with escapes of one message. */
+#define FAST_SCRATCH 4096
 
 typedef struct fparse {
     const char *p, *end;
     fnode_t *nodes;
     uint32_t n;
+    char *out, *out_end; /* free part of the scratch buffer for decoded strings */
 } fparse_t;
 
 static void f_ws(fparse_t *fp)
@@ -303,7 +307,156 @@ static fnode_t *f_node(fparse_t *fp, uint8_t type)
     return f;
 }
 
-/* A string of printable ASCII without escapes: its bytes are its value. */
+/*
+ * Length of the UTF-8 sequence at p, whose first byte is 0x80 or above, or 0
+ * when jansson would reject it: RFC 3629's shortest forms, no UTF-16
+ * surrogate halves, nothing above U+10FFFF (jansson's utf8_check_first and
+ * utf8_check_full, which it applies to every byte of the input).
+ */
+static size_t f_utf8(const unsigned char *p, const unsigned char *end)
+{
+    unsigned char u = p[0];
+    size_t n;
+    uint32_t v;
+    if (u >= 0xC2 && u <= 0xDF) {
+        n = 2;
+        v = u & 0x1Fu;
+    } else if (u >= 0xE0 && u <= 0xEF) {
+        n = 3;
+        v = u & 0x0Fu;
+    } else if (u >= 0xF0 && u <= 0xF4) {
+        n = 4;
+        v = u & 0x07u;
+    } else {
+        return 0;
+    }
+    if ((size_t)(end - p) < n) {
+        return 0;
+    }
+    for (size_t i = 1; i < n; i++) {
+        if ((p[i] & 0xC0u) != 0x80u) {
+            return 0;
+        }
+        v = (v << 6) | (p[i] & 0x3Fu);
+    }
+    if (v > 0x10FFFFu || (v >= 0xD800u && v <= 0xDFFFu) || (n == 3 && v < 0x800u) ||
+        (n == 4 && v < 0x10000u)) {
+        return 0;
+    }
+    return n;
+}
+
+/* The four hex digits of a \u escape at p (jansson takes either case). */
+static int f_hex4(const char *p, const char *end, uint32_t *v)
+{
+    if (end - p < 4) {
+        return -1;
+    }
+    uint32_t r = 0;
+    for (int i = 0; i < 4; i++) {
+        char ch = p[i];
+        uint32_t d;
+        if (ch >= '0' && ch <= '9') {
+            d = (uint32_t)(ch - '0');
+        } else if (ch >= 'a' && ch <= 'f') {
+            d = (uint32_t)(ch - 'a' + 10);
+        } else if (ch >= 'A' && ch <= 'F') {
+            d = (uint32_t)(ch - 'A' + 10);
+        } else {
+            return -1;
+        }
+        r = r << 4 | d;
+    }
+    *v = r;
+    return 0;
+}
+
+/*
+ * Decode the escape at fp->p (a backslash) into *o, as jansson's
+ * lex_scan_string does, and step over it. -1 for what jansson rejects (an
+ * unknown escape, a lone or unpaired surrogate, \u0000 since JSON_ALLOW_NUL
+ * is not passed) or when the scratch buffer is full: jansson decides then.
+ */
+static int f_escape(fparse_t *fp, char **o)
+{
+    const char *p = fp->p;
+    if (fp->end - p < 2 || fp->out_end - *o < 4) {
+        return -1;
+    }
+    char c;
+    switch (p[1]) {
+    case '"':
+    case '\\':
+    case '/':
+        c = p[1];
+        break;
+    case 'b':
+        c = '\b';
+        break;
+    case 'f':
+        c = '\f';
+        break;
+    case 'n':
+        c = '\n';
+        break;
+    case 'r':
+        c = '\r';
+        break;
+    case 't':
+        c = '\t';
+        break;
+    case 'u': {
+        uint32_t v, w;
+        if (f_hex4(p + 2, fp->end, &v) != 0 || v == 0 || (v >= 0xDC00u && v <= 0xDFFFu)) {
+            return -1;
+        }
+        p += 6;
+        if (v >= 0xD800u && v <= 0xDBFFu) {
+            /* A high surrogate counts only with a low one right after it. */
+            if (fp->end - p < 2 || p[0] != '\\' || p[1] != 'u' || f_hex4(p + 2, fp->end, &w) != 0 ||
+                w < 0xDC00u || w > 0xDFFFu) {
+                return -1;
+            }
+            v = ((v - 0xD800u) << 10) + (w - 0xDC00u) + 0x10000u;
+            p += 6;
+        }
+        unsigned char *t = (unsigned char *)*o;
+        if (v < 0x80u) {
+            t[0] = (unsigned char)v;
+            *o += 1;
+        } else if (v < 0x800u) {
+            t[0] = (unsigned char)(0xC0u | v >> 6);
+            t[1] = (unsigned char)(0x80u | (v & 0x3Fu));
+            *o += 2;
+        } else if (v < 0x10000u) {
+            t[0] = (unsigned char)(0xE0u | v >> 12);
+            t[1] = (unsigned char)(0x80u | (v >> 6 & 0x3Fu));
+            t[2] = (unsigned char)(0x80u | (v & 0x3Fu));
+            *o += 3;
+        } else {
+            t[0] = (unsigned char)(0xF0u | v >> 18);
+            t[1] = (unsigned char)(0x80u | (v >> 12 & 0x3Fu));
+            t[2] = (unsigned char)(0x80u | (v >> 6 & 0x3Fu));
+            t[3] = (unsigned char)(0x80u | (v & 0x3Fu));
+            *o += 4;
+        }
+        fp->p = p;
+        return 0;
+    }
+    default:
+        return -1;
+    }
+    *(*o)++ = c;
+    fp->p = p + 2;
+    return 0;
+}
+
+/*
+ * A string. Without escapes its bytes (printable ASCII, or UTF-8 that
+ * jansson accepts) are its value and the node points into the message; with
+ * escapes the value is decoded into the scratch buffer. Control characters
+ * are left to jansson, which rejects them.
+ */
 static int f_string(fparse_t *fp)
 {
     fnode_t *f = f_node(fp, FN_STRING);
@@ -311,6 +464,7 @@ static int f_string(fparse_t *fp)
         return -1;
     }
     const char *start = ++fp->p;
+    const unsigned char *end = (const unsigned char *)fp->end;
     while (fp->p < fp->end) {
         unsigned char ch = (unsigned char)*fp->p;
         if (ch == '"') {
@@ -319,10 +473,58 @@ static int f_string(fparse_t *fp)
             fp->p++;
             return 0;
         }
-        if (ch == '\\' || ch < 0x20 || ch >= 0x80) {
+        if (ch == '\\' || ch < 0x20) {
+            break;
+        }
+        if (ch >= 0x80) {
+            size_t k = f_utf8((const unsigned char *)fp->p, end);
+            if (k == 0) {
+                return -1;
+            }
+            fp->p += k;
+        } else {
+            fp->p++;
+        }
+    }
+    if (fp->p >= fp->end || *fp->p != '\\') {
+        return -1;
+    }
+    /* An escape: the text so far, then the rest decoded, go to the scratch. */
+    char *o = fp->out;
+    size_t head = (size_t)(fp->p - start);
+    if ((size_t)(fp->out_end - o) < head) {
+        return -1;
+    }
+    memcpy(o, start, head);
+    o += head;
+    while (fp->p < fp->end) {
+        unsigned char ch = (unsigned char)*fp->p;
+        if (ch == '"') {
+            f->s = fp->out;
+            f->n = (uint32_t)(o - fp->out);
+            fp->out = o;
+            fp->p++;
+            return 0;
+        }
+        if (ch == '\\') {
+            if (f_escape(fp, &o) != 0) {
+                return -1;
+            }
+            continue;
+        }
+        if (ch < 0x20) {
             return -1;
         }
-        fp->p++;
+        size_t k = 1;
+        if (ch >= 0x80 && (k = f_utf8((const unsigned char *)fp->p, end)) == 0) {
+            return -1;
+        }
+        if ((size_t)(fp->out_end - o) < k) {
+            return -1;
+        }
+        memcpy(o, fp->p, k);
+        o += k;
+        fp->p += k;
     }
     return -1;
 }
@@ -537,9 +739,9 @@ static int f_value(fparse_t *fp, int depth)
 }
 
 /* Parse an object of the fast path's subset into nodes[0..); -1: ask jansson. */
-static int fast_parse(const char *buf, size_t len, fnode_t *nodes)
+static int fast_parse(const char *buf, size_t len, fnode_t *nodes, char *scratch)
 {
-    fparse_t fp = {buf, buf + len, nodes, 0};
+    fparse_t fp = {buf, buf + len, nodes, 0, scratch, scratch + FAST_SCRATCH};
     f_ws(&fp);
     if (fp.p >= fp.end || *fp.p != '{' || f_object(&fp, 0) != 0) {
         return -1;
@@ -1047,7 +1249,8 @@ static ing_reason_t validate(const char *buf, size_t len, int64_t now_ms, const 
         return ING_R_INVALID_JSON;
     }
     fnode_t nodes[FAST_MAX_NODES];
-    if (fast && fast_parse(buf, len, nodes) == 0) {
+    char scratch[FAST_SCRATCH];
+    if (fast && fast_parse(buf, len, nodes, scratch) == 0) {
         jv_t root = {NULL, &nodes[0]};
         check_fields(&c, root, out);
     } else {
@@ -1090,6 +1293,7 @@ ing_reason_t ing_validate_reference(const char *buf, size_t len, int64_t now_ms,
 int ing_validate_fast_path(const char *buf, size_t len)
 {
     fnode_t nodes[FAST_MAX_NODES];
+    char scratch[FAST_SCRATCH];
     return buf != NULL && len > 0 && memchr(buf, '\0', len) == NULL &&
-           fast_parse(buf, len, nodes) == 0;
+           fast_parse(buf, len, nodes, scratch) == 0;
 }

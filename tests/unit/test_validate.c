@@ -1089,6 +1089,15 @@ static const char *const DIFF_SEEDS[] = {
     "{\"event_id\":1,\"user_id\":[],\"event_type\":\"Bad\",\"ts\":1e400,\"amount\":1e-400}",
     "[1,2,3]",
     "  {}  ",
+    /* Escapes and UTF-8, which the fast path decodes itself. */
+    PAGE_VIEW ",\"query\":\"line\\nbreak \\\"q\\\" \\\\ \\/ \\b\\f\\r\\t \\u00e9\\u20AC"
+              "\\ud83d\\ude00 caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\x7f\"}",
+    "{\"event_id\":\"e\\u0031\",\"user_id\":\"\\u00fcser\",\"event_type\":\"page_view\","
+    "\"ts\":1704067200000,\"country\":\"\xc3\x85land\",\"devic\\u0065\":\"m\\/n\"}",
+    PAGE_VIEW ",\"q\":\"\\uD800\\uDBFF\\udc00\\u0000\\x\\u12G4\"}",
+    PAGE_VIEW
+    ",\"q\":\"\xc0\x80\xed\xa0\x80\xf4\x90\x80\x80\xe0\x80\x80\xf0\x80\x80\x80\xf5\xc3\"}",
+    PAGE_VIEW ",\"event\\u005fid\":\"dup\"}",
 };
 
 /* Byte-level mutations of the seeds with a fixed PRNG: every result is compared. */
@@ -1096,14 +1105,15 @@ static void test_fast_path_equals_jansson(void **state)
 {
     (void)state;
     uint64_t rng = 0x9E3779B97F4A7C15ULL;
-    static const char alphabet[] = "{}[]\":,\\ \t\n0123456789eE.-+tfnulasrx_TZ\x80\xff\x01\x7f";
+    static const char alphabet[] = "{}[]\":,\\ \t\n0123456789eE.-+tfnulasrx_TZ\x80\xff\x01\x7f"
+                                   "udcDCAb\xc3\xa9\xe2\x82\xed\xa0\xbf\xf0\x9f\xf4\x90\xc0";
     char buf[1024];
     size_t nseeds = sizeof DIFF_SEEDS / sizeof DIFF_SEEDS[0], fast = 0, total = 0;
     for (size_t i = 0; i < nseeds; i++) {
         diff_one(DIFF_SEEDS[i], strlen(DIFF_SEEDS[i]));
         fast += (size_t)ing_validate_fast_path(DIFF_SEEDS[i], strlen(DIFF_SEEDS[i]));
     }
-    assert_true(fast >= 6); /* the plain seeds do take the fast path */
+    assert_true(fast >= 8); /* the plain seeds do take the fast path */
     fast = 0;
     for (int round = 0; round < 200000; round++) {
         const char *seed = DIFF_SEEDS[round % nseeds];
@@ -1142,6 +1152,81 @@ static void test_fast_path_equals_jansson(void **state)
     }
     /* Many mutants stay plain enough for the fast path, so it is exercised. */
     assert_true(fast > total / 20);
+}
+
+/* Strings with escapes or UTF-8 are read by the fast path itself, with
+ * jansson's values; what jansson rejects in them is left to it. */
+static void test_fast_path_escapes_and_utf8(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *user_id; /* the JSON text between the quotes */
+        const char *value;   /* what jansson reads, or NULL: invalid JSON */
+    } cases[] = {
+        {"plain", "plain"},
+        {"caf\xc3\xa9", "caf\xc3\xa9"},
+        {"\xe2\x82\xac\xf0\x9f\x98\x80\xef\xbf\xbf\xf4\x8f\xbf\xbf",
+         "\xe2\x82\xac\xf0\x9f\x98\x80\xef\xbf\xbf\xf4\x8f\xbf\xbf"},
+        {"a\\\"b\\\\c\\/d", "a\"b\\c/d"},
+        {"\\b\\f\\n\\r\\tx", "\b\f\n\r\tx"},
+        {"\\u0041\\u00e9\\u00E9\\u07ff\\u0800\\uffff",
+         "A\xc3\xa9\xc3\xa9\xdf\xbf\xe0\xa0\x80\xef\xbf\xbf"},
+        {"\\ud83d\\ude00\\uDBFF\\uDFFF", "\xf0\x9f\x98\x80\xf4\x8f\xbf\xbf"},
+        {"x\xc3\xa9\\n\xc3\xa9", "x\xc3\xa9\n\xc3\xa9"},
+        {"\\u0000", NULL}, /* JSON_ALLOW_NUL is not passed */
+        {"\\ud800", NULL}, /* a lone high surrogate */
+        {"\\ud800x", NULL},
+        {"\\ud800\\u0041", NULL}, /* not followed by a low one */
+        {"\\udc00", NULL},        /* a lone low surrogate */
+        {"\\u12g4", NULL},
+        {"\\u12", NULL},
+        {"\\x", NULL},
+        {"\xc0\x80", NULL},     /* overlong */
+        {"\xe0\x9f\xbf", NULL}, /* overlong */
+        {"\xf0\x8f\xbf\xbf", NULL},
+        {"\xed\xa0\x80", NULL},     /* a surrogate half in UTF-8 */
+        {"\xf4\x90\x80\x80", NULL}, /* above U+10FFFF */
+        {"\xf5\x80\x80\x80", NULL},
+        {"\xc3", NULL}, /* cut short by the quote */
+        {"\xc3(", NULL},
+        {"\x80", NULL}, /* a continuation byte first */
+        {"a\tb", NULL}, /* a raw control character */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const char *msg = fmt("{\"event_id\":\"e1\",\"user_id\":\"%s\",\"event_type\":"
+                              "\"page_view\",\"ts\":1704067200000}",
+                              cases[i].user_id);
+        diff_one(msg, strlen(msg));
+        assert_int_equal(ing_validate_fast_path(msg, strlen(msg)), cases[i].value != NULL);
+        if (cases[i].value == NULL) {
+            expect(msg, ING_R_INVALID_JSON, "");
+        } else {
+            expect_ok(msg);
+            assert_int_equal(ev.user_id_len, strlen(cases[i].value));
+            assert_memory_equal(ev.user_id, cases[i].value, ev.user_id_len);
+        }
+    }
+    /* An escaped key is the key it decodes to: a duplicate for jansson too. */
+    const char *dup = PAGE_VIEW ",\"event\\u005fid\":\"e2\"}";
+    diff_one(dup, strlen(dup));
+    expect(dup, ING_R_INVALID_JSON, "");
+    const char *key = "{\"event_id\":\"e1\",\"user_\\u0069d\":\"u\\u00e9\",\"event_type\":"
+                      "\"page_view\",\"ts\":1704067200000}";
+    assert_true(ing_validate_fast_path(key, strlen(key)));
+    expect_ok(key);
+    assert_string_equal(ev.user_id, "u\xc3\xa9");
+    /* Escaped text beyond the scratch buffer goes to jansson, with the same result. */
+    static char big[20000];
+    size_t n = (size_t)snprintf(big, sizeof big, "%s", PAGE_VIEW ",\"q\":\"");
+    while (n + 10 < sizeof big - 8) {
+        memcpy(big + n, "\\u00e9", 6);
+        n += 6;
+    }
+    memcpy(big + n, "\"}", 3);
+    n += 2;
+    assert_false(ing_validate_fast_path(big, n));
+    diff_one(big, n);
+    expect_len(big, n, ING_OK, "");
 }
 
 /* Every input of the committed fuzz corpus, compared both ways. */
@@ -1183,6 +1268,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_reason_names),
         cmocka_unit_test(test_fast_path_equals_jansson),
+        cmocka_unit_test(test_fast_path_escapes_and_utf8),
         cmocka_unit_test(test_fast_path_corpus),
         cmocka_unit_test(test_etype_from),
         cmocka_unit_test(test_valid_page_view),
