@@ -1166,6 +1166,41 @@ static int mlog_load(agg_t *a, st_txn_t *txn, uint64_t after, kset_t *s)
 }
 
 /*
+ * A stable merge sort specialised for one element type, so that its
+ * comparison cmp(ctx, a, b) (< 0: *a goes first) is inlined. glibc's qsort
+ * calls the comparison through a pointer, and for elements over 32 bytes
+ * sorts pointers to them and moves the elements afterwards. On a 200 000
+ * event run (callgrind) the batch's sorts took 238 M of the loop thread's
+ * 2 602 M instructions that way and 173 M of 2 538 M with this one.
+ * name(v, n, tmp, ctx) sorts v[0..n) with tmp[0..n/2 + 1) as scratch.
+ */
+#define MSORT_DEFINE(name, T, cmp)                                                                 \
+    static void name(T *v, size_t n, T *tmp, const void *ctx)                                      \
+    {                                                                                              \
+        if (n <= 12) {                                                                             \
+            for (size_t i = 1; i < n; i++) {                                                       \
+                T x = v[i];                                                                        \
+                size_t j = i;                                                                      \
+                for (; j > 0 && cmp(ctx, &x, &v[j - 1]) < 0; j--)                                  \
+                    v[j] = v[j - 1];                                                               \
+                v[j] = x;                                                                          \
+            }                                                                                      \
+            return;                                                                                \
+        }                                                                                          \
+        size_t h = n / 2, i = 0, j = h, k = 0;                                                     \
+        name(v, h, tmp, ctx);                                                                      \
+        name(v + h, n - h, tmp, ctx);                                                              \
+        if (cmp(ctx, &v[h], &v[h - 1]) >= 0)                                                       \
+            return; /* the halves are in order already (runs of one user) */                       \
+        /* The left half moves out; the merge never overtakes the right one. */                    \
+        memcpy(tmp, v, h * sizeof *v);                                                             \
+        while (i < h && j < n)                                                                     \
+            v[k++] = cmp(ctx, &v[j], &tmp[i]) < 0 ? v[j++] : tmp[i++];                             \
+        while (i < h)                                                                              \
+            v[k++] = tmp[i++];                                                                     \
+    }
+
+/*
  * Sorting records by a byte-string key, as LMDB orders keys (byte-wise, a
  * key before its own extensions). The commit sorts every batch's dirty marks
  * and retained events this way: a hundred thousand strings or more, and most
@@ -1188,12 +1223,12 @@ static void skey_set(skey_t *s, const uint8_t *k, size_t n)
     s->n = n;
 }
 
-/* qsort order of two pointers to skey_t: glibc's merge sort moves 8-byte
- * elements without a copy call, so the keys stay put and only their
+/* Order of two pointers to skey_t: the keys stay put and only their
  * pointers move. */
-static int skey_cmp(const void *x, const void *y)
+static inline int skey_cmp(const void *ctx, const skey_t *const *x, const skey_t *const *y)
 {
-    const skey_t *a = *(const skey_t *const *)x, *b = *(const skey_t *const *)y;
+    (void)ctx;
+    const skey_t *a = *x, *b = *y;
     for (int i = 0; i < 2; i++)
         if (a->w[i] != b->w[i])
             return a->w[i] < b->w[i] ? -1 : 1;
@@ -1206,6 +1241,8 @@ static int skey_cmp(const void *x, const void *y)
     return (a->n > b->n) - (a->n < b->n);
 }
 
+MSORT_DEFINE(skey_sort, const skey_t *, skey_cmp)
+
 /* Sort recs[0..n) by their keys: record i's key starts hdr bytes into it and
  * is len(record) bytes long. 0 or AGG_ENOMEM (recs unchanged). Any thread. */
 static int sort_by_key(const uint8_t **recs, size_t n, size_t hdr,
@@ -1214,7 +1251,7 @@ static int sort_by_key(const uint8_t **recs, size_t n, size_t hdr,
     if (n < 2)
         return 0;
     skey_t *sk = malloc(n * sizeof *sk);
-    const skey_t **ps = malloc(n * sizeof *ps);
+    const skey_t **ps = malloc((n + n / 2 + 1) * sizeof *ps);
     if (!sk || !ps) {
         free(sk);
         free(ps);
@@ -1224,7 +1261,7 @@ static int sort_by_key(const uint8_t **recs, size_t n, size_t hdr,
         skey_set(&sk[i], recs[i] + hdr, len(recs[i]));
         ps[i] = &sk[i];
     }
-    qsort(ps, n, sizeof *ps, skey_cmp);
+    skey_sort(ps, n, ps + n, NULL);
     for (size_t i = 0; i < n; i++)
         recs[i] = ps[i]->k - hdr;
     free(ps);
@@ -3087,12 +3124,11 @@ static const ing_event_t *pev_event(const uint8_t *evbuf, const pev_t *q)
     return (const ing_event_t *)(const void *)(evbuf + q->off);
 }
 
-/* qsort_r order; arg is the arena of the event copies. The sort key holds
- * user ids of up to 15 bytes whole, so most comparisons never read the
- * copies (a cache miss each). */
-static int pev_cmp(const void *x, const void *y, void *arg)
+/* Order of two queued events; arg is the arena of the event copies. The
+ * sort key holds user ids of up to 15 bytes whole, so most comparisons never
+ * read the copies (a cache miss each). */
+static inline int pev_cmp(const void *arg, const pev_t *p, const pev_t *q)
 {
-    const pev_t *p = x, *q = y;
     for (int i = 0; i < 2; i++)
         if (p->k[i] != q->k[i])
             return p->k[i] < q->k[i] ? -1 : 1;
@@ -3109,6 +3145,8 @@ static int pev_cmp(const void *x, const void *y, void *arg)
         return p->ts < q->ts ? -1 : 1;
     return p->seq < q->seq ? -1 : p->seq > q->seq;
 }
+
+MSORT_DEFINE(pev_sort, pev_t, pev_cmp)
 
 /* Queue an accepted event: a copy of its used part (the items it has). */
 static int pev_push(agg_t *a, int32_t partition, const ing_event_t *ev)
@@ -3165,7 +3203,12 @@ int agg_batch_drain(agg_t *a, size_t max_events)
         int r = a->pev_done ? xq_write(a) : 0;
         if (r)
             return r;
-        qsort_r(a->pev + a->pev_done, a->n_pev - a->pev_done, sizeof *a->pev, pev_cmp, a->evbuf);
+        size_t n = a->n_pev - a->pev_done;
+        pev_t *tmp = malloc((n / 2 + 1) * sizeof *tmp);
+        if (!tmp)
+            return AGG_ENOMEM;
+        pev_sort(a->pev + a->pev_done, n, tmp, a->evbuf);
+        free(tmp);
         a->pev_sorted = 1;
     }
     for (size_t n = 0; a->pev_done < a->n_pev; n++) {
