@@ -451,6 +451,52 @@ static int f_escape(fparse_t *fp, char **o)
     return 0;
 }
 
+/* The bytes of w that are below n (n <= 128) get their top bit set, and
+ * perhaps bytes above such a byte: never a miss, so a zero result is exact. */
+static inline uint64_t f_swar_below(uint64_t w, uint8_t n)
+{
+    return (w - 0x0101010101010101ULL * n) & ~w & 0x8080808080808080ULL;
+}
+
+/* Likewise for the bytes of w equal to c. */
+static inline uint64_t f_swar_equal(uint64_t w, uint8_t c)
+{
+    return f_swar_below(w ^ (0x0101010101010101ULL * c), 1);
+}
+
+/*
+ * The first byte at or after p that ends a run of plain string bytes: a
+ * quote, a backslash, a control character, a byte of 0x80 or above, or end.
+ * Eight bytes at a time: a false alarm can only sit above a true one, so on
+ * a little-endian machine the lowest flagged byte is the answer; elsewhere
+ * the byte loop, which is exact, finds it.
+ */
+static const char *f_plain(const char *p, const char *end)
+{
+    while (end - p >= 8) {
+        uint64_t w;
+        memcpy(&w, p, sizeof w);
+        uint64_t m = (w & 0x8080808080808080ULL) | f_swar_below(w, 0x20) | f_swar_equal(w, '"') |
+                     f_swar_equal(w, '\\');
+        if (m) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            return p + (__builtin_ctzll(m) >> 3);
+#else
+            break;
+#endif
+        }
+        p += 8;
+    }
+    while (p < end) {
+        unsigned char ch = (unsigned char)*p;
+        if (ch < 0x20 || ch >= 0x80 || ch == '"' || ch == '\\') {
+            break;
+        }
+        p++;
+    }
+    return p;
+}
+
 /*
  * A string. Without escapes its bytes (printable ASCII, or UTF-8 that
  * jansson accepts) are its value and the node points into the message; with
@@ -464,28 +510,29 @@ static int f_string(fparse_t *fp)
         return -1;
     }
     const char *start = ++fp->p;
-    const unsigned char *end = (const unsigned char *)fp->end;
-    while (fp->p < fp->end) {
-        unsigned char ch = (unsigned char)*fp->p;
+    const char *p = start;
+    for (;;) {
+        p = f_plain(p, fp->end);
+        if (p >= fp->end) {
+            return -1;
+        }
+        unsigned char ch = (unsigned char)*p;
         if (ch == '"') {
             f->s = start;
-            f->n = (uint32_t)(fp->p - start);
-            fp->p++;
+            f->n = (uint32_t)(p - start);
+            fp->p = p + 1;
             return 0;
         }
-        if (ch == '\\' || ch < 0x20) {
-            break;
+        if (ch < 0x80) {
+            break; /* a backslash or a control character */
         }
-        if (ch >= 0x80) {
-            size_t k = f_utf8((const unsigned char *)fp->p, end);
-            if (k == 0) {
-                return -1;
-            }
-            fp->p += k;
-        } else {
-            fp->p++;
+        size_t k = f_utf8((const unsigned char *)p, (const unsigned char *)fp->end);
+        if (k == 0) {
+            return -1;
         }
+        p += k;
     }
+    fp->p = p;
     if (fp->p >= fp->end || *fp->p != '\\') {
         return -1;
     }
@@ -516,7 +563,8 @@ static int f_string(fparse_t *fp)
             return -1;
         }
         size_t k = 1;
-        if (ch >= 0x80 && (k = f_utf8((const unsigned char *)fp->p, end)) == 0) {
+        if (ch >= 0x80 &&
+            (k = f_utf8((const unsigned char *)fp->p, (const unsigned char *)fp->end)) == 0) {
             return -1;
         }
         if ((size_t)(fp->out_end - o) < k) {
