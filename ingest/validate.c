@@ -499,9 +499,10 @@ static const char *f_plain(const char *p, const char *end)
 
 /*
  * A string. Without escapes its bytes (printable ASCII, or UTF-8 that
- * jansson accepts) are its value and the node points into the message; with
- * escapes the value is decoded into the scratch buffer. Control characters
- * are left to jansson, which rejects them.
+ * jansson accepts) are its value and the node points into the message; from
+ * the first escape on, the value is built in the scratch buffer: the plain
+ * runs copied, the escapes decoded. Control characters are left to jansson,
+ * which rejects them.
  */
 static int f_string(fparse_t *fp)
 {
@@ -509,72 +510,53 @@ static int f_string(fparse_t *fp)
     if (f == NULL) {
         return -1;
     }
-    const char *start = ++fp->p;
-    const char *p = start;
+    const char *start = ++fp->p, *p = start, *run = start;
+    char *o = NULL; /* the end of the decoded value, once there is one */
     for (;;) {
         p = f_plain(p, fp->end);
         if (p >= fp->end) {
             return -1;
         }
         unsigned char ch = (unsigned char)*p;
-        if (ch == '"') {
+        if (ch >= 0x80) {
+            size_t k = f_utf8((const unsigned char *)p, (const unsigned char *)fp->end);
+            if (k == 0) {
+                return -1;
+            }
+            p += k;
+            continue;
+        }
+        if (ch != '"' && ch != '\\') {
+            return -1; /* a control character */
+        }
+        if (ch == '"' && o == NULL) {
             f->s = start;
             f->n = (uint32_t)(p - start);
             fp->p = p + 1;
             return 0;
         }
-        if (ch < 0x80) {
-            break; /* a backslash or a control character */
+        if (o == NULL) {
+            o = fp->out;
         }
-        size_t k = f_utf8((const unsigned char *)p, (const unsigned char *)fp->end);
-        if (k == 0) {
+        size_t n = (size_t)(p - run);
+        if ((size_t)(fp->out_end - o) < n) {
             return -1;
         }
-        p += k;
-    }
-    fp->p = p;
-    if (fp->p >= fp->end || *fp->p != '\\') {
-        return -1;
-    }
-    /* An escape: the text so far, then the rest decoded, go to the scratch. */
-    char *o = fp->out;
-    size_t head = (size_t)(fp->p - start);
-    if ((size_t)(fp->out_end - o) < head) {
-        return -1;
-    }
-    memcpy(o, start, head);
-    o += head;
-    while (fp->p < fp->end) {
-        unsigned char ch = (unsigned char)*fp->p;
+        memcpy(o, run, n);
+        o += n;
         if (ch == '"') {
             f->s = fp->out;
             f->n = (uint32_t)(o - fp->out);
             fp->out = o;
-            fp->p++;
+            fp->p = p + 1;
             return 0;
         }
-        if (ch == '\\') {
-            if (f_escape(fp, &o) != 0) {
-                return -1;
-            }
-            continue;
-        }
-        if (ch < 0x20) {
+        fp->p = p;
+        if (f_escape(fp, &o) != 0) {
             return -1;
         }
-        size_t k = 1;
-        if (ch >= 0x80 &&
-            (k = f_utf8((const unsigned char *)fp->p, (const unsigned char *)fp->end)) == 0) {
-            return -1;
-        }
-        if ((size_t)(fp->out_end - o) < k) {
-            return -1;
-        }
-        memcpy(o, fp->p, k);
-        o += k;
-        fp->p += k;
+        p = run = fp->p;
     }
-    return -1;
 }
 
 static bool f_digit(const fparse_t *fp)
