@@ -71,6 +71,59 @@ void cm_fmt_ts(int64_t ms, char *buf, size_t cap)
     buf[n] = '\0';
 }
 
+/*
+ * Returns the length of the well-formed UTF-8 sequence at s[0..n), or 0 if
+ * none starts there; in that case *bad is the length of the maximal invalid
+ * subpart (at least 1), which the caller replaces with a single U+FFFD, as
+ * the Unicode standard recommends ("U+FFFD substitution of maximal
+ * subparts"). The bounds on the second byte follow Table 3-7 of the
+ * standard, which rules out overlong forms, surrogates (ED A0..BF) and code
+ * points above U+10FFFF in one place; a sequence cut short by the end of the
+ * input is a maximal subpart like any other. NUL is treated as invalid
+ * because Postgres text cannot hold it.
+ */
+size_t cm_utf8_seq(const unsigned char *s, size_t n, size_t *bad)
+{
+    unsigned c = s[0];
+    size_t need;
+    unsigned lo = 0x80, hi = 0xBF;
+
+    *bad = 1;
+    if (c >= 0x01 && c <= 0x7F)
+        return 1;
+    if (c >= 0xC2 && c <= 0xDF) {
+        need = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+        need = 3;
+        if (c == 0xE0)
+            lo = 0xA0;
+        else if (c == 0xED)
+            hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        need = 4;
+        if (c == 0xF0)
+            lo = 0x90;
+        else if (c == 0xF4)
+            hi = 0x8F;
+    } else {
+        /* NUL, a stray continuation byte, C0/C1 (always overlong) or F5..FF. */
+        return 0;
+    }
+    for (size_t i = 1; i < need; i++) {
+        if (i >= n) {
+            *bad = i;
+            return 0;
+        }
+        unsigned x = s[i];
+        unsigned l = i == 1 ? lo : 0x80, h = i == 1 ? hi : 0xBF;
+        if (x < l || x > h) {
+            *bad = i;
+            return 0;
+        }
+    }
+    return need;
+}
+
 /* Append a JSON-escaped copy of s[0..n) to out. */
 static size_t json_escape(char *out, size_t cap, size_t pos, const char *s, size_t n)
 {
@@ -84,21 +137,9 @@ static size_t json_escape(char *out, size_t cap, size_t pos, const char *s, size
         } else if (c >= 0x80) {
             /* Copy a well-formed UTF-8 sequence; anything else becomes U+FFFD, so that
              * every line stays valid JSON whatever bytes a message carried. */
-            size_t len = c >= 0xc2 && c <= 0xdf   ? 2
-                         : c >= 0xe0 && c <= 0xef ? 3
-                         : c >= 0xf0 && c <= 0xf4 ? 4
-                                                  : 0;
-            int good = len > 0 && i + len <= n;
-            for (size_t k = 1; good && k < len; k++)
-                good = ((unsigned char)s[i + k] & 0xc0) == 0x80;
-            if (good && len == 3) {
-                unsigned char c1 = (unsigned char)s[i + 1];
-                good = !(c == 0xe0 && c1 < 0xa0) && !(c == 0xed && c1 >= 0xa0);
-            } else if (good && len == 4) {
-                unsigned char c1 = (unsigned char)s[i + 1];
-                good = !(c == 0xf0 && c1 < 0x90) && !(c == 0xf4 && c1 >= 0x90);
-            }
-            if (good) {
+            size_t bad;
+            size_t len = cm_utf8_seq((const unsigned char *)s + i, n - i, &bad);
+            if (len > 0) {
                 memcpy(out + pos, s + i, len);
                 pos += len;
                 i += len - 1;

@@ -1,5 +1,5 @@
 /*
- * util.h - logging and clocks shared by the daemon and the tools.
+ * util.h - logging, clocks and UTF-8 checks shared by the daemon and the tools.
  *
  * Logging writes one line per event as key=value fields (or JSON with
  * cm_log_set_json), to stderr, under a mutex so that lines from the flush
@@ -43,5 +43,14 @@ double cm_mono_ms(void);
 
 /* Format ms since the epoch as "YYYY-MM-DDTHH:MM:SS.mmmZ" into buf (>= 32 bytes). */
 void cm_fmt_ts(int64_t ms, char *buf, size_t cap);
+
+/*
+ * Length of the well-formed UTF-8 sequence at s[0..n) (n >= 1), or 0 when
+ * none starts there: no overlong forms, no UTF-16 surrogate halves, nothing
+ * above U+10FFFF, and NUL counts as invalid. On 0, *bad is the length of the
+ * maximal invalid subpart (at least 1), for a caller that replaces it with
+ * one U+FFFD. Any thread.
+ */
+size_t cm_utf8_seq(const unsigned char *s, size_t n, size_t *bad);
 
 #endif

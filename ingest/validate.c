@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "daemon/util.h"
+
 /* The defaults of CONTRACT §1.1, used when the caller passes no limits. */
 #define DEFAULT_MAX_EVENT_BYTES 65536
 #define DEFAULT_MAX_FUTURE_MS 3600000
@@ -307,45 +309,6 @@ static fnode_t *f_node(fparse_t *fp, uint8_t type)
     return f;
 }
 
-/*
- * Length of the UTF-8 sequence at p, whose first byte is 0x80 or above, or 0
- * when jansson would reject it: RFC 3629's shortest forms, no UTF-16
- * surrogate halves, nothing above U+10FFFF (jansson's utf8_check_first and
- * utf8_check_full, which it applies to every byte of the input).
- */
-static size_t f_utf8(const unsigned char *p, const unsigned char *end)
-{
-    unsigned char u = p[0];
-    size_t n;
-    uint32_t v;
-    if (u >= 0xC2 && u <= 0xDF) {
-        n = 2;
-        v = u & 0x1Fu;
-    } else if (u >= 0xE0 && u <= 0xEF) {
-        n = 3;
-        v = u & 0x0Fu;
-    } else if (u >= 0xF0 && u <= 0xF4) {
-        n = 4;
-        v = u & 0x07u;
-    } else {
-        return 0;
-    }
-    if ((size_t)(end - p) < n) {
-        return 0;
-    }
-    for (size_t i = 1; i < n; i++) {
-        if ((p[i] & 0xC0u) != 0x80u) {
-            return 0;
-        }
-        v = (v << 6) | (p[i] & 0x3Fu);
-    }
-    if (v > 0x10FFFFu || (v >= 0xD800u && v <= 0xDFFFu) || (n == 3 && v < 0x800u) ||
-        (n == 4 && v < 0x10000u)) {
-        return 0;
-    }
-    return n;
-}
-
 /* The four hex digits of a \u escape at p (jansson takes either case). */
 static int f_hex4(const char *p, const char *end, uint32_t *v)
 {
@@ -519,7 +482,11 @@ static int f_string(fparse_t *fp)
         }
         unsigned char ch = (unsigned char)*p;
         if (ch >= 0x80) {
-            size_t k = f_utf8((const unsigned char *)p, (const unsigned char *)fp->end);
+            /* jansson checks every byte of its input the same way (its
+             * utf8_check_first and utf8_check_full): shortest forms, no
+             * surrogate halves, nothing above U+10FFFF. */
+            size_t bad;
+            size_t k = cm_utf8_seq((const unsigned char *)p, (size_t)(fp->end - p), &bad);
             if (k == 0) {
                 return -1;
             }

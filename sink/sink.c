@@ -23,6 +23,8 @@
 
 #include <libpq-fe.h>
 
+#include "daemon/util.h"
+
 /* COPY data is sent whenever this much is buffered, so that a batch of any
  * size needs only a bounded buffer and few, large writes. */
 #define COPY_CHUNK (256u * 1024u)
@@ -242,59 +244,6 @@ static int ts_micros(int64_t ms, int64_t *out)
 static const char REPLACEMENT[3] = {(char)0xEF, (char)0xBF, (char)0xBD};
 
 /*
- * Returns the length of the well-formed UTF-8 sequence at s[0..n), or 0 if
- * none starts there; in that case *bad is the length of the maximal invalid
- * subpart (at least 1), which the caller replaces with a single U+FFFD, as
- * the Unicode standard recommends ("U+FFFD substitution of maximal
- * subparts"). The bounds on the second byte follow Table 3-7 of the
- * standard, which rules out overlong forms, surrogates (ED A0..BF) and code
- * points above U+10FFFF in one place; a sequence cut short by the end of the
- * input is a maximal subpart like any other. NUL is treated as invalid
- * because Postgres text cannot hold it.
- */
-static size_t utf8_seq(const unsigned char *s, size_t n, size_t *bad)
-{
-    unsigned c = s[0];
-    size_t need;
-    unsigned lo = 0x80, hi = 0xBF;
-
-    *bad = 1;
-    if (c >= 0x01 && c <= 0x7F)
-        return 1;
-    if (c >= 0xC2 && c <= 0xDF) {
-        need = 2;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-        need = 3;
-        if (c == 0xE0)
-            lo = 0xA0;
-        else if (c == 0xED)
-            hi = 0x9F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-        need = 4;
-        if (c == 0xF0)
-            lo = 0x90;
-        else if (c == 0xF4)
-            hi = 0x8F;
-    } else {
-        /* NUL, a stray continuation byte, C0/C1 (always overlong) or F5..FF. */
-        return 0;
-    }
-    for (size_t i = 1; i < need; i++) {
-        if (i >= n) {
-            *bad = i;
-            return 0;
-        }
-        unsigned x = s[i];
-        unsigned l = i == 1 ? lo : 0x80, h = i == 1 ? hi : 0xBF;
-        if (x < l || x > h) {
-            *bad = i;
-            return 0;
-        }
-    }
-    return need;
-}
-
-/*
  * Appends s[0..n) as valid UTF-8 without NUL bytes. Every text value goes
  * through here, not only rejected payloads, because one bad byte anywhere
  * would make Postgres refuse the whole COPY and so the flush, again and
@@ -319,7 +268,7 @@ static void put_utf8(sbuf_t *b, const char *str, size_t n)
             continue;
         }
         size_t bad;
-        size_t k = utf8_seq(s + i, n - i, &bad);
+        size_t k = cm_utf8_seq(s + i, n - i, &bad);
         if (k == 0) {
             memcpy(o, REPLACEMENT, 3);
             o += 3;
