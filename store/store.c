@@ -4,6 +4,7 @@
 #include "store/store.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +44,38 @@ struct st_txn {
     int rw;
     MDB_cursor *cur[ST_DB__COUNT];
 };
+
+/*
+ * The key order of every database: bytes compared as unsigned, then the
+ * shorter key first. That is exactly LMDB's default order (mdb_cmp_memn),
+ * so a database stays readable by anything that opens it without this
+ * function (mdb_dump, mdb_stat). It is faster because the default calls
+ * memcmp for keys that are mostly 8 to 24 bytes: a callgrind profile of a
+ * 200 000-event run counted 39 instructions per comparison, 4.3 million
+ * comparisons, 6.6 % of the loop thread. Eight bytes are compared at a
+ * time as big-endian words (the first differing byte decides either way).
+ */
+static int key_cmp(const MDB_val *a, const MDB_val *b)
+{
+    const unsigned char *p = a->mv_data, *q = b->mv_data;
+    size_t n = a->mv_size < b->mv_size ? a->mv_size : b->mv_size;
+    for (; n >= 8; n -= 8, p += 8, q += 8) {
+        uint64_t x, y;
+        memcpy(&x, p, 8);
+        memcpy(&y, q, 8);
+        if (x != y) {
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            x = __builtin_bswap64(x);
+            y = __builtin_bswap64(y);
+#endif
+            return x < y ? -1 : 1;
+        }
+    }
+    for (; n; n--, p++, q++)
+        if (*p != *q)
+            return *p < *q ? -1 : 1;
+    return a->mv_size < b->mv_size ? -1 : a->mv_size > b->mv_size;
+}
 
 /* Translate an LMDB return code into the store's codes at the boundary. */
 static int xlate(int rc)
@@ -126,6 +159,8 @@ int st_open(const char *dir, size_t map_size, enum st_sync sync, st_env_t **out)
         goto fail;
     for (int i = 0; i < ST_DB__COUNT; i++) {
         rc = mdb_dbi_open(txn, db_names[i], MDB_CREATE, &e->dbi[i]);
+        if (rc == 0)
+            rc = mdb_set_compare(txn, e->dbi[i], key_cmp);
         if (rc) {
             mdb_txn_abort(txn);
             goto fail;

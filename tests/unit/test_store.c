@@ -1,0 +1,201 @@
+/*
+ * test_store.c - the LMDB wrapper (store/store.c): the key order every database uses,
+ * which must be LMDB's default order exactly (the store sets its own, faster comparison
+ * function), so that lookups, cursor walks and any tool that opens the state without
+ * that function (mdb_dump, mdb_stat) agree; and the refusal of a second open.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <lmdb.h>
+
+#include "store/store.h"
+
+#define NKEYS 4000
+#define KEYMAX 40
+
+typedef struct key {
+    size_t n;
+    uint8_t b[KEYMAX];
+} tkey_t;
+
+static uint64_t rng = 88172645463325252ULL;
+static uint64_t rnd(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+}
+
+/* LMDB's documented default: bytes as unsigned, then the shorter key first. */
+static int ref_cmp(const void *x, const void *y)
+{
+    const tkey_t *a = x, *b = y;
+    size_t m = a->n < b->n ? a->n : b->n;
+    int c = memcmp(a->b, b->b, m);
+    if (c)
+        return c;
+    return a->n < b->n ? -1 : a->n > b->n;
+}
+
+/*
+ * Keys built to hit every branch of a word-at-a-time comparison: long shared
+ * prefixes (the first difference in any byte of the first, second or a later
+ * word), bytes 0x00, 0x7f, 0x80 and 0xff (a signed comparison orders them
+ * wrongly), keys that are prefixes of others, and lengths around 8 and 16.
+ * Distinct keys only (the database keeps one of equal keys).
+ */
+static size_t make_keys(tkey_t *k, size_t want)
+{
+    static const uint8_t alpha[] = {0x00, 0x01, 0x7f, 0x80, 0xfe, 0xff, 'a', 'u', '0'};
+    size_t n = 0;
+    while (n < want) {
+        tkey_t *e = &k[n];
+        if (n > 0 && rnd() % 3 != 0) {
+            /* A neighbour of an earlier key: the same prefix, then a change. */
+            const tkey_t *o = &k[rnd() % n];
+            *e = *o;
+            size_t at = o->n ? (size_t)(rnd() % o->n) : 0;
+            switch (rnd() % 3) {
+            case 0: /* one byte changed */
+                e->b[at] = alpha[rnd() % sizeof alpha];
+                break;
+            case 1: /* cut: a proper prefix */
+                e->n = at ? at : 1;
+                break;
+            default: /* extended */
+                while (e->n < KEYMAX && rnd() % 4 != 0)
+                    e->b[e->n++] = alpha[rnd() % sizeof alpha];
+                break;
+            }
+        } else {
+            e->n = 1 + (size_t)(rnd() % KEYMAX);
+            for (size_t i = 0; i < e->n; i++)
+                e->b[i] = alpha[rnd() % sizeof alpha];
+        }
+        int dup = 0;
+        for (size_t i = 0; i < n && !dup; i++)
+            dup = ref_cmp(&k[i], e) == 0;
+        if (!dup)
+            n++;
+    }
+    return n;
+}
+
+static void rm_rf(const char *dir)
+{
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+static void test_key_order_is_lmdb_default(void **state)
+{
+    (void)state;
+    tkey_t *keys = calloc(NKEYS, sizeof *keys);
+    assert_non_null(keys);
+    size_t n = make_keys(keys, NKEYS);
+    char dir[] = "/tmp/test_store_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    st_env_t *env;
+    assert_int_equal(st_open(dir, 64 << 20, ST_SYNC_NONE, &env), 0);
+    st_txn_t *txn;
+    assert_int_equal(st_begin(env, 0, &txn), 0);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t v = (uint32_t)i;
+        assert_int_equal(st_put(txn, env, ST_DB_SESSIONS, keys[i].b, keys[i].n, &v, sizeof v), 0);
+    }
+    assert_int_equal(st_commit(txn), 0);
+    uint32_t *at = malloc(n * sizeof *at); /* the value of each key in sorted order */
+    assert_non_null(at);
+    qsort(keys, n, sizeof *keys, ref_cmp);
+
+    /* Through the store: a walk in the reference order, and every lookup finds its key. */
+    assert_int_equal(st_begin(env, 1, &txn), 0);
+    st_cursor_t cur;
+    st_val_t k, v;
+    assert_int_equal(st_cur_open(txn, env, ST_DB_SESSIONS, &cur), 0);
+    uint8_t zero = 0;
+    int r = st_cur_seek(&cur, &zero, 1, &k, &v);
+    for (size_t i = 0; i < n; i++) {
+        assert_int_equal(r, 0);
+        assert_int_equal(k.n, keys[i].n);
+        assert_memory_equal(k.p, keys[i].b, k.n);
+        memcpy(&at[i], v.p, sizeof at[i]);
+        r = st_cur_next(&cur, &k, &v);
+    }
+    assert_int_equal(r, ST_ENOTFOUND);
+    st_cur_close(&cur);
+    for (size_t i = 0; i < n; i++) {
+        assert_int_equal(st_get(txn, env, ST_DB_SESSIONS, keys[i].b, keys[i].n, &v), 0);
+        uint32_t got;
+        memcpy(&got, v.p, sizeof got);
+        assert_int_equal(got, at[i]);
+    }
+    st_abort(txn);
+    st_close(env);
+
+    /* Through LMDB alone, with its default comparison: the same order and the same
+     * lookups, so the state file is valid for any LMDB tool. */
+    MDB_env *me;
+    MDB_txn *mt;
+    MDB_dbi dbi;
+    MDB_cursor *mc;
+    MDB_val mk, mv;
+    assert_int_equal(mdb_env_create(&me), 0);
+    assert_int_equal(mdb_env_set_maxdbs(me, 32), 0);
+    assert_int_equal(mdb_env_open(me, dir, MDB_RDONLY, 0600), 0);
+    assert_int_equal(mdb_txn_begin(me, NULL, MDB_RDONLY, &mt), 0);
+    assert_int_equal(mdb_dbi_open(mt, "sessions", 0, &dbi), 0);
+    assert_int_equal(mdb_cursor_open(mt, dbi, &mc), 0);
+    r = mdb_cursor_get(mc, &mk, &mv, MDB_FIRST);
+    for (size_t i = 0; i < n; i++) {
+        assert_int_equal(r, 0);
+        assert_int_equal(mk.mv_size, keys[i].n);
+        assert_memory_equal(mk.mv_data, keys[i].b, mk.mv_size);
+        r = mdb_cursor_get(mc, &mk, &mv, MDB_NEXT);
+    }
+    assert_int_equal(r, MDB_NOTFOUND);
+    mdb_cursor_close(mc);
+    for (size_t i = 0; i < n; i++) {
+        mk.mv_size = keys[i].n;
+        mk.mv_data = keys[i].b;
+        assert_int_equal(mdb_get(mt, dbi, &mk, &mv), 0);
+    }
+    mdb_txn_abort(mt);
+    mdb_env_close(me);
+    free(at);
+    free(keys);
+    rm_rf(dir);
+}
+
+static void test_second_open_refused(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_store_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    st_env_t *a, *b = NULL;
+    assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &a), 0);
+    assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &b), ST_EBUSY);
+    assert_null(b);
+    st_close(a);
+    assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &b), 0);
+    st_close(b);
+    rm_rf(dir);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_key_order_is_lmdb_default),
+        cmocka_unit_test(test_second_open_refused),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
