@@ -393,6 +393,20 @@ static int sess_decode(const st_val_t *v, sess_t *s)
     return r.bad ? AGG_ESTATE : 0;
 }
 
+/* The end and partition of an encoded session, without its strings: what
+ * the compactor needs of the many sessions it looks at and keeps (a full
+ * sess_decode was 2.7 % of the loop thread's instructions there). */
+static int sess_peek(const st_val_t *v, int64_t *end, int32_t *partition)
+{
+    rd_t r = {v->p, v->n, 0, 0};
+    int64_t start = r_i64(&r);
+    *end = r_delta(&r, start);
+    for (int i = 0; i <= C_N; i++) /* the counters and the revenue */
+        (void)r_i64(&r);
+    *partition = r_i32(&r);
+    return r.bad ? AGG_ESTATE : 0;
+}
+
 static size_t user_encode(const user_t *u, const int32_t *weeks, uint8_t *buf, size_t cap)
 {
     wr_t w = {buf, 0, cap, 0};
@@ -3357,14 +3371,16 @@ static int sweep_final(agg_t *a, int which, const st_val_t *k, const st_val_t *v
         return more == 0 && final;
     }
     if (which == SW_SESSIONS) {
+        int64_t end;
+        int32_t part;
         sess_t s;
-        if (sess_decode(v, &s) != 0)
-            return 0;
         /* No accepted event can reach a session that ended more than a
-         * gap before the horizon; its row in Postgres is final. */
-        if (!(s.end + a->gap < horizon(a, s.partition)))
+         * gap before the horizon; its row in Postgres is final. A record
+         * that does not decode whole is never final. */
+        if (sess_peek(v, &end, &part) != 0 || !(end + a->gap < horizon(a, part)) ||
+            is_dirty(a, TAG_SESSION, k->p, k->n) || is_dirty(a, TAG_SESSION_NEW, k->p, k->n))
             return 0;
-        return !is_dirty(a, TAG_SESSION, k->p, k->n) && !is_dirty(a, TAG_SESSION_NEW, k->p, k->n);
+        return sess_decode(v, &s) == 0;
     }
     /* A user's day of funnel stages: final once the day lies behind the
      * horizon and none of the user's sessions that day is still live. */
