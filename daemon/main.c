@@ -607,9 +607,12 @@ static void on_parsed(void *ud, ing_batch_t *b)
     }
     d->held[d->n_held++] = b;
     if (d->wait_t0) {
-        *(d->wait_validating ? &d->wait_validation_ms : &d->wait_kafka_ms) +=
-            cm_mono_ms() - d->wait_t0;
+        double w = cm_mono_ms() - d->wait_t0;
+        *(d->wait_validating ? &d->wait_validation_ms : &d->wait_kafka_ms) += w;
         d->wait_t0 = 0;
+        if (w >= 20.0)
+            cm_debug("waited for input", "ms=%.1f for=%s messages=%zu", w,
+                     d->wait_validating ? "validation" : "kafka", b->n);
     }
     pump(d);
 }
