@@ -21,6 +21,7 @@
 
 #include "aggregator/agg.h"
 #include "store/store.h"
+#include "unit_rng.h"
 
 #define GAP 1800000LL
 #define DAY 86400000LL
@@ -35,10 +36,7 @@ typedef struct tev {
 static uint64_t rng = 88172645463325252ULL;
 static uint64_t rnd(void)
 {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return rng;
+    return ut_xorshift(&rng);
 }
 
 /* ---- the in-memory "Postgres" fed by flushes ---- */

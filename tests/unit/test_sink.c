@@ -10,6 +10,7 @@
  * skipped.
  */
 #include "sink/sink.c"
+#include "unit_rng.h"
 
 #include <inttypes.h>
 #include <setjmp.h>
@@ -273,9 +274,7 @@ static void test_bin_cents(void **state)
     /* Against printf over a spread of magnitudes. */
     uint64_t x = 88172645463325252ULL;
     for (int i = 0; i < 100000; i++) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        ut_xorshift(&x);
         int64_t v = (int64_t)(x >> (x % 60));
         if (i % 2)
             v = -v;

@@ -26,6 +26,7 @@
 #include <cmocka.h>
 
 #include "aggregator/stats.h"
+#include "unit_rng.h"
 
 /* |got - want| <= rel * |want|, with a message that shows both values. */
 static void near_rel(double got, double want, double rel, const char *what)
@@ -918,10 +919,7 @@ static void test_seq_shrinks(void **state)
 static uint64_t rng_state = 0x9E3779B97F4A7C15ULL;
 static uint64_t rnd(void)
 {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return rng_state;
+    return ut_xorshift(&rng_state);
 }
 
 static double unif(void)

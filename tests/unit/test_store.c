@@ -16,6 +16,7 @@
 #include <lmdb.h>
 
 #include "store/store.h"
+#include "unit_rng.h"
 
 #define NKEYS 4000
 #define KEYMAX 40
@@ -28,10 +29,7 @@ typedef struct key {
 static uint64_t rng = 88172645463325252ULL;
 static uint64_t rnd(void)
 {
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return rng;
+    return ut_xorshift(&rng);
 }
 
 /* LMDB's documented default: bytes as unsigned, then the shorter key first. */

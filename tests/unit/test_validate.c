@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "ingest/validate.h"
+#include "unit_rng.h"
 
 /* 2024-01-01T00:00:00Z, the ts of most test events. */
 #define T0 1704067200000LL
@@ -1121,9 +1122,7 @@ static void test_fast_path_equals_jansson(void **state)
         memcpy(buf, seed, len);
         int edits = 1 + (int)(round % 3);
         for (int e = 0; e < edits && len > 0; e++) {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
+            ut_xorshift(&rng);
             size_t at = (size_t)(rng % len);
             char ch = alphabet[(rng >> 32) % (sizeof alphabet - 1)];
             switch ((rng >> 20) % 4) {
