@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Self-test of the bench's scale analysis (tools/bench.d/benchlib.py `scale`): synthetic
-# samples of a daemon whose loop thread spends known shares of its time in CPU, run-queue
-# waits, commits and its poll must come back as those shares per window, with the events/s
-# and CPU per event the samples imply. Needs python3 only.
+# Self-test of the bench's analyses (tools/bench.d/benchlib.py). The scale analysis
+# (`scale`): synthetic samples of a daemon whose loop thread spends known shares of its
+# time in CPU, run-queue waits, commits and its poll must come back as those shares per
+# window, with the events/s and CPU per event the samples imply. The A/B summary
+# (`ab-summary`, behind `--compare`): medians, B/A and pairs won of synthetic runs.
+# Needs python3 only.
 #
 #   bash tests/integration/test_bench_selftest.sh
 set -euo pipefail
@@ -48,5 +50,42 @@ for w, exp in zip(ws, want):
         assert abs(w[k] - v) < 0.01, (k, w[k], v)
     assert w["loop_input_wait_kafka_share"] == 0.0, w
 print("bench scale analysis: the loop thread's shares per window come back as sampled")
+PY
+
+# The A/B summary (`ab-summary`, behind --compare): three pairs of synthetic throughput
+# runs with known figures must give back each side's median, B/A and the pairs B won,
+# with "better" in the right direction (events/s higher, CPU lower); a figure missing
+# from a run is left out of that pair only.
+"$CM_PY" - "$CM_DIR" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+a_eps, b_eps = [200000, 210000, 190000], [220000, 205000, 230000]
+a_cpu, b_cpu = [5.0, 5.2, 4.8], [4.9, 5.3, 4.0]
+for i in range(3):
+    for side, eps, cpu in (("a", a_eps[i], a_cpu[i]), ("b", b_eps[i], b_cpu[i])):
+        daemon = {"end_to_end_events_per_s": eps, "cpu_s": cpu}
+        if not (side == "b" and i == 2):
+            daemon["peak_rss_mb"] = 1000.0 + i
+        json.dump({"params": {"seed": "1"}, "daemon": daemon},
+                  open(os.path.join(d, "pair%d-%s.json" % (i + 1, side)), "w"))
+PY
+files=()
+for i in 1 2 3; do files+=("$CM_DIR/pair$i-a.json" "$CM_DIR/pair$i-b.json"); done
+"$CM_PY" "$LIB" ab-summary "$CM_DIR/ab.json" throughput /x/A /x/B "${files[@]}" >"$CM_DIR/ab.txt"
+grep -q 'end to end, events/s' "$CM_DIR/ab.txt" || cm_die "no events/s line: $(cat "$CM_DIR/ab.txt")"
+"$CM_PY" - "$CM_DIR/ab.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["pairs"] == 3 and r["a"] == "/x/A" and r["b"] == "/x/B", r
+m = {x["figure"]: x for x in r["metrics"]}
+e = m["end to end, events/s"]
+assert (e["a_median"], e["b_median"], e["b_better_pairs"]) == (200000, 220000, 2), e
+assert abs(e["b_over_a"] - 1.1) < 1e-9, e
+c = m["clickmartd CPU, s"]
+assert (c["a_median"], c["b_median"], c["b_better_pairs"]) == (5.0, 4.9, 2), c
+rss = m["peak RSS, MB"]
+assert rss["pairs"] == 2 and rss["b_better_pairs"] == 0, rss
+assert "consume, events/s" not in m, m  # in no run: left out
+print("bench A/B summary: medians, B/A and pairs won come back as built")
 PY
 echo "PASS test_bench_selftest"

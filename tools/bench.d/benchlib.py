@@ -13,6 +13,7 @@
     benchlib.py perf-windows ...                                 scale mode --perf recorder
     benchlib.py scale ...                                        scale mode analysis
     benchlib.py report MODE KV-FILE JSON-OUT [BASELINE]          summary table + JSON
+    benchlib.py ab-summary OUT MODE A B JSON...                  --compare: pairs -> table + JSON
 """
 
 import bisect
@@ -1257,6 +1258,99 @@ def proc_cpu(pid):
     print(total)
 
 
+# --------------------------------------------------------------------------- A/B (--compare)
+
+# The figures an A/B compares: (label, path in a run's JSON, which way is better).
+AB_METRICS = {
+    "throughput": [
+        ("end to end, events/s", ("daemon", "end_to_end_events_per_s"), "higher"),
+        ("consume, events/s", ("daemon", "consume_events_per_s"), "higher"),
+        ("clickmartd CPU, s", ("daemon", "cpu_s"), "lower"),
+        ("loop thread CPU, us/event", ("daemon", "loop_thread_cpu_us_per_event"), "lower"),
+        ("loop thread in commits, s", ("daemon", "loop_thread_commit_s"), "lower"),
+        ("whole machine CPU, s", ("daemon", "machine_cpu_s"), "lower"),
+        ("peak RSS, MB", ("daemon", "peak_rss_mb"), "lower"),
+    ],
+    "steady": [
+        ("freshness p99, s", ("steps", 0, "p99_s"), "lower"),
+        ("freshness p50, s", ("steps", 0, "p50_s"), "lower"),
+        ("newest of a flush p50, s", ("steps", 0, "step_newest_p50_s"), "lower"),
+        ("clickmartd cores", ("steps", 0, "daemon_cpu_cores"), "lower"),
+    ],
+}
+
+
+def ab_get(doc, path):
+    for k in path:
+        try:
+            doc = doc[k]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return doc if isinstance(doc, (int, float)) and not isinstance(doc, bool) else None
+
+
+def median(vals):
+    v = sorted(vals)
+    n = len(v)
+    return None if n == 0 else (v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2.0)
+
+
+def ab_summary(args):
+    """ab-summary OUT MODE A B FILE...: FILE names end in pairI-a.json or pairI-b.json.
+    Per figure: the median of each side, B/A of the medians, each side's range, and in
+    how many pairs B did better than A (ties count for neither)."""
+    out, mode, name_a, name_b, files = args[0], args[1], args[2], args[3], args[4:]
+    runs = {}
+    for f in files:
+        m = re.search(r"pair(\d+)-([ab])\.json$", f)
+        if not m:
+            raise SystemExit("ab-summary: cannot tell the pair and side of %s" % f)
+        runs[(int(m.group(1)), m.group(2))] = json.load(open(f))
+    pairs = sorted({p for p, _ in runs})
+    for p in pairs:
+        if (p, "a") not in runs or (p, "b") not in runs:
+            raise SystemExit("ab-summary: pair %d lacks a side" % p)
+    res = {"tool": "clickmart tools/bench", "mode": "ab-" + mode,
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "machine": machine_info(), "a": name_a, "b": name_b, "pairs": len(pairs),
+           "params": runs[(pairs[0], "a")].get("params", {}), "metrics": []}
+    lines = ["clickmart bench: A/B, %s mode, %d pairs (order A B, B A, ...), %s"
+             % (mode, len(pairs), res["date"]),
+             "A: %s" % name_a, "B: %s" % name_b, "",
+             "%-28s %7s %12s %12s %7s %23s %23s %10s" % ("figure", "better", "A median", "B median",
+                                                       "B/A", "A range", "B range", "B better")]
+
+    def f(x):
+        if x is None:
+            return "n/a"
+        return "{:,.0f}".format(x) if abs(x) >= 1000 else "{:.3g}".format(x)
+
+    for label, path, better in AB_METRICS[mode]:
+        va = [ab_get(runs[(p, "a")], path) for p in pairs]
+        vb = [ab_get(runs[(p, "b")], path) for p in pairs]
+        both = [(a, b) for a, b in zip(va, vb) if a is not None and b is not None]
+        if not both:
+            continue
+        wins = sum(1 for a, b in both if (b > a if better == "higher" else b < a))
+        ma, mb = median([a for a, _ in both]), median([b for _, b in both])
+        ratio = mb / ma if ma else None
+        res["metrics"].append({"figure": label, "better": better, "a": va, "b": vb,
+                               "a_median": ma, "b_median": mb,
+                               "b_over_a": None if ratio is None else round(ratio, 4),
+                               "b_better_pairs": wins, "pairs": len(both)})
+        lines.append("%-28s %7s %12s %12s %7s %23s %23s %10s" % (
+            label, better, f(ma), f(mb), "n/a" if ratio is None else "%.3f" % ratio,
+            "%s - %s" % (f(min(a for a, _ in both)), f(max(a for a, _ in both))),
+            "%s - %s" % (f(min(b for _, b in both)), f(max(b for _, b in both))),
+            "%d of %d" % (wins, len(both))))
+    lines += ["", "A difference inside both sides' ranges, or B better in about half of the pairs,",
+              "is the machine's noise, not the change."]
+    with open(out, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print("\n".join(lines))
+    print("\nJSON: %s" % out)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1291,6 +1385,8 @@ def main():
         scale(args)
     elif cmd == "report":
         report(args)
+    elif cmd == "ab-summary":
+        ab_summary(args)
     else:
         print("benchlib.py: unknown command %s" % cmd, file=sys.stderr)
         sys.exit(2)
