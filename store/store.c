@@ -314,6 +314,22 @@ int st_cur_seek(st_cursor_t *cur, const void *k, size_t kn, st_val_t *key, st_va
     return cur_get(cur, &mk, MDB_SET_RANGE, key, val);
 }
 
+int st_seek(st_txn_t *txn, st_env_t *e, enum st_db db, const void *k, size_t kn, st_val_t *key,
+            st_val_t *val)
+{
+    st_cursor_t cur = {wcur(txn, e, db)};
+    int own = cur.c == NULL;
+    if (own) {
+        int rc = mdb_cursor_open(txn->t, e->dbi[db], &cur.c);
+        if (rc)
+            return xlate(rc);
+    }
+    int r = st_cur_seek(&cur, k, kn, key, val);
+    if (own)
+        mdb_cursor_close(cur.c);
+    return r;
+}
+
 int st_cur_next(st_cursor_t *cur, st_val_t *key, st_val_t *val)
 {
     MDB_val mk = {0, NULL};

@@ -82,6 +82,15 @@ int st_put(st_txn_t *txn, st_env_t *env, enum st_db db, const void *k, size_t kn
            size_t vn);
 int st_del(st_txn_t *txn, st_env_t *env, enum st_db db, const void *k, size_t kn);
 
+/*
+ * The first key >= k and its value (0, ST_ENOTFOUND or an error), through the
+ * write transaction's own cursor on db, like st_get: seeks in key order then
+ * mostly stay on the cursor's leaf page. A read transaction gets a cursor for
+ * the call. key and val are valid as st_get's value is.
+ */
+int st_seek(st_txn_t *txn, st_env_t *env, enum st_db db, const void *k, size_t kn, st_val_t *key,
+            st_val_t *val);
+
 /* Cursors. seek: first key >= k. Each returns 0, ST_ENOTFOUND or an error. */
 int st_cur_open(st_txn_t *txn, st_env_t *env, enum st_db db, st_cursor_t *cur);
 int st_cur_seek(st_cursor_t *cur, const void *k, size_t kn, st_val_t *key, st_val_t *val);
