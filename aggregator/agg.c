@@ -754,6 +754,7 @@ typedef struct centry {
     uint8_t vn;      /* 0: the row is absent */
     uint8_t changed; /* written back at commit */
     uint8_t tag;     /* the dirty mark the row gets at commit (0: none) */
+    uint8_t xmarked; /* x_contrib marked this variant's experiment in this batch */
     uint8_t v[CVAL_MAX];
     uint8_t k[KEY_MAX];
 } centry_t;
@@ -1756,6 +1757,7 @@ static int cache_row(agg_t *a, enum st_db db, const uint8_t *k, size_t kn, centr
         memcpy(e->v, v.p, e->vn);
     e->changed = 0;
     e->tag = 0;
+    e->xmarked = 0;
     size_t j = h & (c->icap - 1);
     while (c->idx[j])
         j = (j + 1) & (c->icap - 1);
@@ -2896,6 +2898,11 @@ static int x_contrib(agg_t *a, const uint8_t *ek, size_t ekn, const xuser_t *x, 
     memcpy(e->v, &sf, sizeof sf);
     e->vn = sizeof sf;
     e->changed = 1;
+    /* The experiment's marks go into the dirty set once per variant and
+     * batch (the cache and the set both live for the batch); add_counters
+     * may move the cache's entries, so e is not used after it. */
+    int mark = !e->xmarked;
+    e->xmarked = 1;
     uint8_t ck[KEY_MAX];
     memcpy(ck, vk, vkn);
     int64_t ev = x->events > INT32_MAX ? INT32_MAX : x->events;
@@ -2903,6 +2910,8 @@ static int x_contrib(agg_t *a, const uint8_t *ek, size_t ekn, const xuser_t *x, 
     int64_t d[2] = {sign, (int64_t)sign * (x->orders > 0)};
     if ((r = add_counters(a, ST_DB_XCELL, 0, ck, vkn + 4, d, 2)))
         return r;
+    if (!mark)
+        return 0;
     if ((r = mark_dirty(a, TAG_REGRESSION, ek, ekn)))
         return r;
     return mark_dirty(a, TAG_EXPERIMENT, ek, ekn);
