@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -1289,12 +1290,6 @@ def ab_get(doc, path):
     return doc if isinstance(doc, (int, float)) and not isinstance(doc, bool) else None
 
 
-def median(vals):
-    v = sorted(vals)
-    n = len(v)
-    return None if n == 0 else (v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2.0)
-
-
 def ab_summary(args):
     """ab-summary OUT MODE A B FILE...: FILE names end in pairI-a.json or pairI-b.json.
     Per figure: the median of each side, B/A of the medians, each side's range, and in
@@ -1332,7 +1327,7 @@ def ab_summary(args):
         if not both:
             continue
         wins = sum(1 for a, b in both if (b > a if better == "higher" else b < a))
-        ma, mb = median([a for a, _ in both]), median([b for _, b in both])
+        ma, mb = statistics.median([a for a, _ in both]), statistics.median([b for _, b in both])
         ratio = mb / ma if ma else None
         res["metrics"].append({"figure": label, "better": better, "a": va, "b": vb,
                                "a_median": ma, "b_median": mb,
