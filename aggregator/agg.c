@@ -1109,12 +1109,15 @@ struct agg {
     dlog_t fresh; /* ids added by the open batch: logged on commit, undone on abort */
     dlog_t swept; /* ids the open batch's compactor dropped, applied on commit */
     /* The open batch's accepted events, queued for their mart updates
-     * (agg_batch_drain): copies in evbuf, sorted by user before applying. */
+     * (agg_batch_drain): packed copies in evbuf (ing_pack), sorted by user
+     * before applying, each unpacked into uev for its turn. */
     struct pev *pev;
     size_t n_pev, cap_pev, pev_done;
     int pev_sorted;
     uint8_t *evbuf;
     size_t evlen, evcap;
+    ing_event_t *uev; /* scratch: the event being applied, unpacked */
+    uint64_t *pack;   /* scratch: agg_apply_event's packed copy (ING_PACKED_MAX) */
     /* The batch's retained-event puts, written sorted by key (xq_write). */
     uint8_t *xq;
     size_t xq_len, xq_cap;
@@ -1471,6 +1474,8 @@ void agg_close(agg_t *a)
         agg_batch_abort(a);
     free(a->pev);
     free(a->evbuf);
+    free(a->uev);
+    free(a->pack);
     free(a->xq);
     free(a->xq_off);
     free(a->xq_sorted);
@@ -3137,14 +3142,14 @@ int agg_apply_reject(agg_t *a, int32_t partition, int64_t offset, ing_reason_t r
 typedef struct pev {
     uint64_t k[2]; /* the first 16 bytes of the user key, big-endian, 0-padded */
     int64_t ts;
-    size_t off; /* the event's copy in evbuf */
+    size_t off; /* the event's packed copy in evbuf */
     int32_t partition;
     uint32_t seq; /* arrival order, the last tie-break */
 } pev_t;
 
-static const ing_event_t *pev_event(const uint8_t *evbuf, const pev_t *q)
+static const ing_packed_t *pev_event(const uint8_t *evbuf, const pev_t *q)
 {
-    return (const ing_event_t *)(const void *)(evbuf + q->off);
+    return (const ing_packed_t *)(const void *)(evbuf + q->off);
 }
 
 /* Order of two queued events; arg is the arena of the event copies. The
@@ -3156,11 +3161,13 @@ static inline int pev_cmp(const void *arg, const pev_t *p, const pev_t *q)
         if (p->k[i] != q->k[i])
             return p->k[i] < q->k[i] ? -1 : 1;
     /* Equal first 16 bytes: the same length byte and first 15 id bytes. */
-    const ing_event_t *ea = pev_event(arg, p);
-    if (ea->user_id_len >= PEV_KEY_LEN) {
-        const ing_event_t *eb = pev_event(arg, q);
-        int c = memcmp(ea->user_id + PEV_KEY_LEN - 1, eb->user_id + PEV_KEY_LEN - 1,
-                       (size_t)ea->user_id_len - (PEV_KEY_LEN - 1));
+    const ing_packed_t *ea = pev_event(arg, p);
+    size_t ulen = ea->len[ING_PF_USER_ID];
+    if (ulen >= PEV_KEY_LEN) {
+        const ing_packed_t *eb = pev_event(arg, q);
+        int c =
+            memcmp(ing_packed_str(ea, ING_PF_USER_ID) + PEV_KEY_LEN - 1,
+                   ing_packed_str(eb, ING_PF_USER_ID) + PEV_KEY_LEN - 1, ulen - (PEV_KEY_LEN - 1));
         if (c)
             return c;
     }
@@ -3171,11 +3178,10 @@ static inline int pev_cmp(const void *arg, const pev_t *p, const pev_t *q)
 
 MSORT_DEFINE(pev_sort, pev_t, pev_cmp)
 
-/* Queue an accepted event: a copy of its used part (the items it has). */
-static int pev_push(agg_t *a, int32_t partition, const ing_event_t *ev)
+/* Queue an accepted event: a copy of its packed form. */
+static int pev_push(agg_t *a, int32_t partition, const ing_packed_t *ev)
 {
-    size_t n = offsetof(ing_event_t, items) + (size_t)ev->n_items * sizeof ev->items[0];
-    n = (n + 7) & ~(size_t)7;
+    size_t n = ev->size;
     int r = bytes_reserve(&a->evbuf, &a->evcap, a->evlen + n);
     if (r)
         return r;
@@ -3183,7 +3189,7 @@ static int pev_push(agg_t *a, int32_t partition, const ing_event_t *ev)
     memcpy(a->evbuf + a->evlen, ev, n);
     pev_t *q = &a->pev[a->n_pev];
     uint8_t uk[KEY_MAX];
-    size_t ukn = user_key(uk, ev->user_id, ev->user_id_len);
+    size_t ukn = user_key(uk, ing_packed_str(ev, ING_PF_USER_ID), ev->len[ING_PF_USER_ID]);
     prefix_words(uk, ukn, q->k);
     q->ts = ev->ts;
     q->off = a->evlen;
@@ -3234,6 +3240,8 @@ int agg_batch_drain(agg_t *a, size_t max_events)
         free(tmp);
         a->pev_sorted = 1;
     }
+    if (a->pev_done < a->n_pev && !a->uev && !(a->uev = malloc(sizeof *a->uev)))
+        return AGG_ENOMEM;
     for (size_t n = 0; a->pev_done < a->n_pev; n++) {
         if (max_events && n == max_events) {
             int r = wslots_write(a);
@@ -3243,11 +3251,12 @@ int agg_batch_drain(agg_t *a, size_t max_events)
         if (a->pev_done + PEV_PREFETCH < a->n_pev) {
             /* The sorted order visits the copies at random: fetch the one
              * applied a few events from now (its fixed part) ahead of time. */
-            const char *p = (const char *)pev_event(a->evbuf, q + PEV_PREFETCH);
-            for (size_t o = 0; o < offsetof(ing_event_t, items); o += 64)
-                __builtin_prefetch(p + o);
+            const ing_packed_t *p = pev_event(a->evbuf, q + PEV_PREFETCH);
+            __builtin_prefetch(p);
+            __builtin_prefetch((const char *)p + 64);
         }
-        int r = apply_marts(a, q->partition, pev_event(a->evbuf, q));
+        ing_unpack(pev_event(a->evbuf, q), a->uev);
+        int r = apply_marts(a, q->partition, a->uev);
         if (r)
             return r;
         a->pev_done++;
@@ -3260,6 +3269,16 @@ int agg_batch_drain(agg_t *a, size_t max_events)
 int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event_t *ev,
                     const char *payload, size_t len, int64_t now_ms)
 {
+    if (!a->pack && !(a->pack = malloc(ING_PACKED_MAX)))
+        return AGG_ENOMEM;
+    ing_pack(ev, a->pack);
+    return agg_apply_packed(a, partition, offset, (const ing_packed_t *)(void *)a->pack, payload,
+                            len, now_ms);
+}
+
+int agg_apply_packed(agg_t *a, int32_t partition, int64_t offset, const ing_packed_t *ev,
+                     const char *payload, size_t len, int64_t now_ms)
+{
     agg_partition_t *p;
     int r = get_part(a, partition, &p);
     if (r)
@@ -3268,7 +3287,7 @@ int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event
     if (p->watermark >= 0 && ev->ts < p->watermark - a->lateness)
         return agg_apply_reject(a, partition, offset, ING_R_TOO_LATE, "", payload, len, now_ms);
 
-    XXH128_hash_t h = XXH3_128bits(ev->event_id, ev->event_id_len);
+    XXH128_hash_t h = XXH3_128bits(ing_packed_str(ev, ING_PF_EVENT_ID), ev->len[ING_PF_EVENT_ID]);
     dkey_fix(&h.high64, &h.low64);
     if (dset_find(&a->dedup, h.high64, h.low64)) {
         p->duplicates++;

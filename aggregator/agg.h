@@ -89,6 +89,11 @@ int agg_batch_begin(agg_t *a);
 int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event_t *ev,
                     const char *payload, size_t len, int64_t now_ms);
 
+/* The same for an event already packed (ing_pack; the daemon's batches hold
+ * this form): ev is copied as it is, the caller keeps ownership. */
+int agg_apply_packed(agg_t *a, int32_t partition, int64_t offset, const ing_packed_t *ev,
+                     const char *payload, size_t len, int64_t now_ms);
+
 /*
  * Apply up to max_events (0: all) of the batch's queued mart updates: 0 when none is
  * left, 1 when some are, or an error (then abort the batch; ST_EMAPFULL as

@@ -281,8 +281,8 @@ static int apply_msg(dmn_t *d, const ing_batch_t *b, size_t i)
     const char *payload = msg->payload ? (const char *)msg->payload : "";
     size_t len = msg->payload ? msg->len : 0;
     if (res->reason == ING_OK)
-        return agg_apply_event(d->agg, msg->partition, msg->offset, res->ev, payload, len,
-                               b->now_ms);
+        return agg_apply_packed(d->agg, msg->partition, msg->offset, res->ev, payload, len,
+                                b->now_ms);
     return agg_apply_reject(d->agg, msg->partition, msg->offset, res->reason, res->detail, payload,
                             len, b->now_ms);
 }

@@ -27,17 +27,14 @@ struct ing_parser {
 };
 
 /* The bytes of an event that matter: the header and the items in use. */
-static size_t event_size(const ing_event_t *ev)
-{
-    return offsetof(ing_event_t, items) + (size_t)ev->n_items * sizeof(ing_item_t);
-}
-
 static void work_cb(uv_work_t *w)
 {
     job_t *j = w->data;
     ing_batch_t *b = j->b;
     ing_event_t *scratch = malloc(sizeof *scratch);
-    size_t cap = b->n * 512 + 4096, used = 0;
+    /* Packed events (ing_pack) are about 120 bytes; the arena doubles when a
+     * batch of larger ones needs it. */
+    size_t cap = b->n * 192 + 4096, used = 0;
     j->arena = malloc(cap);
     if (!scratch || !j->arena) {
         /* Without memory nothing is validated: every result says so and the
@@ -59,7 +56,7 @@ static void work_cb(uv_work_t *w)
         offs[i] = SIZE_MAX;
         if (r->reason != ING_OK)
             continue;
-        size_t need = (event_size(scratch) + 15) & ~(size_t)15;
+        size_t need = ing_pack_size(scratch);
         if (used + need > cap) {
             size_t nc = cap * 2 + need;
             char *na = realloc(j->arena, nc);
@@ -70,12 +67,13 @@ static void work_cb(uv_work_t *w)
             j->arena = na;
             cap = nc;
         }
-        memcpy(j->arena + used, scratch, event_size(scratch));
+        ing_pack(scratch, j->arena + used);
         offs[i] = used;
         used += need;
     }
     for (size_t i = 0; offs && i < b->n; i++)
-        b->res[i].ev = offs[i] == SIZE_MAX ? NULL : (const ing_event_t *)(j->arena + offs[i]);
+        b->res[i].ev =
+            offs[i] == SIZE_MAX ? NULL : (const ing_packed_t *)(void *)(j->arena + offs[i]);
     if (!offs)
         for (size_t i = 0; i < b->n; i++)
             b->res[i].reason = ING_R__COUNT;

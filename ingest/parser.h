@@ -25,7 +25,7 @@
 typedef struct ing_parsed {
     ing_reason_t reason;
     char detail[ING_PDETAIL_MAX];
-    const ing_event_t *ev; /* valid when reason == ING_OK; items[0..n_items) only */
+    const ing_packed_t *ev; /* valid when reason == ING_OK (ing_unpack reads it) */
 } ing_parsed_t;
 
 /* A validated batch. msgs and res are parallel arrays of n entries. */

@@ -1294,3 +1294,110 @@ int ing_validate_fast_path(const char *buf, size_t len)
     return buf != NULL && len > 0 && memchr(buf, '\0', len) == NULL &&
            fast_parse(buf, len, nodes, scratch) == 0;
 }
+
+/* ---------------------------------------------------------------------- */
+/* The packed form (validate.h, ing_packed_t).                            */
+
+/* The strings of an event in ING_PF_* order, with their lengths. */
+static void packed_fields(const ing_event_t *ev, const char *str[ING_PF__COUNT],
+                          uint8_t len[ING_PF__COUNT])
+{
+    str[ING_PF_EVENT_ID] = ev->event_id;
+    len[ING_PF_EVENT_ID] = ev->event_id_len;
+    str[ING_PF_USER_ID] = ev->user_id;
+    len[ING_PF_USER_ID] = ev->user_id_len;
+    str[ING_PF_EVENT_TYPE] = ev->event_type;
+    len[ING_PF_EVENT_TYPE] = ev->event_type_len;
+    str[ING_PF_DEVICE] = ev->device;
+    len[ING_PF_DEVICE] = ev->device_len;
+    str[ING_PF_COUNTRY] = ev->country;
+    len[ING_PF_COUNTRY] = ev->country_len;
+    str[ING_PF_PRODUCT_ID] = ev->product_id;
+    len[ING_PF_PRODUCT_ID] = ev->product_id_len;
+    str[ING_PF_EXPERIMENT] = ev->experiment;
+    len[ING_PF_EXPERIMENT] = ev->experiment_len;
+    str[ING_PF_VARIANT] = ev->variant;
+    len[ING_PF_VARIANT] = ev->variant_len;
+}
+
+/* The items that count: n_items, clamped to the array (never negative). */
+static size_t packed_items(const ing_event_t *ev)
+{
+    return ev->n_items <= 0 ? 0 : ev->n_items > ING_ITEMS_MAX ? ING_ITEMS_MAX : (size_t)ev->n_items;
+}
+
+size_t ing_pack_size(const ing_event_t *ev)
+{
+    const char *str[ING_PF__COUNT];
+    uint8_t len[ING_PF__COUNT];
+    packed_fields(ev, str, len);
+    size_t n = sizeof(ing_packed_t);
+    for (int i = 0; i < ING_PF__COUNT; i++)
+        n += len[i];
+    for (size_t i = 0; i < packed_items(ev); i++)
+        n += 1 + ev->items[i].product_id_len + 2 * sizeof(int64_t);
+    return (n + 7) & ~(size_t)7;
+}
+
+size_t ing_pack(const ing_event_t *ev, void *out)
+{
+    ing_packed_t *p = out;
+    const char *str[ING_PF__COUNT];
+    packed_fields(ev, str, p->len);
+    p->ts = ev->ts;
+    p->amount_cents = ev->amount_cents;
+    p->type = (uint8_t)ev->type;
+    p->n_items = (uint8_t)packed_items(ev);
+    p->pad_[0] = p->pad_[1] = 0;
+    char *w = (char *)(p + 1);
+    for (int i = 0; i < ING_PF__COUNT; i++) {
+        memcpy(w, str[i], p->len[i]);
+        w += p->len[i];
+    }
+    for (size_t i = 0; i < p->n_items; i++) {
+        const ing_item_t *it = &ev->items[i];
+        *w++ = (char)it->product_id_len;
+        memcpy(w, it->product_id, it->product_id_len);
+        w += it->product_id_len;
+        memcpy(w, &it->quantity, sizeof it->quantity);
+        w += sizeof it->quantity;
+        memcpy(w, &it->price_cents, sizeof it->price_cents);
+        w += sizeof it->price_cents;
+    }
+    size_t n = (size_t)(w - (char *)out);
+    size_t size = (n + 7) & ~(size_t)7;
+    memset(w, 0, size - n);
+    p->size = (uint32_t)size;
+    return size;
+}
+
+void ing_unpack(const ing_packed_t *p, ing_event_t *out)
+{
+    memset(out, 0, offsetof(ing_event_t, items));
+    char *dst[ING_PF__COUNT] = {out->event_id, out->user_id,    out->event_type, out->device,
+                                out->country,  out->product_id, out->experiment, out->variant};
+    uint8_t *len[ING_PF__COUNT] = {&out->event_id_len,   &out->user_id_len, &out->event_type_len,
+                                   &out->device_len,     &out->country_len, &out->product_id_len,
+                                   &out->experiment_len, &out->variant_len};
+    const char *r = (const char *)(p + 1);
+    for (int i = 0; i < ING_PF__COUNT; i++) {
+        memcpy(dst[i], r, p->len[i]);
+        *len[i] = p->len[i];
+        r += p->len[i];
+    }
+    out->ts = p->ts;
+    out->amount_cents = p->amount_cents;
+    out->type = (ing_etype_t)p->type;
+    out->n_items = p->n_items;
+    for (size_t i = 0; i < p->n_items; i++) {
+        ing_item_t *it = &out->items[i];
+        it->product_id_len = (uint8_t)*r++;
+        memcpy(it->product_id, r, it->product_id_len);
+        it->product_id[it->product_id_len] = '\0';
+        r += it->product_id_len;
+        memcpy(&it->quantity, r, sizeof it->quantity);
+        r += sizeof it->quantity;
+        memcpy(&it->price_cents, r, sizeof it->price_cents);
+        r += sizeof it->price_cents;
+    }
+}

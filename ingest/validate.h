@@ -110,6 +110,71 @@ ing_reason_t ing_validate_reference(const char *buf, size_t len, int64_t now_ms,
  * jansson (tests use it to know the differential checks cover that path). */
 int ing_validate_fast_path(const char *buf, size_t len);
 
+/*
+ * A validated event packed for the queues between validation and the marts:
+ * the scalar fields, then the strings and items at their used lengths (an
+ * ing_event_t reserves the longest of each, about 680 bytes before its items;
+ * a typical event packs into about 120). Batches wait in memory until their
+ * LMDB commit, and every byte of them is memory the kernel must fault in and
+ * zero first, so the queues hold this form and the marts unpack one event at
+ * a time into a reused ing_event_t.
+ *
+ * Layout: this header, the strings of ING_PF_* in that order (no NULs), then
+ * n_items items of {uint8_t len, the product_id, int64_t quantity, int64_t
+ * price_cents} (the integers unaligned, read with memcpy); size counts it all,
+ * rounded up to a multiple of 8, so that packed events can follow each other
+ * in one buffer at 8-byte alignment.
+ */
+enum {
+    ING_PF_EVENT_ID,
+    ING_PF_USER_ID,
+    ING_PF_EVENT_TYPE,
+    ING_PF_DEVICE,
+    ING_PF_COUNTRY,
+    ING_PF_PRODUCT_ID,
+    ING_PF_EXPERIMENT,
+    ING_PF_VARIANT,
+    ING_PF__COUNT
+};
+
+typedef struct ing_packed {
+    int64_t ts;
+    int64_t amount_cents;
+    uint32_t size;   /* bytes of the whole record, a multiple of 8 */
+    uint8_t type;    /* ing_etype_t */
+    uint8_t n_items; /* 0 .. ING_ITEMS_MAX */
+    uint8_t len[ING_PF__COUNT];
+    uint8_t pad_[2];
+} ing_packed_t;
+
+/* A bound on any packed event: every length field at its largest value
+ * (255), not only at the contract's limits, so that a scratch buffer of
+ * this size holds whatever an ing_event_t's lengths say. */
+#define ING_PACKED_MAX                                                                             \
+    ((sizeof(ing_packed_t) + ING_PF__COUNT * 255 + ING_ITEMS_MAX * (1 + 255 + 16) + 7) & ~(size_t)7)
+
+/* Bytes ing_pack writes for ev (a multiple of 8, at most ING_PACKED_MAX).
+ * ev must be as ing_validate leaves it (lengths within their fields). */
+size_t ing_pack_size(const ing_event_t *ev);
+
+/* Pack ev into out (8-byte aligned, ing_pack_size(ev) bytes; the padding is
+ * zeroed). Returns the size written. Any thread. */
+size_t ing_pack(const ing_event_t *ev, void *out);
+
+/* Unpack p into out exactly as ing_validate left it: the scalar part is
+ * cleared first, strings are NUL-terminated, items[0..n_items) filled. */
+void ing_unpack(const ing_packed_t *p, ing_event_t *out);
+
+/* A packed event's strings (not NUL-terminated; their lengths are
+ * p->len[ING_PF_*]). Valid as long as p is. */
+static inline const char *ing_packed_str(const ing_packed_t *p, int field)
+{
+    const char *s = (const char *)(p + 1);
+    for (int i = 0; i < field; i++)
+        s += p->len[i];
+    return s;
+}
+
 /* Name of a reason as stored in rejected_events.reason ("invalid_json", ...). */
 const char *ing_reason_name(ing_reason_t r);
 

@@ -1050,7 +1050,50 @@ static void test_raw_nul_after_number(void **state)
 
 /* ---- the fast parser against jansson ---- */
 
-/* Validate buf both ways; the reasons, details and events must be identical. */
+/*
+ * Pack ev, unpack it again and compare: the scalar part byte for byte (both
+ * are cleared first), each item up to its NUL, and the packed record's own
+ * accessors. Returns the packed size.
+ */
+static size_t pack_round_trip(const ing_event_t *e)
+{
+    static uint64_t packed[ING_PACKED_MAX / 8 + 1];
+    static ing_event_t back;
+    memset(packed, 0xCD, sizeof packed);
+    memset(&back, 0xEF, sizeof back);
+    size_t want = ing_pack_size(e);
+    size_t got = ing_pack(e, packed);
+    const ing_packed_t *p = (const ing_packed_t *)(void *)packed;
+    assert_int_equal(got, want);
+    assert_int_equal(p->size, got);
+    assert_int_equal(got % 8, 0);
+    assert_true(got <= ING_PACKED_MAX);
+    /* The padding is written (zeroed), so packed buffers compare and hash alike. */
+    size_t used = sizeof *p;
+    for (int f = 0; f < ING_PF__COUNT; f++)
+        used += p->len[f];
+    for (int i = 0; i < e->n_items; i++)
+        used += 1 + e->items[i].product_id_len + 16;
+    for (size_t i = used; i < got; i++)
+        assert_int_equal(((const uint8_t *)packed)[i], 0);
+    assert_int_equal(p->len[ING_PF_USER_ID], e->user_id_len);
+    assert_memory_equal(ing_packed_str(p, ING_PF_USER_ID), e->user_id, e->user_id_len);
+    assert_int_equal(p->len[ING_PF_EVENT_ID], e->event_id_len);
+    assert_memory_equal(ing_packed_str(p, ING_PF_EVENT_ID), e->event_id, e->event_id_len);
+    ing_unpack(p, &back);
+    assert_memory_equal(&back, e, offsetof(ing_event_t, items));
+    for (int i = 0; i < e->n_items; i++) {
+        const ing_item_t *x = &e->items[i], *y = &back.items[i];
+        assert_int_equal(y->product_id_len, x->product_id_len);
+        assert_memory_equal(y->product_id, x->product_id, (size_t)x->product_id_len + 1);
+        assert_int_equal(y->quantity, x->quantity);
+        assert_int_equal(y->price_cents, x->price_cents);
+    }
+    return got;
+}
+
+/* Validate buf both ways; the reasons, details and events must be identical,
+ * and the accepted event must survive packing (pack_round_trip). */
 static void diff_one(const char *buf, size_t len)
 {
     static ing_event_t a, b;
@@ -1068,6 +1111,40 @@ static void diff_one(const char *buf, size_t len)
                     (int)len, buf, ing_reason_name(ra), da, ing_reason_name(rb), db);
         fail();
     }
+    if (ra == ING_OK)
+        pack_round_trip(&a);
+}
+
+/* The packed form at both ends: a plain page view packs into a small record,
+ * and an event with every string and item at the contract's longest packs
+ * within ING_PACKED_MAX and unpacks to itself. */
+static void test_pack_round_trip(void **state)
+{
+    (void)state;
+    assert_int_equal(run(PAGE_VIEW ",\"device\":\"mobile\",\"country\":\"DE\"}"), ING_OK);
+    size_t small = pack_round_trip(&ev);
+    assert_true(small <= 64);
+    assert_true(small < offsetof(ing_event_t, items) / 8);
+
+    char items[120000];
+    size_t n = 0;
+    for (int i = 0; i < ING_ITEMS_MAX; i++)
+        n += (size_t)snprintf(items + n, sizeof items - n,
+                              "%s{\"product_id\":\"%s%03d\",\"quantity\":%d,\"price\":%d.%02d}",
+                              i ? "," : "", rep('p', ING_ID_MAX - 3), i, i + 1, i * 7, i);
+    const char *big = fmt("{\"event_id\":\"%s\",\"user_id\":\"%s\",\"event_type\":\"purchase\","
+                          "\"ts\":1704067200000,\"device\":\"%s\",\"country\":\"%s\","
+                          "\"amount\":123.45,\"items\":[%s]}",
+                          rep('e', ING_ID_MAX), rep('u', ING_ID_MAX), rep('d', ING_ATTR_MAX),
+                          rep('c', ING_ATTR_MAX), items);
+    assert_int_equal(run_len(big, strlen(big)), ING_OK);
+    assert_int_equal(ev.n_items, ING_ITEMS_MAX);
+    assert_int_equal(ev.items[ING_ITEMS_MAX - 1].product_id_len, ING_ID_MAX);
+    pack_round_trip(&ev);
+
+    assert_int_equal(run(ASSIGN ",\"experiment\":\"checkout-v2\",\"variant\":\"treatment\"}"),
+                     ING_OK);
+    pack_round_trip(&ev);
 }
 
 static const char *const DIFF_SEEDS[] = {
@@ -1269,6 +1346,7 @@ int main(void)
         cmocka_unit_test(test_fast_path_equals_jansson),
         cmocka_unit_test(test_fast_path_escapes_and_utf8),
         cmocka_unit_test(test_fast_path_corpus),
+        cmocka_unit_test(test_pack_round_trip),
         cmocka_unit_test(test_etype_from),
         cmocka_unit_test(test_valid_page_view),
         cmocka_unit_test(test_other_event_type),
