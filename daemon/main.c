@@ -934,6 +934,40 @@ static void start_flush(dmn_t *d)
 /* How often the loop looks whether a part is due (start_part decides). */
 #define AHEAD_POLL_MS 20
 
+static int64_t part_end(dmn_t *d, int32_t p)
+{
+    int64_t e = d->cons ? ing_consumer_cached_end(d->cons, p) : -1;
+    if (e < 0 && d->ends)
+        e = d->ends[p];
+    return e;
+}
+
+/* Messages between the partitions' end offsets (librdkafka's cached high
+ * watermarks, or the end offsets of --exit-at-end) and the state's
+ * progress. */
+static int64_t consumer_lag(dmn_t *d)
+{
+    int64_t lag = 0;
+    for (int32_t p = 0; p < d->n_parts; p++) {
+        const agg_partition_t *pp = agg_partition(d->agg, p);
+        int64_t end = part_end(d, p), next = pp && pp->known ? pp->next_offset : 0;
+        if (end > next)
+            lag += end - next;
+    }
+    return lag;
+}
+
+/*
+ * Intake is catching up: --exit-at-end (a backfill that stops once it has
+ * caught up), or a backlog of at least a transaction's worth of messages.
+ * How fresh the tables are is then set by the backlog, not by when a flush
+ * starts, so parts need not keep clear of the tick (start_part).
+ */
+static int catching_up(dmn_t *d)
+{
+    return d->cfg.exit_at_end || consumer_lag(d) >= (int64_t)txn_limit(d);
+}
+
 /*
  * Write the rows changed since the last part or flush into the open
  * transaction (--flush-ahead-ms; docs/operations.md "Writing ahead"), so
@@ -948,11 +982,18 @@ static void start_part(dmn_t *d)
     if (d->inflight || d->fl_clear || d->flush_due || d->stopping || d->map_full ||
         d->ahead_blocked || now < d->next_try || d->batches == d->batches_at_send)
         return;
-    double need = d->part_ms > 0 ? 1.25 * d->part_ms : 0.0;
-    if (need < (double)d->cfg.flush_ahead_ms / 4)
-        need = (double)d->cfg.flush_ahead_ms / 4;
-    if ((double)uv_timer_get_due_in(&d->flush_timer) < need ||
-        now - d->last_send < (double)d->cfg.flush_ahead_ms)
+    /* At a steady rate a part that would likely still run at the tick is
+     * not started: the flush would wait for it. While catching up, Postgres
+     * would then sit idle until the tick, and whatever the parts did not
+     * write is left for the flushes, the last of them after intake has
+     * caught up (the final flush of --exit-at-end), so the parts go on and
+     * a flush due meanwhile starts when the part is done. */
+    double since = now - d->last_send, due_in = (double)uv_timer_get_due_in(&d->flush_timer);
+    /* The lag (a sum over the partitions) is looked at only when the tick
+     * alone holds the part back. */
+    if (!cm_part_due(since, due_in, d->part_ms, d->cfg.flush_ahead_ms, 0) &&
+        (since < (double)d->cfg.flush_ahead_ms ||
+         !cm_part_due(since, due_in, d->part_ms, d->cfg.flush_ahead_ms, catching_up(d))))
         return;
     d->inflight = 1;
     d->fl_part = 1;
@@ -995,14 +1036,6 @@ static int64_t total(dmn_t *d, int what)
         s += what == 0 ? pp->accepted : what == 1 ? pp->duplicates : pp->rejected;
     }
     return s;
-}
-
-static int64_t part_end(dmn_t *d, int32_t p)
-{
-    int64_t e = d->cons ? ing_consumer_cached_end(d->cons, p) : -1;
-    if (e < 0 && d->ends)
-        e = d->ends[p];
-    return e;
 }
 
 /* --health-max-flush-age-ms, or its default: 5 flush intervals plus 30 s. */
@@ -1376,13 +1409,9 @@ static void on_stats_timer(uv_timer_t *t)
     double now = cm_mono_ms();
     double slack = (double)stats_tick_ms(d) / 2.0; /* timers fire a little early or late */
     int64_t now_ms = cm_now_ms();
-    int64_t lag = 0;
+    int64_t lag = consumer_lag(d);
     double lag_s = -1;
     for (int32_t p = 0; p < d->n_parts; p++) {
-        const agg_partition_t *pp = agg_partition(d->agg, p);
-        int64_t end = part_end(d, p), next = pp->known ? pp->next_offset : 0;
-        if (end > next)
-            lag += end - next;
         double ls = part_lag_s(d, p, now_ms);
         if (ls > lag_s)
             lag_s = ls;
