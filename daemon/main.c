@@ -988,12 +988,8 @@ static void start_part(dmn_t *d)
      * write is left for the flushes, the last of them after intake has
      * caught up (the final flush of --exit-at-end), so the parts go on and
      * a flush due meanwhile starts when the part is done. */
-    double since = now - d->last_send, due_in = (double)uv_timer_get_due_in(&d->flush_timer);
-    /* The lag (a sum over the partitions) is looked at only when the tick
-     * alone holds the part back. */
-    if (!cm_part_due(since, due_in, d->part_ms, d->cfg.flush_ahead_ms, 0) &&
-        (since < (double)d->cfg.flush_ahead_ms ||
-         !cm_part_due(since, due_in, d->part_ms, d->cfg.flush_ahead_ms, catching_up(d))))
+    if (!cm_part_due(now - d->last_send, (double)uv_timer_get_due_in(&d->flush_timer), d->part_ms,
+                     d->cfg.flush_ahead_ms, catching_up(d)))
         return;
     d->inflight = 1;
     d->fl_part = 1;

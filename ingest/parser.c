@@ -26,7 +26,8 @@ struct ing_parser {
     size_t pending;
 };
 
-/* The bytes of an event that matter: the header and the items in use. */
+/* Validate a batch on the thread pool: each accepted event is packed
+ * (ing_pack) into the batch's arena. */
 static void work_cb(uv_work_t *w)
 {
     job_t *j = w->data;

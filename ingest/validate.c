@@ -1298,26 +1298,28 @@ int ing_validate_fast_path(const char *buf, size_t len)
 /* ---------------------------------------------------------------------- */
 /* The packed form (validate.h, ing_packed_t).                            */
 
-/* The strings of an event in ING_PF_* order, with their lengths. */
-static void packed_fields(const ing_event_t *ev, const char *str[ING_PF__COUNT],
-                          uint8_t len[ING_PF__COUNT])
+/* Where each ING_PF_* string of an ing_event_t and its length live: one
+ * table for packing and unpacking, so the two cannot disagree. */
+static const struct {
+    size_t str, len;
+} PACKED_FIELDS[ING_PF__COUNT] = {
+    [ING_PF_EVENT_ID] = {offsetof(ing_event_t, event_id), offsetof(ing_event_t, event_id_len)},
+    [ING_PF_USER_ID] = {offsetof(ing_event_t, user_id), offsetof(ing_event_t, user_id_len)},
+    [ING_PF_EVENT_TYPE] = {offsetof(ing_event_t, event_type),
+                           offsetof(ing_event_t, event_type_len)},
+    [ING_PF_DEVICE] = {offsetof(ing_event_t, device), offsetof(ing_event_t, device_len)},
+    [ING_PF_COUNTRY] = {offsetof(ing_event_t, country), offsetof(ing_event_t, country_len)},
+    [ING_PF_PRODUCT_ID] = {offsetof(ing_event_t, product_id),
+                           offsetof(ing_event_t, product_id_len)},
+    [ING_PF_EXPERIMENT] = {offsetof(ing_event_t, experiment),
+                           offsetof(ing_event_t, experiment_len)},
+    [ING_PF_VARIANT] = {offsetof(ing_event_t, variant), offsetof(ing_event_t, variant_len)},
+};
+
+/* The length of string field f of ev. */
+static uint8_t packed_len(const ing_event_t *ev, int f)
 {
-    str[ING_PF_EVENT_ID] = ev->event_id;
-    len[ING_PF_EVENT_ID] = ev->event_id_len;
-    str[ING_PF_USER_ID] = ev->user_id;
-    len[ING_PF_USER_ID] = ev->user_id_len;
-    str[ING_PF_EVENT_TYPE] = ev->event_type;
-    len[ING_PF_EVENT_TYPE] = ev->event_type_len;
-    str[ING_PF_DEVICE] = ev->device;
-    len[ING_PF_DEVICE] = ev->device_len;
-    str[ING_PF_COUNTRY] = ev->country;
-    len[ING_PF_COUNTRY] = ev->country_len;
-    str[ING_PF_PRODUCT_ID] = ev->product_id;
-    len[ING_PF_PRODUCT_ID] = ev->product_id_len;
-    str[ING_PF_EXPERIMENT] = ev->experiment;
-    len[ING_PF_EXPERIMENT] = ev->experiment_len;
-    str[ING_PF_VARIANT] = ev->variant;
-    len[ING_PF_VARIANT] = ev->variant_len;
+    return *((const uint8_t *)ev + PACKED_FIELDS[f].len);
 }
 
 /* The items that count: n_items, clamped to the array (never negative). */
@@ -1328,12 +1330,9 @@ static size_t packed_items(const ing_event_t *ev)
 
 size_t ing_pack_size(const ing_event_t *ev)
 {
-    const char *str[ING_PF__COUNT];
-    uint8_t len[ING_PF__COUNT];
-    packed_fields(ev, str, len);
     size_t n = sizeof(ing_packed_t);
-    for (int i = 0; i < ING_PF__COUNT; i++)
-        n += len[i];
+    for (int f = 0; f < ING_PF__COUNT; f++)
+        n += packed_len(ev, f);
     for (size_t i = 0; i < packed_items(ev); i++)
         n += 1 + ev->items[i].product_id_len + 2 * sizeof(int64_t);
     return (n + 7) & ~(size_t)7;
@@ -1342,17 +1341,16 @@ size_t ing_pack_size(const ing_event_t *ev)
 size_t ing_pack(const ing_event_t *ev, void *out)
 {
     ing_packed_t *p = out;
-    const char *str[ING_PF__COUNT];
-    packed_fields(ev, str, p->len);
     p->ts = ev->ts;
     p->amount_cents = ev->amount_cents;
     p->type = (uint8_t)ev->type;
     p->n_items = (uint8_t)packed_items(ev);
     p->pad_[0] = p->pad_[1] = 0;
     char *w = (char *)(p + 1);
-    for (int i = 0; i < ING_PF__COUNT; i++) {
-        memcpy(w, str[i], p->len[i]);
-        w += p->len[i];
+    for (int f = 0; f < ING_PF__COUNT; f++) {
+        p->len[f] = packed_len(ev, f);
+        memcpy(w, (const char *)ev + PACKED_FIELDS[f].str, p->len[f]);
+        w += p->len[f];
     }
     for (size_t i = 0; i < p->n_items; i++) {
         const ing_item_t *it = &ev->items[i];
@@ -1374,16 +1372,12 @@ size_t ing_pack(const ing_event_t *ev, void *out)
 void ing_unpack(const ing_packed_t *p, ing_event_t *out)
 {
     memset(out, 0, offsetof(ing_event_t, items));
-    char *dst[ING_PF__COUNT] = {out->event_id, out->user_id,    out->event_type, out->device,
-                                out->country,  out->product_id, out->experiment, out->variant};
-    uint8_t *len[ING_PF__COUNT] = {&out->event_id_len,   &out->user_id_len, &out->event_type_len,
-                                   &out->device_len,     &out->country_len, &out->product_id_len,
-                                   &out->experiment_len, &out->variant_len};
     const char *r = (const char *)(p + 1);
-    for (int i = 0; i < ING_PF__COUNT; i++) {
-        memcpy(dst[i], r, p->len[i]);
-        *len[i] = p->len[i];
-        r += p->len[i];
+    for (int f = 0; f < ING_PF__COUNT; f++) {
+        /* The scalar part was cleared, so the string stays NUL-terminated. */
+        memcpy((char *)out + PACKED_FIELDS[f].str, r, p->len[f]);
+        *((uint8_t *)out + PACKED_FIELDS[f].len) = p->len[f];
+        r += p->len[f];
     }
     out->ts = p->ts;
     out->amount_cents = p->amount_cents;
