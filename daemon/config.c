@@ -53,7 +53,13 @@ static const opt_t opts[] = {
      "pool and applied in order."},
     {"txn-messages", OPT_INT, O(txn_messages), "160000", 1, 4000000,
      "Most messages one LMDB transaction gathers from ready batches (at most 16, at least "
-     "--batch-size): fewer commits and fsyncs while catching up, more memory until the commit."},
+     "--batch-size; while catching up it may grow, see --txn-messages-max): fewer commits "
+     "and fsyncs while catching up, more memory until the commit."},
+    {"txn-messages-max", OPT_INT, O(txn_messages_max), "320000", 1, 4000000,
+     "While catching up, transactions grow up to this many messages (doubling) when their "
+     "commits write more than 600 bytes per message, as they do once the users spread over "
+     "many more pages than a transaction touches; fewer pages rewritten per message, more "
+     "memory until the commit. At most 16 batches; <= --txn-messages: never grow."},
     {"commit-interval-ms", OPT_INT, O(commit_interval_ms), "100", 0, 60000,
      "Longest an LMDB transaction stays open to gather batches before it commits (fewer "
      "commits and fsyncs at steady rates; 0: commit every batch)."},

@@ -116,7 +116,7 @@ typedef struct dmn {
 /* Batches one transaction gathers at most (besides --txn-messages). */
 #define TXN_BATCHES_MAX 16
 /* Held: the open transaction's batches, plus those validated or being
- * validated meanwhile (PARSE_AHEAD + 1, see in_flight). */
+ * validated meanwhile (parse_ahead() + 1, see in_flight). */
 #define HELD_MAX (TXN_BATCHES_MAX + 8)
     ing_batch_t *held[HELD_MAX]; /* validated batches, in order, not yet committed */
     size_t n_held;
@@ -125,6 +125,8 @@ typedef struct dmn {
     int txn_open;            /* an LMDB transaction is open (held[0..cur], from held[0]) */
     double txn_t0;           /* monotonic ms when the open transaction began */
     size_t txn_msgs;         /* messages of the batches applied in it */
+    size_t txn_target;       /* messages after which it commits (txn_limit, cm_txn_target) */
+    uint64_t txn_grows;      /* times the target doubled while catching up */
     uv_timer_t commit_timer; /* commits a transaction left open to gather batches */
     int map_full;            /* the map filled up: intake paused until it grows */
     int storage_failed;      /* an LMDB write failed (disk full?): paused, retried */
@@ -326,9 +328,22 @@ static void after_batch(dmn_t *d)
  * enough to keep the second core busy, bounded in memory. */
 #define PARSE_AHEAD 2
 
+static size_t txn_limit(const dmn_t *d);
+static size_t txn_base(const dmn_t *d);
+
+/* Batches validated ahead now: PARSE_AHEAD, and one more per batch a grown
+ * transaction holds beyond --txn-messages. Its sorted updates take the loop
+ * thread longer just before the commit, and without these the thread pool
+ * would sit idle for most of that time once PARSE_AHEAD batches wait. */
+static size_t parse_ahead(const dmn_t *d)
+{
+    size_t n = PARSE_AHEAD + (txn_limit(d) - txn_base(d)) / (size_t)d->cfg.batch_size;
+    return n < HELD_MAX - TXN_BATCHES_MAX - 1 ? n : HELD_MAX - TXN_BATCHES_MAX - 1;
+}
+
 /* Batches between the consumer and the state not applied yet: being
  * validated, or validated and waiting (the first of them may be half
- * applied). Intake goes on while fewer than PARSE_AHEAD + 1 are, so that
+ * applied). Intake goes on while fewer than parse_ahead() + 1 are, so that
  * the next batches are validated on the thread pool while the loop thread
  * applies the current one. Batches applied in the open transaction do not
  * count: they wait only for its commit (--txn-messages bounds them). */
@@ -348,7 +363,7 @@ static void on_msgs(void *ud, rd_kafka_message_t **m, size_t n)
         begin_stop(d, 1);
         return;
     }
-    if (in_flight(d) >= PARSE_AHEAD + 1)
+    if (in_flight(d) >= parse_ahead(d) + 1)
         ing_consumer_hold(d->cons, 1);
 }
 
@@ -418,12 +433,52 @@ static void pump(dmn_t *d);
 
 static void on_apply_idle(uv_idle_t *h);
 
-/* Messages after which the open transaction commits: --txn-messages, and
- * never fewer than a batch. */
-static size_t txn_limit(const dmn_t *d)
+/* --txn-messages, and never fewer than a batch. */
+static size_t txn_base(const dmn_t *d)
 {
     return (size_t)(d->cfg.txn_messages > d->cfg.batch_size ? d->cfg.txn_messages
                                                             : d->cfg.batch_size);
+}
+
+/* Messages after which the open transaction commits: txn_base, or more
+ * (up to --txn-messages-max) while intake catches up on a large state
+ * (txn_adapt). */
+static size_t txn_limit(const dmn_t *d)
+{
+    return d->txn_target > txn_base(d) ? d->txn_target : txn_base(d);
+}
+
+static int catching_up(dmn_t *d);
+
+/*
+ * After a commit that passed `bytes` to write calls: the next transactions'
+ * size (cm_txn_target). A commit rewrites every page its transaction
+ * touched; once the users outnumber what a transaction's pages hold, the
+ * touched users each bring pages of their own and the commit's writes grow
+ * per message (0.3 kB per event over a 1 M run, 0.9 kB in the tenth million
+ * of a 10 M run). A transaction of more messages then touches many of those
+ * pages again and writes them once (docs/operations.md, "Transactions that
+ * grow with the state"). Only while catching up: at steady rates the
+ * interval decides, and a larger transaction would only delay the rows.
+ */
+static void txn_adapt(dmn_t *d, uint64_t bytes)
+{
+    size_t max = (size_t)d->cfg.txn_messages_max;
+    size_t old = txn_limit(d);
+    /* A transaction cut short (the interval, a stop, the last batches)
+     * spreads its pages over fewer messages: no evidence either way. */
+    if (catching_up(d) && d->txn_msgs < txn_base(d))
+        return;
+    size_t next = cm_txn_target(old, txn_base(d), max, d->txn_msgs, bytes, catching_up(d));
+    if (next == old)
+        return;
+    d->txn_target = next;
+    if (next > old)
+        d->txn_grows++;
+    cm_info(next > old ? "transactions grow: commits write much per message"
+                       : "transactions shrink",
+            "messages=%zu was=%zu last_commit_bytes_per_message=%.0f", next, old,
+            d->txn_msgs ? (double)bytes / (double)d->txn_msgs : 0.0);
 }
 
 /*
@@ -433,9 +488,12 @@ static size_t txn_limit(const dmn_t *d)
 static int commit_open(dmn_t *d)
 {
     uv_timer_stop(&d->commit_timer);
+    uint64_t w0 = 0, w1 = 0;
+    int wok = cm_write_bytes(&w0) == 0;
     double t0 = cm_mono_ms();
     int r = agg_batch_commit(d->agg);
-    d->commit_ms += cm_mono_ms() - t0;
+    double t1 = cm_mono_ms();
+    d->commit_ms += t1 - t0;
     d->txn_open = 0;
     if (r == ST_EMAPFULL) {
         map_full(d);
@@ -446,14 +504,21 @@ static int commit_open(dmn_t *d)
         return r;
     }
     d->commits++;
+    if (!wok || cm_write_bytes(&w1) != 0 || w1 < w0)
+        w1 = w0;
+    else
+        txn_adapt(d, w1 - w0);
     if (cm_log_enabled(CM_LOG_DEBUG) && d->cur > 0 && d->held[0]->n > 0) {
         /* How long the transaction's oldest and newest messages took from
          * their producer to this commit (intake latency, for tuning). */
         int64_t now = cm_now_ms();
         const ing_batch_t *f = d->held[0], *l = d->held[d->cur - 1];
-        cm_debug("committed", "messages=%zu oldest_ms=%lld newest_ms=%lld", d->txn_msgs,
-                 (long long)(now - rd_kafka_message_timestamp(f->msgs[0], NULL)),
-                 (long long)(now - rd_kafka_message_timestamp(l->msgs[l->n - 1], NULL)));
+        cm_debug("committed",
+                 "messages=%zu oldest_ms=%lld newest_ms=%lld commit_ms=%.1f txn_ms=%.1f "
+                 "write_bytes=%llu",
+                 d->txn_msgs, (long long)(now - rd_kafka_message_timestamp(f->msgs[0], NULL)),
+                 (long long)(now - rd_kafka_message_timestamp(l->msgs[l->n - 1], NULL)), t1 - t0,
+                 t1 - d->txn_t0, (unsigned long long)(w1 - w0));
     }
     for (size_t i = 0; i < d->cur; i++) {
         d->batches++;
@@ -464,7 +529,7 @@ static int commit_open(dmn_t *d)
     d->n_held -= d->cur;
     d->cur = d->pos = 0;
     d->txn_msgs = 0;
-    if (d->cons && !d->closed && in_flight(d) < PARSE_AHEAD + 1)
+    if (d->cons && !d->closed && in_flight(d) < parse_ahead(d) + 1)
         ing_consumer_hold(d->cons, 0);
     clear_flushed(d);
     start_due_flush(d);
@@ -514,8 +579,12 @@ static void pump(dmn_t *d)
          * for that on the commit timer. */
         if (d->txn_open && d->pos == 0) {
             double age = cm_mono_ms() - d->txn_t0;
-            int due = d->txn_msgs >= txn_limit(d) || d->cur >= TXN_BATCHES_MAX || d->stopping ||
-                      age >= (double)d->cfg.commit_interval_ms;
+            /* A transaction grown past --txn-messages is not cut by the
+             * interval while validated batches wait for it. */
+            int aged = age >= (double)d->cfg.commit_interval_ms &&
+                       (txn_limit(d) <= txn_base(d) || d->cur == d->n_held);
+            int due =
+                d->txn_msgs >= txn_limit(d) || d->cur >= TXN_BATCHES_MAX || d->stopping || aged;
             if (!due && d->cur == d->n_held) {
                 uv_timer_start(&d->commit_timer, on_commit_timer,
                                (uint64_t)((double)d->cfg.commit_interval_ms - age) + 1, 0);
@@ -576,7 +645,7 @@ static void pump(dmn_t *d)
         d->txn_msgs += b->n;
     }
     uv_idle_stop(&d->apply_idle);
-    if (d->cons && !d->closed && in_flight(d) < PARSE_AHEAD + 1)
+    if (d->cons && !d->closed && in_flight(d) < parse_ahead(d) + 1)
         ing_consumer_hold(d->cons, 0);
     if (!d->wait_t0 && d->cur == d->n_held && d->cons && !ing_consumer_paused(d->cons)) {
         d->wait_t0 = cm_mono_ms();
@@ -596,7 +665,7 @@ static void on_parsed(void *ud, ing_batch_t *b)
 {
     dmn_t *d = ud;
     if (d->n_held == HELD_MAX || d->closed) {
-        /* Cannot happen with PARSE_AHEAD batches in flight; never apply out
+        /* Cannot happen with parse_ahead() batches in flight; never apply out
          * of order. Not applied: a restart consumes it again. */
         ing_batch_free(b);
         if (!d->closed) {
@@ -965,7 +1034,7 @@ static int64_t consumer_lag(dmn_t *d)
  */
 static int catching_up(dmn_t *d)
 {
-    return d->cfg.exit_at_end || consumer_lag(d) >= (int64_t)txn_limit(d);
+    return d->cfg.exit_at_end || consumer_lag(d) >= (int64_t)txn_base(d);
 }
 
 /*
@@ -1159,6 +1228,8 @@ static json_t *status_obj(dmn_t *d)
     json_t *lp = json_object();
     json_object_set_new(lp, "idle_s", json_real((double)uv_metrics_idle_time(d->loop) / 1e9));
     json_object_set_new(lp, "commit_s", json_real(d->commit_ms / 1000.0));
+    json_object_set_new(lp, "txn_messages", json_integer((json_int_t)txn_limit(d)));
+    json_object_set_new(lp, "txn_grows", json_integer((json_int_t)d->txn_grows));
     json_object_set_new(lp, "input_wait_kafka_s", json_real(d->wait_kafka_ms / 1000.0));
     json_object_set_new(lp, "input_wait_validation_s", json_real(d->wait_validation_ms / 1000.0));
     json_object_set_new(o, "loop", lp);

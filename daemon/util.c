@@ -3,6 +3,7 @@
  */
 #include "daemon/util.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
@@ -275,4 +276,40 @@ int cm_part_due(double since_send_ms, double due_in_ms, double part_ms, int64_t 
     if (need < (double)ahead_ms / 4)
         need = (double)ahead_ms / 4;
     return due_in_ms >= need;
+}
+
+size_t cm_txn_target(size_t cur, size_t base, size_t max, size_t msgs, uint64_t bytes,
+                     int catching_up)
+{
+    if (!catching_up || max <= base || msgs == 0)
+        return base;
+    if (cur < base)
+        cur = base;
+    if (cur > max)
+        cur = max;
+    double bpm = (double)bytes / (double)msgs;
+    if (bpm > CM_TXN_GROW_BPM)
+        return cur > max / 2 ? max : cur * 2;
+    if (bpm < CM_TXN_SHRINK_BPM)
+        return cur / 2 < base ? base : cur / 2;
+    return cur;
+}
+
+int cm_write_bytes(uint64_t *out)
+{
+    FILE *f = fopen("/proc/self/io", "r");
+    if (!f)
+        return -errno;
+    char line[128];
+    int r = -ENOENT;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long long v;
+        if (sscanf(line, "wchar: %llu", &v) == 1) {
+            *out = (uint64_t)v;
+            r = 0;
+            break;
+        }
+    }
+    fclose(f);
+    return r;
 }

@@ -63,4 +63,31 @@ size_t cm_utf8_seq(const unsigned char *s, size_t n, size_t *bad);
 int cm_part_due(double since_send_ms, double due_in_ms, double part_ms, int64_t ahead_ms,
                 int catching_up);
 
+/*
+ * Bytes passed to write calls per message of a commit above which, while
+ * intake catches up, transactions gather twice the messages (CM_TXN_GROW_BPM),
+ * and below which they halve again (CM_TXN_SHRINK_BPM). docs/operations.md,
+ * "Transactions that grow with the state".
+ */
+#define CM_TXN_GROW_BPM 600.0
+#define CM_TXN_SHRINK_BPM 200.0
+
+/*
+ * The message count after which the next LMDB transaction commits, given the
+ * current one (cur), --txn-messages (base), --txn-messages-max (max), and the
+ * commit just made: its messages and the bytes it passed to write calls. Not
+ * catching up, or max <= base: base. Catching up: twice cur (at most max)
+ * when the commit wrote more than CM_TXN_GROW_BPM per message, half of it (at
+ * least base) when less than CM_TXN_SHRINK_BPM, else cur. Pure; any thread.
+ */
+size_t cm_txn_target(size_t cur, size_t base, size_t max, size_t msgs, uint64_t bytes,
+                     int catching_up);
+
+/*
+ * Bytes this process has passed to write calls so far (the wchar line of
+ * /proc/self/io) in *out. 0, or a negative errno where the kernel does not
+ * tell (then the caller keeps its transactions at --txn-messages).
+ */
+int cm_write_bytes(uint64_t *out);
+
 #endif

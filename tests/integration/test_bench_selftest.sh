@@ -88,4 +88,39 @@ assert rss["pairs"] == 2 and rss["b_better_pairs"] == 0, rss
 assert "consume, events/s" not in m, m  # in no run: left out
 print("bench A/B summary: medians, B/A and pairs won come back as built")
 PY
+
+# The A/B summary of the scale mode: its figures come from the scale JSON's own places
+# (overall events/s, the first and last windows, the daemon's totals), and the growth
+# of the CPU per event counts as better when it is lower.
+"$CM_PY" - "$CM_DIR" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+a = [(196000, 4.3, 5.6), (227000, 4.9, 5.3)]
+b = [(232000, 4.6, 4.4), (220000, 4.9, 5.0)]
+for i in range(2):
+    for side, (eps, first, last) in (("a", a[i]), ("b", b[i])):
+        json.dump({"params": {"preload": "1"},
+                   "scale": {"events_per_s": eps, "cpu_per_event_last_vs_first": round(last / first, 3),
+                             "first_window": {"cpu_us_per_event": first},
+                             "last_window": {"cpu_us_per_event": last, "loop_commit_share": 0.4}},
+                   "daemon": {"cpu_s": last * 10, "peak_rss_mb": 1500.0}},
+                  open(os.path.join(d, "scale-pair%d-%s.json" % (i + 1, side)), "w"))
+PY
+files=()
+for i in 1 2; do files+=("$CM_DIR/scale-pair$i-a.json" "$CM_DIR/scale-pair$i-b.json"); done
+"$CM_PY" "$LIB" ab-summary "$CM_DIR/ab-scale.json" scale /x/A /x/B "${files[@]}" >"$CM_DIR/ab-scale.txt"
+"$CM_PY" - "$CM_DIR/ab-scale.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["mode"] == "ab-scale" and r["pairs"] == 2 and r["params"] == {"preload": "1"}, r
+m = {x["figure"]: x for x in r["metrics"]}
+e = m["events/s overall"]
+assert (e["a_median"], e["b_median"], e["b_better_pairs"]) == (211500, 226000, 1), e
+g = m["CPU/event last / first"]
+assert g["b_better_pairs"] == 2 and g["b_median"] < g["a_median"], g
+assert m["CPU us/event, last window"]["b_better_pairs"] == 2, m
+assert m["peak RSS, MB"]["b_better_pairs"] == 0, m  # ties count for neither side
+assert "state on disk, MB" not in m, m  # in no run: left out
+print("bench A/B summary, scale mode: the figures come from the scale JSON")
+PY
 echo "PASS test_bench_selftest"

@@ -6,7 +6,9 @@
 # restart between the two runs. The runs also check that clickmartd's librdkafka
 # defaults apply and that -X overrides them. Then two runs catch up with a backlog: with
 # --txn-messages above --batch-size several batches share a transaction, with it below
-# each batch is one; the tables must still equal the reference over all four runs.
+# each batch is one, and with --txn-messages-max above --txn-messages the transactions
+# grow while commits write much per message; the tables must still equal the reference
+# over all five runs.
 #
 # Needs CLICKMART_BIN (the build dir); run alone with
 #   CLICKMART_BIN=build bash tests/integration/test_group_commit.sh
@@ -106,9 +108,27 @@ catch_up 33 --txn-messages 1200
 [ "$BATCHES" -ge 8 ] || cm_die "catching up: only $BATCHES batches of at most 300 for $EVENTS events"
 [ "$((COMMITS * 2))" -le "$BATCHES" ] ||
     cm_die "--txn-messages 1200: $COMMITS commits for $BATCHES batches (want several batches each)"
-catch_up 34 --txn-messages 1
+catch_up 34 --txn-messages 1 --txn-messages-max 1
 [ "$COMMITS" -eq "$BATCHES" ] ||
     cm_die "--txn-messages 1: $COMMITS commits for $BATCHES batches (want one each)"
+grep -q 'msg="transactions grow' "$CM_DAEMON_LOG" &&
+    cm_die "--txn-messages-max 1: transactions grew"
+
+# Transactions that grow with the state (--txn-messages-max): batches of 50 messages, one
+# per transaction at first. A commit rewrites at least the pages its users and
+# sessions sit on plus LMDB's own, tens of kilobytes, far above 600 bytes for each of
+# 50 messages, so while the backlog lasts the transactions double (logged) up to 800
+# messages, and commits become fewer than batches. The interval is back at its default:
+# the last transaction, not full, commits when no batch is left to join it.
+catch_up 35 --batch-size 50 --txn-messages 50 --txn-messages-max 800 --commit-interval-ms 100
+GROWS=$(grep -c 'msg="transactions grow' "$CM_DAEMON_LOG" || true)
+[ "$GROWS" -ge 1 ] || cm_die "--txn-messages-max 800: the transactions never grew"
+grep -q 'msg="transactions grow.* messages=800 ' "$CM_DAEMON_LOG" ||
+    cm_die "--txn-messages-max 800: never reached 800: $(grep 'transactions' "$CM_DAEMON_LOG")"
+grep 'msg="transactions grow' "$CM_DAEMON_LOG" | grep -qv ' messages=\(100\|200\|400\|800\) ' &&
+    cm_die "growth is not by doubling up to the maximum: $(grep 'transactions' "$CM_DAEMON_LOG")"
+[ "$((COMMITS * 3))" -le "$BATCHES" ] ||
+    cm_die "--txn-messages-max 800: $COMMITS commits for $BATCHES batches (want the transactions to grow)"
 
 cm_dump_topic "$CM_TOPIC" "$DUMP"
 cm_compare "$DUMP" || cm_die "Postgres differs from the reference"

@@ -243,6 +243,44 @@ static void test_part_due(void **state)
         }
 }
 
+/* The size of the next LMDB transaction (cm_txn_target): it doubles while
+ * catching up on commits that write much per message, up to the maximum,
+ * halves on cheap ones down to --txn-messages, and is --txn-messages at
+ * steady rates or when growing is off. */
+static void test_txn_target(void **state)
+{
+    (void)state;
+    const size_t base = 160000, max = 320000;
+    /* The 1 M benchmark's full transactions wrote 250-350 bytes per message: no change. */
+    assert_int_equal(cm_txn_target(base, base, max, 160000, 160000 * 350ull, 1), base);
+    /* The 10 M benchmark's later ones wrote ~900: doubled, then held at the maximum. */
+    assert_int_equal(cm_txn_target(base, base, max, 160000, 160000 * 900ull, 1), max);
+    assert_int_equal(cm_txn_target(max, base, max, 320000, 320000 * 900ull, 1), max);
+    assert_int_equal(cm_txn_target(max, base, 4 * max, 320000, 320000 * 601ull, 1), 2 * max);
+    /* Between the two thresholds it stays; below the lower one it halves. */
+    assert_int_equal(cm_txn_target(max, base, max, 320000, 320000 * 400ull, 1), max);
+    assert_int_equal(cm_txn_target(max, base, max, 320000, 320000 * 199ull, 1), base);
+    assert_int_equal(cm_txn_target(base, base, max, 160000, 160000 * 100ull, 1), base);
+    /* Not catching up, growing off (max <= base), or nothing committed: --txn-messages. */
+    assert_int_equal(cm_txn_target(max, base, max, 320000, 320000 * 900ull, 0), base);
+    assert_int_equal(cm_txn_target(base, base, 1, 160000, 160000 * 900ull, 1), base);
+    assert_int_equal(cm_txn_target(base, base, base, 160000, 160000 * 900ull, 1), base);
+    assert_int_equal(cm_txn_target(max, base, max, 0, 1000, 1), base);
+    /* A maximum that is not a power of two of the base is reached, not passed. */
+    assert_int_equal(cm_txn_target(base, base, 250000, 160000, 160000 * 900ull, 1), 250000);
+    /* This process's write calls are counted, and a write adds its bytes. */
+    uint64_t w0 = 0, w1 = 0;
+    assert_int_equal(cm_write_bytes(&w0), 0);
+    FILE *f = tmpfile();
+    assert_non_null(f);
+    char buf[4096] = {0};
+    assert_int_equal(fwrite(buf, 1, sizeof buf, f), sizeof buf);
+    assert_int_equal(fflush(f), 0);
+    fclose(f);
+    assert_int_equal(cm_write_bytes(&w1), 0);
+    assert_true(w1 >= w0 + sizeof buf);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -252,6 +290,7 @@ int main(void)
         cmocka_unit_test(test_json_log_lines),
         cmocka_unit_test(test_text_log_one_line),
         cmocka_unit_test(test_part_due),
+        cmocka_unit_test(test_txn_target),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1191,8 +1191,9 @@ def report_scale(kv, res, lines, baseline_path):
     }
     L = lines.append
     L("")
-    L("clickmart bench: scale, %s events produced while consuming (%s partitions), %s" % (
-        fmt(n), kv.get("p_partitions", "?"), res["date"]))
+    L("clickmart bench: scale, %s events %s (%s partitions), %s" % (
+        fmt(n), "produced before clickmartd started" if kv.get("p_preload") == "1"
+        else "produced while consuming", kv.get("p_partitions", "?"), res["date"]))
     if not res["complete"]:
         L("WARNING: the daemon saw %s of %s messages (retention of the mock? use more --partitions)"
           % (fmt(d["messages"]), fmt(n)))
@@ -1277,6 +1278,17 @@ AB_METRICS = {
         ("freshness p50, s", ("steps", 0, "p50_s"), "lower"),
         ("newest of a flush p50, s", ("steps", 0, "step_newest_p50_s"), "lower"),
         ("clickmartd cores", ("steps", 0, "daemon_cpu_cores"), "lower"),
+    ],
+    "scale": [
+        ("events/s overall", ("scale", "events_per_s"), "higher"),
+        ("clickmartd CPU, s", ("daemon", "cpu_s"), "lower"),
+        ("CPU us/event, first window", ("scale", "first_window", "cpu_us_per_event"), "lower"),
+        ("CPU us/event, last window", ("scale", "last_window", "cpu_us_per_event"), "lower"),
+        ("CPU/event last / first", ("scale", "cpu_per_event_last_vs_first"), "lower"),
+        ("loop in commits, last window", ("scale", "last_window", "loop_commit_share"), "lower"),
+        ("write calls, GB", ("daemon", "write_calls_gb"), "lower"),
+        ("peak RSS, MB", ("daemon", "peak_rss_mb"), "lower"),
+        ("state on disk, MB", ("daemon", "state_mb"), "lower"),
     ],
 }
 
