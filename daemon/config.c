@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <ini.h>
+#include <stdio.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -360,12 +361,55 @@ static int ini_cb(void *ud, const char *section, const char *name, const char *v
     return x->rc == 0;
 }
 
+/*
+ * inih reads a line into a buffer of its own size (INI_MAX_LINE, 200 bytes
+ * in Debian's build) and takes the rest of a longer line for the next line,
+ * which, starting with a space, it then reads as a continuation of the
+ * previous setting's value: a long comment line turned into a bad value for
+ * the setting above it. This reader hands inih each line's start and drops
+ * the rest; a long comment is harmless, a long setting an error.
+ */
+struct line_reader {
+    FILE *f;
+    int line;     /* lines read so far */
+    int too_long; /* the first setting line longer than the buffer, 0: none */
+    int max;      /* inih's buffer size */
+};
+
+static char *read_line(char *str, int num, void *stream)
+{
+    struct line_reader *r = stream;
+    r->max = num;
+    if (!fgets(str, num, r->f))
+        return NULL;
+    r->line++;
+    size_t n = strlen(str);
+    if (n > 0 && str[n - 1] == '\n')
+        return str;
+    int ch = fgetc(r->f);
+    if (ch == EOF || ch == '\n')
+        return str; /* the whole line fitted */
+    while ((ch = fgetc(r->f)) != EOF && ch != '\n') {
+    }
+    const char *p = str + strspn(str, " \t");
+    if (*p != '#' && *p != ';' && !r->too_long)
+        r->too_long = r->line;
+    return str;
+}
+
 static int load_file(cfg_t *c, const char *path, char *eb, size_t ecap)
 {
     struct ini_ctx x = {c, eb, ecap, 0};
-    int r = ini_parse(path, ini_cb, &x);
-    if (r == -1) {
+    struct line_reader rd = {fopen(path, "r"), 0, 0, 0};
+    if (!rd.f) {
         err(eb, ecap, "cannot open config file %s: %s", path, strerror(errno));
+        return CFG_EFILE;
+    }
+    int r = ini_parse_stream(read_line, &rd, ini_cb, &x);
+    fclose(rd.f);
+    if (rd.too_long) {
+        err(eb, ecap, "%s: line %d is too long (a setting line fits in %d bytes)", path,
+            rd.too_long, rd.max - 1);
         return CFG_EFILE;
     }
     if (x.rc) {
