@@ -126,6 +126,7 @@ typedef struct dmn {
     double txn_t0;           /* monotonic ms when the open transaction began */
     size_t txn_msgs;         /* messages of the batches applied in it */
     size_t txn_target;       /* messages after which it commits (txn_limit, cm_txn_target) */
+    int txn_closing;         /* it became due: its updates are drained, then it commits */
     uint64_t txn_grows;      /* times the target doubled while catching up */
     uv_timer_t commit_timer; /* commits a transaction left open to gather batches */
     int map_full;            /* the map filled up: intake paused until it grows */
@@ -463,7 +464,8 @@ static int catching_up(dmn_t *d);
  */
 static void txn_adapt(dmn_t *d, uint64_t bytes)
 {
-    size_t max = (size_t)d->cfg.txn_messages_max;
+    /* --commit-interval-ms 0 promises a commit per batch. */
+    size_t max = d->cfg.commit_interval_ms == 0 ? 0 : (size_t)d->cfg.txn_messages_max;
     size_t old = txn_limit(d);
     /* A transaction cut short (the interval, a stop, the last batches)
      * spreads its pages over fewer messages: no evidence either way. */
@@ -583,8 +585,14 @@ static void pump(dmn_t *d)
              * interval while validated batches wait for it. */
             int aged = age >= (double)d->cfg.commit_interval_ms &&
                        (txn_limit(d) <= txn_base(d) || d->cur == d->n_held);
-            int due =
-                d->txn_msgs >= txn_limit(d) || d->cur >= TXN_BATCHES_MAX || d->stopping || aged;
+            /* Once due, it stays due: a batch arriving while its updates are
+             * drained in slices waits for the next transaction. */
+            /* With --exit-at-end, nothing is left to gather once the open
+             * transaction reaches the end offsets. */
+            int due = d->txn_closing || d->txn_msgs >= txn_limit(d) || d->cur >= TXN_BATCHES_MAX ||
+                      d->stopping || aged ||
+                      (d->cfg.exit_at_end && d->cur == d->n_held && all_at_end(d));
+            d->txn_closing = due;
             if (!due && d->cur == d->n_held) {
                 uv_timer_start(&d->commit_timer, on_commit_timer,
                                (uint64_t)((double)d->cfg.commit_interval_ms - age) + 1, 0);
@@ -626,6 +634,7 @@ static void pump(dmn_t *d)
                 return;
             }
             d->txn_open = 1;
+            d->txn_closing = 0;
             d->txn_t0 = cm_mono_ms();
             d->txn_msgs = 0;
         }

@@ -84,8 +84,9 @@ size_t cm_txn_target(size_t cur, size_t base, size_t max, size_t msgs, uint64_t 
                      int catching_up);
 
 /*
- * Bytes this process has passed to write calls so far (the wchar line of
- * /proc/self/io) in *out. 0, or a negative errno where the kernel does not
+ * Bytes the calling thread has passed to write calls so far (the wchar line
+ * of /proc/thread-self/io; of the whole process, /proc/self/io, on kernels
+ * before 3.17) in *out. 0, or a negative errno where the kernel does not
  * tell (then the caller keeps its transactions at --txn-messages).
  */
 int cm_write_bytes(uint64_t *out);

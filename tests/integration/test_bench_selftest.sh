@@ -52,6 +52,29 @@ for w, exp in zip(ws, want):
 print("bench scale analysis: the loop thread's shares per window come back as sampled")
 PY
 
+# A sampler that starts late (with --preload the daemon consumes at once): the first
+# sample already shows 150 000 messages. The first window and the overall rate start
+# there, so they still come out at the sampled 100 000/s and 8 µs per event.
+"$CM_PY" - "$CM_DIR/late.jsonl" <<'PY'
+import json, sys
+with open(sys.argv[1], "w") as f:
+    for i in range(0, 186):
+        t = 1.5 + i / 10.0
+        f.write(json.dumps({"t": 1000.0 + t, "messages": int(100000 * t), "lag": 0, "cpu": 0.8 * t,
+                            "rss_kb": 1024, "hwm_kb": 1024}) + "\n")
+PY
+"$CM_PY" "$LIB" scale "$CM_DIR/late.jsonl" 2000000 1000000 0 >"$CM_DIR/late.json"
+"$CM_PY" - "$CM_DIR/late.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+ws = r["windows"]
+assert r["first_sampled_messages"] == 150000 and ws[0]["from"] == 150000, r
+for w in ws:
+    assert abs(w["events_per_s"] - 100000) < 1000 and abs(w["cpu_us_per_event"] - 8.0) < 0.1, w
+assert abs(r["events_per_s"] - 100000) < 1000, r
+print("bench scale analysis: a late first sample does not inflate the first window")
+PY
+
 # The A/B summary (`ab-summary`, behind --compare): three pairs of synthetic throughput
 # runs with known figures must give back each side's median, B/A and the pairs B won,
 # with "better" in the right direction (events/s higher, CPU lower); a figure missing

@@ -699,13 +699,21 @@ def scale(args):
     if not ss:
         print(json.dumps(r))
         return
-    t_start = interp_time(ss, "messages", 1)
+    # The sampler may start after the daemon (with --preload it consumes at once):
+    # the windows and the overall rate start at the first sampled count, so that
+    # the messages before it are not charged to a shorter time and less CPU.
+    m0 = min(int(ss[0].get("messages") or 0), events)
+    t_start = interp_time(ss, "messages", max(m0, 1))
+    r["first_sampled_messages"] = m0
     k = 0
     bounds = list(range(0, events + 1, window))
     if bounds[-1] != events:
         bounds.append(events)
     cpu_ss = [s for s in allss if "cpu" in s]
     for a, b in zip(bounds, bounds[1:]):
+        a = max(a, m0)
+        if b <= a:
+            continue
         ta = interp_time(ss, "messages", max(a, 1))
         tb = interp_time(ss, "messages", b)
         if ta is None or tb is None or tb <= ta:
@@ -752,7 +760,7 @@ def scale(args):
     t_end = interp_time(ss, "messages", events)
     if t_start is not None and t_end is not None and t_end > t_start:
         r["consume_seconds"] = round(t_end - t_start, 3)
-        r["events_per_s"] = round(events / (t_end - t_start), 1)
+        r["events_per_s"] = round((events - m0) / (t_end - t_start), 1)
     ws = r["windows"]
     if len(ws) >= 2:
         first, last = ws[0], ws[-1]
