@@ -451,6 +451,13 @@ static size_t txn_limit(const dmn_t *d)
 
 static int catching_up(dmn_t *d);
 
+/* Transactions may grow: --txn-messages-max above --txn-messages, and not
+ * --commit-interval-ms 0, which promises a commit per batch. */
+static int txn_growth_on(const dmn_t *d)
+{
+    return d->cfg.commit_interval_ms != 0 && (size_t)d->cfg.txn_messages_max > txn_base(d);
+}
+
 /*
  * After a commit that passed `bytes` to write calls: the next transactions'
  * size (cm_txn_target). A commit rewrites every page its transaction
@@ -464,14 +471,14 @@ static int catching_up(dmn_t *d);
  */
 static void txn_adapt(dmn_t *d, uint64_t bytes)
 {
-    /* --commit-interval-ms 0 promises a commit per batch. */
-    size_t max = d->cfg.commit_interval_ms == 0 ? 0 : (size_t)d->cfg.txn_messages_max;
     size_t old = txn_limit(d);
+    int catching = catching_up(d);
     /* A transaction cut short (the interval, a stop, the last batches)
      * spreads its pages over fewer messages: no evidence either way. */
-    if (catching_up(d) && d->txn_msgs < txn_base(d))
+    if (catching && d->txn_msgs < txn_base(d))
         return;
-    size_t next = cm_txn_target(old, txn_base(d), max, d->txn_msgs, bytes, catching_up(d));
+    size_t next = cm_txn_target(old, txn_base(d), (size_t)d->cfg.txn_messages_max, d->txn_msgs,
+                                bytes, catching);
     if (next == old)
         return;
     d->txn_target = next;
@@ -490,8 +497,11 @@ static void txn_adapt(dmn_t *d, uint64_t bytes)
 static int commit_open(dmn_t *d)
 {
     uv_timer_stop(&d->commit_timer);
+    /* The commit's write calls decide whether transactions grow, and the
+     * debug line shows them; otherwise /proc is not read. */
     uint64_t w0 = 0, w1 = 0;
-    int wok = cm_write_bytes(&w0) == 0;
+    int grow = txn_growth_on(d);
+    int wok = (grow || cm_log_enabled(CM_LOG_DEBUG)) && cm_write_bytes(&w0) == 0;
     double t0 = cm_mono_ms();
     int r = agg_batch_commit(d->agg);
     double t1 = cm_mono_ms();
@@ -508,7 +518,7 @@ static int commit_open(dmn_t *d)
     d->commits++;
     if (!wok || cm_write_bytes(&w1) != 0 || w1 < w0)
         w1 = w0;
-    else
+    else if (grow)
         txn_adapt(d, w1 - w0);
     if (cm_log_enabled(CM_LOG_DEBUG) && d->cur > 0 && d->held[0]->n > 0) {
         /* How long the transaction's oldest and newest messages took from
@@ -586,8 +596,8 @@ static void pump(dmn_t *d)
             int aged = age >= (double)d->cfg.commit_interval_ms &&
                        (txn_limit(d) <= txn_base(d) || d->cur == d->n_held);
             /* Once due, it stays due: a batch arriving while its updates are
-             * drained in slices waits for the next transaction. */
-            /* With --exit-at-end, nothing is left to gather once the open
+             * drained in slices waits for the next transaction. With
+             * --exit-at-end, nothing is left to gather once the open
              * transaction reaches the end offsets. */
             int due = d->txn_closing || d->txn_msgs >= txn_limit(d) || d->cur >= TXN_BATCHES_MAX ||
                       d->stopping || aged ||
