@@ -53,9 +53,9 @@ static const opt_t opts[] = {
      "Most messages in one batch: taken from librdkafka at once, validated on the thread "
      "pool and applied in order."},
     {"txn-messages", OPT_INT, O(txn_messages), "160000", 1, 4000000,
-     "Most messages one LMDB transaction gathers from ready batches (at most 16, at least "
-     "--batch-size; while catching up it may grow, see --txn-messages-max): fewer commits "
-     "and fsyncs while catching up, more memory until the commit."},
+     "Most messages one LMDB transaction gathers from ready batches (at most 16; at or below "
+     "--batch-size, one batch each; while catching up it may grow, see --txn-messages-max): "
+     "fewer commits and fsyncs while catching up, more memory until the commit."},
     {"txn-messages-max", OPT_INT, O(txn_messages_max), "320000", 1, 4000000,
      "While catching up, transactions grow up to this many messages (doubling) when their "
      "commits write more than 600 bytes per message, as they do once the users spread over "

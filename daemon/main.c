@@ -598,9 +598,13 @@ static void pump(dmn_t *d)
             /* Once due, it stays due: a batch arriving while its updates are
              * drained in slices waits for the next transaction. With
              * --exit-at-end, nothing is left to gather once the open
-             * transaction reaches the end offsets. */
+             * transaction reaches the end offsets. --txn-messages at or
+             * below --batch-size means a batch per transaction, also for a
+             * batch librdkafka handed over short. */
+            int one_batch = (size_t)d->cfg.txn_messages <= (size_t)d->cfg.batch_size &&
+                            txn_limit(d) <= txn_base(d);
             int due = d->txn_closing || d->txn_msgs >= txn_limit(d) || d->cur >= TXN_BATCHES_MAX ||
-                      d->stopping || aged ||
+                      one_batch || d->stopping || aged ||
                       (d->cfg.exit_at_end && d->cur == d->n_held && all_at_end(d));
             d->txn_closing = due;
             if (!due && d->cur == d->n_held) {
