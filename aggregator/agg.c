@@ -25,7 +25,6 @@
 #define TS_NONE INT64_MAX
 #define KEY_MAX 400
 #define REC_MAX 1200
-#define REJECT_PAYLOAD_MAX 4096
 
 /* ---------------------------------------------------------------------- */
 /* Byte encoding helpers: big-endian in keys so that LMDB orders them.     */
@@ -3100,8 +3099,8 @@ static int store_reject(agg_t *a, int32_t partition, int64_t offset, ing_reason_
     size_t dn = strlen(detail);
     if (dn > 255)
         dn = 255;
-    size_t pn = len > REJECT_PAYLOAD_MAX ? REJECT_PAYLOAD_MAX : len;
-    uint8_t buf[REJECT_PAYLOAD_MAX + 300];
+    size_t pn = len > AGG_REJECT_PAYLOAD_MAX ? AGG_REJECT_PAYLOAD_MAX : len;
+    uint8_t buf[AGG_REJECT_PAYLOAD_MAX + 300];
     wr_t w = {buf, 0, sizeof buf, 0};
     w_i32(&w, (int32_t)reason);
     w_i64(&w, now_ms);

@@ -102,6 +102,10 @@ int agg_apply_packed(agg_t *a, int32_t partition, int64_t offset, const ing_pack
  */
 int agg_batch_drain(agg_t *a, size_t max_events);
 
+/* A reject keeps the first this many bytes of its payload (§7); callers may
+ * pass no more than that. */
+#define AGG_REJECT_PAYLOAD_MAX 4096
+
 /* Record a message that validation rejected (§1.1, §7). detail may be "". */
 int agg_apply_reject(agg_t *a, int32_t partition, int64_t offset, ing_reason_t reason,
                      const char *detail, const char *payload, size_t len, int64_t now_ms);

@@ -270,24 +270,24 @@ static void update_pause(dmn_t *d)
     }
 }
 
-/* Apply one validated batch in one LMDB transaction. */
+/* A batch keeps every payload byte a reject may record. */
+_Static_assert(ING_PAYLOAD_KEEP >= AGG_REJECT_PAYLOAD_MAX, "batches keep too little of a payload");
+
 /* Apply one message of a validated batch inside the open transaction. */
 static int apply_msg(dmn_t *d, const ing_batch_t *b, size_t i)
 {
-    const rd_kafka_message_t *msg = b->msgs[i];
+    const ing_msg_t *msg = &b->msgs[i];
     const ing_parsed_t *res = &b->res[i];
     const agg_partition_t *pp = agg_partition(d->agg, msg->partition);
     /* A message the state already holds (e.g. the group's offset lagged
      * behind LMDB's) is skipped, never applied twice. */
     if (pp && pp->known && msg->offset < pp->next_offset)
         return 0;
-    const char *payload = msg->payload ? (const char *)msg->payload : "";
-    size_t len = msg->payload ? msg->len : 0;
     if (res->reason == ING_OK)
-        return agg_apply_packed(d->agg, msg->partition, msg->offset, res->ev, payload, len,
-                                b->now_ms);
-    return agg_apply_reject(d->agg, msg->partition, msg->offset, res->reason, res->detail, payload,
-                            len, b->now_ms);
+        return agg_apply_packed(d->agg, msg->partition, msg->offset, res->ev, msg->payload,
+                                msg->len, b->now_ms);
+    return agg_apply_reject(d->agg, msg->partition, msg->offset, res->reason, res->detail,
+                            msg->payload, msg->len, b->now_ms);
 }
 
 static int all_at_end(dmn_t *d)
@@ -528,9 +528,9 @@ static int commit_open(dmn_t *d)
         cm_debug("committed",
                  "messages=%zu oldest_ms=%lld newest_ms=%lld commit_ms=%.1f txn_ms=%.1f "
                  "write_bytes=%llu",
-                 d->txn_msgs, (long long)(now - rd_kafka_message_timestamp(f->msgs[0], NULL)),
-                 (long long)(now - rd_kafka_message_timestamp(l->msgs[l->n - 1], NULL)), t1 - t0,
-                 t1 - d->txn_t0, (unsigned long long)(w1 - w0));
+                 d->txn_msgs, (long long)(now - f->msgs[0].ts_ms),
+                 (long long)(now - l->msgs[l->n - 1].ts_ms), t1 - t0, t1 - d->txn_t0,
+                 (unsigned long long)(w1 - w0));
     }
     for (size_t i = 0; i < d->cur; i++) {
         d->batches++;

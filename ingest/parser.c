@@ -45,15 +45,32 @@ static void work_cb(uv_work_t *w)
         free(scratch);
         return;
     }
+    /* The payloads' kept bytes, copied as they are validated, so that each
+     * librdkafka message can be destroyed here instead of at the commit. */
+    size_t pbytes = 0;
+    for (size_t i = 0; i < b->n; i++)
+        if (b->rk[i]->payload)
+            pbytes += b->rk[i]->len < ING_PAYLOAD_KEEP ? b->rk[i]->len : ING_PAYLOAD_KEEP;
+    b->payloads = malloc(pbytes ? pbytes : 1);
     /* Offsets first: the arena may move while it grows. */
-    size_t *offs = malloc(b->n * sizeof *offs);
-    for (size_t i = 0; offs && i < b->n; i++) {
-        const rd_kafka_message_t *m = b->msgs[i];
+    size_t *offs = b->payloads ? malloc(b->n * sizeof *offs) : NULL;
+    for (size_t i = 0, pused = 0; offs && i < b->n; i++) {
+        rd_kafka_message_t *m = b->rk[i];
         const char *payload = m->payload ? (const char *)m->payload : "";
         size_t len = m->payload ? m->len : 0;
+        ing_msg_t *c = &b->msgs[i];
+        c->partition = m->partition;
+        c->offset = m->offset;
+        c->ts_ms = rd_kafka_message_timestamp(m, NULL);
+        c->len = (uint32_t)(len < ING_PAYLOAD_KEEP ? len : ING_PAYLOAD_KEEP);
+        c->payload = b->payloads + pused;
+        memcpy(b->payloads + pused, payload, c->len);
+        pused += c->len;
         ing_parsed_t *r = &b->res[i];
         r->reason =
             ing_validate(payload, len, b->now_ms, &j->p->lim, scratch, r->detail, sizeof r->detail);
+        rd_kafka_message_destroy(m);
+        b->rk[i] = NULL;
         offs[i] = SIZE_MAX;
         if (r->reason != ING_OK)
             continue;
@@ -123,16 +140,19 @@ int ing_parser_submit(ing_parser_t *p, rd_kafka_message_t **msgs, size_t n)
     job_t *j = calloc(1, sizeof *j);
     ing_batch_t *b = calloc(1, sizeof *b);
     rd_kafka_message_t **copy = b ? malloc((n ? n : 1) * sizeof *copy) : NULL;
-    ing_parsed_t *res = copy ? calloc(n ? n : 1, sizeof *res) : NULL;
-    if (!j || !b || !copy || !res) {
+    ing_msg_t *m = copy ? calloc(n ? n : 1, sizeof *m) : NULL;
+    ing_parsed_t *res = m ? calloc(n ? n : 1, sizeof *res) : NULL;
+    if (!j || !b || !copy || !m || !res) {
         free(j);
         free(b);
         free(copy);
+        free(m);
         free(res);
         return ING_PARSER_ENOMEM;
     }
     memcpy(copy, msgs, n * sizeof *copy);
-    b->msgs = copy;
+    b->rk = copy;
+    b->msgs = m;
     b->res = res;
     b->n = n;
     b->now_ms = cm_now_ms();
@@ -164,9 +184,11 @@ void ing_batch_free(ing_batch_t *b)
     if (!b)
         return;
     for (size_t i = 0; i < b->n; i++)
-        if (b->msgs[i])
-            rd_kafka_message_destroy(b->msgs[i]);
+        if (b->rk[i])
+            rd_kafka_message_destroy(b->rk[i]);
     free(b->arena);
+    free(b->payloads);
+    free(b->rk);
     free(b->msgs);
     free(b->res);
     free(b);
