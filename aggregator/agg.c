@@ -3626,7 +3626,8 @@ struct agg_flush {
     size_t n_rejects, cap_rejects;
     /* Marks this flush leaves dirty (a regression not refitted yet). */
     kset_t kept;
-    int part; /* written ahead (AGG_FLUSH_PART): its rows commit with the final flush */
+    int part;        /* written ahead (AGG_FLUSH_PART): its rows commit with the final flush */
+    int users_later; /* a part that keeps the per-user marks (AGG_FLUSH_USERS_LATER) */
     uint8_t (*reject_keys)[12];
     size_t n_reject_keys, cap_reject_keys;
     /* Generic tables: rows to upsert and keys to delete, per table. */
@@ -4034,6 +4035,11 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
     size_t rkn = k->n - 1;
     st_val_t v;
     int r;
+    /* While catching up a user active all along changes again before the
+     * tick: such a part leaves the per-user rows to the flush, which writes
+     * each once instead of once per part. */
+    if (f->users_later && (tag == TAG_USER || tag == TAG_EXPOSURE || tag == TAG_OUTCOME))
+        return kset_add(&f->kept, k->p, k->n);
     if (tag == TAG_SESSION || tag == TAG_SESSION_NEW) {
         /* The new mark writes the row; a change mark beside it adds nothing
          * (and a list must not hold a key twice). */
@@ -4276,10 +4282,11 @@ static int collect_reject(agg_t *a, agg_flush_t *f, const st_val_t *k, const st_
  * current version: every mark a batch after prev's snapshot set (each batch
  * logs every key it marks, so a row changed since is among them), and the
  * marks prev left dirty. Nothing else: each part wrote or left dirty every
- * mark up to its snapshot, and only a regression mark is ever left dirty
- * (a part never refits), so by induction every mark up to prev's snapshot
- * was written, in its current version unless marked again since, or is
- * among prev's.
+ * mark up to its snapshot, and only the marks a part chose not to write are
+ * left dirty (a regression, which a part never refits, and with
+ * AGG_FLUSH_USERS_LATER the per-user rows), each kept in its `kept` set, so
+ * by induction every mark up to prev's snapshot was written, in its current
+ * version unless marked again since, or is among prev's.
  */
 static int marks_since(agg_t *a, st_txn_t *txn, const agg_flush_t *prev, kset_t *marked)
 {
@@ -4300,6 +4307,7 @@ int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_fl
     if (!f)
         return AGG_ENOMEM;
     f->part = (flags & AGG_FLUSH_PART) != 0;
+    f->users_later = f->part && (flags & AGG_FLUSH_USERS_LATER) != 0;
     f->regression = !f->part && (flags & AGG_FLUSH_REGRESSION) != 0;
     st_txn_t *txn;
     int r = st_begin(a->env, 1, &txn);

@@ -135,8 +135,9 @@ typedef struct agg_flush agg_flush_t;
 int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out);
 
 /* Flags of agg_flush_collect_after. */
-#define AGG_FLUSH_REGRESSION 1 /* refit the regressions (as `regression` above) */
-#define AGG_FLUSH_PART 2       /* a part written ahead of the flush (below) */
+#define AGG_FLUSH_REGRESSION 1  /* refit the regressions (as `regression` above) */
+#define AGG_FLUSH_PART 2        /* a part written ahead of the flush (below) */
+#define AGG_FLUSH_USERS_LATER 4 /* with AGG_FLUSH_PART: leave the per-user rows (below) */
 
 /*
  * A flush in parts (docs/aggregator.md, "Writing ahead"). While a flush
@@ -150,10 +151,12 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out);
  * rejects, no partition progress, no regression refit (the regression marks
  * stay dirty with it, for the next part or the final). Without it, the
  * result is the final flush that commits them all: complete it with
- * agg_flush_done as usual (its snapshot covers every part's). A part is
- * never passed to agg_flush_done. If the transaction is lost, drop the
- * parts and collect again with prev NULL. Any thread, like
- * agg_flush_collect.
+ * agg_flush_done as usual (its snapshot covers every part's). With
+ * AGG_FLUSH_USERS_LATER a part also leaves the rows of users, user_exposure
+ * and user_outcomes dirty, for the final flush: while intake catches up, a
+ * user active all along changes again before the tick, and every part would
+ * write the row again. A part is never passed to agg_flush_done. If the transaction is lost, drop
+ * the parts and collect again with prev NULL. Any thread, like agg_flush_collect.
  */
 int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_flush_t **out);
 const snk_batch_t *agg_flush_batch(const agg_flush_t *f);

@@ -462,17 +462,29 @@ static void tables_keep(int save)
 #undef KEEP
 }
 
+/* In run_round and the experiment windows: 1 lets about half of the parts
+ * leave the per-user rows to the flush (AGG_FLUSH_USERS_LATER). */
+static int round_users_later;
+
 /* Collects a part after the parts so far and applies it to the tables. */
 static void part(agg_t *a)
 {
     if (!part_prev)
         tables_keep(1);
     agg_flush_t *f;
-    assert_int_equal(agg_flush_collect_after(a, AGG_FLUSH_PART, part_prev, &f), 0);
+    int later = round_users_later && rnd() % 2;
+    assert_int_equal(agg_flush_collect_after(
+                         a, AGG_FLUSH_PART | (later ? AGG_FLUSH_USERS_LATER : 0), part_prev, &f),
+                     0);
     const snk_batch_t *b = agg_flush_batch(f);
     /* The final flush writes these, with the commit. */
     assert_int_equal(b->n_partitions, 0);
     assert_int_equal(b->n_rejects, 0);
+    if (later) { /* and these, with the commit */
+        assert_int_equal(b->n_users, 0);
+        assert_int_equal(b->gen[SNK_USER_EXPOSURE].n + b->gen[SNK_USER_EXPOSURE].n_del, 0);
+        assert_int_equal(b->gen[SNK_USER_OUTCOMES].n + b->gen[SNK_USER_OUTCOMES].n_del, 0);
+    }
     apply_flush(b);
     apply_gen(b);
     assert_int_equal(agg_flush_done(a, f), AGG_EINVAL);
@@ -637,6 +649,15 @@ static void test_parts_written_ahead(void **state)
     for (uint64_t seed = 1; seed <= 10; seed++)
         run_round(seed * 31337, 300, 4, 3 * DAY, 100);
     run_round(4242, 3000, 40, 10 * DAY, 0);
+    /* Parts that leave the users' rows to a later part or the flush: the
+     * marks they keep must all be written in the end. */
+    round_users_later = 1;
+    for (uint64_t seed = 1; seed <= 40; seed++)
+        run_round(seed * 6007, 300, 4, 3 * DAY, 0);
+    for (uint64_t seed = 1; seed <= 10; seed++)
+        run_round(seed * 31337, 300, 4, 3 * DAY, 100);
+    run_round(4243, 3000, 40, 10 * DAY, 0);
+    round_users_later = 0;
     round_parts = 0;
 }
 
@@ -1275,6 +1296,7 @@ static void test_windows_across_days(void **state)
                                 ING_ET_OTHER};
     const int64_t W = 7 * DAY, t0 = 19676 * DAY; /* 2023-11-15 00:00 UTC */
     enum { N = 400, USERS = 7 };
+    round_users_later = 1;
     for (int mode = 0; mode < 3; mode++) {
         for (uint64_t seed = 1; seed <= 6; seed++) {
             rng = seed * 40503u + (uint64_t)mode;
@@ -1346,6 +1368,10 @@ static void test_windows_across_days(void **state)
                     }
                 }
                 assert_int_equal(agg_batch_commit(a), 0);
+                /* Seeds 5 and up also write parts ahead, about half of
+                 * them leaving the exposures and outcomes to the flush. */
+                if (seed >= 5 && rnd() % 3 == 0)
+                    part(a);
                 if (rnd() % 4 == 0)
                     flush(a);
             }
@@ -1406,6 +1432,7 @@ static void test_windows_across_days(void **state)
             close_fresh(a, env, dir);
         }
     }
+    round_users_later = 0;
 }
 
 /* 30 batches of 10 page views by 10 other users (ids prefix + number): the
