@@ -155,8 +155,9 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out);
  * AGG_FLUSH_USERS_LATER a part also leaves the rows of users, user_exposure
  * and user_outcomes dirty, for the final flush: while intake catches up, a
  * user active all along changes again before the tick, and every part would
- * write the row again. A part is never passed to agg_flush_done. If the transaction is lost, drop
- * the parts and collect again with prev NULL. Any thread, like agg_flush_collect.
+ * write the row again. A part is never passed to agg_flush_done. If the
+ * transaction is lost, drop the parts and collect again with prev NULL. Any
+ * thread, like agg_flush_collect.
  */
 int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_flush_t **out);
 const snk_batch_t *agg_flush_batch(const agg_flush_t *f);
