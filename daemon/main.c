@@ -691,9 +691,10 @@ static void on_parsed(void *ud, ing_batch_t *b)
     if (d->n_held == HELD_MAX || d->closed) {
         /* Cannot happen with parse_ahead() batches in flight; never apply out
          * of order. Not applied: a restart consumes it again. */
+        size_t n = b->n; /* logged below, after the batch is gone */
         ing_batch_free(b);
         if (!d->closed) {
-            cm_err("too many batches waiting; stopping", "messages=%zu", b->n);
+            cm_err("too many batches waiting; stopping", "messages=%zu", n);
             begin_stop(d, 1);
         }
         return;

@@ -63,8 +63,9 @@ static void work_cb(uv_work_t *w)
         c->offset = m->offset;
         c->ts_ms = rd_kafka_message_timestamp(m, NULL);
         c->len = (uint32_t)(len < ING_PAYLOAD_KEEP ? len : ING_PAYLOAD_KEEP);
-        c->payload = b->payloads + pused;
-        memcpy(b->payloads + pused, payload, c->len);
+        c->payload = c->len ? b->payloads + pused : "";
+        if (c->len)
+            memcpy(b->payloads + pused, payload, c->len);
         pused += c->len;
         ing_parsed_t *r = &b->res[i];
         r->reason =
