@@ -592,18 +592,17 @@ static void pump(dmn_t *d)
          * for that on the commit timer. */
         if (d->txn_open && d->pos == 0) {
             double age = cm_mono_ms() - d->txn_t0;
+            int grown = txn_limit(d) > txn_base(d);
             /* A transaction grown past --txn-messages is not cut by the
              * interval while validated batches wait for it. */
-            int aged = age >= (double)d->cfg.commit_interval_ms &&
-                       (txn_limit(d) <= txn_base(d) || d->cur == d->n_held);
+            int aged = age >= (double)d->cfg.commit_interval_ms && (!grown || d->cur == d->n_held);
             /* Once due, it stays due: a batch arriving while its updates are
              * drained in slices waits for the next transaction. With
              * --exit-at-end, nothing is left to gather once the open
              * transaction reaches the end offsets. --txn-messages at or
              * below --batch-size means a batch per transaction, also for a
              * batch librdkafka handed over short. */
-            int one_batch = (size_t)d->cfg.txn_messages <= (size_t)d->cfg.batch_size &&
-                            txn_limit(d) <= txn_base(d);
+            int one_batch = d->cfg.txn_messages <= d->cfg.batch_size && !grown;
             int due = d->txn_closing || d->txn_msgs >= txn_limit(d) || d->cur >= TXN_BATCHES_MAX ||
                       one_batch || d->stopping || aged ||
                       (d->cfg.exit_at_end && d->cur == d->n_held && all_at_end(d));

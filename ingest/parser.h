@@ -28,7 +28,6 @@ typedef struct ing_parsed {
     const ing_packed_t *ev; /* valid when reason == ING_OK (ing_unpack reads it) */
 } ing_parsed_t;
 
-/* A validated batch. msgs and res are parallel arrays of n entries. */
 /* Bytes of a payload a batch keeps: the rejects table holds the first 4096
  * bytes of a rejected message's payload (CONTRACT §7), and an accepted
  * event may still turn out too late when it is applied. */
@@ -45,6 +44,7 @@ typedef struct ing_msg {
     int32_t partition;
 } ing_msg_t;
 
+/* A validated batch. msgs and res are parallel arrays of n entries. */
 typedef struct ing_batch {
     ing_msg_t *msgs;
     ing_parsed_t *res;

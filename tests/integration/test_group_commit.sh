@@ -4,11 +4,11 @@
 # /metrics shows fewer commits than batches, and with --commit-interval-ms 0 every
 # batch is its own commit. Either way the tables must equal the reference, across a
 # restart between the two runs. The runs also check that clickmartd's librdkafka
-# defaults apply and that -X overrides them. Then two runs catch up with a backlog: with
+# defaults apply and that -X overrides them. Then runs catch up with a backlog: with
 # --txn-messages above --batch-size several batches share a transaction, with it below
-# each batch is one, and with --txn-messages-max above --txn-messages the transactions
-# grow while commits write much per message; the tables must still equal the reference
-# over all five runs.
+# each batch is one (also when every batch comes short, in a run produced at a rate),
+# and with --txn-messages-max above --txn-messages the transactions grow while commits
+# write much per message; the tables must still equal the reference over all six runs.
 #
 # Needs CLICKMART_BIN (the build dir); run alone with
 #   CLICKMART_BIN=build bash tests/integration/test_group_commit.sh
