@@ -98,7 +98,6 @@ typedef struct dmn {
     int ahead_blocked;        /* a part failed: none until a flush has succeeded */
     uint64_t batches_at_send; /* batches when the last part or flush started */
     double last_send;         /* monotonic ms when the last part or flush started */
-    double part_ms;           /* how long parts take lately (moving average) */
     uint64_t msgs, msgs_at_last_stats;
     double last_stats_t;
     double started;
@@ -136,8 +135,10 @@ typedef struct dmn {
     uv_idle_t apply_idle;    /* continues applying on the next loop iteration */
     agg_flush_t *fl_clear;   /* a committed flush whose dirty marks wait for the txn */
     const char *huge_pages;  /* what heap_huge_pages did, for the log (static string) */
-    int flush_due;           /* a flush tick came while the previous flush ran */
-    uint64_t flushes_due;    /* flushes started late for that reason, not on a tick */
+    int flush_due;           /* a flush tick came while the previous flush or a part ran */
+    int flush_due_part;      /* ... and it was a part written ahead */
+    uint64_t flushes_due;    /* flushes started late after a flush, not on a tick */
+    uint64_t ticks_after_part; /* flushes started when the part their tick found was done */
 
     int stopping;
     int exit_code;
@@ -860,8 +861,11 @@ static void start_due_flush(dmn_t *d)
 {
     if (!d->flush_due || d->stopping || d->inflight || d->fl_clear)
         return;
+    int after_part = d->flush_due_part;
     start_flush(d);
-    if (d->inflight)
+    if (d->inflight && after_part)
+        d->ticks_after_part++;
+    else if (d->inflight)
         d->flushes_due++;
 }
 
@@ -870,7 +874,6 @@ static void part_after(dmn_t *d, int r, double ms)
 {
     if (r == 0 && d->ahead) {
         d->parts_ahead++;
-        d->part_ms = d->part_ms > 0 ? 0.7 * d->part_ms + 0.3 * ms : ms;
         mx_rows_add(&d->ahead_tally, agg_flush_batch(d->ahead));
         cm_debug("wrote ahead", "rows=%zu duration_ms=%.1f collect_ms=%.1f parts=%d users_later=%d",
                  agg_flush_rows(d->ahead), ms, d->fl_collect_ms, d->ahead_parts, d->fl_users_later);
@@ -1004,11 +1007,13 @@ static void start_flush(dmn_t *d)
          * whole interval, so a row waits at most one interval plus the flushes
          * in between (start_due_flush). */
         d->flush_due = 1;
+        d->flush_due_part = d->inflight && d->fl_part;
         return;
     }
     /* A late request is served here, or there is nothing to serve (no rows
      * left, Postgres backing off, the map growing): the next tick decides. */
     d->flush_due = 0;
+    d->flush_due_part = 0;
     if (d->map_full || cm_mono_ms() < d->next_try || !flush_needed(d))
         return;
     d->inflight = 1;
@@ -1055,8 +1060,9 @@ static int64_t consumer_lag(dmn_t *d)
 /*
  * Intake is catching up: --exit-at-end (a backfill that stops once it has
  * caught up), or a backlog of at least a transaction's worth of messages.
- * How fresh the tables are is then set by the backlog, not by when a flush
- * starts, so parts need not keep clear of the tick (start_part).
+ * How fresh the tables are is then set by the backlog, and a user active
+ * all along changes again before the tick, so parts leave the per-user rows
+ * to the flush (start_part).
  */
 static int catching_up(dmn_t *d)
 {
@@ -1067,9 +1073,8 @@ static int catching_up(dmn_t *d)
  * Write the rows changed since the last part or flush into the open
  * transaction (--flush-ahead-ms; docs/operations.md "Writing ahead"), so
  * that the flush at the tick has only the rest to write. At most one part
- * per --flush-ahead-ms; none that would likely still run at the tick (it
- * would delay the flush), nor while Postgres is backing off or anything
- * else holds the flush slot.
+ * per --flush-ahead-ms; none while a flush is due, Postgres is backing off
+ * or anything else holds the flush slot.
  */
 static void start_part(dmn_t *d)
 {
@@ -1077,16 +1082,16 @@ static void start_part(dmn_t *d)
     if (d->inflight || d->fl_clear || d->flush_due || d->stopping || d->map_full ||
         d->ahead_blocked || now < d->next_try || d->batches == d->batches_at_send)
         return;
-    /* At a steady rate a part that would likely still run at the tick is
-     * not started: the flush would wait for it. While catching up, Postgres
-     * would then sit idle until the tick, and whatever the parts did not
-     * write is left for the flushes, the last of them after intake has
-     * caught up (the final flush of --exit-at-end), so the parts go on and
-     * a flush due meanwhile starts when the part is done. */
-    int catching = catching_up(d);
-    if (!cm_part_due(now - d->last_send, (double)uv_timer_get_due_in(&d->flush_timer), d->part_ms,
-                     d->cfg.flush_ahead_ms, catching))
+    /* A part may still run at the tick: the flush then starts when it is
+     * done and writes only what changed since the part collected its rows.
+     * Keeping parts clear of the tick (before the seventeenth session) left
+     * the flush everything changed since the last part, 1.25 part lengths
+     * plus up to --flush-ahead-ms before the tick, and rows waited longer
+     * for it than for the rest of a part (docs/operations.md, "Writing
+     * ahead"). */
+    if (now - d->last_send < (double)d->cfg.flush_ahead_ms)
         return;
+    int catching = catching_up(d);
     d->inflight = 1;
     d->fl_part = 1;
     /* While catching up, a user active all along changes again before the
@@ -1248,6 +1253,7 @@ static json_t *status_obj(dmn_t *d)
                         !d->pg_up && d->fl_err[0] ? json_string(d->fl_err) : json_null());
     json_object_set_new(fl, "in_flight", json_boolean(d->inflight));
     json_object_set_new(fl, "late_starts", json_integer((json_int_t)d->flushes_due));
+    json_object_set_new(fl, "ticks_after_part", json_integer((json_int_t)d->ticks_after_part));
     json_object_set_new(fl, "redone", json_integer((json_int_t)d->flushes_redone));
     json_object_set_new(fl, "parts_ahead", json_integer((json_int_t)d->parts_ahead));
     json_object_set_new(fl, "parts_ahead_failed", json_integer((json_int_t)d->parts_ahead_failed));

@@ -265,19 +265,6 @@ void cm_log(int level, const char *msg, const char *fmt, ...)
     pthread_mutex_unlock(&g_lock);
 }
 
-int cm_part_due(double since_send_ms, double due_in_ms, double part_ms, int64_t ahead_ms,
-                int catching_up)
-{
-    if (since_send_ms < (double)ahead_ms)
-        return 0;
-    if (catching_up)
-        return 1;
-    double need = part_ms > 0 ? 1.25 * part_ms : 0.0;
-    if (need < (double)ahead_ms / 4)
-        need = (double)ahead_ms / 4;
-    return due_in_ms >= need;
-}
-
 size_t cm_txn_target(size_t cur, size_t base, size_t max, size_t msgs, uint64_t bytes,
                      int catching_up)
 {

@@ -54,16 +54,6 @@ void cm_fmt_ts(int64_t ms, char *buf, size_t cap);
 size_t cm_utf8_seq(const unsigned char *s, size_t n, size_t *bad);
 
 /*
- * Whether a part of the flush may be written ahead now (--flush-ahead-ms;
- * docs/operations.md "Writing ahead"): at least ahead_ms since the last part
- * or flush started, and, unless intake is catching up, likely done before
- * the tick: due_in_ms (to the tick) at least 1.25 x the recent part length
- * part_ms (0: none yet), and never under ahead_ms / 4. Pure; any thread.
- */
-int cm_part_due(double since_send_ms, double due_in_ms, double part_ms, int64_t ahead_ms,
-                int catching_up);
-
-/*
  * Bytes passed to write calls per message of a commit above which, while
  * intake catches up, transactions gather twice the messages (CM_TXN_GROW_BPM),
  * and below which they halve again (CM_TXN_SHRINK_BPM). docs/operations.md,

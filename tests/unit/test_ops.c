@@ -217,33 +217,6 @@ static void test_text_log_one_line(void **state)
     free(out);
 }
 
-/* When a part of the flush may be written ahead (cm_part_due): the spacing
- * always holds; the tick holds a part back only while intake is not catching
- * up. */
-static void test_part_due(void **state)
-{
-    (void)state;
-    /* --flush-ahead-ms 500, parts lately 400 ms long: they need 500 ms before the tick. */
-    assert_int_equal(cm_part_due(600, 1500, 400, 500, 0), 1);
-    assert_int_equal(cm_part_due(600, 500, 400, 500, 0), 1);
-    assert_int_equal(cm_part_due(600, 499, 400, 500, 0), 0);
-    assert_int_equal(cm_part_due(600, 10, 400, 500, 1), 1); /* catching up: the tick waits */
-    /* The spacing holds either way. */
-    assert_int_equal(cm_part_due(499, 1500, 400, 500, 0), 0);
-    assert_int_equal(cm_part_due(499, 1500, 400, 500, 1), 0);
-    /* No part yet, or short ones: at least a quarter of the spacing before the tick. */
-    assert_int_equal(cm_part_due(600, 124, 0, 500, 0), 0);
-    assert_int_equal(cm_part_due(600, 125, 0, 500, 0), 1);
-    assert_int_equal(cm_part_due(600, 124, 20, 500, 0), 0);
-    /* --flush-interval-ms 1200 with --flush-ahead-ms 1000: the next tick is at most 200 ms
-     * after the spacing allows a part, so only catching up ever starts one. */
-    for (double since = 1000; since <= 1200; since += 10)
-        for (double part = 0; part <= 2000; part += 50) {
-            assert_int_equal(cm_part_due(since, 1200 - since, part, 1000, 0), 0);
-            assert_int_equal(cm_part_due(since, 1200 - since, part, 1000, 1), 1);
-        }
-}
-
 /* The size of the next LMDB transaction (cm_txn_target): it doubles while
  * catching up on commits that write much per message, up to the maximum,
  * halves on cheap ones down to --txn-messages, and is --txn-messages at
@@ -339,7 +312,6 @@ int main(void)
         cmocka_unit_test(test_history_ring),
         cmocka_unit_test(test_json_log_lines),
         cmocka_unit_test(test_text_log_one_line),
-        cmocka_unit_test(test_part_due),
         cmocka_unit_test(test_txn_target),
         cmocka_unit_test(test_config_long_lines),
     };
