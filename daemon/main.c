@@ -120,24 +120,24 @@ typedef struct dmn {
 #define HELD_MAX (TXN_BATCHES_MAX + 8)
     ing_batch_t *held[HELD_MAX]; /* validated batches, in order, not yet committed */
     size_t n_held;
-    size_t cur;              /* held[0..cur) are applied in the open transaction */
-    size_t pos;              /* next message of held[cur] to apply */
-    int txn_open;            /* an LMDB transaction is open (held[0..cur], from held[0]) */
-    double txn_t0;           /* monotonic ms when the open transaction began */
-    size_t txn_msgs;         /* messages of the batches applied in it */
-    size_t txn_target;       /* messages after which it commits (txn_limit, cm_txn_target) */
-    int txn_closing;         /* it became due: its updates are drained, then it commits */
-    uint64_t txn_grows;      /* times the target doubled while catching up */
-    uv_timer_t commit_timer; /* commits a transaction left open to gather batches */
-    int map_full;            /* the map filled up: intake paused until it grows */
-    int storage_failed;      /* an LMDB write failed (disk full?): paused, retried */
-    double storage_retry_at; /* monotonic ms of the next retry */
-    uv_idle_t apply_idle;    /* continues applying on the next loop iteration */
-    agg_flush_t *fl_clear;   /* a committed flush whose dirty marks wait for the txn */
-    const char *huge_pages;  /* what heap_huge_pages did, for the log (static string) */
-    int flush_due;           /* a flush tick came while the previous flush or a part ran */
-    int flush_due_part;      /* ... and it was a part written ahead */
-    uint64_t flushes_due;    /* flushes started late after a flush, not on a tick */
+    size_t cur;                /* held[0..cur) are applied in the open transaction */
+    size_t pos;                /* next message of held[cur] to apply */
+    int txn_open;              /* an LMDB transaction is open (held[0..cur], from held[0]) */
+    double txn_t0;             /* monotonic ms when the open transaction began */
+    size_t txn_msgs;           /* messages of the batches applied in it */
+    size_t txn_target;         /* messages after which it commits (txn_limit, cm_txn_target) */
+    int txn_closing;           /* it became due: its updates are drained, then it commits */
+    uint64_t txn_grows;        /* times the target doubled while catching up */
+    uv_timer_t commit_timer;   /* commits a transaction left open to gather batches */
+    int map_full;              /* the map filled up: intake paused until it grows */
+    int storage_failed;        /* an LMDB write failed (disk full?): paused, retried */
+    double storage_retry_at;   /* monotonic ms of the next retry */
+    uv_idle_t apply_idle;      /* continues applying on the next loop iteration */
+    agg_flush_t *fl_clear;     /* a committed flush whose dirty marks wait for the txn */
+    const char *huge_pages;    /* what heap_huge_pages did, for the log (static string) */
+    int flush_due;             /* a flush tick came while the previous flush or a part ran */
+    int flush_due_part;        /* ... a part written ahead, begun within the interval */
+    uint64_t flushes_due;      /* flushes started late after a flush, not on a tick */
     uint64_t ticks_after_part; /* flushes started when the part their tick found was done */
 
     int stopping;
@@ -1007,7 +1007,12 @@ static void start_flush(dmn_t *d)
          * whole interval, so a row waits at most one interval plus the flushes
          * in between (start_due_flush). */
         d->flush_due = 1;
-        d->flush_due_part = d->inflight && d->fl_part;
+        /* Waiting for a part that began within the interval is the normal
+         * way a part and the tick meet (start_part); every tick decides
+         * again, so a part that has run for a whole interval (Postgres
+         * slow or blocked) makes it a late start like a slow flush. */
+        d->flush_due_part =
+            d->inflight && d->fl_part && cm_mono_ms() - d->fl_t0 < (double)d->cfg.flush_interval_ms;
         return;
     }
     /* A late request is served here, or there is nothing to serve (no rows
