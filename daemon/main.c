@@ -137,7 +137,9 @@ typedef struct dmn {
     const char *huge_pages;    /* what heap_huge_pages did, for the log (static string) */
     int flush_due;             /* a flush tick came while the previous flush or a part ran */
     int flush_due_part;        /* ... a part written ahead, begun within the interval */
-    uint64_t flushes_due;      /* flushes started late after a flush, not on a tick */
+    uint64_t flushes_due;      /* flushes started off the tick: the previous flush (or its
+                                * marks' clearing) still ran, or a part older than an
+                                * interval */
     uint64_t ticks_after_part; /* flushes started when the part their tick found was done */
 
     int stopping;
