@@ -1394,6 +1394,14 @@ static char *metrics_text(dmn_t *d, size_t *len)
     metric_head(&b, "clickmart_flush_parts_ahead_total", "counter",
                 "Parts of a flush written ahead into its open transaction (--flush-ahead-ms).");
     tb_printf(&b, "clickmart_flush_parts_ahead_total %llu\n", (unsigned long long)d->parts_ahead);
+    metric_head(&b, "clickmart_flush_late_starts_total", "counter",
+                "Flushes started off the tick: the previous flush, or a part older than an "
+                "interval, still ran.");
+    tb_printf(&b, "clickmart_flush_late_starts_total %llu\n", (unsigned long long)d->flushes_due);
+    metric_head(&b, "clickmart_flush_ticks_after_part_total", "counter",
+                "Flushes whose tick found a part written ahead running; started when it was done.");
+    tb_printf(&b, "clickmart_flush_ticks_after_part_total %llu\n",
+              (unsigned long long)d->ticks_after_part);
     metric_head(&b, "clickmart_flush_rows_total", "counter", "Rows written by flushes.");
     tb_printf(&b, "clickmart_flush_rows_total %llu\n", (unsigned long long)d->rows_written);
     metric_head(&b, "clickmart_rows_written_total", "counter",

@@ -99,6 +99,11 @@ check(flushes >= 2, "flushes_total %s" % flushes)
 check(one("clickmart_flushes_redone_total") == st["flush"]["redone"] == 0,
       "flushes_redone_total %s, status %s" % (one("clickmart_flushes_redone_total"),
                                               st["flush"]["redone"]))
+# The flush counters /status shows are the same counters (/metrics is read first: never more).
+for name, key in (("clickmart_flush_late_starts_total", "late_starts"),
+                  ("clickmart_flush_ticks_after_part_total", "ticks_after_part"),
+                  ("clickmart_flush_parts_ahead_total", "parts_ahead")):
+    check(one(name) <= st["flush"][key], "%s %s > status %s" % (name, one(name), st["flush"][key]))
 buckets = sorted(((float(l["le"]), v) for l, v in series["clickmart_flush_duration_seconds_bucket"]))
 check(len(buckets) >= 10, "only %d histogram buckets" % len(buckets))
 check(all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:])), "buckets not cumulative")
