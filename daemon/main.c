@@ -1098,7 +1098,6 @@ static void start_part(dmn_t *d)
      * ahead"). */
     if (now - d->last_send < (double)d->cfg.flush_ahead_ms)
         return;
-    int catching = catching_up(d);
     d->inflight = 1;
     d->fl_part = 1;
     /* While catching up, a user active all along changes again before the
@@ -1107,7 +1106,7 @@ static void start_part(dmn_t *d)
      * or more): the parts leave those rows to the flush. Nobody sees a part
      * before the flush commits, so this changes only when Postgres does
      * the work. */
-    d->fl_users_later = catching;
+    d->fl_users_later = catching_up(d);
     d->fl_t0 = now;
     d->last_send = now;
     d->batches_at_send = d->batches;

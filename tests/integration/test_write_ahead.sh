@@ -14,10 +14,10 @@
 #      every statement that inserts sessions slowed by 0.1 s by a trigger, parts run
 #      back to back, so ticks find one running (a part and the flush after it, each up to
 #      two such statements, stay well under the interval: otherwise the next tick would
-#      find that flush still running, a real late start); those flushes start when the part is done
-#      (flush.ticks_after_part) and are not late starts (flush.late_starts stays 0, which
-#      it did not when parts kept clear of the tick and a slow one ran into it anyway);
-#      compare.py must pass after SIGTERM.
+#      find that flush still running, a real late start); those flushes start when the
+#      part is done (flush.ticks_after_part) and are not late starts (flush.late_starts
+#      stays 0, which it did not when parts kept clear of the tick and a slow one ran
+#      into it anyway); compare.py must pass after SIGTERM.
 #
 # Needs CLICKMART_BIN (the build dir); run alone with
 #   CLICKMART_BIN=build bash tests/integration/test_write_ahead.sh
@@ -46,10 +46,14 @@ v=json.load(sys.stdin)
 for k in '$1'.split('.'): v=v[k]
 print(v)"
 }
+# Alive and caught up with the dump.
+caught_up() {
+    cm_daemon_alive || cm_die "clickmartd exited early (see $CM_DAEMON_LOG)"
+    cm_status_caught_up "$DUMP"
+}
 # Caught up with the dump, and at least $1 parts written ahead by this run.
 parts_written() {
-    cm_daemon_alive || cm_die "clickmartd exited early (see $CM_DAEMON_LOG)"
-    cm_status_caught_up "$DUMP" || return 1
+    caught_up || return 1
     [ "$(status_num flush.parts_ahead)" -ge "$1" ]
 }
 visible() { cm_psql "SELECT (SELECT count(*) FROM clickmart.sessions) || '/' || (SELECT count(*) FROM clickmart.partitions)"; }
@@ -103,10 +107,6 @@ for ((round = 1; round <= 30; round++)); do
     [ "$(status_num flush.ticks_after_part)" -ge 1 ] && break
 done
 cm_dump_topic "$CM_TOPIC" "$DUMP"
-caught_up() {
-    cm_daemon_alive || cm_die "clickmartd exited early (see $CM_DAEMON_LOG)"
-    cm_status_caught_up "$DUMP"
-}
 cm_wait_for 60 "clickmartd to consume the steady rounds" caught_up ||
     cm_die "not caught up; last /status: $(cm_status 2>&1 | head -c 2000)"
 [ "$(status_num flush.ticks_after_part)" -ge 1 ] ||
