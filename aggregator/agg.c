@@ -19,6 +19,7 @@
 #include <xxhash.h>
 
 #include "aggregator/stats.h"
+#include "daemon/heap.h"
 #include "daemon/util.h"
 
 #define DAY_MS 86400000LL
@@ -55,6 +56,7 @@ static int bytes_reserve(uint8_t **b, size_t *cap, size_t need)
         return AGG_ENOMEM;
     *b = nb;
     *cap = nc;
+    cm_heap_advise(nb, nc);
     return 0;
 }
 
@@ -637,6 +639,8 @@ static int kset_grow(kset_t *s)
         free(no);
         return AGG_ENOMEM;
     }
+    cm_heap_advise(nh, ncap * sizeof *nh);
+    cm_heap_advise(no, ncap * sizeof *no);
     for (size_t i = 0; i < s->cap; i++) {
         if (!s->off[i])
             continue;
@@ -856,6 +860,8 @@ static int dset_grow(dset_t *d)
                  d->cap ? d->cap * 2 : 1 << 16, 0};
     if (!nd.t)
         return AGG_ENOMEM;
+    /* Probed at random for every message: huge pages spare TLB misses. */
+    cm_heap_advise(nd.t, nd.cap * sizeof(dent_t));
     for (size_t i = 0; i < d->cap; i++)
         if (d->t[i].hi || d->t[i].lo)
             dset_put(&nd, d->t[i].hi, d->t[i].lo, d->t[i].ts);

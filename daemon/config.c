@@ -80,11 +80,11 @@ static const opt_t opts[] = {
      "Heap the allocator takes beyond each need and keeps when memory is freed (glibc "
      "M_TOP_PAD): batches free and allocate again all the time, and returning the memory to "
      "the kernel only to fault it back in cost ~25% of the CPU per event (0: glibc's 128 KiB)."},
-    {"heap-huge-pages", OPT_BOOL, O(heap_huge_pages), "true", 0, 1,
-     "Back the heap with transparent huge pages (glibc.malloc.hugetlb=1; the daemon "
-     "re-executes itself once with GLIBC_TUNABLES set): one fault per 2 MiB instead of 512, "
-     "~15% less CPU per event on the benchmark's VM. Needs THP in madvise or always mode; "
-     "=false turns it off."},
+    {"heap-huge-pages", OPT_STR, O(heap_huge_pages), "loop", 0, 0,
+     "Transparent huge pages: loop (the loop thread's heap and the large tables it probes "
+     "at random; other threads' heaps on small pages, cheaper to fault in), all (every heap: "
+     "glibc.malloc.hugetlb=1, the daemon re-executes itself once with GLIBC_TUNABLES set) or "
+     "off. Needs THP in madvise or always mode; true and false mean all and off."},
     {"state-sync", OPT_STR, O(state_sync), "meta", 0, 0,
      "LMDB durability: full (fsync data and meta), meta (one fsync per commit), none (no "
      "fsync, pages written in place: ~2x faster, safe against kill -9, not an OS crash)."},

@@ -54,7 +54,7 @@ typedef struct cfg {
     int64_t max_dirty_rows;
     int64_t state_map_size_mb;
     int64_t heap_pad_mb;
-    int heap_huge_pages;
+    char *heap_huge_pages;
     int64_t pg_retry_max_ms;
     int64_t shutdown_timeout_ms;
     int64_t kafka_close_timeout_ms;

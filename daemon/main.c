@@ -7,11 +7,7 @@
  * time, reading a committed LMDB snapshot, so Postgres never blocks intake.
  */
 #include <jansson.h>
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
 #ifdef __linux__
-#include <sys/prctl.h>
 #include <sys/resource.h>
 #endif
 #include <signal.h>
@@ -23,6 +19,7 @@
 
 #include "aggregator/agg.h"
 #include "daemon/config.h"
+#include "daemon/heap.h"
 #include "daemon/metrics.h"
 #include "daemon/notify.h"
 #include "daemon/page.h"
@@ -134,7 +131,7 @@ typedef struct dmn {
     double storage_retry_at;   /* monotonic ms of the next retry */
     uv_idle_t apply_idle;      /* continues applying on the next loop iteration */
     agg_flush_t *fl_clear;     /* a committed flush whose dirty marks wait for the txn */
-    const char *huge_pages;    /* what heap_huge_pages did, for the log (static string) */
+    const char *huge_pages;    /* what cm_heap_start did, for the log (static string) */
     int flush_due;             /* a flush tick came while the previous flush or a part ran */
     int flush_due_part;        /* ... a part written ahead, begun within the interval */
     uint64_t flushes_due;      /* flushes started off the tick: the previous flush (or its
@@ -588,6 +585,8 @@ static void on_commit_timer(uv_timer_t *t)
 static void pump(dmn_t *d)
 {
     double t0 = cm_mono_ms();
+    /* The loop thread's heap grows with the state: advise what it took. */
+    cm_heap_grown();
     while (!d->map_full && !d->storage_failed && !d->closed) {
         int r;
         /* Between batches, an open transaction commits when it is full, old
@@ -1654,103 +1653,6 @@ static void on_signal(uv_signal_t *s, int signum)
 
 /* ---------------------------------------------------------------------- */
 
-/*
- * Every batch frees and allocates again megabytes of scratch (event arrays,
- * LMDB's dirty pages, hash sets, flush arenas). With glibc's default top pad
- * of 128 KiB the heap is trimmed back to the kernel and then faulted in again
- * page by page; on a virtual machine a page fault is costly, and the churn
- * took about a quarter of the CPU per event (docs/benchmarks.md). A larger pad
- * keeps that much heap mapped between batches.
- */
-static void heap_tune(int64_t pad_mb)
-{
-#ifdef __GLIBC__
-    /* A sanitizer build replaces malloc and refuses mallopt: not an error. */
-    if (pad_mb > 0 && mallopt(M_TOP_PAD, (int)(pad_mb * 1024 * 1024)) != 1)
-        cm_info("heap pad not applied: the allocator does not take mallopt (a sanitizer "
-                "build?)",
-                "heap_pad_mb=%lld", (long long)pad_mb);
-#else
-    (void)pad_mb;
-#endif
-}
-
-/*
- * glibc reads its tunables only when a process starts, so the daemon turns on
- * glibc.malloc.hugetlb (heap and large allocations advised for transparent
- * huge pages) by executing itself once more with GLIBC_TUNABLES extended; the
- * marker variable stops a second round. On the benchmark's virtual machine
- * this cut the page faults of a 1 M-event run from ~150 000 to ~5 000 and the
- * CPU per event by about 15 % (docs/benchmarks.md). Returns only when it
- * did not re-execute: an exec that fails leaves the daemon on small pages.
- * The marker carries the process name: executing /proc/self/exe would
- * otherwise rename the daemon "exe" for ps, pgrep and top.
- */
-#define HUGE_PAGES_MARKER "CLICKMARTD_HEAP_HUGE_PAGES"
-static const char *heap_huge_pages(int on, char **argv)
-{
-#ifdef __GLIBC__
-    const char *marker = getenv(HUGE_PAGES_MARKER);
-    if (marker) {
-#ifdef __linux__
-        if (*marker)
-            prctl(PR_SET_NAME, marker, 0, 0, 0);
-#endif
-        unsetenv(HUGE_PAGES_MARKER);
-        return "on";
-    }
-    if (!on)
-        return "off";
-    const char *cur = getenv("GLIBC_TUNABLES");
-    if (cur && strstr(cur, "glibc.malloc.hugetlb="))
-        return "set in GLIBC_TUNABLES";
-    char val[1024];
-    int n = snprintf(val, sizeof val, "%s%sglibc.malloc.hugetlb=1", cur ? cur : "",
-                     cur && *cur ? ":" : "");
-    if (n < 0 || (size_t)n >= sizeof val)
-        return "off (GLIBC_TUNABLES too long)";
-    char name[17] = "";
-#ifdef __linux__
-    if (prctl(PR_GET_NAME, name, 0, 0, 0) != 0)
-        name[0] = '\0';
-#endif
-    char *saved = cur ? strdup(cur) : NULL;
-    if (setenv("GLIBC_TUNABLES", val, 1) == 0 && setenv(HUGE_PAGES_MARKER, name, 1) == 0)
-        execv("/proc/self/exe", argv);
-    unsetenv(HUGE_PAGES_MARKER);
-    if (saved)
-        setenv("GLIBC_TUNABLES", saved, 1);
-    else
-        unsetenv("GLIBC_TUNABLES");
-    free(saved);
-    return "off (re-exec failed)";
-#else
-    (void)on;
-    (void)argv;
-    return "off (not glibc)";
-#endif
-}
-
-/* The host's THP mode, the bracketed word of the sysfs file ("unknown" without it). */
-static const char *thp_mode(void)
-{
-    static char mode[16] = "unknown";
-    char line[128];
-    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
-    if (!f)
-        return mode;
-    if (fgets(line, sizeof line, f)) {
-        const char *open = strchr(line, '[');
-        const char *close = open ? strchr(open, ']') : NULL;
-        if (close && (size_t)(close - open - 1) < sizeof mode) {
-            memcpy(mode, open + 1, (size_t)(close - open - 1));
-            mode[close - open - 1] = '\0';
-        }
-    }
-    fclose(f);
-    return mode;
-}
-
 static int setup(dmn_t *d)
 {
     char err[512];
@@ -1766,8 +1668,16 @@ static int setup(dmn_t *d)
         return 2;
     }
     cm_log_set_json(!strcmp(d->cfg.log_format, "json"));
-    heap_tune(d->cfg.heap_pad_mb);
-    cm_info("heap", "huge_pages=\"%s\" transparent_hugepage=\"%s\"", d->huge_pages, thp_mode());
+    /* Every batch frees and allocates again megabytes of scratch; with
+     * glibc's default pad of 128 KiB that went back to the kernel and was
+     * faulted in again, about a quarter of the CPU per event on the
+     * benchmark's virtual machine (docs/benchmarks.md). */
+    if (cm_heap_pad(d->cfg.heap_pad_mb) != 0)
+        cm_info("heap pad not applied: the allocator does not take mallopt (a sanitizer "
+                "build?)",
+                "heap_pad_mb=%lld", (long long)d->cfg.heap_pad_mb);
+    cm_info("heap", "huge_pages=\"%s\" transparent_hugepage=\"%s\"", d->huge_pages,
+            cm_heap_thp_mode());
     enum st_sync sync;
     if (!strcmp(d->cfg.state_sync, "full"))
         sync = ST_SYNC_FULL;
@@ -1934,7 +1844,13 @@ int main(int argc, char **argv)
         cfg_free(&d.cfg);
         return 0;
     }
-    d.huge_pages = heap_huge_pages(d.cfg.heap_huge_pages, argv);
+    int huge = cm_heap_mode_from(d.cfg.heap_huge_pages);
+    if (huge < 0) {
+        fprintf(stderr, "clickmartd: --heap-huge-pages must be loop, all or off\n");
+        cfg_free(&d.cfg);
+        return 2;
+    }
+    d.huge_pages = cm_heap_start(huge, argv);
     signal(SIGPIPE, SIG_IGN);
     d.loop = uv_default_loop();
     /* Idle time (waiting in the poll for input) tells a loop starved of

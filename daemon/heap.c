@@ -1,0 +1,181 @@
+/*
+ * heap.c - glibc's top pad and transparent huge pages for the daemon's heap
+ * (heap.h).
+ */
+#include "daemon/heap.h"
+
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+#ifdef __linux__
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#endif
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+/* The mode cm_heap_start set; written before other threads exist. */
+static int g_mode = CM_HUGE_OFF;
+/* The main heap's end as last advised (CM_HUGE_LOOP; loop thread only). */
+static uintptr_t g_brk_done;
+
+#define PAGE_MASK_ ((uintptr_t)4095)
+#define HUGE_MIN ((size_t)2 << 20)
+/* glibc's largest mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX):
+ * allocations above it are always mapped on their own. */
+#define MMAP_THRESHOLD_MAX (32 * 1024 * 1024)
+
+int cm_heap_mode_from(const char *s)
+{
+    if (!strcasecmp(s, "loop"))
+        return CM_HUGE_LOOP;
+    if (!strcasecmp(s, "all") || !strcasecmp(s, "true") || !strcmp(s, "1"))
+        return CM_HUGE_ALL;
+    if (!strcasecmp(s, "off") || !strcasecmp(s, "false") || !strcmp(s, "0"))
+        return CM_HUGE_OFF;
+    return -1;
+}
+
+int cm_heap_pad(int64_t pad_mb)
+{
+#ifdef __GLIBC__
+    /* A sanitizer build replaces malloc and refuses mallopt. */
+    if (pad_mb > 0 && mallopt(M_TOP_PAD, (int)(pad_mb * 1024 * 1024)) != 1)
+        return -1;
+#else
+    (void)pad_mb;
+#endif
+    return 0;
+}
+
+/*
+ * The marker variable stops a second round of CM_HUGE_ALL's exec and carries
+ * the process name: executing /proc/self/exe would otherwise rename the
+ * daemon "exe" for ps, pgrep and top.
+ */
+#define HUGE_PAGES_MARKER "CLICKMARTD_HEAP_HUGE_PAGES"
+
+static const char *start_all(char **argv)
+{
+#if defined(__GLIBC__) && defined(__linux__)
+    const char *cur = getenv("GLIBC_TUNABLES");
+    if (cur && strstr(cur, "glibc.malloc.hugetlb="))
+        return "set in GLIBC_TUNABLES";
+    char val[1024];
+    int n = snprintf(val, sizeof val, "%s%sglibc.malloc.hugetlb=1", cur ? cur : "",
+                     cur && *cur ? ":" : "");
+    if (n < 0 || (size_t)n >= sizeof val)
+        return "off (GLIBC_TUNABLES too long)";
+    char name[17] = "";
+    if (prctl(PR_GET_NAME, name, 0, 0, 0) != 0)
+        name[0] = '\0';
+    char *saved = cur ? strdup(cur) : NULL;
+    if (setenv("GLIBC_TUNABLES", val, 1) == 0 && setenv(HUGE_PAGES_MARKER, name, 1) == 0)
+        execv("/proc/self/exe", argv);
+    unsetenv(HUGE_PAGES_MARKER);
+    if (saved)
+        setenv("GLIBC_TUNABLES", saved, 1);
+    else
+        unsetenv("GLIBC_TUNABLES");
+    free(saved);
+    return "off (re-exec failed)";
+#else
+    (void)argv;
+    return "off (not glibc on Linux)";
+#endif
+}
+
+const char *cm_heap_start(int mode, char **argv)
+{
+#if defined(__GLIBC__) && defined(__linux__)
+    const char *marker = getenv(HUGE_PAGES_MARKER);
+    if (marker) {
+        /* The second run of CM_HUGE_ALL. */
+        if (*marker)
+            prctl(PR_SET_NAME, marker, 0, 0, 0);
+        unsetenv(HUGE_PAGES_MARKER);
+        g_mode = CM_HUGE_ALL;
+        return "all";
+    }
+    g_mode = CM_HUGE_OFF;
+    if (mode == CM_HUGE_ALL)
+        return start_all(argv);
+    if (mode != CM_HUGE_LOOP)
+        return "off";
+    /* Below the threshold the main thread's allocations come from the main
+     * heap, which cm_heap_grown advises as it grows; with glibc's dynamic
+     * threshold a long-lived buffer grown early would stay a mapping of its
+     * own on small pages. */
+    int fixed = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1;
+    g_mode = CM_HUGE_LOOP;
+    /* The heap before this point is a few pages of start-up: advise from
+     * here on. */
+    g_brk_done = ((uintptr_t)sbrk(0) + PAGE_MASK_) & ~PAGE_MASK_;
+    /* A sanitizer's allocator refuses mallopt and does not use the main
+     * heap; the large tables are still advised. */
+    return fixed ? "loop" : "loop (tables only: the allocator does not take mallopt)";
+#else
+    (void)mode;
+    (void)argv;
+    return "off (not glibc on Linux)";
+#endif
+}
+
+void cm_heap_grown(void)
+{
+#ifdef __linux__
+    if (g_mode != CM_HUGE_LOOP)
+        return;
+    /* sbrk(0) reads glibc's cached break: no system call. */
+    uintptr_t cur = (uintptr_t)sbrk(0) & ~PAGE_MASK_;
+    if (cur <= g_brk_done) {
+        /* Trimmed (rare with the top pad): what grows back is a new mapping. */
+        g_brk_done = cur;
+        return;
+    }
+    /* The kernel gives a huge page to a fault in an aligned 2 MiB block of
+     * an advised range; blocks already partly faulted in stay small. The
+     * advice is not retried: a failure only costs speed. */
+    (void)madvise((void *)g_brk_done, cur - g_brk_done, MADV_HUGEPAGE);
+    g_brk_done = cur;
+#endif
+}
+
+void cm_heap_advise(void *p, size_t n)
+{
+#ifdef __linux__
+    if (g_mode != CM_HUGE_LOOP || !p || n < HUGE_MIN)
+        return;
+    uintptr_t a = ((uintptr_t)p + PAGE_MASK_) & ~PAGE_MASK_;
+    uintptr_t e = ((uintptr_t)p + n) & ~PAGE_MASK_;
+    if (e > a)
+        (void)madvise((void *)a, e - a, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)n;
+#endif
+}
+
+const char *cm_heap_thp_mode(void)
+{
+    static char mode[16];
+    char line[128];
+    strcpy(mode, "unknown");
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+    if (!f)
+        return mode;
+    if (fgets(line, sizeof line, f)) {
+        const char *open = strchr(line, '[');
+        const char *close = open ? strchr(open, ']') : NULL;
+        if (close && (size_t)(close - open - 1) < sizeof mode) {
+            memcpy(mode, open + 1, (size_t)(close - open - 1));
+            mode[close - open - 1] = '\0';
+        }
+    }
+    fclose(f);
+    return mode;
+}
