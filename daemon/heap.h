@@ -36,13 +36,12 @@ int cm_heap_mode_from(const char *s);
  * /proc/self/exe, same pid and process name) with glibc.malloc.hugetlb=1
  * added to GLIBC_TUNABLES, since glibc reads its tunables only at start; it
  * returns only when it did not (already done, or the exec failed).
- * CM_HUGE_LOOP fixes glibc's mmap threshold at 32 MiB, so that the loop
- * thread's allocations below that come from the main heap (the main thread's
- * arena), and advises the main heap. Call from the main thread, which runs
- * the loop, before any other thread starts. Returns what was done, for the
- * log: "loop", "all", "off", "set in GLIBC_TUNABLES", "off (...)" with the
- * reason, or "loop (tables only: ...)" under an allocator that refuses
- * mallopt (a sanitizer build) and has no main heap (a static string).
+ * CM_HUGE_LOOP notes where the main heap (the main thread's arena, which the
+ * loop thread allocates from) ends, for cm_heap_grown. Call from the main
+ * thread, which runs the loop, before any other thread starts. Returns what
+ * was done, for the log: "loop", "all", "off", "set in GLIBC_TUNABLES",
+ * "off (...)" with the reason, or "loop (tables only: ...)" in a sanitizer
+ * build, whose allocator has no main heap (a static string).
  */
 const char *cm_heap_start(int mode, char **argv);
 
@@ -63,7 +62,7 @@ void cm_heap_grown(void);
 
 /*
  * CM_HUGE_LOOP: advise [p, p + n), a large allocation of the caller's (a hash
- * table above the mmap threshold, which glibc maps on its own), for huge
+ * table above glibc's mmap threshold, which glibc maps on its own), for huge
  * pages. Only the whole pages inside the range, and nothing below 2 MiB or in
  * the other modes (with CM_HUGE_ALL glibc advised it already). Any thread.
  */
