@@ -23,16 +23,29 @@ static int g_mode = CM_HUGE_OFF;
 /* The main heap's end as last advised (CM_HUGE_LOOP; loop thread only). */
 static uintptr_t g_brk_done;
 
-#define PAGE_MASK_ ((uintptr_t)4095)
 #define HUGE_MIN ((size_t)2 << 20)
+
+/* The page size less one, for rounding to whole pages. First called by
+ * cm_heap_start in loop mode, before other threads exist. */
+static uintptr_t page_mask(void)
+{
+    static uintptr_t mask;
+    if (!mask) {
+        long ps = sysconf(_SC_PAGESIZE);
+        mask = (uintptr_t)(ps > 0 ? ps : 4096) - 1;
+    }
+    return mask;
+}
 
 int cm_heap_mode_from(const char *s)
 {
     if (!strcasecmp(s, "loop"))
         return CM_HUGE_LOOP;
-    if (!strcasecmp(s, "all") || !strcasecmp(s, "true") || !strcmp(s, "1"))
+    /* The boolean flag this replaced took true, 1, yes and on for all. */
+    if (!strcasecmp(s, "all") || !strcasecmp(s, "true") || !strcmp(s, "1") ||
+        !strcasecmp(s, "yes") || !strcasecmp(s, "on"))
         return CM_HUGE_ALL;
-    if (!strcasecmp(s, "off") || !strcasecmp(s, "false") || !strcmp(s, "0"))
+    if (!strcasecmp(s, "off") || !strcasecmp(s, "false") || !strcmp(s, "0") || !strcasecmp(s, "no"))
         return CM_HUGE_OFF;
     return -1;
 }
@@ -110,7 +123,7 @@ const char *cm_heap_start(int mode, char **argv)
      * the other threads' large buffers came from their arenas too, and a
      * 10 M-event run took 7 % more memory and 24 % more CPU per event at its
      * end (docs/benchmarks.md, eighteenth session). */
-    g_brk_done = ((uintptr_t)sbrk(0) + PAGE_MASK_) & ~PAGE_MASK_;
+    g_brk_done = ((uintptr_t)sbrk(0) + page_mask()) & ~page_mask();
 #ifdef __SANITIZE_ADDRESS__
     /* AddressSanitizer's allocator maps its own memory: no main heap. */
     return "loop (tables only: a sanitizer's allocator)";
@@ -130,7 +143,7 @@ void cm_heap_grown(void)
     if (g_mode != CM_HUGE_LOOP)
         return;
     /* sbrk(0) reads glibc's cached break: no system call. */
-    uintptr_t cur = (uintptr_t)sbrk(0) & ~PAGE_MASK_;
+    uintptr_t cur = (uintptr_t)sbrk(0) & ~page_mask();
     if (cur <= g_brk_done) {
         /* Trimmed (rare with the top pad): what grows back is a new mapping. */
         g_brk_done = cur;
@@ -149,8 +162,8 @@ void cm_heap_advise(void *p, size_t n)
 #ifdef __linux__
     if (g_mode != CM_HUGE_LOOP || !p || n < HUGE_MIN)
         return;
-    uintptr_t a = ((uintptr_t)p + PAGE_MASK_) & ~PAGE_MASK_;
-    uintptr_t e = ((uintptr_t)p + n) & ~PAGE_MASK_;
+    uintptr_t a = ((uintptr_t)p + page_mask()) & ~page_mask();
+    uintptr_t e = ((uintptr_t)p + n) & ~page_mask();
     if (e > a)
         (void)madvise((void *)a, e - a, MADV_HUGEPAGE);
 #else

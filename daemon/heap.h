@@ -27,8 +27,9 @@ enum cm_huge {
     CM_HUGE_ALL      /* every heap: glibc.malloc.hugetlb=1 */
 };
 
-/* Parse "loop", "all" or "off" ("true" and "false" mean all and off, the
- * values of the boolean flag this replaced); -1 when unknown. */
+/* Parse "loop", "all" or "off" (true, 1, yes, on mean all, and false, 0,
+ * no mean off: the values of the boolean flag this replaced); -1 when
+ * unknown. */
 int cm_heap_mode_from(const char *s);
 
 /*

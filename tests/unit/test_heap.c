@@ -62,7 +62,10 @@ static void test_mode_from(void **state)
     assert_int_equal(cm_heap_mode_from("off"), CM_HUGE_OFF);
     assert_int_equal(cm_heap_mode_from("false"), CM_HUGE_OFF);
     assert_int_equal(cm_heap_mode_from("0"), CM_HUGE_OFF);
-    assert_int_equal(cm_heap_mode_from("on"), -1);
+    assert_int_equal(cm_heap_mode_from("yes"), CM_HUGE_ALL);
+    assert_int_equal(cm_heap_mode_from("on"), CM_HUGE_ALL);
+    assert_int_equal(cm_heap_mode_from("no"), CM_HUGE_OFF);
+    assert_int_equal(cm_heap_mode_from("huge"), -1);
     assert_int_equal(cm_heap_mode_from(""), -1);
 }
 
