@@ -37,6 +37,18 @@ static uintptr_t page_mask(void)
     return mask;
 }
 
+/* The address rounded up, or down, to a page boundary: madvise takes whole
+ * pages, and only those inside an allocation are the caller's. */
+static uintptr_t page_up(uintptr_t a)
+{
+    return (a + page_mask()) & ~page_mask();
+}
+
+static uintptr_t page_down(uintptr_t a)
+{
+    return a & ~page_mask();
+}
+
 int cm_heap_mode_from(const char *s)
 {
     if (!strcasecmp(s, "loop"))
@@ -118,12 +130,13 @@ const char *cm_heap_start(int mode, char **argv)
         return "off";
     g_mode = CM_HUGE_LOOP;
     /* The heap before this point is a few pages of start-up: advise from
-     * here on. glibc's mmap threshold stays dynamic: fixed at 32 MiB, so
-     * that more of the loop thread's allocations came from the main heap,
-     * the other threads' large buffers came from their arenas too, and a
-     * 10 M-event run took 7 % more memory and 24 % more CPU per event at its
-     * end (docs/benchmarks.md, eighteenth session). */
-    g_brk_done = ((uintptr_t)sbrk(0) + page_mask()) & ~page_mask();
+     * here on. glibc's mmap threshold is left dynamic. A version that fixed
+     * it at 32 MiB (so that more of the loop thread's allocations would come
+     * from the main heap) also moved the other threads' large buffers into
+     * their arenas, and a 10 M-event run then took 7 % more memory and 24 %
+     * more CPU per event at its end (docs/benchmarks.md, eighteenth
+     * session). */
+    g_brk_done = page_up((uintptr_t)sbrk(0));
 #ifdef __SANITIZE_ADDRESS__
     /* AddressSanitizer's allocator maps its own memory: no main heap. */
     return "loop (tables only: a sanitizer's allocator)";
@@ -143,7 +156,7 @@ void cm_heap_grown(void)
     if (g_mode != CM_HUGE_LOOP)
         return;
     /* sbrk(0) reads glibc's cached break: no system call. */
-    uintptr_t cur = (uintptr_t)sbrk(0) & ~page_mask();
+    uintptr_t cur = page_down((uintptr_t)sbrk(0));
     if (cur <= g_brk_done) {
         /* Trimmed (rare with the top pad): what grows back is a new mapping. */
         g_brk_done = cur;
@@ -162,8 +175,7 @@ void cm_heap_advise(void *p, size_t n)
 #ifdef __linux__
     if (g_mode != CM_HUGE_LOOP || !p || n < HUGE_MIN)
         return;
-    uintptr_t a = ((uintptr_t)p + page_mask()) & ~page_mask();
-    uintptr_t e = ((uintptr_t)p + n) & ~page_mask();
+    uintptr_t a = page_up((uintptr_t)p), e = page_down((uintptr_t)p + n);
     if (e > a)
         (void)madvise((void *)a, e - a, MADV_HUGEPAGE);
 #else
