@@ -1286,6 +1286,212 @@ static void test_live(void **state)
     PQfinish(adm);
 }
 
+/* Applies migrations 1..upto to the schema live_schema by hand, as an older
+ * daemon would have left it. */
+static void migrate_upto(PGconn *pg, int upto)
+{
+    char sql[256];
+    snprintf(sql, sizeof sql, "DROP SCHEMA IF EXISTS %s CASCADE; CREATE SCHEMA %s", live_schema,
+             live_schema);
+    exec_or_fail(pg, sql);
+    snprintf(sql, sizeof sql,
+             "CREATE TABLE %s.schema_version (version int PRIMARY KEY, applied_at timestamptz "
+             "NOT NULL DEFAULT now())",
+             live_schema);
+    exec_or_fail(pg, sql);
+    char quoted[80];
+    snprintf(quoted, sizeof quoted, "\"%s\"", live_schema);
+    for (size_t m = 0; m < sizeof MIGRATIONS / sizeof MIGRATIONS[0]; m++) {
+        if (MIGRATIONS[m].version > upto)
+            break;
+        sbuf_t b = {0};
+        sb_sql(&b, MIGRATIONS[m].sql, quoted);
+        exec_or_fail(pg, sb_cstr(&b));
+        free(b.p);
+        snprintf(sql, sizeof sql, "INSERT INTO %s.schema_version (version) VALUES (%d)",
+                 live_schema, MIGRATIONS[m].version);
+        exec_or_fail(pg, sql);
+    }
+}
+
+/* The text columns of the schema's tables whose collation is not "C". */
+static const char *non_c_columns(PGconn *pg)
+{
+    return q1(pg, "SELECT coalesce(string_agg(c.relname || '.' || a.attname, ' ' ORDER BY "
+                  "c.relname, a.attnum), '') FROM pg_attribute a JOIN pg_class c ON c.oid = "
+                  "a.attrelid JOIN pg_collation k ON k.oid = a.attcollation WHERE "
+                  "c.relnamespace = '{S}'::regnamespace AND c.relkind = 'r' AND a.attnum > 0 "
+                  "AND a.atttypid = 'text'::regtype AND k.collname <> 'C'");
+}
+
+/*
+ * Migration 6 (every text column COLLATE "C") on a schema an older daemon
+ * left at version 5: rows, views and the privileges granted on the views
+ * survive; an analyst's view on a column stops it with a message naming the
+ * view and leaves the schema as it was. Then, in a database whose default
+ * collation is ICU's en-US, the sink flushes and upserts, and ORDER BY gives
+ * the contract's byte order.
+ */
+static void test_live_collation(void **state)
+{
+    (void)state;
+    const char *ci = getenv("CLICKMART_TEST_PG");
+    if (!ci || !*ci) {
+        skip();
+        return;
+    }
+    snprintf(live_schema, sizeof live_schema, "cm_coll_test_%ld", (long)getpid());
+    PGconn *adm = PQconnectdb(ci);
+    assert_int_equal(PQstatus(adm), CONNECTION_OK);
+    PQsetNoticeProcessor(adm, notice_ignore, NULL);
+    char role[64], sql[1024];
+    snprintf(role, sizeof role, "cm_coll_reader_%ld", (long)getpid());
+
+    migrate_upto(adm, 5);
+    assert_string_equal(
+        non_c_columns(adm),
+        "experiment_regression.experiment experiment_regression.term "
+        "experiment_results.experiment experiment_results.variant "
+        "experiments.experiment experiments.control_variant "
+        "funnel_daily.device funnel_daily.country partitions.topic "
+        "product_daily.product_id product_pairs.product_a "
+        "product_pairs.product_b rejected_events.topic rejected_events.reason "
+        "rejected_events.detail rejected_events.payload sessions.session_id "
+        "sessions.user_id sessions.device sessions.country user_exposure.experiment "
+        "user_exposure.user_id user_exposure.variant user_outcomes.experiment "
+        "user_outcomes.user_id user_outcomes.variant users.user_id users.device "
+        "users.country");
+    snprintf(sql, sizeof sql,
+             "INSERT INTO %s.users VALUES ('u1', now(), now(), 'web', 'DE', 3, 1, 1, 9.5, now(), "
+             "now()), ('u2', now(), now(), 'app', 'FR', 1, 1, 0, 0, NULL, NULL)",
+             live_schema);
+    exec_or_fail(adm, sql);
+    snprintf(sql, sizeof sql,
+             "DROP ROLE IF EXISTS %s; CREATE ROLE %s NOLOGIN; GRANT SELECT ON %s.daily_kpis TO "
+             "%s; GRANT SELECT ON %s.product_affinity TO %s WITH GRANT OPTION; GRANT SELECT ON "
+             "%s.rfm_segments TO PUBLIC",
+             role, role, live_schema, role, live_schema, role, live_schema);
+    exec_or_fail(adm, sql);
+
+    /* An analyst's view on a column the migration changes stops it. */
+    snprintf(sql, sizeof sql, "CREATE VIEW %s.my_users AS SELECT user_id FROM %s.users",
+             live_schema, live_schema);
+    exec_or_fail(adm, sql);
+    snk_conn_t *c = NULL;
+    assert_int_equal(snk_open(ci, live_schema, &c), 0);
+    assert_int_equal(snk_migrate(c), SNK_EQUERY);
+    const char *err = snk_last_error(c);
+    if (!strstr(err, "my_users"))
+        fprintf(stderr, "unexpected error: %s\n", err);
+    assert_non_null(strstr(err, "migration 6"));
+    assert_non_null(strstr(err, "my_users"));
+    assert_string_equal(q1(adm, "SELECT max(version) FROM {S}.schema_version"), "5");
+    assert_string_equal(
+        q1(adm, "SELECT has_table_privilege('%s', '{S}.daily_kpis', 'SELECT')", role), "t");
+    snprintf(sql, sizeof sql, "DROP VIEW %s.my_users", live_schema);
+    exec_or_fail(adm, sql);
+
+    /* Without it the migration runs. */
+    assert_int_equal(snk_migrate(c), 0);
+    assert_string_equal(q1(adm, "SELECT string_agg(version::text, ',' ORDER BY version) FROM "
+                                "{S}.schema_version"),
+                        "1,2,3,4,5,6");
+    assert_string_equal(non_c_columns(adm), "");
+    assert_string_equal(q1(adm, "SELECT string_agg(user_id || ':' || revenue, ',' ORDER BY "
+                                "user_id) FROM {S}.users"),
+                        "u1:9.50,u2:0.00");
+    assert_string_equal(q1(adm, "SELECT string_agg(user_id || ':' || segment, ',' ORDER BY "
+                                "user_id) FROM {S}.rfm_segments"),
+                        /* One buyer: every score is 1. */
+                        "u1:Lost");
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.daily_kpis"), "0");
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.product_affinity"), "0");
+    /* The views read the new columns: theirs are "C" too. */
+    assert_string_equal(q1(adm, "SELECT k.collname FROM pg_attribute a JOIN pg_collation k ON "
+                                "k.oid = a.attcollation WHERE a.attrelid = "
+                                "'{S}.rfm_segments'::regclass AND a.attname = 'user_id'"),
+                        "C");
+    assert_string_equal(
+        q1(adm, "SELECT has_table_privilege('%s', '{S}.daily_kpis', 'SELECT')", role), "t");
+    assert_string_equal(q1(adm,
+                           "SELECT has_table_privilege('%s', '{S}.product_affinity', 'SELECT "
+                           "WITH GRANT OPTION')",
+                           role),
+                        "t");
+    assert_string_equal(q1(adm,
+                           "SELECT count(*) FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid "
+                           "= '{S}.rfm_segments'::regclass AND a.grantee = 0 AND "
+                           "a.privilege_type = 'SELECT'"),
+                        "1");
+    /* Nothing granted before, nothing granted after. */
+    assert_string_equal(
+        q1(adm, "SELECT has_table_privilege('%s', '{S}.rfm_segments', 'UPDATE')", role), "f");
+    assert_int_equal(snk_migrate(c), 0);
+    snk_close(c);
+    snprintf(sql, sizeof sql, "DROP SCHEMA %s CASCADE", live_schema);
+    exec_or_fail(adm, sql);
+
+    /* A database ordering text by ICU's en-US rules (Postgres 15 and later). */
+    char db[64];
+    snprintf(db, sizeof db, "cm_icu_test_%ld", (long)getpid());
+    if (PQserverVersion(adm) < 150000 ||
+        strcmp(q1(adm, "SELECT count(*) > 0 FROM pg_collation WHERE collprovider = 'i'"), "t")) {
+        fprintf(stderr, "no ICU in this Postgres: the ICU database part is not run\n");
+    } else {
+        snprintf(sql, sizeof sql,
+                 "DROP DATABASE IF EXISTS %s; CREATE DATABASE %s TEMPLATE template0 ENCODING "
+                 "'UTF8' LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C'",
+                 db, db);
+        /* CREATE DATABASE cannot run in the implicit transaction of a
+         * multi-statement string. */
+        char *semi = strchr(sql, ';');
+        *semi = '\0';
+        exec_or_fail(adm, sql);
+        exec_or_fail(adm, semi + 1);
+        char ci2[1024];
+        snprintf(ci2, sizeof ci2, "%s dbname=%s", ci, db);
+        PGconn *chk = PQconnectdb(ci2);
+        assert_int_equal(PQstatus(chk), CONNECTION_OK);
+        assert_string_equal(q1(chk, "SELECT string_agg(x, ',' ORDER BY x) FROM (VALUES ('a'), "
+                                    "('B'), ('\xC3\xA9'), ('Z')) v(x)"),
+                            "a,B,\xC3\xA9,Z");
+        assert_int_equal(snk_open(ci2, live_schema, &c), 0);
+        assert_int_equal(snk_migrate(c), 0);
+        const int64_t t0 = 1709296496789LL;
+        snk_user_row_t users[] = {
+            {"a", t0, t0, "web", "DE", 1, 1, 0, 0, -1, -1},
+            {"B", t0, t0, "web", "DE", 1, 1, 0, 0, -1, -1},
+            {"\xC3\xA9", t0, t0, "web", "DE", 1, 1, 0, 0, -1, -1},
+            {"Z", t0, t0, "web", "DE", 1, 1, 0, 0, -1, -1},
+        };
+        snk_partition_row_t part = {"clickmart.events", 0, 4, t0, 4, 0, 0};
+        snk_batch_t b = {0};
+        b.users = users;
+        b.n_users = 4;
+        b.partitions = &part;
+        b.n_partitions = 1;
+        int rc = snk_flush(c, &b);
+        if (rc != 0)
+            fprintf(stderr, "snk_flush: %s\n", snk_last_error(c));
+        assert_int_equal(rc, 0);
+        /* Again, with one user changed: the upsert path. */
+        users[1].events = 7;
+        part.next_offset = 5;
+        assert_int_equal(snk_flush(c, &b), 0);
+        assert_string_equal(q1(chk, "SELECT string_agg(user_id || ':' || events, ',' ORDER BY "
+                                    "user_id) FROM {S}.users"),
+                            "B:7,Z:1,a:1,\xC3\xA9:1");
+        assert_string_equal(non_c_columns(chk), "");
+        snk_close(c);
+        PQfinish(chk);
+        snprintf(sql, sizeof sql, "DROP DATABASE %s", db);
+        exec_or_fail(adm, sql);
+    }
+    snprintf(sql, sizeof sql, "DROP ROLE %s", role);
+    exec_or_fail(adm, sql);
+    PQfinish(adm);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1296,7 +1502,7 @@ int main(void)
         cmocka_unit_test(test_redact_kv),      cmocka_unit_test(test_redact_uri),
         cmocka_unit_test(test_schema_names),   cmocka_unit_test(test_open_errors),
         cmocka_unit_test(test_store_err),      cmocka_unit_test(test_strerror),
-        cmocka_unit_test(test_live),
+        cmocka_unit_test(test_live),           cmocka_unit_test(test_live_collation),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
