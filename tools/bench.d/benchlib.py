@@ -814,6 +814,12 @@ def rnd(x, d=1):
     return None if x is None else round(x, d)
 
 
+def pg_locale_line(kv):
+    """A line naming the throwaway Postgres' default collation when it is not C."""
+    loc = kv.get("p_pg_locale", "C")
+    return [] if loc == "C" else ["Postgres' default collation: %s (--pg-locale)" % loc]
+
+
 def fmt(x, unit="", d=0):
     if x is None:
         return "n/a"
@@ -1014,6 +1020,7 @@ def report_throughput(kv, res, lines):
     L("")
     L("clickmart bench: throughput, %s events (%d partitions, seed %s), %s" % (
         fmt(n), int(kv.get("p_partitions", "0")), kv.get("p_seed", "?"), res["date"]))
+    lines.extend(pg_locale_line(kv))
     if not res["complete"]:
         L("WARNING: not every message was seen (daemon %s, dump %s of %d): the mock's retention "
           "may have dropped some; use more --partitions" % (msgs_daemon, dump.get("messages"), n))
@@ -1116,6 +1123,7 @@ def report_steady(kv, res, lines):
     L("clickmart bench: steady state (flush interval %d ms; freshness = producer timestamp -> "
       "partitions.next_offset in Postgres past the message, sampled every %s s), %s" % (
           flush_ms, kv.get("p_sample_interval", "0.1"), res["date"]))
+    lines.extend(pg_locale_line(kv))
     L("")
     L("%10s %10s %9s %8s %8s %8s %8s %9s %8s %7s" % ("rate", "produced/s", "messages", "p50 s",
                                                      "p90 s", "p99 s", "max s", "lag", "cores", "held"))
@@ -1202,6 +1210,7 @@ def report_scale(kv, res, lines, baseline_path):
     L("clickmart bench: scale, %s events %s (%s partitions), %s" % (
         fmt(n), "produced before clickmartd started" if kv.get("p_preload") == "1"
         else "produced while consuming", kv.get("p_partitions", "?"), res["date"]))
+    lines.extend(pg_locale_line(kv))
     if not res["complete"]:
         L("WARNING: the daemon saw %s of %s messages (retention of the mock? use more --partitions)"
           % (fmt(d["messages"]), fmt(n)))
