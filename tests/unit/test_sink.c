@@ -1324,6 +1324,16 @@ static const char *non_c_columns(PGconn *pg)
                   "AND a.atttypid = 'text'::regtype AND k.collname <> 'C'");
 }
 
+/* The schema's indexes with a key column whose collation is not "C": an
+ * index follows its column when the column's collation changes. */
+static const char *non_c_indexes(PGconn *pg)
+{
+    return q1(pg, "SELECT coalesce(string_agg(DISTINCT c.relname, ' '), '') FROM pg_index i "
+                  "JOIN pg_class c ON c.oid = i.indexrelid CROSS JOIN "
+                  "unnest(i.indcollation::oid[]) u(k) WHERE c.relnamespace = "
+                  "'{S}'::regnamespace AND u.k <> 0 AND u.k <> 'pg_catalog.\"C\"'::regcollation");
+}
+
 /*
  * Migration 6 (every text column COLLATE "C") on a schema an older daemon
  * left at version 5: rows, views and the privileges granted on the views
@@ -1361,6 +1371,7 @@ static void test_live_collation(void **state)
         "user_exposure.user_id user_exposure.variant user_outcomes.experiment "
         "user_outcomes.user_id user_outcomes.variant users.user_id users.device "
         "users.country");
+    assert_string_not_equal(non_c_indexes(adm), "");
     snprintf(sql, sizeof sql,
              "INSERT INTO %s.users VALUES ('u1', now(), now(), 'web', 'DE', 3, 1, 1, 9.5, now(), "
              "now()), ('u2', now(), now(), 'app', 'FR', 1, 1, 0, 0, NULL, NULL)",
@@ -1397,6 +1408,7 @@ static void test_live_collation(void **state)
                                 "{S}.schema_version"),
                         "1,2,3,4,5,6");
     assert_string_equal(non_c_columns(adm), "");
+    assert_string_equal(non_c_indexes(adm), "");
     assert_string_equal(q1(adm, "SELECT string_agg(user_id || ':' || revenue, ',' ORDER BY "
                                 "user_id) FROM {S}.users"),
                         "u1:9.50,u2:0.00");
@@ -1482,6 +1494,7 @@ static void test_live_collation(void **state)
                                     "user_id) FROM {S}.users"),
                             "B:7,Z:1,a:1,\xC3\xA9:1");
         assert_string_equal(non_c_columns(chk), "");
+        assert_string_equal(non_c_indexes(chk), "");
         snk_close(c);
         PQfinish(chk);
         snprintf(sql, sizeof sql, "DROP DATABASE %s", db);
