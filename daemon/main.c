@@ -210,22 +210,33 @@ static int check_fresh_state(dmn_t *d)
         return 0;
     }
     int r = -1;
+    char err[1024] = "";
     for (int attempt = 0; attempt < 30; attempt++) {
         r = snk_open(d->cfg.pg, d->cfg.schema, &d->pg);
-        if (r == 0 && (r = snk_migrate(d->pg)) != 0) {
+        if (r != 0) {
+            snprintf(err, sizeof err, "%s", snk_last_error(NULL));
+        } else if ((r = snk_migrate(d->pg)) != 0) {
+            /* The message lives in the connection: keep it before closing. */
+            snprintf(err, sizeof err, "%s", snk_last_error(d->pg));
             snk_close(d->pg);
             d->pg = NULL;
+            /* Postgres answered and refused a statement (say, an analyst's view
+             * on a column a migration changes): waiting will not fix that. */
+            if (r != SNK_ECONNECT) {
+                cm_err("cannot migrate the schema; see docs/operations.md", "error=\"%s\"", err);
+                return 1;
+            }
         }
         if (r == 0)
             break;
         cm_warn("empty state: waiting for Postgres to check the tables", "attempt=%d error=\"%s\"",
-                attempt + 1, snk_last_error(d->pg));
+                attempt + 1, err);
         uv_sleep(1000);
     }
     if (r) {
         cm_err("empty state and Postgres unreachable: cannot tell whether the tables already "
                "hold this topic; start Postgres and retry",
-               "error=\"%s\"", snk_last_error(NULL));
+               "error=\"%s\"", err);
         return 1;
     }
     int64_t rows = 0, max_next = 0;

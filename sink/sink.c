@@ -1072,14 +1072,16 @@ static const migration_t MIGRATIONS[] = {
      * and looking up rows 15-25 % slower in ICU and C.UTF-8 databases
      * (docs/sink.md). Postgres cannot change the collation of a column a view
      * reads, so the three views are dropped and created again with their
-     * latest text, and the privileges granted on them are granted again. An
-     * analyst's own view on these columns or on these views makes the
-     * migration fail with Postgres' message naming it (docs/operations.md).
+     * latest text; the privileges granted on them are granted again and
+     * their comments set again. An analyst's own view on these columns or on
+     * these views makes the migration fail with Postgres' message naming it
+     * (docs/operations.md).
      * The tables are not rewritten; their indexes on text columns are
      * rebuilt. */
-    {6, "CREATE TEMP TABLE cm_m6_grants ON COMMIT DROP AS"
-        "  SELECT c.relname::text AS relname, a.grantee, a.privilege_type, a.is_grantable"
-        "  FROM pg_catalog.pg_class c CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a"
+    {6, "CREATE TEMP TABLE cm_m6_views ON COMMIT DROP AS"
+        "  SELECT c.relname::text AS relname, c.relacl,"
+        "         pg_catalog.obj_description(c.oid, 'pg_class') AS comment"
+        "  FROM pg_catalog.pg_class c"
         "  WHERE c.relnamespace = '{S}'::regnamespace AND c.relkind = 'v'"
         "    AND c.relname IN ('product_affinity', 'daily_kpis', 'rfm_segments');"
         "DROP VIEW {S}.product_affinity, {S}.daily_kpis, {S}.rfm_segments;"
@@ -1126,12 +1128,18 @@ static const migration_t MIGRATIONS[] = {
         "  ALTER COLUMN term TYPE text COLLATE " C_COLL ";"
         "CREATE VIEW {S}.product_affinity AS" VIEW_PRODUCT_AFFINITY
         "CREATE VIEW {S}.daily_kpis AS" VIEW_DAILY_KPIS
-        "CREATE VIEW {S}.rfm_segments AS" VIEW_RFM_SEGMENTS_4 "DO $$ DECLARE g record; BEGIN"
-        "  FOR g IN SELECT * FROM pg_temp.cm_m6_grants LOOP"
-        "    EXECUTE format('GRANT %s ON {S}.%I TO %s%s', g.privilege_type, g.relname,"
-        "      CASE WHEN g.grantee = 0 THEN 'PUBLIC'"
-        "           ELSE quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END,"
-        "      CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);"
+        "CREATE VIEW {S}.rfm_segments AS" VIEW_RFM_SEGMENTS_4 "DO $$"
+        " DECLARE v record; g record; BEGIN"
+        "  FOR v IN SELECT * FROM pg_temp.cm_m6_views LOOP"
+        "    FOR g IN SELECT * FROM pg_catalog.aclexplode(v.relacl) LOOP"
+        "      EXECUTE format('GRANT %s ON {S}.%I TO %s%s', g.privilege_type, v.relname,"
+        "        CASE WHEN g.grantee = 0 THEN 'PUBLIC'"
+        "             ELSE quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END,"
+        "        CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);"
+        "    END LOOP;"
+        "    IF v.comment IS NOT NULL THEN"
+        "      EXECUTE format('COMMENT ON VIEW {S}.%I IS %L', v.relname, v.comment);"
+        "    END IF;"
         "  END LOOP;"
         "END $$;"},
 };

@@ -1380,8 +1380,8 @@ static void test_live_collation(void **state)
     snprintf(sql, sizeof sql,
              "DROP ROLE IF EXISTS %s; CREATE ROLE %s NOLOGIN; GRANT SELECT ON %s.daily_kpis TO "
              "%s; GRANT SELECT ON %s.product_affinity TO %s WITH GRANT OPTION; GRANT SELECT ON "
-             "%s.rfm_segments TO PUBLIC",
-             role, role, live_schema, role, live_schema, role, live_schema);
+             "%s.rfm_segments TO PUBLIC; COMMENT ON VIEW %s.daily_kpis IS 'KPIs, it''s daily'",
+             role, role, live_schema, role, live_schema, role, live_schema, live_schema);
     exec_or_fail(adm, sql);
 
     /* An analyst's view on a column the migration changes stops it. */
@@ -1435,6 +1435,10 @@ static void test_live_collation(void **state)
                            "= '{S}.rfm_segments'::regclass AND a.grantee = 0 AND "
                            "a.privilege_type = 'SELECT'"),
                         "1");
+    assert_string_equal(q1(adm, "SELECT obj_description('{S}.daily_kpis'::regclass, 'pg_class')"),
+                        "KPIs, it's daily");
+    assert_string_equal(
+        q1(adm, "SELECT obj_description('{S}.rfm_segments'::regclass, 'pg_class') IS NULL"), "t");
     /* Nothing granted before, nothing granted after. */
     assert_string_equal(
         q1(adm, "SELECT has_table_privilege('%s', '{S}.rfm_segments', 'UPDATE')", role), "f");
