@@ -148,6 +148,26 @@ cm_wait_for() {
     done
 }
 
+# --- checks ---------------------------------------------------------------------------
+
+# cm_ok MSG / cm_bad MSG: a passed / failed check of a test that goes on after a failure,
+# so that one run reports every check; cm_summary prints the "N passed, M failed" line
+# and returns 1 if any failed (the last command of such a test).
+CM_PASSED=0
+CM_FAILED=0
+cm_ok() {
+    CM_PASSED=$((CM_PASSED + 1))
+    cm_log "ok: $*"
+}
+cm_bad() {
+    CM_FAILED=$((CM_FAILED + 1))
+    cm_log "FAILED: $*"
+}
+cm_summary() {
+    echo "$CM_PASSED passed, $CM_FAILED failed"
+    [ "$CM_FAILED" -eq 0 ]
+}
+
 cm_free_port() { "$CM_PY" "$CM_LIB_DIR/cmtool.py" free-port; }
 
 # --- Postgres -----------------------------------------------------------------------

@@ -37,17 +37,6 @@ cm_daemon_wait 300 || cm_die "clickmartd --exit-at-end still running after 300s"
 [ "$CM_DAEMON_RC" = 0 ] || cm_die "clickmartd exited with status $CM_DAEMON_RC (see $CM_DAEMON_LOG)"
 [ "$(cm_psql "SELECT count(*) > 0 FROM clickmart.sessions")" = t ] || cm_die "no sessions written"
 
-passed=0
-failed=0
-ok() {
-    passed=$((passed + 1))
-    cm_log "ok: $*"
-}
-bad() {
-    failed=$((failed + 1))
-    cm_log "FAILED: $*"
-}
-
 # --- 1. every ```sql block of the guide -------------------------------------------------
 
 BLOCKS=$CM_DIR/guide-sql
@@ -67,14 +56,14 @@ cm_log "$nblocks sql blocks in $GUIDE"
 for f in "$BLOCKS"/block*.sql; do
     name=$(basename "$f" .sql)
     if ! out=$(psql -X -q -A -t -v ON_ERROR_STOP=1 -P null='(null)' -d "$CM_PG" -f "$f" 2>&1); then
-        bad "$name: error: $out"
+        cm_bad "$name: error: $out"
         continue
     fi
     rows=$(printf '%s\n' "$out" | grep -c . || true)
     if [ "$rows" -ge 1 ]; then
-        ok "$name: $rows rows"
+        cm_ok "$name: $rows rows"
     else
-        bad "$name: returned no row"
+        cm_bad "$name: returned no row"
     fi
 done
 
@@ -84,11 +73,11 @@ done
 check() {
     local name=$1 sql=$2 n
     if ! n=$(cm_psql "$sql" 2>&1); then
-        bad "$name: error: $n"
+        cm_bad "$name: error: $n"
     elif [ "$n" = 0 ]; then
-        ok "$name"
+        cm_ok "$name"
     else
-        bad "$name: $n violations"
+        cm_bad "$name: $n violations"
     fi
 }
 
@@ -200,14 +189,13 @@ check "experiments: users = sum(experiment_results.users) = user_outcomes rows; 
 while IFS= read -r rel; do
     [ -n "$rel" ] || continue
     if grep -q "^### \`$rel\`" "$GUIDE"; then
-        ok "guide has a section for $rel"
+        cm_ok "guide has a section for $rel"
     else
-        bad "guide has no '### \`$rel\`' section"
+        cm_bad "guide has no '### \`$rel\`' section"
     fi
 done < <(cm_psql "SELECT table_name FROM information_schema.tables
                   WHERE table_schema = 'clickmart' AND table_name <> 'schema_version'
                   ORDER BY table_name COLLATE \"C\"")
 
 cm_log "whole test $((SECONDS - CM_T0))s"
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+cm_summary

@@ -21,12 +21,6 @@ cm_require clickmartd tools/clickmart-gen tools/clickmart-devbroker tools/clickm
 cm_pg_start
 cm_broker_start 2 clickmart.events
 CTL=("$CLICKMART_BIN/tools/clickmartctl" --socket "$CM_DIR/status.sock")
-passed=0
-ok() {
-    cm_log "ok: $*"
-    passed=$((passed + 1))
-}
-
 # health_is CODE PATTERN: /healthz answers HTTP CODE with a body matching PATTERN, and
 # clickmartctl health exits accordingly (0 for 200, 1 for 503).
 health_is() {
@@ -46,7 +40,7 @@ cm_gen 21 2000
 cm_daemon_start --health-max-flush-age-ms 3000 --pg-retry-max-ms 500
 cm_wait_for 60 "a healthy daemon" health_is 200 '^ok$' || cm_die "not healthy: $(cat "$CM_DIR/healthz.body")"
 [ "$(status_field healthy)" = true ] && [ "$(status_field health)" = null ] || cm_die "/status disagrees"
-ok "healthy: 200 ok, clickmartctl health exit 0, /status healthy"
+cm_ok "healthy: 200 ok, clickmartctl health exit 0, /status healthy"
 
 # --- Postgres down, then rows pending for longer than the limit -------------------------
 cm_pg_stop fast
@@ -54,19 +48,19 @@ cm_wait_for 60 "503 postgres unavailable" health_is 503 'postgres unavailable' |
     cm_die "no 503 with Postgres down: $(cat "$CM_DIR/healthz.body")"
 [ "$(status_field healthy)" = false ] || cm_die "/status should say unhealthy"
 status_field health | grep -q 'postgres unavailable' || cm_die "/status health reason missing"
-ok "Postgres down: 503, exit 1, /status health reason"
+cm_ok "Postgres down: 503, exit 1, /status health reason"
 
 cm_gen 22 300 # new rows that cannot be flushed
 cm_wait_for 60 "503 no successful flush" health_is 503 'no successful flush for [0-9]+ s with rows pending \(limit 3 s\)' ||
     cm_die "flush-age threshold not reported: $(cat "$CM_DIR/healthz.body")"
 grep -q 'postgres unavailable' "$CM_DIR/healthz.body" || cm_die "both reasons should be listed"
 grep -q '^clickmart_healthy 0$' <("${CTL[@]}" metrics) || cm_die "clickmart_healthy should be 0"
-ok "no flush for longer than --health-max-flush-age-ms with rows pending: 503 with both reasons"
+cm_ok "no flush for longer than --health-max-flush-age-ms with rows pending: 503 with both reasons"
 
 cm_pg_start
 cm_wait_for 60 "healthy again after Postgres came back" health_is 200 '^ok$' ||
     cm_die "still unhealthy: $(cat "$CM_DIR/healthz.body")"
-ok "Postgres back: 200 again"
+cm_ok "Postgres back: 200 again"
 
 # --- a flush slower than the interval: the next one starts when it is done, not a tick later
 # A transaction holds users locked for 3 s (six 500 ms ticks) while new rows arrive.
@@ -87,14 +81,14 @@ cm_wait_for 30 "a flush started late after the slow one" late_started ||
     cm_die "no late flush start after a flush that outlasted six ticks: $(cm_status)"
 cm_wait_for 60 "healthy after the slow flush" health_is 200 '^ok$' ||
     cm_die "unhealthy after the slow flush: $(cat "$CM_DIR/healthz.body")"
-ok "a flush that outlasts the interval: the next starts as soon as it is done (late_starts)"
+cm_ok "a flush that outlasts the interval: the next starts as soon as it is done (late_starts)"
 
 # --- every broker down -------------------------------------------------------------------
 kill -USR1 "$CM_BROKER_PID"
 cm_wait_for 90 "503 kafka brokers unreachable" health_is 503 'kafka brokers unreachable' ||
     cm_die "broker outage not reported: $(cat "$CM_DIR/healthz.body")"
 [ "$(status_field broker_up)" = false ] || cm_die "/status broker_up should be false"
-ok "brokers down: 503 kafka brokers unreachable"
+cm_ok "brokers down: 503 kafka brokers unreachable"
 kill -USR2 "$CM_BROKER_PID"
 
 # --- exit codes without a daemon, and usage errors ---------------------------------------
@@ -110,7 +104,7 @@ rc=0
 rc=0
 "${CTL[@]}" status --interval 1 >/dev/null 2>&1 || rc=$?
 [ "$rc" = 64 ] || cm_die "--interval outside watch: exit $rc, want 64"
-ok "no daemon: exit 2; usage errors: exit 64"
+cm_ok "no daemon: exit 2; usage errors: exit 64"
 
 cm_log "whole test $((SECONDS - CM_T0))s"
-echo "$passed passed, 0 failed"
+cm_summary

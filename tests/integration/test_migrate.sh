@@ -28,17 +28,6 @@ cm_require clickmartd tools/clickmart-gen tools/clickmart-devbroker
 cm_pg_start
 cm_broker_start 2 clickmart.events
 
-passed=0
-failed=0
-ok() {
-    passed=$((passed + 1))
-    cm_log "ok: $*"
-}
-bad() {
-    failed=$((failed + 1))
-    cm_log "FAILED: $*"
-}
-
 # An empty topic: the first run only creates the schema.
 cm_daemon_start --exit-at-end
 cm_daemon_wait 60 || cm_die "clickmartd did not exit on an empty topic"
@@ -56,41 +45,41 @@ cm_dump_topic "$CM_TOPIC" "$DUMP"
 t0=$SECONDS
 cm_daemon_start --exit-at-end
 if cm_daemon_wait 20; then
-    ok "clickmartd stopped after $((SECONDS - t0)) s"
+    cm_ok "clickmartd stopped after $((SECONDS - t0)) s"
 else
-    bad "clickmartd still running 20 s after a refused migration"
+    cm_bad "clickmartd still running 20 s after a refused migration"
     cm_daemon_signal KILL || true
     cm_daemon_wait 10 || true
 fi
-[ "$CM_DAEMON_RC" != 0 ] && ok "exit status $CM_DAEMON_RC" || bad "exit status 0"
+[ "$CM_DAEMON_RC" != 0 ] && cm_ok "exit status $CM_DAEMON_RC" || cm_bad "exit status 0"
 if grep -q 'cannot migrate the schema' "$CM_DAEMON_LOG" &&
     grep 'cannot migrate the schema' "$CM_DAEMON_LOG" | grep -q 'migration 6.*my_users'; then
-    ok "the log names the migration and the view"
+    cm_ok "the log names the migration and the view"
 else
-    bad "no 'cannot migrate the schema' line naming migration 6 and my_users:"
+    cm_bad "no 'cannot migrate the schema' line naming migration 6 and my_users:"
     tail -n 5 "$CM_DAEMON_LOG" >&2
 fi
 if grep -q 'Postgres unreachable' "$CM_DAEMON_LOG"; then
-    bad "a refused migration was reported as an unreachable Postgres"
+    cm_bad "a refused migration was reported as an unreachable Postgres"
 else
-    ok "not reported as an unreachable Postgres"
+    cm_ok "not reported as an unreachable Postgres"
 fi
 [ "$(cm_psql "SELECT max(version) FROM clickmart.schema_version")" = 5 ] &&
-    ok "the schema stayed at version 5" || bad "the schema version moved"
+    cm_ok "the schema stayed at version 5" || cm_bad "the schema version moved"
 [ "$(cm_psql "SELECT count(*) FROM clickmart.users")" = 0 ] &&
-    ok "nothing was flushed" || bad "rows were flushed without the migration"
+    cm_ok "nothing was flushed" || cm_bad "rows were flushed without the migration"
 
 # With the view gone the same start migrates and consumes.
 cm_psql "DROP VIEW clickmart.my_users"
 cm_daemon_start --exit-at-end
 cm_daemon_wait 120 || cm_die "clickmartd did not finish"
-[ "$CM_DAEMON_RC" = 0 ] && ok "second start exited 0" || bad "second start exited $CM_DAEMON_RC"
+[ "$CM_DAEMON_RC" = 0 ] && cm_ok "second start exited 0" || cm_bad "second start exited $CM_DAEMON_RC"
 [ "$(cm_psql "SELECT string_agg(version::text, ',' ORDER BY version) FROM clickmart.schema_version")" = 1,2,3,4,5,6 ] &&
-    ok "schema version 6 applied" || bad "schema versions: $(cm_psql "SELECT string_agg(version::text, ',') FROM clickmart.schema_version")"
+    cm_ok "schema version 6 applied" || cm_bad "schema versions: $(cm_psql "SELECT string_agg(version::text, ',') FROM clickmart.schema_version")"
 if cm_compare "$DUMP"; then
-    ok "tables equal the reference"
+    cm_ok "tables equal the reference"
 else
-    bad "tables differ from the reference"
+    cm_bad "tables differ from the reference"
 fi
 
 # With a state the daemon migrates at its first flush instead. A refusal there is a
@@ -106,34 +95,33 @@ refused() {
     grep 'postgres flush failed' "$CM_DAEMON_LOG" | grep -q 'migrate: migration 6.*my_users'
 }
 if cm_wait_for 30 "a flush refused by migration 6" refused; then
-    ok "the failed flush names the migration and the view"
+    cm_ok "the failed flush names the migration and the view"
 else
-    bad "no 'postgres flush failed' line naming migration 6 and my_users"
+    cm_bad "no 'postgres flush failed' line naming migration 6 and my_users"
 fi
 code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 --unix-socket "$CM_DIR/status.sock" \
     http://localhost/healthz || true)
-[ "$code" = 503 ] && ok "/healthz 503 while the flushes fail" || bad "/healthz answered $code"
+[ "$code" = 503 ] && cm_ok "/healthz 503 while the flushes fail" || cm_bad "/healthz answered $code"
 caught_up() {
     cm_daemon_alive || cm_die "clickmartd exited (see $CM_DAEMON_LOG)"
     cm_status_caught_up "$DUMP"
 }
 cm_wait_for 60 "clickmartd to consume every partition" caught_up &&
-    ok "intake went on while the flushes failed" || bad "intake stopped"
+    cm_ok "intake went on while the flushes failed" || cm_bad "intake stopped"
 [ "$(cm_psql "SELECT max(version) FROM clickmart.schema_version")" = 5 ] &&
-    ok "still at version 5 while the view exists" || bad "the schema version moved"
+    cm_ok "still at version 5 while the view exists" || cm_bad "the schema version moved"
 cm_psql "DROP VIEW clickmart.my_users"
 migrated() { [ "$(cm_psql "SELECT max(version) FROM clickmart.schema_version")" = 6 ]; }
 cm_wait_for 30 "the next flush to migrate" migrated &&
-    ok "the next flush migrated" || bad "not migrated 30 s after the view was dropped"
+    cm_ok "the next flush migrated" || cm_bad "not migrated 30 s after the view was dropped"
 cm_daemon_signal TERM
 cm_daemon_wait 30 || cm_die "clickmartd still running 30 s after SIGTERM"
-[ "$CM_DAEMON_RC" = 0 ] && ok "exit 0 after SIGTERM" || bad "exit $CM_DAEMON_RC after SIGTERM"
+[ "$CM_DAEMON_RC" = 0 ] && cm_ok "exit 0 after SIGTERM" || cm_bad "exit $CM_DAEMON_RC after SIGTERM"
 if cm_compare "$DUMP"; then
-    ok "tables equal the reference after both runs' events"
+    cm_ok "tables equal the reference after both runs' events"
 else
-    bad "tables differ from the reference after the recovery"
+    cm_bad "tables differ from the reference after the recovery"
 fi
 
 cm_log "whole test $((SECONDS - CM_T0))s"
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+cm_summary
