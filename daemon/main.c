@@ -218,11 +218,13 @@ static int check_fresh_state(dmn_t *d)
         } else if ((r = snk_migrate(d->pg)) != 0) {
             /* The message lives in the connection: keep it before closing. */
             snprintf(err, sizeof err, "%s", snk_last_error(d->pg));
+            int transient = snk_transient(d->pg);
             snk_close(d->pg);
             d->pg = NULL;
-            /* Postgres answered and refused a statement (say, an analyst's view
-             * on a column a migration changes): waiting will not fix that. */
-            if (r != SNK_ECONNECT) {
+            /* Postgres answered and refused a statement on the schema as it is
+             * (say, an analyst's view on a column a migration changes): waiting
+             * will not fix that. A deadlock or a lock timeout may pass. */
+            if (!transient) {
                 cm_err("cannot migrate the schema; see docs/operations.md", "error=\"%s\"", err);
                 return 1;
             }
@@ -234,8 +236,8 @@ static int check_fresh_state(dmn_t *d)
         uv_sleep(1000);
     }
     if (r) {
-        cm_err("empty state and Postgres unreachable: cannot tell whether the tables already "
-               "hold this topic; start Postgres and retry",
+        cm_err("empty state and Postgres unreachable or busy: cannot tell whether the tables "
+               "already hold this topic; start Postgres and retry",
                "error=\"%s\"", err);
         return 1;
     }

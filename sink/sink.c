@@ -799,26 +799,7 @@ typedef struct migration {
     const char *sql;
 } migration_t;
 
-/*
- * The bodies of the views whose latest definition a later migration has to
- * create again (migration 6 drops them to change the collation of the
- * columns they read). The text is the one migrations 2 and 4 always had.
- */
-#define VIEW_PRODUCT_AFFINITY                                                                      \
-    "  WITH po AS (SELECT product_id, sum(orders) AS orders"                                       \
-    "              FROM {S}.product_daily GROUP BY product_id),"                                   \
-    "       t AS (SELECT coalesce(sum(orders_with_items), 0) AS total FROM {S}.basket_daily)"      \
-    "  SELECT p.product_a, p.product_b, p.orders, a.orders AS orders_a, b.orders AS orders_b,"     \
-    "         t.total AS total_orders,"                                                            \
-    "         p.orders::float8 / NULLIF(t.total, 0) AS support,"                                   \
-    "         p.orders::float8 / NULLIF(a.orders, 0) AS confidence_ab,"                            \
-    "         p.orders::float8 / NULLIF(b.orders, 0) AS confidence_ba,"                            \
-    "         p.orders::float8 * t.total / NULLIF(a.orders * b.orders, 0) AS lift"                 \
-    "  FROM {S}.product_pairs p"                                                                   \
-    "  JOIN po a ON a.product_id = p.product_a"                                                    \
-    "  JOIN po b ON b.product_id = p.product_b"                                                    \
-    "  CROSS JOIN t;"
-
+/* The body of the daily_kpis view, the same in migrations 2 and 6. */
 #define VIEW_DAILY_KPIS                                                                            \
     "  SELECT f.day,"                                                                              \
     "         f.users AS active_users,"                                                            \
@@ -835,34 +816,8 @@ typedef struct migration {
     "             FROM {S}.users GROUP BY 1) n ON n.day = f.day"                                   \
     "  WHERE f.device = '*' AND f.country = '*';"
 
-#define VIEW_RFM_SEGMENTS_4                                                                        \
-    "  WITH ref AS (SELECT max(last_seen) AS at FROM {S}.users),"                                  \
-    "  base AS ("                                                                                  \
-    "    SELECT u.user_id,"                                                                        \
-    "           floor(extract(epoch FROM (ref.at - u.last_order_at)) / 86400)::int"                \
-    "             AS recency_days,"                                                                \
-    "           u.orders AS frequency, u.revenue AS monetary"                                      \
-    "    FROM {S}.users u CROSS JOIN ref WHERE u.orders > 0),"                                     \
-    "  scored AS ("                                                                                \
-    "    SELECT b.*,"                                                                              \
-    "           ntile(5) OVER (ORDER BY recency_days DESC, user_id COLLATE \"C\") AS r_score,"     \
-    "           ntile(5) OVER (ORDER BY frequency, user_id COLLATE \"C\") AS f_score,"             \
-    "           ntile(5) OVER (ORDER BY monetary, user_id COLLATE \"C\") AS m_score"               \
-    "    FROM base b)"                                                                             \
-    "  SELECT s.*, r_score::text || f_score::text || m_score::text AS rfm,"                        \
-    "         CASE"                                                                                \
-    "           WHEN r_score >= 4 AND f_score >= 4 AND m_score >= 4 THEN 'Champions'"              \
-    "           WHEN r_score >= 3 AND f_score >= 4 THEN 'Loyal'"                                   \
-    "           WHEN r_score >= 4 AND f_score <= 1 THEN 'New Customers'"                           \
-    "           WHEN r_score >= 4 THEN 'Potential Loyalists'"                                      \
-    "           WHEN r_score = 3 THEN 'Need Attention'"                                            \
-    "           WHEN r_score <= 2 AND f_score >= 4 THEN 'At Risk'"                                 \
-    "           WHEN r_score = 2 THEN 'Hibernating'"                                               \
-    "           ELSE 'Lost'"                                                                       \
-    "         END AS segment"                                                                      \
-    "  FROM scored s;"
-
-/* The collation every text column has from migration 6 on. */
+/* The collation of the text columns that hold the contract's strings, from
+ * migration 6 on. */
 #define C_COLL "\"C\""
 
 static const migration_t MIGRATIONS[] = {
@@ -963,7 +918,20 @@ static const migration_t MIGRATIONS[] = {
         "  users       bigint NOT NULL,"
         "  PRIMARY KEY (cohort_week, week_offset)"
         ");"
-        "CREATE VIEW {S}.product_affinity AS" VIEW_PRODUCT_AFFINITY
+        "CREATE VIEW {S}.product_affinity AS"
+        "  WITH po AS (SELECT product_id, sum(orders) AS orders"
+        "              FROM {S}.product_daily GROUP BY product_id),"
+        "       t AS (SELECT coalesce(sum(orders_with_items), 0) AS total FROM {S}.basket_daily)"
+        "  SELECT p.product_a, p.product_b, p.orders, a.orders AS orders_a, b.orders AS orders_b,"
+        "         t.total AS total_orders,"
+        "         p.orders::float8 / NULLIF(t.total, 0) AS support,"
+        "         p.orders::float8 / NULLIF(a.orders, 0) AS confidence_ab,"
+        "         p.orders::float8 / NULLIF(b.orders, 0) AS confidence_ba,"
+        "         p.orders::float8 * t.total / NULLIF(a.orders * b.orders, 0) AS lift"
+        "  FROM {S}.product_pairs p"
+        "  JOIN po a ON a.product_id = p.product_a"
+        "  JOIN po b ON b.product_id = p.product_b"
+        "  CROSS JOIN t;"
         "CREATE VIEW {S}.daily_kpis AS" VIEW_DAILY_KPIS "CREATE VIEW {S}.rfm_segments AS"
         "  WITH ref AS (SELECT max(last_seen) AS at FROM {S}.users),"
         "  base AS ("
@@ -1057,7 +1025,32 @@ static const migration_t MIGRATIONS[] = {
         ");"},
     /* 4: strings order byte-wise (CONTRACT): the RFM tie-break by user_id
      * must not depend on the database's collation. */
-    {4, "CREATE OR REPLACE VIEW {S}.rfm_segments AS" VIEW_RFM_SEGMENTS_4},
+    {4, "CREATE OR REPLACE VIEW {S}.rfm_segments AS"
+        "  WITH ref AS (SELECT max(last_seen) AS at FROM {S}.users),"
+        "  base AS ("
+        "    SELECT u.user_id,"
+        "           floor(extract(epoch FROM (ref.at - u.last_order_at)) / 86400)::int"
+        "             AS recency_days,"
+        "           u.orders AS frequency, u.revenue AS monetary"
+        "    FROM {S}.users u CROSS JOIN ref WHERE u.orders > 0),"
+        "  scored AS ("
+        "    SELECT b.*,"
+        "           ntile(5) OVER (ORDER BY recency_days DESC, user_id COLLATE \"C\") AS r_score,"
+        "           ntile(5) OVER (ORDER BY frequency, user_id COLLATE \"C\") AS f_score,"
+        "           ntile(5) OVER (ORDER BY monetary, user_id COLLATE \"C\") AS m_score"
+        "    FROM base b)"
+        "  SELECT s.*, r_score::text || f_score::text || m_score::text AS rfm,"
+        "         CASE"
+        "           WHEN r_score >= 4 AND f_score >= 4 AND m_score >= 4 THEN 'Champions'"
+        "           WHEN r_score >= 3 AND f_score >= 4 THEN 'Loyal'"
+        "           WHEN r_score >= 4 AND f_score <= 1 THEN 'New Customers'"
+        "           WHEN r_score >= 4 THEN 'Potential Loyalists'"
+        "           WHEN r_score = 3 THEN 'Need Attention'"
+        "           WHEN r_score <= 2 AND f_score >= 4 THEN 'At Risk'"
+        "           WHEN r_score = 2 THEN 'Hibernating'"
+        "           ELSE 'Lost'"
+        "         END AS segment"
+        "  FROM scored s;"},
     /* 5: every flush rewrites the rows of the active users and of their
      * experiment outcomes. With room left on each page, Postgres keeps the new
      * row version on the same page and adds no index entry (a HOT update):
@@ -1065,26 +1058,44 @@ static const migration_t MIGRATIONS[] = {
      * (docs/sink.md). It applies to pages written from now on. */
     {5, "ALTER TABLE {S}.users SET (fillfactor = 80);"
         "ALTER TABLE {S}.user_outcomes SET (fillfactor = 80);"},
-    /* 6: every text column compares byte by byte, as the contract's strings
-     * do, whatever the database's default collation. An analyst's ORDER BY then
-     * gives the contract's order without COLLATE "C", and the keys' B-trees
-     * compare with memcmp instead of the locale's rules, which made inserting
-     * and looking up rows 15-25 % slower in ICU and C.UTF-8 databases
-     * (docs/sink.md). Postgres cannot change the collation of a column a view
-     * reads, so the three views are dropped and created again with their
-     * latest text; the privileges granted on them are granted again and
-     * their comments set again. An analyst's own view on these columns or on
-     * these views makes the migration fail with Postgres' message naming it
-     * (docs/operations.md).
-     * The tables are not rewritten; their indexes on text columns are
-     * rebuilt. */
+    /* 6: the text columns that hold the contract's strings (identifiers and
+     * dimensions) compare byte by byte, as the contract says, whatever the
+     * database's default collation: an analyst's ORDER BY on a table then gives
+     * the contract's order, and the keys' B-trees compare with memcmp instead
+     * of the locale's rules (in an en_US.UTF-8 database that made a 1 M-event
+     * run 24 % faster end to end, in an ICU one 10 %; docs/sink.md). The free
+     * text of rejected_events (detail, payload) keeps the database's rules, so
+     * case-insensitive searches in it still work on non-ASCII letters.
+     *
+     * Postgres cannot change the collation of a column a view reads, and a
+     * dropped view would take its owner, privileges, options, comments and the
+     * analysts' views built on it along. So each of the three views is first
+     * replaced by a placeholder of the same columns that reads nothing, then
+     * given its definition back, with its text columns still in the database's
+     * collation (CREATE OR REPLACE VIEW cannot change a column's collation),
+     * and its options (security_barrier and the like, which CREATE OR REPLACE
+     * VIEW resets) set again.
+     * ALTER COLUMN TYPE keeps the rows but rebuilds the indexes and drops the
+     * columns' statistics, hence the ANALYZE. An analyst's own view, policy or
+     * publication filter on one of these columns makes the migration fail with
+     * Postgres' message naming it (docs/operations.md). */
     {6, "CREATE TEMP TABLE cm_m6_views ON COMMIT DROP AS"
-        "  SELECT c.relname::text AS relname, c.relacl,"
-        "         pg_catalog.obj_description(c.oid, 'pg_class') AS comment"
-        "  FROM pg_catalog.pg_class c"
+        "  SELECT c.oid, c.relname::text AS relname, c.reloptions FROM pg_catalog.pg_class c"
         "  WHERE c.relnamespace = '{S}'::regnamespace AND c.relkind = 'v'"
         "    AND c.relname IN ('product_affinity', 'daily_kpis', 'rfm_segments');"
-        "DROP VIEW {S}.product_affinity, {S}.daily_kpis, {S}.rfm_segments;"
+        "DO $$"
+        " DECLARE v record; cols text;"
+        " BEGIN"
+        "  FOR v IN SELECT * FROM pg_temp.cm_m6_views LOOP"
+        "    SELECT string_agg(format('NULL::%s AS %I',"
+        "                             pg_catalog.format_type(a.atttypid, a.atttypmod), a.attname),"
+        "                      ', ' ORDER BY a.attnum)"
+        "      INTO cols FROM pg_catalog.pg_attribute a"
+        "      WHERE a.attrelid = v.oid AND a.attnum > 0 AND NOT a.attisdropped;"
+        "    EXECUTE format('CREATE OR REPLACE VIEW {S}.%I AS SELECT %s WHERE false',"
+        "                   v.relname, cols);"
+        "  END LOOP;"
+        " END $$;"
         "ALTER TABLE {S}.sessions"
         "  ALTER COLUMN session_id TYPE text COLLATE " C_COLL ","
         "  ALTER COLUMN user_id TYPE text COLLATE " C_COLL ","
@@ -1101,9 +1112,7 @@ static const migration_t MIGRATIONS[] = {
         "  ALTER COLUMN topic TYPE text COLLATE " C_COLL ";"
         "ALTER TABLE {S}.rejected_events"
         "  ALTER COLUMN topic TYPE text COLLATE " C_COLL ","
-        "  ALTER COLUMN reason TYPE text COLLATE " C_COLL ","
-        "  ALTER COLUMN detail TYPE text COLLATE " C_COLL ","
-        "  ALTER COLUMN payload TYPE text COLLATE " C_COLL ";"
+        "  ALTER COLUMN reason TYPE text COLLATE " C_COLL ";"
         "ALTER TABLE {S}.product_daily"
         "  ALTER COLUMN product_id TYPE text COLLATE " C_COLL ";"
         "ALTER TABLE {S}.product_pairs"
@@ -1126,22 +1135,60 @@ static const migration_t MIGRATIONS[] = {
         "ALTER TABLE {S}.experiment_regression"
         "  ALTER COLUMN experiment TYPE text COLLATE " C_COLL ","
         "  ALTER COLUMN term TYPE text COLLATE " C_COLL ";"
-        "CREATE VIEW {S}.product_affinity AS" VIEW_PRODUCT_AFFINITY
-        "CREATE VIEW {S}.daily_kpis AS" VIEW_DAILY_KPIS
-        "CREATE VIEW {S}.rfm_segments AS" VIEW_RFM_SEGMENTS_4 "DO $$"
-        " DECLARE v record; g record; BEGIN"
-        "  FOR v IN SELECT * FROM pg_temp.cm_m6_views LOOP"
-        "    FOR g IN SELECT * FROM pg_catalog.aclexplode(v.relacl) LOOP"
-        "      EXECUTE format('GRANT %s ON {S}.%I TO %s%s', g.privilege_type, v.relname,"
-        "        CASE WHEN g.grantee = 0 THEN 'PUBLIC'"
-        "             ELSE quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END,"
-        "        CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);"
-        "    END LOOP;"
-        "    IF v.comment IS NOT NULL THEN"
-        "      EXECUTE format('COMMENT ON VIEW {S}.%I IS %L', v.relname, v.comment);"
-        "    END IF;"
+        "CREATE OR REPLACE VIEW {S}.product_affinity AS"
+        "  WITH po AS (SELECT product_id, sum(orders) AS orders"
+        "              FROM {S}.product_daily GROUP BY product_id),"
+        "       t AS (SELECT coalesce(sum(orders_with_items), 0) AS total FROM {S}.basket_daily)"
+        "  SELECT p.product_a COLLATE \"default\" AS product_a,"
+        "         p.product_b COLLATE \"default\" AS product_b,"
+        "         p.orders, a.orders AS orders_a, b.orders AS orders_b,"
+        "         t.total AS total_orders,"
+        "         p.orders::float8 / NULLIF(t.total, 0) AS support,"
+        "         p.orders::float8 / NULLIF(a.orders, 0) AS confidence_ab,"
+        "         p.orders::float8 / NULLIF(b.orders, 0) AS confidence_ba,"
+        "         p.orders::float8 * t.total / NULLIF(a.orders * b.orders, 0) AS lift"
+        "  FROM {S}.product_pairs p"
+        "  JOIN po a ON a.product_id = p.product_a"
+        "  JOIN po b ON b.product_id = p.product_b"
+        "  CROSS JOIN t;"
+        "CREATE OR REPLACE VIEW {S}.daily_kpis AS" VIEW_DAILY_KPIS
+        "CREATE OR REPLACE VIEW {S}.rfm_segments AS"
+        "  WITH ref AS (SELECT max(last_seen) AS at FROM {S}.users),"
+        "  base AS ("
+        "    SELECT u.user_id COLLATE \"default\" AS user_id,"
+        "           floor(extract(epoch FROM (ref.at - u.last_order_at)) / 86400)::int"
+        "             AS recency_days,"
+        "           u.orders AS frequency, u.revenue AS monetary"
+        "    FROM {S}.users u CROSS JOIN ref WHERE u.orders > 0),"
+        "  scored AS ("
+        "    SELECT b.*,"
+        "           ntile(5) OVER (ORDER BY recency_days DESC, user_id COLLATE \"C\") AS r_score,"
+        "           ntile(5) OVER (ORDER BY frequency, user_id COLLATE \"C\") AS f_score,"
+        "           ntile(5) OVER (ORDER BY monetary, user_id COLLATE \"C\") AS m_score"
+        "    FROM base b)"
+        "  SELECT s.*, r_score::text || f_score::text || m_score::text AS rfm,"
+        "         CASE"
+        "           WHEN r_score >= 4 AND f_score >= 4 AND m_score >= 4 THEN 'Champions'"
+        "           WHEN r_score >= 3 AND f_score >= 4 THEN 'Loyal'"
+        "           WHEN r_score >= 4 AND f_score <= 1 THEN 'New Customers'"
+        "           WHEN r_score >= 4 THEN 'Potential Loyalists'"
+        "           WHEN r_score = 3 THEN 'Need Attention'"
+        "           WHEN r_score <= 2 AND f_score >= 4 THEN 'At Risk'"
+        "           WHEN r_score = 2 THEN 'Hibernating'"
+        "           ELSE 'Lost'"
+        "         END AS segment"
+        "  FROM scored s;"
+        "DO $$"
+        " DECLARE v record;"
+        " BEGIN"
+        "  FOR v IN SELECT * FROM pg_temp.cm_m6_views WHERE reloptions IS NOT NULL LOOP"
+        "    EXECUTE format('ALTER VIEW {S}.%I SET (%s)', v.relname,"
+        "                   array_to_string(v.reloptions, ', '));"
         "  END LOOP;"
-        "END $$;"},
+        " END $$;"
+        "ANALYZE {S}.sessions, {S}.users, {S}.funnel_daily, {S}.partitions, {S}.rejected_events, "
+        "{S}.product_daily, {S}.product_pairs, {S}.user_exposure, {S}.user_outcomes, "
+        "{S}.experiments, {S}.experiment_results, {S}.experiment_regression;"},
 };
 
 /* ------------------------------------------------------------------------ */
@@ -1491,6 +1538,17 @@ int snk_migrate(snk_conn_t *c)
      * rows; the lock ends with the transaction. */
     rc = exec_cmd(c, "advisory lock", "SELECT pg_advisory_xact_lock(" MIGRATE_LOCK_KEY ")",
                   PGRES_TUPLES_OK);
+    if (rc < 0)
+        return fail_tx(c, rc);
+
+    /* A migration may rebuild indexes on large tables: a statement timeout set
+     * for the role must not cancel it halfway, every time. Its exclusive locks,
+     * though, must not queue every query on the tables behind a long analyst
+     * query for ever: after 10 s it gives up (SQLSTATE 55P03, snk_transient)
+     * and the caller tries again later. Both end with the transaction. */
+    rc = exec_cmd(c, "migration timeouts",
+                  "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = '10s'",
+                  PGRES_COMMAND_OK);
     if (rc < 0)
         return fail_tx(c, rc);
 
@@ -2235,6 +2293,17 @@ int snk_ok(const snk_conn_t *c)
 const char *snk_last_error(const snk_conn_t *c)
 {
     return c ? c->err : open_err;
+}
+
+int snk_transient(const snk_conn_t *c)
+{
+    if (!c || c->broken)
+        return 1;
+    const char *st = c->sqlstate;
+    if (!st[0])
+        return 0;
+    return strncmp(st, "08", 2) == 0 || strncmp(st, "40", 2) == 0 || strncmp(st, "53", 2) == 0 ||
+           strncmp(st, "57", 2) == 0 || strcmp(st, "55P03") == 0 || strcmp(st, "25006") == 0;
 }
 
 void snk_close(snk_conn_t *c)

@@ -203,6 +203,15 @@ int snk_ok(const snk_conn_t *c);
  * the next call on c. Passwords never appear in it. */
 const char *snk_last_error(const snk_conn_t *c);
 
+/* 1 if the last failure on c may pass if the same work is tried again: the
+ * connection broke, or Postgres gave up on the statement for a reason of the
+ * moment (SQLSTATE class 08 connection, 40 serialization or deadlock, 53
+ * resources, 57 operator intervention such as a statement timeout, 55P03 a
+ * lock timeout, 25006 a read-only standby during a failover). 0 for
+ * everything else, such as a statement Postgres refuses on the schema as it
+ * is. c may be NULL (a failed open: 1). */
+int snk_transient(const snk_conn_t *c);
+
 void snk_close(snk_conn_t *c);
 const char *snk_strerror(int err);
 

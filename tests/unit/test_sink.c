@@ -685,6 +685,32 @@ static void test_store_err(void **state)
     assert_string_equal(safe, "\"**");
 }
 
+/* Which failures are worth the same work again (snk_transient). */
+static void test_transient(void **state)
+{
+    (void)state;
+    assert_true(snk_transient(NULL));
+    snk_conn_t c;
+    memset(&c, 0, sizeof c);
+    assert_false(snk_transient(&c));
+    static const char *again[] = {"55P03", "40P01", "40001", "57014",
+                                  "57P01", "08006", "25006", "53300"};
+    for (size_t i = 0; i < sizeof again / sizeof again[0]; i++) {
+        snprintf(c.sqlstate, sizeof c.sqlstate, "%s", again[i]);
+        assert_true(snk_transient(&c));
+    }
+    /* A column a view reads (0A000), a duplicate key, a syntax error, a
+     * missing privilege: the same statement fails again. */
+    static const char *not_again[] = {"0A000", "23505", "42601", "42501", "55000"};
+    for (size_t i = 0; i < sizeof not_again / sizeof not_again[0]; i++) {
+        snprintf(c.sqlstate, sizeof c.sqlstate, "%s", not_again[i]);
+        assert_false(snk_transient(&c));
+    }
+    c.sqlstate[0] = '\0';
+    c.broken = 1;
+    assert_true(snk_transient(&c));
+}
+
 static void test_strerror(void **state)
 {
     (void)state;
@@ -1334,13 +1360,23 @@ static const char *non_c_indexes(PGconn *pg)
                   "'{S}'::regnamespace AND u.k <> 0 AND u.k <> 'pg_catalog.\"C\"'::regcollation");
 }
 
+/* The OIDs of the three views, to tell that migration 6 kept the objects. */
+static char *view_oids(PGconn *pg)
+{
+    return strdup(q1(pg, "SELECT string_agg(c.oid::text, ',' ORDER BY c.relname) FROM pg_class c "
+                         "WHERE c.relnamespace = '{S}'::regnamespace AND c.relkind = 'v' AND "
+                         "c.relname IN ('product_affinity', 'daily_kpis', 'rfm_segments')"));
+}
+
 /*
- * Migration 6 (every text column COLLATE "C") on a schema an older daemon
- * left at version 5: rows, views and the privileges granted on the views
- * survive; an analyst's view on a column stops it with a message naming the
- * view and leaves the schema as it was. Then, in a database whose default
- * collation is ICU's en-US, the sink flushes and upserts, and ORDER BY gives
- * the contract's byte order.
+ * Migration 6 (the contract's strings COLLATE "C") on a schema an older
+ * daemon left at version 5. Rows survive, and the three views stay the same
+ * objects: their privileges (a revoked default privilege included), options,
+ * comments and the views analysts built on them are kept. An analyst's view
+ * on a table's column stops it with a message naming the view and leaves the
+ * schema as it was. Then the same upgrade in a database whose default
+ * collation is ICU's en-US, where the rebuilt indexes must order keys byte by
+ * byte: ORDER BY, an index range scan and the flush's upsert all agree.
  */
 static void test_live_collation(void **state)
 {
@@ -1354,8 +1390,9 @@ static void test_live_collation(void **state)
     PGconn *adm = PQconnectdb(ci);
     assert_int_equal(PQstatus(adm), CONNECTION_OK);
     PQsetNoticeProcessor(adm, notice_ignore, NULL);
-    char role[64], sql[1024];
+    char role[64], role2[64], sql[4096];
     snprintf(role, sizeof role, "cm_coll_reader_%ld", (long)getpid());
+    snprintf(role2, sizeof role2, "cm_coll_other_%ld", (long)getpid());
 
     migrate_upto(adm, 5);
     assert_string_equal(
@@ -1377,12 +1414,21 @@ static void test_live_collation(void **state)
              "now()), ('u2', now(), now(), 'app', 'FR', 1, 1, 0, 0, NULL, NULL)",
              live_schema);
     exec_or_fail(adm, sql);
+    /* What an operator may have set on the views. */
     snprintf(sql, sizeof sql,
-             "DROP ROLE IF EXISTS %s; CREATE ROLE %s NOLOGIN; GRANT SELECT ON %s.daily_kpis TO "
+             "DROP ROLE IF EXISTS %s; CREATE ROLE %s NOLOGIN; DROP ROLE IF EXISTS %s; CREATE ROLE "
+             "%s NOLOGIN; GRANT USAGE ON SCHEMA %s TO %s, %s; GRANT SELECT ON %s.daily_kpis TO "
              "%s; GRANT SELECT ON %s.product_affinity TO %s WITH GRANT OPTION; GRANT SELECT ON "
-             "%s.rfm_segments TO PUBLIC; COMMENT ON VIEW %s.daily_kpis IS 'KPIs, it''s daily'",
-             role, role, live_schema, role, live_schema, role, live_schema, live_schema);
+             "%s.rfm_segments TO PUBLIC; ALTER DEFAULT PRIVILEGES IN SCHEMA %s GRANT SELECT ON "
+             "TABLES TO %s; COMMENT ON VIEW %s.daily_kpis IS 'KPIs, it''s daily'; COMMENT ON "
+             "COLUMN %s.product_affinity.lift IS 'lift'; ALTER VIEW %s.rfm_segments SET "
+             "(security_barrier = true); CREATE VIEW %s.my_pairs AS SELECT product_a, lift FROM "
+             "%s.product_affinity",
+             role, role, role2, role2, live_schema, role, role2, live_schema, role, live_schema,
+             role, live_schema, live_schema, role2, live_schema, live_schema, live_schema,
+             live_schema, live_schema);
     exec_or_fail(adm, sql);
+    char *oids = view_oids(adm);
 
     /* An analyst's view on a column the migration changes stops it. */
     snprintf(sql, sizeof sql, "CREATE VIEW %s.my_users AS SELECT user_id FROM %s.users",
@@ -1391,14 +1437,13 @@ static void test_live_collation(void **state)
     snk_conn_t *c = NULL;
     assert_int_equal(snk_open(ci, live_schema, &c), 0);
     assert_int_equal(snk_migrate(c), SNK_EQUERY);
+    assert_false(snk_transient(c));
     const char *err = snk_last_error(c);
     if (!strstr(err, "my_users"))
         fprintf(stderr, "unexpected error: %s\n", err);
     assert_non_null(strstr(err, "migration 6"));
     assert_non_null(strstr(err, "my_users"));
     assert_string_equal(q1(adm, "SELECT max(version) FROM {S}.schema_version"), "5");
-    assert_string_equal(
-        q1(adm, "SELECT has_table_privilege('%s', '{S}.daily_kpis', 'SELECT')", role), "t");
     snprintf(sql, sizeof sql, "DROP VIEW %s.my_users", live_schema);
     exec_or_fail(adm, sql);
 
@@ -1407,7 +1452,8 @@ static void test_live_collation(void **state)
     assert_string_equal(q1(adm, "SELECT string_agg(version::text, ',' ORDER BY version) FROM "
                                 "{S}.schema_version"),
                         "1,2,3,4,5,6");
-    assert_string_equal(non_c_columns(adm), "");
+    /* The free text of the rejects keeps the database's rules. */
+    assert_string_equal(non_c_columns(adm), "rejected_events.detail rejected_events.payload");
     assert_string_equal(non_c_indexes(adm), "");
     assert_string_equal(q1(adm, "SELECT string_agg(user_id || ':' || revenue, ',' ORDER BY "
                                 "user_id) FROM {S}.users"),
@@ -1417,12 +1463,12 @@ static void test_live_collation(void **state)
                         /* One buyer: every score is 1. */
                         "u1:Lost");
     assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.daily_kpis"), "0");
-    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.product_affinity"), "0");
-    /* The views read the new columns: theirs are "C" too. */
-    assert_string_equal(q1(adm, "SELECT k.collname FROM pg_attribute a JOIN pg_collation k ON "
-                                "k.oid = a.attcollation WHERE a.attrelid = "
-                                "'{S}.rfm_segments'::regclass AND a.attname = 'user_id'"),
-                        "C");
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.my_pairs"), "0");
+    /* The same view objects, with what was set on them. */
+    char *oids2 = view_oids(adm);
+    assert_string_equal(oids2, oids);
+    free(oids);
+    free(oids2);
     assert_string_equal(
         q1(adm, "SELECT has_table_privilege('%s', '{S}.daily_kpis', 'SELECT')", role), "t");
     assert_string_equal(q1(adm,
@@ -1435,19 +1481,29 @@ static void test_live_collation(void **state)
                            "= '{S}.rfm_segments'::regclass AND a.grantee = 0 AND "
                            "a.privilege_type = 'SELECT'"),
                         "1");
+    /* A view created now would get the default privileges; these did not. */
+    assert_string_equal(
+        q1(adm, "SELECT has_table_privilege('%s', '{S}.daily_kpis', 'SELECT')", role2), "f");
     assert_string_equal(q1(adm, "SELECT obj_description('{S}.daily_kpis'::regclass, 'pg_class')"),
                         "KPIs, it's daily");
-    assert_string_equal(
-        q1(adm, "SELECT obj_description('{S}.rfm_segments'::regclass, 'pg_class') IS NULL"), "t");
-    /* Nothing granted before, nothing granted after. */
-    assert_string_equal(
-        q1(adm, "SELECT has_table_privilege('%s', '{S}.rfm_segments', 'UPDATE')", role), "f");
+    assert_string_equal(q1(adm, "SELECT col_description('{S}.product_affinity'::regclass, 10)"),
+                        "lift");
+    assert_string_equal(q1(adm, "SELECT array_to_string(reloptions, ',') FROM pg_class WHERE oid "
+                                "= '{S}.rfm_segments'::regclass"),
+                        "security_barrier=true");
+    /* The views' text columns keep the database's collation (CREATE OR
+     * REPLACE VIEW cannot change it). */
+    assert_string_equal(q1(adm, "SELECT k.collname FROM pg_attribute a JOIN pg_collation k ON "
+                                "k.oid = a.attcollation WHERE a.attrelid = "
+                                "'{S}.rfm_segments'::regclass AND a.attname = 'user_id'"),
+                        "default");
     assert_int_equal(snk_migrate(c), 0);
     snk_close(c);
     snprintf(sql, sizeof sql, "DROP SCHEMA %s CASCADE", live_schema);
     exec_or_fail(adm, sql);
 
-    /* A database ordering text by ICU's en-US rules (Postgres 15 and later). */
+    /* The same upgrade in a database ordering text by ICU's en-US rules
+     * (Postgres 15 and later). */
     char db[64];
     snprintf(db, sizeof db, "cm_icu_test_%ld", (long)getpid());
     if (PQserverVersion(adm) < 150000 ||
@@ -1468,43 +1524,57 @@ static void test_live_collation(void **state)
         snprintf(ci2, sizeof ci2, "%s dbname=%s", ci, db);
         PGconn *chk = PQconnectdb(ci2);
         assert_int_equal(PQstatus(chk), CONNECTION_OK);
+        PQsetNoticeProcessor(chk, notice_ignore, NULL);
         assert_string_equal(q1(chk, "SELECT string_agg(x, ',' ORDER BY x) FROM (VALUES ('a'), "
                                     "('B'), ('\xC3\xA9'), ('Z')) v(x)"),
                             "a,B,\xC3\xA9,Z");
+        migrate_upto(chk, 5);
+        snprintf(sql, sizeof sql,
+                 "INSERT INTO %s.users SELECT x, now(), now(), 'web', 'DE', 1, 1, 0, 0, NULL, "
+                 "NULL FROM (VALUES ('a'), ('B'), ('\xC3\xA9'), ('Z')) v(x)",
+                 live_schema);
+        exec_or_fail(chk, sql);
+        assert_string_equal(q1(chk, "SELECT string_agg(user_id, ',' ORDER BY user_id) FROM "
+                                    "{S}.users"),
+                            "a,B,\xC3\xA9,Z");
         assert_int_equal(snk_open(ci2, live_schema, &c), 0);
         assert_int_equal(snk_migrate(c), 0);
+        assert_string_equal(non_c_indexes(chk), "");
+        assert_string_equal(q1(chk, "SELECT string_agg(user_id, ',' ORDER BY user_id) FROM "
+                                    "{S}.users"),
+                            "B,Z,a,\xC3\xA9");
+        /* The primary key was rebuilt in byte order: a range scan on it finds
+         * exactly the keys from 'a' on (in en-US order it would be all four). */
+        exec_or_fail(chk, "SET enable_seqscan = off; SET enable_bitmapscan = off");
+        assert_string_equal(q1(chk, "SELECT string_agg(user_id, ',') FROM {S}.users WHERE "
+                                    "user_id >= 'a'"),
+                            "a,\xC3\xA9");
+        /* The flush's upsert finds the existing rows through it. */
         const int64_t t0 = 1709296496789LL;
         snk_user_row_t users[] = {
-            {"a", t0, t0, "web", "DE", 1, 1, 0, 0, -1, -1},
-            {"B", t0, t0, "web", "DE", 1, 1, 0, 0, -1, -1},
-            {"\xC3\xA9", t0, t0, "web", "DE", 1, 1, 0, 0, -1, -1},
-            {"Z", t0, t0, "web", "DE", 1, 1, 0, 0, -1, -1},
+            {"B", t0, t0, "web", "DE", 7, 1, 0, 0, -1, -1},
+            {"c", t0, t0, "web", "DE", 1, 1, 0, 0, -1, -1},
         };
         snk_partition_row_t part = {"clickmart.events", 0, 4, t0, 4, 0, 0};
         snk_batch_t b = {0};
         b.users = users;
-        b.n_users = 4;
+        b.n_users = 2;
         b.partitions = &part;
         b.n_partitions = 1;
         int rc = snk_flush(c, &b);
         if (rc != 0)
             fprintf(stderr, "snk_flush: %s\n", snk_last_error(c));
         assert_int_equal(rc, 0);
-        /* Again, with one user changed: the upsert path. */
-        users[1].events = 7;
-        part.next_offset = 5;
-        assert_int_equal(snk_flush(c, &b), 0);
         assert_string_equal(q1(chk, "SELECT string_agg(user_id || ':' || events, ',' ORDER BY "
                                     "user_id) FROM {S}.users"),
-                            "B:7,Z:1,a:1,\xC3\xA9:1");
-        assert_string_equal(non_c_columns(chk), "");
-        assert_string_equal(non_c_indexes(chk), "");
+                            "B:7,Z:1,a:1,c:1,\xC3\xA9:1");
         snk_close(c);
         PQfinish(chk);
         snprintf(sql, sizeof sql, "DROP DATABASE %s", db);
         exec_or_fail(adm, sql);
     }
-    snprintf(sql, sizeof sql, "DROP ROLE %s", role);
+    snprintf(sql, sizeof sql, "DROP OWNED BY %s, %s; DROP ROLE %s; DROP ROLE %s", role, role2, role,
+             role2);
     exec_or_fail(adm, sql);
     PQfinish(adm);
 }
@@ -1519,7 +1589,8 @@ int main(void)
         cmocka_unit_test(test_redact_kv),      cmocka_unit_test(test_redact_uri),
         cmocka_unit_test(test_schema_names),   cmocka_unit_test(test_open_errors),
         cmocka_unit_test(test_store_err),      cmocka_unit_test(test_strerror),
-        cmocka_unit_test(test_live),           cmocka_unit_test(test_live_collation),
+        cmocka_unit_test(test_transient),      cmocka_unit_test(test_live),
+        cmocka_unit_test(test_live_collation),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -133,9 +133,9 @@ WHERE copy = 1;
 \echo @step cs
 CREATE UNLOGGED TABLE :"bs".cs AS
 SELECT user_id, ms, event_id, event_type, device, country, cents,
-       sum(brk) OVER (PARTITION BY user_id ORDER BY ms, event_id ROWS UNBOUNDED PRECEDING) AS sn
+       sum(brk) OVER (PARTITION BY user_id ORDER BY ms, event_id COLLATE "C" ROWS UNBOUNDED PRECEDING) AS sn
 FROM (
-  SELECT *, CASE WHEN ms - lag(ms) OVER (PARTITION BY user_id ORDER BY ms, event_id) <= 1800000
+  SELECT *, CASE WHEN ms - lag(ms) OVER (PARTITION BY user_id ORDER BY ms, event_id COLLATE "C") <= 1800000
                  THEN 0 ELSE 1 END AS brk
   FROM :"bs".accepted WHERE event_type <> 'experiment_assignment'
 ) x;
@@ -143,7 +143,7 @@ FROM (
 -- 4. The marts.
 \echo @step sessions
 CREATE TABLE :"bs".sessions AS
-SELECT (array_agg(event_id ORDER BY ms, event_id))[1] AS session_id, user_id,
+SELECT (array_agg(event_id ORDER BY ms, event_id COLLATE "C"))[1] AS session_id, user_id,
        timestamptz 'epoch' + min(ms) * interval '1 millisecond' AS started_at,
        timestamptz 'epoch' + max(ms) * interval '1 millisecond' AS ended_at,
        count(*) AS events,
@@ -153,9 +153,9 @@ SELECT (array_agg(event_id ORDER BY ms, event_id))[1] AS session_id, user_id,
        count(*) FILTER (WHERE event_type = 'checkout') AS checkouts,
        count(*) FILTER (WHERE event_type = 'purchase') AS purchases,
        (coalesce(sum(cents), 0)::numeric / 100)::numeric(20,2) AS revenue,
-       coalesce((array_agg(device ORDER BY ms, event_id) FILTER (WHERE device IS NOT NULL))[1],
+       coalesce((array_agg(device ORDER BY ms, event_id COLLATE "C") FILTER (WHERE device IS NOT NULL))[1],
                 'unknown') AS device,
-       coalesce((array_agg(country ORDER BY ms, event_id) FILTER (WHERE country IS NOT NULL))[1],
+       coalesce((array_agg(country ORDER BY ms, event_id COLLATE "C") FILTER (WHERE country IS NOT NULL))[1],
                 'unknown') AS country,
        (CASE WHEN NOT bool_or(event_type = 'product_view') THEN 1
              WHEN NOT bool_or(event_type = 'add_to_cart') THEN 2
@@ -170,9 +170,9 @@ CREATE TABLE :"bs".users AS
 SELECT user_id,
        timestamptz 'epoch' + min(ms) * interval '1 millisecond' AS first_seen,
        timestamptz 'epoch' + max(ms) * interval '1 millisecond' AS last_seen,
-       coalesce((array_agg(device ORDER BY ms, event_id) FILTER (WHERE device IS NOT NULL))[1],
+       coalesce((array_agg(device ORDER BY ms, event_id COLLATE "C") FILTER (WHERE device IS NOT NULL))[1],
                 'unknown') AS device,
-       coalesce((array_agg(country ORDER BY ms, event_id) FILTER (WHERE country IS NOT NULL))[1],
+       coalesce((array_agg(country ORDER BY ms, event_id COLLATE "C") FILTER (WHERE country IS NOT NULL))[1],
                 'unknown') AS country,
        count(*) AS events, max(sn) AS sessions,
        count(*) FILTER (WHERE event_type = 'purchase') AS orders,
