@@ -1526,6 +1526,7 @@ int snk_migrate(snk_conn_t *c)
     if (!c)
         return SNK_EINVAL;
     c->err[0] = '\0';
+    c->sqlstate[0] = '\0'; /* snk_transient reads this migration's failure only */
     if (!snk_ok(c)) {
         set_err(c, "snk_migrate", "the connection is not usable");
         return SNK_ECONNECT;
