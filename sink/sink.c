@@ -799,6 +799,12 @@ typedef struct migration {
     const char *sql;
 } migration_t;
 
+/* The table of applied migrations, created before the first of them. */
+static const char SCHEMA_VERSION_SQL[] = "CREATE TABLE IF NOT EXISTS {S}.schema_version ("
+                                         "  version    int PRIMARY KEY,"
+                                         "  applied_at timestamptz NOT NULL DEFAULT now()"
+                                         ")";
+
 /* The body of the daily_kpis view, the same in migrations 2 and 6. */
 #define VIEW_DAILY_KPIS                                                                            \
     "  SELECT f.day,"                                                                              \
@@ -1569,11 +1575,7 @@ int snk_migrate(snk_conn_t *c)
     if (!have_schema && (rc = exec_tmpl(c, "create schema", "CREATE SCHEMA IF NOT EXISTS {S}")) < 0)
         return fail_tx(c, rc);
 
-    rc = exec_tmpl(c, "create schema_version",
-                   "CREATE TABLE IF NOT EXISTS {S}.schema_version ("
-                   "  version    int PRIMARY KEY,"
-                   "  applied_at timestamptz NOT NULL DEFAULT now()"
-                   ")");
+    rc = exec_tmpl(c, "create schema_version", SCHEMA_VERSION_SQL);
     if (rc < 0)
         return fail_tx(c, rc);
 

@@ -813,6 +813,17 @@ static snk_batch_t session_batch(const snk_session_row_t *s, size_t n, const snk
     return b;
 }
 
+/* The checking connection of a live test, whose schema (live_schema) is
+ * named prefix_<pid>. */
+static PGconn *live_admin(const char *ci, const char *prefix)
+{
+    snprintf(live_schema, sizeof live_schema, "%s_%ld", prefix, (long)getpid());
+    PGconn *adm = PQconnectdb(ci);
+    assert_int_equal(PQstatus(adm), CONNECTION_OK);
+    PQsetNoticeProcessor(adm, notice_ignore, NULL);
+    return adm;
+}
+
 static void test_live(void **state)
 {
     (void)state;
@@ -821,10 +832,7 @@ static void test_live(void **state)
         skip();
         return;
     }
-    snprintf(live_schema, sizeof live_schema, "cm_sink_test_%ld", (long)getpid());
-    PGconn *adm = PQconnectdb(ci);
-    assert_int_equal(PQstatus(adm), CONNECTION_OK);
-    PQsetNoticeProcessor(adm, notice_ignore, NULL);
+    PGconn *adm = live_admin(ci, "cm_sink_test");
     char sql[512];
     snprintf(sql, sizeof sql, "DROP SCHEMA IF EXISTS %s CASCADE", live_schema);
     exec_or_fail(adm, sql);
@@ -1312,28 +1320,32 @@ static void test_live(void **state)
     PQfinish(adm);
 }
 
+/* Runs one of sink.c's statement templates ("{S}" for the schema) on pg,
+ * for live_schema. */
+static void exec_tmpl_or_fail(PGconn *pg, const char *tmpl)
+{
+    char quoted[80];
+    snprintf(quoted, sizeof quoted, "\"%s\"", live_schema);
+    sbuf_t b = {0};
+    sb_sql(&b, tmpl, quoted);
+    exec_or_fail(pg, sb_cstr(&b));
+    free(b.p);
+}
+
 /* Applies migrations 1..upto to the schema live_schema by hand, as an older
- * daemon would have left it. */
+ * daemon would have left it: the table snk_migrate creates first, then each
+ * migration and its version row. */
 static void migrate_upto(PGconn *pg, int upto)
 {
     char sql[256];
     snprintf(sql, sizeof sql, "DROP SCHEMA IF EXISTS %s CASCADE; CREATE SCHEMA %s", live_schema,
              live_schema);
     exec_or_fail(pg, sql);
-    snprintf(sql, sizeof sql,
-             "CREATE TABLE %s.schema_version (version int PRIMARY KEY, applied_at timestamptz "
-             "NOT NULL DEFAULT now())",
-             live_schema);
-    exec_or_fail(pg, sql);
-    char quoted[80];
-    snprintf(quoted, sizeof quoted, "\"%s\"", live_schema);
+    exec_tmpl_or_fail(pg, SCHEMA_VERSION_SQL);
     for (size_t m = 0; m < sizeof MIGRATIONS / sizeof MIGRATIONS[0]; m++) {
         if (MIGRATIONS[m].version > upto)
             break;
-        sbuf_t b = {0};
-        sb_sql(&b, MIGRATIONS[m].sql, quoted);
-        exec_or_fail(pg, sb_cstr(&b));
-        free(b.p);
+        exec_tmpl_or_fail(pg, MIGRATIONS[m].sql);
         snprintf(sql, sizeof sql, "INSERT INTO %s.schema_version (version) VALUES (%d)",
                  live_schema, MIGRATIONS[m].version);
         exec_or_fail(pg, sql);
@@ -1386,10 +1398,7 @@ static void test_live_collation(void **state)
         skip();
         return;
     }
-    snprintf(live_schema, sizeof live_schema, "cm_coll_test_%ld", (long)getpid());
-    PGconn *adm = PQconnectdb(ci);
-    assert_int_equal(PQstatus(adm), CONNECTION_OK);
-    PQsetNoticeProcessor(adm, notice_ignore, NULL);
+    PGconn *adm = live_admin(ci, "cm_coll_test");
     char role[64], role2[64], sql[4096];
     snprintf(role, sizeof role, "cm_coll_reader_%ld", (long)getpid());
     snprintf(role2, sizeof role2, "cm_coll_other_%ld", (long)getpid());
