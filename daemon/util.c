@@ -155,10 +155,51 @@ static size_t json_escape(char *out, size_t cap, size_t pos, const char *s, size
 }
 
 /*
- * Turn "a=1 b=two words?" style pairs into JSON fields. Values run to the
- * next " key=" boundary, so a value may hold spaces only when it is the last
- * pair; callers quote nothing.
+ * Where the value that starts at v (just after a key's '=') ends, and in
+ * *quoted whether it is a "quoted value". Callers write key="%s" around
+ * text that may hold spaces, '=' and quotes of its own (a conninfo, a
+ * libpq error): such a value runs to the quote that ends the string or
+ * comes before the next " key=". An unquoted value runs to the next
+ * " key=", so it may hold spaces only when it is the last pair. The end
+ * returned is just past the closing quote of a quoted value.
  */
+static const char *pair_end(const char *v, int *quoted)
+{
+    *quoted = 0;
+    if (*v == '"') {
+        for (const char *q = v + 1; *q; q++) {
+            if (*q != '"')
+                continue;
+            const char *k = q + 1;
+            if (*k == '\0') {
+                *quoted = 1;
+                return k;
+            }
+            if (*k == ' ') {
+                k++;
+                while (*k && *k != ' ' && *k != '=' && *k != '"')
+                    k++;
+                if (*k == '=' && k > q + 2) {
+                    *quoted = 1;
+                    return q + 1;
+                }
+            }
+        }
+    }
+    for (const char *q = v; *q; q++) {
+        if (*q == ' ') {
+            const char *k = q + 1;
+            while (*k && *k != ' ' && *k != '=')
+                k++;
+            if (*k == '=')
+                return q;
+        }
+    }
+    return v + strlen(v);
+}
+
+/* Turn "a=1 b=two words?" style pairs into JSON fields (pair_end); the
+ * quotes of a quoted value are not part of the JSON string. */
 static size_t pairs_to_json(char *out, size_t cap, size_t pos, const char *pairs)
 {
     const char *p = pairs;
@@ -168,62 +209,72 @@ static size_t pairs_to_json(char *out, size_t cap, size_t pos, const char *pairs
         const char *eq = strchr(p, '=');
         if (!eq)
             break;
-        const char *next = eq + 1;
-        const char *end = NULL;
-        /* key="quoted value": the value runs to the quote that ends the string or comes
-         * before the next " key=", so it may hold spaces and '=' (a conninfo, an error
-         * message); the quotes themselves are not part of the JSON string. */
-        if (*next == '"') {
-            for (const char *q = next + 1; *q && !end; q++) {
-                if (*q != '"')
-                    continue;
-                const char *k = q + 1;
-                if (*k == '\0') {
-                    end = k;
-                } else if (*k == ' ') {
-                    k++;
-                    while (*k && *k != ' ' && *k != '=' && *k != '"')
-                        k++;
-                    if (*k == '=' && k > q + 2)
-                        end = q + 1;
-                }
-            }
-            if (end) {
-                out[pos++] = ',';
-                out[pos++] = '"';
-                pos = json_escape(out, cap, pos, p, (size_t)(eq - p));
-                out[pos++] = '"';
-                out[pos++] = ':';
-                out[pos++] = '"';
-                pos = json_escape(out, cap, pos, next + 1, (size_t)(end - 1 - (next + 1)));
-                out[pos++] = '"';
-                p = end;
-                continue;
-            }
-        }
-        for (const char *q = next; *q; q++) {
-            if (*q == ' ') {
-                const char *k = q + 1;
-                while (*k && *k != ' ' && *k != '=')
-                    k++;
-                if (*k == '=') {
-                    end = q;
-                    break;
-                }
-            }
-        }
-        if (!end)
-            end = next + strlen(next);
+        int quoted;
+        const char *end = pair_end(eq + 1, &quoted);
         out[pos++] = ',';
         out[pos++] = '"';
         pos = json_escape(out, cap, pos, p, (size_t)(eq - p));
         out[pos++] = '"';
         out[pos++] = ':';
         out[pos++] = '"';
-        pos = json_escape(out, cap, pos, next, (size_t)(end - next));
+        if (quoted)
+            pos = json_escape(out, cap, pos, eq + 2, (size_t)(end - 1 - (eq + 2)));
+        else
+            pos = json_escape(out, cap, pos, eq + 1, (size_t)(end - (eq + 1)));
         out[pos++] = '"';
         p = end;
     }
+    return pos;
+}
+
+/*
+ * Copy the pairs to out as logfmt: a value that holds a space, '=' or a
+ * quote is written quoted, with its own quotes and backslashes escaped (\"
+ * and \\), so that a logfmt reader gets the whole value back (a libpq
+ * error quotes the names it cannot find); control characters become
+ * spaces. Returns the new length; stops short of cap.
+ */
+static size_t pairs_to_logfmt(char *out, size_t cap, size_t pos, const char *pairs)
+{
+    const char *p = pairs;
+    int first = 1;
+    while (*p == ' ')
+        p++;
+    while (*p && pos + 8 < cap) {
+        const char *eq = strchr(p, '=');
+        if (!eq)
+            break;
+        int quoted;
+        const char *end = pair_end(eq + 1, &quoted);
+        const char *v = quoted ? eq + 2 : eq + 1, *ve = quoted ? end - 1 : end;
+        int quote = quoted;
+        for (const char *c = v; c < ve && !quote; c++)
+            quote = *c == ' ' || *c == '=' || *c == '"' || (unsigned char)*c < 0x20 || *c == 0x7f;
+        if (!first)
+            out[pos++] = ' ';
+        first = 0;
+        for (const char *c = p; c <= eq && pos + 4 < cap; c++)
+            out[pos++] = *c;
+        if (quote)
+            out[pos++] = '"';
+        for (const char *c = v; c < ve && pos + 4 < cap; c++) {
+            if (quote && (*c == '"' || *c == '\\'))
+                out[pos++] = '\\';
+            /* One line per event: a newline inside a value (libpq's
+             * multi-line errors) must not start a line of its own. */
+            out[pos++] = (unsigned char)*c < 0x20 || *c == 0x7f ? ' ' : *c;
+        }
+        if (quote)
+            out[pos++] = '"';
+        p = end;
+        while (*p == ' ')
+            p++;
+    }
+    /* Whatever does not read as pairs (text without '=') as it is. */
+    if (*p && !first && pos + 2 < cap)
+        out[pos++] = ' ';
+    for (; *p && pos + 1 < cap; p++)
+        out[pos++] = *p;
     return pos;
 }
 
@@ -248,10 +299,11 @@ void cm_log(int level, const char *msg, const char *fmt, ...)
         pos = pairs_to_json(line, sizeof line - 4, pos, pairs);
         line[pos++] = '}';
     } else {
-        pos = (size_t)snprintf(line, sizeof line, "ts=%s level=%s msg=\"%s\"%s%s", ts,
-                               level_names[level], msg, pairs[0] ? " " : "", pairs);
+        pos = (size_t)snprintf(line, sizeof line, "ts=%s level=%s msg=\"%s\"%s", ts,
+                               level_names[level], msg, pairs[0] ? " " : "");
         if (pos >= sizeof line - 1)
             pos = sizeof line - 2;
+        pos = pairs_to_logfmt(line, sizeof line - 1, pos, pairs);
         /* One line per event: a newline inside a value (libpq's multi-line errors)
          * must not start a line of its own. */
         for (size_t i = 0; i < pos; i++)

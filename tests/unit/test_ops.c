@@ -201,6 +201,56 @@ static void test_json_log_lines(void **state)
     free(out);
 }
 
+/*
+ * Read the value of key in one logfmt line the way logfmt readers do: a
+ * bare value runs to the next space, a quoted one to the first quote that
+ * no backslash escapes, and \" and \\ stand for the characters. Fails the
+ * test on a line that does not read as key=value pairs to its end.
+ */
+static int logfmt_get(const char *line, const char *key, char *val, size_t cap)
+{
+    int found = 0;
+    const char *p = line;
+    while (*p) {
+        while (*p == ' ')
+            p++;
+        const char *eq = strchr(p, '=');
+        if (!eq)
+            fail_msg("no key=value at \"%s\" in: %s", p, line);
+        for (const char *k = p; k < eq; k++)
+            if (*k == ' ' || *k == '"')
+                fail_msg("bad key before \"%s\" in: %s", eq, line);
+        int mine = (size_t)(eq - p) == strlen(key) && strncmp(p, key, strlen(key)) == 0;
+        size_t n = 0;
+        p = eq + 1;
+        if (*p == '"') {
+            for (p++; *p != '"'; p++) {
+                if (!*p)
+                    fail_msg("unterminated quoted value in: %s", line);
+                if (*p == '\\' && (p[1] == '"' || p[1] == '\\'))
+                    p++;
+                if (mine && n + 1 < cap)
+                    val[n++] = *p;
+            }
+            p++;
+            if (*p && *p != ' ')
+                fail_msg("text right after a closing quote in: %s", line);
+        } else {
+            for (; *p && *p != ' '; p++) {
+                if (*p == '"')
+                    fail_msg("a quote inside a bare value in: %s", line);
+                if (mine && n + 1 < cap)
+                    val[n++] = *p;
+            }
+        }
+        if (mine) {
+            val[n] = '\0';
+            found = 1;
+        }
+    }
+    return found;
+}
+
 static void test_text_log_one_line(void **state)
 {
     (void)state;
@@ -214,6 +264,30 @@ static void test_text_log_one_line(void **state)
     }
     assert_int_equal(lines, 6);
     assert_non_null(strstr(out, "msg=\"starting\" pg=\"host=/tmp/x port=5432 user=a b\""));
+
+    /* Every line reads back as logfmt, and a value holding quotes of its
+     * own (libpq quotes the socket it cannot reach) comes back whole. */
+    char v[512];
+    int flush_failed = 0;
+    for (char *line = out, *nl; (nl = strchr(line, '\n')) != NULL; line = nl + 1) {
+        *nl = '\0';
+        assert_true(logfmt_get(line, "ts", v, sizeof v));
+        assert_true(logfmt_get(line, "msg", v, sizeof v));
+        if (strcmp(v, "postgres flush failed; will retry") == 0) {
+            flush_failed = 1;
+            assert_true(logfmt_get(line, "error", v, sizeof v));
+            assert_string_equal(
+                v, "connect: socket \"/tmp/.s.PGSQL.5432\" failed  Is the server running?");
+            assert_true(logfmt_get(line, "retry_in_ms", v, sizeof v));
+            assert_string_equal(v, "250");
+        } else if (strcmp(v, "starting") == 0) {
+            assert_true(logfmt_get(line, "pg", v, sizeof v));
+            assert_string_equal(v, "host=/tmp/x port=5432 user=a b");
+            assert_true(logfmt_get(line, "schema", v, sizeof v));
+            assert_string_equal(v, "clickmart");
+        }
+    }
+    assert_true(flush_failed);
     free(out);
 }
 
