@@ -1706,6 +1706,13 @@ static int setup(dmn_t *d)
         fprintf(stderr, "clickmartd: --topic must not be empty\n");
         return 2;
     }
+    /* A connection string that does not parse, or a bad schema name, is a
+     * mistake in the configuration: retrying the connection (at start, and
+     * at every flush after) would only repeat it. */
+    if (snk_check_conf(d->cfg.pg, d->cfg.schema) != 0) {
+        fprintf(stderr, "clickmartd: --pg or --schema: %s\n", snk_last_error(NULL));
+        return 2;
+    }
     char red[1024];
     snk_redact_conninfo(d->cfg.pg, red, sizeof red);
     cm_info("starting", "version=%s brokers=%s topic=%s state_dir=%s pg=\"%s\" schema=%s",

@@ -1413,15 +1413,12 @@ static void conn_free(snk_conn_t *c)
     free(c);
 }
 
-int snk_open(const char *conninfo, const char *schema, snk_conn_t **out)
+int snk_check_conf(const char *conninfo, const char *schema)
 {
-    if (!out)
-        return SNK_EINVAL;
-    *out = NULL;
     open_err[0] = '\0';
     if (!valid_schema(schema)) {
-        store_err(open_err, sizeof open_err, NULL, "snk_open",
-                  "invalid schema name (must match ^[a-z_][a-z0-9_]{0,62}$)");
+        store_err(open_err, sizeof open_err, NULL, "invalid schema name",
+                  "it must match ^[a-z_][a-z0-9_]{0,62}$");
         return SNK_EINVAL;
     }
     if (!conninfo)
@@ -1444,6 +1441,19 @@ int snk_open(const char *conninfo, const char *schema, snk_conn_t **out)
         return SNK_EINVAL;
     }
     PQconninfoFree(opts);
+    return 0;
+}
+
+int snk_open(const char *conninfo, const char *schema, snk_conn_t **out)
+{
+    if (!out)
+        return SNK_EINVAL;
+    *out = NULL;
+    int r = snk_check_conf(conninfo, schema);
+    if (r)
+        return r;
+    if (!conninfo)
+        conninfo = "";
 
     snk_conn_t *c = calloc(1, sizeof *c);
     if (!c) {

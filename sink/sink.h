@@ -145,6 +145,15 @@ typedef struct snk_batch {
  */
 int snk_open(const char *conninfo, const char *schema, snk_conn_t **out);
 
+/*
+ * What snk_open checks before it connects: SNK_EINVAL when `schema` is not a
+ * valid name or `conninfo` does not parse (the reason in
+ * snk_last_error(NULL), without the string's values), SNK_ENOMEM, or 0.
+ * Retrying cannot fix either, so a daemon checks at start. Flush thread, or
+ * before it starts (it shares snk_last_error(NULL) with snk_open).
+ */
+int snk_check_conf(const char *conninfo, const char *schema);
+
 /* Create or migrate the schema and its tables (idempotent, versioned in
  * <schema>.schema_version, serialized with an advisory lock). */
 int snk_migrate(snk_conn_t *c);

@@ -9,7 +9,7 @@
 # older daemon left it: a first run creates it (version 6), then version 6 is taken out
 # of schema_version and the view is created. Before the fix, a daemon with an empty state
 # took such a failure for an unreachable Postgres: it retried for 30 s and then logged
-# "Postgres unreachable" without the reason.
+# "Postgres unreachable" without the reason. Last, a malformed --pg: exit 2 at once.
 #
 # Needs CLICKMART_BIN (the build dir); run alone with
 #   CLICKMART_BIN=build bash tests/integration/test_migrate.sh
@@ -134,6 +134,25 @@ if cm_compare "$DUMP"; then
 else
     cm_bad "tables differ from the reference after the recovery"
 fi
+
+# A connection string that does not parse is a mistake in the configuration, not a
+# Postgres that is down: with an empty state the daemon used to retry it for 30 s. It
+# now exits 2 at once with libpq's reason, which does not quote the string's values.
+rm -rf "$CM_DIR/state"
+t0=$SECONDS
+cm_daemon_start --exit-at-end --pg "host=$CM_DIR password='hunter2secret"
+if cm_daemon_wait 10; then
+    cm_ok "a malformed --pg stopped clickmartd after $((SECONDS - t0)) s"
+else
+    cm_bad "clickmartd still running 10 s after a malformed --pg"
+    cm_daemon_signal KILL
+    cm_daemon_wait 10 || true
+fi
+[ "$CM_DAEMON_RC" = 2 ] && cm_ok "exit status 2" || cm_bad "exit status $CM_DAEMON_RC, not 2"
+grep -q 'invalid connection string' "$CM_DAEMON_LOG" &&
+    cm_ok "the reason is logged" || cm_bad "no 'invalid connection string' in $CM_DAEMON_LOG"
+grep -q hunter2secret "$CM_DAEMON_LOG" &&
+    cm_bad "the log quotes the password" || cm_ok "the password is not in the log"
 
 cm_log "whole test $((SECONDS - CM_T0))s"
 cm_summary

@@ -652,6 +652,15 @@ static void test_open_errors(void **state)
     assert_null(c);
     assert_null(strstr(snk_last_error(NULL), "hunter2secret"));
     assert_non_null(strstr(snk_last_error(NULL), "invalid connection string"));
+    /* The same check without connecting, as the daemon makes it at start. */
+    assert_int_equal(snk_check_conf("host='x password=hunter2secret", "cm"), SNK_EINVAL);
+    assert_null(strstr(snk_last_error(NULL), "hunter2secret"));
+    assert_non_null(strstr(snk_last_error(NULL), "invalid connection string"));
+    assert_int_equal(snk_check_conf("host=/nowhere port=1", "Bad"), SNK_EINVAL);
+    assert_non_null(strstr(snk_last_error(NULL), "invalid schema name"));
+    assert_int_equal(snk_check_conf("host=/nowhere port=1", "cm"), 0);
+    assert_int_equal(snk_check_conf(NULL, "cm"), 0);
+    assert_string_equal(snk_last_error(NULL), "");
 
     /* A server that is not there: ECONNECT, with libpq's reason. */
     assert_int_equal(
