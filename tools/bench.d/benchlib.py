@@ -1302,6 +1302,8 @@ AB_METRICS = {
         ("clickmartd CPU, s", ("daemon", "cpu_s"), "lower"),
         ("loop thread CPU, us/event", ("daemon", "loop_thread_cpu_us_per_event"), "lower"),
         ("loop thread in commits, s", ("daemon", "loop_thread_commit_s"), "lower"),
+        ("loop waited for librdkafka, s", ("daemon", "loop_thread_input_wait_kafka_s"), "lower"),
+        ("loop waited for validation, s", ("daemon", "loop_thread_input_wait_validation_s"), "lower"),
         ("whole machine CPU, s", ("daemon", "machine_cpu_s"), "lower"),
         ("minor page faults", ("daemon", "minor_faults"), "lower"),
         ("peak RSS, MB", ("daemon", "peak_rss_mb"), "lower"),
