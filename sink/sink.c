@@ -822,6 +822,49 @@ static const char SCHEMA_VERSION_SQL[] = "CREATE TABLE IF NOT EXISTS {S}.schema_
     "             FROM {S}.users GROUP BY 1) n ON n.day = f.day"                                   \
     "  WHERE f.device = '*' AND f.country = '*';"
 
+/* product_affinity (migration 2, recreated by migration 6 with its pair
+ * columns in the database's collation): the per-product orders and the
+ * total its measures divide by, */
+#define VIEW_AFFINITY_FROM                                                                         \
+    "  WITH po AS (SELECT product_id, sum(orders) AS orders"                                       \
+    "              FROM {S}.product_daily GROUP BY product_id),"                                   \
+    "       t AS (SELECT coalesce(sum(orders_with_items), 0) AS total FROM {S}.basket_daily)"
+
+/* ... and, after the select list's pair columns, its measures. */
+#define VIEW_AFFINITY_MEASURES                                                                     \
+    "         t.total AS total_orders,"                                                            \
+    "         p.orders::float8 / NULLIF(t.total, 0) AS support,"                                   \
+    "         p.orders::float8 / NULLIF(a.orders, 0) AS confidence_ab,"                            \
+    "         p.orders::float8 / NULLIF(b.orders, 0) AS confidence_ba,"                            \
+    "         p.orders::float8 * t.total / NULLIF(a.orders * b.orders, 0) AS lift"                 \
+    "  FROM {S}.product_pairs p"                                                                   \
+    "  JOIN po a ON a.product_id = p.product_a"                                                    \
+    "  JOIN po b ON b.product_id = p.product_b"                                                    \
+    "  CROSS JOIN t;"
+
+/* The scoring and segments of rfm_segments from migration 4 on, where ties
+ * break by user_id in byte order; migration 6 keeps it as it recreates
+ * the view. */
+#define VIEW_RFM_SCORED                                                                            \
+    "  scored AS ("                                                                                \
+    "    SELECT b.*,"                                                                              \
+    "           ntile(5) OVER (ORDER BY recency_days DESC, user_id COLLATE \"C\") AS r_score,"     \
+    "           ntile(5) OVER (ORDER BY frequency, user_id COLLATE \"C\") AS f_score,"             \
+    "           ntile(5) OVER (ORDER BY monetary, user_id COLLATE \"C\") AS m_score"               \
+    "    FROM base b)"                                                                             \
+    "  SELECT s.*, r_score::text || f_score::text || m_score::text AS rfm,"                        \
+    "         CASE"                                                                                \
+    "           WHEN r_score >= 4 AND f_score >= 4 AND m_score >= 4 THEN 'Champions'"              \
+    "           WHEN r_score >= 3 AND f_score >= 4 THEN 'Loyal'"                                   \
+    "           WHEN r_score >= 4 AND f_score <= 1 THEN 'New Customers'"                           \
+    "           WHEN r_score >= 4 THEN 'Potential Loyalists'"                                      \
+    "           WHEN r_score = 3 THEN 'Need Attention'"                                            \
+    "           WHEN r_score <= 2 AND f_score >= 4 THEN 'At Risk'"                                 \
+    "           WHEN r_score = 2 THEN 'Hibernating'"                                               \
+    "           ELSE 'Lost'"                                                                       \
+    "         END AS segment"                                                                      \
+    "  FROM scored s;"
+
 /* The collation of the text columns that hold the contract's strings, from
  * migration 6 on. */
 #define C_COLL "\"C\""
@@ -924,20 +967,9 @@ static const migration_t MIGRATIONS[] = {
         "  users       bigint NOT NULL,"
         "  PRIMARY KEY (cohort_week, week_offset)"
         ");"
-        "CREATE VIEW {S}.product_affinity AS"
-        "  WITH po AS (SELECT product_id, sum(orders) AS orders"
-        "              FROM {S}.product_daily GROUP BY product_id),"
-        "       t AS (SELECT coalesce(sum(orders_with_items), 0) AS total FROM {S}.basket_daily)"
-        "  SELECT p.product_a, p.product_b, p.orders, a.orders AS orders_a, b.orders AS orders_b,"
-        "         t.total AS total_orders,"
-        "         p.orders::float8 / NULLIF(t.total, 0) AS support,"
-        "         p.orders::float8 / NULLIF(a.orders, 0) AS confidence_ab,"
-        "         p.orders::float8 / NULLIF(b.orders, 0) AS confidence_ba,"
-        "         p.orders::float8 * t.total / NULLIF(a.orders * b.orders, 0) AS lift"
-        "  FROM {S}.product_pairs p"
-        "  JOIN po a ON a.product_id = p.product_a"
-        "  JOIN po b ON b.product_id = p.product_b"
-        "  CROSS JOIN t;"
+        "CREATE VIEW {S}.product_affinity AS" VIEW_AFFINITY_FROM
+        "  SELECT p.product_a, p.product_b, p.orders,"
+        " a.orders AS orders_a, b.orders AS orders_b," VIEW_AFFINITY_MEASURES
         "CREATE VIEW {S}.daily_kpis AS" VIEW_DAILY_KPIS "CREATE VIEW {S}.rfm_segments AS"
         "  WITH ref AS (SELECT max(last_seen) AS at FROM {S}.users),"
         "  base AS ("
@@ -1038,25 +1070,7 @@ static const migration_t MIGRATIONS[] = {
         "           floor(extract(epoch FROM (ref.at - u.last_order_at)) / 86400)::int"
         "             AS recency_days,"
         "           u.orders AS frequency, u.revenue AS monetary"
-        "    FROM {S}.users u CROSS JOIN ref WHERE u.orders > 0),"
-        "  scored AS ("
-        "    SELECT b.*,"
-        "           ntile(5) OVER (ORDER BY recency_days DESC, user_id COLLATE \"C\") AS r_score,"
-        "           ntile(5) OVER (ORDER BY frequency, user_id COLLATE \"C\") AS f_score,"
-        "           ntile(5) OVER (ORDER BY monetary, user_id COLLATE \"C\") AS m_score"
-        "    FROM base b)"
-        "  SELECT s.*, r_score::text || f_score::text || m_score::text AS rfm,"
-        "         CASE"
-        "           WHEN r_score >= 4 AND f_score >= 4 AND m_score >= 4 THEN 'Champions'"
-        "           WHEN r_score >= 3 AND f_score >= 4 THEN 'Loyal'"
-        "           WHEN r_score >= 4 AND f_score <= 1 THEN 'New Customers'"
-        "           WHEN r_score >= 4 THEN 'Potential Loyalists'"
-        "           WHEN r_score = 3 THEN 'Need Attention'"
-        "           WHEN r_score <= 2 AND f_score >= 4 THEN 'At Risk'"
-        "           WHEN r_score = 2 THEN 'Hibernating'"
-        "           ELSE 'Lost'"
-        "         END AS segment"
-        "  FROM scored s;"},
+        "    FROM {S}.users u CROSS JOIN ref WHERE u.orders > 0)," VIEW_RFM_SCORED},
     /* 5: every flush rewrites the rows of the active users and of their
      * experiment outcomes. With room left on each page, Postgres keeps the new
      * row version on the same page and adds no index entry (a HOT update):
@@ -1141,22 +1155,10 @@ static const migration_t MIGRATIONS[] = {
         "ALTER TABLE {S}.experiment_regression"
         "  ALTER COLUMN experiment TYPE text COLLATE " C_COLL ","
         "  ALTER COLUMN term TYPE text COLLATE " C_COLL ";"
-        "CREATE OR REPLACE VIEW {S}.product_affinity AS"
-        "  WITH po AS (SELECT product_id, sum(orders) AS orders"
-        "              FROM {S}.product_daily GROUP BY product_id),"
-        "       t AS (SELECT coalesce(sum(orders_with_items), 0) AS total FROM {S}.basket_daily)"
+        "CREATE OR REPLACE VIEW {S}.product_affinity AS" VIEW_AFFINITY_FROM
         "  SELECT p.product_a COLLATE \"default\" AS product_a,"
         "         p.product_b COLLATE \"default\" AS product_b,"
-        "         p.orders, a.orders AS orders_a, b.orders AS orders_b,"
-        "         t.total AS total_orders,"
-        "         p.orders::float8 / NULLIF(t.total, 0) AS support,"
-        "         p.orders::float8 / NULLIF(a.orders, 0) AS confidence_ab,"
-        "         p.orders::float8 / NULLIF(b.orders, 0) AS confidence_ba,"
-        "         p.orders::float8 * t.total / NULLIF(a.orders * b.orders, 0) AS lift"
-        "  FROM {S}.product_pairs p"
-        "  JOIN po a ON a.product_id = p.product_a"
-        "  JOIN po b ON b.product_id = p.product_b"
-        "  CROSS JOIN t;"
+        "         p.orders, a.orders AS orders_a, b.orders AS orders_b," VIEW_AFFINITY_MEASURES
         "CREATE OR REPLACE VIEW {S}.daily_kpis AS" VIEW_DAILY_KPIS
         "CREATE OR REPLACE VIEW {S}.rfm_segments AS"
         "  WITH ref AS (SELECT max(last_seen) AS at FROM {S}.users),"
@@ -1165,26 +1167,7 @@ static const migration_t MIGRATIONS[] = {
         "           floor(extract(epoch FROM (ref.at - u.last_order_at)) / 86400)::int"
         "             AS recency_days,"
         "           u.orders AS frequency, u.revenue AS monetary"
-        "    FROM {S}.users u CROSS JOIN ref WHERE u.orders > 0),"
-        "  scored AS ("
-        "    SELECT b.*,"
-        "           ntile(5) OVER (ORDER BY recency_days DESC, user_id COLLATE \"C\") AS r_score,"
-        "           ntile(5) OVER (ORDER BY frequency, user_id COLLATE \"C\") AS f_score,"
-        "           ntile(5) OVER (ORDER BY monetary, user_id COLLATE \"C\") AS m_score"
-        "    FROM base b)"
-        "  SELECT s.*, r_score::text || f_score::text || m_score::text AS rfm,"
-        "         CASE"
-        "           WHEN r_score >= 4 AND f_score >= 4 AND m_score >= 4 THEN 'Champions'"
-        "           WHEN r_score >= 3 AND f_score >= 4 THEN 'Loyal'"
-        "           WHEN r_score >= 4 AND f_score <= 1 THEN 'New Customers'"
-        "           WHEN r_score >= 4 THEN 'Potential Loyalists'"
-        "           WHEN r_score = 3 THEN 'Need Attention'"
-        "           WHEN r_score <= 2 AND f_score >= 4 THEN 'At Risk'"
-        "           WHEN r_score = 2 THEN 'Hibernating'"
-        "           ELSE 'Lost'"
-        "         END AS segment"
-        "  FROM scored s;"
-        "DO $$"
+        "    FROM {S}.users u CROSS JOIN ref WHERE u.orders > 0)," VIEW_RFM_SCORED "DO $$"
         " DECLARE v record;"
         " BEGIN"
         "  FOR v IN SELECT * FROM pg_temp.cm_m6_views WHERE reloptions IS NOT NULL LOOP"
