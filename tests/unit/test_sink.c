@@ -672,6 +672,7 @@ static void test_open_errors(void **state)
     assert_null(strchr(snk_last_error(NULL), '\n'));
 
     assert_int_equal(snk_flush(NULL, NULL), SNK_EINVAL);
+    assert_int_equal(snk_flush_part(NULL, NULL), SNK_EINVAL);
     assert_int_equal(snk_migrate(NULL), SNK_EINVAL);
     assert_int_equal(snk_ok(NULL), 0);
     snk_close(NULL);
