@@ -610,7 +610,12 @@ static void kset_reset(kset_t *s)
         memset(s->slot, 0, s->cap * sizeof *s->slot);
     s->n = 0;
     s->alen = 0;
-    memset(s->recent, 0, sizeof s->recent);
+    /* Element by element rather than with memset (the compiler makes the
+     * same code of both): after the memset, clang-tidy 14's analyzer did not
+     * know the recent keys were gone on the path through agg_flush_done, and
+     * reported one read from a set whose arena was never allocated. */
+    for (int i = 0; i < KSET_RECENT; i++)
+        s->recent[i] = 0;
 }
 
 /* Whether k is one of the keys added last (then it is in the set). */

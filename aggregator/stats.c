@@ -765,7 +765,7 @@ static int logit_fit(const double *X, const obs_t *o, size_t n, int p, int max_i
          * halving the step is the safeguard for when the quadratic model
          * overshoots. The tolerance lets rounding noise near the optimum
          * through. */
-        double step = 1.0, new_dev = dev;
+        double step = 1.0, new_dev;
         for (int h = 0;; h++) {
             for (int j = 0; j < p; j++)
                 trial[j] = beta[j] + step * delta[j];

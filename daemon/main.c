@@ -242,7 +242,7 @@ static int check_fresh_state(dmn_t *d)
         return 1;
     }
     int64_t rows = 0, max_next = 0;
-    if ((r = snk_topic_progress(d->pg, d->cfg.topic, &rows, &max_next)) != 0) {
+    if (snk_topic_progress(d->pg, d->cfg.topic, &rows, &max_next) != 0) {
         cm_err("cannot read the partitions table", "error=\"%s\"", snk_last_error(d->pg));
         return 1;
     }
@@ -264,7 +264,7 @@ static int check_fresh_state(dmn_t *d)
     }
     /* Nothing of the state has reached the tables yet (no partition is
      * known), so emptying them again after an interrupted rebuild is safe. */
-    if ((r = snk_truncate_marts(d->pg)) != 0) {
+    if (snk_truncate_marts(d->pg) != 0) {
         cm_err("cannot empty the tables for the rebuild", "error=\"%s\"", snk_last_error(d->pg));
         return 1;
     }

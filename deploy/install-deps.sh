@@ -11,6 +11,8 @@ PACKAGES=(
   postgresql postgresql-client kcat lmdb-utils
   curl python3 zstd procps util-linux
   clang libclang-rt-dev
+  # the lint test (tests/lint.sh)
+  clang-tidy clang-format cppcheck
   # operators: sd_notify, promtool for /metrics, systemd-analyze for the unit,
   # headless Chromium (and a font) for the live page test
   libsystemd-dev prometheus systemd chromium fonts-dejavu-core python3-yaml

@@ -53,7 +53,7 @@ static void work_cb(uv_work_t *w)
             pbytes += b->rk[i]->len < ING_PAYLOAD_KEEP ? b->rk[i]->len : ING_PAYLOAD_KEEP;
     b->payloads = malloc(pbytes ? pbytes : 1);
     /* Offsets first: the arena may move while it grows. */
-    size_t *offs = b->payloads ? malloc(b->n * sizeof *offs) : NULL;
+    size_t *offs = b->payloads ? malloc((b->n ? b->n : 1) * sizeof *offs) : NULL;
     for (size_t i = 0, pused = 0; offs && i < b->n; i++) {
         rd_kafka_message_t *m = b->rk[i];
         const char *payload = m->payload ? (const char *)m->payload : "";

@@ -731,23 +731,23 @@ _Static_assert(T__COUNT <= 64, "staged_mask has a bit per table");
 
 static const table_spec_t TABLES[T__COUNT] = {
     [T_SESSIONS_DEL] = {"sessions", "cm_stage_sessions_del", SESSION_COLS, 1, 1, APPLY_DELETE, NULL,
-                        NULL},
+                        NULL, NULL},
     [T_SESSIONS] = {"sessions", "cm_stage_sessions", SESSION_COLS, NCOLS(SESSION_COLS), 1,
-                    APPLY_UPSERT, NULL, NULL},
+                    APPLY_UPSERT, NULL, NULL, NULL},
     /* No staging table of its own: the stage named here only lends its
      * column types (load_stage_types). */
     [T_SESSIONS_NEW] = {"sessions", "cm_stage_sessions", SESSION_COLS, NCOLS(SESSION_COLS), 1,
-                        APPLY_DIRECT, NULL, NULL},
+                        APPLY_DIRECT, NULL, NULL, NULL},
     [T_USERS] = {"users", "cm_stage_users", USER_COLS, NCOLS(USER_COLS), 1, APPLY_UPSERT, NULL,
-                 NULL},
+                 NULL, NULL},
     [T_FUNNEL_DEL] = {"funnel_daily", "cm_stage_funnel_del", FUNNEL_COLS, 3, 3, APPLY_DELETE, NULL,
-                      NULL},
+                      NULL, NULL},
     [T_FUNNEL] = {"funnel_daily", "cm_stage_funnel", FUNNEL_COLS, NCOLS(FUNNEL_COLS), 3,
-                  APPLY_UPSERT, NULL, NULL},
+                  APPLY_UPSERT, NULL, NULL, NULL},
     [T_PARTITIONS] = {"partitions", "cm_stage_partitions", PARTITION_COLS, NCOLS(PARTITION_COLS), 2,
-                      APPLY_UPSERT, "flushed_at", "now()"},
+                      APPLY_UPSERT, "flushed_at", "now()", NULL},
     [T_REJECTS] = {"rejected_events", "cm_stage_rejects", REJECT_COLS, NCOLS(REJECT_COLS), 3,
-                   APPLY_INSERT_ONLY, NULL, NULL},
+                   APPLY_INSERT_ONLY, NULL, NULL, NULL},
 #define GEN(id, tbl, stage, cols, nkey, types)                                                     \
     [T_GEN_FIRST +                                                                                 \
         2 * (id)] = {tbl, stage "_del", cols, nkey, nkey, APPLY_DELETE, NULL, NULL, types},        \
@@ -2135,10 +2135,11 @@ static int flush_tx(snk_conn_t *c, const snk_batch_t *b, int direct, int *confli
  * one row twice, so a repeated key fails the flush with SNK_EQUERY ("ON
  * CONFLICT DO UPDATE command cannot affect row a second time") instead of
  * silently picking one of the rows. Deleted ids and rejects may repeat.
+ * The callers have checked that c is not NULL.
  */
 static int check_batch(snk_conn_t *c, const snk_batch_t *b, size_t *total)
 {
-    if (!c || !b)
+    if (!b)
         return SNK_EINVAL;
     c->err[0] = '\0';
     if (!snk_ok(c)) {
@@ -2173,6 +2174,8 @@ static void parts_rollback(snk_conn_t *c)
 
 int snk_flush_part(snk_conn_t *c, const snk_batch_t *b)
 {
+    if (!c)
+        return SNK_EINVAL;
     size_t total;
     int rc = check_batch(c, b, &total);
     if (rc) {
@@ -2203,6 +2206,8 @@ void snk_flush_discard(snk_conn_t *c)
 
 int snk_flush(snk_conn_t *c, const snk_batch_t *b)
 {
+    if (!c)
+        return SNK_EINVAL;
     size_t total;
     int rc = check_batch(c, b, &total);
     if (rc) {

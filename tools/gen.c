@@ -562,94 +562,94 @@ struct badcase {
 };
 
 static const struct badcase badcases[NBC] = {
-    [BC_LARGE_VALID] = {K_TOO_LARGE, 4, "valid_json_70000_bytes"},
-    [BC_LARGE_INVALID] = {K_TOO_LARGE, 4, "invalid_json_70000_bytes"},
-    [BC_LARGE_65537] = {K_TOO_LARGE, 4, "exactly_65537_bytes"},
-    [BC_EDGE_65536] = {K_VALID_EDGE, 4, "exactly_65536_bytes"},
-    [BC_JSON_TRUNCATED] = {K_INVALID_JSON, 1, "truncated"},
-    [BC_JSON_BAD_UTF8] = {K_INVALID_JSON, 1, "invalid_utf8_byte"},
-    [BC_JSON_OVERLONG_UTF8] = {K_INVALID_JSON, 1, "overlong_utf8"},
-    [BC_JSON_UTF8_SURROGATE] = {K_INVALID_JSON, 1, "utf8_encoded_surrogate"},
-    [BC_JSON_LONE_HIGH] = {K_INVALID_JSON, 1, "lone_surrogate_ud800"},
-    [BC_JSON_LONE_LOW] = {K_INVALID_JSON, 1, "lone_surrogate_udc00"},
-    [BC_JSON_HIGH_THEN_ASCII] = {K_INVALID_JSON, 1, "high_surrogate_then_ascii"},
-    [BC_JSON_DUP_KEY] = {K_INVALID_JSON, 1, "duplicate_key"},
-    [BC_JSON_DUP_KEY_ESCAPED] = {K_INVALID_JSON, 1, "duplicate_key_escaped"},
-    [BC_JSON_DUP_KEY_NESTED] = {K_INVALID_JSON, 1, "duplicate_key_nested"},
-    [BC_JSON_NUL_ESCAPE] = {K_INVALID_JSON, 1, "nul_escape_in_string"},
-    [BC_JSON_NUM_OVERFLOW] = {K_INVALID_JSON, 1, "number_1e999"},
-    [BC_JSON_NUM_NEG_OVERFLOW] = {K_INVALID_JSON, 1, "number_minus_1e999"},
-    [BC_JSON_EMPTY] = {K_INVALID_JSON, 1, "empty_value"},
-    [BC_JSON_WHITESPACE] = {K_INVALID_JSON, 1, "whitespace_only"},
-    [BC_JSON_TRAILING_GARBAGE] = {K_INVALID_JSON, 1, "trailing_garbage"},
-    [BC_JSON_TWO_OBJECTS] = {K_INVALID_JSON, 1, "two_objects"},
-    [BC_JSON_SINGLE_QUOTES] = {K_INVALID_JSON, 1, "single_quotes"},
-    [BC_JSON_TRAILING_COMMA] = {K_INVALID_JSON, 1, "trailing_comma"},
-    [BC_JSON_NAN] = {K_INVALID_JSON, 1, "nan_literal"},
-    [BC_JSON_CONTROL_CHAR] = {K_INVALID_JSON, 1, "raw_control_char_in_string"},
-    [BC_JSON_UNTERMINATED] = {K_INVALID_JSON, 1, "unterminated_string"},
-    [BC_OBJ_ARRAY] = {K_NOT_OBJECT, 1, "array"},
-    [BC_OBJ_STRING] = {K_NOT_OBJECT, 1, "string"},
-    [BC_OBJ_NUMBER] = {K_NOT_OBJECT, 1, "number"},
-    [BC_OBJ_NULL] = {K_NOT_OBJECT, 1, "null"},
-    [BC_OBJ_TRUE] = {K_NOT_OBJECT, 1, "true"},
-    [BC_OBJ_WRAPPED] = {K_NOT_OBJECT, 1, "event_inside_array"},
-    [BC_MISS_EVENT_ID] = {K_MISSING, 1, "event_id"},
-    [BC_MISS_USER_ID] = {K_MISSING, 1, "user_id"},
-    [BC_MISS_USER_ID_NULL] = {K_MISSING, 1, "user_id_null"},
-    [BC_MISS_EVENT_TYPE] = {K_MISSING, 1, "event_type"},
-    [BC_MISS_TS] = {K_MISSING, 1, "ts"},
-    [BC_MISS_TS_NULL] = {K_MISSING, 1, "ts_null"},
-    [BC_MISS_AMOUNT] = {K_MISSING, 1, "purchase_amount"},
-    [BC_MISS_AMOUNT_NULL] = {K_MISSING, 1, "purchase_amount_null"},
-    [BC_MISS_EXPERIMENT] = {K_MISSING, 1, "assignment_experiment"},
-    [BC_MISS_VARIANT] = {K_MISSING, 1, "assignment_variant"},
-    [BC_MISS_EMPTY_OBJECT] = {K_MISSING, 1, "empty_object"},
-    [BC_TYPE_EVENT_ID] = {K_BAD_TYPE, 1, "event_id_number"},
-    [BC_TYPE_USER_ID] = {K_BAD_TYPE, 1, "user_id_number"},
-    [BC_TYPE_EVENT_TYPE] = {K_BAD_TYPE, 1, "event_type_array"},
-    [BC_TYPE_TS_FLOAT_EXP] = {K_BAD_TYPE, 1, "ts_float_exponent"},
-    [BC_TYPE_TS_FLOAT_FRAC] = {K_BAD_TYPE, 1, "ts_float_fraction"},
-    [BC_TYPE_TS_BOOL] = {K_BAD_TYPE, 1, "ts_bool"},
-    [BC_TYPE_AMOUNT_STRING] = {K_BAD_TYPE, 1, "amount_string"},
-    [BC_TYPE_ITEMS_OBJECT] = {K_BAD_TYPE, 1, "items_object"},
-    [BC_TYPE_ITEMS_ELEMENT] = {K_BAD_TYPE, 1, "items_element_number"},
-    [BC_TYPE_QUANTITY_STRING] = {K_BAD_TYPE, 1, "item_quantity_string"},
-    [BC_TYPE_PRICE_STRING] = {K_BAD_TYPE, 1, "item_price_string"},
-    [BC_TYPE_ITEM_PRODUCT_NUMBER] = {K_BAD_TYPE, 1, "item_product_id_number"},
-    [BC_TYPE_EXPERIMENT] = {K_BAD_TYPE, 1, "experiment_number"},
-    [BC_TYPE_VARIANT] = {K_BAD_TYPE, 1, "variant_bool"},
-    [BC_TYPE_DEVICE] = {K_BAD_TYPE, 1, "device_number"},
-    [BC_TYPE_COUNTRY] = {K_BAD_TYPE, 1, "country_array"},
-    [BC_TYPE_PRODUCT_ID] = {K_BAD_TYPE, 1, "product_id_number"},
-    [BC_VAL_EVENT_TYPE_PATTERN] = {K_BAD_VALUE, 1, "event_type_Page-View"},
-    [BC_VAL_EVENT_TYPE_DIGIT] = {K_BAD_VALUE, 1, "event_type_leading_digit"},
-    [BC_VAL_EVENT_TYPE_LONG] = {K_BAD_VALUE, 1, "event_type_65_chars"},
-    [BC_VAL_EVENT_ID_EMPTY] = {K_BAD_VALUE, 1, "event_id_empty"},
-    [BC_VAL_EVENT_ID_LONG] = {K_BAD_VALUE, 1, "event_id_129_bytes"},
-    [BC_VAL_USER_ID_LONG] = {K_BAD_VALUE, 1, "user_id_129_bytes"},
-    [BC_VAL_TS_NO_OFFSET] = {K_BAD_VALUE, 1, "ts_string_without_offset"},
-    [BC_VAL_TS_GARBAGE] = {K_BAD_VALUE, 1, "ts_string_garbage"},
-    [BC_VAL_TS_BAD_DATE] = {K_BAD_VALUE, 1, "ts_string_feb_30"},
-    [BC_VAL_TS_1999] = {K_BAD_VALUE, 1, "ts_1999"},
-    [BC_VAL_TS_STRING_1999] = {K_BAD_VALUE, 1, "ts_string_1999"},
-    [BC_VAL_TS_2100] = {K_BAD_VALUE, 1, "ts_2100"},
-    [BC_VAL_TS_NEGATIVE] = {K_BAD_VALUE, 1, "ts_negative"},
-    [BC_VAL_AMOUNT_NEGATIVE] = {K_BAD_VALUE, 1, "amount_negative"},
-    [BC_VAL_AMOUNT_HUGE] = {K_BAD_VALUE, 1, "amount_above_1e12"},
-    [BC_VAL_QUANTITY_ZERO] = {K_BAD_VALUE, 1, "item_quantity_0"},
-    [BC_VAL_QUANTITY_HUGE] = {K_BAD_VALUE, 1, "item_quantity_1000001"},
-    [BC_VAL_PRICE_NEGATIVE] = {K_BAD_VALUE, 1, "item_price_negative"},
-    [BC_VAL_ITEMS_101] = {K_BAD_VALUE, 1, "items_101"},
-    [BC_VAL_ITEM_PRODUCT_EMPTY] = {K_BAD_VALUE, 1, "item_product_id_empty"},
-    [BC_VAL_DEVICE_LONG] = {K_BAD_VALUE, 1, "device_33_bytes"},
-    [BC_VAL_COUNTRY_LONG] = {K_BAD_VALUE, 1, "country_33_bytes"},
-    [BC_VAL_PRODUCT_ID_LONG] = {K_BAD_VALUE, 1, "product_id_129_bytes"},
-    [BC_VAL_EXPERIMENT_LONG] = {K_BAD_VALUE, 1, "experiment_65_bytes"},
-    [BC_VAL_VARIANT_LONG] = {K_BAD_VALUE, 1, "variant_65_bytes"},
-    [BC_FUTURE_DAY] = {K_FUTURE, 1, "one_day_ahead"},
-    [BC_FUTURE_DAY_STRING] = {K_FUTURE, 1, "one_day_ahead_string"},
-    [BC_FUTURE_2099] = {K_FUTURE, 1, "year_2099"},
+    [BC_LARGE_VALID] = {K_TOO_LARGE, 4, "valid_json_70000_bytes", 0},
+    [BC_LARGE_INVALID] = {K_TOO_LARGE, 4, "invalid_json_70000_bytes", 0},
+    [BC_LARGE_65537] = {K_TOO_LARGE, 4, "exactly_65537_bytes", 0},
+    [BC_EDGE_65536] = {K_VALID_EDGE, 4, "exactly_65536_bytes", 0},
+    [BC_JSON_TRUNCATED] = {K_INVALID_JSON, 1, "truncated", 0},
+    [BC_JSON_BAD_UTF8] = {K_INVALID_JSON, 1, "invalid_utf8_byte", 0},
+    [BC_JSON_OVERLONG_UTF8] = {K_INVALID_JSON, 1, "overlong_utf8", 0},
+    [BC_JSON_UTF8_SURROGATE] = {K_INVALID_JSON, 1, "utf8_encoded_surrogate", 0},
+    [BC_JSON_LONE_HIGH] = {K_INVALID_JSON, 1, "lone_surrogate_ud800", 0},
+    [BC_JSON_LONE_LOW] = {K_INVALID_JSON, 1, "lone_surrogate_udc00", 0},
+    [BC_JSON_HIGH_THEN_ASCII] = {K_INVALID_JSON, 1, "high_surrogate_then_ascii", 0},
+    [BC_JSON_DUP_KEY] = {K_INVALID_JSON, 1, "duplicate_key", 0},
+    [BC_JSON_DUP_KEY_ESCAPED] = {K_INVALID_JSON, 1, "duplicate_key_escaped", 0},
+    [BC_JSON_DUP_KEY_NESTED] = {K_INVALID_JSON, 1, "duplicate_key_nested", 0},
+    [BC_JSON_NUL_ESCAPE] = {K_INVALID_JSON, 1, "nul_escape_in_string", 0},
+    [BC_JSON_NUM_OVERFLOW] = {K_INVALID_JSON, 1, "number_1e999", 0},
+    [BC_JSON_NUM_NEG_OVERFLOW] = {K_INVALID_JSON, 1, "number_minus_1e999", 0},
+    [BC_JSON_EMPTY] = {K_INVALID_JSON, 1, "empty_value", 0},
+    [BC_JSON_WHITESPACE] = {K_INVALID_JSON, 1, "whitespace_only", 0},
+    [BC_JSON_TRAILING_GARBAGE] = {K_INVALID_JSON, 1, "trailing_garbage", 0},
+    [BC_JSON_TWO_OBJECTS] = {K_INVALID_JSON, 1, "two_objects", 0},
+    [BC_JSON_SINGLE_QUOTES] = {K_INVALID_JSON, 1, "single_quotes", 0},
+    [BC_JSON_TRAILING_COMMA] = {K_INVALID_JSON, 1, "trailing_comma", 0},
+    [BC_JSON_NAN] = {K_INVALID_JSON, 1, "nan_literal", 0},
+    [BC_JSON_CONTROL_CHAR] = {K_INVALID_JSON, 1, "raw_control_char_in_string", 0},
+    [BC_JSON_UNTERMINATED] = {K_INVALID_JSON, 1, "unterminated_string", 0},
+    [BC_OBJ_ARRAY] = {K_NOT_OBJECT, 1, "array", 0},
+    [BC_OBJ_STRING] = {K_NOT_OBJECT, 1, "string", 0},
+    [BC_OBJ_NUMBER] = {K_NOT_OBJECT, 1, "number", 0},
+    [BC_OBJ_NULL] = {K_NOT_OBJECT, 1, "null", 0},
+    [BC_OBJ_TRUE] = {K_NOT_OBJECT, 1, "true", 0},
+    [BC_OBJ_WRAPPED] = {K_NOT_OBJECT, 1, "event_inside_array", 0},
+    [BC_MISS_EVENT_ID] = {K_MISSING, 1, "event_id", 0},
+    [BC_MISS_USER_ID] = {K_MISSING, 1, "user_id", 0},
+    [BC_MISS_USER_ID_NULL] = {K_MISSING, 1, "user_id_null", 0},
+    [BC_MISS_EVENT_TYPE] = {K_MISSING, 1, "event_type", 0},
+    [BC_MISS_TS] = {K_MISSING, 1, "ts", 0},
+    [BC_MISS_TS_NULL] = {K_MISSING, 1, "ts_null", 0},
+    [BC_MISS_AMOUNT] = {K_MISSING, 1, "purchase_amount", 0},
+    [BC_MISS_AMOUNT_NULL] = {K_MISSING, 1, "purchase_amount_null", 0},
+    [BC_MISS_EXPERIMENT] = {K_MISSING, 1, "assignment_experiment", 0},
+    [BC_MISS_VARIANT] = {K_MISSING, 1, "assignment_variant", 0},
+    [BC_MISS_EMPTY_OBJECT] = {K_MISSING, 1, "empty_object", 0},
+    [BC_TYPE_EVENT_ID] = {K_BAD_TYPE, 1, "event_id_number", 0},
+    [BC_TYPE_USER_ID] = {K_BAD_TYPE, 1, "user_id_number", 0},
+    [BC_TYPE_EVENT_TYPE] = {K_BAD_TYPE, 1, "event_type_array", 0},
+    [BC_TYPE_TS_FLOAT_EXP] = {K_BAD_TYPE, 1, "ts_float_exponent", 0},
+    [BC_TYPE_TS_FLOAT_FRAC] = {K_BAD_TYPE, 1, "ts_float_fraction", 0},
+    [BC_TYPE_TS_BOOL] = {K_BAD_TYPE, 1, "ts_bool", 0},
+    [BC_TYPE_AMOUNT_STRING] = {K_BAD_TYPE, 1, "amount_string", 0},
+    [BC_TYPE_ITEMS_OBJECT] = {K_BAD_TYPE, 1, "items_object", 0},
+    [BC_TYPE_ITEMS_ELEMENT] = {K_BAD_TYPE, 1, "items_element_number", 0},
+    [BC_TYPE_QUANTITY_STRING] = {K_BAD_TYPE, 1, "item_quantity_string", 0},
+    [BC_TYPE_PRICE_STRING] = {K_BAD_TYPE, 1, "item_price_string", 0},
+    [BC_TYPE_ITEM_PRODUCT_NUMBER] = {K_BAD_TYPE, 1, "item_product_id_number", 0},
+    [BC_TYPE_EXPERIMENT] = {K_BAD_TYPE, 1, "experiment_number", 0},
+    [BC_TYPE_VARIANT] = {K_BAD_TYPE, 1, "variant_bool", 0},
+    [BC_TYPE_DEVICE] = {K_BAD_TYPE, 1, "device_number", 0},
+    [BC_TYPE_COUNTRY] = {K_BAD_TYPE, 1, "country_array", 0},
+    [BC_TYPE_PRODUCT_ID] = {K_BAD_TYPE, 1, "product_id_number", 0},
+    [BC_VAL_EVENT_TYPE_PATTERN] = {K_BAD_VALUE, 1, "event_type_Page-View", 0},
+    [BC_VAL_EVENT_TYPE_DIGIT] = {K_BAD_VALUE, 1, "event_type_leading_digit", 0},
+    [BC_VAL_EVENT_TYPE_LONG] = {K_BAD_VALUE, 1, "event_type_65_chars", 0},
+    [BC_VAL_EVENT_ID_EMPTY] = {K_BAD_VALUE, 1, "event_id_empty", 0},
+    [BC_VAL_EVENT_ID_LONG] = {K_BAD_VALUE, 1, "event_id_129_bytes", 0},
+    [BC_VAL_USER_ID_LONG] = {K_BAD_VALUE, 1, "user_id_129_bytes", 0},
+    [BC_VAL_TS_NO_OFFSET] = {K_BAD_VALUE, 1, "ts_string_without_offset", 0},
+    [BC_VAL_TS_GARBAGE] = {K_BAD_VALUE, 1, "ts_string_garbage", 0},
+    [BC_VAL_TS_BAD_DATE] = {K_BAD_VALUE, 1, "ts_string_feb_30", 0},
+    [BC_VAL_TS_1999] = {K_BAD_VALUE, 1, "ts_1999", 0},
+    [BC_VAL_TS_STRING_1999] = {K_BAD_VALUE, 1, "ts_string_1999", 0},
+    [BC_VAL_TS_2100] = {K_BAD_VALUE, 1, "ts_2100", 0},
+    [BC_VAL_TS_NEGATIVE] = {K_BAD_VALUE, 1, "ts_negative", 0},
+    [BC_VAL_AMOUNT_NEGATIVE] = {K_BAD_VALUE, 1, "amount_negative", 0},
+    [BC_VAL_AMOUNT_HUGE] = {K_BAD_VALUE, 1, "amount_above_1e12", 0},
+    [BC_VAL_QUANTITY_ZERO] = {K_BAD_VALUE, 1, "item_quantity_0", 0},
+    [BC_VAL_QUANTITY_HUGE] = {K_BAD_VALUE, 1, "item_quantity_1000001", 0},
+    [BC_VAL_PRICE_NEGATIVE] = {K_BAD_VALUE, 1, "item_price_negative", 0},
+    [BC_VAL_ITEMS_101] = {K_BAD_VALUE, 1, "items_101", 0},
+    [BC_VAL_ITEM_PRODUCT_EMPTY] = {K_BAD_VALUE, 1, "item_product_id_empty", 0},
+    [BC_VAL_DEVICE_LONG] = {K_BAD_VALUE, 1, "device_33_bytes", 0},
+    [BC_VAL_COUNTRY_LONG] = {K_BAD_VALUE, 1, "country_33_bytes", 0},
+    [BC_VAL_PRODUCT_ID_LONG] = {K_BAD_VALUE, 1, "product_id_129_bytes", 0},
+    [BC_VAL_EXPERIMENT_LONG] = {K_BAD_VALUE, 1, "experiment_65_bytes", 0},
+    [BC_VAL_VARIANT_LONG] = {K_BAD_VALUE, 1, "variant_65_bytes", 0},
+    [BC_FUTURE_DAY] = {K_FUTURE, 1, "one_day_ahead", 0},
+    [BC_FUTURE_DAY_STRING] = {K_FUTURE, 1, "one_day_ahead_string", 0},
+    [BC_FUTURE_2099] = {K_FUTURE, 1, "year_2099", 0},
     /* Ten of the about 95 per pass make too_late about 0.1% of all messages at the defaults. */
     [BC_LATE_INT] = {K_TOO_LATE, 1, "5_days_old", 5},
     [BC_LATE_STRING] = {K_TOO_LATE, 1, "5_days_old_string", 5},
@@ -1144,10 +1144,10 @@ static void build_catalog(struct gen *g)
         g->rank_product[i] = i;
     }
     /* Shuffle which product holds which popularity rank, so p00001 is not always the star. */
-    for (uint32_t i = n - 1; i > 0; i--) {
-        uint32_t j = (uint32_t)rng_below(&r, (uint64_t)i + 1);
-        uint32_t t = g->rank_product[i];
-        g->rank_product[i] = g->rank_product[j];
+    for (uint32_t i = n; i > 1; i--) {
+        uint32_t j = (uint32_t)rng_below(&r, i);
+        uint32_t t = g->rank_product[i - 1];
+        g->rank_product[i - 1] = g->rank_product[j];
         g->rank_product[j] = t;
     }
     double total = 0;
@@ -1453,7 +1453,7 @@ static void gen_user_session(const struct gen *g, struct user *u, int64_t start)
         }
     } else if (rng_chance(r, 0.60)) {
         uint32_t nviews = 1 + rng_geom(r, 0.45, 9);
-        uint32_t viewed[10];
+        uint32_t viewed[10] = {0};
         uint32_t last = pick_product(g, r);
         for (uint32_t i = 0; i < nviews; i++) {
             gf = 0;
@@ -2782,15 +2782,20 @@ static void emit_original(struct gen *g, uint32_t uidx, const char *val, size_t 
     g->users[uidx].emitted++;
 
     /* The per-message probabilities may exceed 1 for extreme flags: the integer part then
-     * gives that many copies for sure and the fraction one more by chance. */
+     * gives that many copies for sure and the fraction one more by chance. The double counts
+     * down by whole copies and p - 1.0 is exact for any p >= 1 here, so rounding cannot change
+     * the number of passes (the float loop counter check is about loops where it can). */
+    // NOLINTNEXTLINE(clang-analyzer-security.FloatLoopCounter)
     for (double p = g->p_dup; p > 0; p -= 1.0)
         if (p >= 1.0 || rng_chance(&g->rng, p))
             pend_push(g, now + dup_delay(&g->rng), uidx, PEND_DUP, evtype, val, len);
 
     /* Malformed messages follow on-time events only: the event just sent set the watermark of
-     * this key's partition to now, which is what makes the too_late cases reliably late. */
+     * this key's partition to now, which is what makes the too_late cases reliably late. The
+     * double counts down by whole messages, exactly, as above. */
     if (!on_time)
         return;
+    // NOLINTNEXTLINE(clang-analyzer-security.FloatLoopCounter)
     for (double p = g->p_bad; p > 0; p -= 1.0) {
         if (p < 1.0 && !rng_chance(&g->rng, p))
             break;

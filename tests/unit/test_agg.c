@@ -17,7 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <cmocka.h>
+#include "unit_cmocka.h"
 
 #include "aggregator/agg.h"
 #include "store/store.h"

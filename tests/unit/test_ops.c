@@ -13,7 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <cmocka.h>
+#include "unit_cmocka.h"
 #include <jansson.h>
 
 #include "daemon/config.h"

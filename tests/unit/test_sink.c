@@ -9,7 +9,8 @@
  * round-trips random values through binary COPY); without it that test is
  * skipped.
  */
-#include "sink/sink.c"
+/* Included, not linked: the tests call sink.c's static helpers (see above). */
+#include "sink/sink.c" // NOLINT(bugprone-suspicious-include)
 #include "unit_rng.h"
 
 #include <inttypes.h>
@@ -20,7 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <cmocka.h>
+#include "unit_cmocka.h"
 
 /* ------------------------------------------------------------------------ */
 /* Helpers                                                                  */
@@ -149,7 +150,7 @@ static void decode_row(const unsigned char **pp, const uint32_t *types, size_t n
                 break;
             case OID_BOOL:
                 assert_int_equal(len, 1);
-                strcpy(v, p[0] ? "t" : "f");
+                snprintf(v, sizeof v, "%s", p[0] ? "t" : "f");
                 break;
             case OID_FLOAT8: {
                 assert_int_equal(len, 8);
@@ -484,8 +485,9 @@ static void test_reject_payload(void **state)
     char out[8192];
     /* 4095 'x' then a euro sign: the cut at 4096 leaves its first byte. */
     char big[5000];
+    static const char tail[] = "\xE2\x82\xAC tail";
     memset(big, 'x', 4095);
-    memcpy(big + 4095, "\xE2\x82\xAC tail", 8);
+    memcpy(big + 4095, tail, sizeof tail - 1); /* no NUL: the payload's length is explicit */
     snk_reject_row_t r = {"t", 0, 42, "invalid_json", NULL, big, 4103, 0};
     render(row_reject, &r, 0, REJECT_T, 7, out, sizeof out);
     const char *pre = "t|0|42|invalid_json||";
@@ -672,6 +674,7 @@ static void test_open_errors(void **state)
     assert_null(strchr(snk_last_error(NULL), '\n'));
 
     assert_int_equal(snk_flush(NULL, NULL), SNK_EINVAL);
+    assert_int_equal(snk_flush_part(NULL, NULL), SNK_EINVAL);
     assert_int_equal(snk_migrate(NULL), SNK_EINVAL);
     assert_int_equal(snk_ok(NULL), 0);
     snk_close(NULL);
@@ -788,21 +791,31 @@ static void exec_or_fail(PGconn *pg, const char *sql)
     PQclear(res);
 }
 
+/* Append s to the string in buf (cap bytes); the test fails if it does not fit. */
+static void append(char *buf, size_t cap, const char *s)
+{
+    size_t n = strlen(buf), k = strlen(s);
+    assert_true(n + k < cap);
+    memcpy(buf + n, s, k + 1);
+}
+
 /* A digest of every table except the flush time, to compare flushes. */
 static char *snapshot(PGconn *pg)
 {
     char buf[1024] = "";
     const char *tables[] = {"sessions", "users", "funnel_daily", "rejected_events"};
     for (size_t i = 0; i < 4; i++) {
-        strcat(buf, q1(pg,
-                       "SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, '|' ORDER BY "
-                       "t::text)), '') FROM {S}.%s t",
-                       tables[i]));
-        strcat(buf, " ");
+        append(buf, sizeof buf,
+               q1(pg,
+                  "SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, '|' ORDER BY "
+                  "t::text)), '') FROM {S}.%s t",
+                  tables[i]));
+        append(buf, sizeof buf, " ");
     }
-    strcat(buf, q1(pg, "SELECT string_agg(concat_ws(',', topic, partition, next_offset, "
-                       "watermark, accepted, duplicates, rejected), '|' ORDER BY topic, "
-                       "partition) FROM {S}.partitions"));
+    append(buf, sizeof buf,
+           q1(pg, "SELECT string_agg(concat_ws(',', topic, partition, next_offset, "
+                  "watermark, accepted, duplicates, rejected), '|' ORDER BY topic, "
+                  "partition) FROM {S}.partitions"));
     return strdup(buf);
 }
 

@@ -26,7 +26,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 
-#include <cmocka.h>
+#include "unit_cmocka.h"
 
 #include "daemon/status.h"
 
@@ -520,12 +520,12 @@ static void test_oversized_header(void **state)
 {
     fixture_t *f = *state;
     int fd = connect_unix(f->path);
-    size_t vlen = 10000;
-    char *req = malloc(vlen + 128);
+    size_t vlen = 10000, cap = vlen + 128;
+    char *req = malloc(cap);
     assert_non_null(req);
     int n = sprintf(req, "GET /status HTTP/1.1\r\nHost: a\r\nX-Big: ");
     memset(req + n, 'a', vlen);
-    strcpy(req + n + vlen, "\r\n\r\n");
+    snprintf(req + n + vlen, cap - vlen - (size_t)n, "\r\n\r\n");
     send_str(fd, req);
     size_t len;
     char *all = read_to_eof(fd, &len);
@@ -539,11 +539,11 @@ static void test_oversized_header(void **state)
 
     /* The same limit applies to a long URL. */
     fd = connect_unix(f->path);
-    req = malloc(vlen + 128);
+    req = malloc(cap);
     assert_non_null(req);
     n = sprintf(req, "GET /");
     memset(req + n, 'a', vlen);
-    strcpy(req + n + vlen, " HTTP/1.1\r\nHost: a\r\n\r\n");
+    snprintf(req + n + vlen, cap - vlen - (size_t)n, " HTTP/1.1\r\nHost: a\r\n\r\n");
     send_str(fd, req);
     all = read_to_eof(fd, &len);
     close(fd);
@@ -554,10 +554,12 @@ static void test_oversized_header(void **state)
 
     /* A header section just under the limit is fine. */
     fd = connect_unix(f->path);
-    req = malloc(8192);
+    cap = 8192;
+    req = malloc(cap);
+    assert_non_null(req);
     n = sprintf(req, "GET /status HTTP/1.1\r\nX-Pad: ");
     memset(req + n, 'b', 7000);
-    strcpy(req + n + 7000, "\r\nConnection: close\r\n\r\n");
+    snprintf(req + n + 7000, cap - 7000 - (size_t)n, "\r\nConnection: close\r\n\r\n");
     send_str(fd, req);
     all = read_to_eof(fd, &len);
     close(fd);

@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <cmocka.h>
+#include "unit_cmocka.h"
 #include <lmdb.h>
 
 #include "store/store.h"
@@ -100,6 +100,7 @@ static void test_key_order_is_lmdb_default(void **state)
     tkey_t *keys = calloc(NKEYS, sizeof *keys);
     assert_non_null(keys);
     size_t n = make_keys(keys, NKEYS);
+    assert_true(n > 1);
     char dir[] = "/tmp/test_store_XXXXXX";
     assert_non_null(mkdtemp(dir));
     st_env_t *env;

@@ -5,7 +5,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <cmocka.h>
+#include "unit_cmocka.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -89,6 +89,19 @@ static const char *fmt(const char *f, ...)
     va_end(ap);
     assert_true(n > 0 && (size_t)n < sizeof bufs[0]);
     return b;
+}
+
+/* Append formatted text to the string in buf (cap bytes); the test fails if it does not fit. */
+static void appendf(char *buf, size_t cap, const char *f, ...)
+    __attribute__((format(printf, 3, 4)));
+static void appendf(char *buf, size_t cap, const char *f, ...)
+{
+    size_t n = strlen(buf);
+    va_list ap;
+    va_start(ap, f);
+    int k = vsnprintf(buf + n, cap - n, f, ap);
+    va_end(ap);
+    assert_true(k >= 0 && (size_t)k < cap - n);
 }
 
 /* ---- names and codes ---- */
@@ -417,13 +430,13 @@ static void test_required_fields(void **state)
     /* Lengths are bytes: 64 two-byte characters are 128 bytes, 65 are too many. */
     char id[300] = "";
     for (int i = 0; i < 64; i++) {
-        strcat(id, "\xc3\xa9");
+        appendf(id, sizeof id, "\xc3\xa9");
     }
     expect_ok(fmt("{\"event_id\":\"%s\",\"user_id\":\"u\",\"event_type\":\"a\",\"ts\":"
                   "1704067200000}",
                   id));
     assert_int_equal(ev.event_id_len, 128);
-    strcat(id, "\xc3\xa9");
+    appendf(id, sizeof id, "\xc3\xa9");
     expect(fmt("{\"event_id\":\"%s\",\"user_id\":\"u\",\"event_type\":\"a\",\"ts\":"
                "1704067200000}",
                id),
@@ -799,17 +812,15 @@ static void test_items(void **state)
 static void test_items_count(void **state)
 {
     (void)state;
-    char *arr = malloc(100000);
+    size_t cap = 100000;
+    char *arr = malloc(cap);
     assert_non_null(arr);
     /* 100 items are the most a purchase may hold. */
-    strcpy(arr, "[");
-    for (int i = 0; i < 100; i++) {
-        char one[64];
-        snprintf(one, sizeof one, "%s{\"product_id\":\"p%d\",\"quantity\":%d}", i ? "," : "", i,
-                 i + 1);
-        strcat(arr, one);
-    }
-    strcat(arr, "]");
+    arr[0] = '\0';
+    appendf(arr, cap, "[");
+    for (int i = 0; i < 100; i++)
+        appendf(arr, cap, "%s{\"product_id\":\"p%d\",\"quantity\":%d}", i ? "," : "", i, i + 1);
+    appendf(arr, cap, "]");
     expect_ok(fmt(PURCHASE ",\"amount\":1,\"items\":%s}", arr));
     assert_int_equal(ev.n_items, 100);
     assert_string_equal(ev.items[99].product_id, "p99");
@@ -817,12 +828,12 @@ static void test_items_count(void **state)
 
     /* 101 are a bad value. */
     arr[strlen(arr) - 1] = '\0';
-    strcat(arr, ",{\"product_id\":\"p100\"}]");
+    appendf(arr, cap, ",{\"product_id\":\"p100\"}]");
     expect(fmt(PURCHASE ",\"amount\":1,\"items\":%s}", arr), ING_R_BAD_VALUE, "items");
 
     /* A badly typed element past the 100th still wins over the count. */
     arr[strlen(arr) - 1] = '\0';
-    strcat(arr, ",7]");
+    appendf(arr, cap, ",7]");
     expect(fmt(PURCHASE ",\"amount\":1,\"items\":%s}", arr), ING_R_BAD_TYPE, "items");
     free(arr);
 }
@@ -911,11 +922,11 @@ static void test_optional_fields(void **state)
     /* 16 two-byte characters fit 32 bytes; 17 do not. */
     char dev[80] = "";
     for (int i = 0; i < 16; i++) {
-        strcat(dev, "\xc3\xbc");
+        appendf(dev, sizeof dev, "\xc3\xbc");
     }
     expect_ok(fmt(PAGE_VIEW ",\"device\":\"%s\"}", dev));
     assert_int_equal(ev.device_len, 32);
-    strcat(dev, "\xc3\xbc");
+    appendf(dev, sizeof dev, "\xc3\xbc");
     expect(fmt(PAGE_VIEW ",\"device\":\"%s\"}", dev), ING_R_BAD_VALUE, "device");
 
     expect(PAGE_VIEW ",\"device\":1}", ING_R_BAD_TYPE, "device");
@@ -1294,12 +1305,9 @@ static void test_fast_path_escapes_and_utf8(void **state)
     /* Escaped text beyond the scratch buffer goes to jansson, with the same result. */
     static char big[20000];
     size_t n = (size_t)snprintf(big, sizeof big, "%s", PAGE_VIEW ",\"q\":\"");
-    while (n + 10 < sizeof big - 8) {
-        memcpy(big + n, "\\u00e9", 6);
-        n += 6;
-    }
-    memcpy(big + n, "\"}", 3);
-    n += 2;
+    while (n + 10 < sizeof big - 8)
+        n += (size_t)snprintf(big + n, sizeof big - n, "\\u00e9");
+    n += (size_t)snprintf(big + n, sizeof big - n, "\"}");
     assert_false(ing_validate_fast_path(big, n));
     diff_one(big, n);
     expect_len(big, n, ING_OK, "");
