@@ -104,12 +104,42 @@ m = {x["figure"]: x for x in r["metrics"]}
 e = m["end to end, events/s"]
 assert (e["a_median"], e["b_median"], e["b_better_pairs"]) == (200000, 220000, 2), e
 assert abs(e["b_over_a"] - 1.1) < 1e-9, e
+# The pairs' own ratios are 1.1, 205/210 and 230/190; 2 wins of 3 is no evidence at all.
+assert abs(e["pair_b_over_a_median"] - 1.1) < 1e-9 and e["sign_p"] == 1.0, e
 c = m["clickmartd CPU, s"]
 assert (c["a_median"], c["b_median"], c["b_better_pairs"]) == (5.0, 4.9, 2), c
+assert abs(c["pair_b_over_a_median"] - 0.98) < 1e-9 and c["tied_pairs"] == 0, c
 rss = m["peak RSS, MB"]
 assert rss["pairs"] == 2 and rss["b_better_pairs"] == 0, rss
 assert "consume, events/s" not in m, m  # in no run: left out
 print("bench A/B summary: medians, B/A and pairs won come back as built")
+PY
+
+# The sign test of the A/B summary: six pairs that B wins all give p = 2/64; five wins and
+# one tie give 2/32 (the tie is left out); three of six give 1.
+"$CM_PY" - "$CM_DIR" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+for i in range(6):
+    a = {"end_to_end_events_per_s": 200000 + i, "cpu_s": 5.0, "peak_rss_mb": 700.0}
+    b = {"end_to_end_events_per_s": 210000 + i, "cpu_s": 5.0 if i == 0 else 4.0,
+         "peak_rss_mb": 690.0 if i % 2 else 710.0}
+    for side, dmn in (("a", a), ("b", b)):
+        json.dump({"params": {}, "daemon": dmn},
+                  open(os.path.join(d, "sign-pair%d-%s.json" % (i + 1, side)), "w"))
+PY
+files=()
+for i in 1 2 3 4 5 6; do files+=("$CM_DIR/sign-pair$i-a.json" "$CM_DIR/sign-pair$i-b.json"); done
+"$CM_PY" "$LIB" ab-summary "$CM_DIR/ab-sign.json" throughput /x/A /x/B "${files[@]}" >"$CM_DIR/ab-sign.txt"
+grep -q 'sign p' "$CM_DIR/ab-sign.txt" || cm_die "no sign p column: $(cat "$CM_DIR/ab-sign.txt")"
+"$CM_PY" - "$CM_DIR/ab-sign.json" <<'PY'
+import json, sys
+m = {x["figure"]: x for x in json.load(open(sys.argv[1]))["metrics"]}
+e, c, rss = m["end to end, events/s"], m["clickmartd CPU, s"], m["peak RSS, MB"]
+assert e["b_better_pairs"] == 6 and abs(e["sign_p"] - 0.0312) < 1e-4, e
+assert c["b_better_pairs"] == 5 and c["tied_pairs"] == 1 and abs(c["sign_p"] - 0.0625) < 1e-4, c
+assert rss["b_better_pairs"] == 3 and rss["sign_p"] == 1.0, rss
+print("bench A/B summary: the sign test's p for 6 of 6, 5 of 5 with a tie, and 3 of 6")
 PY
 
 # The A/B summary of the scale mode: its figures come from the scale JSON's own places

@@ -1337,10 +1337,21 @@ def ab_get(doc, path):
     return doc if isinstance(doc, (int, float)) and not isinstance(doc, bool) else None
 
 
+def sign_p(wins, n):
+    """Two-sided exact sign test: the chance, with B and A equally likely to win each of n
+    untied pairs, of a split at least as uneven as wins of n. None without pairs."""
+    if n <= 0:
+        return None
+    k = max(wins, n - wins)
+    tail = sum(math.comb(n, i) for i in range(k, n + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
 def ab_summary(args):
     """ab-summary OUT MODE A B FILE...: FILE names end in pairI-a.json or pairI-b.json.
-    Per figure: the median of each side, B/A of the medians, each side's range, and in
-    how many pairs B did better than A (ties count for neither)."""
+    Per figure: the median of each side, B/A of the medians, the median of the pairs' own
+    B/A, each side's range, in how many pairs B did better than A (ties count for neither),
+    and the two-sided sign test's p of that count (sign_p)."""
     out, mode, name_a, name_b, files = args[0], args[1], args[2], args[3], args[4:]
     runs = {}
     for f in files:
@@ -1359,8 +1370,9 @@ def ab_summary(args):
     lines = ["clickmart bench: A/B, %s mode, %d pairs (order A B, B A, ...), %s"
              % (mode, len(pairs), res["date"]),
              "A: %s" % name_a, "B: %s" % name_b, "",
-             "%-28s %7s %12s %12s %7s %23s %23s %10s" % ("figure", "better", "A median", "B median",
-                                                       "B/A", "A range", "B range", "B better")]
+             "%-28s %7s %12s %12s %7s %8s %23s %23s %10s %6s" % (
+                 "figure", "better", "A median", "B median", "B/A", "pair B/A", "A range", "B range",
+                 "B better", "sign p")]
 
     def f(x):
         if x is None:
@@ -1376,17 +1388,29 @@ def ab_summary(args):
         wins = sum(1 for a, b in both if (b > a if better == "higher" else b < a))
         ma, mb = statistics.median([a for a, _ in both]), statistics.median([b for _, b in both])
         ratio = mb / ma if ma else None
+        own = [b / a for a, b in both if a]
+        pair_ratio = statistics.median(own) if own else None
+        ties = sum(1 for a, b in both if a == b)
+        p = sign_p(wins, len(both) - ties)
         res["metrics"].append({"figure": label, "better": better, "a": va, "b": vb,
                                "a_median": ma, "b_median": mb,
                                "b_over_a": None if ratio is None else round(ratio, 4),
-                               "b_better_pairs": wins, "pairs": len(both)})
-        lines.append("%-28s %7s %12s %12s %7s %23s %23s %10s" % (
+                               "pair_b_over_a_median": None if pair_ratio is None
+                               else round(pair_ratio, 4),
+                               "b_better_pairs": wins, "pairs": len(both), "tied_pairs": ties,
+                               "sign_p": None if p is None else round(p, 4)})
+        lines.append("%-28s %7s %12s %12s %7s %8s %23s %23s %10s %6s" % (
             label, better, f(ma), f(mb), "n/a" if ratio is None else "%.3f" % ratio,
+            "n/a" if pair_ratio is None else "%.3f" % pair_ratio,
             "%s - %s" % (f(min(a for a, _ in both)), f(max(a for a, _ in both))),
             "%s - %s" % (f(min(b for _, b in both)), f(max(b for _, b in both))),
-            "%d of %d" % (wins, len(both))))
-    lines += ["", "A difference inside both sides' ranges, or B better in about half of the pairs,",
-              "is the machine's noise, not the change."]
+            "%d of %d" % (wins, len(both)), "n/a" if p is None else "%.3f" % p))
+    lines += ["", "pair B/A: the median of each pair's own B/A, steadier than B/A of the medians when",
+              "the machine's speed drifts during the runs. sign p: the chance of a count of pairs",
+              "at least this lopsided if the change did nothing (two-sided sign test, ties left",
+              "out); with 6 pairs the smallest is 0.031 (6 of 6), with 4 pairs 0.125. A",
+              "difference inside both sides' ranges, or B better in about half of the pairs, is",
+              "the machine's noise, not the change."]
     with open(out, "w") as fh:
         json.dump(res, fh, indent=1)
     print("\n".join(lines))
