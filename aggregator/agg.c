@@ -572,6 +572,8 @@ static int contrib_eq(const contrib_t *a, const contrib_t *b)
 /* The per-batch set of dirty row keys (written once per batch).          */
 
 #define KSET_RECENT 4
+/* Keys kset_add_packed hashes and fetches ahead of adding them. */
+#define KSET_GROUP 16
 
 /* The length of a packed key (2-byte big-endian length, then the bytes): the
  * form of a set's arena, of a dirty-log record and of a dirty mark. */
@@ -686,17 +688,9 @@ static size_t kset_slot(const kset_t *s, const uint8_t *k, size_t n, uint64_t h)
     return j;
 }
 
-/* Add a key (stored as a 2-byte length and the bytes); duplicates are ignored. */
-static int kset_add(kset_t *s, const uint8_t *k, size_t n)
+/* Add key k whose hash is h to a set with room for it. */
+static int kset_add_hashed(kset_t *s, const uint8_t *k, size_t n, uint64_t h)
 {
-    if (kset_recent(s, k, n))
-        return 0;
-    if ((s->n + 1) * 2 > s->cap) {
-        int r = kset_grow(s);
-        if (r)
-            return r;
-    }
-    uint64_t h = XXH3_64bits(k, n);
     size_t j = kset_slot(s, k, n, h);
     if (s->slot[j].off) {
         kset_remember(s, s->slot[j].off);
@@ -723,6 +717,19 @@ static int kset_add(kset_t *s, const uint8_t *k, size_t n)
     return 0;
 }
 
+/* Add a key (stored as a 2-byte length and the bytes); duplicates are ignored. */
+static int kset_add(kset_t *s, const uint8_t *k, size_t n)
+{
+    if (kset_recent(s, k, n))
+        return 0;
+    if ((s->n + 1) * 2 > s->cap) {
+        int r = kset_grow(s);
+        if (r)
+            return r;
+    }
+    return kset_add_hashed(s, k, n, XXH3_64bits(k, n));
+}
+
 /* Whether the set holds the key. */
 static int kset_has(const kset_t *s, const uint8_t *k, size_t n)
 {
@@ -735,13 +742,34 @@ static int kset_add_packed(kset_t *s, const uint8_t *p, size_t len)
 {
     size_t off = 0;
     while (off + 2 <= len) {
-        size_t n = packed_len(p + off);
-        if (n == 0 || off + 2 + n > len)
-            return AGG_ESTATE;
-        int r = kset_add(s, p + off + 2, n);
-        if (r)
-            return r;
-        off += 2 + n;
+        /* A list of marks is added in groups: the group's keys are hashed
+         * and their slots fetched first, then added, so that the group's
+         * cache misses overlap instead of each add waiting for its own.
+         * Room for the whole group first, so that no growth moves the
+         * table between the fetch and the add. */
+        while ((s->n + KSET_GROUP) * 2 > s->cap) {
+            int r = kset_grow(s);
+            if (r)
+                return r;
+        }
+        size_t ko[KSET_GROUP], kn[KSET_GROUP];
+        uint64_t kh[KSET_GROUP];
+        size_t g = 0;
+        for (; g < KSET_GROUP && off + 2 <= len; g++) {
+            size_t n = packed_len(p + off);
+            if (n == 0 || off + 2 + n > len)
+                return AGG_ESTATE;
+            ko[g] = off + 2;
+            kn[g] = n;
+            kh[g] = XXH3_64bits(p + off + 2, n);
+            __builtin_prefetch(&s->slot[kh[g] & (s->cap - 1)]);
+            off += 2 + n;
+        }
+        for (size_t i = 0; i < g; i++) {
+            int r = kset_add_hashed(s, p + ko[i], kn[i], kh[i]);
+            if (r)
+                return r;
+        }
     }
     return off == len ? 0 : AGG_ESTATE;
 }
@@ -849,6 +877,20 @@ static size_t dset_slot(const dset_t *d, uint64_t hi, uint64_t lo)
     (void)hi;
     return (size_t)(lo ^ (lo >> 29)) & (d->cap - 1);
 }
+
+/* Start loading the slot where (hi, lo) is or would be (an entry may span
+ * two cache lines). */
+static void dset_prefetch(const dset_t *d, uint64_t hi, uint64_t lo)
+{
+    if (!d->cap)
+        return;
+    const dent_t *e = &d->t[dset_slot(d, hi, lo)];
+    __builtin_prefetch(e);
+    __builtin_prefetch((const char *)(e + 1) - 1);
+}
+
+/* Entries ahead whose slots a walk over many ids fetches. */
+#define DSET_AHEAD 8
 
 static dent_t *dset_find(const dset_t *d, uint64_t hi, uint64_t lo)
 {
@@ -3292,6 +3334,13 @@ int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event
                             len, now_ms);
 }
 
+void agg_prefetch_packed(const agg_t *a, const ing_packed_t *ev)
+{
+    XXH128_hash_t h = XXH3_128bits(ing_packed_str(ev, ING_PF_EVENT_ID), ev->len[ING_PF_EVENT_ID]);
+    dkey_fix(&h.high64, &h.low64);
+    dset_prefetch(&a->dedup, h.high64, h.low64);
+}
+
 int agg_apply_packed(agg_t *a, int32_t partition, int64_t offset, const ing_packed_t *ev,
                      const char *payload, size_t len, int64_t now_ms)
 {
@@ -3600,6 +3649,12 @@ int agg_batch_commit(agg_t *a)
                 int64_t ts;
                 uint64_t hi, lo;
                 int32_t p;
+                if (i + DSET_AHEAD < a->swept.n) {
+                    /* The ids lie at random in an index larger than the
+                     * caches: fetch the slot of one a few entries on. */
+                    dlog_get(a->swept.b + (i + DSET_AHEAD) * DLOG_REC, &ts, &hi, &lo, &p);
+                    dset_prefetch(&a->dedup, hi, lo);
+                }
                 dlog_get(a->swept.b + i * DLOG_REC, &ts, &hi, &lo, &p);
                 dset_del_ts(&a->dedup, hi, lo, ts);
             }

@@ -89,6 +89,11 @@ int agg_batch_begin(agg_t *a);
 int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event_t *ev,
                     const char *payload, size_t len, int64_t now_ms);
 
+/* A hint, loop thread only: start loading the duplicate index's slot for
+ * ev's id into the cache, so that agg_apply_packed for ev, called a few
+ * events later, does not wait for memory. ev is only read during the call. */
+void agg_prefetch_packed(const agg_t *a, const ing_packed_t *ev);
+
 /* The same for an event already packed (ing_pack; the daemon's batches hold
  * this form): ev is copied as it is, the caller keeps ownership. */
 int agg_apply_packed(agg_t *a, int32_t partition, int64_t offset, const ing_packed_t *ev,

@@ -443,6 +443,11 @@ static void pump(dmn_t *d);
  * completions and the status socket again. */
 #define APPLY_SLICE_MS 20.0
 
+/* How many messages ahead the apply loop asks the aggregator to fetch a
+ * message's slot of the duplicate index: the index is far larger than the
+ * caches and each lookup is otherwise one wait for memory. */
+#define APPLY_PREFETCH 8
+
 /* Queued mart updates applied between two looks at the clock. */
 #define DRAIN_STEP 256
 
@@ -668,6 +673,9 @@ static void pump(dmn_t *d)
             d->txn_msgs = 0;
         }
         while (d->pos < b->n) {
+            size_t ahead = d->pos + APPLY_PREFETCH;
+            if (ahead < b->n && b->res[ahead].reason == ING_OK)
+                agg_prefetch_packed(d->agg, b->res[ahead].ev);
             if ((r = apply_msg(d, b, d->pos)) != 0) {
                 abort_open(d, r);
                 return;
