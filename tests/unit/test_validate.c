@@ -136,6 +136,22 @@ static void test_etype_from(void **state)
     assert_int_equal(ing_etype_from("purchases", 8), ING_ET_PURCHASE);
     assert_int_equal(ing_etype_from("purchase", 7), ING_ET_OTHER);
     assert_int_equal(ing_etype_from("", 0), ING_ET_OTHER);
+    /* The lookup and the names agree for every type, and a name one byte
+     * shorter, one byte off or with a different first byte is no type. */
+    for (int t = ING_ET_OTHER + 1; t < ING_ET__COUNT; t++) {
+        const char *name = ing_etype_name((ing_etype_t)t);
+        assert_non_null(name);
+        size_t n = strlen(name);
+        assert_int_equal(ing_etype_from(name, n), t);
+        assert_int_equal(ing_etype_from(name, n - 1), ING_ET_OTHER);
+        char buf[32];
+        memcpy(buf, name, n);
+        buf[n - 1] ^= 1;
+        assert_int_equal(ing_etype_from(buf, n), ING_ET_OTHER);
+        memcpy(buf, name, n);
+        buf[0] = 'x';
+        assert_int_equal(ing_etype_from(buf, n), ING_ET_OTHER);
+    }
 }
 
 /* ---- accepted events ---- */
