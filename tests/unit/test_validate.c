@@ -145,10 +145,10 @@ static void test_etype_from(void **state)
         assert_int_equal(ing_etype_from(name, n), t);
         assert_int_equal(ing_etype_from(name, n - 1), ING_ET_OTHER);
         char buf[32];
-        memcpy(buf, name, n);
+        snprintf(buf, sizeof buf, "%s", name);
         buf[n - 1] ^= 1;
         assert_int_equal(ing_etype_from(buf, n), ING_ET_OTHER);
-        memcpy(buf, name, n);
+        snprintf(buf, sizeof buf, "%s", name);
         buf[0] = 'x';
         assert_int_equal(ing_etype_from(buf, n), ING_ET_OTHER);
     }
