@@ -3334,10 +3334,18 @@ int agg_apply_event(agg_t *a, int32_t partition, int64_t offset, const ing_event
                             len, now_ms);
 }
 
-void agg_prefetch_packed(const agg_t *a, const ing_packed_t *ev)
+/* The duplicate index's key of ev's event_id (the check and the prefetch
+ * must agree on it). */
+static XXH128_hash_t id_key(const ing_packed_t *ev)
 {
     XXH128_hash_t h = XXH3_128bits(ing_packed_str(ev, ING_PF_EVENT_ID), ev->len[ING_PF_EVENT_ID]);
     dkey_fix(&h.high64, &h.low64);
+    return h;
+}
+
+void agg_prefetch_packed(const agg_t *a, const ing_packed_t *ev)
+{
+    XXH128_hash_t h = id_key(ev);
     dset_prefetch(&a->dedup, h.high64, h.low64);
 }
 
@@ -3352,8 +3360,7 @@ int agg_apply_packed(agg_t *a, int32_t partition, int64_t offset, const ing_pack
     if (p->watermark >= 0 && ev->ts < p->watermark - a->lateness)
         return agg_apply_reject(a, partition, offset, ING_R_TOO_LATE, "", payload, len, now_ms);
 
-    XXH128_hash_t h = XXH3_128bits(ing_packed_str(ev, ING_PF_EVENT_ID), ev->len[ING_PF_EVENT_ID]);
-    dkey_fix(&h.high64, &h.low64);
+    XXH128_hash_t h = id_key(ev);
     if (dset_find(&a->dedup, h.high64, h.low64)) {
         p->duplicates++;
         p->next_offset = offset + 1;
