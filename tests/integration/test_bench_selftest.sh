@@ -4,7 +4,8 @@
 # time in CPU, run-queue waits, commits and its poll must come back as those shares per
 # window, with the events/s and CPU per event the samples imply. The A/B summary
 # (`ab-summary`, behind `--compare`): medians, B/A and pairs won of synthetic runs.
-# Needs python3 only.
+# The process lookup (`daemon_child`, tools/bench.d/procs.sh) must find a daemon behind
+# a --daemon wrapper script. Needs python3 and pgrep only.
 #
 #   bash tests/integration/test_bench_selftest.sh
 set -euo pipefail
@@ -176,4 +177,25 @@ assert m["peak RSS, MB"]["b_better_pairs"] == 0, m  # ties count for neither sid
 assert "state on disk, MB" not in m, m  # in no run: left out
 print("bench A/B summary, scale mode: the figures come from the scale JSON")
 PY
+# daemon_child (tools/bench.d/procs.sh) finds the daemon behind a --daemon wrapper
+# script that execs it: the process then has the binary's name, not the script's. A
+# copy of sleep named clickmartd stands in for the daemon, run by a wrapper under a
+# parent shell, as the bench runs it under its rusage tool.
+mkdir -p "$CM_DIR/wrap"
+cp "$(command -v sleep)" "$CM_DIR/wrap/clickmartd"
+printf '#!/bin/bash\nexec "%s" "$@"\n' "$CM_DIR/wrap/clickmartd" >"$CM_DIR/wrap/wrap.sh"
+chmod +x "$CM_DIR/wrap/wrap.sh"
+bash -c '"$1" 30; true' _ "$CM_DIR/wrap/wrap.sh" &
+parent=$!
+cm_track_pid "$parent"
+# shellcheck source=../../tools/bench.d/procs.sh
+source "$HERE/../../tools/bench.d/procs.sh"
+DAEMON=$CM_DIR/wrap/wrap.sh
+t0=$(date +%s%N)
+child=$(daemon_child "$parent") || cm_die "daemon_child did not find the wrapped daemon"
+ms=$((($(date +%s%N) - t0) / 1000000))
+[ "$(ps -o comm= -p "$child")" = clickmartd ] || cm_die "daemon_child gave pid $child, not clickmartd"
+[ "$ms" -lt 2000 ] || cm_die "daemon_child took $ms ms"
+pkill -P "$parent" -x clickmartd || true
+echo "bench daemon_child: found the daemon behind a wrapper script in $ms ms"
 echo "PASS test_bench_selftest"
