@@ -976,6 +976,8 @@ def report_throughput(kv, res, lines):
         "ceiling_events_per_s": rnd(n * os.cpu_count() / (dm["cpu_s"] + other_cores * e2e_s), 0)
         if (dm.get("cpu_s") and other_cores is not None and e2e_s) else None,
         "loadavg_before": kv.get("loadavg_before"),
+        # The guest's free page reporting (page_reporting_order; None: not reported here).
+        "page_reporting_order": int(kv["page_reporting_order"]) if kv.get("page_reporting_order") else None,
         "write_calls_gb": rnd(dm["write_call_bytes"] / 1e9, 2) if dm.get("write_call_bytes") else None,
         "write_calls_kb_per_event": rnd(dm["write_call_bytes"] / 1e3 / n, 1) if dm.get("write_call_bytes") else None,
         "written_gb": rnd(dm["fs_output_bytes"] / 1e9, 2) if dm.get("fs_output_bytes") else None,
@@ -1093,6 +1095,10 @@ def report_throughput(kv, res, lines):
               "busy; the same work with every core busy all the time: %s events/s (the ceiling)" % (
                   fmt(d["machine_cpu_s"], d=2), fmt(d["cpu_s"], d=2),
                   "%d %%" % round(100 * d["machine_busy_share"]), fmt(d["ceiling_events_per_s"])))
+    if d.get("page_reporting_order") is not None:
+        L("         freed memory goes back to the host (free page reporting, blocks of %s KiB): "
+          "a first touch of it waits for the host, so runs after idle minutes are slower "
+          "(docs/benchmarks.md)" % fmt(4 << d["page_reporting_order"]))
     if res["batch"] and res["batch"].get("agreement_with_daemon"):
         ag = res["batch"]["agreement_with_daemon"]
         L("batch vs daemon rows (the baseline approximates the contract): " + ", ".join(
