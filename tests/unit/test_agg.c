@@ -1813,6 +1813,25 @@ static void test_dedup_survives_restart_and_abort(void **state)
     close_fresh(a, env, dir);
 }
 
+/*
+ * After round `round` of n ids sent again each round on partition 0: every id
+ * accepted once, every later copy a duplicate. After round `reopen`, the
+ * aggregator is closed and opened again (30 days' lateness, as open_fresh).
+ * Returns the aggregator to go on with.
+ */
+static agg_t *dedup_round_done(agg_t *a, st_env_t *env, int n, int round, int reopen)
+{
+    const agg_partition_t *p = agg_partition(a, 0);
+    assert_int_equal(p->accepted, n);
+    assert_int_equal(p->duplicates, (int64_t)n * round);
+    if (round == reopen) {
+        agg_close(a);
+        agg_conf_t conf = {"t", GAP, 30 * DAY, 0, NULL, 0, NULL, 0, 0, 0};
+        assert_int_equal(agg_open(env, &conf, &a), 0);
+    }
+    return a;
+}
+
 /* The duplicate index doubles from 65 536 slots at half load: 150 000 ids
  * take it through three doublings, and a restart rebuilds it from the log
  * through the same growths. Every id must be known afterwards, and no id
@@ -1836,15 +1855,8 @@ static void test_dedup_grows(void **state)
             }
             assert_int_equal(agg_batch_commit(a), 0);
         }
-        const agg_partition_t *p = agg_partition(a, 0);
-        assert_int_equal(p->accepted, n);
-        assert_int_equal(p->duplicates, (int64_t)n * round);
-        if (round == 0) {
-            /* Known again after a restart: the index is rebuilt from the log. */
-            agg_close(a);
-            agg_conf_t conf = {"t", GAP, 30 * DAY, 0, NULL, 0, NULL, 0, 0, 0};
-            assert_int_equal(agg_open(env, &conf, &a), 0);
-        }
+        /* Known again after a restart: the index is rebuilt from the log. */
+        a = dedup_round_done(a, env, n, round, 0);
     }
     close_fresh(a, env, dir);
 }
@@ -1903,14 +1915,7 @@ static void test_dedup_grows_wrapped_clusters(void **state)
             assert_int_equal(apply_one(a, off++, eid, "u1", t0 + i, ING_ET_PAGE_VIEW), 0);
         }
         assert_int_equal(agg_batch_commit(a), 0);
-        const agg_partition_t *p = agg_partition(a, 0);
-        assert_int_equal(p->accepted, n);
-        assert_int_equal(p->duplicates, (int64_t)n * round);
-        if (round == 1) {
-            agg_close(a);
-            agg_conf_t conf = {"t", GAP, 30 * DAY, 0, NULL, 0, NULL, 0, 0, 0};
-            assert_int_equal(agg_open(env, &conf, &a), 0);
-        }
+        a = dedup_round_done(a, env, n, round, 1);
     }
     close_fresh(a, env, dir);
 }
