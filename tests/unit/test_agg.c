@@ -815,6 +815,16 @@ static agg_t *open_sweeping(char *dir, st_env_t **env, int64_t lateness, int64_t
     return a;
 }
 
+/* Close the aggregator and open it again on the same state, as a restart
+ * does (the configuration of open_sweeping). Returns the new one. */
+static agg_t *reopen(agg_t *a, st_env_t *env, int64_t lateness, int64_t sweep)
+{
+    agg_close(a);
+    agg_conf_t conf = {"t", GAP, lateness, sweep, NULL, 0, test_exposure, 0, 0, 0};
+    assert_int_equal(agg_open(env, &conf, &a), 0);
+    return a;
+}
+
 static agg_t *open_fresh(char *dir, st_env_t **env, int64_t lateness)
 {
     return open_sweeping(dir, env, lateness, 0);
@@ -853,9 +863,7 @@ static void pending_after(int n, int bs, uint64_t *live, uint64_t *reopened)
     }
     assert_int_equal(agg_batch_commit(a), 0);
     *live = agg_pending_rows(a);
-    agg_close(a);
-    agg_conf_t conf = {"t", GAP, 1000LL * DAY, 0, NULL, 0, test_exposure, 0, 0, 0};
-    assert_int_equal(agg_open(env, &conf, &a), 0);
+    a = reopen(a, env, 1000LL * DAY, 0);
     *reopened = agg_pending_rows(a);
     close_fresh(a, env, dir);
 }
@@ -934,7 +942,6 @@ static void test_dirty_log_across_flush_and_restart(void **state)
     char dir[] = "/tmp/test_agg_XXXXXX";
     st_env_t *env;
     agg_t *a = open_fresh(dir, &env, 2 * DAY);
-    agg_conf_t conf = {"t", GAP, 2 * DAY, 0, NULL, 0, NULL, 0, 0, 0};
     int64_t t0 = 1700000000000LL;
     assert_int_equal(agg_batch_begin(a), 0);
     assert_int_equal(apply_one(a, 0, "e1", "u", t0, ING_ET_PAGE_VIEW), 0);
@@ -954,8 +961,7 @@ static void test_dirty_log_across_flush_and_restart(void **state)
     uint64_t left = agg_pending_rows(a);
     assert_true(left > 0 && left < before + 2);
     /* The marks of the later batch survive a restart. */
-    agg_close(a);
-    assert_int_equal(agg_open(env, &conf, &a), 0);
+    a = reopen(a, env, 2 * DAY, 0);
     assert_int_equal(agg_pending_rows(a), left);
     flush(a);
     assert_int_equal(agg_pending_rows(a), 0);
@@ -1244,9 +1250,7 @@ static void test_regression_mark_survives_plain_flush(void **state)
     assert_true(agg_pending_rows(a) > 0); /* the regression mark */
     /* The same holds after a restart. */
     uint64_t pending = agg_pending_rows(a);
-    agg_close(a);
-    agg_conf_t conf = {"t", GAP, 2 * DAY, 0, NULL, 0, NULL, 0, 0, 0};
-    assert_int_equal(agg_open(env, &conf, &a), 0);
+    a = reopen(a, env, 2 * DAY, 0);
     assert_int_equal(agg_pending_rows(a), pending);
     /* The refitting flush still finds the mark: it writes (or, for a fit
      * that is undefined on this little data, deletes) the regression rows. */
@@ -1798,10 +1802,8 @@ static void test_dedup_survives_restart_and_abort(void **state)
     assert_int_equal(agg_batch_begin(a), 0);
     assert_int_equal(apply_one(a, 1, "d2", "u", t0 + 1, ING_ET_PAGE_VIEW), 0);
     agg_batch_abort(a);
-    agg_close(a);
     /* After a restart the committed id is still known, the aborted one not. */
-    agg_conf_t conf = {"t", GAP, 2 * DAY, 0, NULL, 0, NULL, 0, 0, 0};
-    assert_int_equal(agg_open(env, &conf, &a), 0);
+    a = reopen(a, env, 2 * DAY, 0);
     assert_int_equal(agg_batch_begin(a), 0);
     assert_int_equal(apply_one(a, 1, "d1", "u", t0, ING_ET_PAGE_VIEW), 0);
     assert_int_equal(apply_one(a, 2, "d2", "u", t0 + 1, ING_ET_PAGE_VIEW), 0);
@@ -1815,20 +1817,17 @@ static void test_dedup_survives_restart_and_abort(void **state)
 
 /*
  * After round `round` of n ids sent again each round on partition 0: every id
- * accepted once, every later copy a duplicate. After round `reopen`, the
- * aggregator is closed and opened again (30 days' lateness, as open_fresh).
+ * accepted once, every later copy a duplicate. After round `reopen_round`,
+ * the aggregator is reopened (30 days' lateness, as open_fresh).
  * Returns the aggregator to go on with.
  */
-static agg_t *dedup_round_done(agg_t *a, st_env_t *env, int n, int round, int reopen)
+static agg_t *dedup_round_done(agg_t *a, st_env_t *env, int n, int round, int reopen_round)
 {
     const agg_partition_t *p = agg_partition(a, 0);
     assert_int_equal(p->accepted, n);
     assert_int_equal(p->duplicates, (int64_t)n * round);
-    if (round == reopen) {
-        agg_close(a);
-        agg_conf_t conf = {"t", GAP, 30 * DAY, 0, NULL, 0, NULL, 0, 0, 0};
-        assert_int_equal(agg_open(env, &conf, &a), 0);
-    }
+    if (round == reopen_round)
+        a = reopen(a, env, 30 * DAY, 0);
     return a;
 }
 
@@ -2031,8 +2030,7 @@ static void test_dedup_log_records(void **state)
 
     /* After a restart the index comes back from the records: ids of both
      * chunks of batch 2 are duplicates, the aborted id is new. */
-    agg_close(a);
-    assert_int_equal(agg_open(env, &conf, &a), 0);
+    a = reopen(a, env, DAY, 1000);
     assert_int_equal(agg_batch_begin(a), 0);
     assert_int_equal(apply_at(a, 0, off0++, "b10", "u0", t0 + 1000 + 10), 0);
     assert_int_equal(apply_at(a, 0, off0++, "b4500", "u0", t0 + 1000 + 4500), 0);
@@ -2067,8 +2065,7 @@ static void test_dedup_log_records(void **state)
     assert_true(still_known(a, 2, 4, "c0", t0 + 3600000));
 
     /* A restart does not bring the deleted ids back. */
-    agg_close(a);
-    assert_int_equal(agg_open(env, &conf, &a), 0);
+    a = reopen(a, env, DAY, 1000);
     assert_false(still_known(a, 3, 0, "b10", t0 + 1000 + 10));
     assert_true(still_known(a, 3, 1, "keep", t0 + 10 * DAY));
     assert_true(still_known(a, 3, 2, "b4500", t0 + 1000 + 4500));
