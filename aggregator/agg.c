@@ -645,10 +645,17 @@ static void kset_free(kset_t *s)
     memset(s, 0, sizeof *s);
 }
 
+/* The slot a key of hash h probes first in a table of cap slots: where the
+ * probes (kset_place, kset_slot) start and what kset_add_packed fetches. */
+static size_t kset_home(size_t cap, uint64_t h)
+{
+    return (size_t)(h & (cap - 1));
+}
+
 /* Put a key known to be absent into the empty slot its hash leads to. */
 static void kset_place(kslot_t *slot, size_t cap, uint64_t h, uint32_t off1)
 {
-    size_t j = h & (cap - 1);
+    size_t j = kset_home(cap, h);
     while (slot[j].off)
         j = (j + 1) & (cap - 1);
     slot[j] = (kslot_t){off1, (uint32_t)(h >> 32)};
@@ -676,7 +683,7 @@ static int kset_grow(kset_t *s)
  * holds it, else the empty slot where it would go. */
 static size_t kset_slot(const kset_t *s, const uint8_t *k, size_t n, uint64_t h)
 {
-    size_t j = h & (s->cap - 1);
+    size_t j = kset_home(s->cap, h);
     uint32_t tag = (uint32_t)(h >> 32);
     for (; s->slot[j].off; j = (j + 1) & (s->cap - 1)) {
         if (s->slot[j].tag != tag)
@@ -762,7 +769,7 @@ static int kset_add_packed(kset_t *s, const uint8_t *p, size_t len)
             ko[g] = off + 2;
             kn[g] = n;
             kh[g] = XXH3_64bits(p + off + 2, n);
-            __builtin_prefetch(&s->slot[kh[g] & (s->cap - 1)]);
+            __builtin_prefetch(&s->slot[kset_home(s->cap, kh[g])]);
             off += 2 + n;
         }
         for (size_t i = 0; i < g; i++) {
