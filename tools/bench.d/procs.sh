@@ -5,7 +5,7 @@
 # --daemon binary's name, as the kernel keeps it: at most 15 characters, or
 # clickmartd, which a --daemon wrapper script that execs it becomes). Without the
 # second name, a wrapper was never found, and the lookup's 250 pgrep calls used
-# 2-3 s of CPU during the run it measures (every B of a wrapper's A/B was slowed).
+# about 2 s of CPU during the run it measures (every B of a wrapper's A/B was slowed).
 daemon_child() {
     local tpid=$1 name=${2:-$(basename "$DAEMON" | cut -c1-15)|clickmartd} i c
     for ((i = 0; i < 250; i++)); do
