@@ -3719,6 +3719,12 @@ struct agg_flush {
     int users_later; /* a part that keeps the per-user marks (AGG_FLUSH_USERS_LATER) */
     uint8_t (*reject_keys)[12];
     size_t n_reject_keys, cap_reject_keys;
+    /* The rejects (their 12-byte keys) that the parts of the open
+     * transaction wrote, up to and including this one when it is a part: a
+     * later part skips them, and the final flush takes only their keys, so
+     * that agg_flush_done deletes them from the state with its own. A
+     * reject never changes, so the row a part wrote is the row. */
+    kset_t rej_ahead;
     /* Generic tables: rows to upsert and keys to delete, per table. */
     struct gen_list {
         snk_val_t *vals, *del;
@@ -4335,6 +4341,14 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
     return 0;
 }
 
+/* The flush deletes reject key kp (12 bytes) from the state when it is done. */
+static int reject_key(agg_flush_t *f, const uint8_t *kp)
+{
+    GROW(f->reject_keys, f->n_reject_keys, f->cap_reject_keys);
+    memcpy(f->reject_keys[f->n_reject_keys++], kp, 12);
+    return 0;
+}
+
 static int collect_reject(agg_t *a, agg_flush_t *f, const st_val_t *k, const st_val_t *v)
 {
     if (k->n != 12)
@@ -4348,7 +4362,6 @@ static int collect_reject(agg_t *a, agg_flush_t *f, const st_val_t *k, const st_
     if (r.bad || pn < 0 || r.off + (size_t)pn > v->n)
         return AGG_ESTATE;
     GROW(f->rejects, f->n_rejects, f->cap_rejects);
-    GROW(f->reject_keys, f->n_reject_keys, f->cap_reject_keys);
     const uint8_t *kp = k->p;
     snk_reject_row_t *row = &f->rejects[f->n_rejects];
     row->topic = a->topic;
@@ -4361,9 +4374,8 @@ static int collect_reject(agg_t *a, agg_flush_t *f, const st_val_t *k, const st_
     row->rejected_at = at;
     if (!row->detail || !row->payload)
         return AGG_ENOMEM;
-    memcpy(f->reject_keys[f->n_reject_keys++], kp, 12);
     f->n_rejects++;
-    return 0;
+    return reject_key(f, kp);
 }
 
 /*
@@ -4422,16 +4434,26 @@ int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_fl
     }
     free(marks);
     kset_free(&marked);
-    /* A part leaves the rejects and the partitions' progress to the final
-     * flush, which commits them with everything the parts wrote. */
-    if ((r == 0 || r == ST_ENOTFOUND) && !f->part &&
-        (r = st_cur_open(txn, a->env, ST_DB_REJECTS, &cur)) == 0) {
+    /* The rejects that no earlier part of the transaction wrote. A part
+     * writes them too: they never change, and the flush at the tick, which
+     * rows wait for, then has fewer to write (at 100 000 events/s about
+     * 2 000, 25-30 ms of its statements). */
+    if ((r == 0 || r == ST_ENOTFOUND) && prev)
+        r = kset_add_packed(&f->rej_ahead, prev->rej_ahead.arena, prev->rej_ahead.alen);
+    if ((r == 0 || r == ST_ENOTFOUND) && (r = st_cur_open(txn, a->env, ST_DB_REJECTS, &cur)) == 0) {
         uint8_t zero = 0;
-        for (r = st_cur_seek(&cur, &zero, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v))
-            if ((r = collect_reject(a, f, &k, &v)))
+        for (r = st_cur_seek(&cur, &zero, 1, &k, &v); r == 0; r = st_cur_next(&cur, &k, &v)) {
+            if (k.n == 12 && kset_has(&f->rej_ahead, k.p, k.n))
+                r = f->part ? 0 : reject_key(f, k.p);
+            else if ((r = collect_reject(a, f, &k, &v)) == 0 && f->part)
+                r = kset_add(&f->rej_ahead, k.p, k.n);
+            if (r)
                 break;
+        }
         st_cur_close(&cur);
     }
+    /* A part leaves the partitions' progress to the final flush, which
+     * commits it with everything the parts wrote. */
     if ((r == 0 || r == ST_ENOTFOUND) && !f->part &&
         (r = st_cur_open(txn, a->env, ST_DB_META, &cur)) == 0) {
         uint8_t pk[5];
@@ -4572,6 +4594,7 @@ void agg_flush_free(agg_flush_t *f)
     if (!f)
         return;
     kset_free(&f->kept);
+    kset_free(&f->rej_ahead);
     while (f->chunks) {
         chunk_t *n = f->chunks->next;
         free(f->chunks);

@@ -152,9 +152,10 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out);
  * committed snapshot that the parts up to `prev` (NULL: none; the latest
  * part, which must stay alive until this call returns) did not write in
  * their current version: the rows marked since prev's snapshot and the
- * marks prev left dirty. With AGG_FLUSH_PART the result is another part: no
- * rejects, no partition progress, no regression refit (the regression marks
- * stay dirty with it, for the next part or the final). Without it, the
+ * marks prev left dirty, and the rejects no part up to prev wrote. With
+ * AGG_FLUSH_PART the result is another part: no partition progress, no
+ * regression refit (the regression marks stay dirty with it, for the next
+ * part or the final). Without it, the
  * result is the final flush that commits them all: complete it with
  * agg_flush_done as usual (its snapshot covers every part's). With
  * AGG_FLUSH_USERS_LATER a part also leaves the rows of users, user_exposure

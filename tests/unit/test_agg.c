@@ -65,9 +65,36 @@ static urow_t user_tab[64];
 static int n_user_tab;
 static frow_t fun_tab[MAXE];
 static int n_fun_tab;
+/* rejected_events: the offsets written (partition 0). A reject is written
+ * once: a later part or the final flush must not write one an earlier part
+ * of the same transaction wrote, nor a flush one an earlier flush wrote. */
+static int64_t rej_tab[MAXE];
+static int n_rej_tab;
+/* The offsets run_round rejected, and how many of them its committed
+ * batches hold: a part or a flush writes every one of those that no
+ * earlier part or flush wrote. */
+static int64_t rejected[MAXE];
+static int n_rejected, n_rejected_committed;
+
+static void check_rejects_written(void)
+{
+    for (int i = 0; i < n_rejected_committed; i++) {
+        int k = 0;
+        while (k < n_rej_tab && rej_tab[k] != rejected[i])
+            k++;
+        assert_true(k < n_rej_tab);
+    }
+}
 
 static void apply_flush(const snk_batch_t *b)
 {
+    for (size_t i = 0; i < b->n_rejects; i++) {
+        assert_int_equal(b->rejects[i].partition, 0);
+        for (int k = 0; k < n_rej_tab; k++)
+            assert_true(rej_tab[k] != b->rejects[i].offset);
+        assert_true(n_rej_tab < MAXE);
+        rej_tab[n_rej_tab++] = b->rejects[i].offset;
+    }
     for (size_t i = 0; i < b->n_deleted_sessions; i++)
         for (int k = 0; k < n_sess_tab; k++)
             if (sess_tab[k].live && !strcmp(sess_tab[k].sid, b->deleted_sessions[i]))
@@ -441,7 +468,8 @@ static srow_t sess_bak[MAXE];
 static urow_t user_bak[64];
 static frow_t fun_bak[MAXE];
 static grow_t gtab_bak[20000];
-static int n_sess_bak, n_user_bak, n_fun_bak, n_gtab_bak;
+static int64_t rej_bak[MAXE];
+static int n_sess_bak, n_user_bak, n_fun_bak, n_gtab_bak, n_rej_bak;
 
 /* Keeps a copy of the tables (save) or puts the copy back. */
 static void tables_keep(int save)
@@ -460,6 +488,7 @@ static void tables_keep(int save)
     KEEP(user_tab, user_bak, n_user_tab, n_user_bak, sizeof user_tab);
     KEEP(fun_tab, fun_bak, n_fun_tab, n_fun_bak, sizeof fun_tab);
     KEEP(gtab, gtab_bak, n_gtab, n_gtab_bak, (size_t)(save ? n_gtab : n_gtab_bak) * sizeof *gtab);
+    KEEP(rej_tab, rej_bak, n_rej_tab, n_rej_bak, sizeof rej_tab);
 #undef KEEP
 }
 
@@ -480,7 +509,6 @@ static void part(agg_t *a)
     const snk_batch_t *b = agg_flush_batch(f);
     /* The final flush writes these, with the commit. */
     assert_int_equal(b->n_partitions, 0);
-    assert_int_equal(b->n_rejects, 0);
     if (later) { /* and these, with the commit */
         assert_int_equal(b->n_users, 0);
         assert_int_equal(b->gen[SNK_USER_EXPOSURE].n + b->gen[SNK_USER_EXPOSURE].n_del, 0);
@@ -488,6 +516,7 @@ static void part(agg_t *a)
     }
     apply_flush(b);
     apply_gen(b);
+    check_rejects_written();
     assert_int_equal(agg_flush_done(a, f), AGG_EINVAL);
     agg_flush_free(part_prev);
     part_prev = f;
@@ -510,6 +539,7 @@ static void flush(agg_t *a)
     assert_int_equal(agg_flush_collect_after(a, AGG_FLUSH_REGRESSION, part_prev, &f), 0);
     apply_flush(agg_flush_batch(f));
     apply_gen(agg_flush_batch(f));
+    check_rejects_written();
     assert_int_equal(agg_flush_done(a, f), 0);
     agg_flush_free(f);
     agg_flush_free(part_prev);
@@ -529,7 +559,7 @@ static void run_round(uint64_t seed, int n, int users, int64_t spread_ms, int sw
     agg_flush_free(part_prev);
     part_prev = NULL;
     rng = seed;
-    n_sess_tab = n_user_tab = n_fun_tab = 0;
+    n_sess_tab = n_user_tab = n_fun_tab = n_rej_tab = 0;
     memset(sess_tab, 0, sizeof sess_tab);
     memset(user_tab, 0, sizeof user_tab);
     memset(fun_tab, 0, sizeof fun_tab);
@@ -563,10 +593,19 @@ static void run_round(uint64_t seed, int n, int users, int64_t spread_ms, int sw
     assert_int_equal(agg_open(env, &conf, &a), 0);
     ing_event_t *ie = malloc(sizeof *ie);
     int64_t off = 0;
+    /* With parts, some messages are rejected (their offsets in rejected[]):
+     * parts write rejects ahead of the flush too. */
+    n_rejected = n_rejected_committed = 0;
     for (int i = 0; i < n;) {
         int bs = 1 + (int)(rnd() % 50);
         assert_int_equal(agg_batch_begin(a), 0);
         for (int j = 0; j < bs && i < n; j++, i++) {
+            if (round_parts && rnd() % 6 == 0) {
+                rejected[n_rejected++] = off;
+                assert_int_equal(
+                    agg_apply_reject(a, 0, off++, ING_R_INVALID_JSON, "", "{", 1, 1700000000000LL),
+                    0);
+            }
             to_ing(&evs[i], ie);
             assert_int_equal(agg_apply_event(a, 0, off++, ie, "", 0, 0), 0);
             if (rnd() % 10 == 0) { /* a re-sent duplicate */
@@ -579,6 +618,7 @@ static void run_round(uint64_t seed, int n, int users, int64_t spread_ms, int sw
             }
         }
         assert_int_equal(agg_batch_commit(a), 0);
+        n_rejected_committed = n_rejected;
         if (round_parts && rnd() % 3 == 0)
             part(a);
         if (round_parts && rnd() % 23 == 0)
@@ -589,8 +629,13 @@ static void run_round(uint64_t seed, int n, int users, int64_t spread_ms, int sw
     flush(a);
     const agg_partition_t *p = agg_partition(a, 0);
     assert_int_equal(p->accepted, n);
-    assert_int_equal(p->accepted + p->duplicates, off);
+    assert_int_equal(p->rejected, n_rejected);
+    assert_int_equal(p->accepted + p->duplicates + p->rejected, off);
     assert_int_equal(agg_pending_rows(a), 0);
+    /* Every reject once in the table (apply_flush refused a second write). */
+    assert_int_equal(n_rej_tab, n_rejected);
+    check_rejects_written();
+    n_rejected = n_rejected_committed = 0;
     check_against_recompute(evs, n);
     free(ie);
     agg_close(a);
@@ -687,7 +732,7 @@ static int apply_one(agg_t *a, int64_t off, const char *eid, const char *uid, in
 static void test_gap_boundary_and_session_id_change(void **state)
 {
     (void)state;
-    n_sess_tab = n_user_tab = n_fun_tab = 0;
+    n_sess_tab = n_user_tab = n_fun_tab = n_rej_tab = 0;
     char dir[] = "/tmp/test_agg_XXXXXX";
     assert_non_null(mkdtemp(dir));
     st_env_t *env;
@@ -1993,7 +2038,7 @@ static void test_dedup_log_records(void **state)
     agg_t *a;
     agg_conf_t conf = {"t", GAP, DAY, 1000, NULL, 0, NULL, 0, 0, 0};
     assert_int_equal(agg_open(env, &conf, &a), 0);
-    n_sess_tab = n_user_tab = n_fun_tab = 0;
+    n_sess_tab = n_user_tab = n_fun_tab = n_rej_tab = 0;
     int64_t t0 = 1700000000000LL, off0 = 0, off1 = 0;
     char eid[24];
 
