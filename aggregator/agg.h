@@ -155,11 +155,11 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out);
  * marks prev left dirty, and the rejects no part up to prev wrote. With
  * AGG_FLUSH_PART the result is another part: no partition progress, no
  * regression refit (the regression marks stay dirty with it, for the next
- * part or the final). Without it, the
- * result is the final flush that commits them all: complete it with
- * agg_flush_done as usual (its snapshot covers every part's). With
- * AGG_FLUSH_USERS_LATER a part also leaves the rows of users, user_exposure
- * and user_outcomes dirty, for the final flush: while intake catches up, a
+ * part or the final). Without it, the result is the final flush that
+ * commits them all: complete it with agg_flush_done as usual (its snapshot
+ * covers every part's). With AGG_FLUSH_USERS_LATER a part also leaves the
+ * rows of users, user_exposure and user_outcomes dirty, for the final
+ * flush: while intake catches up, a
  * user active all along changes again before the tick, and every part would
  * write the row again. A part is never passed to agg_flush_done. If the
  * transaction is lost, drop the parts and collect again with prev NULL. Any
