@@ -1080,6 +1080,11 @@ enum {
     TAG_SESSION_NEW = 'N',
     TAG_DELETE = 'D',
     TAG_USER = 'U',
+    /* A user row no flush can have written: the user's first event is in a
+     * batch since the last flush (user records never leave the state), so
+     * the sink may COPY it straight into the table. A 'U' mark of the same
+     * key beside it is skipped. */
+    TAG_USER_NEW = 'I',
     TAG_FUNNEL = 'F',
     TAG_PRODUCT = 'P',
     TAG_PAIR = 'A',
@@ -2415,7 +2420,7 @@ static int apply_user(agg_t *a, const uint8_t *uk, size_t ukn, int32_t partition
         return r;
     if ((r = wslot_set_user(a, &a->ws[WS_USERS], uk, ukn, u, a->weeks)))
         return r;
-    return mark_dirty(a, TAG_USER, uk, ukn);
+    return mark_dirty(a, found ? TAG_USER : TAG_USER_NEW, uk, ukn);
 }
 
 /* ---- products, baskets and cohorts (CONTRACT §3 cohort_retention, §4) ---- */
@@ -4133,7 +4138,8 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
     /* While catching up a user active all along changes again before the
      * tick: such a part leaves the per-user rows to the flush, which writes
      * each once instead of once per part. */
-    if (f->users_later && (tag == TAG_USER || tag == TAG_EXPOSURE || tag == TAG_OUTCOME))
+    if (f->users_later &&
+        (tag == TAG_USER || tag == TAG_USER_NEW || tag == TAG_EXPOSURE || tag == TAG_OUTCOME))
         return kset_add(&f->kept, k->p, k->n);
     if (tag == TAG_SESSION || tag == TAG_SESSION_NEW) {
         /* The new mark writes the row; a change mark beside it adds nothing
@@ -4172,7 +4178,9 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
         GROW(f->deleted, f->n_deleted, f->cap_deleted);
         if (!(f->deleted[f->n_deleted++] = arena_str(f, rk, rkn)))
             return AGG_ENOMEM;
-    } else if (tag == TAG_USER) {
+    } else if (tag == TAG_USER || tag == TAG_USER_NEW) {
+        if (tag == TAG_USER && marked_as(marked, TAG_USER_NEW, rk, rkn))
+            return 0;
         r = st_get(txn, a->env, ST_DB_USERS, rk, rkn, &v);
         if (r == ST_ENOTFOUND)
             return 0;
@@ -4194,6 +4202,7 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
         row->revenue_cents = u.revenue;
         row->first_order_at = u.first_order;
         row->last_order_at = u.last_order;
+        row->is_new = tag == TAG_USER_NEW;
         if (!row->user_id || !row->device || !row->country)
             return AGG_ENOMEM;
         f->n_users++;

@@ -511,6 +511,18 @@ static int row_user(cw_t *w, const void *rows, size_t i)
     return 1;
 }
 
+/* The users a flush upserts: those that Postgres may already hold. */
+static int row_user_known(cw_t *w, const void *rows, size_t i)
+{
+    return ((const snk_user_row_t *)rows)[i].is_new ? 0 : row_user(w, rows, i);
+}
+
+/* The users a flush COPYs straight into the table (snk_user_row_t.is_new). */
+static int row_user_new(cw_t *w, const void *rows, size_t i)
+{
+    return ((const snk_user_row_t *)rows)[i].is_new ? row_user(w, rows, i) : 0;
+}
+
 /* A funnel row whose counts have all fallen to zero no longer describes any
  * session, so it is deleted rather than kept as a row of zeros. */
 static int funnel_is_zero(const snk_funnel_row_t *r)
@@ -719,6 +731,7 @@ enum {
     T_SESSIONS,
     T_SESSIONS_NEW,
     T_USERS,
+    T_USERS_NEW,
     T_FUNNEL_DEL,
     T_FUNNEL,
     T_PARTITIONS,
@@ -740,6 +753,8 @@ static const table_spec_t TABLES[T__COUNT] = {
                         APPLY_DIRECT, NULL, NULL, NULL},
     [T_USERS] = {"users", "cm_stage_users", USER_COLS, NCOLS(USER_COLS), 1, APPLY_UPSERT, NULL,
                  NULL, NULL},
+    [T_USERS_NEW] = {"users", "cm_stage_users", USER_COLS, NCOLS(USER_COLS), 1, APPLY_DIRECT, NULL,
+                     NULL, NULL},
     [T_FUNNEL_DEL] = {"funnel_daily", "cm_stage_funnel_del", FUNNEL_COLS, 3, 3, APPLY_DELETE, NULL,
                       NULL, NULL},
     [T_FUNNEL] = {"funnel_daily", "cm_stage_funnel", FUNNEL_COLS, NCOLS(FUNNEL_COLS), 3,
@@ -2079,14 +2094,16 @@ static int tx_write(snk_conn_t *c, const snk_batch_t *b, int direct, int *confli
     if (rc == 0)
         rc = stage_apply(c, T_SESSIONS, b->sessions, b->n_sessions,
                          direct ? row_session_known : row_session);
-    if (rc == 0 && direct) {
+    if (rc == 0 && direct)
         rc = stage_apply(c, T_SESSIONS_NEW, b->sessions, b->n_sessions, row_session_new);
-        /* unique_violation: Postgres already holds a row this flush took for
-         * new, written by a flush whose commit the state never recorded. */
-        *conflict = rc == SNK_EQUERY && strcmp(c->sqlstate, "23505") == 0;
-    }
     if (rc == 0)
-        rc = stage_apply(c, T_USERS, b->users, b->n_users, row_user);
+        rc = stage_apply(c, T_USERS, b->users, b->n_users, direct ? row_user_known : row_user);
+    if (rc == 0 && direct)
+        rc = stage_apply(c, T_USERS_NEW, b->users, b->n_users, row_user_new);
+    /* unique_violation: Postgres already holds a row this flush took for
+     * new, written by a flush whose commit the state never recorded. Only
+     * the direct COPYs can raise it: the upserts resolve their conflicts. */
+    *conflict = direct && rc == SNK_EQUERY && strcmp(c->sqlstate, "23505") == 0;
     if (rc == 0)
         rc = stage_apply(c, T_FUNNEL_DEL, b->funnel, b->n_funnel, row_funnel_zero);
     if (rc == 0)

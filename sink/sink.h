@@ -48,6 +48,11 @@ typedef struct snk_user_row {
     const char *device, *country;
     int64_t events, sessions, orders, revenue_cents;
     int64_t first_order_at, last_order_at;
+    /* 1 when no earlier flush can have written this user_id (the user's
+     * first event is in this flush's batches): COPYed straight into the
+     * table, redone with upserts if Postgres holds it after all, as for
+     * snk_session_row_t.is_new. 0 is always safe. */
+    int is_new;
 } snk_user_row_t;
 
 /* A funnel_daily row; day is days since 1970-01-01. All-zero counts = delete. */

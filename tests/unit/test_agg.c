@@ -136,6 +136,9 @@ static void apply_flush(const snk_batch_t *b)
         for (k = 0; k < n_user_tab; k++)
             if (!strcmp(user_tab[k].uid, r->user_id))
                 break;
+        /* Like the primary key, as for the sessions above. */
+        if (r->is_new)
+            assert_int_equal(k, n_user_tab);
         if (k == n_user_tab)
             n_user_tab++;
         urow_t *u = &user_tab[k];
@@ -1778,6 +1781,84 @@ static void test_new_session_rows(void **state)
     close_fresh(a, env, dir);
 }
 
+/* How many of the batch's user rows are new. */
+static size_t users_new(const snk_batch_t *b)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < b->n_users; i++)
+        n += b->users[i].is_new != 0;
+    return n;
+}
+
+/* Collects a flush (after the part prev, if any), checks how many user rows
+ * it holds and how many of them are new, and applies it; a flush (not a
+ * part) is completed. Returns the part, or NULL. */
+static agg_flush_t *collect_expect_users(agg_t *a, int flags, agg_flush_t *prev, size_t n_rows,
+                                         size_t n_new)
+{
+    agg_flush_t *f;
+    assert_int_equal(agg_flush_collect_after(a, flags, prev, &f), 0);
+    const snk_batch_t *b = agg_flush_batch(f);
+    assert_int_equal(b->n_users, n_rows);
+    assert_int_equal(users_new(b), n_new);
+    apply_flush(b);
+    agg_flush_free(prev);
+    if (flags & AGG_FLUSH_PART)
+        return f;
+    assert_int_equal(agg_flush_done(a, f), 0);
+    agg_flush_free(f);
+    return NULL;
+}
+
+/* A user row is new to Postgres exactly when no flush can have written it:
+ * the user's first event came after the last flush, and no part of the
+ * open transaction wrote the row. */
+static void test_new_user_rows(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    st_env_t *env;
+    agg_t *a = open_fresh(dir, &env, 30 * DAY);
+    int64_t t0 = 1700000000000LL, o = 0, m = 60000;
+    /* Two events of a new user in one batch: one row, new. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, o++, "e1", "u", t0, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(apply_one(a, o++, "e2", "u", t0 + m, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_null(collect_expect_users(a, 0, NULL, 1, 1));
+    /* A flushed user's next event, even a late one: an update. */
+    view_batch(a, o++, "e0", "u", t0 - m);
+    assert_null(collect_expect_users(a, 0, NULL, 1, 0));
+    /* A user first seen in one batch and seen again in the next, both
+     * before one flush: one row, new; beside it an update of u. */
+    view_batch(a, o++, "v1", "v", t0);
+    view_batch(a, o++, "v2", "v", t0 + m);
+    view_batch(a, o++, "e3", "u", t0 + 2 * m);
+    assert_null(collect_expect_users(a, 0, NULL, 2, 1));
+    /* A part writes a new user; the user's next event before the tick makes
+     * the flush's row an update of the part's. */
+    view_batch(a, o++, "w1", "w", t0);
+    agg_flush_t *p = collect_expect_users(a, AGG_FLUSH_PART, NULL, 1, 1);
+    view_batch(a, o++, "w2", "w", t0 + m);
+    assert_null(collect_expect_users(a, 0, p, 1, 0));
+    /* A part that leaves the per-user rows to the tick writes none; the
+     * flush then writes the new user as new. */
+    view_batch(a, o++, "x1", "x", t0);
+    p = collect_expect_users(a, AGG_FLUSH_PART | AGG_FLUSH_USERS_LATER, NULL, 0, 0);
+    view_batch(a, o++, "x2", "x", t0 + m);
+    p = collect_expect_users(a, AGG_FLUSH_PART, p, 1, 1);
+    assert_null(collect_expect_users(a, 0, p, 0, 0));
+    /* A lost transaction drops its parts: the next flush writes the user
+     * as new again. */
+    tables_keep(1);
+    view_batch(a, o++, "y1", "y", t0);
+    p = collect_expect_users(a, AGG_FLUSH_PART, NULL, 1, 1);
+    agg_flush_free(p);
+    tables_keep(0);
+    assert_null(collect_expect_users(a, 0, NULL, 1, 1));
+    close_fresh(a, env, dir);
+}
+
 /* A new session that is final at once (its events lie far behind the
  * horizon) stays in the state until a flush has written it. */
 static void test_new_session_kept_until_flushed(void **state)
@@ -2141,6 +2222,7 @@ int main(void)
         cmocka_unit_test(test_exposure_and_window),
         cmocka_unit_test(test_outcome_mark_alone),
         cmocka_unit_test(test_new_session_rows),
+        cmocka_unit_test(test_new_user_rows),
         cmocka_unit_test(test_new_session_kept_until_flushed),
         cmocka_unit_test(test_window_same_millisecond),
         cmocka_unit_test(test_windows_across_days),

@@ -385,7 +385,7 @@ static void test_rows(void **state)
     assert_string_equal(out, "s\t1|u\\1|ts:1709296496789|ts:1709296500000|5|1|2|3|4|5|-123.45|"
                              "mobile||5");
 
-    snk_user_row_t u = {"u1", 946684800000LL, 946684800001LL, "web", "DE", 3, 2, 0, 0, -1, -1};
+    snk_user_row_t u = {"u1", 946684800000LL, 946684800001LL, "web", "DE", 3, 2, 0, 0, -1, -1, 0};
     render(row_user, &u, 0, USER_T, 11, out, sizeof out);
     assert_string_equal(out, "u1|ts:946684800000|ts:946684800001|web|DE|3|2|0|0.00|N|N");
 
@@ -908,8 +908,8 @@ static void test_live(void **state)
         {"s2", "u\xC3\xBC\t\\2\n", t0 + 1, t0 + 2, 2, 0, 1, 1, 1, 1, 12345, "web", "FR", 5, 0},
     };
     snk_user_row_t users[] = {
-        {"u1", t0, t0 + 60000, "mobile", "DE", 3, 1, 0, 0, -1, -1},
-        {"u\xC3\xBC\t\\2\n", t0 + 1, t0 + 2, "web", "FR", 2, 1, 1, 12345, t0 + 2, t0 + 2},
+        {"u1", t0, t0 + 60000, "mobile", "DE", 3, 1, 0, 0, -1, -1, 0},
+        {"u\xC3\xBC\t\\2\n", t0 + 1, t0 + 2, "web", "FR", 2, 1, 1, 12345, t0 + 2, t0 + 2, 0},
     };
     snk_funnel_row_t funnel[] = {
         {19783, "mobile", "DE", {1, 1, 1, 0, 0}, {1, 1, 1, 0, 0}, 0, 0},
@@ -1099,12 +1099,44 @@ static void test_live(void **state)
     assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
                         "1001");
 
+    /* --- New users too are COPYed straight into the table, beside an
+     * update of a known one. --- */
+    snk_user_row_t nus[] = {
+        {"nu1", t0, t0 + 1, "web", "DE", 2, 1, 0, 0, -1, -1, 1},
+        {"u1", t0, t0 + 70000, "mobile", "DE", 4, 1, 0, 0, -1, -1, 0},
+    };
+    snk_partition_row_t pn7 = {"clickmart.events", 0, 1002, t0 + 9, 98, 5, 10};
+    snk_batch_t bn7 = {0};
+    bn7.users = nus;
+    bn7.n_users = 2;
+    bn7.partitions = &pn7;
+    bn7.n_partitions = 1;
+    assert_int_equal(snk_flush(c, &bn7), 0);
+    assert_int_equal(snk_flush_redone(c), 2);
+    assert_string_equal(q1(adm, "SELECT string_agg(user_id || '|' || events, ',' ORDER BY "
+                                "user_id) FROM {S}.users WHERE user_id IN ('nu1', 'u1')"),
+                        "nu1|2,u1|4");
+    /* A user taken for new that Postgres already holds: redone with
+     * upserts, like the sessions. */
+    nus[0].events = 5;
+    nus[1].is_new = 1;
+    nus[1].user_id = "nu2";
+    pn7.next_offset = 1003;
+    assert_int_equal(snk_flush(c, &bn7), 0);
+    assert_int_equal(snk_flush_redone(c), 3);
+    assert_string_equal(snk_last_error(c), "");
+    assert_string_equal(q1(adm, "SELECT string_agg(user_id || '|' || events, ',' ORDER BY "
+                                "user_id) FROM {S}.users WHERE user_id IN ('nu1', 'nu2')"),
+                        "nu1|5,nu2|4");
+    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                        "1003");
+
     /* --- Parts written ahead into one open transaction. --- */
     snk_session_row_t p1s[] = {
         {"s8", "u1", t0 + 20, t0 + 20, 1, 1, 0, 0, 0, 0, 0, "web", "DE", 1, 1},
         {"s5", "u1", t0 + 5, t0 + 7, 5, 3, 1, 0, 0, 0, 0, "web", "DE", 2, 0},
     };
-    snk_user_row_t pu = {"pu1", t0, t0 + 1, "web", "DE", 1, 1, 0, 0, -1, -1};
+    snk_user_row_t pu = {"pu1", t0, t0 + 1, "web", "DE", 1, 1, 0, 0, -1, -1, 0};
     snk_batch_t bp = session_batch(p1s, 2, NULL);
     bp.n_partitions = 0;
     bp.users = &pu;
@@ -1197,7 +1229,8 @@ static void test_live(void **state)
                                    i % 3,
                                    i * 7LL,
                                    i % 3 ? t0 : -1,
-                                   i % 3 ? t0 + i : -1};
+                                   i % 3 ? t0 + i : -1,
+                                   0};
     }
     snk_batch_t b5 = {0};
     b5.users = many;
@@ -1248,7 +1281,7 @@ static void test_live(void **state)
         int64_t cents = (int64_t)(r >> (r % 64));
         if (r & 1)
             cents = -cents;
-        ru[i] = (snk_user_row_t){rid[i], a, z, "web", "US", i, 1, 1, cents, i % 3 ? z : -1, -1};
+        ru[i] = (snk_user_row_t){rid[i], a, z, "web", "US", i, 1, 1, cents, i % 3 ? z : -1, -1, 0};
         int64_t day = -719893 + (int64_t)(NEXT() % 3652425);
         rf[i] = (snk_funnel_row_t){(int32_t)day, rid[i], "ZZ", {1}, {1}, 0, -cents};
     }
@@ -1591,8 +1624,8 @@ static void test_live_collation(void **state)
         /* The flush's upsert finds the existing rows through it. */
         const int64_t t0 = 1709296496789LL;
         snk_user_row_t users[] = {
-            {"B", t0, t0, "web", "DE", 7, 1, 0, 0, -1, -1},
-            {"c", t0, t0, "web", "DE", 1, 1, 0, 0, -1, -1},
+            {"B", t0, t0, "web", "DE", 7, 1, 0, 0, -1, -1, 0},
+            {"c", t0, t0, "web", "DE", 1, 1, 0, 0, -1, -1, 0},
         };
         snk_partition_row_t part = {"clickmart.events", 0, 4, t0, 4, 0, 0};
         snk_batch_t b = {0};
