@@ -1090,8 +1090,14 @@ enum {
     TAG_PAIR = 'A',
     TAG_BASKET = 'B',
     TAG_COHORT = 'C',
-    TAG_EXPOSURE = 'E',   /* user_exposure and user_outcomes rows of (user, experiment) */
-    TAG_OUTCOME = 'O',    /* only the user_outcomes row: the window outcome moved */
+    TAG_EXPOSURE = 'E', /* user_exposure and user_outcomes rows of (user, experiment) */
+    TAG_OUTCOME = 'O',  /* only the user_outcomes row: the window outcome moved */
+    /* Both rows of a (user, experiment) no flush can have written: its
+     * record was created since the last flush (experiment records never
+     * leave the state). The sink may COPY them straight into the tables,
+     * and a user_outcomes row to delete cannot exist. 'E' and 'O' marks of
+     * the same key beside it are skipped. */
+    TAG_EXPOSURE_NEW = 'W',
     TAG_EXPERIMENT = 'X', /* experiments and experiment_results rows */
     TAG_REGRESSION = 'G'  /* experiment_regression rows, refitted on the stats interval */
 };
@@ -3019,7 +3025,8 @@ static int put_xuser(agg_t *a, const uint8_t *k, size_t kn, const xuser_t *old, 
     if (!n)
         return AGG_ESTATE;
     int r = st_put(a->txn, a->env, ST_DB_XUSER, k, kn, buf, n);
-    return r ? r : mark_dirty(a, exposure_moved(old, x) ? TAG_EXPOSURE : TAG_OUTCOME, k, kn);
+    uint8_t tag = !old ? TAG_EXPOSURE_NEW : exposure_moved(old, x) ? TAG_EXPOSURE : TAG_OUTCOME;
+    return r ? r : mark_dirty(a, tag, k, kn);
 }
 
 /* Replace a user's contribution old -> x (either may be "absent": exposed_at < 0). */
@@ -3702,6 +3709,9 @@ typedef struct chunk {
     char data[];
 } chunk_t;
 
+/* The lists of a generic table in a flush. */
+enum gen_kind { GEN_UPSERT, GEN_DEL, GEN_NEW, GEN__COUNT };
+
 struct agg_flush {
     uint64_t seq;
     int regression;
@@ -3730,21 +3740,23 @@ struct agg_flush {
      * that agg_flush_done deletes them from the state with its own. A
      * reject never changes, so the row a part wrote is the row. */
     kset_t rej_ahead;
-    /* Generic tables: rows to upsert and keys to delete, per table. */
+    /* Generic tables, per table: rows to upsert, keys to delete and rows
+     * new to Postgres (snk_rows_t), each a list of gen_kind. */
     struct gen_list {
-        snk_val_t *vals, *del;
-        size_t n, cap, n_del, cap_del;
+        snk_val_t *v[GEN__COUNT];
+        size_t n[GEN__COUNT], cap[GEN__COUNT];
     } gen[SNK_TABLE__COUNT];
     snk_batch_t batch;
 };
 
-/* Room for one more generic row (or delete key) of table t; NULL without memory. */
-static snk_val_t *gen_row(agg_flush_t *f, enum snk_table t, int del)
+/* Room for one more generic row (a key for GEN_DEL) of table t in the list
+ * of that kind; NULL without memory. */
+static snk_val_t *gen_row(agg_flush_t *f, enum snk_table t, enum gen_kind kind)
 {
     struct gen_list *g = &f->gen[t];
-    size_t w = (size_t)(del ? snk_table_nkey(t) : snk_table_ncols(t));
-    snk_val_t **arr = del ? &g->del : &g->vals;
-    size_t *n = del ? &g->n_del : &g->n, *cap = del ? &g->cap_del : &g->cap;
+    size_t w = (size_t)(kind == GEN_DEL ? snk_table_nkey(t) : snk_table_ncols(t));
+    snk_val_t **arr = &g->v[kind];
+    size_t *n = &g->n[kind], *cap = &g->cap[kind];
     if (*n == *cap) {
         size_t nc = *cap ? *cap * 2 : 256;
         snk_val_t *np = realloc(*arr, nc * w * sizeof *np);
@@ -3897,7 +3909,7 @@ static int exp_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_t *ek, 
     for (int i = 0; i < xv->n; i++) {
         if (xv->suff[i].users > 0)
             continue;
-        snk_val_t *d = gen_row(f, SNK_EXPERIMENT_RESULTS, 1);
+        snk_val_t *d = gen_row(f, SNK_EXPERIMENT_RESULTS, GEN_DEL);
         if (!d || !(d[1].s = arena_str(f, xv->name[i], strlen(xv->name[i])))) {
             free(xv);
             return AGG_ENOMEM;
@@ -3905,7 +3917,7 @@ static int exp_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_t *ek, 
         d[0].s = exp;
     }
     if (xv->n_live == 0) {
-        snk_val_t *d = gen_row(f, SNK_EXPERIMENTS, 1);
+        snk_val_t *d = gen_row(f, SNK_EXPERIMENTS, GEN_DEL);
         if (!d) {
             free(xv);
             return AGG_ENOMEM;
@@ -3932,7 +3944,7 @@ static int exp_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_t *ek, 
     st_val_t v;
     if (st_get(txn, a->env, ST_DB_XEXP, ek, ekn, &v) == 0 && v.n == 8)
         memcpy(&excluded, v.p, 8);
-    snk_val_t *e = gen_row(f, SNK_EXPERIMENTS, 0);
+    snk_val_t *e = gen_row(f, SNK_EXPERIMENTS, GEN_UPSERT);
     const char *ctl = arena_str(f, xv->name[xv->control], strlen(xv->name[xv->control]));
     if (!e || !ctl) {
         free(xv);
@@ -3955,7 +3967,7 @@ static int exp_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_t *ek, 
     for (int i = 0; i < k; i++) {
         int vi = xv->live[i];
         const stx_suff_t *sf = &xv->suff[vi];
-        snk_val_t *row = gen_row(f, SNK_EXPERIMENT_RESULTS, 0);
+        snk_val_t *row = gen_row(f, SNK_EXPERIMENT_RESULTS, GEN_UPSERT);
         const char *vname = arena_str(f, xv->name[vi], strlen(xv->name[vi]));
         if (!row || !vname) {
             free(xv);
@@ -4083,7 +4095,7 @@ static int regression_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_
         int in_fit = ok && (i >= xv->n || col_of[i] > 0);
         if (in_fit)
             continue;
-        snk_val_t *d = gen_row(f, SNK_EXPERIMENT_REGRESSION, 1);
+        snk_val_t *d = gen_row(f, SNK_EXPERIMENT_REGRESSION, GEN_DEL);
         if (!d || !(d[1].s = arena_str(f, term, strlen(term)))) {
             r = AGG_ENOMEM;
             break;
@@ -4095,7 +4107,7 @@ static int regression_rows(agg_t *a, agg_flush_t *f, st_txn_t *txn, const uint8_
         for (int i = 0; !term && i < xv->n; i++)
             if (col_of[i] == j)
                 term = xv->name[i];
-        snk_val_t *row = gen_row(f, SNK_EXPERIMENT_REGRESSION, 0);
+        snk_val_t *row = gen_row(f, SNK_EXPERIMENT_REGRESSION, GEN_UPSERT);
         if (!row || !(row[1].s = arena_str(f, term, strlen(term)))) {
             r = AGG_ENOMEM;
             break;
@@ -4138,8 +4150,8 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
     /* While catching up a user active all along changes again before the
      * tick: such a part leaves the per-user rows to the flush, which writes
      * each once instead of once per part. */
-    if (f->users_later &&
-        (tag == TAG_USER || tag == TAG_USER_NEW || tag == TAG_EXPOSURE || tag == TAG_OUTCOME))
+    if (f->users_later && (tag == TAG_USER || tag == TAG_USER_NEW || tag == TAG_EXPOSURE ||
+                           tag == TAG_OUTCOME || tag == TAG_EXPOSURE_NEW))
         return kset_add(&f->kept, k->p, k->n);
     if (tag == TAG_SESSION || tag == TAG_SESSION_NEW) {
         /* The new mark writes the row; a change mark beside it adds nothing
@@ -4222,7 +4234,7 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
         int found = r == 0 && v.n <= sizeof c;
         if (found)
             memcpy(c, v.p, v.n);
-        snk_val_t *row = gen_row(f, t, !found);
+        snk_val_t *row = gen_row(f, t, found ? GEN_UPSERT : GEN_DEL);
         if (!row)
             return AGG_ENOMEM;
         /* The key columns come first, then the counters. */
@@ -4257,12 +4269,15 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
             for (int i = nk; i < w; i++)
                 v_int(&row[i], c[i - nk]);
         }
-    } else if (tag == TAG_EXPOSURE || tag == TAG_OUTCOME) {
+    } else if (tag == TAG_EXPOSURE || tag == TAG_OUTCOME || tag == TAG_EXPOSURE_NEW) {
         /* An outcome mark next to an exposure mark of the same key adds
          * nothing: the exposure mark writes both rows (and a list must not
-         * hold a key twice). */
+         * hold a key twice); the same for either next to a new mark. */
+        if (tag != TAG_EXPOSURE_NEW && marked_as(marked, TAG_EXPOSURE_NEW, rk, rkn))
+            return 0;
         if (tag == TAG_OUTCOME && marked_as(marked, TAG_EXPOSURE, rk, rkn))
             return 0;
+        int fresh = tag == TAG_EXPOSURE_NEW;
         r = st_get(txn, a->env, ST_DB_XUSER, rk, rkn, &v);
         if (r == ST_ENOTFOUND)
             return 0;
@@ -4279,8 +4294,8 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
         const char *var = arena_str(f, x.var, x.var_len);
         if (!user || !exp || !var)
             return AGG_ENOMEM;
-        if (tag == TAG_EXPOSURE) {
-            snk_val_t *e = gen_row(f, SNK_USER_EXPOSURE, 0);
+        if (tag != TAG_OUTCOME) {
+            snk_val_t *e = gen_row(f, SNK_USER_EXPOSURE, fresh ? GEN_NEW : GEN_UPSERT);
             if (!e)
                 return AGG_ENOMEM;
             e[0].s = exp;
@@ -4292,7 +4307,12 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
             e[5].i = x.multi;
         }
         int included = x.exposed_at >= 0 && !x.multi;
-        snk_val_t *o = gen_row(f, SNK_USER_OUTCOMES, !included);
+        if (fresh && !included)
+            return 0; /* no row to delete */
+        snk_val_t *o = gen_row(f, SNK_USER_OUTCOMES,
+                               !included ? GEN_DEL
+                               : fresh   ? GEN_NEW
+                                         : GEN_UPSERT);
         if (!o)
             return AGG_ENOMEM;
         o[0].s = exp;
@@ -4519,10 +4539,12 @@ int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_fl
     b->rejects = f->rejects;
     b->n_rejects = f->n_rejects;
     for (int t = 0; t < SNK_TABLE__COUNT; t++) {
-        b->gen[t].vals = f->gen[t].vals;
-        b->gen[t].n = f->gen[t].n;
-        b->gen[t].del_keys = f->gen[t].del;
-        b->gen[t].n_del = f->gen[t].n_del;
+        b->gen[t].vals = f->gen[t].v[GEN_UPSERT];
+        b->gen[t].n = f->gen[t].n[GEN_UPSERT];
+        b->gen[t].del_keys = f->gen[t].v[GEN_DEL];
+        b->gen[t].n_del = f->gen[t].n[GEN_DEL];
+        b->gen[t].new_vals = f->gen[t].v[GEN_NEW];
+        b->gen[t].n_new = f->gen[t].n[GEN_NEW];
     }
     *out = f;
     return 0;
@@ -4537,7 +4559,8 @@ size_t agg_flush_rows(const agg_flush_t *f)
 {
     size_t n = f->n_sessions + f->n_deleted + f->n_users + f->n_funnel + f->n_rejects + f->n_parts;
     for (int t = 0; t < SNK_TABLE__COUNT; t++)
-        n += f->gen[t].n + f->gen[t].n_del;
+        for (int k = 0; k < GEN__COUNT; k++)
+            n += f->gen[t].n[k];
     return n;
 }
 
@@ -4619,8 +4642,8 @@ void agg_flush_free(agg_flush_t *f)
     free(f->rejects);
     free(f->reject_keys);
     for (int t = 0; t < SNK_TABLE__COUNT; t++) {
-        free(f->gen[t].vals);
-        free(f->gen[t].del);
+        for (int k = 0; k < GEN__COUNT; k++)
+            free(f->gen[t].v[k]);
     }
     free(f);
 }

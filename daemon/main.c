@@ -908,8 +908,8 @@ static void part_after(dmn_t *d, int r, double ms)
         memset(&d->ahead_tally, 0, sizeof d->ahead_tally);
         d->ahead_blocked = 1;
         if (r == SNK_ERESTART)
-            cm_info("postgres already held a session or user row a part written ahead took for "
-                    "new; the flush at the tick writes everything (expected once after a crash)",
+            cm_info("postgres already held a row a part written ahead took for new; "
+                    "the flush at the tick writes everything (expected once after a crash)",
                     "%s", "");
         else
             cm_warn("postgres: writing ahead failed; the next flush writes every row",
@@ -936,14 +936,14 @@ static void flush_after(uv_work_t *w, int status)
     }
     if (d->fl_restarted) {
         d->fl_restarted = 0;
-        cm_info("postgres already held a session or user row the parts written ahead took for "
-                "new; the flush was written again whole",
+        cm_info("postgres already held a row the parts written ahead took for new; "
+                "the flush was written again whole",
                 "ok=%d", r == 0);
     }
     if (d->fl_redone) {
         d->fl_redone = 0;
         d->flushes_redone++;
-        cm_info("postgres already held session or user rows this flush took for new; it was "
+        cm_info("postgres already held rows this flush took for new; it was "
                 "redone with upserts (expected once after a crash between a flush's commit and the "
                 "state's)",
                 "ok=%d", r == 0);

@@ -60,7 +60,7 @@ void mx_rows_add(mx_rows_t *r, const snk_batch_t *b)
     r->written[MX_T_PARTITIONS] += b->n_partitions;
     r->written[MX_T_REJECTED_EVENTS] += b->n_rejects;
     for (int t = 0; t < SNK_TABLE__COUNT; t++) {
-        r->written[MX_T_GEN + t] += b->gen[t].n;
+        r->written[MX_T_GEN + t] += b->gen[t].n + b->gen[t].n_new;
         r->deleted[MX_T_GEN + t] += b->gen[t].n_del;
     }
 }

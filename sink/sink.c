@@ -640,6 +640,19 @@ static int row_generic(cw_t *w, const void *rows, size_t i)
     return 1;
 }
 
+/* Two lists of one generic table read as one: the first n_first rows from
+ * `first`, the rest from `then` (a redone flush upserts the new rows too). */
+typedef struct gen_pair {
+    gen_rows_t first, then;
+    size_t n_first;
+} gen_pair_t;
+
+static int row_generic_pair(cw_t *w, const void *rows, size_t i)
+{
+    const gen_pair_t *p = rows;
+    return i < p->n_first ? row_generic(w, &p->first, i) : row_generic(w, &p->then, i - p->n_first);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Tables                                                                   */
 /* ------------------------------------------------------------------------ */
@@ -736,11 +749,16 @@ enum {
     T_FUNNEL,
     T_PARTITIONS,
     T_REJECTS,
-    /* Generic tables: the delete stage of each, then its upsert stage. */
+    /* Generic tables: the delete stage of each, its upsert stage and its
+     * direct COPY of new rows (GEN_DEL, GEN_UP, GEN_NEW after T_GEN(t)). */
     T_GEN_FIRST,
-    T__COUNT = T_GEN_FIRST + 2 * SNK_TABLE__COUNT
+    T__COUNT = T_GEN_FIRST + 3 * SNK_TABLE__COUNT
 };
 _Static_assert(T__COUNT <= 64, "staged_mask has a bit per table");
+
+/* The first TABLES entry of generic table t, and the offsets of its three. */
+#define T_GEN(t) (T_GEN_FIRST + 3 * (t))
+enum { GEN_DEL, GEN_UP, GEN_NEW };
 
 static const table_spec_t TABLES[T__COUNT] = {
     [T_SESSIONS_DEL] = {"sessions", "cm_stage_sessions_del", SESSION_COLS, 1, 1, APPLY_DELETE, NULL,
@@ -764,10 +782,12 @@ static const table_spec_t TABLES[T__COUNT] = {
     [T_REJECTS] = {"rejected_events", "cm_stage_rejects", REJECT_COLS, NCOLS(REJECT_COLS), 3,
                    APPLY_INSERT_ONLY, NULL, NULL, NULL},
 #define GEN(id, tbl, stage, cols, nkey, types)                                                     \
-    [T_GEN_FIRST +                                                                                 \
-        2 * (id)] = {tbl, stage "_del", cols, nkey, nkey, APPLY_DELETE, NULL, NULL, types},        \
-            [T_GEN_FIRST + 2 * (id) + 1] = {tbl,          stage, cols, NCOLS(cols), nkey,          \
-                                            APPLY_UPSERT, NULL,  NULL, types}
+    [T_GEN(id) +                                                                                   \
+        GEN_DEL] = {tbl, stage "_del", cols, nkey, nkey, APPLY_DELETE, NULL, NULL, types},         \
+        [T_GEN(id) +                                                                               \
+            GEN_UP] = {tbl, stage, cols, NCOLS(cols), nkey, APPLY_UPSERT, NULL, NULL, types},      \
+        [T_GEN(id) +                                                                               \
+            GEN_NEW] = {tbl, stage, cols, NCOLS(cols), nkey, APPLY_DIRECT, NULL, NULL, types}
     GEN(SNK_PRODUCT_DAILY, "product_daily", "cm_stage_product_daily", PRODUCT_DAILY_COLS, 2,
         "dtiiiim"),
     GEN(SNK_PRODUCT_PAIRS, "product_pairs", "cm_stage_product_pairs", PRODUCT_PAIRS_COLS, 2, "tti"),
@@ -789,12 +809,12 @@ static const table_spec_t TABLES[T__COUNT] = {
 
 int snk_table_ncols(enum snk_table t)
 {
-    return t < SNK_TABLE__COUNT ? (int)TABLES[T_GEN_FIRST + 2 * t + 1].ncols : -1;
+    return t < SNK_TABLE__COUNT ? (int)TABLES[T_GEN(t) + GEN_UP].ncols : -1;
 }
 
 int snk_table_nkey(enum snk_table t)
 {
-    return t < SNK_TABLE__COUNT ? (int)TABLES[T_GEN_FIRST + 2 * t + 1].nkey : -1;
+    return t < SNK_TABLE__COUNT ? (int)TABLES[T_GEN(t) + GEN_UP].nkey : -1;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -2081,6 +2101,18 @@ static int stages_empty(snk_conn_t *c)
     return rc;
 }
 
+/* stage_apply of a direct COPY (APPLY_DIRECT). A unique_violation means
+ * that Postgres already holds a row this flush took for new, written by a
+ * flush whose commit the state never recorded: *conflict is then set. */
+static int direct_apply(snk_conn_t *c, int which, const void *rows, size_t n, row_fn fn,
+                        int *conflict)
+{
+    int rc = stage_apply(c, which, rows, n, fn);
+    if (rc == SNK_EQUERY && strcmp(c->sqlstate, "23505") == 0)
+        *conflict = 1;
+    return rc;
+}
+
 /* Writes the batch's rows into the open transaction (see flush_tx). */
 static int tx_write(snk_conn_t *c, const snk_batch_t *b, int direct, int *conflict)
 {
@@ -2095,15 +2127,11 @@ static int tx_write(snk_conn_t *c, const snk_batch_t *b, int direct, int *confli
         rc = stage_apply(c, T_SESSIONS, b->sessions, b->n_sessions,
                          direct ? row_session_known : row_session);
     if (rc == 0 && direct)
-        rc = stage_apply(c, T_SESSIONS_NEW, b->sessions, b->n_sessions, row_session_new);
+        rc = direct_apply(c, T_SESSIONS_NEW, b->sessions, b->n_sessions, row_session_new, conflict);
     if (rc == 0)
         rc = stage_apply(c, T_USERS, b->users, b->n_users, direct ? row_user_known : row_user);
     if (rc == 0 && direct)
-        rc = stage_apply(c, T_USERS_NEW, b->users, b->n_users, row_user_new);
-    /* unique_violation: Postgres already holds a row this flush took for
-     * new, written by a flush whose commit the state never recorded. Only
-     * the direct COPYs can raise it: the upserts resolve their conflicts. */
-    *conflict = direct && rc == SNK_EQUERY && strcmp(c->sqlstate, "23505") == 0;
+        rc = direct_apply(c, T_USERS_NEW, b->users, b->n_users, row_user_new, conflict);
     if (rc == 0)
         rc = stage_apply(c, T_FUNNEL_DEL, b->funnel, b->n_funnel, row_funnel_zero);
     if (rc == 0)
@@ -2113,13 +2141,17 @@ static int tx_write(snk_conn_t *c, const snk_batch_t *b, int direct, int *confli
     if (rc == 0)
         rc = stage_apply(c, T_REJECTS, b->rejects, b->n_rejects, row_reject);
     for (int g = 0; rc == 0 && g < SNK_TABLE__COUNT; g++) {
-        const table_spec_t *td = &TABLES[T_GEN_FIRST + 2 * g];
-        const table_spec_t *tu = &TABLES[T_GEN_FIRST + 2 * g + 1];
-        gen_rows_t del = {td->types, td->nkey, b->gen[g].del_keys};
-        gen_rows_t up = {tu->types, tu->ncols, b->gen[g].vals};
-        rc = stage_apply(c, T_GEN_FIRST + 2 * g, &del, b->gen[g].n_del, row_generic);
+        const snk_rows_t *r = &b->gen[g];
+        const table_spec_t *tu = &TABLES[T_GEN(g) + GEN_UP];
+        gen_rows_t del = {tu->types, tu->nkey, r->del_keys};
+        gen_pair_t up = {
+            {tu->types, tu->ncols, r->vals}, {tu->types, tu->ncols, r->new_vals}, r->n};
+        rc = stage_apply(c, T_GEN(g) + GEN_DEL, &del, r->n_del, row_generic);
         if (rc == 0)
-            rc = stage_apply(c, T_GEN_FIRST + 2 * g + 1, &up, b->gen[g].n, row_generic);
+            rc = stage_apply(c, T_GEN(g) + GEN_UP, &up, direct ? r->n : r->n + r->n_new,
+                             row_generic_pair);
+        if (rc == 0 && direct)
+            rc = direct_apply(c, T_GEN(g) + GEN_NEW, &up.then, r->n_new, row_generic, conflict);
     }
     return rc;
 }
@@ -2171,11 +2203,12 @@ static int check_batch(snk_conn_t *c, const snk_batch_t *b, size_t *total)
     }
     size_t n_gen = 0;
     for (int g = 0; g < SNK_TABLE__COUNT; g++) {
-        if ((b->gen[g].n && !b->gen[g].vals) || (b->gen[g].n_del && !b->gen[g].del_keys)) {
+        if ((b->gen[g].n && !b->gen[g].vals) || (b->gen[g].n_del && !b->gen[g].del_keys) ||
+            (b->gen[g].n_new && !b->gen[g].new_vals)) {
             set_err(c, "snk_flush", "a batch list has rows but no array");
             return SNK_EINVAL;
         }
-        n_gen += b->gen[g].n + b->gen[g].n_del;
+        n_gen += b->gen[g].n + b->gen[g].n_del + b->gen[g].n_new;
     }
     *total = b->n_sessions + b->n_deleted_sessions + b->n_users + b->n_funnel + b->n_partitions +
              b->n_rejects + n_gen;

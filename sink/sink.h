@@ -112,13 +112,19 @@ enum snk_table {
     SNK_TABLE__COUNT
 };
 
-/* Rows of one generic table: n rows of ncols values to upsert, and n_del
- * keys (nkey values each) whose rows are deleted before the upsert. */
+/* Rows of one generic table: n rows of ncols values to upsert, n_del keys
+ * (nkey values each) whose rows are deleted before the upsert, and n_new
+ * rows no earlier flush can have written, which the sink COPYs straight
+ * into the table (redone with upserts if Postgres holds one after all, as
+ * for snk_session_row_t.is_new). A key is in at most one of the lists;
+ * putting a row among new_vals is an optimisation, never needed. */
 typedef struct snk_rows {
     const snk_val_t *vals;
     size_t n;
     const snk_val_t *del_keys;
     size_t n_del;
+    const snk_val_t *new_vals;
+    size_t n_new;
 } snk_rows_t;
 
 /* Number of columns and of key columns of a generic table. */

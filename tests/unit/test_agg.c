@@ -223,8 +223,15 @@ static void apply_gen(const snk_batch_t *b)
             if (g)
                 g->live = 0;
         }
-        for (size_t i = 0; i < b->gen[t].n; i++) {
-            const snk_val_t *row = b->gen[t].vals + i * (size_t)nc;
+        for (size_t i = 0; i < b->gen[t].n + b->gen[t].n_new; i++) {
+            int fresh = i >= b->gen[t].n;
+            const snk_val_t *row = fresh ? b->gen[t].new_vals + (i - b->gen[t].n) * (size_t)nc
+                                         : b->gen[t].vals + i * (size_t)nc;
+            /* Like the primary key: a row taken for new must not be there. */
+            if (fresh) {
+                const grow_t *was = gfind(t, row, nk, 0);
+                assert_true(!was || !was->live);
+            }
             grow_t *g = gfind(t, row, nk, 1);
             for (int k = nk; k < nc && k - nk < 12; k++) {
                 g->v[k - nk] = row[k].i;
@@ -518,8 +525,8 @@ static void part(agg_t *a)
     assert_int_equal(b->n_partitions, 0);
     if (later) { /* and these, with the commit */
         assert_int_equal(b->n_users, 0);
-        assert_int_equal(b->gen[SNK_USER_EXPOSURE].n + b->gen[SNK_USER_EXPOSURE].n_del, 0);
-        assert_int_equal(b->gen[SNK_USER_OUTCOMES].n + b->gen[SNK_USER_OUTCOMES].n_del, 0);
+        for (int t = SNK_USER_EXPOSURE; t <= SNK_USER_OUTCOMES; t++)
+            assert_int_equal(b->gen[t].n + b->gen[t].n_del + b->gen[t].n_new, 0);
     }
     apply_flush(b);
     apply_gen(b);
@@ -1692,15 +1699,15 @@ static void test_exposure_and_window(void **state)
 
 /*
  * Collects a flush, checks how many user_exposure and user_outcomes rows
- * (upserts) it holds, and applies and completes it like flush().
+ * it writes (upserted or new), and applies and completes it like flush().
  */
 static void flush_expect_x(agg_t *a, size_t n_exposure, size_t n_outcomes)
 {
     agg_flush_t *f;
     assert_int_equal(agg_flush_collect(a, 1, &f), 0);
     const snk_batch_t *b = agg_flush_batch(f);
-    assert_int_equal(b->gen[SNK_USER_EXPOSURE].n, n_exposure);
-    assert_int_equal(b->gen[SNK_USER_OUTCOMES].n, n_outcomes);
+    assert_int_equal(b->gen[SNK_USER_EXPOSURE].n + b->gen[SNK_USER_EXPOSURE].n_new, n_exposure);
+    assert_int_equal(b->gen[SNK_USER_OUTCOMES].n + b->gen[SNK_USER_OUTCOMES].n_new, n_outcomes);
     apply_flush(b);
     apply_gen(b);
     assert_int_equal(agg_flush_done(a, f), 0);
@@ -1915,6 +1922,88 @@ static void test_outcome_mark_alone(void **state)
     assert_int_equal(g->v[1], t0 + 60000);
     assert_int_equal(g->v[3], 2);
     assert_int_equal(g->v[4], 1500);
+    close_fresh(a, env, dir);
+}
+
+/* Collects a flush or part (after prev), checks its user_exposure and
+ * user_outcomes lists (upserts, deletes, new rows) and applies it; a flush
+ * is completed. Returns the part, or NULL. */
+static agg_flush_t *collect_expect_x(agg_t *a, int flags, agg_flush_t *prev, const size_t exp[3],
+                                     const size_t out[3])
+{
+    agg_flush_t *f;
+    assert_int_equal(agg_flush_collect_after(a, flags, prev, &f), 0);
+    const snk_batch_t *b = agg_flush_batch(f);
+    const snk_rows_t *e = &b->gen[SNK_USER_EXPOSURE], *o = &b->gen[SNK_USER_OUTCOMES];
+    size_t got[6] = {e->n, e->n_del, e->n_new, o->n, o->n_del, o->n_new};
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(got[i], exp[i]);
+        assert_int_equal(got[3 + i], out[i]);
+    }
+    apply_flush(b);
+    apply_gen(b);
+    agg_flush_free(prev);
+    if (flags & AGG_FLUSH_PART)
+        return f;
+    assert_int_equal(agg_flush_done(a, f), 0);
+    agg_flush_free(f);
+    return NULL;
+}
+
+/* The rows of a (user, experiment) are new to Postgres exactly when its
+ * record was created since the last flush and no part wrote them; a new
+ * one that is not exposed has no outcome row to delete. */
+static void test_new_exposure_rows(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    st_env_t *env;
+    agg_t *a = open_fresh(dir, &env, 30 * DAY);
+    int64_t t0 = 1700000000000LL, o = 0, h = 3600000;
+    static const size_t none[3] = {0, 0, 0}, up[3] = {1, 0, 0}, fresh[3] = {0, 0, 1},
+                        del[3] = {0, 1, 0};
+    /* Assigned, not exposed: a new exposure row, no outcome row at all. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    xassign(a, o++, "a1", "u1", t0, "exp", "treatment");
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_null(collect_expect_x(a, 0, NULL, fresh, none));
+    /* Exposed later: both rows upserted (the outcome row is new to the
+     * table, but the record is not, so it is not taken for new). */
+    assert_int_equal(agg_batch_begin(a), 0);
+    xevent(a, o++, "v1", "u1", t0 + h, ING_ET_PRODUCT_VIEW, 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_null(collect_expect_x(a, 0, NULL, up, up));
+    /* Assigned and exposed, then a purchase in a second batch, before one
+     * flush: one new row each. */
+    view_batch(a, o++, "p0", "u2", t0 - h);
+    assert_int_equal(agg_batch_begin(a), 0);
+    xassign(a, o++, "a2", "u2", t0, "exp", "control");
+    xevent(a, o++, "v2", "u2", t0 + h, ING_ET_PRODUCT_VIEW, 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_int_equal(agg_batch_begin(a), 0);
+    xevent(a, o++, "b2", "u2", t0 + 2 * h, ING_ET_PURCHASE, 700);
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_null(collect_expect_x(a, 0, NULL, fresh, fresh));
+    assert_int_equal(xrow(SNK_USER_OUTCOMES, "exp", "u2")->v[4], 700);
+    /* A part writes a new pair; a second variant before the tick makes the
+     * user excluded: the exposure row is upserted and the outcome row the
+     * part wrote is deleted. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    xassign(a, o++, "a3", "u3", t0, "exp", "treatment");
+    xevent(a, o++, "v3", "u3", t0 + h, ING_ET_PRODUCT_VIEW, 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    agg_flush_t *p = collect_expect_x(a, AGG_FLUSH_PART, NULL, fresh, fresh);
+    assert_int_equal(agg_batch_begin(a), 0);
+    xassign(a, o++, "a4", "u3", t0 + 1, "exp", "control");
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_null(collect_expect_x(a, 0, p, up, del));
+    assert_null(xrow(SNK_USER_OUTCOMES, "exp", "u3"));
+    /* A part that leaves the per-user rows to the tick keeps the new mark. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    xassign(a, o++, "a5", "u5", t0, "exp", "treatment");
+    assert_int_equal(agg_batch_commit(a), 0);
+    p = collect_expect_x(a, AGG_FLUSH_PART | AGG_FLUSH_USERS_LATER, NULL, none, none);
+    assert_null(collect_expect_x(a, 0, p, fresh, none));
     close_fresh(a, env, dir);
 }
 
@@ -2223,6 +2312,7 @@ int main(void)
         cmocka_unit_test(test_outcome_mark_alone),
         cmocka_unit_test(test_new_session_rows),
         cmocka_unit_test(test_new_user_rows),
+        cmocka_unit_test(test_new_exposure_rows),
         cmocka_unit_test(test_new_session_kept_until_flushed),
         cmocka_unit_test(test_window_same_millisecond),
         cmocka_unit_test(test_windows_across_days),

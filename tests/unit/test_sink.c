@@ -1131,6 +1131,38 @@ static void test_live(void **state)
     assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
                         "1003");
 
+    /* --- New rows of a generic table: COPYed straight into user_exposure
+     * beside an upsert; one that Postgres already holds makes the flush
+     * redone with upserts. --- */
+    snk_val_t xup[6] = {{.s = "exp"}, {.s = "xu1"}, {.s = "a"}, {.i = t0}, {.null = 1}, {.i = 0}};
+    snk_val_t xnew[12] = {{.s = "exp"},  {.s = "xu2"},  {.s = "b"},   {.i = t0 + 1},
+                          {.i = t0 + 2}, {.i = 0},      {.s = "exp"}, {.s = "xu3"},
+                          {.s = "a"},    {.i = t0 + 3}, {.null = 1},  {.i = 1}};
+    snk_partition_row_t pn8 = {"clickmart.events", 0, 1004, t0 + 9, 99, 5, 10};
+    snk_batch_t bn8 = {0};
+    bn8.partitions = &pn8;
+    bn8.n_partitions = 1;
+    bn8.gen[SNK_USER_EXPOSURE].vals = xup;
+    bn8.gen[SNK_USER_EXPOSURE].n = 1;
+    bn8.gen[SNK_USER_EXPOSURE].new_vals = xnew;
+    bn8.gen[SNK_USER_EXPOSURE].n_new = 2;
+    assert_int_equal(snk_flush(c, &bn8), 0);
+    assert_int_equal(snk_flush_redone(c), 3);
+    const char *xq = "SELECT string_agg(concat_ws('|', user_id, variant, exposed_at IS NULL, "
+                     "excluded), ',' ORDER BY user_id) FROM {S}.user_exposure WHERE user_id "
+                     "LIKE 'xu%%'";
+    assert_string_equal(q1(adm, xq), "xu1|a|t|f,xu2|b|f|f,xu3|a|t|t");
+    xup[2].s = "b";
+    xnew[8].s = "b";
+    pn8.next_offset = 1005;
+    bn8.gen[SNK_USER_EXPOSURE].new_vals = xnew + 6;
+    bn8.gen[SNK_USER_EXPOSURE].n_new = 1;
+    assert_int_equal(snk_flush(c, &bn8), 0);
+    assert_int_equal(snk_flush_redone(c), 4);
+    assert_string_equal(q1(adm, xq), "xu1|b|t|f,xu2|b|f|f,xu3|b|t|t");
+    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                        "1005");
+
     /* --- Parts written ahead into one open transaction. --- */
     snk_session_row_t p1s[] = {
         {"s8", "u1", t0 + 20, t0 + 20, 1, 1, 0, 0, 0, 0, 0, "web", "DE", 1, 1},
@@ -1348,7 +1380,7 @@ static void test_live(void **state)
     exec_or_fail(c->pg, "INSERT INTO pg_temp.cm_stage_user_outcomes_del (experiment, user_id) "
                         "VALUES ('exp', 'u8'), ('exp', 'u800'), ('exp', 'u8000')");
     snprintf(sql, sizeof sql, "EXPLAIN (ANALYZE, COSTS OFF) %s",
-             sql_apply(c, &TABLES[T_GEN_FIRST + 2 * SNK_USER_OUTCOMES]));
+             sql_apply(c, &TABLES[T_GEN(SNK_USER_OUTCOMES) + GEN_DEL]));
     res = PQexec(c->pg, sql);
     assert_int_equal(PQresultStatus(res), PGRES_TUPLES_OK);
     char plan[4096] = "";
