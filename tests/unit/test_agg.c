@@ -1797,6 +1797,22 @@ static size_t users_new(const snk_batch_t *b)
     return n;
 }
 
+/* Applies the collected f (with `flags`, after the part prev, which it
+ * frees) to the tables; a flush is completed and freed. Returns the part,
+ * or NULL. */
+static agg_flush_t *apply_collected(agg_t *a, agg_flush_t *f, int flags, agg_flush_t *prev)
+{
+    const snk_batch_t *b = agg_flush_batch(f);
+    apply_flush(b);
+    apply_gen(b);
+    agg_flush_free(prev);
+    if (flags & AGG_FLUSH_PART)
+        return f;
+    assert_int_equal(agg_flush_done(a, f), 0);
+    agg_flush_free(f);
+    return NULL;
+}
+
 /* Collects a flush (after the part prev, if any), checks how many user rows
  * it holds and how many of them are new, and applies it; a flush (not a
  * part) is completed. Returns the part, or NULL. */
@@ -1808,13 +1824,7 @@ static agg_flush_t *collect_expect_users(agg_t *a, int flags, agg_flush_t *prev,
     const snk_batch_t *b = agg_flush_batch(f);
     assert_int_equal(b->n_users, n_rows);
     assert_int_equal(users_new(b), n_new);
-    apply_flush(b);
-    agg_flush_free(prev);
-    if (flags & AGG_FLUSH_PART)
-        return f;
-    assert_int_equal(agg_flush_done(a, f), 0);
-    agg_flush_free(f);
-    return NULL;
+    return apply_collected(a, f, flags, prev);
 }
 
 /* A user row is new to Postgres exactly when no flush can have written it:
@@ -1940,14 +1950,7 @@ static agg_flush_t *collect_expect_x(agg_t *a, int flags, agg_flush_t *prev, con
         assert_int_equal(got[i], exp[i]);
         assert_int_equal(got[3 + i], out[i]);
     }
-    apply_flush(b);
-    apply_gen(b);
-    agg_flush_free(prev);
-    if (flags & AGG_FLUSH_PART)
-        return f;
-    assert_int_equal(agg_flush_done(a, f), 0);
-    agg_flush_free(f);
-    return NULL;
+    return apply_collected(a, f, flags, prev);
 }
 
 /* The rows of a (user, experiment) are new to Postgres exactly when its

@@ -825,6 +825,22 @@ static int64_t live_ms(const char *val)
 }
 
 /* A batch of n session rows and one partition row. */
+/* Flushes b, which must succeed without an error left behind; then
+ * snk_flush_redone(c) must be `redone`, the query q (a q1 template: "{S}"
+ * for the schema, "%%" for "%") must return `want`, and partition 0's
+ * next_offset be `next` (unless NULL). */
+static void flush_check(snk_conn_t *c, PGconn *adm, const snk_batch_t *b, uint64_t redone,
+                        const char *q, const char *want, const char *next)
+{
+    assert_int_equal(snk_flush(c, b), 0);
+    assert_int_equal(snk_flush_redone(c), redone);
+    assert_string_equal(snk_last_error(c), "");
+    assert_string_equal(q1(adm, q), want);
+    if (next)
+        assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                            next);
+}
+
 static snk_batch_t session_batch(const snk_session_row_t *s, size_t n, const snk_partition_row_t *p)
 {
     snk_batch_t b = {0};
@@ -1054,20 +1070,18 @@ static void test_live(void **state)
     };
     snk_partition_row_t pn5 = {"clickmart.events", 0, 1000, t0 + 9, 96, 5, 10};
     snk_batch_t bn5 = session_batch(fresh, 2, &pn5);
-    assert_int_equal(snk_flush(c, &bn5), 0);
-    assert_int_equal(snk_flush_redone(c), 0);
-    assert_string_equal(q1(adm, "SELECT string_agg(concat_ws('|', session_id, user_id, events, "
-                                "ended_at = started_at + interval '1 ms'), ',' ORDER BY "
-                                "session_id) FROM {S}.sessions WHERE session_id IN ('s2', 's5')"),
-                        "s2|u1|3|f,s5|u1|2|t");
+    flush_check(c, adm, &bn5, 0,
+                "SELECT string_agg(concat_ws('|', session_id, user_id, events, "
+                "ended_at = started_at + interval '1 ms'), ',' ORDER BY "
+                "session_id) FROM {S}.sessions WHERE session_id IN ('s2', 's5')",
+                "s2|u1|3|f,s5|u1|2|t", NULL);
     /* A new id that a merge deleted in the same batch: the deletes run first. */
     bn5.sessions = fresh + 2;
     bn5.n_sessions = 1;
     bn5.deleted_sessions = gone3;
     bn5.n_deleted_sessions = 1;
-    assert_int_equal(snk_flush(c, &bn5), 0);
-    assert_int_equal(snk_flush_redone(c), 0);
-    assert_string_equal(q1(adm, "SELECT events FROM {S}.sessions WHERE session_id = 's3'"), "2");
+    flush_check(c, adm, &bn5, 0, "SELECT events FROM {S}.sessions WHERE session_id = 's3'", "2",
+                NULL);
     /* Rows taken for new that Postgres already holds (a flush committed
      * there whose commit the state never recorded): the flush is redone
      * with upserts and writes the same result. */
@@ -1077,14 +1091,10 @@ static void test_live(void **state)
     };
     snk_partition_row_t pn6 = {"clickmart.events", 0, 1001, t0 + 9, 97, 5, 10};
     snk_batch_t bn6 = session_batch(again, 2, &pn6);
-    assert_int_equal(snk_flush(c, &bn6), 0);
-    assert_int_equal(snk_flush_redone(c), 1);
-    assert_string_equal(snk_last_error(c), "");
-    assert_string_equal(q1(adm, "SELECT string_agg(session_id || '|' || events, ',' ORDER BY "
-                                "session_id) FROM {S}.sessions WHERE session_id IN ('s5', 's6')"),
-                        "s5|4,s6|1");
-    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
-                        "1001");
+    flush_check(c, adm, &bn6, 1,
+                "SELECT string_agg(session_id || '|' || events, ',' ORDER BY "
+                "session_id) FROM {S}.sessions WHERE session_id IN ('s5', 's6')",
+                "s5|4,s6|1", "1001");
     /* A key repeated among the new rows also violates the primary key; the
      * redo then fails on the repeated key (keys must be unique within a
      * list), and nothing of the flush is written. */
@@ -1111,25 +1121,16 @@ static void test_live(void **state)
     bn7.n_users = 2;
     bn7.partitions = &pn7;
     bn7.n_partitions = 1;
-    assert_int_equal(snk_flush(c, &bn7), 0);
-    assert_int_equal(snk_flush_redone(c), 2);
-    assert_string_equal(q1(adm, "SELECT string_agg(user_id || '|' || events, ',' ORDER BY "
-                                "user_id) FROM {S}.users WHERE user_id IN ('nu1', 'u1')"),
-                        "nu1|2,u1|4");
+    const char *uq = "SELECT string_agg(user_id || '|' || events, ',' ORDER BY user_id) FROM "
+                     "{S}.users WHERE user_id IN ('nu1', 'nu2', 'u1')";
+    flush_check(c, adm, &bn7, 2, uq, "nu1|2,u1|4", "1002");
     /* A user taken for new that Postgres already holds: redone with
      * upserts, like the sessions. */
     nus[0].events = 5;
     nus[1].is_new = 1;
     nus[1].user_id = "nu2";
     pn7.next_offset = 1003;
-    assert_int_equal(snk_flush(c, &bn7), 0);
-    assert_int_equal(snk_flush_redone(c), 3);
-    assert_string_equal(snk_last_error(c), "");
-    assert_string_equal(q1(adm, "SELECT string_agg(user_id || '|' || events, ',' ORDER BY "
-                                "user_id) FROM {S}.users WHERE user_id IN ('nu1', 'nu2')"),
-                        "nu1|5,nu2|4");
-    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
-                        "1003");
+    flush_check(c, adm, &bn7, 3, uq, "nu1|5,nu2|4,u1|4", "1003");
 
     /* --- New rows of a generic table: COPYed straight into user_exposure
      * beside an upsert; one that Postgres already holds makes the flush
@@ -1146,22 +1147,16 @@ static void test_live(void **state)
     bn8.gen[SNK_USER_EXPOSURE].n = 1;
     bn8.gen[SNK_USER_EXPOSURE].new_vals = xnew;
     bn8.gen[SNK_USER_EXPOSURE].n_new = 2;
-    assert_int_equal(snk_flush(c, &bn8), 0);
-    assert_int_equal(snk_flush_redone(c), 3);
     const char *xq = "SELECT string_agg(concat_ws('|', user_id, variant, exposed_at IS NULL, "
                      "excluded), ',' ORDER BY user_id) FROM {S}.user_exposure WHERE user_id "
                      "LIKE 'xu%%'";
-    assert_string_equal(q1(adm, xq), "xu1|a|t|f,xu2|b|f|f,xu3|a|t|t");
+    flush_check(c, adm, &bn8, 3, xq, "xu1|a|t|f,xu2|b|f|f,xu3|a|t|t", "1004");
     xup[2].s = "b";
     xnew[8].s = "b";
     pn8.next_offset = 1005;
     bn8.gen[SNK_USER_EXPOSURE].new_vals = xnew + 6;
     bn8.gen[SNK_USER_EXPOSURE].n_new = 1;
-    assert_int_equal(snk_flush(c, &bn8), 0);
-    assert_int_equal(snk_flush_redone(c), 4);
-    assert_string_equal(q1(adm, xq), "xu1|b|t|f,xu2|b|f|f,xu3|b|t|t");
-    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
-                        "1005");
+    flush_check(c, adm, &bn8, 4, xq, "xu1|b|t|f,xu2|b|f|f,xu3|b|t|t", "1005");
 
     /* --- Parts written ahead into one open transaction. --- */
     snk_session_row_t p1s[] = {
