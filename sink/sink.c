@@ -750,15 +750,17 @@ enum {
     T_PARTITIONS,
     T_REJECTS,
     /* Generic tables: the delete stage of each, its upsert stage and its
-     * direct COPY of new rows (GEN_DEL, GEN_UP, GEN_NEW after T_GEN(t)). */
+     * direct COPY of new rows (T_GEN_DEL, T_GEN_UP, T_GEN_NEW). */
     T_GEN_FIRST,
     T__COUNT = T_GEN_FIRST + 3 * SNK_TABLE__COUNT
 };
 _Static_assert(T__COUNT <= 64, "staged_mask has a bit per table");
 
-/* The first TABLES entry of generic table t, and the offsets of its three. */
-#define T_GEN(t) (T_GEN_FIRST + 3 * (t))
-enum { GEN_DEL, GEN_UP, GEN_NEW };
+/* The TABLES entries of generic table t: its deletes, its upserts and its
+ * direct COPY. */
+#define T_GEN_DEL(t) (T_GEN_FIRST + 3 * (t))
+#define T_GEN_UP(t) (T_GEN_FIRST + 3 * (t) + 1)
+#define T_GEN_NEW(t) (T_GEN_FIRST + 3 * (t) + 2)
 
 static const table_spec_t TABLES[T__COUNT] = {
     [T_SESSIONS_DEL] = {"sessions", "cm_stage_sessions_del", SESSION_COLS, 1, 1, APPLY_DELETE, NULL,
@@ -782,12 +784,9 @@ static const table_spec_t TABLES[T__COUNT] = {
     [T_REJECTS] = {"rejected_events", "cm_stage_rejects", REJECT_COLS, NCOLS(REJECT_COLS), 3,
                    APPLY_INSERT_ONLY, NULL, NULL, NULL},
 #define GEN(id, tbl, stage, cols, nkey, types)                                                     \
-    [T_GEN(id) +                                                                                   \
-        GEN_DEL] = {tbl, stage "_del", cols, nkey, nkey, APPLY_DELETE, NULL, NULL, types},         \
-        [T_GEN(id) +                                                                               \
-            GEN_UP] = {tbl, stage, cols, NCOLS(cols), nkey, APPLY_UPSERT, NULL, NULL, types},      \
-        [T_GEN(id) +                                                                               \
-            GEN_NEW] = {tbl, stage, cols, NCOLS(cols), nkey, APPLY_DIRECT, NULL, NULL, types}
+    [T_GEN_DEL(id)] = {tbl, stage "_del", cols, nkey, nkey, APPLY_DELETE, NULL, NULL, types},      \
+    [T_GEN_UP(id)] = {tbl, stage, cols, NCOLS(cols), nkey, APPLY_UPSERT, NULL, NULL, types},       \
+    [T_GEN_NEW(id)] = {tbl, stage, cols, NCOLS(cols), nkey, APPLY_DIRECT, NULL, NULL, types}
     GEN(SNK_PRODUCT_DAILY, "product_daily", "cm_stage_product_daily", PRODUCT_DAILY_COLS, 2,
         "dtiiiim"),
     GEN(SNK_PRODUCT_PAIRS, "product_pairs", "cm_stage_product_pairs", PRODUCT_PAIRS_COLS, 2, "tti"),
@@ -809,12 +808,12 @@ static const table_spec_t TABLES[T__COUNT] = {
 
 int snk_table_ncols(enum snk_table t)
 {
-    return t < SNK_TABLE__COUNT ? (int)TABLES[T_GEN(t) + GEN_UP].ncols : -1;
+    return t < SNK_TABLE__COUNT ? (int)TABLES[T_GEN_UP(t)].ncols : -1;
 }
 
 int snk_table_nkey(enum snk_table t)
 {
-    return t < SNK_TABLE__COUNT ? (int)TABLES[T_GEN(t) + GEN_UP].nkey : -1;
+    return t < SNK_TABLE__COUNT ? (int)TABLES[T_GEN_UP(t)].nkey : -1;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -2142,16 +2141,16 @@ static int tx_write(snk_conn_t *c, const snk_batch_t *b, int direct, int *confli
         rc = stage_apply(c, T_REJECTS, b->rejects, b->n_rejects, row_reject);
     for (int g = 0; rc == 0 && g < SNK_TABLE__COUNT; g++) {
         const snk_rows_t *r = &b->gen[g];
-        const table_spec_t *tu = &TABLES[T_GEN(g) + GEN_UP];
+        const table_spec_t *tu = &TABLES[T_GEN_UP(g)];
         gen_rows_t del = {tu->types, tu->nkey, r->del_keys};
         gen_pair_t up = {
             {tu->types, tu->ncols, r->vals}, {tu->types, tu->ncols, r->new_vals}, r->n};
-        rc = stage_apply(c, T_GEN(g) + GEN_DEL, &del, r->n_del, row_generic);
+        rc = stage_apply(c, T_GEN_DEL(g), &del, r->n_del, row_generic);
         if (rc == 0)
-            rc = stage_apply(c, T_GEN(g) + GEN_UP, &up, direct ? r->n : r->n + r->n_new,
-                             row_generic_pair);
+            rc =
+                stage_apply(c, T_GEN_UP(g), &up, direct ? r->n : r->n + r->n_new, row_generic_pair);
         if (rc == 0 && direct)
-            rc = direct_apply(c, T_GEN(g) + GEN_NEW, &up.then, r->n_new, row_generic, conflict);
+            rc = direct_apply(c, T_GEN_NEW(g), &up.then, r->n_new, row_generic, conflict);
     }
     return rc;
 }

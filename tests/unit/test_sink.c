@@ -1375,7 +1375,7 @@ static void test_live(void **state)
     exec_or_fail(c->pg, "INSERT INTO pg_temp.cm_stage_user_outcomes_del (experiment, user_id) "
                         "VALUES ('exp', 'u8'), ('exp', 'u800'), ('exp', 'u8000')");
     snprintf(sql, sizeof sql, "EXPLAIN (ANALYZE, COSTS OFF) %s",
-             sql_apply(c, &TABLES[T_GEN(SNK_USER_OUTCOMES) + GEN_DEL]));
+             sql_apply(c, &TABLES[T_GEN_DEL(SNK_USER_OUTCOMES)]));
     res = PQexec(c->pg, sql);
     assert_int_equal(PQresultStatus(res), PGRES_TUPLES_OK);
     char plan[4096] = "";
