@@ -4137,6 +4137,24 @@ static int marked_as(const kset_t *marked, uint8_t tag, const uint8_t *rk, size_
     return kset_has(marked, k, rkn + 1);
 }
 
+/* The new mark whose rows include those of change mark `tag` (0: none). A
+ * change mark beside the new mark of its key adds nothing: the new mark
+ * writes the rows, and a list must not hold a key twice. */
+static uint8_t new_twin(uint8_t tag)
+{
+    switch (tag) {
+    case TAG_SESSION:
+        return TAG_SESSION_NEW;
+    case TAG_USER:
+        return TAG_USER_NEW;
+    case TAG_EXPOSURE:
+    case TAG_OUTCOME:
+        return TAG_EXPOSURE_NEW;
+    default:
+        return 0;
+    }
+}
+
 /* The row(s) of mark k into f; `marked` is every mark the flush collects. */
 static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *marked,
                          const st_val_t *k)
@@ -4153,11 +4171,10 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
     if (f->users_later && (tag == TAG_USER || tag == TAG_USER_NEW || tag == TAG_EXPOSURE ||
                            tag == TAG_OUTCOME || tag == TAG_EXPOSURE_NEW))
         return kset_add(&f->kept, k->p, k->n);
+    uint8_t twin = new_twin(tag);
+    if (twin && marked_as(marked, twin, rk, rkn))
+        return 0;
     if (tag == TAG_SESSION || tag == TAG_SESSION_NEW) {
-        /* The new mark writes the row; a change mark beside it adds nothing
-         * (and a list must not hold a key twice). */
-        if (tag == TAG_SESSION && marked_as(marked, TAG_SESSION_NEW, rk, rkn))
-            return 0;
         r = st_get(txn, a->env, ST_DB_SESSIONS, rk, rkn, &v);
         if (r == ST_ENOTFOUND)
             return 0; /* merged away since: its id is deleted by a 'D' mark */
@@ -4191,8 +4208,6 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
         if (!(f->deleted[f->n_deleted++] = arena_str(f, rk, rkn)))
             return AGG_ENOMEM;
     } else if (tag == TAG_USER || tag == TAG_USER_NEW) {
-        if (tag == TAG_USER && marked_as(marked, TAG_USER_NEW, rk, rkn))
-            return 0;
         r = st_get(txn, a->env, ST_DB_USERS, rk, rkn, &v);
         if (r == ST_ENOTFOUND)
             return 0;
@@ -4272,9 +4287,7 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
     } else if (tag == TAG_EXPOSURE || tag == TAG_OUTCOME || tag == TAG_EXPOSURE_NEW) {
         /* An outcome mark next to an exposure mark of the same key adds
          * nothing: the exposure mark writes both rows (and a list must not
-         * hold a key twice); the same for either next to a new mark. */
-        if (tag != TAG_EXPOSURE_NEW && marked_as(marked, TAG_EXPOSURE_NEW, rk, rkn))
-            return 0;
+         * hold a key twice). */
         if (tag == TAG_OUTCOME && marked_as(marked, TAG_EXPOSURE, rk, rkn))
             return 0;
         int fresh = tag == TAG_EXPOSURE_NEW;

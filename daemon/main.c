@@ -943,9 +943,8 @@ static void flush_after(uv_work_t *w, int status)
     if (d->fl_redone) {
         d->fl_redone = 0;
         d->flushes_redone++;
-        cm_info("postgres already held rows this flush took for new; it was "
-                "redone with upserts (expected once after a crash between a flush's commit and the "
-                "state's)",
+        cm_info("postgres already held rows this flush took for new; it was redone with "
+                "upserts (expected once after a crash between a flush's commit and the state's)",
                 "ok=%d", r == 0);
     }
     if (r == 0 && d->fl) {
