@@ -80,9 +80,11 @@ static const opt_t opts[] = {
      "Heap the allocator takes beyond each need and keeps when memory is freed (glibc "
      "M_TOP_PAD): batches free and allocate again all the time, and returning the memory to "
      "the kernel only to fault it back in cost ~25% of the CPU per event (0: glibc's 128 KiB)."},
-    {"heap-huge-pages", OPT_STR, O(heap_huge_pages), "loop", 0, 0,
-     "Transparent huge pages: loop (the loop thread's heap and the large tables it probes "
-     "at random; other threads' heaps on small pages, cheaper to fault in), all (every heap: "
+    {"heap-huge-pages", OPT_STR, O(heap_huge_pages), "auto", 0, 0,
+     "Transparent huge pages: auto (measures a small-page fault at start: all where it "
+     "takes 5 us or more, as on hosts whose hypervisor handles each fault, else loop), loop "
+     "(the loop thread's heap and the large tables it probes at random; other threads' heaps "
+     "on small pages, cheaper to fault in where a fault is cheap), all (every heap: "
      "glibc.malloc.hugetlb=1, the daemon re-executes itself once with GLIBC_TUNABLES set) or "
      "off. Needs THP in madvise or always mode; true and false mean all and off."},
     {"state-sync", OPT_STR, O(state_sync), "meta", 0, 0,

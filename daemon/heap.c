@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 #include <unistd.h>
 
 /* The mode cm_heap_start set; written before other threads exist. */
@@ -26,7 +27,7 @@ static uintptr_t g_brk_done;
 #define HUGE_MIN ((size_t)2 << 20)
 
 /* The page size less one, for rounding to whole pages. First called by
- * cm_heap_start in loop mode, before other threads exist. */
+ * cm_heap_start, before other threads exist (or by a test). */
 static uintptr_t page_mask(void)
 {
     static uintptr_t mask;
@@ -51,6 +52,8 @@ static uintptr_t page_down(uintptr_t a)
 
 int cm_heap_mode_from(const char *s)
 {
+    if (!strcasecmp(s, "auto"))
+        return CM_HUGE_AUTO;
     if (!strcasecmp(s, "loop"))
         return CM_HUGE_LOOP;
     /* The boolean flag this replaced took true, 1, yes and on for all. */
@@ -74,14 +77,71 @@ int cm_heap_pad(int64_t pad_mb)
     return 0;
 }
 
+#define PROBE_BYTES ((size_t)4 << 20)
+#define PROBE_ROUNDS 3
+
+static double thread_cpu_ns(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0)
+        return 0;
+    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+double cm_heap_fault_ns(void)
+{
+#ifdef __linux__
+    size_t ps = (size_t)page_mask() + 1, pages = PROBE_BYTES / ps;
+    double best = -1;
+    for (int r = 0; r < PROBE_ROUNDS; r++) {
+        volatile char *p =
+            mmap(NULL, PROBE_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED)
+            return -1;
+        /* THP in "always" mode would otherwise fault the range in 2 MiB at a
+         * time. */
+        (void)madvise((void *)p, PROBE_BYTES, MADV_NOHUGEPAGE);
+        double t0 = thread_cpu_ns();
+        for (size_t i = 0; i < PROBE_BYTES; i += ps)
+            p[i] = 1;
+        double ns = (thread_cpu_ns() - t0) / (double)pages;
+        munmap((void *)p, PROBE_BYTES);
+        /* The first round's pages may be fresh to the host as well. */
+        if (r > 0 && ns > 0 && (best < 0 || ns < best))
+            best = ns;
+    }
+    return best;
+#else
+    return -1;
+#endif
+}
+
+int cm_heap_auto_mode(double fault_ns)
+{
+    return fault_ns >= CM_HEAP_AUTO_FAULT_NS ? CM_HUGE_ALL : CM_HUGE_LOOP;
+}
+
+/* What an automatic choice logs (written once, by the main thread, before
+ * other threads exist). */
+static char g_auto_desc[160];
+
+static const char *auto_desc(const char *mode, const char *why)
+{
+    snprintf(g_auto_desc, sizeof g_auto_desc, "%s (auto: %s)", mode, why);
+    return g_auto_desc;
+}
+
 /*
  * The marker variable stops a second round of CM_HUGE_ALL's exec and carries
  * the process name: executing /proc/self/exe would otherwise rename the
  * daemon "exe" for ps, pgrep and top.
  */
 #define HUGE_PAGES_MARKER "CLICKMARTD_HEAP_HUGE_PAGES"
+/* Carries CM_HUGE_AUTO's reason into the second run, for its log line. */
+#define HUGE_PAGES_AUTO "CLICKMARTD_HEAP_AUTO"
 
-static const char *start_all(char **argv)
+/* `why` is CM_HUGE_AUTO's reason, or NULL. */
+static const char *start_all(char **argv, const char *why)
 {
 #if defined(__GLIBC__) && defined(__linux__)
     const char *cur = getenv("GLIBC_TUNABLES");
@@ -96,9 +156,11 @@ static const char *start_all(char **argv)
     if (prctl(PR_GET_NAME, name, 0, 0, 0) != 0)
         name[0] = '\0';
     char *saved = cur ? strdup(cur) : NULL;
-    if (setenv("GLIBC_TUNABLES", val, 1) == 0 && setenv(HUGE_PAGES_MARKER, name, 1) == 0)
+    if (setenv("GLIBC_TUNABLES", val, 1) == 0 && setenv(HUGE_PAGES_MARKER, name, 1) == 0 &&
+        (!why || setenv(HUGE_PAGES_AUTO, why, 1) == 0))
         execv("/proc/self/exe", argv);
     unsetenv(HUGE_PAGES_MARKER);
+    unsetenv(HUGE_PAGES_AUTO);
     if (saved)
         setenv("GLIBC_TUNABLES", saved, 1);
     else
@@ -107,6 +169,7 @@ static const char *start_all(char **argv)
     return "off (re-exec failed)";
 #else
     (void)argv;
+    (void)why;
     return "off (not glibc on Linux)";
 #endif
 }
@@ -121,11 +184,42 @@ const char *cm_heap_start(int mode, char **argv)
             prctl(PR_SET_NAME, marker, 0, 0, 0);
         unsetenv(HUGE_PAGES_MARKER);
         g_mode = CM_HUGE_ALL;
-        return "all";
+        const char *why = getenv(HUGE_PAGES_AUTO);
+        if (!why)
+            return "all";
+        const char *desc = auto_desc("all", why);
+        unsetenv(HUGE_PAGES_AUTO);
+        return desc;
     }
     g_mode = CM_HUGE_OFF;
-    if (mode == CM_HUGE_ALL)
-        return start_all(argv);
+    const char *why = NULL;
+    char fault[64];
+    if (mode == CM_HUGE_AUTO) {
+        double ns = -1;
+#ifdef __SANITIZE_ADDRESS__
+        /* glibc's tunable does not reach a sanitizer's allocator. */
+        why = "not measured: a sanitizer's allocator";
+#else
+        const char *thp = cm_heap_thp_mode();
+        const char *preload = getenv("LD_PRELOAD");
+        if (strcmp(thp, "madvise") != 0 && strcmp(thp, "always") != 0)
+            why = "not measured: THP unusable";
+        else if (preload && strstr(preload, "vgpreload"))
+            /* CM_HUGE_ALL's second exec would leave valgrind. */
+            why = "not measured: under valgrind";
+        else if ((ns = cm_heap_fault_ns()) < 0)
+            why = "not measured: no mapping";
+#endif
+        if (!why) {
+            snprintf(fault, sizeof fault, "a small-page fault takes %.1f us", ns / 1000);
+            why = fault;
+        }
+        mode = cm_heap_auto_mode(ns);
+    }
+    if (mode == CM_HUGE_ALL) {
+        const char *r = start_all(argv, why);
+        return why ? auto_desc(r, why) : r;
+    }
     if (mode != CM_HUGE_LOOP)
         return "off";
     g_mode = CM_HUGE_LOOP;
@@ -139,10 +233,11 @@ const char *cm_heap_start(int mode, char **argv)
     g_brk_done = page_up((uintptr_t)sbrk(0));
 #ifdef __SANITIZE_ADDRESS__
     /* AddressSanitizer's allocator maps its own memory: no main heap. */
-    return "loop (tables only: a sanitizer's allocator)";
+    const char *r = "loop (tables only: a sanitizer's allocator)";
 #else
-    return "loop";
+    const char *r = "loop";
 #endif
+    return why ? auto_desc(r, why) : r;
 #else
     (void)mode;
     (void)argv;

@@ -9,8 +9,16 @@
  * back in fewer TLB misses. The loop thread's heap (LMDB's dirty pages, the
  * caches, the duplicate index, the dirty-mark sets) is of the second kind;
  * librdkafka's prefetch and the batches on the thread pool are written once,
- * read once in order and freed. So by default (CM_HUGE_LOOP) only the loop
- * thread's heap and the large tables the modules ask for get huge pages.
+ * read once in order and freed. So CM_HUGE_LOOP gives huge pages only to the
+ * loop thread's heap and the large tables the modules ask for.
+ *
+ * On hosts whose hypervisor takes part in every page fault (PVM guests; the
+ * twenty-sixth session's machine) a small-page fault costs about 10 us even
+ * on memory the guest already holds, against under 2 us on the others, and
+ * librdkafka's prefetch and the batches then spent a fifth of the daemon's
+ * CPU in faults. There every heap is better on huge pages (one fault per
+ * 2 MiB instead of 512). CM_HUGE_AUTO, the default, measures a small-page
+ * fault at start and takes CM_HUGE_ALL or CM_HUGE_LOOP accordingly.
  *
  * Everything here is Linux and glibc specific; elsewhere the calls do
  * nothing. docs/operations.md "The heap".
@@ -24,25 +32,53 @@
 enum cm_huge {
     CM_HUGE_OFF = 0, /* small pages everywhere */
     CM_HUGE_LOOP,    /* the loop thread's heap and cm_heap_advise'd tables */
-    CM_HUGE_ALL      /* every heap: glibc.malloc.hugetlb=1 */
+    CM_HUGE_ALL,     /* every heap: glibc.malloc.hugetlb=1 */
+    CM_HUGE_AUTO     /* CM_HUGE_ALL where a page fault is slow, else CM_HUGE_LOOP */
 };
 
-/* Parse "loop", "all" or "off" (true, 1, yes, on mean all, and false, 0,
- * no mean off: the values of the boolean flag this replaced); -1 when
- * unknown. */
+/* A small-page fault at or above this many nanoseconds makes CM_HUGE_AUTO
+ * take CM_HUGE_ALL. Measured: 9 600-13 900 ns on a PVM guest, where all
+ * heaps on huge pages ran a 1 M-event catch-up 11 % faster; 1 700-1 900 ns
+ * (first touches, the host backing them included) on the hosts where the
+ * loop mode won by 9 % (docs/benchmarks.md, eighteenth and twenty-sixth
+ * sessions). */
+#define CM_HEAP_AUTO_FAULT_NS 5000.0
+
+/* Parse "auto", "loop", "all" or "off" (true, 1, yes, on mean all, and
+ * false, 0, no mean off: the values of the boolean flag this replaced); -1
+ * when unknown. */
 int cm_heap_mode_from(const char *s);
 
 /*
- * Start the mode. CM_HUGE_ALL executes the program again (argv, through
- * /proc/self/exe, same pid and process name) with glibc.malloc.hugetlb=1
- * added to GLIBC_TUNABLES, since glibc reads its tunables only at start; it
- * returns only when it did not (already done, or the exec failed).
- * CM_HUGE_LOOP notes where the main heap (the main thread's arena, which the
- * loop thread allocates from) ends, for cm_heap_grown. Call from the main
- * thread, which runs the loop, before any other thread starts. Returns what
- * was done, for the log: "loop", "all", "off", "set in GLIBC_TUNABLES",
- * "off (...)" with the reason, or "loop (tables only: ...)" in a sanitizer
- * build, whose allocator has no main heap (a static string).
+ * The CPU time one small-page fault takes on this host, in nanoseconds: a
+ * mapping of 4 MiB kept on small pages is touched page by page three times,
+ * unmapped after each round, and the fastest of the last two rounds counts
+ * (their pages are the ones just freed, so what is measured is the fault,
+ * not the host backing fresh memory). About 1 000 faults a round: 2-30 ms in
+ * all. -1 when it cannot measure (the mapping failed). Calling thread's CPU
+ * clock; any thread.
+ */
+double cm_heap_fault_ns(void);
+
+/*
+ * The mode CM_HUGE_AUTO takes for a small-page fault of `fault_ns` (from
+ * cm_heap_fault_ns): CM_HUGE_ALL at CM_HEAP_AUTO_FAULT_NS or above,
+ * CM_HUGE_LOOP below it or when it was not measured (negative).
+ */
+int cm_heap_auto_mode(double fault_ns);
+
+/*
+ * Start the mode. CM_HUGE_AUTO measures (cm_heap_fault_ns; not under a
+ * sanitizer, whose allocator glibc's tunable does not reach, nor where THP is
+ * not usable) and goes on as CM_HUGE_ALL or CM_HUGE_LOOP. CM_HUGE_ALL executes the program again
+ * (argv, through /proc/self/exe, same pid and process name) with glibc.malloc.hugetlb=1 added to
+ * GLIBC_TUNABLES, since glibc reads its tunables only at start; it returns only when it did not
+ * (already done, or the exec failed). CM_HUGE_LOOP notes where the main heap (the main thread's
+ * arena, which the loop thread allocates from) ends, for cm_heap_grown. Call from the main thread,
+ * which runs the loop, before any other thread starts. Returns what was done, for the log: "loop",
+ * "all", "off", "set in GLIBC_TUNABLES", "off (...)" with the reason, or "loop (tables only: ...)"
+ * in a sanitizer build, whose allocator has no main heap; after CM_HUGE_AUTO the mode followed by "
+ * (auto: ...)" with the measured fault. Valid for the life of the process.
  */
 const char *cm_heap_start(int mode, char **argv);
 

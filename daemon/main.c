@@ -1873,7 +1873,7 @@ int main(int argc, char **argv)
     }
     int huge = cm_heap_mode_from(d.cfg.heap_huge_pages);
     if (huge < 0) {
-        fprintf(stderr, "clickmartd: --heap-huge-pages must be loop, all or off\n");
+        fprintf(stderr, "clickmartd: --heap-huge-pages must be auto, loop, all or off\n");
         cfg_free(&d.cfg);
         return 2;
     }

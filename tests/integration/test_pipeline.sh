@@ -71,8 +71,13 @@ accepted_over() {
 }
 t=$SECONDS
 for ((k = 1; k <= KILLS; k++)); do
-    # Run 1 puts every heap on huge pages (the re-exec); the others run the default, loop.
-    if [ "$k" = 1 ]; then cm_daemon_start --heap-huge-pages=all; else cm_daemon_start; fi
+    # Run 1 puts every heap on huge pages (the re-exec), run 2 only the loop thread's; the
+    # others run the default, auto, which measures a page fault and takes one of the two.
+    case $k in
+    1) cm_daemon_start --heap-huge-pages=all ;;
+    2) cm_daemon_start --heap-huge-pages=loop ;;
+    *) cm_daemon_start ;;
+    esac
     if [ "$k" = 1 ] && [ "$GEN_RATE" != 0 ]; then gen_start; fi
     want=$((k * KILL_AFTER))
     if cm_wait_for 60 "more than $want accepted events" accepted_over "$want"; then
@@ -80,12 +85,30 @@ for ((k = 1; k <= KILLS; k++)); do
     else
         cm_log "run $k: only $ACCEPTED accepted after 60s; SIGKILL anyway"
     fi
+    if [ "$k" = 3 ]; then
+        # --heap-huge-pages=auto (the default): the log says what it measured and took,
+        # and the process runs as it says: with glibc's hugetlb tunable after all, without
+        # it after loop.
+        line=$(grep 'msg="heap"' "$CM_DAEMON_LOG" | tail -n 1)
+        case $line in
+        *'huge_pages="all (auto: a small-page fault takes '*) want_tunable=1 ;;
+        *'huge_pages="loop'*'(auto: '*) want_tunable=0 ;; # "loop (tables only: ...)" too
+        *) cm_die "the default run logged no automatic choice: $line" ;;
+        esac
+        has_tunable=0
+        if tr '\0' '\n' <"/proc/$CM_DAEMON_PID/environ" | grep -q '^GLIBC_TUNABLES=.*glibc\.malloc\.hugetlb=1'; then
+            has_tunable=1
+        fi
+        [ "$has_tunable" = "$want_tunable" ] ||
+            cm_die "auto: logged '$line' but glibc's hugetlb tunable is $([ $has_tunable = 1 ] || echo not) set"
+        cm_log "run $k: ${line#*msg=\"heap\" }"
+    fi
     if [ "$k" = 2 ]; then
-        # --heap-huge-pages=loop (the default): no re-exec; the loop thread's heap is
+        # --heap-huge-pages=loop: no re-exec; the loop thread's heap is
         # advised for huge pages itself (the "hg" flag in smaps) where THP can be used.
         # (A sanitizer build logs "loop (tables only: ...)".)
         grep -q 'msg="heap" huge_pages="loop' "$CM_DAEMON_LOG" ||
-            cm_die "clickmartd did not log huge_pages=\"loop\" by default (see $CM_DAEMON_LOG)"
+            cm_die "clickmartd did not log huge_pages=\"loop\" (see $CM_DAEMON_LOG)"
         if tr '\0' '\n' <"/proc/$CM_DAEMON_PID/environ" | grep -q 'glibc\.malloc\.hugetlb'; then
             cm_die "clickmartd re-executed itself with glibc's hugetlb tunable in loop mode"
         fi

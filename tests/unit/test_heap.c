@@ -1,6 +1,7 @@
 /*
- * test_heap.c - daemon/heap.c: the --heap-huge-pages values, and that the
- * loop mode advises what it should and nothing else. The advice is read back
+ * test_heap.c - daemon/heap.c: the --heap-huge-pages values, that the loop
+ * mode advises what it should and nothing else, and the auto mode's probe
+ * and rule. The advice is read back
  * from /proc/self/smaps, where a range advised with MADV_HUGEPAGE carries
  * the "hg" VmFlag.
  */
@@ -65,6 +66,8 @@ static void test_mode_from(void **state)
     assert_int_equal(cm_heap_mode_from("yes"), CM_HUGE_ALL);
     assert_int_equal(cm_heap_mode_from("on"), CM_HUGE_ALL);
     assert_int_equal(cm_heap_mode_from("no"), CM_HUGE_OFF);
+    assert_int_equal(cm_heap_mode_from("auto"), CM_HUGE_AUTO);
+    assert_int_equal(cm_heap_mode_from("Auto"), CM_HUGE_AUTO);
     assert_int_equal(cm_heap_mode_from("huge"), -1);
     assert_int_equal(cm_heap_mode_from(""), -1);
 }
@@ -134,12 +137,73 @@ static void test_main_heap_grown(void **state)
     assert_true(sbrk(-(intptr_t)n) != (void *)-1);
 }
 
+/* The mappings of this process: a probe must leave none behind. */
+static int mapping_count(void)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    if (!f)
+        return -1;
+    int n = 0, c;
+    while ((c = fgetc(f)) != EOF)
+        n += c == '\n';
+    fclose(f);
+    return n;
+}
+
+static void test_fault_probe(void **state)
+{
+    (void)state;
+    int before = mapping_count();
+    double ns = cm_heap_fault_ns();
+    /* A page fault takes somewhere between 100 ns and a millisecond on any
+     * machine this runs on; -1 only when mmap fails. */
+    assert_true(ns > 100 && ns < 1e6);
+    assert_int_equal(mapping_count(), before);
+}
+
+static void test_auto_rule(void **state)
+{
+    (void)state;
+    assert_int_equal(cm_heap_auto_mode(-1), CM_HUGE_LOOP);
+    assert_int_equal(cm_heap_auto_mode(1800), CM_HUGE_LOOP);
+    assert_int_equal(cm_heap_auto_mode(CM_HEAP_AUTO_FAULT_NS - 1), CM_HUGE_LOOP);
+    assert_int_equal(cm_heap_auto_mode(CM_HEAP_AUTO_FAULT_NS), CM_HUGE_ALL);
+    assert_int_equal(cm_heap_auto_mode(9800), CM_HUGE_ALL);
+}
+
+/* Auto measures, says what it measured, and goes on as the rule says. The
+ * tunable already in the environment stops the re-exec CM_HUGE_ALL would do
+ * (this test cannot be executed again), so that branch reports "set in
+ * GLIBC_TUNABLES". */
+static void test_auto_start(void **state)
+{
+    (void)state;
+    assert_int_equal(setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0", 1), 0);
+    const char *r = cm_heap_start(CM_HUGE_AUTO, NULL);
+    unsetenv("GLIBC_TUNABLES");
+    const char *why = strstr(r, " (auto: ");
+    assert_non_null(why);
+    if (!thp_usable() || strstr(why, "not measured")) {
+        /* A sanitizer build, or THP off: the loop mode, unmeasured. */
+        assert_non_null(strstr(why, "not measured"));
+        assert_true(!strncmp(r, "loop", 4));
+        return;
+    }
+    double us = 0;
+    assert_int_equal(sscanf(why, " (auto: a small-page fault takes %lf us)", &us), 1);
+    assert_true(us > 0.1 && us < 1000);
+    if (us * 1000 >= CM_HEAP_AUTO_FAULT_NS + 100)
+        assert_true(!strncmp(r, "set in GLIBC_TUNABLES", 21));
+    else if (us * 1000 < CM_HEAP_AUTO_FAULT_NS - 100)
+        assert_true(!strncmp(r, "loop (auto: ", 12));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_mode_from),
-        cmocka_unit_test(test_advise_by_mode),
-        cmocka_unit_test(test_main_heap_grown),
+        cmocka_unit_test(test_mode_from),       cmocka_unit_test(test_advise_by_mode),
+        cmocka_unit_test(test_main_heap_grown), cmocka_unit_test(test_fault_probe),
+        cmocka_unit_test(test_auto_rule),       cmocka_unit_test(test_auto_start),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -198,6 +198,9 @@ def daemonlog(path):
             for k in ("loop_idle_s", "commit_s", "input_wait_kafka_s", "input_wait_validation_s"):
                 if k in kv:
                     r[k] = float(kv[k])
+        elif msg == "heap":
+            # What --heap-huge-pages took (auto measures the host's page faults).
+            r["huge_pages"] = kv.get("huge_pages")
         elif msg == "progress":
             r["progress"].append({"ts": ts, "messages": int(kv.get("messages", 0)),
                                   "rate": float(kv.get("rate", "0").rstrip("/s")),
@@ -953,6 +956,7 @@ def report_throughput(kv, res, lines):
         # that varies with the host's memory more than with the code.
         "minor_faults": dm.get("minor_faults"),
         "minor_faults_per_event": rnd(dm["minor_faults"] / n, 3) if dm.get("minor_faults") else None,
+        "huge_pages": dl.get("huge_pages"),
         "loop_thread_cpu_s": rnd(dl.get("loop_cpu_s"), 2),
         "loop_thread_cpu_us_per_event": rnd(dl["loop_cpu_s"] / n * 1e6, 2) if dl.get("loop_cpu_s") else None,
         "loop_thread_runqueue_wait_s": rnd(dl.get("loop_wait_s"), 2),
@@ -1067,6 +1071,8 @@ def report_throughput(kv, res, lines):
     if d.get("minor_faults") is not None:
         L("        %s minor page faults (%s per event): fresh memory the kernel backed" % (
             fmt(d["minor_faults"]), fmt(d["minor_faults_per_event"], d=3)))
+    if d.get("huge_pages"):
+        L("        huge pages: %s" % d["huge_pages"])
     if d.get("loop_thread_cpu_us_per_event") is not None:
         L("        of which the loop thread (acceptance, mart updates, commits) %s µs per event, %s s; "
           "it waited %s s for a core" % (
