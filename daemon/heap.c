@@ -80,13 +80,16 @@ int cm_heap_pad(int64_t pad_mb)
 #define PROBE_BYTES ((size_t)4 << 20)
 #define PROBE_ROUNDS 3
 
+#ifdef __linux__
+/* The calling thread's CPU time, or -1 when the clock cannot be read. */
 static double thread_cpu_ns(void)
 {
     struct timespec ts;
     if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0)
-        return 0;
+        return -1;
     return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
 }
+#endif
 
 double cm_heap_fault_ns(void)
 {
@@ -104,8 +107,11 @@ double cm_heap_fault_ns(void)
         double t0 = thread_cpu_ns();
         for (size_t i = 0; i < PROBE_BYTES; i += ps)
             p[i] = 1;
-        double ns = (thread_cpu_ns() - t0) / (double)pages;
+        double t1 = thread_cpu_ns();
         munmap((void *)p, PROBE_BYTES);
+        if (t0 < 0 || t1 < 0)
+            return -1;
+        double ns = (t1 - t0) / (double)pages;
         /* The first round's pages may be fresh to the host as well. */
         if (r > 0 && ns > 0 && (best < 0 || ns < best))
             best = ns;
@@ -121,15 +127,22 @@ int cm_heap_auto_mode(double fault_ns)
     return fault_ns >= CM_HEAP_AUTO_FAULT_NS ? CM_HUGE_ALL : CM_HUGE_LOOP;
 }
 
+#if defined(__GLIBC__) && defined(__linux__)
 /* What an automatic choice logs (written once, by the main thread, before
  * other threads exist). */
-static char g_auto_desc[160];
+static char g_auto_desc[192];
 
-static const char *auto_desc(const char *mode, const char *why)
+/* "MODE (auto: WHY)", or "loop (all: FAILED) (auto: WHY)" when the mode
+ * taken was not the one chosen. */
+static const char *auto_desc(const char *mode, const char *failed, const char *why)
 {
-    snprintf(g_auto_desc, sizeof g_auto_desc, "%s (auto: %s)", mode, why);
+    if (failed)
+        snprintf(g_auto_desc, sizeof g_auto_desc, "%s (all: %s) (auto: %s)", mode, failed, why);
+    else
+        snprintf(g_auto_desc, sizeof g_auto_desc, "%s (auto: %s)", mode, why);
     return g_auto_desc;
 }
+#endif
 
 /*
  * The marker variable stops a second round of CM_HUGE_ALL's exec and carries
@@ -156,6 +169,10 @@ static const char *start_all(char **argv, const char *why)
     if (prctl(PR_GET_NAME, name, 0, 0, 0) != 0)
         name[0] = '\0';
     char *saved = cur ? strdup(cur) : NULL;
+    /* An inherited reason would make an explicit "all" log an automatic
+     * choice. */
+    if (!why)
+        unsetenv(HUGE_PAGES_AUTO);
     if (setenv("GLIBC_TUNABLES", val, 1) == 0 && setenv(HUGE_PAGES_MARKER, name, 1) == 0 &&
         (!why || setenv(HUGE_PAGES_AUTO, why, 1) == 0))
         execv("/proc/self/exe", argv);
@@ -184,10 +201,10 @@ const char *cm_heap_start(int mode, char **argv)
             prctl(PR_SET_NAME, marker, 0, 0, 0);
         unsetenv(HUGE_PAGES_MARKER);
         g_mode = CM_HUGE_ALL;
+        /* The reason goes into a quoted log field: one that could break the
+         * quoting did not come from the first run. */
         const char *why = getenv(HUGE_PAGES_AUTO);
-        if (!why)
-            return "all";
-        const char *desc = auto_desc("all", why);
+        const char *desc = why && !strpbrk(why, "\"\\\n") ? auto_desc("all", NULL, why) : "all";
         unsetenv(HUGE_PAGES_AUTO);
         return desc;
     }
@@ -207,8 +224,12 @@ const char *cm_heap_start(int mode, char **argv)
         else if (preload && strstr(preload, "vgpreload"))
             /* CM_HUGE_ALL's second exec would leave valgrind. */
             why = "not measured: under valgrind";
+        else if (page_mask() + 1 != 4096)
+            /* The threshold is for 4 KiB pages: a larger page takes fewer
+             * faults per MB, so the figures do not compare. */
+            why = "not measured: pages are not 4 KiB";
         else if ((ns = cm_heap_fault_ns()) < 0)
-            why = "not measured: no mapping";
+            why = "not measured: the probe failed";
 #endif
         if (!why) {
             snprintf(fault, sizeof fault, "a small-page fault takes %.1f us", ns / 1000);
@@ -216,9 +237,15 @@ const char *cm_heap_start(int mode, char **argv)
         }
         mode = cm_heap_auto_mode(ns);
     }
+    const char *failed = NULL;
     if (mode == CM_HUGE_ALL) {
         const char *r = start_all(argv, why);
-        return why ? auto_desc(r, why) : r;
+        if (!why)
+            return r;
+        /* An automatic "all" that did not happen falls back to the loop
+         * mode, the default before "auto", rather than to none. */
+        failed = r;
+        mode = CM_HUGE_LOOP;
     }
     if (mode != CM_HUGE_LOOP)
         return "off";
@@ -237,7 +264,7 @@ const char *cm_heap_start(int mode, char **argv)
 #else
     const char *r = "loop";
 #endif
-    return why ? auto_desc(r, why) : r;
+    return why ? auto_desc(r, failed, why) : r;
 #else
     (void)mode;
     (void)argv;

@@ -54,9 +54,9 @@ int cm_heap_mode_from(const char *s);
  * mapping of 4 MiB kept on small pages is touched page by page three times,
  * unmapped after each round, and the fastest of the last two rounds counts
  * (their pages are the ones just freed, so what is measured is the fault,
- * not the host backing fresh memory). About 1 000 faults a round: 2-30 ms in
- * all. -1 when it cannot measure (the mapping failed). Calling thread's CPU
- * clock; any thread.
+ * not the host backing fresh memory). About 1 000 faults a round: 3-40 ms in
+ * all. -1 when it cannot measure (a mapping or the clock failed). Calling
+ * thread's CPU clock; any thread.
  */
 double cm_heap_fault_ns(void);
 
@@ -69,16 +69,22 @@ int cm_heap_auto_mode(double fault_ns);
 
 /*
  * Start the mode. CM_HUGE_AUTO measures (cm_heap_fault_ns; not under a
- * sanitizer, whose allocator glibc's tunable does not reach, nor where THP is
- * not usable) and goes on as CM_HUGE_ALL or CM_HUGE_LOOP. CM_HUGE_ALL executes the program again
- * (argv, through /proc/self/exe, same pid and process name) with glibc.malloc.hugetlb=1 added to
- * GLIBC_TUNABLES, since glibc reads its tunables only at start; it returns only when it did not
- * (already done, or the exec failed). CM_HUGE_LOOP notes where the main heap (the main thread's
- * arena, which the loop thread allocates from) ends, for cm_heap_grown. Call from the main thread,
- * which runs the loop, before any other thread starts. Returns what was done, for the log: "loop",
- * "all", "off", "set in GLIBC_TUNABLES", "off (...)" with the reason, or "loop (tables only: ...)"
- * in a sanitizer build, whose allocator has no main heap; after CM_HUGE_AUTO the mode followed by "
- * (auto: ...)" with the measured fault. Valid for the life of the process.
+ * sanitizer, whose allocator glibc's tunable does not reach, nor under
+ * valgrind, with pages other than 4 KiB, or where THP is not usable) and
+ * goes on as CM_HUGE_ALL or CM_HUGE_LOOP; an automatic CM_HUGE_ALL that
+ * cannot happen falls back to CM_HUGE_LOOP. CM_HUGE_ALL executes the program
+ * again (argv, through /proc/self/exe, same pid and process name) with
+ * glibc.malloc.hugetlb=1 added to GLIBC_TUNABLES, since glibc reads its
+ * tunables only at start; it returns only when it did not (already done, or
+ * the exec failed). CM_HUGE_LOOP notes where the main heap (the main
+ * thread's arena, which the loop thread allocates from) ends, for
+ * cm_heap_grown. Call from the main thread, which runs the loop, before any
+ * other thread starts. Returns what was done, for the log: "loop", "all",
+ * "off", "set in GLIBC_TUNABLES", "off (...)" with the reason, or "loop
+ * (tables only: ...)" in a sanitizer build, whose allocator has no main
+ * heap; after CM_HUGE_AUTO the mode followed by " (auto: ...)" with the
+ * measured fault or why it was not measured, and "loop (all: ...) (auto:
+ * ...)" after a fallback. Valid for the life of the process.
  */
 const char *cm_heap_start(int mode, char **argv);
 

@@ -89,10 +89,11 @@ for ((k = 1; k <= KILLS; k++)); do
         # --heap-huge-pages=auto (the default): the log says what it measured and took,
         # and the process runs as it says: with glibc's hugetlb tunable after all, without
         # it after loop.
-        line=$(grep 'msg="heap"' "$CM_DAEMON_LOG" | tail -n 1)
+        line=$(grep 'msg="heap"' "$CM_DAEMON_LOG" | tail -n 1 || true)
         case $line in
         *'huge_pages="all (auto: a small-page fault takes '*) want_tunable=1 ;;
-        *'huge_pages="loop'*'(auto: '*) want_tunable=0 ;; # "loop (tables only: ...)" too
+        # "loop (tables only: ...)" and a fallback, "loop (all: ...) (auto: ...)", too.
+        *'huge_pages="loop'*'(auto: '*) want_tunable=0 ;;
         *) cm_die "the default run logged no automatic choice: $line" ;;
         esac
         has_tunable=0
