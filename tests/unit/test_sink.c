@@ -824,7 +824,6 @@ static int64_t live_ms(const char *val)
     return strtoll(val, NULL, 10);
 }
 
-/* A batch of n session rows and one partition row. */
 /* Flushes b, which must succeed without an error left behind; then
  * snk_flush_redone(c) must be `redone`, the query q (a q1 template: "{S}"
  * for the schema, "%%" for "%") must return `want`, and partition 0's
@@ -841,6 +840,7 @@ static void flush_check(snk_conn_t *c, PGconn *adm, const snk_batch_t *b, uint64
                             next);
 }
 
+/* A batch of n session rows and one partition row. */
 static snk_batch_t session_batch(const snk_session_row_t *s, size_t n, const snk_partition_row_t *p)
 {
     snk_batch_t b = {0};
