@@ -1092,11 +1092,13 @@ enum {
     TAG_COHORT = 'C',
     TAG_EXPOSURE = 'E', /* user_exposure and user_outcomes rows of (user, experiment) */
     TAG_OUTCOME = 'O',  /* only the user_outcomes row: the window outcome moved */
-    /* Both rows of a (user, experiment) no flush can have written: its
+    /* Both rows of a (user, experiment) no completed flush has written: its
      * record was created since the last flush (experiment records never
-     * leave the state). The sink may COPY them straight into the tables,
-     * and a user_outcomes row to delete cannot exist. 'E' and 'O' marks of
-     * the same key beside it are skipped. */
+     * leave the state). The sink may COPY them straight into the tables (a
+     * unique_violation redoes the flush with upserts). A user_outcomes row
+     * that must not exist is still deleted: a flush committed in Postgres
+     * but not in the state may have written it. 'E' and 'O' marks of the
+     * same key beside it are skipped. */
     TAG_EXPOSURE_NEW = 'W',
     TAG_EXPERIMENT = 'X', /* experiments and experiment_results rows */
     TAG_REGRESSION = 'G'  /* experiment_regression rows, refitted on the stats interval */
@@ -4319,9 +4321,11 @@ static int collect_dirty(agg_t *a, agg_flush_t *f, st_txn_t *txn, const kset_t *
             e[4].null = x.exposed_at < 0;
             e[5].i = x.multi;
         }
+        /* A user_outcomes row that must not exist is deleted even for a new
+         * pair: a flush that Postgres committed but the state never
+         * recorded (a crash between the two) may have written it while the
+         * pair was still included, and the new mark survives that crash. */
         int included = x.exposed_at >= 0 && !x.multi;
-        if (fresh && !included)
-            return 0; /* no row to delete */
         snk_val_t *o = gen_row(f, SNK_USER_OUTCOMES,
                                !included ? GEN_DEL
                                : fresh   ? GEN_NEW
