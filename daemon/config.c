@@ -56,7 +56,7 @@ static const opt_t opts[] = {
      "Most messages one LMDB transaction gathers from ready batches (at most 16; at or below "
      "--batch-size, one batch each; while catching up it may grow, see --txn-messages-max): "
      "fewer commits and fsyncs while catching up, more memory until the commit."},
-    {"txn-messages-max", OPT_INT, O(txn_messages_max), "320000", 1, 4000000,
+    {"txn-messages-max", OPT_INT, O(txn_messages_max), "640000", 1, 4000000,
      "While catching up, transactions grow up to this many messages (doubling) when their "
      "commits write more than 600 bytes per message, as they do once the users spread over "
      "many more pages than a transaction touches; fewer pages rewritten per message, more "
