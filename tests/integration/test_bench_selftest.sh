@@ -4,6 +4,7 @@
 # time in CPU, run-queue waits, commits and its poll must come back as those shares per
 # window, with the events/s and CPU per event the samples imply. The A/B summary
 # (`ab-summary`, behind `--compare`): medians, B/A and pairs won of synthetic runs.
+# The steady mode's CPU split (`cpu-split`): known CPU counters give back known cores.
 # The process lookup (`daemon_child`, tools/bench.d/procs.sh) must find a daemon behind
 # a --daemon wrapper script. Needs python3 and pgrep only.
 #
@@ -176,6 +177,37 @@ assert m["CPU us/event, last window"]["b_better_pairs"] == 2, m
 assert m["peak RSS, MB"]["b_better_pairs"] == 0, m  # ties count for neither side
 assert "state on disk, MB" not in m, m  # in no run: left out
 print("bench A/B summary, scale mode: the figures come from the scale JSON")
+PY
+# The steady mode's CPU split (`cpu-split`): over 10 s, with CLK_TCK ticks per second,
+# the daemon used 6 s of CPU, Postgres 4 s, the dev broker 1.5 s, the generator 4 s
+# (its rusage) and the machine 17 s of busy time (1 s of it steal, left out) in all;
+# the daemon passed 1 GB to write calls for 1 M messages.
+"$CM_PY" - "$CM_DIR" "$(getconf CLK_TCK)" <<'PY'
+import json, os, sys
+d, tck = sys.argv[1], int(sys.argv[2])
+def stat(busy, steal):
+    # user nice system idle iowait irq softirq steal
+    return [busy - steal, 0, 0, 5000, 7, 0, 0, steal]
+json.dump({"t": 100.0, "stat": stat(1000, 10), "daemon": 50, "broker": 7, "pg": 30,
+           "daemon_wchar": 10**9}, open(os.path.join(d, "snap0.json"), "w"))
+json.dump({"t": 110.0, "stat": stat(1000 + 17 * tck, 10 + 1 * tck), "daemon": 50 + 6 * tck,
+           "broker": 7 + int(1.5 * tck), "pg": 30 + 4 * tck, "daemon_wchar": 2 * 10**9},
+          open(os.path.join(d, "snap1.json"), "w"))
+json.dump({"cpu_s": 4.0}, open(os.path.join(d, "gen.json"), "w"))
+json.dump({"target_rate": 100000, "p99_s": 2.9}, open(os.path.join(d, "step.json"), "w"))
+PY
+"$CM_PY" "$LIB" cpu-split "$CM_DIR/step.json" "$CM_DIR/snap0.json" "$CM_DIR/snap1.json" \
+    "$CM_DIR/gen.json" 1000000
+"$CM_PY" - "$CM_DIR/step.json" "$(nproc)" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+c = r["cpu_while_producing"]
+assert r["p99_s"] == 2.9, r  # the step's own figures stay
+want = {"daemon": 0.6, "postgres": 0.4, "broker": 0.15, "generator": 0.4, "machine": 1.6, "rest": 0.05,
+        "machine_busy_share": 1.6 / int(sys.argv[2]), "daemon_write_kb_per_message": 1.0}
+for k, v in want.items():
+    assert abs(c[k] - v) < 0.002, (k, c[k], v)
+print("bench steady CPU split: the cores of the daemon, Postgres, generator and broker come back")
 PY
 # daemon_child (tools/bench.d/procs.sh) finds the daemon behind a --daemon wrapper
 # script that execs it: the process then has the binary's name, not the script's. A

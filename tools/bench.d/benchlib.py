@@ -5,6 +5,8 @@
     benchlib.py proc-cpu PID                                     -> CPU ticks of PID and its children
     benchlib.py copyprep OUT.copy < kcat '%p %o %S\\n%s\\n' dump   -> JSON counts on stdout
     benchlib.py rusage OUT -- CMD...                             runs CMD, its rusage to OUT
+    benchlib.py cpu-snap OUT DAEMON BROKER PG                    steady mode: CPU counters now
+    benchlib.py cpu-split STEP SNAP0 SNAP1 GEN MESSAGES          steady mode: where the cores went
     benchlib.py daemonlog FILE                                   -> JSON of clickmartd's log
     benchlib.py steps FILE                                       -> JSON of batch.sql's timings
     benchlib.py poll-pg ...                                      steady mode sampler
@@ -1167,6 +1169,21 @@ def report_steady(kv, res, lines):
         L("%10s  p50 %s s, max %s s over %s flushes" % (
             fmt(s.get("target_rate")), fmt(s.get("step_newest_p50_s"), d=3),
             fmt(s.get("step_newest_max_s"), d=3), fmt(s.get("visible_steps"))))
+    if any(s.get("cpu_while_producing") for s in steps):
+        L("")
+        L("cores busy while the generator produced (of %s; the generator and the dev broker are the" %
+          (os.cpu_count() or 1))
+        L("bench's own load on the same cores), and what clickmartd passed to write calls per message")
+        L("(its LMDB commits: each rewrites every page its transaction touched):")
+        L("%10s %11s %9s %10s %7s %6s %8s %11s" % ("rate", "clickmartd", "Postgres", "generator",
+                                                   "broker", "rest", "machine", "kB/message"))
+        for s in steps:
+            c = s.get("cpu_while_producing") or {}
+            L("%10s %11s %9s %10s %7s %6s %8s %11s" % (
+                fmt(s.get("target_rate")), fmt(c.get("daemon"), d=2), fmt(c.get("postgres"), d=2),
+                fmt(c.get("generator"), d=2), fmt(c.get("broker"), d=2), fmt(c.get("rest"), d=2),
+                "%s %%" % fmt(100 * c["machine_busy_share"]) if c.get("machine_busy_share") is not None
+                else "?", fmt(c.get("daemon_write_kb_per_message"), d=2)))
     L("")
     L("highest rate held without growing lag: %s events/s" % fmt(res["highest_rate_held"]))
     t = res["targets"]["freshness_p99_le_flush_plus_1s_at_100k"]
@@ -1301,7 +1318,71 @@ def proc_cpu(pid):
             t, ppid = ticks(d, False)
             if ppid == str(pid):
                 total += t
-    print(total)
+    return total
+
+
+def cpu_snap(args):
+    """cpu-snap OUT DAEMON_PID BROKER_PID PG_PID: the machine's CPU counters (/proc/stat),
+    the CPU ticks of the daemon, the dev broker and Postgres (all its processes), and the
+    daemon's write-call bytes, now, as JSON for cpu-split."""
+    out, dpid, bpid, pgpid = args[0], args[1], args[2], args[3]
+    with open("/proc/stat") as f:
+        stat = [int(x) for x in f.readline().split()[1:]]
+    wchar, _wb = proc_io(int(dpid)) if dpid.isdigit() else (None, None)
+    r = {"t": time.time(), "stat": stat,
+         "daemon": proc_cpu(dpid) if dpid.isdigit() else None,
+         "broker": proc_cpu(bpid) if bpid.isdigit() else None,
+         "pg": proc_cpu(pgpid) if pgpid.isdigit() else None,
+         "daemon_wchar": wchar}
+    with open(out, "w") as f:
+        json.dump(r, f)
+
+
+def cpu_split(args):
+    """cpu-split STEP_JSON SNAP0 SNAP1 GEN_JSON MESSAGES: adds to a steady step's JSON where
+    the two cores went while the generator produced: the cores the daemon, Postgres, the
+    generator (its rusage) and the dev broker kept busy, the rest (the kernel's writeback,
+    the samplers), the machine's busy share, and the bytes the daemon passed to write
+    calls per message (its LMDB commits, which rewrite every page they touched)."""
+    step, s0, s1, gen = (jload_file(a) for a in args[:4])
+    msgs = int(args[4])
+    if not (step and s0 and s1):
+        return
+    wall = s1["t"] - s0["t"]
+    tck = os.sysconf("SC_CLK_TCK")
+    ncpu = os.cpu_count() or 1
+
+    def cores(name):
+        a, b = s1.get(name), s0.get(name)
+        return None if a is None or b is None or wall <= 0 else (a - b) / tck / wall
+
+    a, b = s1["stat"], s0["stat"]
+    busy = (sum(a[:8]) - a[3] - a[4]) - (sum(b[:8]) - b[3] - b[4])
+    steal = (a[7] - b[7]) if len(a) > 7 else 0
+    machine = (busy - steal) / tck / wall if wall > 0 else None
+    c = {"wall_s": rnd(wall, 2), "cores": ncpu, "daemon": cores("daemon"), "postgres": cores("pg"),
+         "broker": cores("broker"),
+         "generator": (gen["cpu_s"] / wall) if (gen and gen.get("cpu_s") is not None and wall > 0) else None,
+         "machine": machine}
+    known = [c[k] for k in ("daemon", "postgres", "broker", "generator")]
+    c["rest"] = max(0.0, machine - sum(known)) if (machine is not None and None not in known) else None
+    c["machine_busy_share"] = machine / ncpu if machine is not None else None
+    for k in ("daemon", "postgres", "broker", "generator", "machine", "rest", "machine_busy_share"):
+        c[k] = rnd(c[k], 3)
+    w0, w1 = s0.get("daemon_wchar"), s1.get("daemon_wchar")
+    if w0 is not None and w1 is not None and msgs > 0:
+        c["daemon_write_kb_per_message"] = rnd((w1 - w0) / 1000.0 / msgs, 2)
+    step["cpu_while_producing"] = c
+    with open(args[0], "w") as f:
+        json.dump(step, f)
+
+
+def jload_file(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- A/B (--compare)
@@ -1325,6 +1406,10 @@ AB_METRICS = {
         ("freshness p50, s", ("steps", 0, "p50_s"), "lower"),
         ("newest of a flush p50, s", ("steps", 0, "step_newest_p50_s"), "lower"),
         ("clickmartd cores", ("steps", 0, "daemon_cpu_cores"), "lower"),
+        ("Postgres cores", ("steps", 0, "cpu_while_producing", "postgres"), "lower"),
+        ("machine busy share", ("steps", 0, "cpu_while_producing", "machine_busy_share"), "lower"),
+        ("clickmartd write calls, kB/message", ("steps", 0, "cpu_while_producing",
+                                               "daemon_write_kb_per_message"), "lower"),
     ],
     "scale": [
         ("events/s overall", ("scale", "events_per_s"), "higher"),
@@ -1440,11 +1525,15 @@ def main():
     if cmd == "free-port":
         free_port()
     elif cmd == "proc-cpu":
-        proc_cpu(args[0])
+        print(proc_cpu(args[0]))
     elif cmd == "copyprep":
         copyprep(args[0])
     elif cmd == "rusage":
         rusage(args)
+    elif cmd == "cpu-snap":
+        cpu_snap(args)
+    elif cmd == "cpu-split":
+        cpu_split(args)
     elif cmd == "steps":
         steps(args[0])
     elif cmd == "daemonlog":
