@@ -4,7 +4,8 @@
 # time in CPU, run-queue waits, commits and its poll must come back as those shares per
 # window, with the events/s and CPU per event the samples imply. The A/B summary
 # (`ab-summary`, behind `--compare`): medians, B/A and pairs won of synthetic runs.
-# The steady mode's CPU split (`cpu-split`): known CPU counters give back known cores.
+# The steady mode's freshness per flush (`freshness`) and CPU split (`cpu-split`):
+# known samples and counters give back known figures.
 # The process lookup (`daemon_child`, tools/bench.d/procs.sh) must find a daemon behind
 # a --daemon wrapper script. Needs python3 and pgrep only.
 #
@@ -178,6 +179,31 @@ assert m["peak RSS, MB"]["b_better_pairs"] == 0, m  # ties count for neither sid
 assert "state on disk, MB" not in m, m  # in no run: left out
 print("bench A/B summary, scale mode: the figures come from the scale JSON")
 PY
+# The steady mode's freshness (`freshness`): twelve messages of one partition, produced
+# every 0.1 s from t = 100 s, become visible in three flushes (samples at 100.5, 101.5
+# and 102.5 s showing next_offset 3, 10 and 12). The flushes' newest messages waited
+# 0.3, 0.6 and 1.4 s, their oldest 0.5, 1.2 and 1.5 s: spans 0.2, 0.6 and 0.1 s.
+"$CM_PY" - "$CM_DIR" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+with open(os.path.join(d, "fresh.jsonl"), "w") as f:
+    for t, n in ((100.0, 0), (100.5, 3), (101.0, 3), (101.5, 10), (102.0, 10), (102.5, 12)):
+        f.write(json.dumps({"t": t, "next": {"0": n}}) + "\n")
+with open(os.path.join(d, "fresh.txt"), "w") as f:
+    for o in range(12):
+        f.write("0 %d %d\n" % (o, 100000 + 100 * o))
+PY
+"$CM_PY" "$LIB" freshness "$CM_DIR/fresh.jsonl" "$CM_DIR/fresh.txt" 10 1.2 2000 0.1 >"$CM_DIR/fresh.json"
+"$CM_PY" - "$CM_DIR/fresh.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+want = {"messages": 12, "visible_steps": 3, "step_newest_p50_s": 0.6, "step_newest_max_s": 1.4,
+        "step_oldest_max_s": 1.5, "step_span_p50_s": 0.2, "step_span_max_s": 0.6, "max_s": 1.5}
+for k, v in want.items():
+    assert abs(r[k] - v) < 1e-6, (k, r.get(k), v)
+print("bench steady freshness: each flush's newest, oldest and span come back")
+PY
+
 # The steady mode's CPU split (`cpu-split`): over 10 s, with CLK_TCK ticks per second,
 # the daemon used 6 s of CPU, Postgres 4 s, the dev broker 1.5 s, the generator 4 s
 # (its rusage) and the machine 17 s of busy time (1 s of it steal, left out) in all;

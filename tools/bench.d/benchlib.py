@@ -576,6 +576,7 @@ def freshness(args):
             per_part_n.setdefault(p, []).append(n)
     msgs = []  # (produce_s, fresh_s or None)
     newest = {}  # sample time at which messages became visible -> the least freshness then
+    oldest = {}  # ... and the greatest
     n_total = 0
     with open(offsets_path, "rb") as f:
         for line in f:
@@ -595,6 +596,7 @@ def freshness(args):
             msgs.append((ts / 1000.0, f))
             if f is not None:
                 newest[vis] = min(newest.get(vis, f), f)
+                oldest[vis] = max(oldest.get(vis, f), f)
     msgs.sort()
     r = {"messages": n_total, "sample_interval_s": interval, "samples": len(samples)}
     if not msgs:
@@ -624,6 +626,15 @@ def freshness(args):
         r["visible_steps"] = len(nv)
         r["step_newest_p50_s"] = round(percentile(nv, 50), 3)
         r["step_newest_max_s"] = round(nv[-1], 3)
+        # The oldest message of a flush waited for the span between the previous flush's
+        # cut-off and this one's on top of what the newest waited: oldest - newest is
+        # that span (about the flush interval; longer when a flush started late, e.g.
+        # after a part written ahead, and the next one's shorter). The p99 of freshness
+        # is about the largest spans plus the largest newest waits.
+        spans = sorted(oldest[v] - newest[v] for v in newest)
+        r["step_oldest_max_s"] = round(max(oldest.values()), 3)
+        r["step_span_p50_s"] = round(percentile(spans, 50), 3)
+        r["step_span_max_s"] = round(spans[-1], 3)
     # Freshness over time: buckets of 1/20 of the run, at least two flush intervals (so
     # that the saw-tooth of the flushes does not alias into the trend).
     bucket = max(1.0, 2.0 * flush_s, span / 20.0)
@@ -1169,6 +1180,14 @@ def report_steady(kv, res, lines):
         L("%10s  p50 %s s, max %s s over %s flushes" % (
             fmt(s.get("target_rate")), fmt(s.get("step_newest_p50_s"), d=3),
             fmt(s.get("step_newest_max_s"), d=3), fmt(s.get("visible_steps"))))
+    if any(s.get("step_span_p50_s") is not None for s in steps):
+        L("the span between two flushes' cut-offs (the oldest message of a flush minus its newest; the")
+        L("oldest waited that long for the flush to start):")
+        for s in steps:
+            L("%10s  p50 %s s, max %s s (flush interval %s s); the oldest message of a flush: max %s s" % (
+                fmt(s.get("target_rate")), fmt(s.get("step_span_p50_s"), d=3),
+                fmt(s.get("step_span_max_s"), d=3), fmt(flush_ms / 1000.0, d=1),
+                fmt(s.get("step_oldest_max_s"), d=3)))
     if any(s.get("cpu_while_producing") for s in steps):
         L("")
         L("cores busy while the generator produced (of %s; the generator and the dev broker are the" %
