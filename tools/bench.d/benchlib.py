@@ -811,14 +811,27 @@ def load_kv(path):
 
 
 def jload(kv, key):
+    """The JSON file whose path kv[key] holds, or {} (no such key, unreadable file)."""
     v = kv.get(key)
-    if not v:
-        return {}
+    r = jload_file(v) if v else None
+    return {} if r is None else r
+
+
+def jload_file(path):
+    """The JSON in the file at path, or None when it cannot be read."""
     try:
-        with open(v) as f:
+        with open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
-        return {}
+        return None
+
+
+def stat_busy_ticks(before, after):
+    """Clock ticks the machine was busy between two /proc/stat cpu lines (lists of their
+    counters): everything but idle and iowait, less the time the host stole."""
+    busy = (sum(after[:8]) - after[3] - after[4]) - (sum(before[:8]) - before[3] - before[4])
+    steal = (after[7] - before[7]) if len(after) > 7 else 0
+    return busy - steal
 
 
 def fnum(kv, key, default=None):
@@ -936,10 +949,8 @@ def report_throughput(kv, res, lines):
         b = [int(x) for x in kv["cpustat_before"].split()[1:]]
         a = [int(x) for x in kv["cpustat_after"].split()[1:]]
         tck = os.sysconf("SC_CLK_TCK")
-        busy = (sum(a[:8]) - a[3] - a[4]) - (sum(b[:8]) - b[3] - b[4])  # all but idle, iowait
-        steal = (a[7] - b[7]) if len(a) > 7 else 0
         if e2e_s and dm.get("cpu_s") is not None:
-            other_cores = max(0.0, (busy - steal) / tck - dm["cpu_s"]) / e2e_s
+            other_cores = max(0.0, stat_busy_ticks(b, a) / tck - dm["cpu_s"]) / e2e_s
     except (KeyError, ValueError, IndexError):
         pass
     # The same, split by who: the dev broker and Postgres (all its processes).
@@ -1375,10 +1386,7 @@ def cpu_split(args):
         a, b = s1.get(name), s0.get(name)
         return None if a is None or b is None or wall <= 0 else (a - b) / tck / wall
 
-    a, b = s1["stat"], s0["stat"]
-    busy = (sum(a[:8]) - a[3] - a[4]) - (sum(b[:8]) - b[3] - b[4])
-    steal = (a[7] - b[7]) if len(a) > 7 else 0
-    machine = (busy - steal) / tck / wall if wall > 0 else None
+    machine = stat_busy_ticks(s0["stat"], s1["stat"]) / tck / wall if wall > 0 else None
     c = {"wall_s": rnd(wall, 2), "cores": ncpu, "daemon": cores("daemon"), "postgres": cores("pg"),
          "broker": cores("broker"),
          "generator": (gen["cpu_s"] / wall) if (gen and gen.get("cpu_s") is not None and wall > 0) else None,
@@ -1394,14 +1402,6 @@ def cpu_split(args):
     step["cpu_while_producing"] = c
     with open(args[0], "w") as f:
         json.dump(step, f)
-
-
-def jload_file(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 # --------------------------------------------------------------------------- A/B (--compare)
