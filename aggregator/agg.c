@@ -1171,8 +1171,11 @@ struct agg {
     st_env_t *env;
     char *topic;
     int64_t gap, lateness, sweep_per_batch;
-    st_txn_t *txn; /* the open batch, or NULL */
-    uint64_t seq;  /* sequence of the last committed batch */
+    st_txn_t *txn;          /* the open batch, or NULL */
+    int checkpoints;        /* conf.checkpoints */
+    st_txn_t *outer;        /* the open checkpoint transaction (batches nest in it), or NULL */
+    uint64_t outer_batches; /* batches committed into it */
+    uint64_t seq;           /* sequence of the last committed batch */
     uint64_t pending;
     agg_partition_t parts[AGG_MAX_PARTITIONS];
     uint8_t touched[AGG_MAX_PARTITIONS];
@@ -1394,10 +1397,40 @@ static int marks_sorted(const kset_t *s, const uint8_t ***out, size_t *n)
     return 0;
 }
 
+/* Begin a write transaction: nested in the checkpoint transaction (opened
+ * on demand) with conf.checkpoints, else a durable one of its own. */
+static int wtxn_begin(agg_t *a, st_txn_t **txn)
+{
+    if (!a->checkpoints)
+        return st_begin(a->env, 0, txn);
+    if (!a->outer) {
+        int r = st_begin(a->env, 0, &a->outer);
+        if (r)
+            return r;
+        a->outer_batches = 0;
+    }
+    return st_begin_nested(a->env, a->outer, txn);
+}
+
+/* A transaction to read the latest state on the loop thread outside a
+ * batch: the open checkpoint transaction (*own 0: the caller must not end
+ * it), else a read snapshot of its own (*own 1). */
+static int rtxn_begin(agg_t *a, st_txn_t **txn, int *own)
+{
+    if (a->outer && !a->txn) {
+        *txn = a->outer;
+        *own = 0;
+        return 0;
+    }
+    *own = 1;
+    return st_begin(a->env, 1, txn);
+}
+
 static int load_partitions(agg_t *a)
 {
     st_txn_t *txn;
-    int r = st_begin(a->env, 1, &txn);
+    int own;
+    int r = rtxn_begin(a, &txn, &own);
     if (r)
         return r;
     memset(a->parts, 0, sizeof a->parts);
@@ -1432,7 +1465,8 @@ static int load_partitions(agg_t *a)
     a->pending = a->pend.n + nr;
 out:
     st_cur_close(&cur);
-    st_abort(txn);
+    if (own)
+        st_abort(txn);
     return r;
 }
 
@@ -1493,6 +1527,7 @@ int agg_open(st_env_t *env, const agg_conf_t *conf, agg_t **out)
     if (!a)
         return AGG_ENOMEM;
     a->env = env;
+    a->checkpoints = conf->checkpoints != 0;
     a->topic = strdup(conf->topic ? conf->topic : "");
     a->gap = conf->session_gap_ms;
     a->ws[WS_USERS].db = ST_DB_USERS;
@@ -1553,6 +1588,9 @@ void agg_close(agg_t *a)
         return;
     if (a->txn)
         agg_batch_abort(a);
+    /* Not checkpointed: lost as in a crash (the caller checkpoints first
+     * when it stops cleanly). */
+    st_abort(a->outer);
     free(a->pev);
     free(a->evbuf);
     free(a->uev);
@@ -1756,7 +1794,7 @@ int agg_batch_begin(agg_t *a)
     a->fresh.n = a->swept.n = 0;
     a->batch_events = 0;
     memset(a->touched, 0, sizeof a->touched);
-    return st_begin(a->env, 0, &a->txn);
+    return wtxn_begin(a, &a->txn);
 }
 
 void agg_batch_abort(agg_t *a)
@@ -3669,6 +3707,7 @@ int agg_batch_commit(agg_t *a)
         a->txn = NULL;
         if (r == 0) {
             a->seq = seq;
+            a->outer_batches += a->outer != NULL;
             /* The batch's marks join the unflushed set; without memory for
              * them the set is read back from the log. */
             int pr = kset_add_packed(&a->pend, a->dirty.arena, a->dirty.alen);
@@ -4457,7 +4496,9 @@ int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_fl
     f->users_later = f->part && (flags & AGG_FLUSH_USERS_LATER) != 0;
     f->regression = !f->part && (flags & AGG_FLUSH_REGRESSION) != 0;
     st_txn_t *txn;
-    int r = st_begin(a->env, 1, &txn);
+    int own = 1;
+    int r =
+        f->part && (flags & AGG_FLUSH_LOOP) ? rtxn_begin(a, &txn, &own) : st_begin(a->env, 1, &txn);
     if (r) {
         free(f);
         return r;
@@ -4537,7 +4578,8 @@ int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_fl
         }
         st_cur_close(&cur);
     }
-    st_abort(txn);
+    if (own)
+        st_abort(txn);
     if (r != 0 && r != ST_ENOTFOUND) {
         agg_flush_free(f);
         return r;
@@ -4586,7 +4628,7 @@ int agg_flush_done(agg_t *a, agg_flush_t *f)
     if (f->part)
         return AGG_EINVAL; /* its rows are committed by the final flush */
     st_txn_t *txn;
-    int r = st_begin(a->env, 0, &txn);
+    int r = wtxn_begin(a, &txn);
     if (r)
         return r;
     /* The snapshot held exactly the dirty records up to its seq: those are
@@ -4638,6 +4680,23 @@ int agg_flush_done(agg_t *a, agg_flush_t *f)
         kset_free(&left);
     }
     return r;
+}
+
+int agg_checkpoint(agg_t *a)
+{
+    if (a->txn)
+        return AGG_EINVAL;
+    if (!a->outer)
+        return 0;
+    int r = st_commit(a->outer);
+    a->outer = NULL;
+    a->outer_batches = 0;
+    return r ? r : 1;
+}
+
+uint64_t agg_checkpoint_batches(const agg_t *a)
+{
+    return a->outer ? a->outer_batches : 0;
 }
 
 void agg_flush_free(agg_flush_t *f)

@@ -56,6 +56,11 @@ typedef struct agg_conf {
     int window_days;            /* default 7 */
     double confidence;          /* default 0.95 */
     double sequential_tuning;   /* N*, default 5000 */
+    /* 1: batches commit into an open checkpoint transaction, which only
+     * agg_checkpoint makes durable and visible to read transactions (see
+     * there); 0: every batch commit is durable. Needs nested transactions,
+     * so not with ST_SYNC_NONE. */
+    int checkpoints;
 } agg_conf_t;
 
 /* Per-partition progress, as kept in the state. */
@@ -124,6 +129,27 @@ int agg_apply_reject(agg_t *a, int32_t partition, int64_t offset, ing_reason_t r
 int agg_batch_commit(agg_t *a);
 void agg_batch_abort(agg_t *a);
 
+/*
+ * With conf.checkpoints, a batch is a transaction nested in a checkpoint
+ * transaction that stays open across batches: agg_batch_commit merges the
+ * batch into it without any I/O (an abort still discards exactly the
+ * batch), and this call commits it, durably, in one LMDB commit. A page
+ * that many batches changed is then written once per checkpoint instead of
+ * once per batch. Until then the batches are invisible to read
+ * transactions (flush snapshots on the pool, agg_snapshot_json) and lost
+ * by a crash, which then resumes from the checkpoint's offsets; collect
+ * what Postgres commits only after a checkpoint that holds it (the daemon
+ * checkpoints before every flush it commits). 1 when it committed, 0 when
+ * nothing was open, or an error: then the checkpoint transaction is rolled back and the
+ * in-memory state is ahead of the durable one, so the caller must stop
+ * without collecting again (a restart resumes from the last checkpoint).
+ * Loop thread, outside a batch.
+ */
+int agg_checkpoint(agg_t *a);
+
+/* Batches committed into the open checkpoint transaction (0: none open). */
+uint64_t agg_checkpoint_batches(const agg_t *a);
+
 /* Rows waiting for a flush (dirty marks plus rejects), as of the last commit. */
 uint64_t agg_pending_rows(const agg_t *a);
 
@@ -143,6 +169,7 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out);
 #define AGG_FLUSH_REGRESSION 1  /* refit the regressions (as `regression` above) */
 #define AGG_FLUSH_PART 2        /* a part written ahead of the flush (below) */
 #define AGG_FLUSH_USERS_LATER 4 /* with AGG_FLUSH_PART: leave the per-user rows (below) */
+#define AGG_FLUSH_LOOP 8        /* read the open checkpoint transaction (below) */
 
 /*
  * A flush in parts (docs/aggregator.md, "Writing ahead"). While a flush
@@ -163,7 +190,11 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out);
  * user active all along changes again before the tick, and every part would
  * write the row again. A part is never passed to agg_flush_done. If the
  * transaction is lost, drop the parts and collect again with prev NULL. Any
- * thread, like agg_flush_collect.
+ * thread, like agg_flush_collect. With AGG_FLUSH_LOOP (a part only) and a
+ * checkpoint transaction open, the rows are read from it instead of a
+ * snapshot, so a part sees the batches not yet checkpointed: loop thread
+ * only, outside a batch. Safe for exactly-once because the final flush,
+ * which commits the parts, reads a checkpoint taken after them.
  */
 int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_flush_t **out);
 const snk_batch_t *agg_flush_batch(const agg_flush_t *f);

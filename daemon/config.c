@@ -87,6 +87,11 @@ static const opt_t opts[] = {
      "on small pages, cheaper to fault in where a fault is cheap), all (every heap: "
      "glibc.malloc.hugetlb=1, the daemon re-executes itself once with GLIBC_TUNABLES set) or "
      "off. Needs THP in madvise or always mode; true and false mean all and off."},
+    {"checkpoint-messages", OPT_INT, O(checkpoint_messages), "640000", 0, 4000000,
+     "Transactions commit into a checkpoint transaction that becomes durable (one LMDB "
+     "commit) before every flush and after this many messages: a page many transactions "
+     "change is written once per flush; a crash replays from the last checkpoint. 0: every "
+     "transaction commits durably. Off with --state-sync none."},
     {"state-sync", OPT_STR, O(state_sync), "meta", 0, 0,
      "LMDB durability: full (fsync data and meta), meta (one fsync per commit), none (no "
      "fsync, pages written in place: ~2x faster, safe against kill -9, not an OS crash)."},

@@ -46,6 +46,7 @@ typedef struct cfg {
     int64_t batch_size;
     int64_t txn_messages;
     int64_t txn_messages_max;
+    int64_t checkpoint_messages;
     int64_t commit_interval_ms;
     int64_t max_event_bytes;
     int64_t max_future_ms;

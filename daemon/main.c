@@ -138,6 +138,16 @@ typedef struct dmn {
                                 * marks' clearing) still ran, or a part older than an
                                 * interval */
     uint64_t ticks_after_part; /* flushes started when the part their tick found was done */
+    /* Checkpoints (--checkpoint-messages): transactions nest in a checkpoint
+     * transaction that becomes durable before every flush and after that
+     * many messages (agg_checkpoint). */
+    int ckpt;             /* on */
+    int ckpt_failed;      /* a checkpoint failed: stopping, nothing more is flushed */
+    int ckpt_deferred;    /* a tick waits for the open transaction to checkpoint */
+    uint64_t ckpt_msgs;   /* messages committed since the last checkpoint */
+    uint64_t checkpoints; /* checkpoints committed */
+    double ckpt_ms;       /* the loop thread's time in them (fsync included) */
+    int fl_ready;         /* the work item's part was collected on the loop thread */
 
     int stopping;
     int exit_code;
@@ -276,7 +286,8 @@ static int check_fresh_state(dmn_t *d)
 
 static void update_pause(dmn_t *d)
 {
-    int want = d->pause_backpressure || d->map_full || d->storage_failed || d->stopping;
+    int want =
+        d->pause_backpressure || d->map_full || d->storage_failed || d->stopping || d->ckpt_failed;
     if (want != ing_consumer_paused(d->cons)) {
         ing_consumer_pause(d->cons, want);
         if (want)
@@ -474,7 +485,74 @@ static int catching_up(dmn_t *d);
  * --commit-interval-ms 0, which promises a commit per batch. */
 static int txn_growth_on(const dmn_t *d)
 {
-    return d->cfg.commit_interval_ms != 0 && (size_t)d->cfg.txn_messages_max > txn_base(d);
+    /* With checkpoints a commit writes nothing; the checkpoints gather the
+     * pages instead (--checkpoint-messages). */
+    return !d->ckpt && d->cfg.commit_interval_ms != 0 &&
+           (size_t)d->cfg.txn_messages_max > txn_base(d);
+}
+
+static void start_part(dmn_t *d);
+
+/*
+ * A checkpoint found the map full: LMDB rolled it back, so no transaction
+ * is open. Double the map and record its size with a small commit, so that
+ * the restart that follows (the in-memory state is ahead of the durable
+ * one) opens the larger map instead of filling the same one again.
+ */
+static void grow_for_restart(dmn_t *d)
+{
+    st_txn_t *txn;
+    static const char key[] = "map_grown";
+    int r = d->inflight ? ST_EBUSY : st_grow(d->env);
+    if (r == 0 && (r = st_begin(d->env, 0, &txn)) == 0) {
+        uint8_t one = 1;
+        r = st_put(txn, d->env, ST_DB_META, key, sizeof key - 1, &one, 1);
+        if (r == 0)
+            r = st_commit(txn);
+        else
+            st_abort(txn);
+    }
+    if (r)
+        cm_err("cannot grow the state map for the restart", "error=\"%s\"", st_strerror(r));
+}
+
+/*
+ * Make the batches committed so far durable (agg_checkpoint). 0, or the
+ * error: then the durable state is behind the in-memory one, so the daemon
+ * stops without flushing again; a restart resumes from the last checkpoint.
+ * Loop thread, outside a transaction.
+ */
+static int checkpoint(dmn_t *d)
+{
+    if (!d->ckpt || d->ckpt_failed)
+        return d->ckpt_failed ? AGG_EINVAL : 0;
+    uint64_t batches = agg_checkpoint_batches(d->agg);
+    double t0 = cm_mono_ms();
+    int r = agg_checkpoint(d->agg);
+    double ms = cm_mono_ms() - t0;
+    d->ckpt_ms += ms;
+    if (r == 0)
+        return 0; /* nothing was open */
+    if (r < 0) {
+        d->ckpt_failed = 1;
+        cm_err("state checkpoint failed; stopping without flushing again (a restart resumes "
+               "from the last checkpoint)",
+               "error=\"%s\"", agg_strerror(r));
+        if (r == ST_EMAPFULL)
+            grow_for_restart(d);
+        /* Callers are deep in the apply and flush paths: intake pauses and
+         * nothing is applied or flushed from here on, and the stop begins
+         * on the next turn of the loop (on_grow_timer). */
+        d->exit_code = 1;
+        if (d->cons && !d->closed)
+            update_pause(d);
+        return r;
+    }
+    d->checkpoints++;
+    cm_debug("checkpointed", "batches=%llu messages=%llu checkpoint_ms=%.1f",
+             (unsigned long long)batches, (unsigned long long)d->ckpt_msgs, ms);
+    d->ckpt_msgs = 0;
+    return 0;
 }
 
 /*
@@ -559,11 +637,20 @@ static int commit_open(dmn_t *d)
     memmove(d->held, d->held + d->cur, (d->n_held - d->cur) * sizeof *d->held);
     d->n_held -= d->cur;
     d->cur = d->pos = 0;
+    d->ckpt_msgs += d->txn_msgs;
     d->txn_msgs = 0;
+    /* A flush checkpoints first; without one for long (Postgres away, a
+     * long interval), the checkpoint transaction is bounded here. */
+    if (d->ckpt && d->ckpt_msgs >= (uint64_t)d->cfg.checkpoint_messages && checkpoint(d) != 0)
+        return AGG_EINVAL;
     if (d->cons && !d->closed && in_flight(d) < parse_ahead(d) + 1)
         ing_consumer_hold(d->cons, 0);
     clear_flushed(d);
     start_due_flush(d);
+    /* With checkpoints a part reads the open checkpoint transaction, which
+     * it can only between two transactions: this is where one is due. */
+    if (d->ckpt)
+        start_part(d);
     after_batch(d);
     return 0;
 }
@@ -605,7 +692,7 @@ static void pump(dmn_t *d)
     double t0 = cm_mono_ms();
     /* The loop thread's heap grows with the state: advise what it took. */
     cm_heap_grown();
-    while (!d->map_full && !d->storage_failed && !d->closed) {
+    while (!d->map_full && !d->storage_failed && !d->ckpt_failed && !d->closed) {
         int r;
         /* Between batches, an open transaction commits when it is full, old
          * enough or the daemon stops; with nothing more to apply it waits
@@ -738,6 +825,11 @@ static void on_parsed(void *ud, ing_batch_t *b)
 static void on_grow_timer(uv_timer_t *t)
 {
     dmn_t *d = t->data;
+    if (d->ckpt_failed) {
+        if (!d->stopping)
+            begin_stop(d, 1);
+        return;
+    }
     if (d->storage_failed && cm_mono_ms() >= d->storage_retry_at && !d->stopping) {
         d->storage_failed = 0;
         update_pause(d);
@@ -747,6 +839,13 @@ static void on_grow_timer(uv_timer_t *t)
     }
     if (!d->map_full || d->inflight)
         return;
+    /* The map cannot change under an open transaction: the batches
+     * committed into the checkpoint transaction become durable first. */
+    if (d->ckpt && checkpoint(d) != 0) {
+        drop_held(d);
+        d->map_full = 0;
+        return;
+    }
     int r = st_grow(d->env);
     if (r) {
         cm_err("cannot grow the state map; stopping", "error=\"%s\"", st_strerror(r));
@@ -775,7 +874,12 @@ static void drop_ahead(dmn_t *d)
 static void flush_work(uv_work_t *w)
 {
     dmn_t *d = w->data;
-    d->fl = NULL;
+    /* A part collected on the loop thread (start_part, checkpoints) comes
+     * with its rows; anything else is collected here. */
+    int ready = d->fl_ready;
+    d->fl_ready = 0;
+    if (!ready)
+        d->fl = NULL;
     d->fl_err[0] = '\0';
     int r = 0;
     if (d->pg && !snk_ok(d->pg)) {
@@ -800,15 +904,27 @@ static void flush_work(uv_work_t *w)
     }
     /* The parts written ahead live in the connection's open transaction: a
      * new connection or an error since has lost them. */
-    if (d->ahead && snk_flush_parts(d->pg) != d->ahead_parts)
+    if (d->ahead && snk_flush_parts(d->pg) != d->ahead_parts) {
         drop_ahead(d);
+        if (ready) {
+            /* It holds only what changed since the parts just lost: it
+             * cannot stand alone. The flush at the tick writes it all. */
+            agg_flush_free(d->fl);
+            d->fl = NULL;
+            snprintf(d->fl_err, sizeof d->fl_err, "the connection lost the parts written ahead");
+            d->fl_rc = SNK_ECONNECT;
+            return;
+        }
+    }
     if (!d->ahead)
         snk_flush_discard(d->pg);
     int flags = d->fl_part ? AGG_FLUSH_PART | (d->fl_users_later ? AGG_FLUSH_USERS_LATER : 0)
                 : d->fl_regression ? AGG_FLUSH_REGRESSION
                                    : 0;
-    r = agg_flush_collect_after(d->agg, flags, d->ahead, &d->fl);
-    d->fl_collect_ms = cm_mono_ms() - d->fl_t0;
+    if (!ready) {
+        r = agg_flush_collect_after(d->agg, flags, d->ahead, &d->fl);
+        d->fl_collect_ms = cm_mono_ms() - d->fl_t0;
+    }
     if (r) {
         snprintf(d->fl_err, sizeof d->fl_err, "collect: %s", agg_strerror(r));
         drop_ahead(d);
@@ -883,11 +999,13 @@ static void start_due_flush(dmn_t *d)
 {
     if (!d->flush_due || d->stopping || d->inflight || d->fl_clear)
         return;
-    int after_part = d->flush_due_part;
+    int after_part = d->flush_due_part, deferred = d->ckpt_deferred;
     start_flush(d);
+    /* A tick that only waited for the open transaction to commit before its
+     * checkpoint started on time. */
     if (d->inflight && after_part)
         d->ticks_after_part++;
-    else if (d->inflight)
+    else if (d->inflight && !deferred)
         d->flushes_due++;
 }
 
@@ -1038,9 +1156,24 @@ static void start_flush(dmn_t *d)
     }
     /* A late request is served here, or there is nothing to serve (no rows
      * left, Postgres backing off, the map growing): the next tick decides. */
+    int after_part = d->flush_due_part;
     d->flush_due = 0;
     d->flush_due_part = 0;
-    if (d->map_full || cm_mono_ms() < d->next_try || !flush_needed(d))
+    d->ckpt_deferred = 0;
+    if (d->map_full || d->ckpt_failed || cm_mono_ms() < d->next_try)
+        return;
+    if (d->ckpt && d->txn_open) {
+        /* Postgres may only commit what a checkpoint holds: the open
+         * transaction commits at the next batch boundary (pump), and its
+         * commit starts this flush again (commit_open, start_due_flush). */
+        d->flush_due = 1;
+        d->flush_due_part = after_part;
+        d->ckpt_deferred = 1;
+        d->txn_closing = 1;
+        uv_idle_start(&d->apply_idle, on_apply_idle);
+        return;
+    }
+    if (checkpoint(d) != 0 || !flush_needed(d))
         return;
     d->inflight = 1;
     d->fl_t0 = cm_mono_ms();
@@ -1117,6 +1250,11 @@ static void start_part(dmn_t *d)
      * ahead"). */
     if (now - d->last_send < (double)d->cfg.flush_ahead_ms)
         return;
+    /* With checkpoints the rows are read from the open checkpoint
+     * transaction, here, between two transactions (commit_open calls again
+     * after each commit). */
+    if (d->ckpt && (d->txn_open || d->ckpt_failed))
+        return;
     d->inflight = 1;
     d->fl_part = 1;
     /* While catching up, a user active all along changes again before the
@@ -1129,11 +1267,34 @@ static void start_part(dmn_t *d)
     d->fl_t0 = now;
     d->last_send = now;
     d->batches_at_send = d->batches;
+    if (d->ckpt) {
+        int flags =
+            AGG_FLUSH_PART | AGG_FLUSH_LOOP | (d->fl_users_later ? AGG_FLUSH_USERS_LATER : 0);
+        int r = agg_flush_collect_after(d->agg, flags, d->ahead, &d->fl);
+        d->fl_collect_ms = cm_mono_ms() - now;
+        if (r) {
+            /* Like a part whose collection failed on the pool (part_after). */
+            d->inflight = 0;
+            d->fl_part = 0;
+            d->fl = NULL;
+            d->parts_ahead_failed++;
+            d->ahead_blocked = 1;
+            cm_warn("cannot collect a part to write ahead; the next flush writes every row",
+                    "error=\"%s\"", agg_strerror(r));
+            return;
+        }
+        d->fl_ready = 1;
+    }
     d->work.data = d;
     int r = uv_queue_work(d->loop, &d->work, flush_work, flush_after);
     if (r) {
         d->inflight = 0;
         d->fl_part = 0;
+        if (d->fl_ready) {
+            d->fl_ready = 0;
+            agg_flush_free(d->fl);
+            d->fl = NULL;
+        }
         cm_err("cannot queue a part of the flush", "error=\"%s\"", uv_strerror(r));
     }
 }
@@ -1293,6 +1454,8 @@ static json_t *status_obj(dmn_t *d)
     json_t *lp = json_object();
     json_object_set_new(lp, "idle_s", json_real((double)uv_metrics_idle_time(d->loop) / 1e9));
     json_object_set_new(lp, "commit_s", json_real(d->commit_ms / 1000.0));
+    json_object_set_new(lp, "checkpoint_s", json_real(d->ckpt_ms / 1000.0));
+    json_object_set_new(lp, "checkpoints", json_integer((json_int_t)d->checkpoints));
     json_object_set_new(lp, "txn_messages", json_integer((json_int_t)txn_limit(d)));
     json_object_set_new(lp, "txn_grows", json_integer((json_int_t)d->txn_grows));
     json_object_set_new(lp, "input_wait_kafka_s", json_real(d->wait_kafka_ms / 1000.0));
@@ -1402,6 +1565,10 @@ static char *metrics_text(dmn_t *d, size_t *len)
     metric_head(&b, "clickmart_state_commits_total", "counter",
                 "LMDB transactions committed by intake (each holds one or more batches).");
     tb_printf(&b, "clickmart_state_commits_total %llu\n", (unsigned long long)d->commits);
+    metric_head(&b, "clickmart_state_checkpoints_total", "counter",
+                "Checkpoints: the transactions committed since the last one made durable in one "
+                "LMDB commit (--checkpoint-messages).");
+    tb_printf(&b, "clickmart_state_checkpoints_total %llu\n", (unsigned long long)d->checkpoints);
     metric_head(&b, "clickmart_flushes_total", "counter", "Successful Postgres flushes.");
     tb_printf(&b, "clickmart_flushes_total %llu\n", (unsigned long long)d->flushes);
     metric_head(&b, "clickmart_flush_failures_total", "counter", "Failed Postgres flushes.");
@@ -1624,6 +1791,12 @@ static void continue_stop(dmn_t *d)
      * applies them and calls here again. */
     if (d->closed || d->inflight || (d->parser && ing_parser_pending(d->parser)))
         return;
+    if (d->ckpt_failed) {
+        /* Nothing the checkpoint lost may reach Postgres. */
+        drop_held(d);
+        close_all(d);
+        return;
+    }
     /* Whole batches waiting in an open transaction are committed; a batch
      * cut off midway and the ones not applied are dropped: a restart
      * consumes them again from LMDB's offsets. */
@@ -1644,6 +1817,10 @@ static void continue_stop(dmn_t *d)
     } else {
         cm_info("final flush done", "rows_written=%llu", (unsigned long long)d->rows_written);
     }
+    /* What came after the final flush's checkpoint (its marks cleared, or
+     * everything when the flush did not succeed) is kept too. */
+    if (!d->txn_open)
+        checkpoint(d);
     close_all(d);
 }
 
@@ -1751,7 +1928,14 @@ static int setup(dmn_t *d)
                      d->cfg.exposure_event,
                      (int)d->cfg.window_days,
                      d->cfg.confidence,
-                     d->cfg.sequential_tuning};
+                     d->cfg.sequential_tuning,
+                     0};
+    /* MDB_WRITEMAP (--state-sync none) has no nested transactions, and its
+     * commits write nothing anyway. */
+    d->ckpt = d->cfg.checkpoint_messages > 0 && sync != ST_SYNC_NONE;
+    ac.checkpoints = d->ckpt;
+    cm_info("state commits", "checkpoints=%s checkpoint_messages=%lld state_sync=%s",
+            d->ckpt ? "on" : "off", (long long)d->cfg.checkpoint_messages, d->cfg.state_sync);
     r = agg_open(d->env, &ac, &d->agg);
     if (r) {
         cm_err("cannot open aggregator", "error=\"%s\"", agg_strerror(r));
@@ -1926,11 +2110,12 @@ int main(int argc, char **argv)
     }
     cm_info("stopped",
             "exit_code=%d run_s=%.3f loop_cpu_s=%.3f loop_runqueue_wait_s=%.3f loop_idle_s=%.3f "
-            "commit_s=%.3f input_wait_kafka_s=%.3f input_wait_validation_s=%.3f batches=%llu "
-            "commits=%llu",
+            "commit_s=%.3f checkpoint_s=%.3f input_wait_kafka_s=%.3f input_wait_validation_s=%.3f "
+            "batches=%llu commits=%llu checkpoints=%llu",
             rc, (cm_mono_ms() - d.started) / 1000.0, loop_cpu, loop_wait, loop_idle,
-            d.commit_ms / 1000.0, d.wait_kafka_ms / 1000.0, d.wait_validation_ms / 1000.0,
-            (unsigned long long)d.batches, (unsigned long long)d.commits);
+            d.commit_ms / 1000.0, d.ckpt_ms / 1000.0, d.wait_kafka_ms / 1000.0,
+            d.wait_validation_ms / 1000.0, (unsigned long long)d.batches,
+            (unsigned long long)d.commits, (unsigned long long)d.checkpoints);
     cfg_free(&d.cfg);
     return rc;
 }

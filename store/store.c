@@ -229,6 +229,25 @@ int st_begin(st_env_t *e, int rdonly, st_txn_t **txn)
     return 0;
 }
 
+int st_begin_nested(st_env_t *e, st_txn_t *parent, st_txn_t **txn)
+{
+    unsigned flags = 0;
+    /* LMDB refuses a child of a MDB_WRITEMAP transaction as a bad one. */
+    if (!parent || !parent->rw || mdb_env_get_flags(e->env, &flags) != 0 || (flags & MDB_WRITEMAP))
+        return ST_EINVAL;
+    st_txn_t *x = calloc(1, sizeof *x);
+    if (!x)
+        return ST_ENOMEM;
+    int rc = mdb_txn_begin(e->env, parent->t, 0, &x->t);
+    if (rc) {
+        free(x);
+        return xlate(rc);
+    }
+    x->rw = 1;
+    *txn = x;
+    return 0;
+}
+
 /* A write transaction's cursors end with it (LMDB closes them). */
 int st_commit(st_txn_t *txn)
 {

@@ -69,6 +69,17 @@ void st_close(st_env_t *env);
 
 /* Begin a transaction; read-only ones may be handed to another thread. */
 int st_begin(st_env_t *env, int rdonly, st_txn_t **txn);
+
+/*
+ * Begin a write transaction nested in `parent`, an open write transaction of
+ * the same environment (loop thread only). Its commit merges its changes
+ * into the parent without any I/O; its abort discards only its own changes.
+ * Until it ends, the parent may only be committed or aborted by LMDB's rules,
+ * so callers leave it alone. Not with ST_SYNC_NONE (MDB_WRITEMAP has no
+ * nested transactions: ST_EINVAL). Read transactions never see the child's
+ * or the parent's changes before the parent commits.
+ */
+int st_begin_nested(st_env_t *env, st_txn_t *parent, st_txn_t **txn);
 int st_commit(st_txn_t *txn);
 void st_abort(st_txn_t *txn);
 

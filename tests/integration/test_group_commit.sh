@@ -8,7 +8,9 @@
 # --txn-messages above --batch-size several batches share a transaction, with it below
 # each batch is one (also when every batch comes short, in a run produced at a rate),
 # and with --txn-messages-max above --txn-messages the transactions grow while commits
-# write much per message; the tables must still equal the reference over all six runs.
+# write much per message (with checkpoints off: with them a commit writes nothing); with
+# a small --checkpoint-messages the checkpoints come by that bound, not only at the
+# flushes; the tables must still equal the reference over all seven runs.
 #
 # Needs CLICKMART_BIN (the build dir); run alone with
 #   CLICKMART_BIN=build bash tests/integration/test_group_commit.sh
@@ -60,7 +62,8 @@ assert lp["input_wait_kafka_s"] <= lp["idle_s"] + 1, lp  # waits for input are i
 ' || cm_die "/status loop is wrong: $(cm_status | head -c 2000)"
     BATCHES=$(metric clickmart_batches_applied_total)
     COMMITS=$(metric clickmart_state_commits_total)
-    cm_log "batches applied $BATCHES, LMDB commits $COMMITS${*:+ ($*)}"
+    CKPTS=$(metric clickmart_state_checkpoints_total)
+    cm_log "batches applied $BATCHES, LMDB commits $COMMITS, checkpoints $CKPTS${*:+ ($*)}"
     cm_daemon_signal TERM
     cm_daemon_wait 30 || cm_die "clickmartd still running 30s after SIGTERM"
     [ "$CM_DAEMON_RC" = 0 ] || cm_die "clickmartd exited with status $CM_DAEMON_RC"
@@ -72,6 +75,11 @@ run 31
 [ "$COMMITS" -ge 1 ] || cm_die "no commit counted"
 [ "$COMMITS" -lt "$BATCHES" ] ||
     cm_die "group commit gathered nothing: $COMMITS commits for $BATCHES batches"
+# Checkpoints (the default): the commits nest in a checkpoint transaction made durable
+# before each flush (every 2 s), so there are fewer checkpoints than commits, and at
+# least the one before the flush that showed the last offsets.
+[ -n "$CKPTS" ] && [ "$CKPTS" -ge 1 ] || cm_die "no checkpoint counted ($CKPTS)"
+[ "$CKPTS" -lt "$COMMITS" ] || cm_die "$CKPTS checkpoints for $COMMITS commits (want fewer)"
 
 # The first run used clickmartd's librdkafka defaults: queued.min.messages raised so that
 # fetching does not stop for up to a second whenever intake holds (docs/operations.md,
@@ -102,8 +110,9 @@ catch_up() { # SEED ARGS...: a backlog of EVENTS, consumed with --exit-at-end an
     line=$(grep 'msg="stopped"' "$CM_DAEMON_LOG") || cm_die "no stopped line in $CM_DAEMON_LOG"
     BATCHES=$(sed -n 's/.* batches=\([0-9]*\).*/\1/p' <<<"$line")
     COMMITS=$(sed -n 's/.* commits=\([0-9]*\).*/\1/p' <<<"$line")
+    CKPTS=$(sed -n 's/.* checkpoints=\([0-9]*\).*/\1/p' <<<"$line")
     [ -n "$BATCHES" ] && [ -n "$COMMITS" ] || cm_die "the stopped line lacks batches or commits: $line"
-    cm_log "catching up: batches applied $BATCHES, LMDB commits $COMMITS ($*)"
+    cm_log "catching up: batches applied $BATCHES, LMDB commits $COMMITS, checkpoints $CKPTS ($*)"
 }
 # 150 messages more than whole transactions hold: the last transaction is not full, and
 # it commits as soon as it reaches the end offsets, not after the 60 s interval.
@@ -132,8 +141,10 @@ run 36 --batch-size 100000 --txn-messages 1 --commit-interval-ms 1000
 # sessions sit on plus LMDB's own, tens of kilobytes, far above 600 bytes for each of
 # 50 messages, so while the backlog lasts the transactions double (logged) up to 800
 # messages, and commits become fewer than batches. The interval is back at its default:
-# the last transaction, not full, commits when no batch is left to join it.
-catch_up 35 --batch-size 50 --txn-messages 50 --txn-messages-max 800 --commit-interval-ms 100
+# the last transaction, not full, commits when no batch is left to join it. Only without
+# checkpoints: with them a commit writes nothing, and the checkpoints gather the pages.
+catch_up 35 --batch-size 50 --txn-messages 50 --txn-messages-max 800 --commit-interval-ms 100 \
+    --checkpoint-messages 0
 GROWS=$(grep -c 'msg="transactions grow' "$CM_DAEMON_LOG" || true)
 [ "$GROWS" -ge 1 ] || cm_die "--txn-messages-max 800: the transactions never grew"
 grep -q 'msg="transactions grow.* messages=800 ' "$CM_DAEMON_LOG" ||
@@ -142,6 +153,17 @@ BAD=$(grep 'msg="transactions grow' "$CM_DAEMON_LOG" | grep -v ' messages=\(100\
 [ -z "$BAD" ] || cm_die "growth is not by doubling up to the maximum: $BAD"
 [ "$((COMMITS * 3))" -le "$BATCHES" ] ||
     cm_die "--txn-messages-max 800: $COMMITS commits for $BATCHES batches (want the transactions to grow)"
+[ "$CKPTS" = 0 ] || cm_die "--checkpoint-messages 0: $CKPTS checkpoints"
+catch_up 37 --batch-size 50 --txn-messages 50 --txn-messages-max 800 --commit-interval-ms 100
+grep -q 'msg="transactions grow' "$CM_DAEMON_LOG" && cm_die "with checkpoints, transactions grew"
+
+# Checkpoints by the bound: a flush interval of an hour leaves the flush at startup and
+# the final one, so the checkpoints between come from --checkpoint-messages 1200 after
+# every second transaction of 600 messages.
+catch_up 38 --txn-messages 600 --checkpoint-messages 1200 --flush-interval-ms 3600000
+[ "$COMMITS" -ge 6 ] || cm_die "--txn-messages 600: only $COMMITS commits, nothing to tell"
+[ "$((CKPTS * 2))" -ge "$((COMMITS - 1))" ] && [ "$((CKPTS * 2))" -le "$((COMMITS + 6))" ] ||
+    cm_die "--checkpoint-messages 1200: $CKPTS checkpoints for $COMMITS commits of 600 (want about half)"
 
 cm_dump_topic "$CM_TOPIC" "$DUMP"
 cm_compare "$DUMP" || cm_die "Postgres differs from the reference"

@@ -7,9 +7,12 @@
 # and the final one at SIGTERM, while parts are written every 100 ms as events arrive:
 #   1. every event applied and parts written, Postgres still shows no session and no
 #      partition row; kill -9 then rolls the parts back (still nothing);
-#   2. a second start commits the first run's rows with its flush at startup; the events
-#      produced after it are written ahead (the tables do not change), and SIGTERM's final
-#      flush commits them with the rest: compare.py must pass.
+#   2. a second start: with checkpoints (the default) the killed run never checkpointed
+#      (no flush came), so its batches are applied again from the last checkpoint and,
+#      like the events produced after the flush at startup, written ahead (the tables do
+#      not change); with --checkpoint-messages 0 every commit was durable and the flush at
+#      startup commits the first run's rows. SIGTERM's final flush commits the rest:
+#      compare.py must pass. Step 2 runs twice: checkpoints, then none.
 #   3. at a steady rate with a flush interval of 1 s, parts may run across the tick: with
 #      every statement that inserts sessions slowed by 0.1 s by a trigger, parts run
 #      back to back, so ticks find one running (a part and the flush after it, each up to
@@ -58,40 +61,56 @@ parts_written() {
 }
 visible() { cm_psql "SELECT (SELECT count(*) FROM clickmart.sessions) || '/' || (SELECT count(*) FROM clickmart.partitions)"; }
 
-cm_gen "$SEED" "$EVENTS"
-cm_dump_topic "$CM_TOPIC" "$DUMP"
-cm_daemon_start "${ARGS[@]}"
-cm_wait_for 120 "clickmartd to consume everything and write parts ahead" parts_written 1 ||
-    cm_die "no part written ahead; last /status: $(cm_status 2>&1 | head -c 2000)"
-parts=$(status_num flush.parts_ahead)
-[ "$(status_num flush.flushes)" -le 1 ] || cm_die "a flush committed although the interval is an hour"
-[ "$(visible)" = 0/0 ] || cm_die "rows of uncommitted parts are visible: $(visible)"
-cm_log "$parts parts written ahead, nothing visible; kill -9"
-cm_daemon_kill9
-[ "$(visible)" = 0/0 ] || cm_die "rows of a killed daemon's parts are visible: $(visible)"
+# two_runs SEED MODE ARGS...: steps 1 and 2 on a fresh schema and state; MODE is
+# "checkpoints" or "durable" (every commit durable).
+two_runs() {
+    local seed=$1 mode=$2
+    shift 2
+    cm_gen "$seed" "$EVENTS"
+    cm_dump_topic "$CM_TOPIC" "$DUMP"
+    cm_daemon_start "${ARGS[@]}" "$@"
+    cm_wait_for 120 "clickmartd to consume everything and write parts ahead" parts_written 1 ||
+        cm_die "no part written ahead; last /status: $(cm_status 2>&1 | head -c 2000)"
+    parts=$(status_num flush.parts_ahead)
+    [ "$(status_num flush.flushes)" -le 1 ] || cm_die "a flush committed although the interval is an hour"
+    [ "$(visible)" = "$VISIBLE0" ] || cm_die "rows of uncommitted parts are visible: $(visible)"
+    cm_log "$mode: $parts parts written ahead, nothing visible; kill -9"
+    cm_daemon_kill9
+    [ "$(visible)" = "$VISIBLE0" ] || cm_die "rows of a killed daemon's parts are visible: $(visible)"
 
-# The flush at startup commits what the killed run had applied; the events produced
-# after it are written ahead only.
-cm_daemon_start "${ARGS[@]}"
-started() {
-    cm_daemon_alive || cm_die "clickmartd exited early (see $CM_DAEMON_LOG)"
-    [ "$(status_num flush.flushes)" -ge 1 ] 2>/dev/null
+    cm_daemon_start "${ARGS[@]}" "$@"
+    started() {
+        cm_daemon_alive || cm_die "clickmartd exited early (see $CM_DAEMON_LOG)"
+        [ "$(status_num flush.flushes)" -ge 1 ] 2>/dev/null
+    }
+    cm_wait_for 60 "the flush at startup" started || cm_die "no flush at startup"
+    before=$(visible)
+    if [ "$mode" = durable ]; then
+        [ "${before%/*}" -gt "${VISIBLE0%/*}" ] ||
+            cm_die "durable commits: the flush at startup wrote no sessions: $before"
+    else
+        # The killed run's batches come back from the checkpoint's offsets: applied
+        # again and written ahead, nothing committed.
+        [ "$before" = "$VISIBLE0" ] ||
+            cm_die "checkpoints: the flush at startup wrote rows the killed run never checkpointed: $before"
+    fi
+    cm_gen "$((seed + 1))" "$EVENTS"
+    cm_dump_topic "$CM_TOPIC" "$DUMP"
+    cm_wait_for 120 "clickmartd to consume the new events and write parts ahead" parts_written 1 ||
+        cm_die "no part written ahead after the restart; last /status: $(cm_status 2>&1 | head -c 2000)"
+    [ "$(visible)" = "$before" ] || cm_die "rows of uncommitted parts are visible: $(visible), was $before"
+    [ "$(status_num flush.parts_ahead_failed)" = 0 ] || cm_die "a part failed (see $CM_DAEMON_LOG)"
+    cm_daemon_signal TERM
+    cm_daemon_wait 30 || cm_die "clickmartd still running 30 s after SIGTERM"
+    [ "$CM_DAEMON_RC" = 0 ] || cm_die "clickmartd exited with status $CM_DAEMON_RC (see $CM_DAEMON_LOG)"
+    grep -q '"final flush done"' "$CM_DAEMON_LOG" || cm_die "no final flush (see $CM_DAEMON_LOG)"
+    [ "$(visible | cut -d/ -f1)" -gt "${VISIBLE0%/*}" ] || cm_die "the final flush wrote no sessions"
+    cm_compare "$DUMP" || cm_die "Postgres differs from the reference ($mode)"
+    VISIBLE0=$(visible)
 }
-cm_wait_for 60 "the flush at startup" started || cm_die "no flush at startup"
-before=$(visible)
-[ "${before%/*}" -gt 0 ] || cm_die "the flush at startup wrote no sessions: $before"
-cm_gen "$((SEED + 1))" "$EVENTS"
-cm_dump_topic "$CM_TOPIC" "$DUMP"
-cm_wait_for 120 "clickmartd to consume the new events and write parts ahead" parts_written 1 ||
-    cm_die "no part written ahead after the restart; last /status: $(cm_status 2>&1 | head -c 2000)"
-[ "$(visible)" = "$before" ] || cm_die "rows of uncommitted parts are visible: $(visible), was $before"
-[ "$(status_num flush.parts_ahead_failed)" = 0 ] || cm_die "a part failed (see $CM_DAEMON_LOG)"
-cm_daemon_signal TERM
-cm_daemon_wait 30 || cm_die "clickmartd still running 30 s after SIGTERM"
-[ "$CM_DAEMON_RC" = 0 ] || cm_die "clickmartd exited with status $CM_DAEMON_RC (see $CM_DAEMON_LOG)"
-grep -q '"final flush done"' "$CM_DAEMON_LOG" || cm_die "no final flush (see $CM_DAEMON_LOG)"
-[ "$(visible | cut -d/ -f1)" -gt 0 ] || cm_die "the final flush wrote no sessions"
-cm_compare "$DUMP" || cm_die "Postgres differs from the reference"
+VISIBLE0=0/0
+two_runs "$SEED" checkpoints
+two_runs "$((SEED + 50))" durable --checkpoint-messages 0
 
 # 3. Parts across the tick at a steady rate.
 cm_psql "CREATE FUNCTION public.cm_test_slow() RETURNS trigger LANGUAGE plpgsql AS

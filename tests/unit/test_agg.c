@@ -510,6 +510,11 @@ static void tables_keep(int save)
  * leave the per-user rows to the flush (AGG_FLUSH_USERS_LATER). */
 static int round_users_later;
 
+/* In run_round: 1 runs the aggregator with checkpoints (conf.checkpoints),
+ * parts read the open checkpoint transaction (AGG_FLUSH_LOOP), and batches
+ * are aborted and the process "crashes" back to the last checkpoint. */
+static int round_ckpt;
+
 /* Collects a part after the parts so far and applies it to the tables. */
 static void part(agg_t *a)
 {
@@ -517,9 +522,9 @@ static void part(agg_t *a)
         tables_keep(1);
     agg_flush_t *f;
     int later = round_users_later && rnd() % 2;
-    assert_int_equal(agg_flush_collect_after(
-                         a, AGG_FLUSH_PART | (later ? AGG_FLUSH_USERS_LATER : 0), part_prev, &f),
-                     0);
+    int flags =
+        AGG_FLUSH_PART | (later ? AGG_FLUSH_USERS_LATER : 0) | (round_ckpt ? AGG_FLUSH_LOOP : 0);
+    assert_int_equal(agg_flush_collect_after(a, flags, part_prev, &f), 0);
     const snk_batch_t *b = agg_flush_batch(f);
     /* The final flush writes these, with the commit. */
     assert_int_equal(b->n_partitions, 0);
@@ -550,11 +555,19 @@ static void drop_parts(void)
 static void flush(agg_t *a)
 {
     agg_flush_t *f;
+    /* With checkpoints, Postgres may only commit what a checkpoint holds:
+     * the snapshot below sees nothing after the last one. */
+    if (round_ckpt)
+        assert_true(agg_checkpoint(a) >= 0);
     assert_int_equal(agg_flush_collect_after(a, AGG_FLUSH_REGRESSION, part_prev, &f), 0);
     apply_flush(agg_flush_batch(f));
     apply_gen(agg_flush_batch(f));
     check_rejects_written();
     assert_int_equal(agg_flush_done(a, f), 0);
+    /* The cleared marks too (the daemon keeps them until its next
+     * checkpoint; losing them resends rows, docs/aggregator.md). */
+    if (round_ckpt)
+        assert_int_equal(agg_checkpoint(a), 1);
     agg_flush_free(f);
     agg_flush_free(part_prev);
     part_prev = NULL;
@@ -601,17 +614,23 @@ static void run_round(uint64_t seed, int n, int users, int64_t spread_ms, int sw
     char dir[] = "/tmp/test_agg_XXXXXX";
     assert_non_null(mkdtemp(dir));
     st_env_t *env;
-    assert_int_equal(st_open(dir, 64 << 20, ST_SYNC_NONE, &env), 0);
+    /* MDB_WRITEMAP (ST_SYNC_NONE) has no nested transactions. */
+    assert_int_equal(st_open(dir, 64 << 20, round_ckpt ? ST_SYNC_META : ST_SYNC_NONE, &env), 0);
     agg_t *a;
-    agg_conf_t conf = {"t", GAP, 1000LL * DAY, sweep, NULL, 0, NULL, 0, 0, 0};
+    agg_conf_t conf = {"t", GAP, 1000LL * DAY, sweep, NULL, 0, NULL, 0, 0, 0, round_ckpt};
     assert_int_equal(agg_open(env, &conf, &a), 0);
     ing_event_t *ie = malloc(sizeof *ie);
     int64_t off = 0;
     /* With parts, some messages are rejected (their offsets in rejected[]):
      * parts write rejects ahead of the flush too. */
     n_rejected = n_rejected_committed = 0;
+    /* Where the last checkpoint left the input (round_ckpt). */
+    int i_ck = 0, nrej_ck = 0;
+    int64_t off_ck = 0;
     for (int i = 0; i < n;) {
         int bs = 1 + (int)(rnd() % 50);
+        int i0 = i, nrej0 = n_rejected;
+        int64_t off0 = off;
         assert_int_equal(agg_batch_begin(a), 0);
         for (int j = 0; j < bs && i < n; j++, i++) {
             if (round_parts && rnd() % 6 == 0) {
@@ -631,14 +650,38 @@ static void run_round(uint64_t seed, int n, int users, int64_t spread_ms, int sw
                 assert_true(dr == 0 || dr == 1);
             }
         }
+        if (round_ckpt && rnd() % 17 == 0) {
+            /* Only this batch goes: the batches before it stay in the open
+             * checkpoint transaction, and it is applied again. */
+            agg_batch_abort(a);
+            i = i0;
+            off = off0;
+            n_rejected = nrej0;
+            continue;
+        }
         assert_int_equal(agg_batch_commit(a), 0);
         n_rejected_committed = n_rejected;
         if (round_parts && rnd() % 3 == 0)
             part(a);
         if (round_parts && rnd() % 23 == 0)
             drop_parts();
-        if (rnd() % 5 == 0)
+        if (round_ckpt && rnd() % 13 == 0) {
+            /* A crash: the open checkpoint transaction and the parts are
+             * lost, and the input is consumed again from the checkpoint. */
+            drop_parts();
+            agg_close(a);
+            assert_int_equal(agg_open(env, &conf, &a), 0);
+            i = i_ck;
+            off = off_ck;
+            n_rejected = n_rejected_committed = nrej_ck;
+            continue;
+        }
+        if (rnd() % 5 == 0) {
             flush(a);
+            i_ck = i;
+            off_ck = off;
+            nrej_ck = n_rejected;
+        }
     }
     flush(a);
     const agg_partition_t *p = agg_partition(a, 0);
@@ -721,6 +764,30 @@ static void test_parts_written_ahead(void **state)
     round_parts = 0;
 }
 
+/*
+ * The same rounds with checkpoints: batches nest in a checkpoint
+ * transaction, an aborted batch leaves the ones before it, parts read the
+ * uncheckpointed batches, and a crash back to the last checkpoint (the
+ * input consumed again from there) must leave the tables equal to the
+ * recompute; a flush must never have written a row the checkpoint lost
+ * (apply_flush refuses a row taken for new twice).
+ */
+static void test_checkpoints(void **state)
+{
+    (void)state;
+    round_ckpt = 1;
+    for (uint64_t seed = 1; seed <= 30; seed++)
+        run_round(seed * 7919, 300, 4, 3 * DAY, 0);
+    round_parts = 1;
+    for (uint64_t seed = 1; seed <= 30; seed++)
+        run_round(seed * 6007, 300, 4, 3 * DAY, seed % 2 ? 100 : 0);
+    round_users_later = 1;
+    for (uint64_t seed = 1; seed <= 20; seed++)
+        run_round(seed * 104729, 400, 2, DAY / 4, 0);
+    run_round(4244, 3000, 40, 10 * DAY, 0);
+    round_users_later = round_parts = round_ckpt = 0;
+}
+
 static void test_compaction_keeps_results(void **state)
 {
     (void)state;
@@ -752,7 +819,7 @@ static void test_gap_boundary_and_session_id_change(void **state)
     st_env_t *env;
     assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &env), 0);
     agg_t *a;
-    agg_conf_t conf = {"t", GAP, 2 * DAY, 0, NULL, 0, NULL, 0, 0, 0};
+    agg_conf_t conf = {"t", GAP, 2 * DAY, 0, NULL, 0, NULL, 0, 0, 0, 0};
     assert_int_equal(agg_open(env, &conf, &a), 0);
     int64_t t0 = 1700000000000LL;
     assert_int_equal(agg_batch_begin(a), 0);
@@ -818,7 +885,7 @@ static void test_compaction_drops_final_state(void **state)
     st_env_t *env;
     assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &env), 0);
     agg_t *a;
-    agg_conf_t conf = {"t", GAP, DAY, 1000, NULL, 0, NULL, 0, 0, 0};
+    agg_conf_t conf = {"t", GAP, DAY, 1000, NULL, 0, NULL, 0, 0, 0, 0};
     assert_int_equal(agg_open(env, &conf, &a), 0);
     int64_t t0 = 1700000000000LL;
     /* One event per hour for 5 days: only the last day's state may stay.
@@ -868,7 +935,7 @@ static agg_t *open_sweeping(char *dir, st_env_t **env, int64_t lateness, int64_t
     assert_non_null(mkdtemp(dir));
     assert_int_equal(st_open(dir, 64 << 20, ST_SYNC_NONE, env), 0);
     agg_t *a;
-    agg_conf_t conf = {"t", GAP, lateness, sweep, NULL, 0, test_exposure, 0, 0, 0};
+    agg_conf_t conf = {"t", GAP, lateness, sweep, NULL, 0, test_exposure, 0, 0, 0, 0};
     assert_int_equal(agg_open(*env, &conf, &a), 0);
     n_sess_tab = n_user_tab = n_fun_tab = n_gtab = 0;
     return a;
@@ -879,7 +946,7 @@ static agg_t *open_sweeping(char *dir, st_env_t **env, int64_t lateness, int64_t
 static agg_t *reopen(agg_t *a, st_env_t *env, int64_t lateness, int64_t sweep)
 {
     agg_close(a);
-    agg_conf_t conf = {"t", GAP, lateness, sweep, NULL, 0, test_exposure, 0, 0, 0};
+    agg_conf_t conf = {"t", GAP, lateness, sweep, NULL, 0, test_exposure, 0, 0, 0, 0};
     assert_int_equal(agg_open(env, &conf, &a), 0);
     return a;
 }
@@ -2236,7 +2303,7 @@ static void test_dedup_log_records(void **state)
     st_env_t *env;
     assert_int_equal(st_open(dir, 64 << 20, ST_SYNC_NONE, &env), 0);
     agg_t *a;
-    agg_conf_t conf = {"t", GAP, DAY, 1000, NULL, 0, NULL, 0, 0, 0};
+    agg_conf_t conf = {"t", GAP, DAY, 1000, NULL, 0, NULL, 0, 0, 0, 0};
     assert_int_equal(agg_open(env, &conf, &a), 0);
     n_sess_tab = n_user_tab = n_fun_tab = n_rej_tab = 0;
     int64_t t0 = 1700000000000LL, off0 = 0, off1 = 0;
@@ -2324,6 +2391,7 @@ int main(void)
         cmocka_unit_test(test_random_orders),
         cmocka_unit_test(test_dense_merges),
         cmocka_unit_test(test_parts_written_ahead),
+        cmocka_unit_test(test_checkpoints),
         cmocka_unit_test(test_long_shared_user_ids),
         cmocka_unit_test(test_many_users_big),
         cmocka_unit_test(test_compaction_keeps_results),

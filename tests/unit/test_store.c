@@ -190,11 +190,79 @@ static void test_second_open_refused(void **state)
     rm_rf(dir);
 }
 
+/* v holds the one-byte value want (0: the key is absent). */
+static void expect_byte(st_txn_t *txn, st_env_t *env, const char *k, int want)
+{
+    st_val_t v;
+    int r = st_get(txn, env, ST_DB_META, k, strlen(k), &v);
+    if (!want) {
+        assert_int_equal(r, ST_ENOTFOUND);
+        return;
+    }
+    assert_int_equal(r, 0);
+    assert_int_equal(v.n, 1);
+    assert_int_equal(((const uint8_t *)v.p)[0], want);
+}
+
+/*
+ * Nested write transactions (the aggregator's batches inside a checkpoint):
+ * a child's commit shows in the parent only, an aborted child leaves the
+ * parent as it was, readers see nothing before the parent commits, and
+ * MDB_WRITEMAP (ST_SYNC_NONE) refuses them.
+ */
+static void test_nested_transactions(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_store_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    st_env_t *env;
+    assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_META, &env), 0);
+    st_txn_t *outer, *child, *rd;
+    uint8_t one = 1, two = 2;
+    assert_int_equal(st_begin(env, 0, &outer), 0);
+    assert_int_equal(st_begin_nested(env, outer, &child), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, "a", 1, &one, 1), 0);
+    assert_int_equal(st_commit(child), 0);
+    expect_byte(outer, env, "a", 1);
+    assert_int_equal(st_begin_nested(env, outer, &child), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, "a", 1, &two, 1), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, "b", 1, &two, 1), 0);
+    expect_byte(child, env, "a", 2);
+    st_abort(child);
+    expect_byte(outer, env, "a", 1);
+    expect_byte(outer, env, "b", 0);
+    /* A reader (another thread's snapshot) sees the last commit only. */
+    assert_int_equal(st_begin(env, 1, &rd), 0);
+    expect_byte(rd, env, "a", 0);
+    st_abort(rd);
+    /* A read transaction is no parent. */
+    assert_int_equal(st_begin(env, 1, &rd), 0);
+    assert_int_equal(st_begin_nested(env, rd, &child), ST_EINVAL);
+    st_abort(rd);
+    assert_int_equal(st_commit(outer), 0);
+    assert_int_equal(st_begin(env, 1, &rd), 0);
+    expect_byte(rd, env, "a", 1);
+    expect_byte(rd, env, "b", 0);
+    st_abort(rd);
+    st_close(env);
+    /* Durable across a reopen; and none with MDB_WRITEMAP. */
+    assert_int_equal(st_open(dir, 16 << 20, ST_SYNC_NONE, &env), 0);
+    assert_int_equal(st_begin(env, 1, &rd), 0);
+    expect_byte(rd, env, "a", 1);
+    st_abort(rd);
+    assert_int_equal(st_begin(env, 0, &outer), 0);
+    assert_int_equal(st_begin_nested(env, outer, &child), ST_EINVAL);
+    st_abort(outer);
+    st_close(env);
+    rm_rf(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_key_order_is_lmdb_default),
         cmocka_unit_test(test_second_open_refused),
+        cmocka_unit_test(test_nested_transactions),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
