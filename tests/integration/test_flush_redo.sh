@@ -6,7 +6,10 @@
 # The crash between the two commits is made deterministic: with every event applied and
 # no flush yet (a flush interval of an hour), the daemon is stopped with SIGSTOP and its
 # LMDB file copied; after SIGTERM has flushed everything, the copy (rows still marked
-# for a flush, new sessions marked new) is put back and the daemon started again.
+# for a flush, new sessions marked new) is put back and the daemon started again. The
+# first run checkpoints every transaction (--checkpoint-messages 1), so the copy holds
+# every event applied: the state as it is, with checkpoints, between a flush's commit in
+# Postgres and the checkpoint that records its cleared marks.
 #
 # Needs CLICKMART_BIN (the build dir); run alone with
 #   CLICKMART_BIN=build bash tests/integration/test_flush_redo.sh
@@ -31,14 +34,14 @@ DUMP=$CM_DIR/topic.dump
 cm_dump_topic "$CM_TOPIC" "$DUMP"
 
 # The flush at startup finds nothing; the next would come after an hour.
-cm_daemon_start --flush-interval-ms 3600000
+cm_daemon_start --flush-interval-ms 3600000 --checkpoint-messages 1
 caught_up() {
     cm_daemon_alive || cm_die "clickmartd exited early (see $CM_DAEMON_LOG)"
     cm_status_caught_up "$DUMP"
 }
 cm_wait_for 120 "clickmartd to consume every partition" caught_up ||
     cm_die "clickmartd did not catch up; last /status: $(cm_status 2>&1 | head -c 2000)"
-# Past the group-commit interval, so the last batch is committed.
+# Past the group-commit interval, so the last batch is committed (and checkpointed).
 sleep 1
 pending=$(cm_status | "$CM_PY" -c "import json,sys; print(json.load(sys.stdin)['state']['dirty_rows'])")
 [ "$pending" -gt 0 ] || cm_die "no rows waiting for a flush ($pending)"
