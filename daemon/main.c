@@ -128,6 +128,7 @@ typedef struct dmn {
     uv_timer_t commit_timer;   /* commits a transaction left open to gather batches */
     int map_full;              /* the map filled up: intake paused until it grows */
     int storage_failed;        /* an LMDB write failed (disk full?): paused, retried */
+    int txn_full;              /* with map_full: the checkpoint's dirty pages, not the map */
     double storage_retry_at;   /* monotonic ms of the next retry */
     uv_idle_t apply_idle;      /* continues applying on the next loop iteration */
     agg_flush_t *fl_clear;     /* a committed flush whose dirty marks wait for the txn */
@@ -141,13 +142,16 @@ typedef struct dmn {
     /* Checkpoints (--checkpoint-messages): transactions nest in a checkpoint
      * transaction that becomes durable before every flush and after that
      * many messages (agg_checkpoint). */
-    int ckpt;             /* on */
-    int ckpt_failed;      /* a checkpoint failed: stopping, nothing more is flushed */
-    int ckpt_deferred;    /* a tick waits for the open transaction to checkpoint */
-    uint64_t ckpt_msgs;   /* messages committed since the last checkpoint */
-    uint64_t checkpoints; /* checkpoints committed */
-    double ckpt_ms;       /* the loop thread's time in them (fsync included) */
-    int fl_ready;         /* the work item's part was collected on the loop thread */
+    int ckpt;              /* on */
+    int ckpt_failed;       /* a checkpoint failed: stopping, nothing more is flushed */
+    int ckpt_grow;         /* ... on a full map: grow it before the stop (grow_for_restart) */
+    int ckpt_deferred;     /* a tick waits for the open transaction to checkpoint */
+    uint64_t ckpt_msgs;    /* messages committed since the last checkpoint */
+    uint64_t ckpt_limit;   /* messages after which it checkpoints (map_full, checkpoint) */
+    uint64_t checkpoints;  /* checkpoints committed */
+    uint64_t ckpt_shrinks; /* checkpoints too large for LMDB (ST_ETXNFULL): the limit halved */
+    double ckpt_ms;        /* the loop thread's time in them (fsync included) */
+    int fl_ready;          /* the work item's part was collected on the loop thread */
 
     int stopping;
     int exit_code;
@@ -433,14 +437,36 @@ static void apply_failed(dmn_t *d, int r)
     begin_stop(d, 1);
 }
 
-/* The transaction was rolled back because the map is full: apply the batch
- * again from its start once the map has grown (on_grow_timer). */
-static void map_full(dmn_t *d)
+/* The transaction was rolled back because the map is full (ST_EMAPFULL),
+ * or because the checkpoint transaction holds as many dirty pages as LMDB
+ * allows (ST_ETXNFULL, checkpoints only): apply the batch again from its
+ * start once the map has grown, or the checkpoint is committed
+ * (on_grow_timer). Without checkpoints a transaction that is too large is
+ * treated as a full map, as before. */
+static void map_full(dmn_t *d, int r)
 {
     d->txn_open = 0;
     d->cur = d->pos = 0;
-    if (!d->map_full)
-        cm_warn("state map full: intake paused until the map grows", "messages=%zu", d->held[0]->n);
+    d->txn_full = r == ST_ETXNFULL && d->ckpt;
+    if (d->txn_full) {
+        /* LMDB keeps a transaction's dirty pages in memory, at most about
+         * 131 000 of them (512 MiB), and a nested transaction cannot write
+         * its parent's out early: on a state whose users spread over many
+         * more pages than that, a checkpoint of --checkpoint-messages does
+         * not fit. Checkpoint after half as many from now on; the limit
+         * creeps back up at every checkpoint that fits (checkpoint). */
+        uint64_t half = (d->ckpt_msgs + d->txn_msgs) / 2;
+        d->ckpt_limit = half > txn_base(d) ? half : txn_base(d);
+        d->ckpt_shrinks++;
+    }
+    if (!d->map_full) {
+        if (d->txn_full)
+            cm_warn("state checkpoint transaction full: intake paused until it is committed",
+                    "messages=%zu", d->held[0]->n);
+        else
+            cm_warn("state map full: intake paused until the map grows", "messages=%zu",
+                    d->held[0]->n);
+    }
     d->map_full = 1;
     update_pause(d);
 }
@@ -494,16 +520,18 @@ static int txn_growth_on(const dmn_t *d)
 static void start_part(dmn_t *d);
 
 /*
- * A checkpoint found the map full: LMDB rolled it back, so no transaction
- * is open. Double the map and record its size with a small commit, so that
- * the restart that follows (the in-memory state is ahead of the durable
- * one) opens the larger map instead of filling the same one again.
+ * A checkpoint found the map full: LMDB rolled it back. Once no flush holds
+ * a snapshot either (callers check), double the map and record its size
+ * with a small commit, so that the restart that follows (the in-memory
+ * state is ahead of the durable one) opens the larger map instead of
+ * filling the same one again.
  */
 static void grow_for_restart(dmn_t *d)
 {
     st_txn_t *txn;
     static const char key[] = "map_grown";
-    int r = d->inflight ? ST_EBUSY : st_grow(d->env);
+    d->ckpt_grow = 0;
+    int r = st_grow(d->env);
     if (r == 0 && (r = st_begin(d->env, 0, &txn)) == 0) {
         uint8_t one = 1;
         r = st_put(txn, d->env, ST_DB_META, key, sizeof key - 1, &one, 1);
@@ -538,8 +566,9 @@ static int checkpoint(dmn_t *d)
         cm_err("state checkpoint failed; stopping without flushing again (a restart resumes "
                "from the last checkpoint)",
                "error=\"%s\"", agg_strerror(r));
-        if (r == ST_EMAPFULL)
-            grow_for_restart(d);
+        /* A full map: the restart must open a larger one (grow_for_restart,
+         * once no flush holds a snapshot). */
+        d->ckpt_grow = r == ST_EMAPFULL;
         /* Callers are deep in the apply and flush paths: intake pauses and
          * nothing is applied or flushed from here on, and the stop begins
          * on the next turn of the loop (on_grow_timer). */
@@ -549,9 +578,16 @@ static int checkpoint(dmn_t *d)
         return r;
     }
     d->checkpoints++;
-    cm_debug("checkpointed", "batches=%llu messages=%llu checkpoint_ms=%.1f",
-             (unsigned long long)batches, (unsigned long long)d->ckpt_msgs, ms);
+    cm_debug("checkpointed", "batches=%llu messages=%llu checkpoint_ms=%.1f limit=%llu",
+             (unsigned long long)batches, (unsigned long long)d->ckpt_msgs, ms,
+             (unsigned long long)d->ckpt_limit);
     d->ckpt_msgs = 0;
+    /* Back towards --checkpoint-messages after a transaction too large
+     * (map_full) halved the limit: a quarter more per checkpoint. */
+    uint64_t max = (uint64_t)d->cfg.checkpoint_messages;
+    if (d->ckpt_limit < max && !d->txn_full)
+        d->ckpt_limit =
+            d->ckpt_limit + d->ckpt_limit / 4 < max ? d->ckpt_limit + d->ckpt_limit / 4 : max;
     return 0;
 }
 
@@ -604,8 +640,8 @@ static int commit_open(dmn_t *d)
     double t1 = cm_mono_ms();
     d->commit_ms += t1 - t0;
     d->txn_open = 0;
-    if (r == ST_EMAPFULL) {
-        map_full(d);
+    if (r == ST_EMAPFULL || r == ST_ETXNFULL) {
+        map_full(d, r);
         return r;
     }
     if (r) {
@@ -641,7 +677,7 @@ static int commit_open(dmn_t *d)
     d->txn_msgs = 0;
     /* A flush checkpoints first; without one for long (Postgres away, a
      * long interval), the checkpoint transaction is bounded here. */
-    if (d->ckpt && d->ckpt_msgs >= (uint64_t)d->cfg.checkpoint_messages && checkpoint(d) != 0)
+    if (d->ckpt && d->ckpt_msgs >= d->ckpt_limit && checkpoint(d) != 0)
         return AGG_EINVAL;
     if (d->cons && !d->closed && in_flight(d) < parse_ahead(d) + 1)
         ing_consumer_hold(d->cons, 0);
@@ -661,8 +697,8 @@ static int commit_open(dmn_t *d)
 static void abort_open(dmn_t *d, int r)
 {
     agg_batch_abort(d->agg);
-    if (r == ST_EMAPFULL) {
-        map_full(d);
+    if (r == ST_EMAPFULL || r == ST_ETXNFULL) {
+        map_full(d, r);
     } else {
         d->txn_open = 0;
         apply_failed(d, r);
@@ -826,8 +862,13 @@ static void on_grow_timer(uv_timer_t *t)
 {
     dmn_t *d = t->data;
     if (d->ckpt_failed) {
+        /* The map's growth for the restart waits for the flush's snapshot. */
+        if (d->ckpt_grow && !d->inflight)
+            grow_for_restart(d);
         if (!d->stopping)
             begin_stop(d, 1);
+        else
+            continue_stop(d);
         return;
     }
     if (d->storage_failed && cm_mono_ms() >= d->storage_retry_at && !d->stopping) {
@@ -844,6 +885,14 @@ static void on_grow_timer(uv_timer_t *t)
     if (d->ckpt && checkpoint(d) != 0) {
         drop_held(d);
         d->map_full = 0;
+        return;
+    }
+    if (d->txn_full) {
+        /* The committed checkpoint took the dirty pages with it. */
+        d->map_full = d->txn_full = 0;
+        cm_info("intake resumed after a checkpoint", "%s", "");
+        update_pause(d);
+        pump(d);
         return;
     }
     int r = st_grow(d->env);
@@ -1456,6 +1505,8 @@ static json_t *status_obj(dmn_t *d)
     json_object_set_new(lp, "commit_s", json_real(d->commit_ms / 1000.0));
     json_object_set_new(lp, "checkpoint_s", json_real(d->ckpt_ms / 1000.0));
     json_object_set_new(lp, "checkpoints", json_integer((json_int_t)d->checkpoints));
+    json_object_set_new(lp, "checkpoint_messages", json_integer((json_int_t)d->ckpt_limit));
+    json_object_set_new(lp, "checkpoint_shrinks", json_integer((json_int_t)d->ckpt_shrinks));
     json_object_set_new(lp, "txn_messages", json_integer((json_int_t)txn_limit(d)));
     json_object_set_new(lp, "txn_grows", json_integer((json_int_t)d->txn_grows));
     json_object_set_new(lp, "input_wait_kafka_s", json_real(d->wait_kafka_ms / 1000.0));
@@ -1794,6 +1845,8 @@ static void continue_stop(dmn_t *d)
     if (d->ckpt_failed) {
         /* Nothing the checkpoint lost may reach Postgres. */
         drop_held(d);
+        if (d->ckpt_grow)
+            grow_for_restart(d);
         close_all(d);
         return;
     }
@@ -1829,7 +1882,9 @@ static void begin_stop(dmn_t *d, int code)
     if (d->stopping)
         return;
     d->stopping = 1;
-    d->exit_code = code;
+    /* A failure recorded before the stop (a checkpoint's) is not lowered. */
+    if (!d->exit_code)
+        d->exit_code = code;
     notify_stopping();
     d->stop_deadline = cm_mono_ms() + (double)d->cfg.shutdown_timeout_ms;
     if (d->cons) {
@@ -1933,6 +1988,7 @@ static int setup(dmn_t *d)
     /* MDB_WRITEMAP (--state-sync none) has no nested transactions, and its
      * commits write nothing anyway. */
     d->ckpt = d->cfg.checkpoint_messages > 0 && sync != ST_SYNC_NONE;
+    d->ckpt_limit = (uint64_t)d->cfg.checkpoint_messages;
     ac.checkpoints = d->ckpt;
     cm_info("state commits", "checkpoints=%s checkpoint_messages=%lld state_sync=%s",
             d->ckpt ? "on" : "off", (long long)d->cfg.checkpoint_messages, d->cfg.state_sync);

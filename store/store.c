@@ -86,8 +86,9 @@ static int xlate(int rc)
     case MDB_NOTFOUND:
         return ST_ENOTFOUND;
     case MDB_MAP_FULL:
-    case MDB_TXN_FULL:
         return ST_EMAPFULL;
+    case MDB_TXN_FULL:
+        return ST_ETXNFULL;
     case ENOMEM:
         return ST_ENOMEM;
     case EINVAL:
@@ -430,6 +431,8 @@ const char *st_strerror(int err)
         return "state written by an incompatible version";
     case ST_EBUSY:
         return "state directory busy";
+    case ST_ETXNFULL:
+        return "state transaction too large (LMDB's dirty pages)";
     default:
         return "unknown store error";
     }

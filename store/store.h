@@ -23,6 +23,7 @@
 #define ST_EINVAL (-5)
 #define ST_EVERSION (-6) /* the state was written by an incompatible layout */
 #define ST_EBUSY (-7)    /* another process holds the state directory */
+#define ST_ETXNFULL (-8) /* the transaction holds too many dirty pages: abort, commit less */
 
 enum st_db {
     ST_DB_META = 0, /* partition metadata, sequence, layout version */

@@ -810,6 +810,64 @@ static int apply_one(agg_t *a, int64_t off, const char *eid, const char *uid, in
     return r;
 }
 
+static void close_fresh(agg_t *a, st_env_t *env, const char *dir);
+
+/* The session rows a part collected with flags would write (0 or 1 here). */
+static size_t part_sessions(agg_t *a, int flags)
+{
+    agg_flush_t *f;
+    assert_int_equal(agg_flush_collect_after(a, AGG_FLUSH_PART | flags, NULL, &f), 0);
+    size_t n = agg_flush_batch(f)->n_sessions;
+    agg_flush_free(f);
+    return n;
+}
+
+/*
+ * With checkpoints a committed batch is in the open checkpoint transaction
+ * only: a part collected through it (AGG_FLUSH_LOOP) has the batch's
+ * session, a snapshot (the flush worker's) has nothing until the
+ * checkpoint, and a checkpoint with nothing open commits nothing.
+ */
+static void test_checkpoint_visibility(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_agg_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    st_env_t *env;
+    assert_int_equal(st_open(dir, 64 << 20, ST_SYNC_META, &env), 0);
+    agg_t *a;
+    agg_conf_t conf = {"t", GAP, DAY, 0, NULL, 0, NULL, 0, 0, 0, 1};
+    assert_int_equal(agg_open(env, &conf, &a), 0);
+    assert_int_equal(agg_checkpoint(a), 0);
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 0, "e1", "u1", 1700000000000LL, ING_ET_PAGE_VIEW), 0);
+    /* Not between batches. */
+    assert_int_equal(agg_checkpoint(a), AGG_EINVAL);
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_int_equal(agg_checkpoint_batches(a), 1);
+    assert_int_equal(part_sessions(a, AGG_FLUSH_LOOP), 1);
+    assert_int_equal(part_sessions(a, 0), 0);
+    assert_int_equal(agg_partition(a, 0)->next_offset, 1);
+    /* An aborted batch leaves the committed one. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 1, "e2", "u2", 1700000000000LL, ING_ET_PAGE_VIEW), 0);
+    agg_batch_abort(a);
+    assert_int_equal(agg_partition(a, 0)->next_offset, 1);
+    assert_int_equal(part_sessions(a, AGG_FLUSH_LOOP), 1);
+    assert_int_equal(agg_checkpoint(a), 1);
+    assert_int_equal(agg_checkpoint_batches(a), 0);
+    assert_int_equal(part_sessions(a, 0), 1);
+    /* A crash after another batch: the reopened state is the checkpoint's. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 1, "e2", "u2", 1700000000000LL, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    assert_int_equal(agg_partition(a, 0)->next_offset, 2);
+    agg_close(a);
+    assert_int_equal(agg_open(env, &conf, &a), 0);
+    assert_int_equal(agg_partition(a, 0)->next_offset, 1);
+    close_fresh(a, env, dir);
+}
+
 static void test_gap_boundary_and_session_id_change(void **state)
 {
     (void)state;
@@ -2392,6 +2450,7 @@ int main(void)
         cmocka_unit_test(test_dense_merges),
         cmocka_unit_test(test_parts_written_ahead),
         cmocka_unit_test(test_checkpoints),
+        cmocka_unit_test(test_checkpoint_visibility),
         cmocka_unit_test(test_long_shared_user_ids),
         cmocka_unit_test(test_many_users_big),
         cmocka_unit_test(test_compaction_keeps_results),
