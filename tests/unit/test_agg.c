@@ -91,10 +91,19 @@ static void check_rejects_written(void)
         assert_true(rej_written(rejected[i]));
 }
 
+/* The next flush resends rows the tables hold: a crash lost the checkpoint
+ * of a flush's cleared marks (run_round with checkpoints). The sink redoes
+ * such a flush with upserts (docs/sink.md), so it may meet rows taken for
+ * new and rejects already written; parts wait for it, as the daemon's do
+ * after SNK_ERESTART. */
+static int redo_next;
+
 static void apply_flush(const snk_batch_t *b)
 {
     for (size_t i = 0; i < b->n_rejects; i++) {
         assert_int_equal(b->rejects[i].partition, 0);
+        if (redo_next && rej_written(b->rejects[i].offset))
+            continue;
         assert_false(rej_written(b->rejects[i].offset));
         assert_true(n_rej_tab < MAXE);
         rej_tab[n_rej_tab++] = b->rejects[i].offset;
@@ -112,7 +121,7 @@ static void apply_flush(const snk_batch_t *b)
         /* Like Postgres' primary key: a row taken for new must not be
          * there (the sink would redo the flush, which a run without
          * crashes never needs). */
-        if (r->is_new)
+        if (r->is_new && !redo_next)
             assert_int_equal(k, n_sess_tab);
         if (k == n_sess_tab)
             n_sess_tab++;
@@ -137,7 +146,7 @@ static void apply_flush(const snk_batch_t *b)
             if (!strcmp(user_tab[k].uid, r->user_id))
                 break;
         /* Like the primary key, as for the sessions above. */
-        if (r->is_new)
+        if (r->is_new && !redo_next)
             assert_int_equal(k, n_user_tab);
         if (k == n_user_tab)
             n_user_tab++;
@@ -228,7 +237,7 @@ static void apply_gen(const snk_batch_t *b)
             const snk_val_t *row = fresh ? b->gen[t].new_vals + (i - b->gen[t].n) * (size_t)nc
                                          : b->gen[t].vals + i * (size_t)nc;
             /* Like the primary key: a row taken for new must not be there. */
-            if (fresh) {
+            if (fresh && !redo_next) {
                 const grow_t *was = gfind(t, row, nk, 0);
                 assert_true(!was || !was->live);
             }
@@ -518,6 +527,8 @@ static int round_ckpt;
 /* Collects a part after the parts so far and applies it to the tables. */
 static void part(agg_t *a)
 {
+    if (redo_next)
+        return;
     if (!part_prev)
         tables_keep(1);
     agg_flush_t *f;
@@ -551,6 +562,9 @@ static void drop_parts(void)
     part_prev = NULL;
 }
 
+/* With checkpoints: a flush's cleared marks are not checkpointed yet. */
+static int flushed_unckpt;
+
 /* A flush (the final one of the parts written ahead, if any). */
 static void flush(agg_t *a)
 {
@@ -559,15 +573,19 @@ static void flush(agg_t *a)
      * the snapshot below sees nothing after the last one. */
     if (round_ckpt)
         assert_true(agg_checkpoint(a) >= 0);
+    flushed_unckpt = 0;
     assert_int_equal(agg_flush_collect_after(a, AGG_FLUSH_REGRESSION, part_prev, &f), 0);
     apply_flush(agg_flush_batch(f));
     apply_gen(agg_flush_batch(f));
     check_rejects_written();
     assert_int_equal(agg_flush_done(a, f), 0);
-    /* The cleared marks too (the daemon keeps them until its next
-     * checkpoint; losing them resends rows, docs/aggregator.md). */
-    if (round_ckpt)
+    redo_next = 0;
+    /* The daemon keeps the cleared marks in the open checkpoint until its
+     * next one; about half of the flushes here checkpoint them at once. */
+    if (round_ckpt && rnd() % 2)
         assert_int_equal(agg_checkpoint(a), 1);
+    else if (round_ckpt)
+        flushed_unckpt = 1;
     agg_flush_free(f);
     agg_flush_free(part_prev);
     part_prev = NULL;
@@ -585,6 +603,7 @@ static void run_round(uint64_t seed, int n, int users, int64_t spread_ms, int sw
     /* Parts of an earlier round that failed midway belong to its state. */
     agg_flush_free(part_prev);
     part_prev = NULL;
+    redo_next = flushed_unckpt = 0;
     rng = seed;
     n_sess_tab = n_user_tab = n_fun_tab = n_rej_tab = 0;
     memset(sess_tab, 0, sizeof sess_tab);
@@ -671,6 +690,8 @@ static void run_round(uint64_t seed, int n, int users, int64_t spread_ms, int sw
             drop_parts();
             agg_close(a);
             assert_int_equal(agg_open(env, &conf, &a), 0);
+            redo_next |= flushed_unckpt;
+            flushed_unckpt = 0;
             i = i_ck;
             off = off_ck;
             n_rejected = n_rejected_committed = nrej_ck;
