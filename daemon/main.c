@@ -198,17 +198,26 @@ static int rebuild_marked(dmn_t *d)
     return marked;
 }
 
-static int mark_rebuild(dmn_t *d)
+/* Record a one-byte flag under key in the state's meta database, in a write
+ * transaction of its own: only where intake has none open (start-up, a
+ * stop after a failed checkpoint). */
+static int put_meta_flag(dmn_t *d, const char *key, size_t n)
 {
     st_txn_t *txn;
     uint8_t one = 1;
     int r = st_begin(d->env, 0, &txn);
-    if (r == 0 &&
-        (r = st_put(txn, d->env, ST_DB_META, REBUILD_KEY, sizeof REBUILD_KEY - 1, &one, 1)) == 0)
-        r = st_commit(txn);
-    else if (r == 0)
+    if (r)
+        return r;
+    if ((r = st_put(txn, d->env, ST_DB_META, key, n, &one, 1)) != 0) {
         st_abort(txn);
-    return r;
+        return r;
+    }
+    return st_commit(txn);
+}
+
+static int mark_rebuild(dmn_t *d)
+{
+    return put_meta_flag(d, REBUILD_KEY, sizeof REBUILD_KEY - 1);
 }
 
 static int check_fresh_state(dmn_t *d)
@@ -528,18 +537,11 @@ static void start_part(dmn_t *d);
  */
 static void grow_for_restart(dmn_t *d)
 {
-    st_txn_t *txn;
     static const char key[] = "map_grown";
     d->ckpt_grow = 0;
     int r = st_grow(d->env);
-    if (r == 0 && (r = st_begin(d->env, 0, &txn)) == 0) {
-        uint8_t one = 1;
-        r = st_put(txn, d->env, ST_DB_META, key, sizeof key - 1, &one, 1);
-        if (r == 0)
-            r = st_commit(txn);
-        else
-            st_abort(txn);
-    }
+    if (r == 0)
+        r = put_meta_flag(d, key, sizeof key - 1);
     if (r)
         cm_err("cannot grow the state map for the restart", "error=\"%s\"", st_strerror(r));
 }

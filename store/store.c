@@ -215,12 +215,13 @@ void st_close(st_env_t *e)
     free(e);
 }
 
-int st_begin(st_env_t *e, int rdonly, st_txn_t **txn)
+/* st_begin and st_begin_nested: a transaction, a child of parent (NULL: none). */
+static int txn_begin(st_env_t *e, MDB_txn *parent, int rdonly, st_txn_t **txn)
 {
     st_txn_t *x = calloc(1, sizeof *x);
     if (!x)
         return ST_ENOMEM;
-    int rc = mdb_txn_begin(e->env, NULL, rdonly ? MDB_RDONLY : 0, &x->t);
+    int rc = mdb_txn_begin(e->env, parent, rdonly ? MDB_RDONLY : 0, &x->t);
     if (rc) {
         free(x);
         return xlate(rc);
@@ -230,23 +231,18 @@ int st_begin(st_env_t *e, int rdonly, st_txn_t **txn)
     return 0;
 }
 
+int st_begin(st_env_t *e, int rdonly, st_txn_t **txn)
+{
+    return txn_begin(e, NULL, rdonly, txn);
+}
+
 int st_begin_nested(st_env_t *e, st_txn_t *parent, st_txn_t **txn)
 {
     unsigned flags = 0;
     /* LMDB refuses a child of a MDB_WRITEMAP transaction as a bad one. */
     if (!parent || !parent->rw || mdb_env_get_flags(e->env, &flags) != 0 || (flags & MDB_WRITEMAP))
         return ST_EINVAL;
-    st_txn_t *x = calloc(1, sizeof *x);
-    if (!x)
-        return ST_ENOMEM;
-    int rc = mdb_txn_begin(e->env, parent->t, 0, &x->t);
-    if (rc) {
-        free(x);
-        return xlate(rc);
-    }
-    x->rw = 1;
-    *txn = x;
-    return 0;
+    return txn_begin(e, parent->t, 0, txn);
 }
 
 /* A write transaction's cursors end with it (LMDB closes them). */
