@@ -49,6 +49,11 @@ static const opt_t opts[] = {
      "every this many ms (nobody sees them before the commit), so that the flush at the tick "
      "only writes the rest and commits: rows become visible sooner after each tick, for some "
      "rows written twice (0 or >= the flush interval: off)."},
+    {"catchup-flush-interval-ms", OPT_INT, O(catchup_flush_interval_ms), "10000", 0, 3600000,
+     "While intake is behind by more than a flush interval (a backlog, or --exit-at-end), commit "
+     "to Postgres at most this often; parts still write ahead. The backlog, not the interval, "
+     "sets how fresh the tables are then, and every commit rewrites each user active since the "
+     "last one. 0 or <= the flush interval: every flush interval."},
     {"batch-size", OPT_INT, O(batch_size), "40000", 1, 1000000,
      "Most messages in one batch: taken from librdkafka at once, validated on the thread "
      "pool and applied in order."},
@@ -87,6 +92,10 @@ static const opt_t opts[] = {
      "on small pages, cheaper to fault in where a fault is cheap), all (every heap: "
      "glibc.malloc.hugetlb=1, the daemon re-executes itself once with GLIBC_TUNABLES set) or "
      "off. Needs THP in madvise or always mode; true and false mean all and off."},
+    {"heap-prefault", OPT_BOOL, O(heap_prefault), "true", 0, 1,
+     "Fault in the loop thread's heap as it grows on a helper thread (MADV_POPULATE_WRITE, "
+     "Linux 5.14), so that the kernel zeroes fresh memory there and not on the thread that "
+     "bounds intake; the heap pad's pages are then resident before they are used."},
     {"checkpoint-messages", OPT_INT, O(checkpoint_messages), "640000", 0, 4000000,
      "Transactions commit into a checkpoint transaction that becomes durable (one LMDB "
      "commit) before every flush and after this many messages: a page many transactions "
@@ -111,7 +120,7 @@ static const opt_t opts[] = {
      "How often the experiments' logistic regressions are refitted (and at shutdown)."},
     {"health-max-flush-age-ms", OPT_INT, O(health_max_flush_age_ms), "0", 0, 86400000,
      "/healthz fails when rows are pending and no flush succeeded for this long "
-     "(0: 5 x --flush-interval-ms + 30000)."},
+     "(0: 5 x --flush-interval-ms, or --catchup-flush-interval-ms when longer, + 30000)."},
     {"exposure-event", OPT_STR, O(exposure_event), "product_view", 0, 0,
      "Default exposure event type of experiments ([experiment.NAME] exposure_event overrides)."},
     {"window-days", OPT_INT, O(window_days), "7", 1, 365,

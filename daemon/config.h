@@ -43,6 +43,7 @@ typedef struct cfg {
     char *state_sync;
     int64_t flush_interval_ms;
     int64_t flush_ahead_ms;
+    int64_t catchup_flush_interval_ms;
     int64_t batch_size;
     int64_t txn_messages;
     int64_t txn_messages_max;
@@ -56,6 +57,7 @@ typedef struct cfg {
     int64_t state_map_size_mb;
     int64_t heap_pad_mb;
     char *heap_huge_pages;
+    int heap_prefault;
     int64_t pg_retry_max_ms;
     int64_t shutdown_timeout_ms;
     int64_t kafka_close_timeout_ms;

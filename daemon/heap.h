@@ -97,11 +97,32 @@ const char *cm_heap_start(int mode, char **argv);
 int cm_heap_pad(int64_t pad_mb);
 
 /*
- * CM_HUGE_LOOP: advise the main heap's growth since the last call for huge
- * pages. Without growth it makes no system call, so the loop calls it before
- * every slice of work. Loop thread only.
+ * After the main heap grew since the last call: CM_HUGE_LOOP advises the
+ * growth for huge pages, and the prefault helper (cm_heap_prefault_start)
+ * is told to fault it in. Without growth it makes no system call and takes
+ * no lock, so the loop calls it before every slice of work. Loop thread
+ * only.
  */
 void cm_heap_grown(void);
+
+/*
+ * Start a helper thread ("cm-prefault") that faults in the main heap's
+ * growth (MADV_POPULATE_WRITE) as soon as cm_heap_grown sees it: the kernel
+ * zeroes the memory the loop thread is about to use on the helper, not on
+ * the loop thread, which bounds intake. glibc grows the main heap by at
+ * least the top pad (cm_heap_pad) at a time, so the helper is usually ahead
+ * of the allocations that follow; the pad's pages are then resident (RSS)
+ * before they are used. 0, or a negative errno: -EINVAL on kernels before
+ * 5.14, -ENOTSUP where this is not glibc on Linux. Main thread, after
+ * cm_heap_start and before the loop runs.
+ */
+int cm_heap_prefault_start(void);
+
+/* Stop the helper and wait for it (at most one 8 MiB step). Main thread. */
+void cm_heap_prefault_stop(void);
+
+/* Bytes the helper has faulted in so far. Any thread. */
+uint64_t cm_heap_prefaulted(void);
 
 /*
  * CM_HUGE_LOOP: advise [p, p + n), a large allocation of the caller's (a hash

@@ -10,6 +10,7 @@
 #ifdef __linux__
 #include <sys/resource.h>
 #endif
+#include <errno.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -139,6 +140,13 @@ typedef struct dmn {
                                 * marks' clearing) still ran, or a part older than an
                                 * interval */
     uint64_t ticks_after_part; /* flushes started when the part their tick found was done */
+    uint64_t ticks_before_end; /* ticks left to the final flush (tick_left) */
+    uint64_t ticks_behind;     /* ticks left to a later flush while behind (tick_left) */
+    int64_t tick_left;         /* messages left to the end offsets at the last tick */
+    uint64_t tick_msgs;        /* messages committed at the last tick */
+    double tick_t;             /* monotonic ms of the last tick (0: none yet) */
+    int tick_end;              /* the last tick was left to the final flush */
+    double flush_t0;           /* monotonic ms when the last flush (not a part) began */
     /* Checkpoints (--checkpoint-messages): transactions nest in a checkpoint
      * transaction that becomes durable before every flush and after that
      * many messages (agg_checkpoint). */
@@ -328,10 +336,13 @@ static int apply_msg(dmn_t *d, const ing_batch_t *b, size_t i)
                             msg->payload, msg->len, b->now_ms);
 }
 
-static int all_at_end(dmn_t *d)
+/* Messages left before the end offsets of --exit-at-end (0 at the end;
+ * -1 without them). */
+static int64_t left_to_end(dmn_t *d)
 {
     if (!d->ends)
-        return 0;
+        return -1;
+    int64_t left = 0;
     for (int32_t p = 0; p < d->n_parts; p++) {
         const agg_partition_t *pp = agg_partition(d->agg, p);
         /* A partition without state starts where it was assigned (the
@@ -342,9 +353,14 @@ static int all_at_end(dmn_t *d)
         if (next < d->lows[p])
             next = d->lows[p];
         if (next < d->ends[p])
-            return 0;
+            left += d->ends[p] - next;
     }
-    return 1;
+    return left;
+}
+
+static int all_at_end(dmn_t *d)
+{
+    return left_to_end(d) == 0;
 }
 
 static void after_batch(dmn_t *d)
@@ -1228,6 +1244,7 @@ static void start_flush(dmn_t *d)
         return;
     d->inflight = 1;
     d->fl_t0 = cm_mono_ms();
+    d->flush_t0 = d->fl_t0;
     d->fl_regression =
         d->stopping || d->fl_t0 - d->last_regression >= (double)d->cfg.stats_interval_ms;
     d->batches_at_flush = d->batches;
@@ -1355,12 +1372,66 @@ static void on_ahead_timer(uv_timer_t *t)
     start_part(t->data);
 }
 
+/* The share of an interval within which the end must be due: a margin
+ * for a pace that varies from one interval to the next. */
+#define END_TICK_SHARE 0.8
+
+/*
+ * Whether this tick starts no flush, leaving its rows to a later one (parts
+ * go on writing ahead meanwhile):
+ *
+ * - Intake is behind by more than an interval at the pace of the interval
+ *   just past, and the last flush began less than
+ *   --catchup-flush-interval-ms ago. How fresh the tables are is then set
+ *   by the backlog, and each flush rewrites every user, exposure and
+ *   outcome row active since the one before (a third of the rows a 10 M
+ *   backfill wrote; docs/operations.md "Catching up").
+ * - With --exit-at-end, the end offsets come within END_TICK_SHARE of an
+ *   interval: the final flush writes the rows sooner than the next tick
+ *   would, and this one would only write the per-user rows twice. Never two
+ *   ticks in a row for this, so a stall near the end delays the rows by at
+ *   most one interval.
+ *
+ * Never while intake is paused for unflushed rows, before the first flush,
+ * or without a pace to go by.
+ */
+static int tick_left(dmn_t *d)
+{
+    double now = cm_mono_ms();
+    int64_t left = left_to_end(d);
+    int64_t lag = left >= 0 ? left : consumer_lag(d);
+    uint64_t moved = d->msgs - d->tick_msgs;
+    double dt = now - d->tick_t, interval = (double)d->cfg.flush_interval_ms;
+    int end = 0, behind = 0;
+    if (!d->stopping && !d->pause_backpressure && d->flushed_once && d->tick_t > 0) {
+        end = d->cfg.exit_at_end && !d->tick_end &&
+              cm_end_within(d->tick_left, left, dt, interval, END_TICK_SHARE);
+        behind = !end && (double)d->cfg.catchup_flush_interval_ms > interval &&
+                 now - d->flush_t0 < (double)d->cfg.catchup_flush_interval_ms &&
+                 cm_behind(lag, moved, dt, interval);
+    }
+    d->tick_left = left;
+    d->tick_msgs = d->msgs;
+    d->tick_t = now;
+    d->tick_end = end;
+    if (end) {
+        d->ticks_before_end++;
+        cm_debug("tick left to the final flush: the end offsets come first", "messages_left=%lld",
+                 (long long)left);
+    } else if (behind) {
+        d->ticks_behind++;
+        cm_debug("tick left to a later flush: intake is behind", "lag=%lld since_flush_ms=%.0f",
+                 (long long)lag, now - d->flush_t0);
+    }
+    return end || behind;
+}
+
 static void on_flush_timer(uv_timer_t *t)
 {
     dmn_t *d = t->data;
     if (d->stopping)
         continue_stop(d);
-    else
+    else if (!tick_left(d))
         start_flush(d);
 }
 
@@ -1379,11 +1450,14 @@ static int64_t total(dmn_t *d, int what)
     return s;
 }
 
-/* --health-max-flush-age-ms, or its default: 5 flush intervals plus 30 s. */
+/* --health-max-flush-age-ms, or its default: 5 flush intervals (or one
+ * catch-up interval, when longer) plus 30 s. */
 static int64_t max_flush_age_ms(const dmn_t *d)
 {
-    return d->cfg.health_max_flush_age_ms > 0 ? d->cfg.health_max_flush_age_ms
-                                              : 5 * d->cfg.flush_interval_ms + 30000;
+    int64_t wait = 5 * d->cfg.flush_interval_ms;
+    if (d->cfg.catchup_flush_interval_ms > wait)
+        wait = d->cfg.catchup_flush_interval_ms;
+    return d->cfg.health_max_flush_age_ms > 0 ? d->cfg.health_max_flush_age_ms : wait + 30000;
 }
 
 /* Every reason to be unhealthy, "; "-separated, in d->health; NULL when healthy. */
@@ -1491,6 +1565,8 @@ static json_t *status_obj(dmn_t *d)
     json_object_set_new(fl, "in_flight", json_boolean(d->inflight));
     json_object_set_new(fl, "late_starts", json_integer((json_int_t)d->flushes_due));
     json_object_set_new(fl, "ticks_after_part", json_integer((json_int_t)d->ticks_after_part));
+    json_object_set_new(fl, "ticks_before_end", json_integer((json_int_t)d->ticks_before_end));
+    json_object_set_new(fl, "ticks_behind", json_integer((json_int_t)d->ticks_behind));
     json_object_set_new(fl, "redone", json_integer((json_int_t)d->flushes_redone));
     json_object_set_new(fl, "parts_ahead", json_integer((json_int_t)d->parts_ahead));
     json_object_set_new(fl, "parts_ahead_failed", json_integer((json_int_t)d->parts_ahead_failed));
@@ -1509,6 +1585,8 @@ static json_t *status_obj(dmn_t *d)
     json_object_set_new(lp, "checkpoints", json_integer((json_int_t)d->checkpoints));
     json_object_set_new(lp, "checkpoint_messages", json_integer((json_int_t)d->ckpt_limit));
     json_object_set_new(lp, "checkpoint_shrinks", json_integer((json_int_t)d->ckpt_shrinks));
+    json_object_set_new(lp, "heap_prefaulted_mb",
+                        json_real((double)cm_heap_prefaulted() / 1048576.0));
     json_object_set_new(lp, "txn_messages", json_integer((json_int_t)txn_limit(d)));
     json_object_set_new(lp, "txn_grows", json_integer((json_int_t)d->txn_grows));
     json_object_set_new(lp, "input_wait_kafka_s", json_real(d->wait_kafka_ms / 1000.0));
@@ -1842,8 +1920,21 @@ static void continue_stop(dmn_t *d)
 {
     /* Batches still being validated come back through on_parsed, which
      * applies them and calls here again. */
-    if (d->closed || d->inflight || (d->parser && ing_parser_pending(d->parser)))
+    if (d->closed || (d->parser && ing_parser_pending(d->parser)))
         return;
+    if (d->inflight) {
+        /* A part or flush still runs in Postgres and the loop has nothing
+         * else to do: the whole batches commit and the checkpoint is taken
+         * now, not after it, so the final flush starts as soon as Postgres
+         * is free (a checkpoint of a 1 M backfill's last batches takes
+         * 70-220 ms). Later state than a flush in flight collected may be
+         * durable: its rows stay marked until that flush commits. */
+        if (!d->ckpt_failed && d->txn_open && d->pos == 0 && d->cur > 0 && commit_open(d) != 0)
+            return;
+        if (!d->closed && !d->txn_open)
+            checkpoint(d);
+        return;
+    }
     if (d->ckpt_failed) {
         /* Nothing the checkpoint lost may reach Postgres. */
         drop_held(d);
@@ -1930,8 +2021,13 @@ static int setup(dmn_t *d)
         cm_info("heap pad not applied: the allocator does not take mallopt (a sanitizer "
                 "build?)",
                 "heap_pad_mb=%lld", (long long)d->cfg.heap_pad_mb);
-    cm_info("heap", "huge_pages=\"%s\" transparent_hugepage=\"%s\"", d->huge_pages,
-            cm_heap_thp_mode());
+    const char *prefault = "off";
+    if (d->cfg.heap_prefault) {
+        int pr = cm_heap_prefault_start();
+        prefault = pr == 0 ? "on" : pr == -EINVAL ? "off (kernel before 5.14)" : "off (failed)";
+    }
+    cm_info("heap", "huge_pages=\"%s\" transparent_hugepage=\"%s\" prefault=\"%s\"", d->huge_pages,
+            cm_heap_thp_mode(), prefault);
     enum st_sync sync;
     if (!strcmp(d->cfg.state_sync, "full"))
         sync = ST_SYNC_FULL;
@@ -2149,6 +2245,7 @@ int main(int argc, char **argv)
     free(d.lows);
     double loop_idle = (double)uv_metrics_idle_time(d.loop) / 1e9;
     uv_loop_close(d.loop);
+    cm_heap_prefault_stop();
     /* The loop thread's own CPU time: the part of the process's CPU that one
      * core bounds (the parsers, librdkafka and the flush worker run beside
      * it), which the bench reports per event. The time it was runnable but
@@ -2169,11 +2266,12 @@ int main(int argc, char **argv)
     cm_info("stopped",
             "exit_code=%d run_s=%.3f loop_cpu_s=%.3f loop_runqueue_wait_s=%.3f loop_idle_s=%.3f "
             "commit_s=%.3f checkpoint_s=%.3f input_wait_kafka_s=%.3f input_wait_validation_s=%.3f "
-            "batches=%llu commits=%llu checkpoints=%llu",
+            "batches=%llu commits=%llu checkpoints=%llu prefaulted_mb=%.0f",
             rc, (cm_mono_ms() - d.started) / 1000.0, loop_cpu, loop_wait, loop_idle,
             d.commit_ms / 1000.0, d.ckpt_ms / 1000.0, d.wait_kafka_ms / 1000.0,
             d.wait_validation_ms / 1000.0, (unsigned long long)d.batches,
-            (unsigned long long)d.commits, (unsigned long long)d.checkpoints);
+            (unsigned long long)d.commits, (unsigned long long)d.checkpoints,
+            (double)cm_heap_prefaulted() / 1048576.0);
     cfg_free(&d.cfg);
     return rc;
 }

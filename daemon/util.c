@@ -334,6 +334,21 @@ size_t cm_txn_target(size_t cur, size_t base, size_t max, size_t msgs, uint64_t 
     return cur;
 }
 
+int cm_end_within(int64_t before, int64_t left, double dt_ms, double interval_ms, double share)
+{
+    if (left <= 0 || before <= left || dt_ms <= 0)
+        return 0;
+    double per_ms = (double)(before - left) / dt_ms;
+    return (double)left / per_ms < share * interval_ms;
+}
+
+int cm_behind(int64_t lag, uint64_t moved, double dt_ms, double interval_ms)
+{
+    if (lag <= 0 || moved == 0 || dt_ms <= 0)
+        return 0;
+    return (double)lag * dt_ms / (double)moved > interval_ms;
+}
+
 int cm_write_bytes(uint64_t *out)
 {
     /* The calling thread's own writes where the kernel tells them apart

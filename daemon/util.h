@@ -74,6 +74,21 @@ size_t cm_txn_target(size_t cur, size_t base, size_t max, size_t msgs, uint64_t 
                      int catching_up);
 
 /*
+ * Whether the end offsets of --exit-at-end come within share * interval_ms
+ * at the pace of the last interval: `before` messages were left at the last
+ * tick, `left` now, dt_ms later. 0 when nothing is left or nothing moved
+ * (no pace to go by). Pure; any thread.
+ */
+int cm_end_within(int64_t before, int64_t left, double dt_ms, double interval_ms, double share);
+
+/*
+ * Whether intake is behind by more than interval_ms: `lag` messages behind
+ * the end offsets at the pace of the last interval (`moved` messages in
+ * dt_ms). 0 without a pace (nothing moved). Pure; any thread.
+ */
+int cm_behind(int64_t lag, uint64_t moved, double dt_ms, double interval_ms);
+
+/*
  * Bytes the calling thread has passed to write calls so far (the wchar line
  * of /proc/thread-self/io; of the whole process, /proc/self/io, on kernels
  * before 3.17) in *out. 0, or a negative errno where the kernel does not

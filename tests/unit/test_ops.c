@@ -291,6 +291,48 @@ static void test_text_log_one_line(void **state)
     free(out);
 }
 
+/* Whether --exit-at-end's end offsets come before the next tick
+ * (cm_end_within), at the pace of the last interval. */
+static void test_end_within(void **state)
+{
+    (void)state;
+    /* 1 M run, 2 s ticks: 400 000 left after 600 000 in 2 s comes in 1.33 s,
+     * within 0.8 of an interval (1.6 s); 500 000 left would take 1.67 s. */
+    assert_true(cm_end_within(1000000, 400000, 2000, 2000, 0.8));
+    assert_false(cm_end_within(1000000, 500000, 2000, 2000, 0.8));
+    /* The pace is the last interval's: half the messages in the same time
+     * doubles the wait. */
+    assert_false(cm_end_within(700000, 400000, 2000, 2000, 0.8));
+    assert_true(cm_end_within(700000, 200000, 2000, 2000, 0.8));
+    /* At the end, without a pace (nothing moved, first tick, no time) or
+     * with more left than before (cannot happen; no guess): never. */
+    assert_false(cm_end_within(400000, 0, 2000, 2000, 0.8));
+    assert_false(cm_end_within(400000, 400000, 2000, 2000, 0.8));
+    assert_false(cm_end_within(0, 400000, 2000, 2000, 0.8));
+    assert_false(cm_end_within(400000, 500000, 2000, 2000, 0.8));
+    assert_false(cm_end_within(1000000, 10, 0, 2000, 0.8));
+    /* A stall: one message in an interval, a hundred left. */
+    assert_false(cm_end_within(101, 100, 2000, 2000, 0.8));
+}
+
+/* Whether intake is behind by more than an interval (cm_behind), at the
+ * pace of the last interval. */
+static void test_behind(void **state)
+{
+    (void)state;
+    /* A 10 M backfill: 9 M behind at 200 000 events/s is 45 s. */
+    assert_true(cm_behind(9000000, 400000, 2000, 2000));
+    /* Steady 100 000 events/s with 50 000 in flight: 0.5 s, not behind. */
+    assert_false(cm_behind(50000, 200000, 2000, 2000));
+    /* Exactly one interval behind is not more than one. */
+    assert_false(cm_behind(200000, 200000, 2000, 2000));
+    assert_true(cm_behind(200001, 200000, 2000, 2000));
+    /* No lag, or no pace (intake stalled or paused, the first tick): never. */
+    assert_false(cm_behind(0, 200000, 2000, 2000));
+    assert_false(cm_behind(9000000, 0, 2000, 2000));
+    assert_false(cm_behind(9000000, 400000, 0, 2000));
+}
+
 /* The size of the next LMDB transaction (cm_txn_target): it doubles while
  * catching up on commits that write much per message, up to the maximum,
  * halves on cheap ones down to --txn-messages, and is --txn-messages at
@@ -386,6 +428,8 @@ int main(void)
         cmocka_unit_test(test_history_ring),
         cmocka_unit_test(test_json_log_lines),
         cmocka_unit_test(test_text_log_one_line),
+        cmocka_unit_test(test_end_within),
+        cmocka_unit_test(test_behind),
         cmocka_unit_test(test_txn_target),
         cmocka_unit_test(test_config_long_lines),
     };
