@@ -10,7 +10,8 @@
 # and with --txn-messages-max above --txn-messages the transactions grow while commits
 # write much per message (with checkpoints off: with them a commit writes nothing); with
 # a small --checkpoint-messages the checkpoints come by that bound, not only at the
-# flushes; the tables must still equal the reference over all seven runs.
+# flushes; while catching up, ticks start no flush before --catchup-flush-interval-ms
+# has passed; the tables must still equal the reference over all nine runs.
 #
 # Needs CLICKMART_BIN (the build dir); run alone with
 #   CLICKMART_BIN=build bash tests/integration/test_group_commit.sh
@@ -164,6 +165,29 @@ catch_up 38 --txn-messages 600 --checkpoint-messages 1200 --flush-interval-ms 36
 [ "$COMMITS" -ge 6 ] || cm_die "--txn-messages 600: only $COMMITS commits, nothing to tell"
 [ "$((CKPTS * 2))" -ge "$((COMMITS - 1))" ] && [ "$((CKPTS * 2))" -le "$((COMMITS + 6))" ] ||
     cm_die "--checkpoint-messages 1200: $CKPTS checkpoints for $COMMITS commits of 600 (want about half)"
+
+# Flushes while catching up (--catchup-flush-interval-ms): ticks every 50 ms, batches of
+# 20 messages. Behind by more than an interval at the last interval's pace, the ticks
+# start no flush until the catch-up interval (a minute) has passed: only the flush at
+# startup, the first tick's (no pace yet) and the final one. With it off, the ticks
+# flush all along.
+flushes_and_ticks() {
+    FLUSHES=$(grep -c 'msg="flushed"' "$CM_DAEMON_LOG" || true)
+    BEHIND=$(grep -c 'msg="tick left to a later flush: intake is behind"' "$CM_DAEMON_LOG" || true)
+    cm_log "flushes $FLUSHES, ticks left while behind $BEHIND"
+}
+CU_EVENTS=$((EVENTS * 5)) catch_up 39 --batch-size 20 --txn-messages 20 --flush-interval-ms 50 \
+    --catchup-flush-interval-ms 60000 --log-level debug
+flushes_and_ticks
+[ "$BEHIND" -ge 2 ] || cm_die "--catchup-flush-interval-ms 60000: $BEHIND ticks left while behind (want 2 or more)"
+[ "$FLUSHES" -le 3 ] || cm_die "--catchup-flush-interval-ms 60000: $FLUSHES flushes (want at most 3)"
+FLUSHES_LONG=$FLUSHES
+CU_EVENTS=$((EVENTS * 5)) catch_up 40 --batch-size 20 --txn-messages 20 --flush-interval-ms 50 \
+    --catchup-flush-interval-ms 0 --log-level debug
+flushes_and_ticks
+[ "$BEHIND" = 0 ] || cm_die "--catchup-flush-interval-ms 0: $BEHIND ticks left while behind"
+[ "$FLUSHES" -gt "$FLUSHES_LONG" ] ||
+    cm_die "--catchup-flush-interval-ms 0: $FLUSHES flushes, not more than $FLUSHES_LONG with it on"
 
 cm_dump_topic "$CM_TOPIC" "$DUMP"
 cm_compare "$DUMP" || cm_die "Postgres differs from the reference"
