@@ -39,6 +39,7 @@ static struct {
     pthread_cond_t cond;
     int running;     /* main thread: started and not yet joined */
     atomic_int stop; /* set by cm_heap_prefault_stop */
+    atomic_int idle; /* cm_heap_prefault_active(0): growth is left to the loop */
     int grew;        /* under lock: the loop thread saw growth */
     uintptr_t seen;  /* loop thread only */
     uintptr_t done;  /* helper only: faulted in up to here */
@@ -402,7 +403,10 @@ static void *prefault_main(void *arg)
             continue;
         }
         quiet = 0;
-        prefault_to(to);
+        if (atomic_load(&g_pf.idle))
+            g_pf.done = to; /* the loop thread faults it in itself */
+        else
+            prefault_to(to);
     }
     return NULL;
 }
@@ -449,6 +453,11 @@ void cm_heap_prefault_stop(void)
     pthread_join(g_pf.thread, NULL);
     g_pf.running = 0;
 #endif
+}
+
+void cm_heap_prefault_active(int on)
+{
+    atomic_store(&g_pf.idle, !on);
 }
 
 uint64_t cm_heap_prefaulted(void)

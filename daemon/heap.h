@@ -121,6 +121,16 @@ int cm_heap_prefault_start(void);
 /* Stop the helper and wait for it (at most one 8 MiB step). Main thread. */
 void cm_heap_prefault_stop(void);
 
+/*
+ * Whether the helper faults in the growth from now on (1, the start) or
+ * leaves it to the allocating thread (0). The daemon keeps it on only while
+ * intake catches up, when the loop thread bounds the throughput: at steady
+ * rates the loop thread has time to spare, and the helper's bursts (8 MiB
+ * steps of up to a whole pad) took a core from the flushes instead
+ * (freshness p99 +5 % at 100 000 events/s). Any thread.
+ */
+void cm_heap_prefault_active(int on);
+
 /* Bytes the helper has faulted in so far. Any thread. */
 uint64_t cm_heap_prefaulted(void);
 

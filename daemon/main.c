@@ -744,7 +744,10 @@ static void on_commit_timer(uv_timer_t *t)
 static void pump(dmn_t *d)
 {
     double t0 = cm_mono_ms();
-    /* The loop thread's heap grows with the state: advise what it took. */
+    /* The loop thread's heap grows with the state: advise what it took,
+     * and have the helper fault it in while catching up, when the loop
+     * thread bounds intake. */
+    cm_heap_prefault_active(catching_up(d));
     cm_heap_grown();
     while (!d->map_full && !d->storage_failed && !d->ckpt_failed && !d->closed) {
         int r;

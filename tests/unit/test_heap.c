@@ -166,7 +166,8 @@ static int prefaulted_at_least(uint64_t bytes)
 
 /* The prefault helper faults in the main heap's growth, without changing a
  * byte of it: found by polling the break while the heap grows, and by the
- * loop thread's signal (cm_heap_grown) once it has gone quiet. */
+ * loop thread's signal (cm_heap_grown) once it has gone quiet; inactive, it
+ * leaves the growth alone. */
 static void test_prefault(void **state)
 {
     (void)state;
@@ -203,7 +204,17 @@ static void test_prefault(void **state)
     cm_heap_grown();
     assert_true(prefaulted_at_least(mid + n / 2));
     assert_int_equal(m[n - 1], 7);
-    assert_true(sbrk(-(intptr_t)(2 * n)) != (void *)-1);
+    /* Inactive (the daemon at steady rates): growth is left alone. */
+    cm_heap_prefault_active(0);
+    uint64_t off = cm_heap_prefaulted();
+    char *m3 = sbrk((intptr_t)n);
+    assert_true(m3 != (char *)-1);
+    usleep(200000);
+    cm_heap_grown();
+    usleep(200000);
+    assert_true(cm_heap_prefaulted() == off);
+    cm_heap_prefault_active(1);
+    assert_true(sbrk(-(intptr_t)(3 * n)) != (void *)-1);
     cm_heap_prefault_stop();
     cm_heap_prefault_stop(); /* stopped already: nothing to do */
 }
