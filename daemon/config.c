@@ -49,11 +49,11 @@ static const opt_t opts[] = {
      "every this many ms (nobody sees them before the commit), so that the flush at the tick "
      "only writes the rest and commits: rows become visible sooner after each tick, for some "
      "rows written twice (0 or >= the flush interval: off)."},
-    {"catchup-flush-interval-ms", OPT_INT, O(catchup_flush_interval_ms), "10000", 0, 3600000,
+    {"catchup-flush-interval-ms", OPT_INT, O(catchup_flush_interval_ms), "0", 0, 3600000,
      "While intake is behind by more than a flush interval (a backlog, or --exit-at-end), commit "
-     "to Postgres at most this often; parts still write ahead. The backlog, not the interval, "
-     "sets how fresh the tables are then, and every commit rewrites each user active since the "
-     "last one. 0 or <= the flush interval: every flush interval."},
+     "to Postgres at most this often; parts still write ahead. Postgres rewrites fewer per-user "
+     "rows (-9 % rows in a 10 M backfill at 10000), but the loop thread collects more parts "
+     "(that backfill ran 17 % slower). 0 or <= the flush interval: every flush interval."},
     {"batch-size", OPT_INT, O(batch_size), "40000", 1, 1000000,
      "Most messages in one batch: taken from librdkafka at once, validated on the thread "
      "pool and applied in order."},
