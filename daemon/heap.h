@@ -107,7 +107,9 @@ void cm_heap_grown(void);
 
 /*
  * Start a helper thread ("cm-prefault") that faults in the main heap's
- * growth (MADV_POPULATE_WRITE) as soon as cm_heap_grown sees it: the kernel
+ * growth (MADV_POPULATE_WRITE) as soon as it sees the break move (polled
+ * every 2 ms while the heap grows; after half a second without growth it
+ * waits for cm_heap_grown's signal instead): the kernel
  * zeroes the memory the loop thread is about to use on the helper, not on
  * the loop thread, which bounds intake. glibc grows the main heap by at
  * least the top pad (cm_heap_pad) at a time, so the helper is usually ahead

@@ -140,8 +140,8 @@ typedef struct dmn {
                                 * marks' clearing) still ran, or a part older than an
                                 * interval */
     uint64_t ticks_after_part; /* flushes started when the part their tick found was done */
-    uint64_t ticks_before_end; /* ticks left to the final flush (tick_left) */
-    uint64_t ticks_behind;     /* ticks left to a later flush while behind (tick_left) */
+    uint64_t ticks_before_end; /* ticks left to the final flush (leave_tick) */
+    uint64_t ticks_behind;     /* ticks left to a later flush while behind (leave_tick) */
     int64_t tick_left;         /* messages left to the end offsets at the last tick */
     uint64_t tick_msgs;        /* messages committed at the last tick */
     double tick_t;             /* monotonic ms of the last tick (0: none yet) */
@@ -667,6 +667,10 @@ static int commit_open(dmn_t *d)
         return r;
     }
     d->commits++;
+    /* The prefault helper works while catching up, when the loop thread
+     * bounds intake; decided once per transaction, not per slice of work
+     * (the lag reads every partition's watermarks). */
+    cm_heap_prefault_active(catching_up(d));
     if (!wok || cm_write_bytes(&w1) != 0 || w1 < w0)
         w1 = w0;
     else if (grow)
@@ -744,10 +748,7 @@ static void on_commit_timer(uv_timer_t *t)
 static void pump(dmn_t *d)
 {
     double t0 = cm_mono_ms();
-    /* The loop thread's heap grows with the state: advise what it took,
-     * and have the helper fault it in while catching up, when the loop
-     * thread bounds intake. */
-    cm_heap_prefault_active(catching_up(d));
+    /* The loop thread's heap grows with the state: advise what it took. */
     cm_heap_grown();
     while (!d->map_full && !d->storage_failed && !d->ckpt_failed && !d->closed) {
         int r;
@@ -1400,20 +1401,21 @@ static void on_ahead_timer(uv_timer_t *t)
  * Never while intake is paused for unflushed rows, before the first flush,
  * or without a pace to go by.
  */
-static int tick_left(dmn_t *d)
+static int leave_tick(dmn_t *d)
 {
     double now = cm_mono_ms();
-    int64_t left = left_to_end(d);
-    int64_t lag = left >= 0 ? left : consumer_lag(d);
+    int64_t left = left_to_end(d), lag = 0;
     uint64_t moved = d->msgs - d->tick_msgs;
     double dt = now - d->tick_t, interval = (double)d->cfg.flush_interval_ms;
     int end = 0, behind = 0;
     if (!d->stopping && !d->pause_backpressure && d->flushed_once && d->tick_t > 0) {
         end = d->cfg.exit_at_end && !d->tick_end &&
               cm_end_within(d->tick_left, left, dt, interval, END_TICK_SHARE);
-        behind = !end && (double)d->cfg.catchup_flush_interval_ms > interval &&
-                 now - d->flush_t0 < (double)d->cfg.catchup_flush_interval_ms &&
-                 cm_behind(lag, moved, dt, interval);
+        if (!end && (double)d->cfg.catchup_flush_interval_ms > interval &&
+            now - d->flush_t0 < (double)d->cfg.catchup_flush_interval_ms) {
+            lag = left >= 0 ? left : consumer_lag(d);
+            behind = cm_behind(lag, moved, dt, interval);
+        }
     }
     d->tick_left = left;
     d->tick_msgs = d->msgs;
@@ -1436,7 +1438,7 @@ static void on_flush_timer(uv_timer_t *t)
     dmn_t *d = t->data;
     if (d->stopping)
         continue_stop(d);
-    else if (!tick_left(d))
+    else if (!leave_tick(d))
         start_flush(d);
 }
 
