@@ -85,6 +85,11 @@ static const opt_t opts[] = {
      "Heap the allocator takes beyond each need and keeps when memory is freed (glibc "
      "M_TOP_PAD): batches free and allocate again all the time, and returning the memory to "
      "the kernel only to fault it back in cost ~25% of the CPU per event (0: glibc's 128 KiB)."},
+    {"heap-mmap-threshold-mb", OPT_INT, O(heap_mmap_threshold_mb), "32", 0, 32,
+     "Allocations from this size up get a mapping of their own (glibc M_MMAP_THRESHOLD), "
+     "unmapped when freed; smaller ones come from the heaps and are reused. With a heap pad "
+     "set glibc keeps 128 KiB, so librdkafka's fetch and decompression buffers were mapped "
+     "and zeroed afresh for every fetch (0: glibc's; at most 32, glibc's limit)."},
     {"heap-huge-pages", OPT_STR, O(heap_huge_pages), "auto", 0, 0,
      "Transparent huge pages: auto (measures a small-page fault at start: all where it "
      "takes 5 us or more, as on hosts whose hypervisor handles each fault, else loop), loop "

@@ -107,6 +107,17 @@ int cm_heap_pad(int64_t pad_mb)
     return 0;
 }
 
+int cm_heap_mmap_threshold(int64_t mb)
+{
+    if (mb < 0 || mb > 32)
+        return -EINVAL;
+#ifdef __GLIBC__
+    if (mb > 0 && mallopt(M_MMAP_THRESHOLD, (int)(mb * 1024 * 1024)) != 1)
+        return -1;
+#endif
+    return 0;
+}
+
 #define PROBE_BYTES ((size_t)4 << 20)
 #define PROBE_ROUNDS 3
 

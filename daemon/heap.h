@@ -97,6 +97,18 @@ const char *cm_heap_start(int mode, char **argv);
 int cm_heap_pad(int64_t pad_mb);
 
 /*
+ * glibc's mmap threshold (M_MMAP_THRESHOLD), in MiB: allocations from this
+ * size up get a mapping of their own, unmapped (and so zeroed again by the
+ * kernel on the next use) when freed; smaller ones come from the heaps and
+ * are reused. Setting a top pad freezes glibc's threshold at 128 KiB, where
+ * every librdkafka fetch and zstd output buffer (about 1 MB each) was a
+ * fresh mapping. 0 leaves glibc's threshold; 1-32 (32 MiB is glibc's
+ * limit on 64-bit hosts). Main thread, at start. Returns 0, -EINVAL out of
+ * range, or -1 when the allocator refuses (a sanitizer build).
+ */
+int cm_heap_mmap_threshold(int64_t mb);
+
+/*
  * After the main heap grew since the last call: CM_HUGE_LOOP advises the
  * growth for huge pages, and the prefault helper (cm_heap_prefault_start)
  * is told to fault it in. Without growth it makes no system call and takes

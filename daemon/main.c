@@ -2028,13 +2028,23 @@ static int setup(dmn_t *d)
         cm_info("heap pad not applied: the allocator does not take mallopt (a sanitizer "
                 "build?)",
                 "heap_pad_mb=%lld", (long long)d->cfg.heap_pad_mb);
+    /* The pad froze glibc's mmap threshold at 128 KiB: librdkafka's fetch
+     * and zstd buffers were then fresh mappings every time, zeroed by the
+     * kernel on its broker thread (docs/benchmarks.md, thirtieth session). */
+    if (cm_heap_mmap_threshold(d->cfg.heap_mmap_threshold_mb) != 0)
+        cm_info("heap mmap threshold not applied: the allocator does not take mallopt (a "
+                "sanitizer build?)",
+                "heap_mmap_threshold_mb=%lld", (long long)d->cfg.heap_mmap_threshold_mb);
     const char *prefault = "off";
     if (d->cfg.heap_prefault) {
         int pr = cm_heap_prefault_start();
         prefault = pr == 0 ? "on" : pr == -EINVAL ? "off (kernel before 5.14)" : "off (failed)";
     }
-    cm_info("heap", "huge_pages=\"%s\" transparent_hugepage=\"%s\" prefault=\"%s\"", d->huge_pages,
-            cm_heap_thp_mode(), prefault);
+    cm_info("heap",
+            "huge_pages=\"%s\" transparent_hugepage=\"%s\" prefault=\"%s\" pad_mb=%lld "
+            "mmap_threshold_mb=%lld",
+            d->huge_pages, cm_heap_thp_mode(), prefault, (long long)d->cfg.heap_pad_mb,
+            (long long)d->cfg.heap_mmap_threshold_mb);
     enum st_sync sync;
     if (!strcmp(d->cfg.state_sync, "full"))
         sync = ST_SYNC_FULL;

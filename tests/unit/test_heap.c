@@ -6,6 +6,7 @@
  * the "hg" VmFlag.
  */
 #include <errno.h>
+#include <malloc.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -321,6 +322,52 @@ static void test_second_run(void **state)
     }
 }
 
+/* Chunks the allocator holds as mappings of their own right now. */
+static size_t mapped_chunks(void)
+{
+    return mallinfo2().hblks;
+}
+
+/* Allocations under the threshold come from the heap, larger ones are
+ * mapped; 0 leaves the threshold as it is. */
+static void test_mmap_threshold(void **state)
+{
+    (void)state;
+    assert_int_equal(cm_heap_mmap_threshold(33), -EINVAL);
+    assert_int_equal(cm_heap_mmap_threshold(-1), -EINVAL);
+    /* The threshold a top pad leaves (glibc's 128 KiB, no longer adjusted);
+     * a sanitizer's allocator refuses mallopt. */
+    if (mallopt(M_MMAP_THRESHOLD, 128 * 1024) != 1) {
+        assert_int_equal(cm_heap_mmap_threshold(32), -1);
+        skip();
+    }
+    size_t before = mapped_chunks();
+    char *p = malloc((size_t)1 << 20);
+    assert_non_null(p);
+    assert_int_equal(mapped_chunks(), before + 1);
+    free(p);
+    assert_int_equal(mapped_chunks(), before);
+
+    assert_int_equal(cm_heap_mmap_threshold(32), 0);
+    p = malloc((size_t)1 << 20);
+    char *q = malloc((size_t)16 << 20);
+    assert_non_null(p);
+    assert_non_null(q);
+    assert_int_equal(mapped_chunks(), before);
+    free(q);
+    free(p);
+    char *big = malloc((size_t)40 << 20);
+    assert_non_null(big);
+    assert_int_equal(mapped_chunks(), before + 1);
+    free(big);
+
+    assert_int_equal(cm_heap_mmap_threshold(0), 0);
+    p = malloc((size_t)1 << 20);
+    assert_non_null(p);
+    assert_int_equal(mapped_chunks(), before);
+    free(p);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -328,6 +375,7 @@ int main(void)
         cmocka_unit_test(test_main_heap_grown), cmocka_unit_test(test_fault_probe),
         cmocka_unit_test(test_auto_rule),       cmocka_unit_test(test_auto_start),
         cmocka_unit_test(test_second_run),      cmocka_unit_test(test_prefault),
+        cmocka_unit_test(test_mmap_threshold),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
