@@ -57,6 +57,7 @@ typedef struct cfg {
     int64_t state_map_size_mb;
     int64_t heap_pad_mb;
     int64_t heap_mmap_threshold_mb;
+    int64_t heap_arenas;
     char *heap_huge_pages;
     int heap_prefault;
     int64_t pg_retry_max_ms;

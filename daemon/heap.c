@@ -118,6 +118,17 @@ int cm_heap_mmap_threshold(int64_t mb)
     return 0;
 }
 
+int cm_heap_arenas(int64_t n)
+{
+    if (n < 0 || n > CM_HEAP_ARENAS_MAX)
+        return -EINVAL;
+#ifdef __GLIBC__
+    if (n > 0 && mallopt(M_ARENA_MAX, (int)n) != 1)
+        return -1;
+#endif
+    return 0;
+}
+
 #define PROBE_BYTES ((size_t)4 << 20)
 #define PROBE_ROUNDS 3
 

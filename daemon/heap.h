@@ -108,6 +108,21 @@ int cm_heap_pad(int64_t pad_mb);
  */
 int cm_heap_mmap_threshold(int64_t mb);
 
+/* The most arenas cm_heap_arenas takes. */
+#define CM_HEAP_ARENAS_MAX 64
+
+/*
+ * The most malloc arenas (glibc M_ARENA_MAX) the threads share. glibc gives
+ * each new thread an arena of its own up to eight per core; with 1 every
+ * thread allocates from the main heap, which the prefault helper faults in
+ * ahead and the pad keeps, so librdkafka's broker thread reuses what the
+ * pool freed instead of growing heaps of its own. 0 leaves glibc's default.
+ * Main thread, before any other thread allocates. Returns 0, -EINVAL out of
+ * range (1-CM_HEAP_ARENAS_MAX), or -1 when the allocator refuses (a
+ * sanitizer build).
+ */
+int cm_heap_arenas(int64_t n);
+
 /*
  * After the main heap grew since the last call: CM_HUGE_LOOP advises the
  * growth for huge pages, and the prefault helper (cm_heap_prefault_start)

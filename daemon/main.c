@@ -2035,6 +2035,12 @@ static int setup(dmn_t *d)
         cm_info("heap mmap threshold not applied: the allocator does not take mallopt (a "
                 "sanitizer build?)",
                 "heap_mmap_threshold_mb=%lld", (long long)d->cfg.heap_mmap_threshold_mb);
+    /* Before any other thread allocates: glibc gives a thread its arena at
+     * its first malloc and never moves it. */
+    if (cm_heap_arenas(d->cfg.heap_arenas) != 0)
+        cm_info("heap arenas not limited: the allocator does not take mallopt (a sanitizer "
+                "build?)",
+                "heap_arenas=%lld", (long long)d->cfg.heap_arenas);
     const char *prefault = "off";
     if (d->cfg.heap_prefault) {
         int pr = cm_heap_prefault_start();
@@ -2042,9 +2048,9 @@ static int setup(dmn_t *d)
     }
     cm_info("heap",
             "huge_pages=\"%s\" transparent_hugepage=\"%s\" prefault=\"%s\" pad_mb=%lld "
-            "mmap_threshold_mb=%lld",
+            "mmap_threshold_mb=%lld arenas=%lld",
             d->huge_pages, cm_heap_thp_mode(), prefault, (long long)d->cfg.heap_pad_mb,
-            (long long)d->cfg.heap_mmap_threshold_mb);
+            (long long)d->cfg.heap_mmap_threshold_mb, (long long)d->cfg.heap_arenas);
     enum st_sync sync;
     if (!strcmp(d->cfg.state_sync, "full"))
         sync = ST_SYNC_FULL;
