@@ -90,7 +90,7 @@ static const opt_t opts[] = {
      "unmapped when freed; smaller ones come from the heaps and are reused. With a heap pad "
      "set glibc keeps 128 KiB, so librdkafka's fetch and decompression buffers were mapped "
      "and zeroed afresh for every fetch (0: glibc's; at most 32, glibc's limit)."},
-    {"heap-arenas", OPT_INT, O(heap_arenas), "0", 0, 64,
+    {"heap-arenas", OPT_INT, O(heap_arenas), "1", 0, 64,
      "Most malloc arenas the threads share (glibc M_ARENA_MAX). With 1 every thread "
      "allocates from the main heap, which the pad keeps and the prefault helper faults in: "
      "librdkafka's broker thread reuses what the thread pool freed instead of faulting in "
