@@ -109,7 +109,7 @@ int cm_heap_pad(int64_t pad_mb)
 
 int cm_heap_mmap_threshold(int64_t mb)
 {
-    if (mb < 0 || mb > 32)
+    if (mb < 0 || mb > CM_HEAP_MMAP_THRESHOLD_MAX_MB)
         return -EINVAL;
 #ifdef __GLIBC__
     if (mb > 0 && mallopt(M_MMAP_THRESHOLD, (int)(mb * 1024 * 1024)) != 1)

@@ -96,6 +96,9 @@ const char *cm_heap_start(int mode, char **argv);
  */
 int cm_heap_pad(int64_t pad_mb);
 
+/* The largest mmap threshold glibc takes on 64-bit hosts, in MiB. */
+#define CM_HEAP_MMAP_THRESHOLD_MAX_MB 32
+
 /*
  * glibc's mmap threshold (M_MMAP_THRESHOLD), in MiB: allocations from this
  * size up get a mapping of their own, unmapped (and so zeroed again by the

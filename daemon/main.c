@@ -2020,27 +2020,24 @@ static int setup(dmn_t *d)
         return 2;
     }
     cm_log_set_json(!strcmp(d->cfg.log_format, "json"));
-    /* Every batch frees and allocates again megabytes of scratch; with
-     * glibc's default pad of 128 KiB that went back to the kernel and was
-     * faulted in again, about a quarter of the CPU per event on the
-     * benchmark's virtual machine (docs/benchmarks.md). */
-    if (cm_heap_pad(d->cfg.heap_pad_mb) != 0)
-        cm_info("heap pad not applied: the allocator does not take mallopt (a sanitizer "
+    /* glibc's allocator, before any other thread allocates (a thread takes
+     * its arena at its first malloc and keeps it). The pad: every batch
+     * frees and allocates again megabytes of scratch, which with glibc's
+     * default pad of 128 KiB went back to the kernel and was faulted in
+     * again, about a quarter of the CPU per event on the benchmark's virtual
+     * machine. The pad freezes the mmap threshold at 128 KiB, where
+     * librdkafka's fetch and zstd buffers were fresh mappings every time;
+     * and with arenas of their own its broker thread faulted in heaps of its
+     * own for them (docs/benchmarks.md, thirtieth session). Each call is
+     * made, whatever the others return. */
+    if ((cm_heap_pad(d->cfg.heap_pad_mb) != 0) |
+        (cm_heap_mmap_threshold(d->cfg.heap_mmap_threshold_mb) != 0) |
+        (cm_heap_arenas(d->cfg.heap_arenas) != 0))
+        cm_info("heap settings not applied: the allocator does not take mallopt (a sanitizer "
                 "build?)",
-                "heap_pad_mb=%lld", (long long)d->cfg.heap_pad_mb);
-    /* The pad froze glibc's mmap threshold at 128 KiB: librdkafka's fetch
-     * and zstd buffers were then fresh mappings every time, zeroed by the
-     * kernel on its broker thread (docs/benchmarks.md, thirtieth session). */
-    if (cm_heap_mmap_threshold(d->cfg.heap_mmap_threshold_mb) != 0)
-        cm_info("heap mmap threshold not applied: the allocator does not take mallopt (a "
-                "sanitizer build?)",
-                "heap_mmap_threshold_mb=%lld", (long long)d->cfg.heap_mmap_threshold_mb);
-    /* Before any other thread allocates: glibc gives a thread its arena at
-     * its first malloc and never moves it. */
-    if (cm_heap_arenas(d->cfg.heap_arenas) != 0)
-        cm_info("heap arenas not limited: the allocator does not take mallopt (a sanitizer "
-                "build?)",
-                "heap_arenas=%lld", (long long)d->cfg.heap_arenas);
+                "heap_pad_mb=%lld heap_mmap_threshold_mb=%lld heap_arenas=%lld",
+                (long long)d->cfg.heap_pad_mb, (long long)d->cfg.heap_mmap_threshold_mb,
+                (long long)d->cfg.heap_arenas);
     const char *prefault = "off";
     if (d->cfg.heap_prefault) {
         int pr = cm_heap_prefault_start();
