@@ -2030,9 +2030,10 @@ static int setup(dmn_t *d)
      * and with arenas of their own its broker thread faulted in heaps of its
      * own for them (docs/benchmarks.md, thirtieth session). Each call is
      * made, whatever the others return. */
-    if ((cm_heap_pad(d->cfg.heap_pad_mb) != 0) |
-        (cm_heap_mmap_threshold(d->cfg.heap_mmap_threshold_mb) != 0) |
-        (cm_heap_arenas(d->cfg.heap_arenas) != 0))
+    int refused = cm_heap_pad(d->cfg.heap_pad_mb) != 0;
+    refused += cm_heap_mmap_threshold(d->cfg.heap_mmap_threshold_mb) != 0;
+    refused += cm_heap_arenas(d->cfg.heap_arenas) != 0;
+    if (refused)
         cm_info("heap settings not applied: the allocator does not take mallopt (a sanitizer "
                 "build?)",
                 "heap_pad_mb=%lld heap_mmap_threshold_mb=%lld heap_arenas=%lld",
