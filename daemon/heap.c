@@ -107,26 +107,36 @@ int cm_heap_pad(int64_t pad_mb)
     return 0;
 }
 
-int cm_heap_mmap_threshold(int64_t mb)
+#ifndef __GLIBC__
+/* Elsewhere the settings below do nothing. */
+#define M_MMAP_THRESHOLD 0
+#define M_ARENA_MAX 0
+#endif
+
+/* One of glibc's malloc parameters, `n` times `unit`, when n is not 0:
+ * 0, -EINVAL when n is outside 0..max, -1 when the allocator refuses. */
+static int malloc_param(int param, int64_t n, int64_t max, int64_t unit)
 {
-    if (mb < 0 || mb > CM_HEAP_MMAP_THRESHOLD_MAX_MB)
+    if (n < 0 || n > max)
         return -EINVAL;
 #ifdef __GLIBC__
-    if (mb > 0 && mallopt(M_MMAP_THRESHOLD, (int)(mb * 1024 * 1024)) != 1)
+    if (n > 0 && mallopt(param, (int)(n * unit)) != 1)
         return -1;
+#else
+    (void)param;
+    (void)unit;
 #endif
     return 0;
 }
 
+int cm_heap_mmap_threshold(int64_t mb)
+{
+    return malloc_param(M_MMAP_THRESHOLD, mb, CM_HEAP_MMAP_THRESHOLD_MAX_MB, 1024 * 1024);
+}
+
 int cm_heap_arenas(int64_t n)
 {
-    if (n < 0 || n > CM_HEAP_ARENAS_MAX)
-        return -EINVAL;
-#ifdef __GLIBC__
-    if (n > 0 && mallopt(M_ARENA_MAX, (int)n) != 1)
-        return -1;
-#endif
-    return 0;
+    return malloc_param(M_ARENA_MAX, n, CM_HEAP_ARENAS_MAX, 1);
 }
 
 #define PROBE_BYTES ((size_t)4 << 20)
