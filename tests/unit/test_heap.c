@@ -397,10 +397,10 @@ static int thread_uses_main_arena(void)
     return r;
 }
 
-/* Runs thread_uses_main_arena after cm_heap_arenas(n) in a child, whose
- * allocator has not yet made arenas for other threads (arenas are never
- * given back, so this process's earlier tests decide nothing there).
- * Returns what it returned, or 2 when the allocator refused the limit. */
+/* Runs thread_uses_main_arena after cm_heap_arenas(n) in a child: the limit
+ * cannot be undone in this process, and it decides only for threads that
+ * have not yet allocated. Returns what that returned, 2 when the allocator
+ * refused the limit, 3 when the thread failed. */
 static int arena_child(int64_t n)
 {
     pid_t pid = fork();
