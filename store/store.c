@@ -28,6 +28,11 @@ struct st_env {
     MDB_env *env;
     MDB_dbi dbi[ST_DB__COUNT];
     size_t map_size;
+    /* Fault injection for tests (ST_FAULT_TXN_FULL_ENV): puts a nested
+     * transaction may add to its outermost one before they fail as
+     * ST_ETXNFULL (0: off), and the puts made since that one began. */
+    uint64_t fault_puts;
+    uint64_t puts;
 };
 
 /*
@@ -42,6 +47,9 @@ struct st_env {
 struct st_txn {
     MDB_txn *t;
     int rw;
+    int nested;
+    st_env_t *env;
+    uint64_t puts_at_begin; /* env->puts when it began: restored on abort */
     MDB_cursor *cur[ST_DB__COUNT];
 };
 
@@ -111,6 +119,15 @@ int st_open(const char *dir, size_t map_size, enum st_sync sync, st_env_t **out)
     st_env_t *e = calloc(1, sizeof *e);
     if (!e)
         return ST_ENOMEM;
+    /* LMDB's limit of dirty pages (about 131 000, 512 MiB) is far beyond a
+     * test's state, so the tests reach the daemon's ST_ETXNFULL path this
+     * way (tests/integration/test_group_commit.sh). */
+    const char *fault = getenv(ST_FAULT_TXN_FULL_ENV);
+    if (fault && *fault) {
+        e->fault_puts = strtoull(fault, NULL, 10);
+        cm_warn("fault injection: puts in nested transactions fail as transaction full",
+                "env=%s puts=%llu", ST_FAULT_TXN_FULL_ENV, (unsigned long long)e->fault_puts);
+    }
     /* LMDB itself allows several processes on one environment; two daemons
      * applying the same partitions would double-count, so a lock file makes
      * the state directory exclusive to one process. */
@@ -227,6 +244,11 @@ static int txn_begin(st_env_t *e, MDB_txn *parent, int rdonly, st_txn_t **txn)
         return xlate(rc);
     }
     x->rw = !rdonly;
+    x->nested = parent != NULL;
+    x->env = e;
+    if (x->rw && !parent)
+        e->puts = 0;
+    x->puts_at_begin = e->puts;
     *txn = x;
     return 0;
 }
@@ -257,6 +279,9 @@ void st_abort(st_txn_t *txn)
 {
     if (!txn)
         return;
+    /* An aborted child's pages leave its parent as they were. */
+    if (txn->nested)
+        txn->env->puts = txn->puts_at_begin;
     mdb_txn_abort(txn->t);
     free(txn);
 }
@@ -288,6 +313,8 @@ int st_put(st_txn_t *txn, st_env_t *e, enum st_db db, const void *k, size_t kn, 
            size_t vn)
 {
     MDB_val mk = {kn, (void *)k}, mv = {vn, (void *)v};
+    if (e->fault_puts && txn->nested && e->puts++ >= e->fault_puts)
+        return ST_ETXNFULL;
     MDB_cursor *c = wcur(txn, e, db);
     return xlate(c ? mdb_cursor_put(c, &mk, &mv, 0) : mdb_put(txn->t, e->dbi[db], &mk, &mv, 0));
 }

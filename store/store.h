@@ -25,6 +25,13 @@
 #define ST_EBUSY (-7)    /* another process holds the state directory */
 #define ST_ETXNFULL (-8) /* the transaction holds too many dirty pages: abort, commit less */
 
+/* Fault injection for tests: with this environment variable set to N when
+ * st_open runs, a put in a nested transaction fails with ST_ETXNFULL once the
+ * outermost transaction holds N puts of its children (an aborted child's puts
+ * do not count), as LMDB fails one that holds too many dirty pages. Logged
+ * as a warning at open; never set it in production. */
+#define ST_FAULT_TXN_FULL_ENV "CLICKMART_FAULT_TXN_FULL_PUTS"
+
 enum st_db {
     ST_DB_META = 0, /* partition metadata, sequence, layout version */
     ST_DB_DEDUP,    /* (batch seq, chunk) -> the batch's new ids: ts, XXH3-128, partition */

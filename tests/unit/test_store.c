@@ -260,12 +260,61 @@ static void test_nested_transactions(void **state)
     rm_rf(dir);
 }
 
+/*
+ * The injected transaction-full fault (ST_FAULT_TXN_FULL_ENV): with N = 3, the
+ * children of one outermost transaction may put three times; an aborted
+ * child's puts do not count, a committed child's do, and the next outermost
+ * transaction starts from none. Puts outside a child are not limited.
+ */
+static void test_fault_txn_full(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_store_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    assert_int_equal(setenv(ST_FAULT_TXN_FULL_ENV, "3", 1), 0);
+    st_env_t *env;
+    int r = st_open(dir, 16 << 20, ST_SYNC_META, &env);
+    unsetenv(ST_FAULT_TXN_FULL_ENV);
+    assert_int_equal(r, 0);
+    st_txn_t *outer, *child;
+    uint8_t v = 1;
+    assert_int_equal(st_begin(env, 0, &outer), 0);
+    assert_int_equal(st_put(outer, env, ST_DB_META, "o1", 2, &v, 1), 0);
+    assert_int_equal(st_begin_nested(env, outer, &child), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, "a", 1, &v, 1), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, "b", 1, &v, 1), 0);
+    assert_int_equal(st_commit(child), 0);
+    assert_int_equal(st_begin_nested(env, outer, &child), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, "c", 1, &v, 1), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, "d", 1, &v, 1), ST_ETXNFULL);
+    st_abort(child);
+    /* The aborted child's one put is given back: one more fits, not two. */
+    assert_int_equal(st_begin_nested(env, outer, &child), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, "c", 1, &v, 1), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, "d", 1, &v, 1), ST_ETXNFULL);
+    st_abort(child);
+    assert_int_equal(st_put(outer, env, ST_DB_META, "o2", 2, &v, 1), 0);
+    assert_int_equal(st_commit(outer), 0);
+    expect_read(env, "a", 1, "c", 0);
+    /* A new outermost transaction: three puts again. */
+    assert_int_equal(st_begin(env, 0, &outer), 0);
+    assert_int_equal(st_begin_nested(env, outer, &child), 0);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(st_put(child, env, ST_DB_META, "e", 1, &v, 1), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, "f", 1, &v, 1), ST_ETXNFULL);
+    st_abort(child);
+    st_abort(outer);
+    st_close(env);
+    rm_rf(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_key_order_is_lmdb_default),
         cmocka_unit_test(test_second_open_refused),
         cmocka_unit_test(test_nested_transactions),
+        cmocka_unit_test(test_fault_txn_full),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
