@@ -95,26 +95,16 @@ int cm_heap_mode_from(const char *s)
     return -1;
 }
 
-int cm_heap_pad(int64_t pad_mb)
-{
-#ifdef __GLIBC__
-    /* A sanitizer build replaces malloc and refuses mallopt. */
-    if (pad_mb > 0 && mallopt(M_TOP_PAD, (int)(pad_mb * 1024 * 1024)) != 1)
-        return -1;
-#else
-    (void)pad_mb;
-#endif
-    return 0;
-}
-
 #ifndef __GLIBC__
 /* Elsewhere the settings below do nothing. */
+#define M_TOP_PAD 0
 #define M_MMAP_THRESHOLD 0
 #define M_ARENA_MAX 0
 #endif
 
 /* One of glibc's malloc parameters, `n` times `unit`, when n is not 0:
- * 0, -EINVAL when n is outside 0..max, -1 when the allocator refuses. */
+ * 0, -EINVAL when n is outside 0..max, -1 when the allocator refuses (a
+ * sanitizer build replaces malloc and refuses mallopt). */
 static int malloc_param(int param, int64_t n, int64_t max, int64_t unit)
 {
     if (n < 0 || n > max)
@@ -127,6 +117,11 @@ static int malloc_param(int param, int64_t n, int64_t max, int64_t unit)
     (void)unit;
 #endif
     return 0;
+}
+
+int cm_heap_pad(int64_t pad_mb)
+{
+    return malloc_param(M_TOP_PAD, pad_mb, CM_HEAP_PAD_MAX_MB, 1024 * 1024);
 }
 
 int cm_heap_mmap_threshold(int64_t mb)

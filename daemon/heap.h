@@ -88,11 +88,15 @@ int cm_heap_auto_mode(double fault_ns);
  */
 const char *cm_heap_start(int mode, char **argv);
 
+/* The largest top pad cm_heap_pad takes, in MiB (--heap-pad-mb's bound). */
+#define CM_HEAP_PAD_MAX_MB 1024
+
 /*
- * glibc's top pad (M_TOP_PAD): heap taken beyond each need and kept when
- * memory is freed, so that the batches' scratch is not returned to the
+ * glibc's top pad (M_TOP_PAD), in MiB: heap taken beyond each need and kept
+ * when memory is freed, so that the batches' scratch is not returned to the
  * kernel and faulted in again. 0 leaves glibc's default. Main thread, at
- * start. Returns 0, or -1 when the allocator refuses (a sanitizer build).
+ * start. Returns 0, -EINVAL out of range (0-CM_HEAP_PAD_MAX_MB), or -1 when
+ * the allocator refuses (a sanitizer build).
  */
 int cm_heap_pad(int64_t pad_mb);
 
