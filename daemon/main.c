@@ -1384,9 +1384,10 @@ static void on_ahead_timer(uv_timer_t *t)
  * Whether this tick starts no flush, leaving its rows to a later one (parts
  * go on writing ahead meanwhile):
  *
- * - Intake is behind by more than an interval at the pace of the interval
- *   just past, and the last flush began less than
- *   --catchup-flush-interval-ms ago (off by default). How fresh the tables
+ * - Intake is behind, and the last flush began less than
+ *   --catchup-flush-interval-ms ago (off by default). Behind means by more
+ *   than an interval at the pace of the interval just past; with
+ *   --exit-at-end, short of the end offsets (cm_tick_behind). How fresh the tables
  *   are is then set by the backlog, and each flush rewrites every user,
  *   exposure and outcome row active since the one before (a third of the
  *   rows a 10 M backfill wrote); but the loop thread then collects many more
@@ -1398,8 +1399,8 @@ static void on_ahead_timer(uv_timer_t *t)
  *   ticks in a row for this, so a stall near the end delays the rows by at
  *   most one interval.
  *
- * Never while intake is paused for unflushed rows, before the first flush,
- * or without a pace to go by.
+ * Never while intake is paused for unflushed rows, at the first tick or
+ * before the first flush; by the pace only with a pace to go by.
  */
 static int leave_tick(dmn_t *d)
 {
@@ -1414,7 +1415,7 @@ static int leave_tick(dmn_t *d)
         if (!end && (double)d->cfg.catchup_flush_interval_ms > interval &&
             now - d->flush_t0 < (double)d->cfg.catchup_flush_interval_ms) {
             lag = left >= 0 ? left : consumer_lag(d);
-            behind = cm_behind(lag, moved, dt, interval);
+            behind = cm_tick_behind(left, lag, moved, dt, interval);
         }
     }
     d->tick_left = left;

@@ -349,6 +349,13 @@ int cm_behind(int64_t lag, uint64_t moved, double dt_ms, double interval_ms)
     return (double)lag * dt_ms / (double)moved > interval_ms;
 }
 
+int cm_tick_behind(int64_t left, int64_t lag, uint64_t moved, double dt_ms, double interval_ms)
+{
+    if (left >= 0)
+        return left > 0;
+    return cm_behind(lag, moved, dt_ms, interval_ms);
+}
+
 int cm_write_bytes(uint64_t *out)
 {
     /* The calling thread's own writes where the kernel tells them apart

@@ -89,6 +89,18 @@ int cm_end_within(int64_t before, int64_t left, double dt_ms, double interval_ms
 int cm_behind(int64_t lag, uint64_t moved, double dt_ms, double interval_ms);
 
 /*
+ * Whether a tick counts intake as behind for --catchup-flush-interval-ms.
+ * With --exit-at-end (`left` >= 0, the messages left to the end offsets)
+ * the whole run is a backfill: behind while anything is left, whatever the
+ * pace, since the final flush follows the end. (By the pace alone, a tick
+ * less than an interval from the end but not within the end rule's share
+ * of one, or one after a stalled interval, would flush shortly before the
+ * final flush and write the per-user rows twice.) Otherwise (`left` < 0)
+ * cm_behind on the consumer `lag`. Pure; any thread.
+ */
+int cm_tick_behind(int64_t left, int64_t lag, uint64_t moved, double dt_ms, double interval_ms);
+
+/*
  * Bytes the calling thread has passed to write calls so far (the wchar line
  * of /proc/thread-self/io; of the whole process, /proc/self/io, on kernels
  * before 3.17) in *out. 0, or a negative errno where the kernel does not

@@ -333,6 +333,30 @@ static void test_behind(void **state)
     assert_false(cm_behind(9000000, 400000, 0, 2000));
 }
 
+/* Whether a tick counts intake as behind for --catchup-flush-interval-ms
+ * (cm_tick_behind): with --exit-at-end, while anything is left to the end
+ * offsets, whatever the pace. */
+static void test_tick_behind(void **state)
+{
+    (void)state;
+    /* The CI failure: 100 messages left 57 ms after 220 were, a 50 ms
+     * interval. At that pace the end is 47.5 ms away: less than an interval
+     * (not behind by the pace) but more than the end rule's 0.8 of one, so
+     * that tick flushed shortly before the final flush. */
+    assert_false(cm_behind(100, 120, 57, 50));
+    assert_false(cm_end_within(220, 100, 57, 50, 0.8));
+    assert_true(cm_tick_behind(100, 100, 120, 57, 50));
+    /* A stalled interval near the end: no pace, still behind. */
+    assert_true(cm_tick_behind(5, 5, 0, 50, 50));
+    assert_true(cm_tick_behind(1, 1, 0, 0, 50));
+    /* At the end: not behind. */
+    assert_false(cm_tick_behind(0, 0, 400000, 2000, 2000));
+    /* Without --exit-at-end (left < 0), the pace decides, as cm_behind. */
+    assert_true(cm_tick_behind(-1, 9000000, 400000, 2000, 2000));
+    assert_false(cm_tick_behind(-1, 50000, 200000, 2000, 2000));
+    assert_false(cm_tick_behind(-1, 9000000, 0, 2000, 2000));
+}
+
 /* The size of the next LMDB transaction (cm_txn_target): it doubles while
  * catching up on commits that write much per message, up to the maximum,
  * halves on cheap ones down to --txn-messages, and is --txn-messages at
@@ -430,6 +454,7 @@ int main(void)
         cmocka_unit_test(test_text_log_one_line),
         cmocka_unit_test(test_end_within),
         cmocka_unit_test(test_behind),
+        cmocka_unit_test(test_tick_behind),
         cmocka_unit_test(test_txn_target),
         cmocka_unit_test(test_config_long_lines),
     };
