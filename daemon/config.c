@@ -52,9 +52,9 @@ static const opt_t opts[] = {
     {"catchup-flush-interval-ms", OPT_INT, O(catchup_flush_interval_ms), "0", 0, 3600000,
      "While intake is behind by more than a flush interval (a backlog; with --exit-at-end, until "
      "the end offsets), commit to Postgres at most this often; parts still write ahead. Postgres "
-     "rewrites fewer per-user "
-     "rows (-9 % rows in a 10 M backfill at 10000), but the loop thread collects more parts "
-     "(that backfill ran 17 % slower). 0 or <= the flush interval: every flush interval."},
+     "rewrites fewer per-user rows (-9 % rows in a 10 M backfill at 10000), but the loop thread "
+     "collects more parts (that backfill ran 17 % slower). 0 or <= the flush interval: every "
+     "flush interval."},
     {"batch-size", OPT_INT, O(batch_size), "40000", 1, 1000000,
      "Most messages in one batch: taken from librdkafka at once, validated on the thread "
      "pool and applied in order."},
