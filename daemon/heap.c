@@ -37,12 +37,13 @@ static struct {
     pthread_t thread;
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    int running;     /* main thread: started and not yet joined */
-    atomic_int stop; /* set by cm_heap_prefault_stop */
-    atomic_int idle; /* cm_heap_prefault_active(0): growth is left to the loop */
-    int grew;        /* under lock: the loop thread saw growth */
-    uintptr_t seen;  /* loop thread only */
-    uintptr_t done;  /* helper only: faulted in up to here */
+    int running;        /* main thread: started and not yet joined */
+    atomic_int stop;    /* set by cm_heap_prefault_stop */
+    atomic_int idle;    /* cm_heap_prefault_active(0): growth is left to the loop */
+    atomic_int waiting; /* the helper sleeps until signalled (cm_heap_prefault_waiting) */
+    int grew;           /* under lock: the loop thread saw growth */
+    uintptr_t seen;     /* loop thread only */
+    uintptr_t done;     /* helper only: faulted in up to here */
     atomic_ullong bytes;
 } g_pf = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
 
@@ -408,8 +409,10 @@ static void *prefault_main(void *arg)
             /* Nothing grew for a while (an idle daemon): no more polling
              * until the loop thread sees growth (cm_heap_grown). */
             pthread_mutex_lock(&g_pf.lock);
+            atomic_store(&g_pf.waiting, 1);
             while (!atomic_load(&g_pf.stop) && !g_pf.grew)
                 pthread_cond_wait(&g_pf.cond, &g_pf.lock);
+            atomic_store(&g_pf.waiting, 0);
             g_pf.grew = 0;
             pthread_mutex_unlock(&g_pf.lock);
             quiet = 0;
@@ -490,6 +493,11 @@ void cm_heap_prefault_active(int on)
 uint64_t cm_heap_prefaulted(void)
 {
     return (uint64_t)atomic_load(&g_pf.bytes);
+}
+
+int cm_heap_prefault_waiting(void)
+{
+    return atomic_load(&g_pf.waiting);
 }
 
 void cm_heap_advise(void *p, size_t n)

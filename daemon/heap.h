@@ -171,6 +171,13 @@ void cm_heap_prefault_active(int on);
 uint64_t cm_heap_prefaulted(void);
 
 /*
+ * Whether the helper has stopped polling (nothing grew for a while) and
+ * sleeps until cm_heap_grown signals it: what a test waits for instead of
+ * guessing how long the polls take under load. Any thread.
+ */
+int cm_heap_prefault_waiting(void);
+
+/*
  * CM_HUGE_LOOP: advise [p, p + n), a large allocation of the caller's (a hash
  * table above glibc's mmap threshold, which glibc maps on its own), for huge
  * pages. Only the whole pages inside the range, and nothing below 2 MiB or in

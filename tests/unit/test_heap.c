@@ -197,9 +197,12 @@ static void test_prefault(void **state)
     for (size_t i = 0; i < n; i += 4096)
         assert_int_equal(m[i], 0);
     memset(m, 7, n);
-    /* Quiet for longer than the helper polls (half a second): only the
-     * signal wakes it now. */
-    usleep(1500000);
+    /* Quiet for longer than the helper polls (half a second, more under
+     * load): only the signal wakes it now. Waited for, not slept: a fixed
+     * 1.5 s was too short when each 2 ms poll took 6 ms or more. */
+    for (int i = 0; i < 1000 && !cm_heap_prefault_waiting(); i++)
+        usleep(10000);
+    assert_true(cm_heap_prefault_waiting());
     uint64_t mid = cm_heap_prefaulted();
     char *m2 = sbrk((intptr_t)n);
     assert_true(m2 != (char *)-1);
