@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "daemon/heap.h"
 #include "sink/sink.h"
 
 enum opt_type { OPT_STR, OPT_INT, OPT_BOOL, OPT_DOUBLE };
@@ -82,16 +83,17 @@ static const opt_t opts[] = {
      "Unflushed rows before intake pauses (e.g. while Postgres is down)."},
     {"state-map-size-mb", OPT_INT, O(state_map_size_mb), "8192", 16, 16777216,
      "Initial LMDB map size; it grows by doubling when full."},
-    {"heap-pad-mb", OPT_INT, O(heap_pad_mb), "64", 0, 1024,
+    {"heap-pad-mb", OPT_INT, O(heap_pad_mb), "64", 0, CM_HEAP_PAD_MAX_MB,
      "Heap the allocator takes beyond each need and keeps when memory is freed (glibc "
      "M_TOP_PAD): batches free and allocate again all the time, and returning the memory to "
      "the kernel only to fault it back in cost ~25% of the CPU per event (0: glibc's 128 KiB)."},
-    {"heap-mmap-threshold-mb", OPT_INT, O(heap_mmap_threshold_mb), "32", 0, 32,
+    {"heap-mmap-threshold-mb", OPT_INT, O(heap_mmap_threshold_mb), "32", 0,
+     CM_HEAP_MMAP_THRESHOLD_MAX_MB,
      "Allocations from this size up get a mapping of their own (glibc M_MMAP_THRESHOLD), "
      "unmapped when freed; smaller ones come from the heaps and are reused. With a heap pad "
      "set glibc keeps 128 KiB, so librdkafka's fetch and decompression buffers were mapped "
      "and zeroed afresh for every fetch (0: glibc's; at most 32, glibc's limit)."},
-    {"heap-arenas", OPT_INT, O(heap_arenas), "1", 0, 64,
+    {"heap-arenas", OPT_INT, O(heap_arenas), "1", 0, CM_HEAP_ARENAS_MAX,
      "Most malloc arenas the threads share (glibc M_ARENA_MAX). With 1 every thread "
      "allocates from the main heap, which the pad keeps and the prefault helper faults in: "
      "librdkafka's broker thread reuses what the thread pool freed instead of faulting in "

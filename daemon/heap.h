@@ -100,7 +100,8 @@ const char *cm_heap_start(int mode, char **argv);
  */
 int cm_heap_pad(int64_t pad_mb);
 
-/* The largest mmap threshold glibc takes on 64-bit hosts, in MiB. */
+/* The largest mmap threshold glibc takes on 64-bit hosts, in MiB
+ * (--heap-mmap-threshold-mb's bound). */
 #define CM_HEAP_MMAP_THRESHOLD_MAX_MB 32
 
 /*
@@ -115,7 +116,7 @@ int cm_heap_pad(int64_t pad_mb);
  */
 int cm_heap_mmap_threshold(int64_t mb);
 
-/* The most arenas cm_heap_arenas takes. */
+/* The most arenas cm_heap_arenas takes (--heap-arenas' bound). */
 #define CM_HEAP_ARENAS_MAX 64
 
 /*
@@ -125,7 +126,7 @@ int cm_heap_mmap_threshold(int64_t mb);
  * ahead and the pad keeps, so librdkafka's broker thread reuses what the
  * pool freed instead of growing heaps of its own. 0 leaves glibc's default.
  * Main thread, before any other thread allocates. Returns 0, -EINVAL out of
- * range (1-CM_HEAP_ARENAS_MAX), or -1 when the allocator refuses (a
+ * range (0-CM_HEAP_ARENAS_MAX), or -1 when the allocator refuses (a
  * sanitizer build).
  */
 int cm_heap_arenas(int64_t n);
