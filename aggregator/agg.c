@@ -4497,8 +4497,7 @@ int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_fl
     f->regression = !f->part && (flags & AGG_FLUSH_REGRESSION) != 0;
     st_txn_t *txn;
     int own = 1;
-    int r =
-        f->part && (flags & AGG_FLUSH_LOOP) ? rtxn_begin(a, &txn, &own) : st_begin(a->env, 1, &txn);
+    int r = (flags & AGG_FLUSH_LOOP) ? rtxn_begin(a, &txn, &own) : st_begin(a->env, 1, &txn);
     if (r) {
         free(f);
         return r;

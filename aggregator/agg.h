@@ -190,11 +190,14 @@ int agg_flush_collect(agg_t *a, int regression, agg_flush_t **out);
  * user active all along changes again before the tick, and every part would
  * write the row again. A part is never passed to agg_flush_done. If the
  * transaction is lost, drop the parts and collect again with prev NULL. Any
- * thread, like agg_flush_collect. With AGG_FLUSH_LOOP (a part only) and a
- * checkpoint transaction open, the rows are read from it instead of a
- * snapshot, so a part sees the batches not yet checkpointed: loop thread
- * only, outside a batch. Safe for exactly-once because the final flush,
- * which commits the parts, reads a checkpoint taken after them.
+ * thread, like agg_flush_collect. With AGG_FLUSH_LOOP and a checkpoint
+ * transaction open, the rows are read from it instead of a snapshot, so the
+ * result holds the batches not yet checkpointed: loop thread only, outside a
+ * batch. Postgres may commit such rows only once a checkpoint holds them.
+ * For a part that is the final flush's checkpoint, taken after it; for a
+ * final flush collected this way, the caller checkpoints before it applies
+ * another batch and gates Postgres' commit on that checkpoint (the daemon's
+ * start_flush, snk_flush_gated).
  */
 int agg_flush_collect_after(agg_t *a, int flags, const agg_flush_t *prev, agg_flush_t **out);
 const snk_batch_t *agg_flush_batch(const agg_flush_t *f);

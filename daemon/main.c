@@ -160,6 +160,16 @@ typedef struct dmn {
     uint64_t ckpt_shrinks; /* checkpoints too large for LMDB (ST_ETXNFULL): the limit halved */
     double ckpt_ms;        /* the loop thread's time in them (fsync included) */
     int fl_ready;          /* the work item's part was collected on the loop thread */
+    /* A flush collected from the open checkpoint transaction, before its
+     * checkpoint (start_flush): Postgres commits it only once the loop
+     * thread's checkpoint is durable (ckpt_gate). */
+    int fl_gated;       /* the running flush waits for gate_state */
+    uv_mutex_t gate_mu; /* guards gate_state; with gate_cv */
+    uv_cond_t gate_cv;
+    int gate_state;         /* GATE_* */
+    double fl_gate_ms;      /* the running flush's wait at the gate (worker) */
+    uint64_t flushes_early; /* flushes collected before their checkpoint */
+    double gate_wait_ms;    /* their workers' waits at the gate, summed */
 
     int stopping;
     int exit_code;
@@ -942,6 +952,39 @@ static void drop_ahead(dmn_t *d)
     d->ahead_parts = 0;
 }
 
+/* States of the commit gate (dmn_t.gate_state). */
+enum { GATE_WAIT, GATE_DURABLE, GATE_FAILED };
+
+/* The loop thread sets the gate (start_flush). */
+static void gate_set(dmn_t *d, int state)
+{
+    uv_mutex_lock(&d->gate_mu);
+    d->gate_state = state;
+    uv_cond_broadcast(&d->gate_cv);
+    uv_mutex_unlock(&d->gate_mu);
+}
+
+/*
+ * The commit gate of a flush collected before its checkpoint: Postgres
+ * commits the rows only once the checkpoint that holds them is durable, so
+ * the tables are never ahead of what a restart resumes from. The loop thread
+ * sets the gate right after the checkpoint, which it takes just after
+ * queueing the flush, so the wait is bounded by that one checkpoint. Flush
+ * thread (snk_flush_gated).
+ */
+static int ckpt_gate(void *arg)
+{
+    dmn_t *d = arg;
+    double t0 = cm_mono_ms();
+    uv_mutex_lock(&d->gate_mu);
+    while (d->gate_state == GATE_WAIT)
+        uv_cond_wait(&d->gate_cv, &d->gate_mu);
+    int durable = d->gate_state == GATE_DURABLE;
+    uv_mutex_unlock(&d->gate_mu);
+    d->fl_gate_ms += cm_mono_ms() - t0;
+    return durable ? 0 : -1;
+}
+
 static void flush_work(uv_work_t *w)
 {
     dmn_t *d = w->data;
@@ -1015,8 +1058,12 @@ static void flush_work(uv_work_t *w)
             drop_ahead(d);
         }
     } else {
-        r = snk_flush(d->pg, agg_flush_batch(d->fl));
+        r = d->fl_gated ? snk_flush_gated(d->pg, agg_flush_batch(d->fl), ckpt_gate, d)
+                        : snk_flush(d->pg, agg_flush_batch(d->fl));
         if (r == SNK_ERESTART) {
+            /* Collected again from a snapshot: durable state only, so no
+             * gate (a snapshot taken before the checkpoint is durable just
+             * the same, only older). */
             /* A row taken for new was there already (a crash after an
              * earlier commit): the parts were rolled back with the
              * transaction, so the flush is written whole, with the redo. */
@@ -1123,6 +1170,10 @@ static void flush_after(uv_work_t *w, int status)
             start_due_flush(d);
         return;
     }
+    if (d->fl_gated) {
+        d->fl_gated = 0;
+        d->gate_wait_ms += d->fl_gate_ms;
+    }
     if (d->fl_restarted) {
         d->fl_restarted = 0;
         cm_info("postgres already held a row the parts written ahead took for new; "
@@ -1179,8 +1230,14 @@ static void flush_after(uv_work_t *w, int status)
             cm_info("postgres flush succeeded", "rows=%zu", rows);
         d->pg_up = 1;
         d->backoff_ms = 0;
-        cm_debug("flushed", "rows=%zu duration_ms=%.1f collect_ms=%.1f", rows, ms,
-                 d->fl_collect_ms);
+        cm_debug("flushed", "rows=%zu duration_ms=%.1f collect_ms=%.1f gate_ms=%.1f", rows, ms,
+                 d->fl_collect_ms, d->fl_gate_ms);
+    } else if (r == SNK_EGATE) {
+        /* The checkpoint failed (checkpoint() logged why): the daemon stops
+         * without flushing again, and a restart resumes from the last one. */
+        d->flush_failures++;
+        cm_warn("flush rolled back: the checkpoint holding its rows failed", "rows=%zu",
+                d->fl ? agg_flush_rows(d->fl) : (size_t)0);
     } else {
         d->flush_failures++;
         d->pg_up = 0;
@@ -1244,21 +1301,66 @@ static void start_flush(dmn_t *d)
         uv_idle_start(&d->apply_idle, on_apply_idle);
         return;
     }
-    if (checkpoint(d) != 0 || !flush_needed(d))
+    if (!flush_needed(d)) {
+        checkpoint(d);
+        return;
+    }
+    double t0 = cm_mono_ms();
+    int regression = d->stopping || t0 - d->last_regression >= (double)d->cfg.stats_interval_ms;
+    /* With batches waiting in the checkpoint transaction, the rows are read
+     * from it here and Postgres writes them while the loop thread takes the
+     * checkpoint (its commit and fdatasync, 100-200 ms on the benchmark
+     * machine); only the COMMIT waits for it (ckpt_gate). Taking the
+     * checkpoint first and collecting from its snapshot on the pool kept
+     * Postgres idle for that long at every tick, and after the last message
+     * of a backfill, with nothing else to do, both cores waited for the
+     * disk. */
+    int early = 0;
+    if (d->ckpt && !d->ckpt_failed && agg_checkpoint_batches(d->agg) > 0) {
+        int flags = AGG_FLUSH_LOOP | (regression ? AGG_FLUSH_REGRESSION : 0);
+        int r = agg_flush_collect_after(d->agg, flags, d->ahead, &d->fl);
+        if (r == 0) {
+            early = 1;
+        } else {
+            d->fl = NULL;
+            cm_warn("cannot collect the flush before its checkpoint; collecting it after",
+                    "error=\"%s\"", agg_strerror(r));
+        }
+    }
+    if (!early && checkpoint(d) != 0)
         return;
     d->inflight = 1;
-    d->fl_t0 = cm_mono_ms();
-    d->flush_t0 = d->fl_t0;
-    d->fl_regression =
-        d->stopping || d->fl_t0 - d->last_regression >= (double)d->cfg.stats_interval_ms;
+    d->fl_t0 = t0;
+    d->flush_t0 = t0;
+    d->fl_regression = regression;
     d->batches_at_flush = d->batches;
     d->batches_at_send = d->batches;
-    d->last_send = d->fl_t0;
+    d->last_send = t0;
+    d->fl_ready = early;
+    d->fl_gated = early;
+    d->fl_gate_ms = 0;
+    if (early) {
+        d->fl_collect_ms = cm_mono_ms() - t0;
+        gate_set(d, GATE_WAIT);
+    }
     d->work.data = d;
     int r = uv_queue_work(d->loop, &d->work, flush_work, flush_after);
     if (r) {
         d->inflight = 0;
+        if (early) {
+            d->fl_ready = d->fl_gated = 0;
+            agg_flush_free(d->fl);
+            d->fl = NULL;
+        }
         cm_err("cannot queue flush", "error=\"%s\"", uv_strerror(r));
+    }
+    if (early) {
+        /* Nothing is applied between the collection and this checkpoint,
+         * so it holds exactly the rows the flush writes. */
+        int c = checkpoint(d);
+        gate_set(d, c == 0 ? GATE_DURABLE : GATE_FAILED);
+        if (r == 0)
+            d->flushes_early++;
     }
 }
 
@@ -1578,6 +1680,8 @@ static json_t *status_obj(dmn_t *d)
     json_object_set_new(fl, "redone", json_integer((json_int_t)d->flushes_redone));
     json_object_set_new(fl, "parts_ahead", json_integer((json_int_t)d->parts_ahead));
     json_object_set_new(fl, "parts_ahead_failed", json_integer((json_int_t)d->parts_ahead_failed));
+    json_object_set_new(fl, "before_checkpoint", json_integer((json_int_t)d->flushes_early));
+    json_object_set_new(fl, "checkpoint_wait_s", json_real(d->gate_wait_ms / 1000.0));
     json_object_set_new(o, "flush", fl);
     uint64_t used = 0, map = 0;
     st_usage(d->env, &used, &map);
@@ -2244,6 +2348,11 @@ int main(int argc, char **argv)
      * input from one busy or blocked; reported when it stops. */
     uv_loop_configure(d.loop, UV_METRICS_IDLE_TIME);
     d.started = cm_mono_ms();
+    if (uv_mutex_init(&d.gate_mu) != 0 || uv_cond_init(&d.gate_cv) != 0) {
+        fprintf(stderr, "clickmartd: cannot create the flush's commit gate\n");
+        cfg_free(&d.cfg);
+        return 1;
+    }
     int rc = setup(&d);
     if (rc == 0) {
         uv_run(d.loop, UV_RUN_DEFAULT);
@@ -2268,6 +2377,8 @@ int main(int argc, char **argv)
     double loop_idle = (double)uv_metrics_idle_time(d.loop) / 1e9;
     uv_loop_close(d.loop);
     cm_heap_prefault_stop();
+    uv_cond_destroy(&d.gate_cv);
+    uv_mutex_destroy(&d.gate_mu);
     /* The loop thread's own CPU time: the part of the process's CPU that one
      * core bounds (the parsers, librdkafka and the flush worker run beside
      * it), which the bench reports per event. The time it was runnable but

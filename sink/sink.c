@@ -1233,6 +1233,8 @@ struct snk_conn {
     uint64_t redone;      /* flushes redone with upserts (snk_flush_redone) */
     int parts;            /* parts written into the open transaction (snk_flush_part) */
     uint64_t staged_mask; /* staging tables holding rows in the open transaction */
+    snk_gate_fn gate;     /* asked before a flush's COMMIT (snk_flush_gated) */
+    void *gate_arg;
     char err[1024];
 };
 
@@ -2158,6 +2160,10 @@ static int tx_write(snk_conn_t *c, const snk_batch_t *b, int direct, int *confli
 /* Commits the open transaction; on failure rolls it back. */
 static int tx_commit(snk_conn_t *c, int rc)
 {
+    if (rc == 0 && c->gate && c->gate(c->gate_arg) != 0) {
+        set_err(c, "commit", "the commit gate refused: the flush was rolled back");
+        rc = SNK_EGATE;
+    }
     if (rc == 0)
         rc = commit(c);
     if (rc < 0)
@@ -2251,6 +2257,18 @@ void snk_flush_discard(snk_conn_t *c)
         c->err[0] = '\0';
         parts_rollback(c);
     }
+}
+
+int snk_flush_gated(snk_conn_t *c, const snk_batch_t *b, snk_gate_fn gate, void *arg)
+{
+    if (!c)
+        return SNK_EINVAL;
+    c->gate = gate;
+    c->gate_arg = arg;
+    int rc = snk_flush(c, b);
+    c->gate = NULL;
+    c->gate_arg = NULL;
+    return rc;
 }
 
 int snk_flush(snk_conn_t *c, const snk_batch_t *b)
@@ -2377,6 +2395,8 @@ const char *snk_strerror(int err)
     case SNK_ERESTART:
         return "a row taken for new was already in Postgres; the parts written ahead were rolled "
                "back, write the flush again whole";
+    case SNK_EGATE:
+        return "the flush's commit gate refused; nothing was written";
     default:
         return "unknown sink error";
     }

@@ -21,6 +21,8 @@
 /* A row taken for new was already there while parts were open (snk_flush,
  * snk_flush_part): all was rolled back; write the whole flush again. */
 #define SNK_ERESTART (-5)
+/* The commit gate of snk_flush_gated refused: everything was rolled back. */
+#define SNK_EGATE (-6)
 
 typedef struct snk_conn snk_conn_t;
 
@@ -174,6 +176,20 @@ int snk_migrate(snk_conn_t *c);
  * their table directly). On error the transaction is rolled back and nothing
  * is written; the caller retries the same rows later. */
 int snk_flush(snk_conn_t *c, const snk_batch_t *b);
+
+/*
+ * A commit gate: called on the flush thread once every row of a flush is
+ * written, right before its COMMIT. 0 lets the transaction commit; anything
+ * else rolls it back. It may block, e.g. until the rows' source is durable
+ * (docs/sink.md "A gate before the commit").
+ */
+typedef int (*snk_gate_fn)(void *arg);
+
+/* snk_flush with a gate before the commit (NULL: none). A flush redone with
+ * upserts asks the gate again before its own commit; a flush with nothing
+ * to write commits nothing and does not ask. When the gate refuses, the
+ * result is SNK_EGATE with nothing written. Flush thread only. */
+int snk_flush_gated(snk_conn_t *c, const snk_batch_t *b, snk_gate_fn gate, void *arg);
 
 /*
  * Writing a flush ahead, in parts (docs/sink.md "Writing ahead"):

@@ -33,6 +33,12 @@ struct st_env {
      * ST_ETXNFULL (0: off), and the puts made since that one began. */
     uint64_t fault_puts;
     uint64_t puts;
+    /* ST_FAULT_CHECKPOINT_ENV: the checkpoint that fails (0: off), the
+     * checkpoints committed so far, and the children committed into the
+     * open outermost write transaction. */
+    uint64_t fault_ckpt;
+    uint64_t ckpts;
+    uint64_t kids;
 };
 
 /*
@@ -127,6 +133,12 @@ int st_open(const char *dir, size_t map_size, enum st_sync sync, st_env_t **out)
         e->fault_puts = strtoull(fault, NULL, 10);
         cm_warn("fault injection: puts in nested transactions fail as transaction full",
                 "env=%s puts=%llu", ST_FAULT_TXN_FULL_ENV, (unsigned long long)e->fault_puts);
+    }
+    const char *fck = getenv(ST_FAULT_CHECKPOINT_ENV);
+    if (fck && *fck) {
+        e->fault_ckpt = strtoull(fck, NULL, 10);
+        cm_warn("fault injection: a checkpoint's commit fails", "env=%s checkpoint=%llu",
+                ST_FAULT_CHECKPOINT_ENV, (unsigned long long)e->fault_ckpt);
     }
     /* LMDB itself allows several processes on one environment; two daemons
      * applying the same partitions would double-count, so a lock file makes
@@ -247,7 +259,7 @@ static int txn_begin(st_env_t *e, MDB_txn *parent, int rdonly, st_txn_t **txn)
     x->nested = parent != NULL;
     x->env = e;
     if (x->rw && !parent)
-        e->puts = 0;
+        e->puts = e->kids = 0;
     x->puts_at_begin = e->puts;
     *txn = x;
     return 0;
@@ -270,6 +282,14 @@ int st_begin_nested(st_env_t *e, st_txn_t *parent, st_txn_t **txn)
 /* A write transaction's cursors end with it (LMDB closes them). */
 int st_commit(st_txn_t *txn)
 {
+    st_env_t *e = txn->env;
+    if (txn->nested) {
+        e->kids++;
+    } else if (txn->rw && e->fault_ckpt && e->kids && ++e->ckpts == e->fault_ckpt) {
+        mdb_txn_abort(txn->t);
+        free(txn);
+        return ST_EIO;
+    }
     int rc = mdb_txn_commit(txn->t);
     free(txn);
     return xlate(rc);

@@ -32,6 +32,13 @@
  * as a warning at open; never set it in production. */
 #define ST_FAULT_TXN_FULL_ENV "CLICKMART_FAULT_TXN_FULL_PUTS"
 
+/* Fault injection for tests: with this environment variable set to N when
+ * st_open runs, the Nth commit of an outermost write transaction that holds
+ * committed children (a checkpoint: agg_checkpoint) is rolled back and fails
+ * with ST_EIO, as a failed write or fdatasync would. Logged as a warning at
+ * open; never set it in production. */
+#define ST_FAULT_CHECKPOINT_ENV "CLICKMART_FAULT_CHECKPOINT_FAIL"
+
 enum st_db {
     ST_DB_META = 0, /* partition metadata, sequence, layout version */
     ST_DB_DEDUP,    /* (batch seq, chunk) -> the batch's new ids: ts, XXH3-128, partition */

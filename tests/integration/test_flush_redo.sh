@@ -9,7 +9,8 @@
 # for a flush, new sessions marked new) is put back and the daemon started again. The
 # first run checkpoints every transaction (--checkpoint-messages 1), so the copy holds
 # every event applied: the state as it is, with checkpoints, between a flush's commit in
-# Postgres and the checkpoint that records its cleared marks.
+# Postgres and the checkpoint that records its cleared marks. Before that, a run whose
+# final flush's checkpoint fails (injected) must leave Postgres empty and exit 1.
 #
 # Needs CLICKMART_BIN (the build dir); run alone with
 #   CLICKMART_BIN=build bash tests/integration/test_flush_redo.sh
@@ -33,12 +34,35 @@ cm_gen "$SEED" "$EVENTS"
 DUMP=$CM_DIR/topic.dump
 cm_dump_topic "$CM_TOPIC" "$DUMP"
 
-# The flush at startup finds nothing; the next would come after an hour.
-cm_daemon_start --flush-interval-ms 3600000 --checkpoint-messages 1
 caught_up() {
     cm_daemon_alive || cm_die "clickmartd exited early (see $CM_DAEMON_LOG)"
     cm_status_caught_up "$DUMP"
 }
+
+# A flush whose checkpoint fails must not commit. The final flush reads its rows from
+# the open checkpoint transaction and Postgres writes them while the loop thread takes
+# the checkpoint; the COMMIT waits for it (start_flush, ckpt_gate). Here the first
+# checkpoint that holds batches fails (injected): the flush is rolled back, nothing is
+# in Postgres, and the daemon exits 1; the next run starts from the state as it was.
+CLICKMART_FAULT_CHECKPOINT_FAIL=1 cm_daemon_start --flush-interval-ms 3600000
+cm_wait_for 120 "clickmartd to consume every partition" caught_up ||
+    cm_die "clickmartd did not catch up; last /status: $(cm_status 2>&1 | head -c 2000)"
+sleep 1
+cm_daemon_signal TERM
+cm_daemon_wait 30 || cm_die "clickmartd still running 30 s after SIGTERM"
+[ "$CM_DAEMON_RC" = 1 ] || cm_die "a failed checkpoint: exit status $CM_DAEMON_RC (want 1)"
+grep -q 'msg="state checkpoint failed' "$CM_DAEMON_LOG" ||
+    cm_die "the injected checkpoint failure was not logged (see $CM_DAEMON_LOG)"
+grep -q 'msg="flush rolled back: the checkpoint holding its rows failed"' "$CM_DAEMON_LOG" ||
+    cm_die "no flush waited for the failed checkpoint (see $CM_DAEMON_LOG)"
+for t in sessions users partitions; do
+    n=$(cm_psql "SELECT count(*) FROM clickmart.$t")
+    [ "$n" = 0 ] || cm_die "$n rows in $t after a flush whose checkpoint failed (want none)"
+done
+cm_log "a flush whose checkpoint failed committed nothing"
+
+# The flush at startup finds nothing; the next would come after an hour.
+cm_daemon_start --flush-interval-ms 3600000 --checkpoint-messages 1
 cm_wait_for 120 "clickmartd to consume every partition" caught_up ||
     cm_die "clickmartd did not catch up; last /status: $(cm_status 2>&1 | head -c 2000)"
 # Past the group-commit interval, so the last batch is committed (and checkpointed).

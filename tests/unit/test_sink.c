@@ -726,7 +726,8 @@ static void test_transient(void **state)
 static void test_strerror(void **state)
 {
     (void)state;
-    const int codes[] = {0, SNK_ECONNECT, SNK_EQUERY, SNK_ENOMEM, SNK_EINVAL, SNK_ERESTART, -99};
+    const int codes[] = {0,          SNK_ECONNECT, SNK_EQUERY, SNK_ENOMEM,
+                         SNK_EINVAL, SNK_ERESTART, SNK_EGATE,  -99};
     for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
         assert_non_null(snk_strerror(codes[i]));
         assert_true(strlen(snk_strerror(codes[i])) > 0);
@@ -866,6 +867,24 @@ static PGconn *live_admin(const char *prefix, const char **ci)
     assert_int_equal(PQstatus(adm), CONNECTION_OK);
     PQsetNoticeProcessor(adm, notice_ignore, NULL);
     return adm;
+}
+
+/* A commit gate for the live test: counts its calls, looks whether a row
+ * of the flush is already visible to another session, and answers. */
+typedef struct {
+    PGconn *adm;
+    int calls;
+    int answer;
+    char seen[16];
+} gate_t;
+
+static int test_gate(void *arg)
+{
+    gate_t *g = arg;
+    g->calls++;
+    snprintf(g->seen, sizeof g->seen, "%s",
+             q1(g->adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's11'"));
+    return g->answer;
 }
 
 static void test_live(void **state)
@@ -1237,6 +1256,56 @@ static void test_live(void **state)
     assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's10'"), "0");
     assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
                         "1004");
+
+    /* --- A gate before the commit (snk_flush_gated). --- */
+    gate_t g = {adm, 0, -1, ""};
+    snk_session_row_t gs[] = {
+        {"s11", "u1", t0 + 50, t0 + 50, 1, 1, 0, 0, 0, 0, 0, "web", "DE", 1, 1}};
+    bp.sessions = gs;
+    bp.n_sessions = 1;
+    assert_int_equal(snk_flush_part(c, &bp), 0);
+    pp.next_offset = 1005;
+    bf = session_batch(NULL, 0, &pp);
+    /* Refused: the parts and the batch are rolled back. */
+    assert_int_equal(snk_flush_gated(c, &bf, test_gate, &g), SNK_EGATE);
+    assert_int_equal(g.calls, 1);
+    assert_string_equal(g.seen, "0"); /* asked with the rows written, not yet visible */
+    assert_int_equal(snk_flush_parts(c), 0);
+    assert_non_null(strstr(snk_last_error(c), "gate"));
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's11'"), "0");
+    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                        "1004");
+    /* Let through: committed, asked once. */
+    g.calls = 0;
+    g.answer = 0;
+    assert_int_equal(snk_flush_part(c, &bp), 0);
+    assert_int_equal(snk_flush_gated(c, &bf, test_gate, &g), 0);
+    assert_int_equal(g.calls, 1);
+    assert_string_equal(q1(adm, "SELECT count(*) FROM {S}.sessions WHERE session_id = 's11'"), "1");
+    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                        "1005");
+    /* A flush redone with upserts asks before the commit it reaches; a
+     * refusal there leaves nothing either. */
+    uint64_t redone = snk_flush_redone(c);
+    g.calls = 0;
+    g.answer = -1;
+    pp.next_offset = 1006;
+    bf = session_batch(gs, 1, &pp); /* s11 taken for new again */
+    assert_int_equal(snk_flush_gated(c, &bf, test_gate, &g), SNK_EGATE);
+    assert_int_equal(g.calls, 1);
+    assert_int_equal(snk_flush_redone(c), redone + 1);
+    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                        "1005");
+    /* Nothing to write: no transaction, no question. */
+    g.calls = 0;
+    snk_batch_t empty = {0};
+    assert_int_equal(snk_flush_gated(c, &empty, test_gate, &g), 0);
+    assert_int_equal(g.calls, 0);
+    /* The gate is for that one call: a plain flush after it is not gated. */
+    assert_int_equal(snk_flush(c, &bf), 0);
+    assert_int_equal(g.calls, 0);
+    assert_string_equal(q1(adm, "SELECT next_offset FROM {S}.partitions WHERE partition = 0"),
+                        "1006");
 
     /* --- A large batch goes through in chunks. --- */
     enum { NBIG = 200000 };

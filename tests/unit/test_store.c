@@ -308,6 +308,57 @@ static void test_fault_txn_full(void **state)
     rm_rf(dir);
 }
 
+/* CLICKMART_FAULT_CHECKPOINT_FAIL: the Nth commit of an outermost write
+ * transaction holding committed children fails as an I/O error and leaves
+ * nothing; commits without children do not count. */
+static void test_fault_checkpoint(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/test_store_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    assert_int_equal(setenv(ST_FAULT_CHECKPOINT_ENV, "2", 1), 0);
+    st_env_t *env;
+    int r = st_open(dir, 16 << 20, ST_SYNC_META, &env);
+    unsetenv(ST_FAULT_CHECKPOINT_ENV);
+    assert_int_equal(r, 0);
+    st_txn_t *outer, *child;
+    uint8_t v = 1;
+    /* No children: not a checkpoint. */
+    assert_int_equal(st_begin(env, 0, &outer), 0);
+    assert_int_equal(st_put(outer, env, ST_DB_META, "a", 1, &v, 1), 0);
+    assert_int_equal(st_commit(outer), 0);
+    /* The first checkpoint commits. */
+    assert_int_equal(st_begin(env, 0, &outer), 0);
+    assert_int_equal(st_begin_nested(env, outer, &child), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, "b", 1, &v, 1), 0);
+    assert_int_equal(st_commit(child), 0);
+    assert_int_equal(st_commit(outer), 0);
+    /* An aborted child is not a committed one. */
+    assert_int_equal(st_begin(env, 0, &outer), 0);
+    assert_int_equal(st_begin_nested(env, outer, &child), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, "x", 1, &v, 1), 0);
+    st_abort(child);
+    assert_int_equal(st_put(outer, env, ST_DB_META, "c", 1, &v, 1), 0);
+    assert_int_equal(st_commit(outer), 0);
+    /* The second checkpoint fails and leaves nothing. */
+    assert_int_equal(st_begin(env, 0, &outer), 0);
+    assert_int_equal(st_begin_nested(env, outer, &child), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, "d", 1, &v, 1), 0);
+    assert_int_equal(st_commit(child), 0);
+    assert_int_equal(st_commit(outer), ST_EIO);
+    /* Only that one. */
+    assert_int_equal(st_begin(env, 0, &outer), 0);
+    assert_int_equal(st_begin_nested(env, outer, &child), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, "e", 1, &v, 1), 0);
+    assert_int_equal(st_commit(child), 0);
+    assert_int_equal(st_commit(outer), 0);
+    expect_read(env, "a", 1, "b", 1);
+    expect_read(env, "c", 1, "d", 0);
+    expect_read(env, "e", 1, "x", 0);
+    st_close(env);
+    rm_rf(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -315,6 +366,7 @@ int main(void)
         cmocka_unit_test(test_second_open_refused),
         cmocka_unit_test(test_nested_transactions),
         cmocka_unit_test(test_fault_txn_full),
+        cmocka_unit_test(test_fault_checkpoint),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
