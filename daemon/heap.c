@@ -135,7 +135,7 @@ int cm_heap_arenas(int64_t n)
     return malloc_param(M_ARENA_MAX, n, CM_HEAP_ARENAS_MAX, 1);
 }
 
-#define PROBE_BYTES ((size_t)4 << 20)
+#define PROBE_BYTES ((size_t)1 << 20)
 #define PROBE_ROUNDS 3
 
 #ifdef __linux__

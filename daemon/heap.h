@@ -51,12 +51,14 @@ int cm_heap_mode_from(const char *s);
 
 /*
  * The CPU time one small-page fault takes on this host, in nanoseconds: a
- * mapping of 4 MiB kept on small pages is touched page by page three times,
+ * mapping of 1 MiB kept on small pages is touched page by page three times,
  * unmapped after each round, and the fastest of the last two rounds counts
  * (their pages are the ones just freed, so what is measured is the fault,
- * not the host backing fresh memory). About 1 000 faults a round: 3-40 ms in
- * all. -1 when it cannot measure (a mapping or the clock failed). Calling
- * thread's CPU clock; any thread.
+ * not the host backing fresh memory). 256 faults a round: 1-12 ms in all (4
+ * MiB rounds took about 50 ms of every start on the benchmark's PVM guest
+ * and read 9.6-11.0 us there against 10.7-14.6 us for 1 MiB, both far from
+ * the 5 us threshold). -1 when it cannot measure (a mapping or the clock
+ * failed). Calling thread's CPU clock; any thread.
  */
 double cm_heap_fault_ns(void);
 
