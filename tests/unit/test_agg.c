@@ -886,6 +886,32 @@ static void test_checkpoint_visibility(void **state)
     agg_close(a);
     assert_int_equal(agg_open(env, &conf, &a), 0);
     assert_int_equal(agg_partition(a, 0)->next_offset, 1);
+    /* A final flush collected through the open checkpoint transaction (the
+     * daemon's flush beside its checkpoint): it has the batch not yet
+     * checkpointed and its progress, a snapshot has neither; once the
+     * checkpoint that holds it is taken, its marks clear as a snapshot's. */
+    assert_int_equal(agg_batch_begin(a), 0);
+    assert_int_equal(apply_one(a, 1, "e3", "u3", 1700000000000LL, ING_ET_PAGE_VIEW), 0);
+    assert_int_equal(agg_batch_commit(a), 0);
+    agg_flush_t *f, *snap;
+    assert_int_equal(agg_flush_collect_after(a, AGG_FLUSH_LOOP, NULL, &f), 0);
+    assert_int_equal(agg_flush_collect_after(a, 0, NULL, &snap), 0);
+    const snk_batch_t *fb = agg_flush_batch(f), *sb = agg_flush_batch(snap);
+    assert_int_equal(fb->n_sessions, 2); /* u1, never flushed, and u3 */
+    assert_int_equal(sb->n_sessions, 1);
+    assert_int_equal(fb->n_partitions, 1);
+    assert_int_equal(fb->partitions[0].next_offset, 2);
+    assert_int_equal(sb->partitions[0].next_offset, 1);
+    agg_flush_free(snap);
+    assert_int_equal(agg_checkpoint(a), 1);
+    assert_int_equal(agg_flush_done(a, f), 0);
+    agg_flush_free(f);
+    assert_int_equal(agg_pending_rows(a), 0);
+    /* The cleared marks, too, wait in the checkpoint transaction. */
+    assert_int_equal(part_sessions(a, AGG_FLUSH_LOOP), 0);
+    assert_int_equal(part_sessions(a, 0), 2);
+    assert_int_equal(agg_checkpoint(a), 1);
+    assert_int_equal(part_sessions(a, 0), 0);
     close_fresh(a, env, dir);
 }
 
