@@ -214,6 +214,19 @@ static void expect_read(st_env_t *env, const char *k1, int want1, const char *k2
     st_abort(rd);
 }
 
+/* A fresh environment in dir (a mkdtemp template) opened with the fault
+ * injection variable `var` set to `val`, which is unset again. */
+static st_env_t *open_with_fault(char *dir, const char *var, const char *val)
+{
+    assert_non_null(mkdtemp(dir));
+    assert_int_equal(setenv(var, val, 1), 0);
+    st_env_t *env = NULL;
+    int r = st_open(dir, 16 << 20, ST_SYNC_META, &env);
+    unsetenv(var);
+    assert_int_equal(r, 0);
+    return env;
+}
+
 /*
  * Nested write transactions (the aggregator's batches inside a checkpoint):
  * a child's commit shows in the parent only, an aborted child leaves the
@@ -270,12 +283,7 @@ static void test_fault_txn_full(void **state)
 {
     (void)state;
     char dir[] = "/tmp/test_store_XXXXXX";
-    assert_non_null(mkdtemp(dir));
-    assert_int_equal(setenv(ST_FAULT_TXN_FULL_ENV, "3", 1), 0);
-    st_env_t *env;
-    int r = st_open(dir, 16 << 20, ST_SYNC_META, &env);
-    unsetenv(ST_FAULT_TXN_FULL_ENV);
-    assert_int_equal(r, 0);
+    st_env_t *env = open_with_fault(dir, ST_FAULT_TXN_FULL_ENV, "3");
     st_txn_t *outer, *child;
     uint8_t v = 1;
     assert_int_equal(st_begin(env, 0, &outer), 0);
@@ -308,6 +316,18 @@ static void test_fault_txn_full(void **state)
     rm_rf(dir);
 }
 
+/* A checkpoint of one child that puts `key`: the outermost commit's result. */
+static int checkpoint_one(st_env_t *env, const char *key)
+{
+    st_txn_t *outer, *child;
+    uint8_t v = 1;
+    assert_int_equal(st_begin(env, 0, &outer), 0);
+    assert_int_equal(st_begin_nested(env, outer, &child), 0);
+    assert_int_equal(st_put(child, env, ST_DB_META, key, strlen(key), &v, 1), 0);
+    assert_int_equal(st_commit(child), 0);
+    return st_commit(outer);
+}
+
 /* CLICKMART_FAULT_CHECKPOINT_FAIL: the Nth commit of an outermost write
  * transaction holding committed children fails as an I/O error and leaves
  * nothing; commits without children do not count. */
@@ -315,24 +335,14 @@ static void test_fault_checkpoint(void **state)
 {
     (void)state;
     char dir[] = "/tmp/test_store_XXXXXX";
-    assert_non_null(mkdtemp(dir));
-    assert_int_equal(setenv(ST_FAULT_CHECKPOINT_ENV, "2", 1), 0);
-    st_env_t *env;
-    int r = st_open(dir, 16 << 20, ST_SYNC_META, &env);
-    unsetenv(ST_FAULT_CHECKPOINT_ENV);
-    assert_int_equal(r, 0);
+    st_env_t *env = open_with_fault(dir, ST_FAULT_CHECKPOINT_ENV, "2");
     st_txn_t *outer, *child;
     uint8_t v = 1;
     /* No children: not a checkpoint. */
     assert_int_equal(st_begin(env, 0, &outer), 0);
     assert_int_equal(st_put(outer, env, ST_DB_META, "a", 1, &v, 1), 0);
     assert_int_equal(st_commit(outer), 0);
-    /* The first checkpoint commits. */
-    assert_int_equal(st_begin(env, 0, &outer), 0);
-    assert_int_equal(st_begin_nested(env, outer, &child), 0);
-    assert_int_equal(st_put(child, env, ST_DB_META, "b", 1, &v, 1), 0);
-    assert_int_equal(st_commit(child), 0);
-    assert_int_equal(st_commit(outer), 0);
+    assert_int_equal(checkpoint_one(env, "b"), 0); /* the first */
     /* An aborted child is not a committed one. */
     assert_int_equal(st_begin(env, 0, &outer), 0);
     assert_int_equal(st_begin_nested(env, outer, &child), 0);
@@ -340,18 +350,9 @@ static void test_fault_checkpoint(void **state)
     st_abort(child);
     assert_int_equal(st_put(outer, env, ST_DB_META, "c", 1, &v, 1), 0);
     assert_int_equal(st_commit(outer), 0);
-    /* The second checkpoint fails and leaves nothing. */
-    assert_int_equal(st_begin(env, 0, &outer), 0);
-    assert_int_equal(st_begin_nested(env, outer, &child), 0);
-    assert_int_equal(st_put(child, env, ST_DB_META, "d", 1, &v, 1), 0);
-    assert_int_equal(st_commit(child), 0);
-    assert_int_equal(st_commit(outer), ST_EIO);
-    /* Only that one. */
-    assert_int_equal(st_begin(env, 0, &outer), 0);
-    assert_int_equal(st_begin_nested(env, outer, &child), 0);
-    assert_int_equal(st_put(child, env, ST_DB_META, "e", 1, &v, 1), 0);
-    assert_int_equal(st_commit(child), 0);
-    assert_int_equal(st_commit(outer), 0);
+    /* The second checkpoint fails and leaves nothing; only that one. */
+    assert_int_equal(checkpoint_one(env, "d"), ST_EIO);
+    assert_int_equal(checkpoint_one(env, "e"), 0);
     expect_read(env, "a", 1, "b", 1);
     expect_read(env, "c", 1, "d", 0);
     expect_read(env, "e", 1, "x", 0);
