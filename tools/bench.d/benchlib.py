@@ -1411,6 +1411,7 @@ AB_METRICS = {
     "throughput": [
         ("end to end, events/s", ("daemon", "end_to_end_events_per_s"), "higher"),
         ("consume, events/s", ("daemon", "consume_events_per_s"), "higher"),
+        ("after the end offsets, s", ("daemon", "final_flush_and_exit_seconds"), "lower"),
         ("clickmartd CPU, s", ("daemon", "cpu_s"), "lower"),
         ("loop thread CPU, us/event", ("daemon", "loop_thread_cpu_us_per_event"), "lower"),
         ("loop thread in commits, s", ("daemon", "loop_thread_commit_s"), "lower"),
