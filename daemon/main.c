@@ -160,10 +160,10 @@ typedef struct dmn {
     uint64_t ckpt_shrinks; /* checkpoints too large for LMDB (ST_ETXNFULL): the limit halved */
     double ckpt_ms;        /* the loop thread's time in them (fsync included) */
     int fl_ready;          /* the work item's part was collected on the loop thread */
-    /* A flush collected from the open checkpoint transaction, before its
-     * checkpoint (start_flush): Postgres commits it only once the loop
-     * thread's checkpoint is durable (ckpt_gate). */
-    int fl_gated;       /* the running flush waits for gate_state */
+    /* A flush (not a part) collected on the loop thread (fl_ready) was read
+     * from the open checkpoint transaction before its checkpoint
+     * (start_flush): Postgres commits it only once the loop thread's
+     * checkpoint is durable (ckpt_gate). */
     uv_mutex_t gate_mu; /* guards gate_state; with gate_cv */
     uv_cond_t gate_cv;
     int gate_state;         /* GATE_* */
@@ -1058,8 +1058,10 @@ static void flush_work(uv_work_t *w)
             drop_ahead(d);
         }
     } else {
-        r = d->fl_gated ? snk_flush_gated(d->pg, agg_flush_batch(d->fl), ckpt_gate, d)
-                        : snk_flush(d->pg, agg_flush_batch(d->fl));
+        /* Collected on the loop thread, a flush was read before its
+         * checkpoint and waits for it (start_flush). */
+        r = ready ? snk_flush_gated(d->pg, agg_flush_batch(d->fl), ckpt_gate, d)
+                  : snk_flush(d->pg, agg_flush_batch(d->fl));
         if (r == SNK_ERESTART) {
             /* Collected again from a snapshot: durable state only, so no
              * gate (a snapshot taken before the checkpoint is durable just
@@ -1170,10 +1172,7 @@ static void flush_after(uv_work_t *w, int status)
             start_due_flush(d);
         return;
     }
-    if (d->fl_gated) {
-        d->fl_gated = 0;
-        d->gate_wait_ms += d->fl_gate_ms;
-    }
+    d->gate_wait_ms += d->fl_gate_ms; /* 0 unless it was gated */
     if (d->fl_restarted) {
         d->fl_restarted = 0;
         cm_info("postgres already held a row the parts written ahead took for new; "
@@ -1341,7 +1340,6 @@ static void start_flush(dmn_t *d)
     d->batches_at_send = d->batches;
     d->last_send = t0;
     d->fl_ready = early;
-    d->fl_gated = early;
     d->fl_gate_ms = 0;
     if (early) {
         d->fl_collect_ms = cm_mono_ms() - t0;
@@ -1352,7 +1350,7 @@ static void start_flush(dmn_t *d)
     if (r) {
         d->inflight = 0;
         if (early) {
-            d->fl_ready = d->fl_gated = 0;
+            d->fl_ready = 0;
             agg_flush_free(d->fl);
             d->fl = NULL;
         }
