@@ -21,6 +21,8 @@
 #      part is done (flush.ticks_after_part) and are not late starts (flush.late_starts
 #      stays 0, which it did not when parts kept clear of the tick and a slow one ran
 #      into it anyway); compare.py must pass after SIGTERM.
+#   4. SIGTERM while a part is held in Postgres: the final flush collected during the
+#      part is used when the part succeeds and dropped when it fails (details below).
 #
 # Needs CLICKMART_BIN (the build dir); run alone with
 #   CLICKMART_BIN=build bash tests/integration/test_write_ahead.sh
@@ -140,5 +142,58 @@ cm_daemon_signal TERM
 cm_daemon_wait 30 || cm_die "clickmartd still running 30 s after SIGTERM"
 [ "$CM_DAEMON_RC" = 0 ] || cm_die "clickmartd exited with status $CM_DAEMON_RC (see $CM_DAEMON_LOG)"
 cm_compare "$DUMP" || cm_die "Postgres differs from the reference after parts across the tick"
+
+# 4. The stop while a part runs: the final flush is collected during the part. A trigger
+#    holds every statement that inserts sessions for 1.5 s; once the daemon has consumed
+#    everything and a part sleeps in it, SIGTERM. (a) The part succeeds: the final flush
+#    must be the one collected while it ran (its debug line says so) and the tables equal
+#    the reference. (b) The first such statement fails after its sleep (a sequence counts
+#    the statements outside any transaction): the part is rolled back, so the final flush
+#    collected after it must be dropped and the flush written whole; the tables again
+#    equal the reference.
+cm_psql "CREATE SEQUENCE public.cm_test_calls;
+         CREATE TABLE public.cm_test_mode (fail_first boolean NOT NULL);
+         INSERT INTO public.cm_test_mode VALUES (false);
+         CREATE FUNCTION public.cm_test_hold() RETURNS trigger LANGUAGE plpgsql AS
+           \$\$BEGIN
+             PERFORM pg_sleep(1.5);
+             IF nextval('public.cm_test_calls') = 1 AND (SELECT fail_first FROM public.cm_test_mode) THEN
+               RAISE EXCEPTION 'cm_test: the part is refused';
+             END IF;
+             RETURN NULL;
+           END\$\$;"
+part_sleeping() {
+    caught_up || return 1
+    [ "$(cm_psql "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")" -ge 1 ]
+}
+# stop_during_part SEED FAIL_FIRST: produce, wait for a part held in the trigger, SIGTERM.
+stop_during_part() {
+    local seed=$1 fail=$2
+    cm_psql "ALTER SEQUENCE public.cm_test_calls RESTART; UPDATE public.cm_test_mode SET fail_first = $fail;"
+    cm_daemon_start --flush-interval-ms 3600000 --flush-ahead-ms 100 --log-level debug
+    cm_wait_for 60 "the flush at startup" started || cm_die "no flush at startup"
+    cm_psql "CREATE TRIGGER cm_test_hold AFTER INSERT ON clickmart.sessions
+               FOR EACH STATEMENT EXECUTE FUNCTION public.cm_test_hold();"
+    cm_gen "$seed" 3000
+    cm_dump_topic "$CM_TOPIC" "$DUMP"
+    cm_wait_for 60 "a part held in the trigger after consuming everything" part_sleeping ||
+        cm_die "no part in Postgres; last /status: $(cm_status 2>&1 | head -c 2000)"
+    cm_daemon_signal TERM
+    cm_daemon_wait 60 || cm_die "clickmartd still running 60 s after SIGTERM"
+    cm_psql "DROP TRIGGER cm_test_hold ON clickmart.sessions;"
+    [ "$CM_DAEMON_RC" = 0 ] || cm_die "clickmartd exited with status $CM_DAEMON_RC (see $CM_DAEMON_LOG)"
+    grep -q '"final flush done"' "$CM_DAEMON_LOG" || cm_die "no final flush (see $CM_DAEMON_LOG)"
+}
+stop_during_part "$((SEED + 90))" false
+grep 'msg="flushed"' "$CM_DAEMON_LOG" | tail -1 | grep -q 'collected_during_part=1' ||
+    cm_die "the final flush was not the one collected while the last part ran (see $CM_DAEMON_LOG)"
+cm_compare "$DUMP" || cm_die "Postgres differs from the reference after a final flush collected during a part"
+cm_log "stop during a part: the final flush was collected while it ran"
+stop_during_part "$((SEED + 91))" true
+grep -q 'writing ahead failed' "$CM_DAEMON_LOG" || cm_die "the part did not fail (see $CM_DAEMON_LOG)"
+grep 'msg="flushed"' "$CM_DAEMON_LOG" | tail -1 | grep -q 'collected_during_part=0' ||
+    cm_die "the final flush collected after a part that failed was used (see $CM_DAEMON_LOG)"
+cm_compare "$DUMP" || cm_die "Postgres differs from the reference after the last part failed"
+cm_log "stop during a part that fails: the final flush was collected again and written whole"
 cm_log "whole test $((SECONDS - CM_T0))s"
 echo "1 passed, 0 failed"
