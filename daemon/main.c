@@ -2267,6 +2267,7 @@ static int setup(dmn_t *d)
     d->ev = malloc(sizeof *d->ev);
     if (!d->ev)
         return 1;
+    double t_state = cm_mono_ms();
     r = st_open(d->cfg.state_dir, (size_t)d->cfg.state_map_size_mb << 20, sync, &d->env);
     if (r) {
         cm_err("cannot open state", "dir=%s error=\"%s\"", d->cfg.state_dir, st_strerror(r));
@@ -2302,8 +2303,10 @@ static int setup(dmn_t *d)
         cm_err("cannot open aggregator", "error=\"%s\"", agg_strerror(r));
         return 1;
     }
+    double t_pg = cm_mono_ms();
     if ((r = check_fresh_state(d)) != 0)
         return r;
+    double t_kafka = cm_mono_ms();
     if (ing_parser_new(d->loop, &d->lim, on_parsed, d, &d->parser) != 0)
         return 1;
     ing_consumer_conf_t cc = {d->cfg.brokers,
@@ -2341,6 +2344,9 @@ static int setup(dmn_t *d)
             return 1;
         }
     }
+    double t_end = cm_mono_ms();
+    cm_debug("start-up", "state_ms=%.1f pg_check_ms=%.1f kafka_ms=%.1f", t_pg - t_state,
+             t_kafka - t_pg, t_end - t_kafka);
     if (d->cfg.exit_at_end) {
         int64_t sum = 0;
         for (int32_t p = 0; p < d->n_parts; p++)
