@@ -32,6 +32,9 @@ struct ing_consumer {
     size_t batch_size;
     rd_kafka_message_t **buf;
     rd_kafka_topic_partition_list_t *assignment;
+    /* Between ing_consumer_prepare and ing_consumer_assign: the group's
+     * committed offsets (NULL when they could not be read). */
+    rd_kafka_topic_partition_list_t *committed;
     int32_t n_partitions;
     int paused;
     int held;
@@ -314,8 +317,8 @@ fail_conf:
 
 static int query_ends(ing_consumer_t *c, int64_t *ends, int64_t *lows, int32_t n, int timeout_ms);
 
-int ing_consumer_start(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions, int64_t **ends,
-                       int64_t **lows)
+int ing_consumer_prepare(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions, int64_t **ends,
+                         int64_t **lows)
 {
     rd_kafka_topic_t *rkt = rd_kafka_topic_new(c->rk, c->topic, NULL);
     if (!rkt)
@@ -357,36 +360,66 @@ int ing_consumer_start(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions,
      * Asked before the end offsets: the group coordinator's connection,
      * made meanwhile, held a ListOffsets answer up by 40 ms on the mock. */
     rd_kafka_resp_err_t e = rd_kafka_committed(c->rk, l, timeout_ms);
-    if (e)
+    if (e) {
         cm_warn("cannot read committed group offsets", "error=%s", rd_kafka_err2name(e));
+        rd_kafka_topic_partition_list_destroy(l);
+        l = NULL;
+    }
+    if (c->committed)
+        rd_kafka_topic_partition_list_destroy(c->committed);
+    c->committed = l;
     if (ends && lows) {
         /* Before the assignment: once fetches run, each query waits behind
          * a fetch of its partition (up to fetch.wait.max.ms each on the mock). */
         *ends = calloc((size_t)n, sizeof **ends);
         *lows = calloc((size_t)n, sizeof **lows);
         int r = *ends && *lows ? query_ends(c, *ends, *lows, n, timeout_ms) : ING_ENOMEM;
-        if (r) {
-            rd_kafka_topic_partition_list_destroy(l);
+        if (r)
             return r;
-        }
     }
+    return 0;
+}
+
+/* The group's committed offset of partition p, or -1. */
+static int64_t group_offset(const ing_consumer_t *c, int32_t p)
+{
+    if (!c->committed || p < 0 || p >= c->committed->cnt)
+        return -1;
+    const rd_kafka_topic_partition_t *tp = &c->committed->elems[p];
+    return tp->err == 0 && tp->offset >= 0 ? tp->offset : -1;
+}
+
+int ing_consumer_group_offsets(const ing_consumer_t *c)
+{
+    int k = 0;
+    for (int32_t p = 0; p < c->n_partitions; p++)
+        k += group_offset(c, p) >= 0;
+    return k;
+}
+
+int ing_consumer_assign(ing_consumer_t *c)
+{
+    int32_t n = c->n_partitions;
+    if (n <= 0)
+        return ING_EKAFKA;
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(n);
     for (int32_t p = 0; p < n; p++) {
-        int64_t off = c->offset_of(c->ud, p);
-        rd_kafka_topic_partition_t *tp = &l->elems[p];
+        int64_t off = c->offset_of(c->ud, p), group = group_offset(c, p);
+        rd_kafka_topic_partition_t *tp = rd_kafka_topic_partition_list_add(l, c->topic, p);
         const char *from = "state";
         if (off >= 0) {
             tp->offset = off;
-        } else if (off != ING_OFFSET_EARLIEST && !e && tp->err == 0 && tp->offset >= 0) {
+        } else if (off != ING_OFFSET_EARLIEST && group >= 0) {
+            tp->offset = group;
             from = "group";
         } else {
             tp->offset = RD_KAFKA_OFFSET_BEGINNING;
             from = "earliest";
         }
-        tp->err = 0;
         cm_info("assign partition", "topic=%s partition=%d offset=%lld from=%s", c->topic, p,
                 (long long)tp->offset, from);
     }
-    e = rd_kafka_assign(c->rk, l);
+    rd_kafka_resp_err_t e = rd_kafka_assign(c->rk, l);
     if (e) {
         rd_kafka_topic_partition_list_destroy(l);
         cm_err("assign failed", "error=%s", rd_kafka_err2name(e));
@@ -664,6 +697,10 @@ void ing_consumer_close(ing_consumer_t *c)
     if (c->assignment) {
         rd_kafka_topic_partition_list_destroy(c->assignment);
         c->assignment = NULL;
+    }
+    if (c->committed) {
+        rd_kafka_topic_partition_list_destroy(c->committed);
+        c->committed = NULL;
     }
     if (c->open_handles) {
         uv_close((uv_handle_t *)&c->poll, on_handle_closed);

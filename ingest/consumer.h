@@ -61,14 +61,27 @@ int ing_consumer_open(uv_loop_t *loop, const ing_consumer_conf_t *conf, ing_msgs
                       size_t errcap);
 
 /*
- * Look the topic up and assign every partition, each from its resume offset.
- * Blocks for at most timeout_ms per step (startup only). *n_partitions
- * receives the partition count. When ends and lows are not NULL, every
- * partition's high and low watermark is asked for first (before any fetch
- * competes with the queries) into malloc'ed arrays of *n_partitions entries.
+ * Look the topic up and read the group's committed offsets (kept for
+ * ing_consumer_assign). Blocks for at most timeout_ms per step (startup
+ * only). *n_partitions receives the partition count. When ends and lows are
+ * not NULL, every partition's high and low watermark is asked for too
+ * (before any fetch competes with the queries) into malloc'ed arrays of
+ * *n_partitions entries. Loop thread, before the loop runs.
  */
-int ing_consumer_start(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions, int64_t **ends,
-                       int64_t **lows);
+int ing_consumer_prepare(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions, int64_t **ends,
+                         int64_t **lows);
+
+/* After ing_consumer_prepare: how many partitions the group has a
+ * committed offset for. */
+int ing_consumer_group_offsets(const ing_consumer_t *c);
+
+/*
+ * Assign every partition from its resume offset: the offset_of callback's
+ * (called here, once per partition), else the group's committed offset,
+ * else the earliest. Fetching starts. After ing_consumer_prepare; loop
+ * thread, before the loop runs.
+ */
+int ing_consumer_assign(ing_consumer_t *c);
 
 /* The offset a partition was assigned from (its state, the group's
  * committed offset) or -1 when it starts from the earliest offset. */

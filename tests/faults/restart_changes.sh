@@ -4,7 +4,8 @@
 #
 # (a) Wiped state dir in front of populated tables. Documented behaviour: clickmartd
 #     refuses to start (non-zero exit, "the state directory is empty but the tables
-#     already hold this topic ... refusing to start", tables untouched); with
+#     already hold this topic ... refusing to start", tables untouched), also when a
+#     consumer group without offsets lets the check run beside intake; with
 #     --allow-state-rebuild it empties the tables and rebuilds from the earliest
 #     offsets, and the tables must equal the contract again.
 # (a2) The same rebuild, killed with SIGKILL the moment it has emptied the tables (before
@@ -84,6 +85,11 @@ cm_log "tables after the first run (sessions/users/sum of next offsets): $(rows)
 wipe_state
 fs_fault "state dir wiped (tables populated)"
 expect_refusal "wiped state" 'the state directory is empty but the tables already hold this topic.*refusing to start'
+# A consumer group without committed offsets starts from the earliest offsets whatever the
+# tables hold, so the check of the tables runs beside intake; the refusal must still apply
+# and flush nothing (the rebuild below starts from this state dir).
+expect_refusal "wiped state, a consumer group without offsets" 'the state directory is empty but the tables already hold this topic.*refusing to start' --group clickmartd-no-offsets --log-level debug
+fs_expect "the check of the tables ran beside intake" fs_log_has 'pg_check="beside intake"' "$CM_DAEMON_LOG"
 run_exit_at_end "rebuild with --allow-state-rebuild" --allow-state-rebuild
 fs_expect "rebuild logged" fs_log_has 'state rebuild: tables emptied' "$CM_DAEMON_LOG"
 fs_tables_now "(a) after the rebuild the tables equal the contract"
@@ -129,7 +135,8 @@ fs_fault "topic recreated with 2 partitions instead of 4 (new broker, new data),
 expect_refusal "fewer partitions" 'the state knows a partition the topic no longer has' --exit-at-end
 # The documented way out: a new state dir, rebuilt from the earliest offsets.
 wipe_state
-run_exit_at_end "(b) rebuild for the recreated topic" --allow-state-rebuild
+run_exit_at_end "(b) rebuild for the recreated topic" --allow-state-rebuild --log-level debug
+fs_expect "(b) the check of the tables ran beside intake (a new broker: no group offsets)" fs_log_has 'pg_check="beside intake"' "$CM_DAEMON_LOG"
 fs_tables_now "(b) after the rebuild the tables equal the contract for the recreated topic"
 
 fs_finish

@@ -154,5 +154,35 @@ grep -q 'invalid connection string' "$CM_DAEMON_LOG" &&
 grep -q hunter2secret "$CM_DAEMON_LOG" &&
     cm_bad "the log quotes the password" || cm_ok "the password is not in the log"
 
+# Postgres not reachable with an empty state and a consumer group without offsets: the
+# check of the tables retries for 30 s on a thread of its own while the consumer starts.
+# A SIGTERM meanwhile stops the retries (before, the daemon sat in them and the signal
+# killed it without a word): exit 1 at once, nothing applied. The next start, with
+# Postgres back, must still find the state empty, so it refuses (the tables hold the
+# topic).
+rm -rf "$CM_DIR/state"
+cm_daemon_start --group clickmartd-no-pg \
+    --pg "host=$CM_DIR/nowhere port=5 user=postgres dbname=postgres connect_timeout=2"
+waiting() { grep -q 'empty state: waiting for Postgres to check the tables' "$CM_DAEMON_LOG"; }
+cm_wait_for 20 "the check of the tables to wait for Postgres" waiting ||
+    cm_bad "no 'waiting for Postgres' in $CM_DAEMON_LOG"
+t0=$SECONDS
+cm_daemon_signal TERM
+if cm_daemon_wait 10; then
+    cm_ok "SIGTERM stopped the wait for Postgres after $((SECONDS - t0)) s"
+else
+    cm_bad "clickmartd still running 10 s after SIGTERM while waiting for Postgres"
+    cm_daemon_signal KILL
+    cm_daemon_wait 10 || true
+fi
+[ "$CM_DAEMON_RC" = 1 ] && cm_ok "exit status 1" || cm_bad "exit status $CM_DAEMON_RC, not 1"
+grep -q 'stopped before the tables were checked' "$CM_DAEMON_LOG" &&
+    cm_ok "the stop is logged" || cm_bad "no 'stopped before the tables were checked' in $CM_DAEMON_LOG"
+cm_daemon_start --group clickmartd-no-pg --exit-at-end
+cm_daemon_wait 60 || cm_die "clickmartd still running 60 s after the interrupted check"
+grep -q 'the state directory is empty but the tables already hold this topic' "$CM_DAEMON_LOG" &&
+    [ "$CM_DAEMON_RC" = 1 ] && cm_ok "the state stayed empty: the next start refused (exit 1)" ||
+    cm_bad "the next start did not refuse (exit $CM_DAEMON_RC): the interrupted run left state behind"
+
 cm_log "whole test $((SECONDS - CM_T0))s"
 cm_summary
