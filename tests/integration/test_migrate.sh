@@ -139,18 +139,24 @@ fi
 # Postgres that is down: with an empty state the daemon used to retry it for 30 s. It
 # now exits 2 at once with libpq's reason, which does not quote the string's values.
 rm -rf "$CM_DIR/state"
-t0=$SECONDS
+# expect_exit WHAT STATUS PATTERN: clickmartd must stop within 10 s of WHAT, with exit
+# status STATUS and PATTERN in its log.
+expect_exit() {
+    local what=$1 status=$2 pattern=$3 t0=$SECONDS
+    if cm_daemon_wait 10; then
+        cm_ok "$what stopped clickmartd after $((SECONDS - t0)) s"
+    else
+        cm_bad "clickmartd still running 10 s after $what"
+        cm_daemon_signal KILL
+        cm_daemon_wait 10 || true
+    fi
+    [ "$CM_DAEMON_RC" = "$status" ] && cm_ok "exit status $status" ||
+        cm_bad "exit status $CM_DAEMON_RC, not $status"
+    grep -q "$pattern" "$CM_DAEMON_LOG" && cm_ok "logged: $pattern" ||
+        cm_bad "no '$pattern' in $CM_DAEMON_LOG"
+}
 cm_daemon_start --exit-at-end --pg "host=$CM_DIR password='hunter2secret"
-if cm_daemon_wait 10; then
-    cm_ok "a malformed --pg stopped clickmartd after $((SECONDS - t0)) s"
-else
-    cm_bad "clickmartd still running 10 s after a malformed --pg"
-    cm_daemon_signal KILL
-    cm_daemon_wait 10 || true
-fi
-[ "$CM_DAEMON_RC" = 2 ] && cm_ok "exit status 2" || cm_bad "exit status $CM_DAEMON_RC, not 2"
-grep -q 'invalid connection string' "$CM_DAEMON_LOG" &&
-    cm_ok "the reason is logged" || cm_bad "no 'invalid connection string' in $CM_DAEMON_LOG"
+expect_exit "a malformed --pg" 2 'invalid connection string'
 grep -q hunter2secret "$CM_DAEMON_LOG" &&
     cm_bad "the log quotes the password" || cm_ok "the password is not in the log"
 
@@ -166,18 +172,8 @@ cm_daemon_start --group clickmartd-no-pg \
 waiting() { grep -q 'empty state: waiting for Postgres to check the tables' "$CM_DAEMON_LOG"; }
 cm_wait_for 20 "the check of the tables to wait for Postgres" waiting ||
     cm_bad "no 'waiting for Postgres' in $CM_DAEMON_LOG"
-t0=$SECONDS
 cm_daemon_signal TERM
-if cm_daemon_wait 10; then
-    cm_ok "SIGTERM stopped the wait for Postgres after $((SECONDS - t0)) s"
-else
-    cm_bad "clickmartd still running 10 s after SIGTERM while waiting for Postgres"
-    cm_daemon_signal KILL
-    cm_daemon_wait 10 || true
-fi
-[ "$CM_DAEMON_RC" = 1 ] && cm_ok "exit status 1" || cm_bad "exit status $CM_DAEMON_RC, not 1"
-grep -q 'stopped before the tables were checked' "$CM_DAEMON_LOG" &&
-    cm_ok "the stop is logged" || cm_bad "no 'stopped before the tables were checked' in $CM_DAEMON_LOG"
+expect_exit "SIGTERM while waiting for Postgres" 1 'stopped before the tables were checked'
 cm_daemon_start --group clickmartd-no-pg --exit-at-end
 cm_daemon_wait 60 || cm_die "clickmartd still running 60 s after the interrupted check"
 grep -q 'the state directory is empty but the tables already hold this topic' "$CM_DAEMON_LOG" &&
