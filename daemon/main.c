@@ -2270,6 +2270,7 @@ static void on_fresh_done(uv_async_t *h)
     }
     cm_debug("tables checked beside intake", "ms=%.1f held_batches=%zu", d->fresh_ms,
              d->n_held - d->cur);
+    notify_ready();
     if (d->stopping) {
         continue_stop(d);
         return;
@@ -2288,8 +2289,6 @@ static void begin_stop(dmn_t *d, int code)
         d->exit_code = code;
     notify_stopping();
     d->stop_deadline = cm_mono_ms() + (double)d->cfg.shutdown_timeout_ms;
-    /* A check of the tables still waiting for Postgres stops retrying. */
-    atomic_store(&d->fresh_cancel, 1);
     if (d->cons) {
         ing_consumer_stop(d->cons);
         update_pause(d);
@@ -2303,6 +2302,10 @@ static void on_signal(uv_signal_t *s, int signum)
 {
     dmn_t *d = s->data;
     cm_info("signal received: stopping intake and flushing", "signal=%d", signum);
+    /* A check of the tables still waiting for Postgres stops retrying (a
+     * stop for other reasons, such as nothing to consume, lets it finish:
+     * the schema is still created). */
+    atomic_store(&d->fresh_cancel, 1);
     begin_stop(d, 0);
 }
 
@@ -2524,7 +2527,10 @@ static int setup(dmn_t *d)
     uv_signal_start(&d->sig_term, on_signal, SIGTERM);
     uv_signal_start(&d->sig_int, on_signal, SIGINT);
     d->last_stats_t = cm_mono_ms();
-    notify_ready(); /* Type=notify: state open, consumer and status server up */
+    /* Type=notify: state open, consumer and status server up, and the
+     * tables checked (on_fresh_done, when that runs beside intake). */
+    if (!d->fresh_pending)
+        notify_ready();
     if (d->cfg.exit_at_end && all_at_end(d)) {
         cm_info("nothing to consume: already at the end offsets", "%s", "");
         begin_stop(d, 0);
