@@ -121,7 +121,7 @@ typedef struct dmn {
     int fresh_thread_on;                /* started and not joined yet */
     int fresh_pending;                  /* the loop waits for it (on_fresh_done) */
     int fresh_failed;                   /* it refused: stop without flushing */
-    atomic_int fresh_cancel;            /* the start failed: stop retrying */
+    atomic_int fresh_cancel;            /* a signal or a failed start: stop retrying */
     int fresh_rc;                       /* the thread's outcome: 0, or 1 after logging why */
     int64_t fresh_rows, fresh_max_next; /* partitions rows of the topic, largest next_offset */
     double fresh_t0, fresh_ms;          /* when it started, and how long it took */
@@ -193,11 +193,10 @@ typedef struct dmn {
      * still runs in Postgres (continue_stop): it holds what changed after
      * that part, so it is used only if the part succeeds. */
     agg_flush_t *fl_final;
-    const agg_flush_t *fl_final_prev; /* the part it follows (not owned) */
-    uint64_t fl_final_batches;        /* d->batches when it was collected */
-    double fl_final_ms;               /* its collection */
-    int fl_final_used;                /* the running flush is such a one */
-    uint64_t finals_in_part;          /* final flushes collected that way */
+    uint64_t fl_final_batches; /* d->batches when it was collected */
+    double fl_final_ms;        /* its collection */
+    int fl_final_used;         /* the running flush is such a one */
+    uint64_t finals_in_part;   /* final flushes collected that way */
 
     int stopping;
     int exit_code;
@@ -1055,7 +1054,6 @@ static void drop_final(dmn_t *d)
 {
     agg_flush_free(d->fl_final);
     d->fl_final = NULL;
-    d->fl_final_prev = NULL;
 }
 
 /*
@@ -1083,7 +1081,6 @@ static void collect_final(dmn_t *d)
         return;
     }
     d->fl_final_ms = cm_mono_ms() - t0;
-    d->fl_final_prev = d->part_loop;
     d->fl_final_batches = d->batches;
 }
 
@@ -1474,16 +1471,14 @@ static void start_flush(dmn_t *d)
     if (!early && checkpoint(d) != 0)
         return;
     /* The final flush collected while the last part ran (collect_final),
-     * if nothing moved since: the part it follows is the last one Postgres
-     * holds, and no batch was committed after it. */
+     * if no batch was committed after it. part_after dropped it if that
+     * part failed, so the part it follows is the last one Postgres holds. */
     int final = 0;
     if (d->fl_final) {
-        final = !early && d->stopping && regression && d->ahead && d->ahead == d->fl_final_prev &&
-                d->batches == d->fl_final_batches && !d->txn_open;
+        final = !early && d->stopping && d->batches == d->fl_final_batches;
         if (final) {
             d->fl = d->fl_final;
             d->fl_final = NULL;
-            d->fl_final_prev = NULL;
         } else {
             drop_final(d);
         }
@@ -2256,8 +2251,10 @@ static void continue_stop(dmn_t *d)
 static void on_fresh_done(uv_async_t *h)
 {
     dmn_t *d = h->data;
+    /* The sync path and a failed start close the handle before any wake-up;
+     * this keeps a stray one from deciding twice. */
     if (!d->fresh_pending)
-        return; /* joined already (a failed start) */
+        return;
     fresh_join(d);
     d->fresh_pending = 0;
     if (fresh_decide(d) != 0) {

@@ -317,6 +317,16 @@ fail_conf:
 
 static int query_ends(ing_consumer_t *c, int64_t *ends, int64_t *lows, int32_t n, int timeout_ms);
 
+/* Partitions 0..n-1 of the topic, each with `offset`, in partition order. */
+static rd_kafka_topic_partition_list_t *partition_list(const ing_consumer_t *c, int32_t n,
+                                                       int64_t offset)
+{
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(n);
+    for (int32_t p = 0; p < n; p++)
+        rd_kafka_topic_partition_list_add(l, c->topic, p)->offset = offset;
+    return l;
+}
+
 int ing_consumer_prepare(ing_consumer_t *c, int timeout_ms, int32_t *n_partitions, int64_t **ends,
                          int64_t **lows)
 {
@@ -353,9 +363,7 @@ int ing_consumer_prepare(ing_consumer_t *c, int timeout_ms, int32_t *n_partition
     rd_kafka_metadata_destroy(md);
     c->n_partitions = n;
     *n_partitions = n;
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(n);
-    for (int32_t p = 0; p < n; p++)
-        rd_kafka_topic_partition_list_add(l, c->topic, p)->offset = RD_KAFKA_OFFSET_INVALID;
+    rd_kafka_topic_partition_list_t *l = partition_list(c, n, RD_KAFKA_OFFSET_INVALID);
     /* The group's committed offsets are the fallback when LMDB has none.
      * Asked before the end offsets: the group coordinator's connection,
      * made meanwhile, held a ListOffsets answer up by 40 ms on the mock. */
@@ -402,10 +410,10 @@ int ing_consumer_assign(ing_consumer_t *c)
     int32_t n = c->n_partitions;
     if (n <= 0)
         return ING_EKAFKA;
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(n);
+    rd_kafka_topic_partition_list_t *l = partition_list(c, n, RD_KAFKA_OFFSET_INVALID);
     for (int32_t p = 0; p < n; p++) {
         int64_t off = c->offset_of(c->ud, p), group = group_offset(c, p);
-        rd_kafka_topic_partition_t *tp = rd_kafka_topic_partition_list_add(l, c->topic, p);
+        rd_kafka_topic_partition_t *tp = &l->elems[p];
         const char *from = "state";
         if (off >= 0) {
             tp->offset = off;
@@ -440,9 +448,7 @@ int ing_consumer_assign(ing_consumer_t *c)
  */
 static int list_offsets(ing_consumer_t *c, int64_t which, int64_t *out, int32_t n, int timeout_ms)
 {
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(n);
-    for (int32_t p = 0; p < n; p++)
-        rd_kafka_topic_partition_list_add(l, c->topic, p)->offset = which;
+    rd_kafka_topic_partition_list_t *l = partition_list(c, n, which);
     int ok = rd_kafka_offsets_for_times(c->rk, l, timeout_ms) == RD_KAFKA_RESP_ERR_NO_ERROR;
     for (int i = 0; ok && i < l->cnt; i++) {
         const rd_kafka_topic_partition_t *tp = &l->elems[i];
