@@ -153,6 +153,20 @@ uint64_t agg_checkpoint_batches(const agg_t *a);
 /* Rows waiting for a flush (dirty marks plus rejects), as of the last commit. */
 uint64_t agg_pending_rows(const agg_t *a);
 
+/* The in-memory duplicate index (docs/aggregator.md, "Horizon and
+ * compaction"). */
+typedef struct agg_dedup_index {
+    uint64_t ids;         /* event ids it holds */
+    uint64_t slots;       /* its table's slots (it doubles at half load) */
+    uint64_t bytes;       /* the table's memory, and the next one's when allocated ahead */
+    uint64_t grown;       /* doublings since start */
+    uint64_t grown_ahead; /* of which into a table allocated ahead and faulted in off the loop
+                             thread (cm_heap_prefault_range) */
+} agg_dedup_index_t;
+
+/* Fill *out. Loop thread only (the thread that applies batches). */
+void agg_dedup_index(const agg_t *a, agg_dedup_index_t *out);
+
 /* One flush: the rows of a committed snapshot, ready for snk_flush. */
 typedef struct agg_flush agg_flush_t;
 

@@ -45,6 +45,8 @@ static struct {
     uintptr_t seen;     /* loop thread only */
     uintptr_t done;     /* helper only: faulted in up to here */
     atomic_ullong bytes;
+    uintptr_t ranges[CM_HEAP_PREFAULT_RANGES][2]; /* under lock: [start, end) asked for */
+    int nranges;                                  /* under lock */
 } g_pf = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
 
 /* One madvise call's share, so that a stop is not kept waiting for a large
@@ -400,6 +402,30 @@ static uintptr_t kernel_brk(void)
     return page_down((uintptr_t)syscall(SYS_brk, 0));
 }
 
+/* Fault in the ranges cm_heap_prefault_range asked for, oldest first. A
+ * range unmapped meanwhile (its table was freed) fails and is dropped. */
+static void prefault_ranges(void)
+{
+    for (;;) {
+        pthread_mutex_lock(&g_pf.lock);
+        if (g_pf.nranges == 0) {
+            pthread_mutex_unlock(&g_pf.lock);
+            return;
+        }
+        uintptr_t a = g_pf.ranges[0][0], e = g_pf.ranges[0][1];
+        g_pf.nranges--;
+        memmove(g_pf.ranges[0], g_pf.ranges[1], (size_t)g_pf.nranges * sizeof g_pf.ranges[0]);
+        pthread_mutex_unlock(&g_pf.lock);
+        while (a < e && !atomic_load(&g_pf.stop)) {
+            uintptr_t n = e - a < PREFAULT_STEP ? e - a : PREFAULT_STEP;
+            if (madvise((void *)a, n, MADV_POPULATE_WRITE) != 0)
+                break;
+            atomic_fetch_add(&g_pf.bytes, (unsigned long long)n);
+            a += n;
+        }
+    }
+}
+
 static void *prefault_main(void *arg)
 {
     (void)arg;
@@ -410,7 +436,7 @@ static void *prefault_main(void *arg)
              * until the loop thread sees growth (cm_heap_grown). */
             pthread_mutex_lock(&g_pf.lock);
             atomic_store(&g_pf.waiting, 1);
-            while (!atomic_load(&g_pf.stop) && !g_pf.grew)
+            while (!atomic_load(&g_pf.stop) && !g_pf.grew && !g_pf.nranges)
                 pthread_cond_wait(&g_pf.cond, &g_pf.lock);
             atomic_store(&g_pf.waiting, 0);
             g_pf.grew = 0;
@@ -427,6 +453,7 @@ static void *prefault_main(void *arg)
         }
         if (atomic_load(&g_pf.stop))
             break;
+        prefault_ranges();
         uintptr_t to = kernel_brk();
         if (to == g_pf.done) {
             quiet++;
@@ -459,6 +486,7 @@ int cm_heap_prefault_start(void)
     uintptr_t cur = page_down((uintptr_t)sbrk(0));
     g_pf.seen = g_pf.done = cur;
     g_pf.grew = 0;
+    g_pf.nranges = 0;
     atomic_store(&g_pf.stop, 0);
     r = pthread_create(&g_pf.thread, NULL, prefault_main, NULL);
     if (r)
@@ -493,6 +521,32 @@ void cm_heap_prefault_active(int on)
 uint64_t cm_heap_prefaulted(void)
 {
     return (uint64_t)atomic_load(&g_pf.bytes);
+}
+
+int cm_heap_prefault_range(void *p, size_t n)
+{
+#if defined(__linux__) && defined(__GLIBC__)
+    if (!g_pf.running || atomic_load(&g_pf.idle))
+        return -ENOTSUP;
+    uintptr_t a = page_up((uintptr_t)p), e = page_down((uintptr_t)p + n);
+    if (!p || e <= a)
+        return -EINVAL;
+    pthread_mutex_lock(&g_pf.lock);
+    int r = -EAGAIN;
+    if (g_pf.nranges < CM_HEAP_PREFAULT_RANGES) {
+        g_pf.ranges[g_pf.nranges][0] = a;
+        g_pf.ranges[g_pf.nranges][1] = e;
+        g_pf.nranges++;
+        pthread_cond_signal(&g_pf.cond);
+        r = 0;
+    }
+    pthread_mutex_unlock(&g_pf.lock);
+    return r;
+#else
+    (void)p;
+    (void)n;
+    return -ENOTSUP;
+#endif
 }
 
 int cm_heap_prefault_waiting(void)

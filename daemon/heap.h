@@ -173,6 +173,26 @@ void cm_heap_prefault_active(int on);
 /* Bytes the helper has faulted in so far. Any thread. */
 uint64_t cm_heap_prefaulted(void);
 
+/* The most ranges cm_heap_prefault_range keeps waiting for the helper. */
+#define CM_HEAP_PREFAULT_RANGES 4
+
+/*
+ * Ask the helper to fault in [p, p + n) as well (MADV_POPULATE_WRITE, the
+ * whole pages inside it): a table the caller allocated ahead of the moment
+ * it fills it. glibc maps a large one on its own, where the helper does not
+ * see the heap grow, and one written right after its allocation (a hash
+ * table's rehash) is faulted in by the writer before the helper's next look
+ * at the break. Nothing is written: the contents stay what they were. The
+ * caller keeps the memory allocated until it is done with it; a range freed
+ * before the helper gets to it is skipped (the kernel refuses unmapped
+ * memory). 0 when queued; -ENOTSUP when the helper is not running or
+ * inactive (cm_heap_prefault_active(0)): the caller's thread faults the
+ * table in on use; -EAGAIN when CM_HEAP_PREFAULT_RANGES ranges already
+ * wait; -EINVAL when it holds no whole page. Main thread (the thread that
+ * started the helper).
+ */
+int cm_heap_prefault_range(void *p, size_t n);
+
 /*
  * Whether the helper has stopped polling (nothing grew for a while) and
  * sleeps until cm_heap_grown signals it: what a test waits for instead of

@@ -1853,6 +1853,15 @@ static json_t *status_obj(dmn_t *d)
     json_object_set_new(st, "bytes", json_integer((json_int_t)used));
     json_object_set_new(st, "map_size", json_integer((json_int_t)map));
     json_object_set_new(st, "dirty_rows", json_integer((json_int_t)agg_pending_rows(d->agg)));
+    agg_dedup_index_t di;
+    agg_dedup_index(d->agg, &di);
+    json_t *dj = json_object();
+    json_object_set_new(dj, "ids", json_integer((json_int_t)di.ids));
+    json_object_set_new(dj, "slots", json_integer((json_int_t)di.slots));
+    json_object_set_new(dj, "bytes", json_integer((json_int_t)di.bytes));
+    json_object_set_new(dj, "grown", json_integer((json_int_t)di.grown));
+    json_object_set_new(dj, "grown_ahead", json_integer((json_int_t)di.grown_ahead));
+    json_object_set_new(st, "dedup_index", dj);
     json_object_set_new(o, "state", st);
     json_t *lp = json_object();
     json_object_set_new(lp, "idle_s", json_real((double)uv_metrics_idle_time(d->loop) / 1e9));
@@ -2602,6 +2611,9 @@ int main(int argc, char **argv)
     }
     agg_flush_free(d.fl_clear);
     drop_final(&d);
+    agg_dedup_index_t di = {0};
+    if (d.agg)
+        agg_dedup_index(d.agg, &di);
     agg_close(d.agg);
     st_close(d.env);
     free(d.ev);
@@ -2632,12 +2644,14 @@ int main(int argc, char **argv)
     cm_info("stopped",
             "exit_code=%d run_s=%.3f loop_cpu_s=%.3f loop_runqueue_wait_s=%.3f loop_idle_s=%.3f "
             "commit_s=%.3f checkpoint_s=%.3f input_wait_kafka_s=%.3f input_wait_validation_s=%.3f "
-            "batches=%llu commits=%llu checkpoints=%llu prefaulted_mb=%.0f",
+            "batches=%llu commits=%llu checkpoints=%llu prefaulted_mb=%.0f dedup_slots=%llu "
+            "dedup_grown=%llu dedup_grown_ahead=%llu",
             rc, (cm_mono_ms() - d.started) / 1000.0, loop_cpu, loop_wait, loop_idle,
             d.commit_ms / 1000.0, d.ckpt_ms / 1000.0, d.wait_kafka_ms / 1000.0,
             d.wait_validation_ms / 1000.0, (unsigned long long)d.batches,
             (unsigned long long)d.commits, (unsigned long long)d.checkpoints,
-            (double)cm_heap_prefaulted() / 1048576.0);
+            (double)cm_heap_prefaulted() / 1048576.0, (unsigned long long)di.slots,
+            (unsigned long long)di.grown, (unsigned long long)di.grown_ahead);
     cfg_free(&d.cfg);
     return rc;
 }

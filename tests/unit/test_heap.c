@@ -228,6 +228,49 @@ static void test_prefault(void **state)
     cm_heap_prefault_stop(); /* stopped already: nothing to do */
 }
 
+/* Ranges asked for (a table allocated ahead of its use, mapped on its own)
+ * are faulted in whole and keep their contents; without a running, active
+ * helper the caller is told to fault them in itself. */
+static void test_prefault_range(void **state)
+{
+    (void)state;
+    size_t n = (size_t)16 << 20;
+    char *m = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(m != MAP_FAILED);
+    long ps = sysconf(_SC_PAGESIZE);
+    assert_int_equal(cm_heap_prefault_range(m, n), -ENOTSUP); /* not running */
+    int r = cm_heap_prefault_start();
+    if (r == -EINVAL) { /* a kernel before 5.14 */
+        munmap(m, n);
+        skip();
+    }
+    assert_int_equal(r, 0);
+    assert_int_equal(cm_heap_prefault_range(m, (size_t)ps - 1), -EINVAL); /* no whole page */
+    m[5] = 9; /* one page the owner wrote already: kept as it is */
+    assert_true(resident_pages(m, n) < (long)(n / (size_t)ps));
+    uint64_t before = cm_heap_prefaulted();
+    assert_int_equal(cm_heap_prefault_range(m, n), 0);
+    assert_true(prefaulted_at_least(before + n));
+    for (int i = 0; i < 300 && resident_pages(m, n) < (long)(n / (size_t)ps); i++)
+        usleep(10000);
+    assert_int_equal(resident_pages(m, n), (long)(n / (size_t)ps));
+    assert_int_equal(m[5], 9);
+    for (size_t i = 0; i < n; i += (size_t)ps)
+        assert_int_equal(m[i + (i == 0 ? 0 : 5)], 0);
+    /* A range unmapped before the helper reaches it is skipped. */
+    char *gone = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(gone != MAP_FAILED);
+    assert_int_equal(munmap(gone, n), 0);
+    assert_int_equal(cm_heap_prefault_range(gone, n), 0);
+    /* Inactive (steady rates): refused, the caller faults it in on use. */
+    cm_heap_prefault_active(0);
+    assert_int_equal(cm_heap_prefault_range(m, n), -ENOTSUP);
+    cm_heap_prefault_active(1);
+    cm_heap_prefault_stop();
+    assert_int_equal(cm_heap_prefault_range(m, n), -ENOTSUP); /* stopped */
+    munmap(m, n);
+}
+
 /* The mappings of this process: a probe must leave none behind. */
 static int mapping_count(void)
 {
@@ -442,7 +485,8 @@ int main(void)
         cmocka_unit_test(test_main_heap_grown), cmocka_unit_test(test_fault_probe),
         cmocka_unit_test(test_auto_rule),       cmocka_unit_test(test_auto_start),
         cmocka_unit_test(test_second_run),      cmocka_unit_test(test_prefault),
-        cmocka_unit_test(test_mmap_threshold),  cmocka_unit_test(test_arenas),
+        cmocka_unit_test(test_prefault_range),  cmocka_unit_test(test_mmap_threshold),
+        cmocka_unit_test(test_arenas),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
