@@ -68,9 +68,17 @@ static const opt_t opts[] = {
      "commits write more than 600 bytes per message, as they do once the users spread over "
      "many more pages than a transaction touches; fewer pages rewritten per message, more "
      "memory until the commit. At most 16 batches; <= --txn-messages: never grow."},
-    {"commit-interval-ms", OPT_INT, O(commit_interval_ms), "100", 0, 60000,
+    {"commit-interval-ms", OPT_INT, O(commit_interval_ms), "300", 0, 60000,
      "Longest an LMDB transaction stays open to gather batches before it commits (fewer "
-     "commits and fsyncs at steady rates; 0: commit every batch)."},
+     "commits: fewer fsyncs without checkpoints, fewer walks of the compactor and pages copied "
+     "into nested transactions with them; a flush tick commits the open transaction first, so "
+     "it does not delay the rows' visibility; 0: commit every batch). While catching up, "
+     "--catchup-commit-interval-ms caps it."},
+    {"catchup-commit-interval-ms", OPT_INT, O(catchup_commit_interval_ms), "100", 0, 60000,
+     "While intake catches up (a backlog of at least --txn-messages, or --exit-at-end), the "
+     "longest an LMDB transaction waits for more batches, when below --commit-interval-ms: "
+     "the loop thread then bounds the throughput, and a transaction held open longer left it "
+     "idle while the pool validated the next batch."},
     {"max-event-bytes", OPT_INT, O(max_event_bytes), "65536", 16, 16777216,
      "Messages longer than this are rejected as payload_too_large."},
     {"max-future-ms", OPT_INT, O(max_future_ms), "3600000", 0, 31536000000LL,

@@ -49,6 +49,7 @@ typedef struct cfg {
     int64_t txn_messages_max;
     int64_t checkpoint_messages;
     int64_t commit_interval_ms;
+    int64_t catchup_commit_interval_ms;
     int64_t max_event_bytes;
     int64_t max_future_ms;
     int64_t allowed_lateness_ms;

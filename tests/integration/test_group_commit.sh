@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Group commit: at a steady, low rate the consumer drains many small batches; with the
-# default --commit-interval-ms (100) several of them share one LMDB transaction, so
+# default --commit-interval-ms (300) several of them share one LMDB transaction, so
 # /metrics shows fewer commits than batches, and with --commit-interval-ms 0 every
 # batch is its own commit. Either way the tables must equal the reference, across a
 # restart between the two runs. The runs also check that clickmartd's librdkafka
 # defaults apply and that -X overrides them. Then runs catch up with a backlog: with
 # --txn-messages above --batch-size several batches share a transaction, with it below
-# each batch is one (also when every batch comes short, in a run produced at a rate),
+# each batch is one (also when every batch comes short, in a run produced at a rate, and
+# when --catchup-commit-interval-ms 0 caps the interval while catching up),
 # and with --txn-messages-max above --txn-messages the transactions grow while commits
 # write much per message (with checkpoints off: with them a commit writes nothing); with
 # a small --checkpoint-messages the checkpoints come by that bound, not only at the
@@ -104,7 +105,8 @@ catch_up() { # SEED ARGS...: a backlog of EVENTS, consumed with --exit-at-end an
     local seed=$1 t0=$SECONDS
     shift
     cm_gen "$seed" "${CU_EVENTS:-$EVENTS}"
-    cm_daemon_start --exit-at-end --batch-size 300 --commit-interval-ms 60000 "$@"
+    cm_daemon_start --exit-at-end --batch-size 300 --commit-interval-ms 60000 \
+        --catchup-commit-interval-ms 60000 "$@"
     cm_daemon_wait 120 || cm_die "clickmartd did not finish the backlog (see $CM_DAEMON_LOG)"
     CU_SECONDS=$((SECONDS - t0))
     [ "$CM_DAEMON_RC" = 0 ] || cm_die "clickmartd exited with status $CM_DAEMON_RC"
@@ -127,6 +129,12 @@ CU_EVENTS=$((EVENTS + 150)) catch_up 33 --txn-messages 1200
 catch_up 34 --txn-messages 1 --txn-messages-max 1
 [ "$COMMITS" -eq "$BATCHES" ] ||
     cm_die "--txn-messages 1: $COMMITS commits for $BATCHES batches (want one each)"
+# While catching up, --catchup-commit-interval-ms caps --commit-interval-ms: at 0 every
+# batch commits as soon as it is applied, whatever --txn-messages allows.
+catch_up 39 --txn-messages 1200 --catchup-commit-interval-ms 0
+[ "$BATCHES" -ge 8 ] || cm_die "catching up: only $BATCHES batches of at most 300 for $EVENTS events"
+[ "$COMMITS" -eq "$BATCHES" ] ||
+    cm_die "--catchup-commit-interval-ms 0: $COMMITS commits for $BATCHES batches (want one each)"
 grep -q 'msg="transactions grow' "$CM_DAEMON_LOG" &&
     cm_die "--txn-messages-max 1: transactions grew"
 # Produced at 2 000 events/s, every batch comes short of --batch-size 100000; with
