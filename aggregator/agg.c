@@ -954,13 +954,10 @@ static void dset_ahead(dset_t *d)
 static int dset_grow(dset_t *d)
 {
     size_t cap = d->cap ? d->cap * 2 : 1 << 16;
-    dset_t nd = {d->ahead ? d->ahead : calloc(cap, sizeof(dent_t)),
-                 cap,
-                 0,
-                 NULL,
-                 0,
-                 d->grown + 1,
-                 d->grown_ahead + (d->ahead != NULL)};
+    dset_t nd = {.t = d->ahead ? d->ahead : calloc(cap, sizeof(dent_t)),
+                 .cap = cap,
+                 .grown = d->grown + 1,
+                 .grown_ahead = d->grown_ahead + (d->ahead != NULL)};
     if (!nd.t)
         return AGG_ENOMEM;
     /* Probed at random for every message: huge pages spare TLB misses. */
